@@ -1,0 +1,79 @@
+// svmd's state: the mirror source, the transport, exports, imports, the
+// mirror cache and the watch hub, wired together. The gRPC services are thin
+// adapters over this class.
+#ifndef SVM_DAEMON_CORE_DAEMON_H_
+#define SVM_DAEMON_CORE_DAEMON_H_
+
+#include <atomic>
+#include <memory>
+#include <string>
+#include <thread>
+
+#include "absl/status/statusor.h"
+#include "absl/synchronization/notification.h"
+#include "absl/time/time.h"
+#include "common/executor.h"
+#include "common/numbers.h"
+#include "daemon/core/counters.h"
+#include "daemon/core/export_table.h"
+#include "daemon/core/import_table.h"
+#include "daemon/core/page_cache.h"
+#include "daemon/core/watch_hub.h"
+#include "daemon/source/mirror_source.h"
+#include "daemon/transport/transport.h"
+
+namespace svm::core {
+
+struct DaemonOptions {
+  std::string node;
+  std::string control;      // unix socket path
+  HostPort peer_listen;
+  HostPort data_listen;     // port 0: the kernel chooses
+  std::string source = "auto";
+  std::string transport = "auto";
+  std::string peer_token;
+  uint64_t cache_bytes = 256ull << 20;
+  absl::Duration poll_interval = absl::Milliseconds(10);
+  absl::Duration scrub_interval = absl::Milliseconds(50);
+  ExportLimits limits;
+  ImportOptions import;
+};
+
+class Daemon {
+ public:
+  static absl::StatusOr<std::unique_ptr<Daemon>> Create(DaemonOptions opts);
+  ~Daemon();
+
+  const DaemonOptions& options() const { return opts_; }
+  ExportTable& exports() { return *exports_; }
+  ImportTable& imports() { return *imports_; }
+  WatchHub& hub() { return hub_; }
+  Counters& counters() { return counters_; }
+  Executor& executor() { return *executor_; }
+  transport::Transport& transport() { return *transport_; }
+  const char* source_name() const { return source_->name(); }
+  absl::Time started() const { return started_; }
+
+ private:
+  explicit Daemon(DaemonOptions opts) : opts_(std::move(opts)) {}
+  void ScrubLoop();
+
+  DaemonOptions opts_;
+  absl::Time started_ = absl::Now();
+  // Declaration order is teardown order, reversed: the executor stops first,
+  // then the tables, then the transport, the source and the cache.
+  Counters counters_;
+  WatchHub hub_;
+  std::unique_ptr<PageCache> cache_;
+  std::unique_ptr<source::MirrorSource> source_;
+  std::unique_ptr<transport::Transport> transport_;
+  std::unique_ptr<ExportTable> exports_;
+  std::unique_ptr<ImportTable> imports_;
+  std::unique_ptr<Executor> executor_;
+  absl::Notification stop_;
+  std::thread scrubber_;
+};
+
+}  // namespace svm::core
+
+#endif  // SVM_DAEMON_CORE_DAEMON_H_

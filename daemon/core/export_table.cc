@@ -1,0 +1,424 @@
+#include "daemon/core/export_table.h"
+
+#include <algorithm>
+#include <random>
+
+#include "absl/hash/hash.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "common/check.h"
+#include "common/log.h"
+
+namespace svm::core {
+
+using source::Change;
+using source::ChangeKind;
+using source::kPageSize;
+
+namespace {
+
+uint64_t HashPage(const uint8_t* p) {
+  return absl::HashOf(std::string_view(reinterpret_cast<const char*>(p), kPageSize));
+}
+
+}  // namespace
+
+struct ExportTable::ExportEntry {
+  uint64_t id = 0;
+  std::string name;
+  pid_t pid = 0;
+  uint64_t addr = 0, len = 0, npages = 0;
+  uid_t owner = 0;
+  bool scrub = false;
+
+  absl::Mutex mu;  // guards everything below
+  std::shared_ptr<source::MirrorRange> range ABSL_GUARDED_BY(mu);
+  uint64_t seq ABSL_GUARDED_BY(mu) = 0;
+  bool gone ABSL_GUARDED_BY(mu) = false;     // process exited
+  bool removed ABSL_GUARDED_BY(mu) = false;  // unexported
+  // page -> hash of the content handed to a caching importer
+  std::map<uint64_t, uint64_t> served ABSL_GUARDED_BY(mu);
+  uint64_t scrub_cursor ABSL_GUARDED_BY(mu) = 0;
+  struct Sub {
+    std::shared_ptr<transport::Subscriber> sub;
+    uint64_t acked = 0;
+  };
+  std::map<uint64_t, Sub> subs ABSL_GUARDED_BY(mu);
+};
+
+ExportTable::ExportTable(source::MirrorSource* source, WatchHub* hub, Counters* counters,
+                         ExportLimits limits, std::string path)
+    : source_(source), hub_(hub), counters_(counters), limits_(limits), path_(std::move(path)) {
+  // Ids from an earlier run of this daemon must not name new exports.
+  std::random_device rd;
+  next_id_ = (static_cast<uint64_t>(rd()) << 32) | 1;
+}
+
+ExportTable::~ExportTable() {
+  std::vector<std::shared_ptr<ExportEntry>> all;
+  {
+    absl::MutexLock l(&mu_);
+    for (auto& [n, e] : by_name_) all.push_back(e);
+    by_name_.clear();
+    by_id_.clear();
+  }
+  for (auto& e : all) {
+    std::shared_ptr<source::MirrorRange> r;
+    absl::MutexLock l(&e->mu);
+    r = std::move(e->range);
+  }
+}
+
+std::shared_ptr<ExportTable::ExportEntry> ExportTable::Find(const std::string& name) const {
+  absl::MutexLock l(&mu_);
+  auto it = by_name_.find(name);
+  return it == by_name_.end() ? nullptr : it->second;
+}
+
+std::shared_ptr<ExportTable::ExportEntry> ExportTable::FindId(uint64_t id) const {
+  absl::MutexLock l(&mu_);
+  auto it = by_id_.find(id);
+  return it == by_id_.end() ? nullptr : it->second;
+}
+
+bool ExportTable::Has(const std::string& name) const { return Find(name) != nullptr; }
+
+v1::ExportInfo ExportTable::InfoOf(ExportEntry& e) const {
+  v1::ExportInfo i;
+  i.set_name(e.name);
+  i.set_pid(e.pid);
+  i.set_addr(e.addr);
+  i.set_len(e.len);
+  i.set_page_size(kPageSize);
+  i.set_source(std::string(source_->name()));
+  i.set_path(path_);
+  absl::MutexLock l(&e.mu);
+  i.set_seq(e.seq);
+  i.set_subscribers(static_cast<uint32_t>(e.subs.size()));
+  i.set_gone(e.gone);
+  return i;
+}
+
+absl::StatusOr<v1::ExportInfo> ExportTable::Export(const std::string& name, pid_t pid,
+                                                   uint64_t addr, uint64_t len, uid_t owner) {
+  std::shared_ptr<struct ExportEntry> replaced;
+  {
+    absl::MutexLock l(&mu_);
+    uint32_t count = 0;
+    uint64_t bytes = 0;
+    for (auto& [n, e] : by_name_) {
+      if (e->owner == owner) {
+        ++count;
+        bytes += e->len;
+      }
+    }
+    if (count >= limits_.max_exports_per_uid) {
+      return absl::ResourceExhaustedError(
+          absl::StrFormat("uid %u already has %u exports (the limit)", owner, count));
+    }
+    if (bytes + len > limits_.max_bytes_per_uid || bytes + len < bytes) {
+      return absl::ResourceExhaustedError(
+          absl::StrFormat("uid %u would export more than %u bytes (the limit)", owner,
+                          limits_.max_bytes_per_uid));
+    }
+    auto it = by_name_.find(name);
+    if (it != by_name_.end()) {
+      absl::MutexLock el(&it->second->mu);
+      if (!it->second->gone) {
+        return absl::AlreadyExistsError(absl::StrCat("an export named '", name, "' exists"));
+      }
+      replaced = it->second;  // the process behind it exited: the name is free again
+    }
+  }
+  auto e = std::make_shared<struct ExportEntry>();
+  e->name = name;
+  e->pid = pid;
+  e->addr = addr;
+  e->len = len;
+  e->npages = len / kPageSize;
+  e->owner = owner;
+  std::weak_ptr<struct ExportEntry> weak = e;
+  auto range = source_->Attach(pid, addr, len, [this, weak](const Change& c) {
+    if (auto ex = weak.lock()) Invalidate(*ex, c);
+  });
+  if (!range.ok()) return range.status();
+  e->scrub = (*range)->NeedsScrub();
+  {
+    absl::MutexLock l(&e->mu);
+    e->range = std::move(*range);
+  }
+  {
+    absl::MutexLock l(&mu_);
+    auto it = by_name_.find(name);
+    if (it != by_name_.end() && it->second != replaced) {
+      return absl::AlreadyExistsError(absl::StrCat("an export named '", name, "' exists"));
+    }
+    if (replaced) by_id_.erase(replaced->id);
+    e->id = next_id_++;
+    by_name_[name] = e;
+    by_id_[e->id] = e;
+  }
+  if (replaced) {
+    absl::MutexLock l(&replaced->mu);
+    replaced->removed = true;
+  }
+  counters_->Add("exports_created");
+  spdlog::info("exported '{}': pid {} 0x{:x}+0x{:x} ({} pages, {})", name, pid, addr, len,
+               e->npages, source_->name());
+  return InfoOf(*e);
+}
+
+absl::Status ExportTable::Unexport(const std::string& name) {
+  std::shared_ptr<struct ExportEntry> e;
+  {
+    absl::MutexLock l(&mu_);
+    auto it = by_name_.find(name);
+    if (it == by_name_.end()) return absl::NotFoundError(absl::StrCat("no export named '", name, "'"));
+    e = it->second;
+    by_name_.erase(it);
+    by_id_.erase(e->id);
+  }
+  Invalidate(*e, Change{0, e->npages, ChangeKind::kUnexport, source::MonotonicNs()});
+  std::shared_ptr<source::MirrorRange> range;
+  {
+    absl::MutexLock l(&e->mu);
+    e->removed = true;
+    range = std::move(e->range);
+  }
+  range.reset();  // detaches (outside every lock: the source may wait for its poller)
+  spdlog::info("unexported '{}'", name);
+  return absl::OkStatus();
+}
+
+std::vector<v1::ExportInfo> ExportTable::List() const {
+  std::vector<std::shared_ptr<struct ExportEntry>> all;
+  {
+    absl::MutexLock l(&mu_);
+    for (auto& [n, e] : by_name_) all.push_back(e);
+  }
+  std::vector<v1::ExportInfo> out;
+  for (auto& e : all) out.push_back(InfoOf(*e));
+  return out;
+}
+
+absl::StatusOr<v1::ExportDescriptor> ExportTable::Describe(const std::string& name) const {
+  auto e = Find(name);
+  if (!e) return absl::NotFoundError(absl::StrCat("no export named '", name, "'"));
+  v1::ExportDescriptor d;
+  d.set_export_id(e->id);
+  d.set_name(e->name);
+  d.set_len(e->len);
+  d.set_page_size(kPageSize);
+  d.set_path(path_);
+  absl::MutexLock l(&e->mu);
+  if (e->gone) return absl::FailedPreconditionError(absl::StrCat("export '", name, "' gone: the exporting process exited"));
+  d.set_seq(e->seq);
+  return d;
+}
+
+absl::StatusOr<uint64_t> ExportTable::Subscribe(uint64_t export_id,
+                                                std::shared_ptr<transport::Subscriber> sub) {
+  auto e = FindId(export_id);
+  if (!e) return absl::NotFoundError("no such export (it was withdrawn)");
+  absl::MutexLock l(&e->mu);
+  if (e->gone) return absl::FailedPreconditionError(absl::StrCat("export '", e->name, "' gone"));
+  e->subs[sub->id()] = {sub, e->seq};
+  spdlog::info("node {} subscribed to '{}' at seq {}", sub->node(), e->name, e->seq);
+  return e->seq;
+}
+
+void ExportTable::Invalidate(ExportEntry& e, const Change& c) {
+  v1::Invalidation ev;
+  {
+    absl::MutexLock l(&e.mu);
+    if (e.removed) return;
+    if (e.gone) return;  // everything was invalidated when the process exited
+    if (c.kind == ChangeKind::kExit) e.gone = true;
+    const uint64_t seq = ++e.seq;
+    const uint64_t end = c.first_page + c.npages;
+    for (auto it = e.served.lower_bound(c.first_page); it != e.served.end() && it->first < end;) {
+      it = e.served.erase(it);
+    }
+    transport::InvalRecord rec{e.id, c.first_page, c.npages, seq, c.kind, c.detected_ns};
+    for (auto it = e.subs.begin(); it != e.subs.end();) {
+      if (!it->second.sub->PushInvalidation(rec)) {
+        it = e.subs.erase(it);  // closed: it invalidates everything when it reconnects
+      } else {
+        ++it;
+      }
+    }
+    ev.set_name(e.name);
+    ev.set_first_page(c.first_page);
+    ev.set_npages(c.npages);
+    ev.set_seq(seq);
+    ev.set_kind(static_cast<v1::InvalidationKind>(c.kind));
+    ev.set_detected_ns(c.detected_ns);
+  }
+  counters_->Add("invalidations_sent");
+  spdlog::debug("invalidate '{}' pages {}+{} ({}) seq {}", e.name, c.first_page, c.npages,
+                source::ChangeKindName(c.kind), ev.seq());
+  hub_->Publish(ev);
+}
+
+absl::StatusOr<uint64_t> ExportTable::ServeFetch(uint64_t export_id, uint64_t first_page,
+                                                 uint32_t npages, bool track,
+                                                 absl::Span<uint8_t> dst) {
+  auto e = FindId(export_id);
+  if (!e) return absl::NotFoundError("no such export (it was withdrawn)");
+  if (first_page >= e->npages || npages > e->npages - first_page) {
+    return absl::OutOfRangeError(absl::StrFormat("pages %u+%u are beyond the export's %u pages",
+                                                 first_page, npages, e->npages));
+  }
+  std::shared_ptr<source::MirrorRange> range;
+  uint64_t seq;
+  {
+    absl::MutexLock l(&e->mu);
+    if (e->gone || e->removed) {
+      return absl::FailedPreconditionError(absl::StrCat("export '", e->name, "' gone"));
+    }
+    range = e->range;
+    seq = e->seq;
+  }
+  if (auto st = range->Read(first_page * kPageSize, dst); !st.ok()) return st;
+  if (track) {
+    absl::MutexLock l(&e->mu);
+    for (uint32_t i = 0; i < npages; ++i) {
+      e->served[first_page + i] = HashPage(dst.data() + static_cast<size_t>(i) * kPageSize);
+    }
+  }
+  counters_->Add("fetches_served");
+  counters_->Add("pages_served", npages);
+  return seq;
+}
+
+void ExportTable::OnAck(uint64_t subscriber_id, uint64_t export_id, uint64_t seq) {
+  auto e = FindId(export_id);
+  if (!e) return;
+  absl::MutexLock l(&e->mu);
+  auto it = e->subs.find(subscriber_id);
+  if (it != e->subs.end()) it->second.acked = std::max(it->second.acked, seq);
+}
+
+void ExportTable::OnSubscriberClosed(uint64_t subscriber_id) {
+  std::vector<std::shared_ptr<struct ExportEntry>> all;
+  {
+    absl::MutexLock l(&mu_);
+    for (auto& [id, e] : by_id_) all.push_back(e);
+  }
+  for (auto& e : all) {
+    absl::MutexLock l(&e->mu);
+    e->subs.erase(subscriber_id);
+  }
+}
+
+uint64_t ExportTable::CompareServed(ExportEntry& e,
+                                    const std::vector<std::pair<uint64_t, uint64_t>>& pages) {
+  std::shared_ptr<source::MirrorRange> range;
+  {
+    absl::MutexLock l(&e.mu);
+    range = e.range;
+  }
+  if (!range) return 0;
+  std::vector<uint8_t> buf(kPageSize);
+  std::vector<uint64_t> changed;
+  for (auto [page, hash] : pages) {
+    auto st = range->Read(page * kPageSize, absl::MakeSpan(buf));
+    if (!st.ok() || HashPage(buf.data()) != hash) changed.push_back(page);
+  }
+  size_t i = 0;
+  while (i < changed.size()) {
+    size_t j = i + 1;
+    while (j < changed.size() && changed[j] == changed[j - 1] + 1) ++j;
+    Invalidate(e, Change{changed[i], j - i, ChangeKind::kWrite, source::MonotonicNs()});
+    i = j;
+  }
+  return changed.size();
+}
+
+absl::StatusOr<v1::SyncResponse> ExportTable::Sync(const std::string& name) {
+  auto e = Find(name);
+  if (!e) return absl::NotFoundError(absl::StrCat("no export named '", name, "'"));
+  std::vector<std::pair<uint64_t, uint64_t>> pages;
+  {
+    absl::MutexLock l(&e->mu);
+    if (e->gone) return absl::FailedPreconditionError(absl::StrCat("export '", name, "' gone"));
+    pages.assign(e->served.begin(), e->served.end());
+  }
+  const uint64_t changed = CompareServed(*e, pages);
+  // Wait until every subscriber acknowledged everything up to now.
+  v1::SyncResponse r;
+  std::vector<std::shared_ptr<transport::Subscriber>> laggards;
+  {
+    absl::MutexLock l(&e->mu);
+    const uint64_t target = e->seq;
+    auto all_acked = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(e->mu) {
+      for (auto& [id, s] : e->subs) {
+        if (s.acked < target) return false;
+      }
+      return true;
+    };
+    e->mu.AwaitWithTimeout(absl::Condition(&all_acked), limits_.sync_timeout);
+    for (auto& [id, s] : e->subs) {
+      if (s.acked < target) laggards.push_back(s.sub);
+    }
+    r.set_seq(target);
+    r.set_subscribers_acked(static_cast<uint32_t>(e->subs.size() - laggards.size()));
+  }
+  // An importer that does not acknowledge in time is disconnected: when it
+  // reconnects it invalidates everything it held, so Sync's promise holds.
+  for (auto& s : laggards) {
+    spdlog::warn("node {} did not acknowledge invalidations of '{}' within {}; disconnecting it",
+                 s->node(), name, absl::FormatDuration(limits_.sync_timeout));
+    s->Close();
+  }
+  r.set_pages_invalidated(changed);
+  counters_->Add("syncs");
+  return r;
+}
+
+absl::StatusOr<uint64_t> ExportTable::ReadLocal(const std::string& name, uint64_t offset,
+                                                absl::Span<uint8_t> dst) {
+  auto e = Find(name);
+  if (!e) return absl::NotFoundError(absl::StrCat("no export or import named '", name, "'"));
+  if (offset > e->len || dst.size() > e->len - offset) {
+    return absl::OutOfRangeError(absl::StrFormat("read of %u bytes at %u is past the end (%u bytes)",
+                                                 dst.size(), offset, e->len));
+  }
+  std::shared_ptr<source::MirrorRange> range;
+  uint64_t seq;
+  {
+    absl::MutexLock l(&e->mu);
+    if (e->gone) return absl::FailedPreconditionError(absl::StrCat("export '", name, "' gone: the exporting process exited"));
+    range = e->range;
+    seq = e->seq;
+  }
+  if (auto st = range->Read(offset, dst); !st.ok()) return st;
+  return seq;
+}
+
+void ExportTable::Scrub() {
+  std::vector<std::shared_ptr<struct ExportEntry>> all;
+  {
+    absl::MutexLock l(&mu_);
+    for (auto& [id, e] : by_id_) {
+      if (e->scrub) all.push_back(e);
+    }
+  }
+  for (auto& e : all) {
+    std::vector<std::pair<uint64_t, uint64_t>> pages;
+    {
+      absl::MutexLock l(&e->mu);
+      if (e->gone || e->served.empty()) continue;
+      auto it = e->served.lower_bound(e->scrub_cursor);
+      while (pages.size() < limits_.scrub_pages_per_pass && pages.size() < e->served.size()) {
+        if (it == e->served.end()) it = e->served.begin();
+        pages.emplace_back(it->first, it->second);
+        ++it;
+      }
+      e->scrub_cursor = it == e->served.end() ? 0 : it->first;
+    }
+    if (uint64_t n = CompareServed(*e, pages); n > 0) counters_->Add("scrub_invalidations", n);
+  }
+}
+
+}  // namespace svm::core

@@ -1,0 +1,92 @@
+// The exporter side: exports of local processes, their invalidation
+// sequence, the importers subscribed to them, and the pages importers hold.
+//
+// Coherence bookkeeping per export:
+//  - seq: incremented for every invalidation; a fetch reply carries the seq
+//    sampled before the copy (the distributed read_begin/read_retry rule);
+//  - served: the pages handed to importers that cache them, with a hash of
+//    the content handed out. Sync (and, for sources that cannot see every
+//    mapping change, a periodic scrub) compares the live content with it:
+//    CPU stores fire no notifier, so this is how written pages are found.
+#ifndef SVM_DAEMON_CORE_EXPORT_TABLE_H_
+#define SVM_DAEMON_CORE_EXPORT_TABLE_H_
+
+#include <sys/types.h>
+
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
+#include "daemon/core/counters.h"
+#include "daemon/core/watch_hub.h"
+#include "daemon/source/mirror_source.h"
+#include "daemon/transport/transport.h"
+#include "svm/v1/control.pb.h"
+#include "svm/v1/peer.pb.h"
+
+namespace svm::core {
+
+struct ExportLimits {
+  uint32_t max_exports_per_uid = 256;
+  uint64_t max_bytes_per_uid = 1ull << 40;
+  absl::Duration sync_timeout = absl::Seconds(5);
+  uint64_t scrub_pages_per_pass = 4096;
+};
+
+class ExportTable final : public transport::ExportBackend {
+ public:
+  ExportTable(source::MirrorSource* source, WatchHub* hub, Counters* counters, ExportLimits limits,
+              std::string path);
+  ~ExportTable() override;
+
+  // The caller checked the requester's right to the memory.
+  absl::StatusOr<v1::ExportInfo> Export(const std::string& name, pid_t pid, uint64_t addr,
+                                        uint64_t len, uid_t owner);
+  absl::Status Unexport(const std::string& name);
+  std::vector<v1::ExportInfo> List() const;
+  bool Has(const std::string& name) const;
+  absl::StatusOr<v1::ExportDescriptor> Describe(const std::string& name) const;
+  // Adds an importer's data connection; returns the seq it starts from.
+  absl::StatusOr<uint64_t> Subscribe(uint64_t export_id, std::shared_ptr<transport::Subscriber> sub);
+  absl::StatusOr<v1::SyncResponse> Sync(const std::string& name);
+  // Reads an export on the exporting node itself; returns the seq.
+  absl::StatusOr<uint64_t> ReadLocal(const std::string& name, uint64_t offset, absl::Span<uint8_t> dst);
+  // One pass of content comparison for sources that need it.
+  void Scrub();
+
+  absl::StatusOr<uint64_t> ServeFetch(uint64_t export_id, uint64_t first_page, uint32_t npages,
+                                      bool track, absl::Span<uint8_t> dst) override;
+  void OnAck(uint64_t subscriber_id, uint64_t export_id, uint64_t seq) override;
+  void OnSubscriberClosed(uint64_t subscriber_id) override;
+
+ private:
+  struct ExportEntry;
+  std::shared_ptr<ExportEntry> Find(const std::string& name) const;
+  std::shared_ptr<ExportEntry> FindId(uint64_t id) const;
+  // Invalidates pages at every subscriber and local watcher.
+  void Invalidate(ExportEntry& e, const source::Change& c);
+  // Compares the live content of served pages in [pages) with what was
+  // handed out; invalidates the changed ones. Returns how many.
+  uint64_t CompareServed(ExportEntry& e, const std::vector<std::pair<uint64_t, uint64_t>>& pages);
+  v1::ExportInfo InfoOf(ExportEntry& e) const;
+
+  source::MirrorSource* const source_;
+  WatchHub* const hub_;
+  Counters* const counters_;
+  const ExportLimits limits_;
+  const std::string path_;
+
+  mutable absl::Mutex mu_;  // guards the maps and next_id_; never held across a source call
+  std::map<std::string, std::shared_ptr<ExportEntry>> by_name_ ABSL_GUARDED_BY(mu_);
+  std::map<uint64_t, std::shared_ptr<ExportEntry>> by_id_ ABSL_GUARDED_BY(mu_);
+  uint64_t next_id_ ABSL_GUARDED_BY(mu_) = 1;
+};
+
+}  // namespace svm::core
+
+#endif  // SVM_DAEMON_CORE_EXPORT_TABLE_H_

@@ -1,0 +1,445 @@
+#include "daemon/core/import_table.h"
+
+#include <grpcpp/grpcpp.h>
+
+#include <algorithm>
+#include <cstring>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "common/check.h"
+#include "common/numbers.h"
+#include "daemon/transport/frame.h"
+#include "common/log.h"
+
+namespace svm::core {
+
+using source::ChangeKind;
+using source::kPageSize;
+
+namespace {
+
+constexpr uint32_t kProtocolVersion = 1;
+
+absl::Status FromGrpc(const grpc::Status& s, absl::string_view what) {
+  if (s.ok()) return absl::OkStatus();
+  auto code = static_cast<absl::StatusCode>(s.error_code());
+  if (code == absl::StatusCode::kDeadlineExceeded) code = absl::StatusCode::kUnavailable;
+  return absl::Status(code, absl::StrCat(what, ": ", s.error_message()));
+}
+
+}  // namespace
+
+struct ImportTable::Link {
+  std::string peer;  // HOST:PORT as given
+  std::string host;
+  std::shared_ptr<grpc::Channel> channel;
+  std::unique_ptr<v1::Peer::Stub> stub;
+
+  absl::Mutex mu;  // guards the data channel; serialises (re)connection
+  std::shared_ptr<transport::PeerChannel> data ABSL_GUARDED_BY(mu);
+  std::string token ABSL_GUARDED_BY(mu);
+  uint64_t generation ABSL_GUARDED_BY(mu) = 0;
+};
+
+// States: "connected" (subscribed on a live channel) -> "disconnected"
+// (channel lost; cache dropped; reattached on the next read) or "gone"
+// (exporter's process exited or export withdrawn; reattached by name on the
+// next read if it was exported again).
+struct ImportTable::ImportEntry {
+  uint64_t id = 0;  // cache key
+  std::string name, remote_name;
+  std::shared_ptr<Link> link;
+
+  absl::Mutex mu;  // guards everything below; taken by invalidations
+  uint64_t export_id ABSL_GUARDED_BY(mu) = 0;
+  uint64_t len ABSL_GUARDED_BY(mu) = 0;
+  std::shared_ptr<transport::PeerChannel> channel ABSL_GUARDED_BY(mu);
+  uint64_t max_seq ABSL_GUARDED_BY(mu) = 0;  // highest invalidation received
+  std::string state ABSL_GUARDED_BY(mu) = "disconnected";
+  std::string gone_reason ABSL_GUARDED_BY(mu);
+  uint64_t invalidations ABSL_GUARDED_BY(mu) = 0;
+};
+
+ImportTable::ImportTable(transport::Transport* transport, WatchHub* hub, PageCache* cache,
+                         Counters* counters, ImportOptions opts)
+    : transport_(transport), hub_(hub), cache_(cache), counters_(counters), opts_(std::move(opts)) {}
+
+ImportTable::~ImportTable() {
+  std::vector<std::shared_ptr<Link>> links;
+  {
+    absl::MutexLock l(&mu_);
+    for (auto& [p, link] : links_) links.push_back(link);
+  }
+  for (auto& link : links) {
+    std::shared_ptr<transport::PeerChannel> data;
+    {
+      absl::MutexLock l(&link->mu);
+      data = std::move(link->data);
+    }
+    data.reset();  // joins its reader, which may call back into this table
+  }
+}
+
+std::shared_ptr<ImportTable::Link> ImportTable::GetLink(const std::string& peer) {
+  absl::MutexLock l(&mu_);
+  auto& link = links_[peer];
+  if (!link) {
+    link = std::make_shared<Link>();
+    link->peer = peer;
+    auto hp = ParseHostPort(peer);
+    link->host = hp.ok() ? hp->host : peer;
+    grpc::ChannelArguments args;
+    // A restarted peer must be reachable again within a second or so.
+    args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, 100);
+    args.SetInt(GRPC_ARG_MIN_RECONNECT_BACKOFF_MS, 100);
+    args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 1000);
+    link->channel = grpc::CreateCustomChannel(peer, grpc::InsecureChannelCredentials(), args);
+    link->stub = v1::Peer::NewStub(link->channel);
+  }
+  return link;
+}
+
+absl::StatusOr<std::shared_ptr<transport::PeerChannel>> ImportTable::Connect(Link& link, uint64_t* generation) {
+  absl::MutexLock l(&link.mu);
+  if (link.data && link.data->alive()) {
+    *generation = link.generation;
+    return link.data;
+  }
+  // The old channel's reader has finished or is finishing; its callbacks
+  // take no lock that is held here, so joining it is safe.
+  link.data.reset();
+  auto call = [&](grpc::ClientContext* ctx) {
+    ctx->set_deadline(std::chrono::system_clock::now() +
+                      absl::ToChronoMilliseconds(opts_.rpc_timeout));
+    if (!opts_.peer_token.empty()) ctx->AddMetadata("svm-peer-token", opts_.peer_token);
+  };
+  {
+    grpc::ClientContext ctx;
+    call(&ctx);
+    v1::HelloRequest req;
+    req.set_node(opts_.node);
+    req.set_protocol_version(kProtocolVersion);
+    v1::HelloResponse resp;
+    if (auto st = FromGrpc(link.stub->Hello(&ctx, req, &resp), absl::StrCat("peer ", link.peer));
+        !st.ok()) {
+      return st;
+    }
+    if (resp.protocol_version() != kProtocolVersion) {
+      return absl::FailedPreconditionError(absl::StrFormat(
+          "peer %s speaks protocol %u, this daemon %u", link.peer, resp.protocol_version(),
+          kProtocolVersion));
+    }
+  }
+  grpc::ClientContext ctx;
+  call(&ctx);
+  v1::SetupDataRequest req;
+  req.set_node(opts_.node);
+  req.set_transport(std::string(transport_->name()));
+  v1::SetupDataResponse setup;
+  if (auto st = FromGrpc(link.stub->SetupData(&ctx, req, &setup), absl::StrCat("peer ", link.peer));
+      !st.ok()) {
+    return st;
+  }
+  auto ch = transport_->Connect(link.host, setup, this);
+  if (!ch.ok()) return ch.status();
+  link.data = std::move(*ch);
+  link.token = setup.session_token();
+  ++link.generation;
+  *generation = link.generation;
+  counters_->Add("data_connections_opened");
+  spdlog::info("data connection to {} open ({})", link.peer, link.data->path());
+  return link.data;
+}
+
+absl::Status ImportTable::Attach(ImportEntry& imp) {
+  uint64_t gen = 0;
+  auto ch = Connect(*imp.link, &gen);
+  if (!ch.ok()) return ch.status();
+  std::string token;
+  {
+    absl::MutexLock l(&imp.link->mu);
+    token = imp.link->token;
+  }
+  auto call = [&](grpc::ClientContext* ctx) {
+    ctx->set_deadline(std::chrono::system_clock::now() +
+                      absl::ToChronoMilliseconds(opts_.rpc_timeout));
+    if (!opts_.peer_token.empty()) ctx->AddMetadata("svm-peer-token", opts_.peer_token);
+  };
+  v1::ExportDescriptor desc;
+  {
+    grpc::ClientContext ctx;
+    call(&ctx);
+    v1::DescribeExportRequest req;
+    req.set_name(imp.remote_name);
+    auto st = FromGrpc(imp.link->stub->DescribeExport(&ctx, req, &desc),
+                       absl::StrCat("peer ", imp.link->peer));
+    if (!st.ok()) return st;
+  }
+  if (desc.page_size() != kPageSize) {
+    return absl::FailedPreconditionError(
+        absl::StrFormat("export '%s' has %u-byte pages; this node uses %u", imp.remote_name,
+                        desc.page_size(), kPageSize));
+  }
+  v1::SubscribeResponse sub;
+  {
+    grpc::ClientContext ctx;
+    call(&ctx);
+    v1::SubscribeRequest req;
+    req.set_session_token(token);
+    req.set_export_id(desc.export_id());
+    auto st = FromGrpc(imp.link->stub->Subscribe(&ctx, req, &sub),
+                       absl::StrCat("peer ", imp.link->peer));
+    if (!st.ok()) return st;
+  }
+  absl::MutexLock l(&imp.mu);
+  // Whatever was cached belongs to an earlier connection or export.
+  cache_->DropImport(imp.id);
+  imp.export_id = desc.export_id();
+  imp.len = desc.len();
+  imp.channel = *ch;
+  imp.max_seq = sub.seq();
+  imp.state = "connected";
+  imp.gone_reason.clear();
+  return absl::OkStatus();
+}
+
+absl::StatusOr<v1::ImportInfo> ImportTable::Import(const std::string& peer, const std::string& name,
+                                                   const std::string& as) {
+  const std::string local = as.empty() ? name : as;
+  auto imp = std::make_shared<struct ImportEntry>();
+  imp->name = local;
+  imp->remote_name = name;
+  imp->link = GetLink(peer);
+  {
+    absl::MutexLock l(&mu_);
+    if (imports_.count(local)) {
+      return absl::AlreadyExistsError(absl::StrCat("an import named '", local, "' exists"));
+    }
+    imp->id = next_import_id_++;
+    imports_[local] = imp;  // reserve the name while attaching
+  }
+  if (auto st = Attach(*imp); !st.ok()) {
+    absl::MutexLock l(&mu_);
+    imports_.erase(local);
+    return st;
+  }
+  counters_->Add("imports_created");
+  spdlog::info("imported '{}' from {} as '{}'", name, peer, local);
+  return InfoOf(*imp);
+}
+
+std::shared_ptr<ImportTable::ImportEntry> ImportTable::Find(const std::string& name) const {
+  absl::MutexLock l(&mu_);
+  auto it = imports_.find(name);
+  return it == imports_.end() ? nullptr : it->second;
+}
+
+bool ImportTable::Has(const std::string& name) const { return Find(name) != nullptr; }
+
+uint32_t ImportTable::peers() const {
+  absl::MutexLock l(&mu_);
+  return static_cast<uint32_t>(links_.size());
+}
+
+v1::ImportInfo ImportTable::InfoOf(ImportEntry& imp) const {
+  v1::ImportInfo i;
+  i.set_name(imp.name);
+  i.set_remote_name(imp.remote_name);
+  i.set_peer(imp.link->peer);
+  i.set_page_size(kPageSize);
+  i.set_path(std::string(transport_->name()));
+  i.set_cached_pages(cache_->CountImport(imp.id));
+  absl::MutexLock l(&imp.mu);
+  i.set_len(imp.len);
+  i.set_state(imp.state);
+  i.set_seq(imp.max_seq);
+  i.set_invalidations(imp.invalidations);
+  return i;
+}
+
+std::vector<v1::ImportInfo> ImportTable::List() const {
+  std::vector<std::shared_ptr<struct ImportEntry>> all;
+  {
+    absl::MutexLock l(&mu_);
+    for (auto& [n, i] : imports_) all.push_back(i);
+  }
+  std::vector<v1::ImportInfo> out;
+  for (auto& i : all) out.push_back(InfoOf(*i));
+  return out;
+}
+
+absl::StatusOr<v1::ReadResponse> ImportTable::Read(const std::string& name, uint64_t offset,
+                                                   absl::Span<uint8_t> dst, bool fresh) {
+  auto imp = Find(name);
+  if (!imp) return absl::NotFoundError(absl::StrCat("no export or import named '", name, "'"));
+  bool attached;
+  {
+    absl::MutexLock l(&imp->mu);
+    attached = imp->state == "connected" && imp->channel != nullptr && imp->channel->alive();
+  }
+  if (!attached) {
+    if (auto st = Attach(*imp); !st.ok()) {
+      absl::MutexLock l(&imp->mu);
+      if (imp->state == "gone" && !absl::IsUnavailable(st)) {
+        return absl::FailedPreconditionError(
+            absl::StrCat("export '", imp->remote_name, "' gone: ", imp->gone_reason, " (", st.message(), ")"));
+      }
+      return st;
+    }
+  }
+  std::shared_ptr<transport::PeerChannel> ch;
+  uint64_t export_id, len;
+  {
+    absl::MutexLock l(&imp->mu);
+    ch = imp->channel;
+    export_id = imp->export_id;
+    len = imp->len;
+  }
+  if (offset > len || dst.size() > len - offset) {
+    return absl::OutOfRangeError(absl::StrFormat(
+        "read of %u bytes at offset %u is past the end of '%s' (%u bytes)", dst.size(), offset, name, len));
+  }
+  const uint64_t first = offset / kPageSize;
+  const uint64_t last = (offset + dst.size() - 1) / kPageSize;
+  const uint64_t n = last - first + 1;
+  std::vector<uint8_t> buf(n * kPageSize);
+  std::vector<bool> have(n, false);
+  v1::ReadResponse resp;
+  uint64_t min_seq = UINT64_MAX;
+  if (!fresh) {
+    for (uint64_t i = 0; i < n; ++i) {
+      have[i] = cache_->Lookup(imp->id, first + i, absl::MakeSpan(buf.data() + i * kPageSize, kPageSize));
+    }
+  }
+  uint64_t i = 0;
+  while (i < n) {
+    if (have[i]) {
+      resp.set_pages_from_cache(resp.pages_from_cache() + 1);
+      ++i;
+      continue;
+    }
+    uint64_t j = i + 1;
+    while (j < n && !have[j] && j - i < transport::kMaxFetchPages) ++j;
+    auto span = absl::MakeSpan(buf.data() + i * kPageSize, (j - i) * kPageSize);
+    auto seq = ch->Fetch(export_id, first + i, static_cast<uint32_t>(j - i), !fresh, span,
+                         opts_.fetch_timeout);
+    if (!seq.ok()) {
+      if (absl::IsNotFound(seq.status())) {
+        // Withdrawn on the exporter: reattach by name on the next read.
+        absl::MutexLock l(&imp->mu);
+        imp->state = "gone";
+        imp->gone_reason = "withdrawn by the exporter";
+        return absl::FailedPreconditionError(
+            absl::StrCat("export '", imp->remote_name, "' gone: ", seq.status().message()));
+      }
+      return seq.status();
+    }
+    min_seq = std::min(min_seq, *seq);
+    if (!fresh) {
+      absl::MutexLock l(&imp->mu);
+      if (imp->channel == ch && imp->export_id == export_id && imp->max_seq <= *seq) {
+        for (uint64_t k = i; k < j; ++k) {
+          cache_->Insert(imp->id, first + k,
+                         absl::MakeConstSpan(buf.data() + k * kPageSize, kPageSize));
+        }
+      } else {
+        counters_->Add("fetches_not_cached_raced");
+      }
+    }
+    resp.set_pages_fetched(resp.pages_fetched() + (j - i));
+    i = j;
+  }
+  std::memcpy(dst.data(), buf.data() + (offset - first * kPageSize), dst.size());
+  resp.set_len(dst.size());
+  if (min_seq == UINT64_MAX) {
+    absl::MutexLock l(&imp->mu);
+    min_seq = imp->max_seq;
+  }
+  resp.set_seq(min_seq);
+  counters_->Add("reads");
+  counters_->Add("read_pages_from_cache", resp.pages_from_cache());
+  counters_->Add("read_pages_fetched", resp.pages_fetched());
+  return resp;
+}
+
+absl::StatusOr<v1::SyncResponse> ImportTable::Sync(const std::string& name) {
+  auto imp = Find(name);
+  if (!imp) return absl::NotFoundError(absl::StrCat("no export or import named '", name, "'"));
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
+  if (!opts_.peer_token.empty()) ctx.AddMetadata("svm-peer-token", opts_.peer_token);
+  v1::PeerSyncRequest req;
+  req.set_name(imp->remote_name);
+  v1::PeerSyncResponse presp;
+  if (auto st = FromGrpc(imp->link->stub->Sync(&ctx, req, &presp), absl::StrCat("peer ", imp->link->peer));
+      !st.ok()) {
+    return st;
+  }
+  v1::SyncResponse r;
+  r.set_pages_invalidated(presp.pages_invalidated());
+  r.set_seq(presp.seq());
+  r.set_subscribers_acked(presp.subscribers_acked());
+  return r;
+}
+
+void ImportTable::Publish(ImportEntry& imp, uint64_t first, uint64_t n, uint64_t seq, ChangeKind kind,
+                          uint64_t detected_ns) {
+  v1::Invalidation ev;
+  ev.set_name(imp.name);
+  ev.set_first_page(first);
+  ev.set_npages(n);
+  ev.set_seq(seq);
+  ev.set_kind(static_cast<v1::InvalidationKind>(kind));
+  ev.set_detected_ns(detected_ns);
+  hub_->Publish(ev);
+}
+
+void ImportTable::OnInvalidation(transport::PeerChannel* ch, const transport::InvalRecord& r) {
+  std::vector<std::shared_ptr<struct ImportEntry>> all;
+  {
+    absl::MutexLock l(&mu_);
+    for (auto& [n, i] : imports_) all.push_back(i);
+  }
+  for (auto& imp : all) {
+    {
+      absl::MutexLock l(&imp->mu);
+      if (imp->channel.get() != ch || imp->export_id != r.export_id) continue;
+      imp->max_seq = std::max(imp->max_seq, r.seq);
+      cache_->Drop(imp->id, r.first_page, r.npages);
+      ++imp->invalidations;
+      if (r.kind == ChangeKind::kExit || r.kind == ChangeKind::kUnexport) {
+        imp->state = "gone";
+        imp->gone_reason = r.kind == ChangeKind::kExit ? "the exporting process exited"
+                                                       : "withdrawn by the exporter";
+      }
+    }
+    counters_->Add("invalidations_received");
+    Publish(*imp, r.first_page, r.npages, r.seq, r.kind, r.detected_ns);
+  }
+}
+
+void ImportTable::OnChannelClosed(transport::PeerChannel* ch, const absl::Status& why) {
+  std::vector<std::shared_ptr<struct ImportEntry>> all;
+  {
+    absl::MutexLock l(&mu_);
+    for (auto& [n, i] : imports_) all.push_back(i);
+  }
+  for (auto& imp : all) {
+    uint64_t seq, npages;
+    {
+      absl::MutexLock l(&imp->mu);
+      if (imp->channel.get() != ch) continue;
+      // Invalidations may be lost with the connection: drop everything.
+      cache_->DropImport(imp->id);
+      imp->channel = nullptr;
+      if (imp->state != "gone") imp->state = "disconnected";
+      seq = imp->max_seq;
+      npages = imp->len / kPageSize;
+    }
+    spdlog::warn("import '{}' lost its connection ({}); cache dropped", imp->name, why.message());
+    Publish(*imp, 0, npages, seq, ChangeKind::kReconnect, source::MonotonicNs());
+  }
+}
+
+}  // namespace svm::core

@@ -1,0 +1,85 @@
+// The importer side: imports of remote exports, the connection to each
+// exporter daemon (a gRPC channel for setup, a data channel for pages and
+// invalidations) and the mirror cache.
+//
+// The distributed retry rule: a fetched page is installed into the cache
+// only if no invalidation newer than the reply's sequence has been received
+// for the import (checked under Import::mu, the lock invalidations take), so
+// data that raced an invalidation is returned to the reader but never kept.
+#ifndef SVM_DAEMON_CORE_IMPORT_TABLE_H_
+#define SVM_DAEMON_CORE_IMPORT_TABLE_H_
+
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
+#include "daemon/core/counters.h"
+#include "daemon/core/page_cache.h"
+#include "daemon/core/watch_hub.h"
+#include "daemon/transport/transport.h"
+#include "svm/v1/control.pb.h"
+#include "svm/v1/peer.grpc.pb.h"
+
+namespace svm::core {
+
+struct ImportOptions {
+  std::string node;
+  std::string peer_token;                        // empty: peers unauthenticated
+  absl::Duration rpc_timeout = absl::Seconds(2);   // every peer gRPC call
+  absl::Duration fetch_timeout = absl::Milliseconds(1500);
+};
+
+class ImportTable final : public transport::ImportBackend {
+ public:
+  ImportTable(transport::Transport* transport, WatchHub* hub, PageCache* cache, Counters* counters,
+              ImportOptions opts);
+  ~ImportTable() override;
+
+  absl::StatusOr<v1::ImportInfo> Import(const std::string& peer, const std::string& name,
+                                        const std::string& as);
+  std::vector<v1::ImportInfo> List() const;
+  bool Has(const std::string& name) const;
+  // Reads dst.size() bytes at offset of the import, from the cache where
+  // valid, fetching the rest. fresh: neither use nor fill the cache.
+  absl::StatusOr<v1::ReadResponse> Read(const std::string& name, uint64_t offset,
+                                        absl::Span<uint8_t> dst, bool fresh);
+  // Forwards Sync to the exporting daemon.
+  absl::StatusOr<v1::SyncResponse> Sync(const std::string& name);
+  uint32_t peers() const;
+
+  void OnInvalidation(transport::PeerChannel* ch, const transport::InvalRecord& r) override;
+  void OnChannelClosed(transport::PeerChannel* ch, const absl::Status& why) override;
+
+ private:
+  struct Link;
+  struct ImportEntry;
+  std::shared_ptr<Link> GetLink(const std::string& peer);
+  // Makes sure the link has a live data channel; returns it (and its generation).
+  absl::StatusOr<std::shared_ptr<transport::PeerChannel>> Connect(Link& link, uint64_t* generation);
+  // (Re)attaches an import: describe by name, subscribe on the current channel.
+  absl::Status Attach(ImportEntry& imp);
+  std::shared_ptr<ImportEntry> Find(const std::string& name) const;
+  v1::ImportInfo InfoOf(ImportEntry& imp) const;
+  void Publish(ImportEntry& imp, uint64_t first, uint64_t n, uint64_t seq, source::ChangeKind kind,
+               uint64_t detected_ns);
+
+  transport::Transport* const transport_;
+  WatchHub* const hub_;
+  PageCache* const cache_;
+  Counters* const counters_;
+  const ImportOptions opts_;
+
+  mutable absl::Mutex mu_;  // guards the maps below
+  std::map<std::string, std::shared_ptr<Link>> links_ ABSL_GUARDED_BY(mu_);
+  std::map<std::string, std::shared_ptr<ImportEntry>> imports_ ABSL_GUARDED_BY(mu_);
+  uint64_t next_import_id_ ABSL_GUARDED_BY(mu_) = 1;
+};
+
+}  // namespace svm::core
+
+#endif  // SVM_DAEMON_CORE_IMPORT_TABLE_H_

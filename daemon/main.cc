@@ -1,0 +1,169 @@
+// svmd: the svm daemon. See `svmd --help`.
+#include <signal.h>
+#include <systemd/sd-daemon.h>
+#include <unistd.h>
+
+#include <cstdio>
+#include <fstream>
+#include <sstream>
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/strip.h"
+#include "common/args.h"
+#include "daemon/core/daemon.h"
+#include "daemon/service/server.h"
+#include "spdlog/sinks/stdout_color_sinks.h"
+#include "common/log.h"
+
+namespace {
+
+constexpr char kUsage[] = R"(usage: svmd [options]
+  --control unix:PATH          control socket for local clients (default unix:/run/svm/svmd.sock)
+  --peer-listen HOST:PORT      peer API for other daemons (default 0.0.0.0:7470; port 0: any)
+  --data-listen HOST:PORT      data connections (default: the peer host, any port)
+  --node NAME                  this node's name (default: the host name)
+  --source auto|shim|procfs    mirror source (default auto: shim when /dev/svm_shim exists)
+  --transport auto|rdma|tcp    data transport (default auto)
+  --peer-token-file PATH       pre-shared token peers must present (default: none, unauthenticated)
+  --cache-mb N                 importer mirror cache size (default 256)
+  --poll-interval-ms N         procfs source: pagemap poll interval (default 10)
+  --scrub-interval-ms N        content scrub of remotely held pages (default 50)
+  --sync-timeout-ms N          how long Sync waits for importers (default 5000)
+  --fetch-timeout-ms N         how long a read waits for the exporter (default 1500)
+  --socket-mode OCTAL          control socket mode (default 0660)
+  --socket-group NAME          control socket group (default svm, if it exists)
+  --log-level LEVEL            trace|debug|info|warn|error (default info)
+  --version
+)";
+
+absl::StatusOr<svm::HostPort> HostPortArg(const svm::Args& a, const std::string& key,
+                                          const std::string& def) {
+  auto hp = svm::ParseHostPort(a.Get(key, def));
+  if (!hp.ok()) return absl::InvalidArgumentError(absl::StrCat("--", key, ": ", hp.status().message()));
+  return hp;
+}
+
+absl::StatusOr<svm::core::DaemonOptions> ParseOptions(const svm::Args& a) {
+  svm::core::DaemonOptions o;
+  const std::string control = a.Get("control", "unix:/run/svm/svmd.sock");
+  if (!absl::StartsWith(control, "unix:") || control.size() <= 5) {
+    return absl::InvalidArgumentError("--control must be unix:PATH");
+  }
+  o.control = control.substr(5);
+  auto peer = HostPortArg(a, "peer-listen", "0.0.0.0:7470");
+  if (!peer.ok()) return peer.status();
+  o.peer_listen = *peer;
+  auto data = HostPortArg(a, "data-listen", absl::StrCat(o.peer_listen.host, ":0"));
+  if (!data.ok()) return data.status();
+  o.data_listen = *data;
+  char host[256] = {};
+  ::gethostname(host, sizeof(host) - 1);
+  o.node = a.Get("node", host);
+  o.source = a.Get("source", "auto");
+  o.transport = a.Get("transport", "auto");
+  if (a.Has("peer-token-file")) {
+    std::ifstream in(a.Get("peer-token-file"));
+    if (!in) return absl::NotFoundError(absl::StrCat("cannot read ", a.Get("peer-token-file")));
+    std::stringstream ss;
+    ss << in.rdbuf();
+    o.peer_token = std::string(absl::StripAsciiWhitespace(ss.str()));
+    if (o.peer_token.empty()) return absl::InvalidArgumentError("the peer token file is empty");
+  }
+  auto num = [&](const char* key, uint64_t def) { return a.GetU64(key, def); };
+  auto cache = num("cache-mb", 256);
+  auto poll = num("poll-interval-ms", 10);
+  auto scrub = num("scrub-interval-ms", 50);
+  auto sync = num("sync-timeout-ms", 5000);
+  auto fetch = num("fetch-timeout-ms", 1500);
+  for (auto* s : {&cache, &poll, &scrub, &sync, &fetch}) {
+    if (!s->ok()) return s->status();
+  }
+  if (*poll == 0 || *scrub == 0) return absl::InvalidArgumentError("intervals must be > 0");
+  o.cache_bytes = *cache << 20;
+  o.poll_interval = absl::Milliseconds(*poll);
+  o.scrub_interval = absl::Milliseconds(*scrub);
+  o.limits.sync_timeout = absl::Milliseconds(*sync);
+  o.import.fetch_timeout = absl::Milliseconds(*fetch);
+  return o;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  auto args = svm::Args::Parse(
+      argc, argv,
+      {"control", "peer-listen", "data-listen", "node", "source", "transport", "peer-token-file",
+       "cache-mb", "poll-interval-ms", "scrub-interval-ms", "sync-timeout-ms", "fetch-timeout-ms",
+       "socket-mode", "socket-group", "log-level"},
+      {"help", "version"});
+  if (!args.ok()) {
+    std::fprintf(stderr, "svmd: %s\n%s", std::string(args.status().message()).c_str(), kUsage);
+    return 2;
+  }
+  if (args->Has("help")) {
+    std::fputs(kUsage, stdout);
+    return 0;
+  }
+  if (args->Has("version")) {
+    std::printf("svmd %s\n", SVM_VERSION);
+    return 0;
+  }
+  if (!args->positional().empty()) {
+    std::fprintf(stderr, "svmd: unexpected argument '%s'\n", args->positional()[0].c_str());
+    return 2;
+  }
+  auto logger = spdlog::stderr_color_mt("svmd");
+  spdlog::set_default_logger(logger);
+  spdlog::set_pattern("%Y-%m-%dT%H:%M:%S.%e %^%l%$ [%n] %v");
+  spdlog::set_level(spdlog::level::from_str(args->Get("log-level", "info")));
+
+  auto opts = ParseOptions(*args);
+  if (!opts.ok()) {
+    std::fprintf(stderr, "svmd: %s\n", std::string(opts.status().message()).c_str());
+    return 2;
+  }
+  svm::service::ServerOptions so;
+  if (args->Has("socket-mode")) {
+    so.socket_mode = static_cast<mode_t>(std::strtoul(args->Get("socket-mode").c_str(), nullptr, 8));
+  }
+  so.socket_group = args->Get("socket-group", "svm");
+
+  // Signals are taken synchronously by this thread; every other thread
+  // inherits the mask.
+  sigset_t sigs;
+  sigemptyset(&sigs);
+  sigaddset(&sigs, SIGTERM);
+  sigaddset(&sigs, SIGINT);
+  sigaddset(&sigs, SIGHUP);
+  pthread_sigmask(SIG_BLOCK, &sigs, nullptr);
+  signal(SIGPIPE, SIG_IGN);
+
+  auto daemon = svm::core::Daemon::Create(*opts);
+  if (!daemon.ok()) {
+    spdlog::error("cannot start: {}", daemon.status().message());
+    return 1;
+  }
+  auto server = svm::service::Server::Start(daemon->get(), so);
+  if (!server.ok()) {
+    spdlog::error("cannot start: {}", server.status().message());
+    return 1;
+  }
+  spdlog::info("svmd {} node {} ready: control unix:{}, peers {}, data {} ({}), source {}",
+               SVM_VERSION, opts->node, opts->control, (*server)->peer_address(),
+               (*daemon)->transport().listen_address(), (*daemon)->transport().name(),
+               (*daemon)->source_name());
+  sd_notifyf(0, "READY=1\nSTATUS=serving peers on %s", (*server)->peer_address().c_str());
+
+  int sig = 0;
+  while (sigwait(&sigs, &sig) == 0 && sig == SIGHUP) {
+    spdlog::info("SIGHUP: nothing to reload");
+  }
+  spdlog::info("signal {}: shutting down", sig);
+  sd_notify(0, "STOPPING=1");
+  (*server)->Shutdown();
+  server->reset();
+  daemon->reset();
+  spdlog::info("stopped");
+  return 0;
+}

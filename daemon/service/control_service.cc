@@ -1,0 +1,294 @@
+// Control service: local clients. Reactors never block: every call that may
+// wait (on the network, on acknowledgements, on the kernel) runs on the
+// daemon's executor and finishes the reactor from there.
+#include <deque>
+#include <regex>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "daemon/service/access.h"
+#include "daemon/service/server.h"
+#include "common/log.h"
+#include "svm/v1/control.grpc.pb.h"
+
+namespace svm::service {
+namespace {
+
+using source::kPageSize;
+
+constexpr uint64_t kMaxReadBytes = 64ull << 20;
+constexpr size_t kMaxWatchQueue = 4096;
+
+absl::Status ValidateName(const std::string& name) {
+  static const std::regex kName("[A-Za-z0-9][A-Za-z0-9._-]{0,127}");
+  if (!std::regex_match(name, kName)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "bad name '", name, "': 1 to 128 of [A-Za-z0-9._-], starting with a letter or digit"));
+  }
+  return absl::OkStatus();
+}
+
+// Streams invalidations of one name to one client. Owned by gRPC; deletes
+// itself in OnDone after unregistering from the hub.
+class WatchReactor final : public grpc::ServerWriteReactor<v1::Invalidation> {
+ public:
+  WatchReactor(core::WatchHub* hub, const std::string& name) : hub_(hub), name_(name) {
+    id_ = hub_->Add(name, [this](const v1::Invalidation& ev) { Push(ev); });
+    StartSendInitialMetadata();  // tells the client the watch is registered
+  }
+
+  void OnWriteDone(bool ok) override {
+    absl::MutexLock l(&mu_);
+    queue_.pop_front();
+    if (!ok) {
+      finished_ = true;
+      Finish(grpc::Status::OK);
+      return;
+    }
+    if (!queue_.empty() && !finished_) {
+      StartWrite(&queue_.front());
+    } else {
+      writing_ = false;
+    }
+  }
+
+  void OnCancel() override {
+    absl::MutexLock l(&mu_);
+    if (!finished_) {
+      finished_ = true;
+      Finish(grpc::Status::CANCELLED);
+    }
+  }
+
+  void OnDone() override {
+    hub_->Remove(id_);
+    delete this;
+  }
+
+ private:
+  void Push(const v1::Invalidation& ev) {
+    absl::MutexLock l(&mu_);
+    if (finished_) return;
+    if (queue_.size() >= kMaxWatchQueue) {
+      // The client is not keeping up: collapse what is queued (except the
+      // message being written) into one whole-range overflow event.
+      v1::Invalidation all;
+      all.set_name(name_);
+      all.set_first_page(0);
+      all.set_npages(0);  // 0: the whole range
+      all.set_seq(ev.seq());
+      all.set_kind(v1::INVALIDATION_KIND_OVERFLOW);
+      queue_.resize(writing_ ? 1 : 0);
+      queue_.push_back(all);
+    } else {
+      queue_.push_back(ev);
+    }
+    if (!writing_) {
+      writing_ = true;
+      StartWrite(&queue_.front());
+    }
+  }
+
+  core::WatchHub* const hub_;
+  const std::string name_;
+  uint64_t id_ = 0;
+  absl::Mutex mu_;  // guards the queue and the write state
+  std::deque<v1::Invalidation> queue_ ABSL_GUARDED_BY(mu_);  // front: being written
+  bool writing_ ABSL_GUARDED_BY(mu_) = false;
+  bool finished_ ABSL_GUARDED_BY(mu_) = false;
+};
+
+class ControlService final : public v1::Control::CallbackService {
+ public:
+  ControlService(core::Daemon* d, ClientRegistry* clients, std::string* peer_address)
+      : d_(d), clients_(clients), peer_address_(peer_address) {}
+
+  grpc::ServerUnaryReactor* Export(grpc::CallbackServerContext* ctx, const v1::ExportRequest* req,
+                                   v1::ExportResponse* resp) override {
+    auto cred = clients_->Lookup(ctx->peer());
+    return Async(ctx, [=, this]() -> absl::Status {
+      if (!cred.ok()) return cred.status();
+      if (auto st = ValidateName(req->name()); !st.ok()) return st;
+      if (req->len() == 0) return absl::InvalidArgumentError("len must be > 0");
+      if (req->addr() % kPageSize || req->len() % kPageSize) {
+        return absl::InvalidArgumentError(absl::StrFormat(
+            "addr 0x%x and len 0x%x must be multiples of the page size (%u)", req->addr(),
+            req->len(), kPageSize));
+      }
+      if (req->addr() + req->len() < req->addr()) {
+        return absl::InvalidArgumentError("addr + len overflows");
+      }
+      if (req->pid() < 0) return absl::InvalidArgumentError("pid must be >= 0");
+      const pid_t pid = req->pid() == 0 ? cred->pid : req->pid();
+      if (auto st = CheckMayExport(*cred, pid); !st.ok()) return st;
+      auto info = d_->exports().Export(req->name(), pid, req->addr(), req->len(), cred->uid);
+      if (!info.ok()) return info.status();
+      *resp->mutable_info() = *info;
+      return absl::OkStatus();
+    });
+  }
+
+  grpc::ServerUnaryReactor* Unexport(grpc::CallbackServerContext* ctx,
+                                     const v1::UnexportRequest* req, v1::UnexportResponse*) override {
+    auto cred = clients_->Lookup(ctx->peer());
+    return Async(ctx, [=, this]() -> absl::Status {
+      if (!cred.ok()) return cred.status();
+      if (auto st = ValidateName(req->name()); !st.ok()) return st;
+      // Only the owner (or root) may withdraw an export.
+      for (const auto& e : d_->exports().List()) {
+        if (e.name() == req->name() && cred->uid != 0) {
+          auto mine = CheckMayExport(*cred, e.pid());
+          if (!mine.ok() && !absl::IsNotFound(mine)) return mine;
+        }
+      }
+      return d_->exports().Unexport(req->name());
+    });
+  }
+
+  grpc::ServerUnaryReactor* ListExports(grpc::CallbackServerContext* ctx,
+                                        const v1::ListExportsRequest*,
+                                        v1::ListExportsResponse* resp) override {
+    for (auto& e : d_->exports().List()) *resp->add_exports() = e;
+    auto* r = ctx->DefaultReactor();
+    r->Finish(grpc::Status::OK);
+    return r;
+  }
+
+  grpc::ServerUnaryReactor* Import(grpc::CallbackServerContext* ctx, const v1::ImportRequest* req,
+                                   v1::ImportResponse* resp) override {
+    return Async(ctx, [=, this]() -> absl::Status {
+      if (auto st = ValidateName(req->name()); !st.ok()) return st;
+      if (!req->as().empty()) {
+        if (auto st = ValidateName(req->as()); !st.ok()) return st;
+      }
+      if (auto hp = ParseHostPort(req->peer()); !hp.ok() || hp->port == 0) {
+        return absl::InvalidArgumentError(absl::StrCat("bad peer '", req->peer(), "': expected HOST:PORT"));
+      }
+      const std::string local = req->as().empty() ? req->name() : req->as();
+      if (d_->exports().Has(local)) {
+        return absl::AlreadyExistsError(
+            absl::StrCat("'", local, "' names a local export; import it under another name (--as)"));
+      }
+      auto info = d_->imports().Import(req->peer(), req->name(), req->as());
+      if (!info.ok()) return info.status();
+      *resp->mutable_info() = *info;
+      return absl::OkStatus();
+    });
+  }
+
+  grpc::ServerUnaryReactor* ListImports(grpc::CallbackServerContext* ctx,
+                                        const v1::ListImportsRequest*,
+                                        v1::ListImportsResponse* resp) override {
+    for (auto& i : d_->imports().List()) *resp->add_imports() = i;
+    auto* r = ctx->DefaultReactor();
+    r->Finish(grpc::Status::OK);
+    return r;
+  }
+
+  grpc::ServerUnaryReactor* Read(grpc::CallbackServerContext* ctx, const v1::ReadRequest* req,
+                                 v1::ReadResponse* resp) override {
+    auto cred = clients_->Lookup(ctx->peer());
+    return Async(ctx, [=, this]() -> absl::Status {
+      if (!cred.ok()) return cred.status();
+      if (auto st = ValidateName(req->name()); !st.ok()) return st;
+      if (req->len() == 0) return absl::InvalidArgumentError("len must be > 0");
+      if (req->len() > kMaxReadBytes) {
+        return absl::InvalidArgumentError(
+            absl::StrFormat("len %u is above the %u-byte limit of one read", req->len(), kMaxReadBytes));
+      }
+      if (req->offset() + req->len() < req->offset()) {
+        return absl::OutOfRangeError("offset + len overflows");
+      }
+      if (req->dest_addr() == 0) return absl::InvalidArgumentError("dest_addr is required");
+      std::vector<uint8_t> buf(req->len());
+      if (d_->imports().Has(req->name())) {
+        auto r = d_->imports().Read(req->name(), req->offset(), absl::MakeSpan(buf), req->fresh());
+        if (!r.ok()) return r.status();
+        *resp = *r;
+      } else {
+        auto seq = d_->exports().ReadLocal(req->name(), req->offset(), absl::MakeSpan(buf));
+        if (!seq.ok()) return seq.status();
+        resp->set_len(buf.size());
+        resp->set_seq(*seq);
+      }
+      return WriteToClient(cred->pid, req->dest_addr(), buf.data(), buf.size());
+    });
+  }
+
+  grpc::ServerWriteReactor<v1::Invalidation>* Watch(grpc::CallbackServerContext* ctx,
+                                                    const v1::WatchRequest* req) override {
+    absl::Status st = ValidateName(req->name());
+    if (st.ok() && !d_->imports().Has(req->name()) && !d_->exports().Has(req->name())) {
+      st = absl::NotFoundError(absl::StrCat("no export or import named '", req->name(), "'"));
+    }
+    if (!st.ok()) {
+      class Failed final : public grpc::ServerWriteReactor<v1::Invalidation> {
+       public:
+        explicit Failed(grpc::Status s) { Finish(s); }
+        void OnDone() override { delete this; }
+      };
+      return new Failed(ToGrpc(st));
+    }
+    (void)ctx;
+    return new WatchReactor(&d_->hub(), req->name());
+  }
+
+  grpc::ServerUnaryReactor* Sync(grpc::CallbackServerContext* ctx, const v1::SyncRequest* req,
+                                 v1::SyncResponse* resp) override {
+    return Async(ctx, [=, this]() -> absl::Status {
+      if (auto st = ValidateName(req->name()); !st.ok()) return st;
+      auto r = d_->exports().Has(req->name()) ? d_->exports().Sync(req->name())
+                                              : d_->imports().Sync(req->name());
+      if (!r.ok()) return r.status();
+      *resp = *r;
+      return absl::OkStatus();
+    });
+  }
+
+  grpc::ServerUnaryReactor* Status(grpc::CallbackServerContext* ctx, const v1::StatusRequest*,
+                                   v1::StatusResponse* resp) override {
+    const auto& o = d_->options();
+    resp->set_node(o.node);
+    resp->set_version(SVM_VERSION);
+    resp->set_pid(::getpid());
+    resp->set_control(o.control);
+    resp->set_peer_listen(*peer_address_);
+    resp->set_data_listen(d_->transport().listen_address());
+    resp->set_source(std::string(d_->source_name()));
+    resp->set_transport(std::string(d_->transport().name()));
+    resp->set_sync_detection("page-hash");
+    resp->set_exports(static_cast<uint32_t>(d_->exports().List().size()));
+    resp->set_imports(static_cast<uint32_t>(d_->imports().List().size()));
+    resp->set_peers(d_->imports().peers());
+    resp->set_uptime_ms(absl::ToInt64Milliseconds(absl::Now() - d_->started()));
+    for (auto& [k, v] : d_->counters().Snapshot()) (*resp->mutable_counters())[k] = v;
+    auto* r = ctx->DefaultReactor();
+    r->Finish(grpc::Status::OK);
+    return r;
+  }
+
+ private:
+  template <typename F>
+  grpc::ServerUnaryReactor* Async(grpc::CallbackServerContext* ctx, F fn) {
+    auto* r = ctx->DefaultReactor();
+    d_->executor().Submit([r, fn = std::move(fn)]() mutable {
+      absl::Status st = fn();
+      if (!st.ok()) spdlog::debug("control call failed: {}", st.ToString());
+      r->Finish(ToGrpc(st));
+    });
+    return r;
+  }
+
+  core::Daemon* const d_;
+  ClientRegistry* const clients_;
+  std::string* const peer_address_;
+};
+
+}  // namespace
+
+std::unique_ptr<grpc::Service> CreateControlService(core::Daemon* d, ClientRegistry* clients,
+                                                    std::string* peer_address) {
+  return std::make_unique<ControlService>(d, clients, peer_address);
+}
+
+}  // namespace svm::service

@@ -1,0 +1,118 @@
+// Peer service: other svmd daemons. Every call is authenticated with the
+// pre-shared token (when one is configured) before anything is revealed.
+#include "absl/strings/str_cat.h"
+#include "daemon/service/server.h"
+#include "common/log.h"
+#include "svm/v1/peer.grpc.pb.h"
+
+namespace svm::service {
+namespace {
+
+constexpr uint32_t kProtocolVersion = 1;
+
+class PeerService final : public v1::Peer::CallbackService {
+ public:
+  explicit PeerService(core::Daemon* d) : d_(d) {}
+
+  grpc::ServerUnaryReactor* Hello(grpc::CallbackServerContext* ctx, const v1::HelloRequest* req,
+                                  v1::HelloResponse* resp) override {
+    return Now(ctx, [&]() -> absl::Status {
+      resp->set_node(d_->options().node);
+      resp->set_protocol_version(kProtocolVersion);
+      resp->add_transports(std::string(d_->transport().name()));
+      spdlog::debug("hello from node {}", req->node());
+      return absl::OkStatus();
+    });
+  }
+
+  grpc::ServerUnaryReactor* DescribeExport(grpc::CallbackServerContext* ctx,
+                                           const v1::DescribeExportRequest* req,
+                                           v1::ExportDescriptor* resp) override {
+    return Now(ctx, [&]() -> absl::Status {
+      auto d = d_->exports().Describe(req->name());
+      if (!d.ok()) return d.status();
+      *resp = *d;
+      return absl::OkStatus();
+    });
+  }
+
+  grpc::ServerUnaryReactor* SetupData(grpc::CallbackServerContext* ctx,
+                                      const v1::SetupDataRequest* req,
+                                      v1::SetupDataResponse* resp) override {
+    return Now(ctx, [&]() -> absl::Status {
+      if (req->transport() != d_->transport().name()) {
+        return absl::FailedPreconditionError(absl::StrCat(
+            "transport '", req->transport(), "' is not offered; this node offers '",
+            d_->transport().name(), "'"));
+      }
+      auto r = d_->transport().PrepareSession(req->node());
+      if (!r.ok()) return r.status();
+      *resp = *r;
+      return absl::OkStatus();
+    });
+  }
+
+  grpc::ServerUnaryReactor* Subscribe(grpc::CallbackServerContext* ctx,
+                                      const v1::SubscribeRequest* req,
+                                      v1::SubscribeResponse* resp) override {
+    return Now(ctx, [&]() -> absl::Status {
+      auto sub = d_->transport().FindSubscriber(req->session_token());
+      if (!sub) return absl::FailedPreconditionError("no data connection for this session");
+      auto seq = d_->exports().Subscribe(req->export_id(), sub);
+      if (!seq.ok()) return seq.status();
+      resp->set_seq(*seq);
+      return absl::OkStatus();
+    });
+  }
+
+  grpc::ServerUnaryReactor* Sync(grpc::CallbackServerContext* ctx, const v1::PeerSyncRequest* req,
+                                 v1::PeerSyncResponse* resp) override {
+    auto* r = ctx->DefaultReactor();
+    if (auto st = Authenticate(ctx); !st.ok()) {
+      r->Finish(ToGrpc(st));
+      return r;
+    }
+    d_->executor().Submit([this, r, req, resp] {
+      auto s = d_->exports().Sync(req->name());
+      if (s.ok()) {
+        resp->set_pages_invalidated(s->pages_invalidated());
+        resp->set_seq(s->seq());
+        resp->set_subscribers_acked(s->subscribers_acked());
+      }
+      r->Finish(ToGrpc(s.status()));
+    });
+    return r;
+  }
+
+ private:
+  absl::Status Authenticate(grpc::CallbackServerContext* ctx) const {
+    const std::string& want = d_->options().peer_token;
+    if (want.empty()) return absl::OkStatus();
+    const auto& md = ctx->client_metadata();
+    auto it = md.find("svm-peer-token");
+    if (it == md.end() || std::string_view(it->second.data(), it->second.size()) != want) {
+      spdlog::warn("peer {} failed authentication", ctx->peer());
+      return absl::UnauthenticatedError("peer token missing or wrong");
+    }
+    return absl::OkStatus();
+  }
+
+  template <typename F>
+  grpc::ServerUnaryReactor* Now(grpc::CallbackServerContext* ctx, F fn) {
+    auto* r = ctx->DefaultReactor();
+    absl::Status st = Authenticate(ctx);
+    if (st.ok()) st = fn();
+    r->Finish(ToGrpc(st));
+    return r;
+  }
+
+  core::Daemon* const d_;
+};
+
+}  // namespace
+
+std::unique_ptr<grpc::Service> CreatePeerService(core::Daemon* d) {
+  return std::make_unique<PeerService>(d);
+}
+
+}  // namespace svm::service

@@ -1,0 +1,114 @@
+#include "daemon/service/server.h"
+
+#include <grp.h>
+#include <grpcpp/server_posix.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+
+#include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "common/log.h"
+
+namespace svm::service {
+
+absl::StatusOr<PeerCred> ClientRegistry::Lookup(const std::string& grpc_peer) const {
+  int fd = -1;
+  if (!absl::StartsWith(grpc_peer, "fd:") || !absl::SimpleAtoi(grpc_peer.substr(3), &fd)) {
+    return absl::InternalError(absl::StrCat("cannot identify the client (peer '", grpc_peer, "')"));
+  }
+  absl::MutexLock l(&mu_);
+  auto it = creds_.find(fd);
+  if (it == creds_.end()) return absl::InternalError("cannot identify the client");
+  return it->second;
+}
+
+absl::Status ToAbsl(const grpc::Status& s) {
+  return absl::Status(static_cast<absl::StatusCode>(s.error_code()), s.error_message());
+}
+
+grpc::Status ToGrpc(const absl::Status& s) {
+  return grpc::Status(static_cast<grpc::StatusCode>(s.code()), std::string(s.message()));
+}
+
+absl::StatusOr<std::unique_ptr<Server>> Server::Start(core::Daemon* daemon, ServerOptions opts) {
+  std::unique_ptr<Server> s(new Server());
+  s->daemon_ = daemon;
+  const auto& o = daemon->options();
+
+  s->peer_service_ = CreatePeerService(daemon);
+  grpc::ServerBuilder pb;
+  int port = 0;
+  pb.AddListeningPort(absl::StrCat(o.peer_listen.host.find(':') != std::string::npos
+                                       ? absl::StrCat("[", o.peer_listen.host, "]")
+                                       : o.peer_listen.host,
+                                   ":", o.peer_listen.port),
+                      grpc::InsecureServerCredentials(), &port);
+  pb.RegisterService(s->peer_service_.get());
+  s->peer_server_ = pb.BuildAndStart();
+  if (!s->peer_server_ || port == 0) {
+    return absl::UnavailableError(absl::StrCat("cannot listen for peers on ", o.peer_listen.host,
+                                               ":", o.peer_listen.port));
+  }
+  s->peer_address_ = absl::StrCat(o.peer_listen.host, ":", port);
+
+  s->control_service_ = CreateControlService(daemon, &s->clients_, &s->peer_address_);
+  grpc::ServerBuilder cb;
+  cb.RegisterService(s->control_service_.get());
+  s->control_server_ = cb.BuildAndStart();
+  if (!s->control_server_) return absl::InternalError("cannot start the control server");
+
+  auto fd = UnixListen(o.control, opts.socket_mode);
+  if (!fd.ok()) return fd.status();
+  s->unix_fd_ = std::move(*fd);
+  if (!opts.socket_group.empty()) {
+    if (group* g = ::getgrnam(opts.socket_group.c_str()); g != nullptr) {
+      if (::chown(o.control.c_str(), static_cast<uid_t>(-1), g->gr_gid) != 0) {
+        spdlog::warn("cannot give {} to group {}: {}", o.control, opts.socket_group, std::strerror(errno));
+      }
+    }
+  }
+  s->acceptor_ = std::thread([p = s.get()] { p->AcceptLoop(); });
+  return s;
+}
+
+void Server::AcceptLoop() {
+  for (;;) {
+    int fd = ::accept4(unix_fd_.get(), nullptr, nullptr, SOCK_CLOEXEC);
+    if (fd < 0) {
+      if (errno == EINTR || errno == ECONNABORTED) continue;
+      if (errno == EMFILE || errno == ENFILE) {
+        spdlog::error("control socket: {}", std::strerror(errno));
+        ::usleep(100000);
+        continue;
+      }
+      return;  // shut down
+    }
+    auto cred = GetPeerCred(fd);
+    if (!cred.ok()) {
+      spdlog::warn("control connection without credentials: {}", cred.status().message());
+      ::close(fd);
+      continue;
+    }
+    clients_.Set(fd, *cred);
+    grpc::AddInsecureChannelFromFd(control_server_.get(), fd);
+  }
+}
+
+void Server::Shutdown() {
+  if (shut_down_) return;
+  shut_down_ = true;
+  ::shutdown(unix_fd_.get(), SHUT_RDWR);
+  if (acceptor_.joinable()) acceptor_.join();
+  const auto deadline = std::chrono::system_clock::now() + std::chrono::milliseconds(500);
+  control_server_->Shutdown(deadline);
+  peer_server_->Shutdown(deadline);
+  ::unlink(daemon_->options().control.c_str());
+}
+
+Server::~Server() { Shutdown(); }
+
+}  // namespace svm::service

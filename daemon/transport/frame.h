@@ -1,0 +1,88 @@
+// The data-connection wire format (tcp path): a fixed 32-byte header, then
+// a payload of header.payload_len bytes. All integers little-endian (the
+// daemons run on x86_64 and aarch64; both are little-endian).
+//
+//   HELLO      importer -> exporter  first frame: session token
+//   FETCH      importer -> exporter  pages of an export (id = request id)
+//   FETCH_RESP exporter -> importer  status, seq at read time, page bytes
+//   INVAL      exporter -> importer  pages invalidated, with their seq
+//   INVAL_ACK  importer -> exporter  the importer dropped them
+//
+// A frame that breaks these rules ends the connection; the peer recovers by
+// reconnecting (and invalidating everything it held).
+#ifndef SVM_DAEMON_TRANSPORT_FRAME_H_
+#define SVM_DAEMON_TRANSPORT_FRAME_H_
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+
+namespace svm::transport {
+
+inline constexpr uint32_t kFrameMagic = 0x444d5653;  // "SVMD"
+inline constexpr uint8_t kFrameVersion = 1;
+inline constexpr uint32_t kMaxFetchPages = 1024;      // 4 MiB per request
+inline constexpr uint32_t kMaxPayload = kMaxFetchPages * 4096 + 4096;
+
+enum class FrameType : uint8_t {
+  kHello = 1,
+  kFetch = 2,
+  kFetchResp = 3,
+  kInval = 4,
+  kInvalAck = 5,
+};
+
+struct FrameHeader {
+  uint32_t magic = kFrameMagic;
+  uint8_t version = kFrameVersion;
+  uint8_t type = 0;
+  uint16_t flags = 0;
+  uint32_t payload_len = 0;
+  uint32_t reserved = 0;
+  uint64_t id = 0;
+  uint64_t reserved2 = 0;
+};
+static_assert(sizeof(FrameHeader) == 32);
+
+// Checks magic, version, type and payload size.
+absl::Status ValidateHeader(const FrameHeader& h);
+
+inline constexpr uint32_t kFetchNoCache = 1;  // importer will not cache: do not track
+
+struct FetchPayload {
+  uint64_t export_id;
+  uint64_t first_page;
+  uint32_t npages;
+  uint32_t flags;
+};
+static_assert(sizeof(FetchPayload) == 24);
+
+// Followed by npages pages on success, or by a UTF-8 message on failure.
+struct FetchRespPayload {
+  uint32_t code;  // absl::StatusCode
+  uint32_t msg_len;
+  uint64_t seq;
+};
+static_assert(sizeof(FetchRespPayload) == 16);
+
+struct InvalPayload {
+  uint64_t export_id;
+  uint64_t first_page;
+  uint64_t npages;
+  uint64_t seq;
+  uint32_t kind;  // source::ChangeKind
+  uint32_t pad;
+  uint64_t detected_ns;
+};
+static_assert(sizeof(InvalPayload) == 48);
+
+struct InvalAckPayload {
+  uint64_t export_id;
+  uint64_t seq;
+};
+
+}  // namespace svm::transport
+
+#endif  // SVM_DAEMON_TRANSPORT_FRAME_H_

@@ -1,0 +1,603 @@
+// The tcp data path: one TCP connection per importer/exporter pair, framed
+// as in frame.h. Each connection has a reader thread; the exporter side
+// also has a writer thread so that invalidations can be queued without
+// blocking the thread that detected them.
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cstring>
+#include <deque>
+#include <map>
+#include <random>
+#include <thread>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/container/flat_hash_map.h"
+#include "absl/strings/escaping.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/synchronization/mutex.h"
+#include "common/check.h"
+#include "common/fd.h"
+#include "common/net.h"
+#include "daemon/transport/frame.h"
+#include "daemon/transport/transport.h"
+#include "common/log.h"
+
+namespace svm::transport {
+namespace {
+
+constexpr size_t kPage = source::kPageSize;
+// An importer that lets this much pile up unread is dropped (it recovers by
+// reconnecting and invalidating everything).
+constexpr size_t kMaxQueuedBytes = 256u << 20;
+constexpr absl::Duration kTokenLifetime = absl::Seconds(30);
+constexpr absl::Duration kHelloTimeout = absl::Seconds(5);
+
+absl::Status ReadFrame(int fd, FrameHeader* h, std::vector<uint8_t>* payload) {
+  if (auto st = ReadFull(fd, h, sizeof(*h)); !st.ok()) return st;
+  if (auto st = ValidateHeader(*h); !st.ok()) return st;
+  payload->resize(h->payload_len);
+  if (h->payload_len == 0) return absl::OkStatus();
+  auto st = ReadFull(fd, payload->data(), h->payload_len);
+  if (absl::IsOutOfRange(st)) return absl::DataLossError("connection closed mid-frame");
+  return st;
+}
+
+std::vector<uint8_t> MakeFrame(FrameType type, uint64_t id, const void* fixed, size_t fixed_len,
+                               const void* tail = nullptr, size_t tail_len = 0) {
+  FrameHeader h;
+  h.type = static_cast<uint8_t>(type);
+  h.id = id;
+  h.payload_len = static_cast<uint32_t>(fixed_len + tail_len);
+  std::vector<uint8_t> out(sizeof(h) + fixed_len + tail_len);
+  std::memcpy(out.data(), &h, sizeof(h));
+  if (fixed_len) std::memcpy(out.data() + sizeof(h), fixed, fixed_len);
+  if (tail_len) std::memcpy(out.data() + sizeof(h) + fixed_len, tail, tail_len);
+  return out;
+}
+
+void SetTimeouts(int fd, absl::Duration send, absl::Duration recv) {
+  auto tv = [](absl::Duration d) {
+    timeval t{};
+    t.tv_sec = absl::ToInt64Seconds(d);
+    t.tv_usec = absl::ToInt64Microseconds(d - absl::Seconds(t.tv_sec));
+    return t;
+  };
+  timeval s = tv(send), r = tv(recv);
+  ::setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &s, sizeof(s));
+  ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &r, sizeof(r));
+}
+
+// Counts running connection threads so Stop() can wait for all of them.
+class ThreadCount {
+ public:
+  void Inc() {
+    absl::MutexLock l(&mu_);
+    ++n_;
+  }
+  void Dec() {
+    absl::MutexLock l(&mu_);
+    --n_;
+  }
+  void WaitZero() {
+    absl::MutexLock l(&mu_);
+    mu_.Await(absl::Condition(+[](int* n) { return *n == 0; }, &n_));
+  }
+
+ private:
+  absl::Mutex mu_;
+  int n_ ABSL_GUARDED_BY(mu_) = 0;
+};
+
+class TcpTransport;
+
+// ---------------------------------------------------------------- exporter
+// States: kAwaitHello (only a HELLO with a live token is accepted) ->
+// kServing (FETCH and INVAL_ACK) -> kClosed (socket shut down, backend told).
+class ServerConn final : public Subscriber, public std::enable_shared_from_this<ServerConn> {
+ public:
+  ServerConn(TcpTransport* t, UniqueFd fd, uint64_t id, ExportBackend* backend)
+      : transport_(t), fd_(std::move(fd)), id_(id), backend_(backend) {}
+
+  uint64_t id() const override { return id_; }
+  const std::string& node() const override { return node_; }
+
+  bool PushInvalidation(const InvalRecord& r) override {
+    InvalPayload p{r.export_id, r.first_page, r.npages, r.seq, static_cast<uint32_t>(r.kind), 0,
+                   r.detected_ns};
+    return Enqueue(MakeFrame(FrameType::kInval, 0, &p, sizeof(p)));
+  }
+
+  void Close() override {
+    absl::MutexLock l(&mu_);
+    CloseLocked();
+  }
+
+  void Run(ThreadCount* threads);
+
+ private:
+  bool Enqueue(std::vector<uint8_t> frame) {
+    absl::MutexLock l(&mu_);
+    if (closed_) return false;
+    queued_bytes_ += frame.size();
+    out_.push_back(std::move(frame));
+    if (queued_bytes_ > kMaxQueuedBytes) {
+      spdlog::warn("data connection to {} has {} MiB unsent; dropping it", node_, queued_bytes_ >> 20);
+      CloseLocked();
+      return false;
+    }
+    return true;
+  }
+  void CloseLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (closed_) return;
+    closed_ = true;
+    ::shutdown(fd_.get(), SHUT_RDWR);
+  }
+  void ReaderLoop();
+  void WriterLoop();
+  absl::Status HandleHello(const FrameHeader& h, const std::vector<uint8_t>& payload);
+
+  TcpTransport* const transport_;
+  UniqueFd fd_;
+  const uint64_t id_;
+  ExportBackend* const backend_;
+  std::string node_ = "?";  // set once by the reader before serving
+
+  absl::Mutex mu_;  // guards the outbound queue and closed_
+  std::deque<std::vector<uint8_t>> out_ ABSL_GUARDED_BY(mu_);
+  size_t queued_bytes_ ABSL_GUARDED_BY(mu_) = 0;
+  bool closed_ ABSL_GUARDED_BY(mu_) = false;
+};
+
+// ---------------------------------------------------------------- importer
+class ClientConn final : public PeerChannel {
+ public:
+  ClientConn(UniqueFd fd, ImportBackend* backend, std::string peer)
+      : fd_(std::move(fd)), backend_(backend), peer_(std::move(peer)) {}
+  ~ClientConn() override {
+    Close();
+    // The last reference can be dropped by a callback on the reader itself.
+    if (reader_.joinable()) {
+      if (reader_.get_id() == std::this_thread::get_id()) {
+        reader_.detach();
+      } else {
+        reader_.join();
+      }
+    }
+  }
+
+  absl::Status Handshake(const std::string& token);
+  void StartReader() { reader_ = std::thread([this] { ReaderLoop(); }); }
+
+  absl::StatusOr<uint64_t> Fetch(uint64_t export_id, uint64_t first_page, uint32_t npages,
+                                 bool track, absl::Span<uint8_t> dst,
+                                 absl::Duration timeout) override;
+  bool alive() const override {
+    absl::MutexLock l(&mu_);
+    return !closed_;
+  }
+  void Close() override {
+    absl::MutexLock l(&mu_);
+    if (!closed_) ::shutdown(fd_.get(), SHUT_RDWR);
+    closed_ = true;
+  }
+  const char* path() const override { return "tcp"; }
+
+ private:
+  struct Pending {
+    absl::Span<uint8_t> dst;
+    bool done = false;
+    absl::Status status;
+    uint64_t seq = 0;
+  };
+  void ReaderLoop();
+  absl::Status Send(const std::vector<uint8_t>& frame) {
+    absl::MutexLock l(&send_mu_);
+    return WriteFull(fd_.get(), frame.data(), frame.size());
+  }
+
+  UniqueFd fd_;
+  ImportBackend* const backend_;
+  const std::string peer_;
+  std::thread reader_;
+  absl::Mutex send_mu_;  // serialises whole frames on the socket
+  mutable absl::Mutex mu_;  // guards pending_, next_id_, closed_
+  std::map<uint64_t, Pending*> pending_ ABSL_GUARDED_BY(mu_);
+  uint64_t next_id_ ABSL_GUARDED_BY(mu_) = 1;
+  bool closed_ ABSL_GUARDED_BY(mu_) = false;
+};
+
+class TcpTransport final : public Transport {
+ public:
+  ~TcpTransport() override { Stop(); }
+  const char* name() const override { return "tcp"; }
+
+  absl::Status Start(const HostPort& listen, ExportBackend* backend) override {
+    auto fd = TcpListen(listen);
+    if (!fd.ok()) return fd.status();
+    auto port = LocalPort(fd->get());
+    if (!port.ok()) return port.status();
+    listen_fd_ = std::move(*fd);
+    backend_ = backend;
+    listen_addr_ = absl::StrCat(listen.host, ":", *port);
+    port_ = *port;
+    acceptor_ = std::thread([this] { AcceptLoop(); });
+    return absl::OkStatus();
+  }
+
+  std::string listen_address() const override { return listen_addr_; }
+
+  absl::StatusOr<v1::SetupDataResponse> PrepareSession(const std::string& node) override {
+    std::string token(16, '\0');
+    {
+      std::random_device rd;
+      for (char& c : token) c = static_cast<char>(rd());
+    }
+    absl::MutexLock l(&mu_);
+    const absl::Time now = absl::Now();
+    for (auto it = tokens_.begin(); it != tokens_.end();) {
+      if (it->second.expires < now) tokens_.erase(it++);
+      else ++it;
+    }
+    tokens_[token] = TokenState{node, now + kTokenLifetime, {}};
+    v1::SetupDataResponse r;
+    r.set_session_token(token);
+    r.mutable_tcp()->set_port(port_);
+    return r;
+  }
+
+  // Binds a HELLO'd connection to its token. False: unknown or used token.
+  bool Claim(const std::string& token, const std::shared_ptr<ServerConn>& conn, std::string* node) {
+    absl::MutexLock l(&mu_);
+    auto it = tokens_.find(token);
+    if (it == tokens_.end() || it->second.conn.lock() != nullptr || it->second.expires < absl::Now()) {
+      return false;
+    }
+    it->second.conn = conn;
+    it->second.expires = absl::InfiniteFuture();
+    *node = it->second.node;
+    return true;
+  }
+
+  std::shared_ptr<Subscriber> FindSubscriber(const std::string& token) override {
+    absl::MutexLock l(&mu_);
+    auto it = tokens_.find(token);
+    if (it == tokens_.end()) return nullptr;
+    return it->second.conn.lock();
+  }
+
+  void Forget(const std::string& token) {
+    absl::MutexLock l(&mu_);
+    tokens_.erase(token);
+  }
+
+  absl::StatusOr<std::unique_ptr<PeerChannel>> Connect(const std::string& peer_host,
+                                                       const v1::SetupDataResponse& setup,
+                                                       ImportBackend* backend) override {
+    if (!setup.has_tcp()) return absl::FailedPreconditionError("peer offered no tcp endpoint");
+    HostPort hp{peer_host, static_cast<uint16_t>(setup.tcp().port())};
+    auto fd = TcpConnect(hp, absl::Seconds(2));
+    if (!fd.ok()) return fd.status();
+    auto conn = std::make_unique<ClientConn>(std::move(*fd), backend,
+                                             absl::StrCat(peer_host, ":", hp.port));
+    if (auto st = conn->Handshake(setup.session_token()); !st.ok()) return st;
+    conn->StartReader();
+    return conn;
+  }
+
+  void Stop() override {
+    if (stopped_.exchange(true)) return;
+    if (listen_fd_.valid()) ::shutdown(listen_fd_.get(), SHUT_RDWR);
+    if (acceptor_.joinable()) acceptor_.join();
+    std::vector<std::shared_ptr<ServerConn>> conns;
+    {
+      absl::MutexLock l(&mu_);
+      for (auto& [id, c] : conns_) conns.push_back(c);
+    }
+    for (auto& c : conns) c->Close();
+    threads_.WaitZero();
+  }
+
+  void Unregister(uint64_t id) {
+    absl::MutexLock l(&mu_);
+    conns_.erase(id);
+  }
+
+ private:
+  struct TokenState {
+    std::string node;
+    absl::Time expires;
+    std::weak_ptr<ServerConn> conn;
+  };
+
+  void AcceptLoop() {
+    for (;;) {
+      int fd = ::accept4(listen_fd_.get(), nullptr, nullptr, SOCK_CLOEXEC);
+      if (fd < 0) {
+        if (errno == EINTR || errno == ECONNABORTED) continue;
+        if (stopped_) return;
+        if (errno == EMFILE || errno == ENFILE) {
+          spdlog::error("data listener: {}", std::strerror(errno));
+          std::this_thread::sleep_for(std::chrono::milliseconds(100));
+          continue;
+        }
+        return;
+      }
+      int one = 1;
+      ::setsockopt(fd, IPPROTO_TCP, 1 /* TCP_NODELAY */, &one, sizeof(one));
+      std::shared_ptr<ServerConn> conn;
+      {
+        absl::MutexLock l(&mu_);
+        conn = std::make_shared<ServerConn>(this, UniqueFd(fd), next_conn_id_++, backend_);
+        conns_[conn->id()] = conn;
+      }
+      conn->Run(&threads_);
+    }
+  }
+
+  UniqueFd listen_fd_;
+  ExportBackend* backend_ = nullptr;
+  std::string listen_addr_;
+  uint16_t port_ = 0;
+  std::thread acceptor_;
+  std::atomic<bool> stopped_{false};
+  ThreadCount threads_;
+  absl::Mutex mu_;  // guards tokens_, conns_, next_conn_id_
+  std::map<std::string, TokenState> tokens_ ABSL_GUARDED_BY(mu_);
+  std::map<uint64_t, std::shared_ptr<ServerConn>> conns_ ABSL_GUARDED_BY(mu_);
+  uint64_t next_conn_id_ ABSL_GUARDED_BY(mu_) = 1;
+};
+
+void ServerConn::Run(ThreadCount* threads) {
+  threads->Inc();
+  threads->Inc();
+  auto self = shared_from_this();
+  std::thread([self, threads] {
+    self->ReaderLoop();
+    threads->Dec();
+  }).detach();
+  std::thread([self, threads] {
+    self->WriterLoop();
+    threads->Dec();
+  }).detach();
+}
+
+absl::Status ServerConn::HandleHello(const FrameHeader& h, const std::vector<uint8_t>& payload) {
+  if (h.type != static_cast<uint8_t>(FrameType::kHello)) {
+    return absl::PermissionDeniedError("first frame is not HELLO");
+  }
+  std::string token(payload.begin(), payload.end());
+  std::string node;
+  if (!transport_->Claim(token, shared_from_this(), &node)) {
+    return absl::PermissionDeniedError("HELLO with an unknown or used session token");
+  }
+  node_ = node;
+  Enqueue(MakeFrame(FrameType::kHello, 0, nullptr, 0));
+  return absl::OkStatus();
+}
+
+void ServerConn::ReaderLoop() {
+  const int fd = fd_.get();
+  FrameHeader h;
+  std::vector<uint8_t> payload;
+  std::string token;
+  SetTimeouts(fd, absl::Seconds(5), kHelloTimeout);
+  absl::Status st = ReadFrame(fd, &h, &payload);
+  if (st.ok()) {
+    token.assign(payload.begin(), payload.end());
+    st = HandleHello(h, payload);
+  }
+  if (st.ok()) {
+    SetTimeouts(fd, absl::Seconds(5), absl::ZeroDuration());
+    spdlog::info("data connection from {} established", node_);
+  }
+  std::vector<uint8_t> pages;
+  while (st.ok()) {
+    st = ReadFrame(fd, &h, &payload);
+    if (!st.ok()) break;
+    switch (static_cast<FrameType>(h.type)) {
+      case FrameType::kFetch: {
+        if (payload.size() != sizeof(FetchPayload)) {
+          st = absl::DataLossError("malformed FETCH");
+          break;
+        }
+        FetchPayload f;
+        std::memcpy(&f, payload.data(), sizeof(f));
+        FetchRespPayload r{};
+        std::vector<uint8_t> frame;
+        if (f.npages == 0 || f.npages > kMaxFetchPages) {
+          std::string msg = absl::StrFormat("fetch of %u pages (1..%u allowed)", f.npages, kMaxFetchPages);
+          r.code = static_cast<uint32_t>(absl::StatusCode::kInvalidArgument);
+          r.msg_len = static_cast<uint32_t>(msg.size());
+          frame = MakeFrame(FrameType::kFetchResp, h.id, &r, sizeof(r), msg.data(), msg.size());
+        } else {
+          pages.resize(static_cast<size_t>(f.npages) * kPage);
+          auto seq = backend_->ServeFetch(f.export_id, f.first_page, f.npages,
+                                          (f.flags & kFetchNoCache) == 0, absl::MakeSpan(pages));
+          if (seq.ok()) {
+            r.seq = *seq;
+            frame = MakeFrame(FrameType::kFetchResp, h.id, &r, sizeof(r), pages.data(), pages.size());
+          } else {
+            std::string msg(seq.status().message());
+            r.code = static_cast<uint32_t>(seq.status().code());
+            r.msg_len = static_cast<uint32_t>(msg.size());
+            frame = MakeFrame(FrameType::kFetchResp, h.id, &r, sizeof(r), msg.data(), msg.size());
+          }
+        }
+        if (st.ok()) Enqueue(std::move(frame));
+        break;
+      }
+      case FrameType::kInvalAck: {
+        if (payload.size() != sizeof(InvalAckPayload)) {
+          st = absl::DataLossError("malformed INVAL_ACK");
+          break;
+        }
+        InvalAckPayload a;
+        std::memcpy(&a, payload.data(), sizeof(a));
+        backend_->OnAck(id_, a.export_id, a.seq);
+        break;
+      }
+      default:
+        st = absl::DataLossError(absl::StrFormat("unexpected frame type %u", h.type));
+    }
+  }
+  if (!absl::IsOutOfRange(st)) {
+    spdlog::warn("data connection from {} closed: {}", node_, st.message());
+  } else {
+    spdlog::info("data connection from {} closed by the peer", node_);
+  }
+  Close();
+  backend_->OnSubscriberClosed(id_);
+  if (!token.empty()) transport_->Forget(token);
+  transport_->Unregister(id_);
+}
+
+void ServerConn::WriterLoop() {
+  for (;;) {
+    std::vector<uint8_t> frame;
+    {
+      absl::MutexLock l(&mu_);
+      mu_.Await(absl::Condition(
+          +[](ServerConn* c) ABSL_EXCLUSIVE_LOCKS_REQUIRED(c->mu_) { return c->closed_ || !c->out_.empty(); },
+          this));
+      if (closed_) return;
+      frame = std::move(out_.front());
+      out_.pop_front();
+      queued_bytes_ -= frame.size();
+    }
+    if (auto st = WriteFull(fd_.get(), frame.data(), frame.size()); !st.ok()) {
+      spdlog::warn("data connection to {}: {}", node_, st.message());
+      Close();
+      return;
+    }
+  }
+}
+
+absl::Status ClientConn::Handshake(const std::string& token) {
+  SetTimeouts(fd_.get(), absl::Seconds(2), kHelloTimeout);
+  auto hello = MakeFrame(FrameType::kHello, 0, token.data(), token.size());
+  if (auto st = Send(hello); !st.ok()) return absl::UnavailableError(st.message());
+  FrameHeader h;
+  std::vector<uint8_t> payload;
+  auto st = ReadFrame(fd_.get(), &h, &payload);
+  if (!st.ok() || h.type != static_cast<uint8_t>(FrameType::kHello)) {
+    return absl::UnavailableError(
+        absl::StrCat("data connection to ", peer_, " refused: ", st.ok() ? "no HELLO" : st.message()));
+  }
+  SetTimeouts(fd_.get(), absl::Seconds(2), absl::ZeroDuration());
+  return absl::OkStatus();
+}
+
+absl::StatusOr<uint64_t> ClientConn::Fetch(uint64_t export_id, uint64_t first_page,
+                                           uint32_t npages, bool track, absl::Span<uint8_t> dst,
+                                           absl::Duration timeout) {
+  SVM_CHECK(dst.size() == static_cast<size_t>(npages) * kPage);
+  Pending p;
+  p.dst = dst;
+  uint64_t id;
+  {
+    absl::MutexLock l(&mu_);
+    if (closed_) return absl::UnavailableError(absl::StrCat("data connection to ", peer_, " is closed"));
+    id = next_id_++;
+    pending_[id] = &p;
+  }
+  FetchPayload f{export_id, first_page, npages, track ? 0u : kFetchNoCache};
+  if (auto st = Send(MakeFrame(FrameType::kFetch, id, &f, sizeof(f))); !st.ok()) {
+    Close();
+    absl::MutexLock l(&mu_);
+    pending_.erase(id);
+    return absl::UnavailableError(absl::StrCat("send to ", peer_, ": ", st.message()));
+  }
+  absl::MutexLock l(&mu_);
+  bool done = mu_.AwaitWithTimeout(absl::Condition(&p.done), timeout);
+  pending_.erase(id);
+  if (!done) {
+    mu_.Unlock();
+    spdlog::warn("peer {} did not answer a fetch within {}; closing the data connection", peer_,
+                 absl::FormatDuration(timeout));
+    Close();
+    mu_.Lock();
+    return absl::UnavailableError(
+        absl::StrCat("peer ", peer_, " did not answer within ", absl::FormatDuration(timeout)));
+  }
+  if (!p.status.ok()) return p.status;
+  return p.seq;
+}
+
+void ClientConn::ReaderLoop() {
+  FrameHeader h;
+  std::vector<uint8_t> payload;
+  absl::Status st;
+  while (st.ok()) {
+    st = ReadFrame(fd_.get(), &h, &payload);
+    if (!st.ok()) break;
+    switch (static_cast<FrameType>(h.type)) {
+      case FrameType::kFetchResp: {
+        if (payload.size() < sizeof(FetchRespPayload)) {
+          st = absl::DataLossError("malformed FETCH_RESP");
+          break;
+        }
+        FetchRespPayload r;
+        std::memcpy(&r, payload.data(), sizeof(r));
+        const size_t tail = payload.size() - sizeof(r);
+        absl::MutexLock l(&mu_);
+        auto it = pending_.find(h.id);
+        if (it == pending_.end()) break;  // the caller gave up (timed out)
+        Pending* p = it->second;
+        if (r.code != 0) {
+          if (r.code > static_cast<uint32_t>(absl::StatusCode::kUnauthenticated) || r.msg_len != tail) {
+            p->status = absl::DataLossError("malformed FETCH_RESP error");
+          } else {
+            p->status = absl::Status(static_cast<absl::StatusCode>(r.code),
+                                     std::string(payload.begin() + sizeof(r), payload.end()));
+          }
+        } else if (tail != p->dst.size()) {
+          p->status = absl::DataLossError(
+              absl::StrFormat("FETCH_RESP carries %u bytes, %u expected", tail, p->dst.size()));
+        } else {
+          std::memcpy(p->dst.data(), payload.data() + sizeof(r), tail);
+          p->seq = r.seq;
+        }
+        p->done = true;
+        break;
+      }
+      case FrameType::kInval: {
+        if (payload.size() != sizeof(InvalPayload)) {
+          st = absl::DataLossError("malformed INVAL");
+          break;
+        }
+        InvalPayload p;
+        std::memcpy(&p, payload.data(), sizeof(p));
+        InvalRecord rec{p.export_id, p.first_page, p.npages, p.seq,
+                        static_cast<source::ChangeKind>(p.kind), p.detected_ns};
+        backend_->OnInvalidation(this, rec);
+        InvalAckPayload a{p.export_id, p.seq};
+        if (auto s = Send(MakeFrame(FrameType::kInvalAck, 0, &a, sizeof(a))); !s.ok()) st = s;
+        break;
+      }
+      default:
+        st = absl::DataLossError(absl::StrFormat("unexpected frame type %u", h.type));
+    }
+  }
+  {
+    absl::MutexLock l(&mu_);
+    closed_ = true;
+    ::shutdown(fd_.get(), SHUT_RDWR);
+    for (auto& [id, p] : pending_) {
+      p->status = absl::UnavailableError(absl::StrCat("connection to ", peer_, " lost"));
+      p->done = true;
+    }
+  }
+  absl::Status why = absl::IsOutOfRange(st) ? absl::UnavailableError("closed by the peer") : st;
+  spdlog::info("data connection to {} closed: {}", peer_, why.message());
+  backend_->OnChannelClosed(this, why);
+}
+
+}  // namespace
+
+std::unique_ptr<Transport> CreateTcpTransport() { return std::make_unique<TcpTransport>(); }
+
+}  // namespace svm::transport

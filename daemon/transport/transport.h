@@ -1,0 +1,109 @@
+// The transport seam (UCX's uct layering is the model): one interface, the
+// tcp data connection behind it today, RDMA verbs next to it later. The core
+// above talks only to these interfaces; gRPC only carries the setup.
+#ifndef SVM_DAEMON_TRANSPORT_TRANSPORT_H_
+#define SVM_DAEMON_TRANSPORT_TRANSPORT_H_
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <string_view>
+
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+#include "absl/types/span.h"
+#include "common/numbers.h"
+#include "daemon/source/mirror_source.h"
+#include "svm/v1/peer.pb.h"
+
+namespace svm::transport {
+
+struct InvalRecord {
+  uint64_t export_id = 0;
+  uint64_t first_page = 0;
+  uint64_t npages = 0;
+  uint64_t seq = 0;
+  source::ChangeKind kind = source::ChangeKind::kOther;
+  uint64_t detected_ns = 0;
+};
+
+// Exporter side: one connected importer that receives invalidations.
+class Subscriber {
+ public:
+  virtual ~Subscriber() = default;
+  virtual uint64_t id() const = 0;
+  virtual const std::string& node() const = 0;
+  // Queues an invalidation behind everything already queued (responses
+  // included: order on the connection is the order of these calls). Never
+  // blocks. Returns false when the connection is closed.
+  virtual bool PushInvalidation(const InvalRecord& r) = 0;
+  // Ends the connection (an importer that stopped acknowledging).
+  virtual void Close() = 0;
+};
+
+// Exporter side: what the transport asks of the daemon.
+class ExportBackend {
+ public:
+  virtual ~ExportBackend() = default;
+  // Copies npages pages of the export into dst (npages * page size bytes)
+  // and returns the export's invalidation sequence sampled before the copy.
+  // track: the importer will cache the pages, so later changes must reach it.
+  virtual absl::StatusOr<uint64_t> ServeFetch(uint64_t export_id, uint64_t first_page,
+                                              uint32_t npages, bool track,
+                                              absl::Span<uint8_t> dst) = 0;
+  virtual void OnAck(uint64_t subscriber_id, uint64_t export_id, uint64_t seq) = 0;
+  virtual void OnSubscriberClosed(uint64_t subscriber_id) = 0;
+};
+
+class PeerChannel;
+
+// Importer side: what the transport delivers to the daemon.
+class ImportBackend {
+ public:
+  virtual ~ImportBackend() = default;
+  // Drops whatever the invalidation covers. The channel acknowledges it to
+  // the exporter only after this returns.
+  virtual void OnInvalidation(PeerChannel* ch, const InvalRecord& r) = 0;
+  // The connection ended: every invalidation from now on is unknown.
+  virtual void OnChannelClosed(PeerChannel* ch, const absl::Status& why) = 0;
+};
+
+// Importer side: one data connection to an exporter daemon.
+class PeerChannel {
+ public:
+  virtual ~PeerChannel() = default;
+  // Fetches npages pages into dst; returns the exporter's sequence at read
+  // time. UNAVAILABLE when the connection is lost or the peer does not
+  // answer within timeout (the connection is then closed).
+  virtual absl::StatusOr<uint64_t> Fetch(uint64_t export_id, uint64_t first_page, uint32_t npages,
+                                         bool track, absl::Span<uint8_t> dst,
+                                         absl::Duration timeout) = 0;
+  virtual bool alive() const = 0;
+  virtual void Close() = 0;
+  virtual const char* path() const = 0;
+};
+
+class Transport {
+ public:
+  virtual ~Transport() = default;
+  virtual const char* name() const = 0;
+  // Starts accepting data connections for exports served by backend.
+  virtual absl::Status Start(const HostPort& listen, ExportBackend* backend) = 0;
+  virtual std::string listen_address() const = 0;
+  // Exporter: SetupData. Returns the endpoint and a one-time token.
+  virtual absl::StatusOr<v1::SetupDataResponse> PrepareSession(const std::string& node) = 0;
+  // Exporter: the connected importer that presented token, if any.
+  virtual std::shared_ptr<Subscriber> FindSubscriber(const std::string& token) = 0;
+  // Importer: opens the data connection described by setup.
+  virtual absl::StatusOr<std::unique_ptr<PeerChannel>> Connect(const std::string& peer_host,
+                                                               const v1::SetupDataResponse& setup,
+                                                               ImportBackend* backend) = 0;
+  // Closes every connection and joins their threads.
+  virtual void Stop() = 0;
+};
+
+std::unique_ptr<Transport> CreateTcpTransport();
+
+}  // namespace svm::transport
+
+#endif  // SVM_DAEMON_TRANSPORT_TRANSPORT_H_
