@@ -281,9 +281,9 @@ absl::StatusOr<v1::ReadResponse> ImportTable::Read(const std::string& name, uint
   if (!attached) {
     if (auto st = Attach(*imp); !st.ok()) {
       absl::MutexLock l(&imp->mu);
-      if (imp->state == "gone" && !absl::IsUnavailable(st)) {
+      if (imp->state == "gone" && (absl::IsNotFound(st) || absl::IsFailedPrecondition(st))) {
         return absl::FailedPreconditionError(
-            absl::StrCat("export '", imp->remote_name, "' gone: ", imp->gone_reason, " (", st.message(), ")"));
+            absl::StrCat("export '", imp->remote_name, "' gone: ", imp->gone_reason));
       }
       return st;
     }

@@ -1,0 +1,212 @@
+#include "svm/client.h"
+
+#include <grpcpp/grpcpp.h>
+#include <sys/prctl.h>
+#include <unistd.h>
+
+#include <deque>
+#include <thread>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
+#include "svm/v1/control.grpc.pb.h"
+
+namespace svm {
+namespace {
+
+// The daemon refuses larger single reads; Read splits.
+constexpr uint64_t kMaxReadChunk = 64ull << 20;
+
+absl::Status FromGrpc(const grpc::Status& s) {
+  if (s.ok()) return absl::OkStatus();
+  return absl::Status(static_cast<absl::StatusCode>(s.error_code()), s.error_message());
+}
+
+class GrpcWatch final : public WatchStream {
+ public:
+  GrpcWatch(v1::Control::Stub* stub, const std::string& name) {
+    v1::WatchRequest req;
+    req.set_name(name);
+    reader_ = stub->Watch(&ctx_, req);
+  }
+  ~GrpcWatch() override {
+    ctx_.TryCancel();
+    if (thread_.joinable()) thread_.join();
+  }
+
+  // Blocks until the daemon registered the watch (or refused it).
+  absl::Status Start() {
+    reader_->WaitForInitialMetadata();
+    thread_ = std::thread([this] { Loop(); });
+    // A refused watch ends at once; give it the chance to say why.
+    absl::MutexLock l(&mu_);
+    mu_.AwaitWithTimeout(absl::Condition(&ended_), absl::Milliseconds(20));
+    if (ended_ && !end_status_.ok() && queue_.empty()) return end_status_;
+    return absl::OkStatus();
+  }
+
+  absl::StatusOr<v1::Invalidation> Next(absl::Duration timeout) override {
+    absl::MutexLock l(&mu_);
+    auto ready = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return !queue_.empty() || ended_; };
+    if (!mu_.AwaitWithTimeout(absl::Condition(&ready), timeout)) {
+      return absl::DeadlineExceededError("no invalidation within the timeout");
+    }
+    if (!queue_.empty()) {
+      v1::Invalidation ev = std::move(queue_.front());
+      queue_.pop_front();
+      return ev;
+    }
+    return end_status_.ok() ? absl::CancelledError("watch ended") : end_status_;
+  }
+
+ private:
+  void Loop() {
+    v1::Invalidation ev;
+    while (reader_->Read(&ev)) {
+      absl::MutexLock l(&mu_);
+      queue_.push_back(ev);
+    }
+    grpc::Status st = reader_->Finish();
+    absl::MutexLock l(&mu_);
+    end_status_ = FromGrpc(st);
+    ended_ = true;
+  }
+
+  grpc::ClientContext ctx_;
+  std::unique_ptr<grpc::ClientReader<v1::Invalidation>> reader_;
+  std::thread thread_;
+  absl::Mutex mu_;
+  std::deque<v1::Invalidation> queue_ ABSL_GUARDED_BY(mu_);
+  bool ended_ ABSL_GUARDED_BY(mu_) = false;
+  absl::Status end_status_ ABSL_GUARDED_BY(mu_);
+};
+
+class GrpcClient final : public Client {
+ public:
+  explicit GrpcClient(std::shared_ptr<grpc::Channel> ch) : stub_(v1::Control::NewStub(ch)) {}
+
+  absl::StatusOr<v1::ExportInfo> Export(const std::string& name, const void* addr,
+                                        size_t len) override {
+    return ExportPid(name, 0, reinterpret_cast<uint64_t>(addr), len);
+  }
+
+  absl::StatusOr<v1::ExportInfo> ExportPid(const std::string& name, pid_t pid, uint64_t addr,
+                                           uint64_t len) override {
+    v1::ExportRequest req;
+    req.set_name(name);
+    req.set_pid(pid);
+    req.set_addr(addr);
+    req.set_len(len);
+    v1::ExportResponse resp;
+    grpc::ClientContext ctx;
+    if (auto st = FromGrpc(stub_->Export(&ctx, req, &resp)); !st.ok()) return st;
+    return resp.info();
+  }
+
+  absl::Status Unexport(const std::string& name) override {
+    v1::UnexportRequest req;
+    req.set_name(name);
+    v1::UnexportResponse resp;
+    grpc::ClientContext ctx;
+    return FromGrpc(stub_->Unexport(&ctx, req, &resp));
+  }
+
+  absl::StatusOr<std::vector<v1::ExportInfo>> ListExports() override {
+    v1::ListExportsResponse resp;
+    grpc::ClientContext ctx;
+    if (auto st = FromGrpc(stub_->ListExports(&ctx, {}, &resp)); !st.ok()) return st;
+    return std::vector<v1::ExportInfo>(resp.exports().begin(), resp.exports().end());
+  }
+
+  absl::StatusOr<v1::ImportInfo> Import(const std::string& peer, const std::string& name,
+                                        const std::string& as) override {
+    v1::ImportRequest req;
+    req.set_peer(peer);
+    req.set_name(name);
+    req.set_as(as);
+    v1::ImportResponse resp;
+    grpc::ClientContext ctx;
+    if (auto st = FromGrpc(stub_->Import(&ctx, req, &resp)); !st.ok()) return st;
+    return resp.info();
+  }
+
+  absl::StatusOr<std::vector<v1::ImportInfo>> ListImports() override {
+    v1::ListImportsResponse resp;
+    grpc::ClientContext ctx;
+    if (auto st = FromGrpc(stub_->ListImports(&ctx, {}, &resp)); !st.ok()) return st;
+    return std::vector<v1::ImportInfo>(resp.imports().begin(), resp.imports().end());
+  }
+
+  absl::StatusOr<ReadResult> Read(const std::string& name, uint64_t offset, absl::Span<uint8_t> dst,
+                                  ReadOptions opts) override {
+    ReadResult total;
+    total.seq = UINT64_MAX;
+    uint64_t done = 0;
+    do {
+      const uint64_t n = std::min<uint64_t>(dst.size() - done, kMaxReadChunk);
+      v1::ReadRequest req;
+      req.set_name(name);
+      req.set_offset(offset + done);
+      req.set_len(n);
+      req.set_dest_addr(reinterpret_cast<uint64_t>(dst.data() + done));
+      req.set_fresh(opts.fresh);
+      v1::ReadResponse resp;
+      grpc::ClientContext ctx;
+      if (auto st = FromGrpc(stub_->Read(&ctx, req, &resp)); !st.ok()) return st;
+      total.len += resp.len();
+      total.seq = std::min(total.seq, resp.seq());
+      total.pages_from_cache += resp.pages_from_cache();
+      total.pages_fetched += resp.pages_fetched();
+      done += n;
+    } while (done < dst.size());
+    return total;
+  }
+
+  absl::StatusOr<std::unique_ptr<WatchStream>> Watch(const std::string& name) override {
+    auto w = std::make_unique<GrpcWatch>(stub_.get(), name);
+    if (auto st = w->Start(); !st.ok()) return st;
+    return std::unique_ptr<WatchStream>(std::move(w));
+  }
+
+  absl::StatusOr<v1::SyncResponse> Sync(const std::string& name) override {
+    v1::SyncRequest req;
+    req.set_name(name);
+    v1::SyncResponse resp;
+    grpc::ClientContext ctx;
+    if (auto st = FromGrpc(stub_->Sync(&ctx, req, &resp)); !st.ok()) return st;
+    return resp;
+  }
+
+  absl::StatusOr<v1::StatusResponse> Status() override {
+    v1::StatusResponse resp;
+    grpc::ClientContext ctx;
+    if (auto st = FromGrpc(stub_->Status(&ctx, {}, &resp)); !st.ok()) return st;
+    return resp;
+  }
+
+ private:
+  std::unique_ptr<v1::Control::Stub> stub_;
+};
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<Client>> Client::Connect(const std::string& target) {
+  if (!absl::StartsWith(target, "unix:")) {
+    return absl::InvalidArgumentError(absl::StrCat("daemon address must be unix:PATH, got '", target, "'"));
+  }
+  auto ch = grpc::CreateChannel(target, grpc::InsecureChannelCredentials());
+  if (!ch->WaitForConnected(std::chrono::system_clock::now() + std::chrono::seconds(5))) {
+    return absl::UnavailableError(absl::StrCat("cannot connect to svmd at ", target));
+  }
+  auto client = std::make_unique<GrpcClient>(ch);
+  auto status = client->Status();
+  if (!status.ok()) return status.status();
+  // Let the daemon read (exports) and write (Read buffers) this process's
+  // memory even under Yama's restricted ptrace scope.
+  if (status->pid() > 0) ::prctl(PR_SET_PTRACER, static_cast<unsigned long>(status->pid()), 0, 0, 0);
+  return std::unique_ptr<Client>(std::move(client));
+}
+
+}  // namespace svm

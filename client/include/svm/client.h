@@ -1,0 +1,80 @@
+// libsvm: the C++ client library for svmd.
+//
+// Consistency (see DESIGN.md section 3): Read returns live data, each page
+// as of one instant during the call. An importer's cached pages are dropped
+// as soon as an invalidation for them arrives (mapping changes: munmap,
+// mremap, madvise, exit, ...); stores by the exporting process become
+// visible to importers at Sync points: Sync returns after every importer
+// acknowledged the invalidation of each page written since the last Sync.
+#ifndef SVM_CLIENT_CLIENT_H_
+#define SVM_CLIENT_CLIENT_H_
+
+#include <sys/types.h>
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+#include "absl/types/span.h"
+#include "svm/v1/control.pb.h"
+
+namespace svm {
+
+struct ReadOptions {
+  // Bypass the importer's mirror cache (neither use nor fill it).
+  bool fresh = false;
+};
+
+struct ReadResult {
+  uint64_t len = 0;
+  uint64_t seq = 0;  // exporter's invalidation sequence the data is valid for
+  uint64_t pages_from_cache = 0;
+  uint64_t pages_fetched = 0;
+};
+
+// A registered watch: every invalidation of the name after Watch() returned
+// is delivered, in order.
+class WatchStream {
+ public:
+  virtual ~WatchStream() = default;
+  // The next invalidation; DEADLINE_EXCEEDED when none came within timeout;
+  // another error when the stream ended (daemon gone, name withdrawn).
+  virtual absl::StatusOr<v1::Invalidation> Next(absl::Duration timeout) = 0;
+};
+
+class Client {
+ public:
+  // target: "unix:/run/svm/svmd.sock". Allows the daemon to access this
+  // process's memory (PR_SET_PTRACER), which exporting one's own memory and
+  // Read (the daemon writes into the caller's buffer) need.
+  static absl::StatusOr<std::unique_ptr<Client>> Connect(const std::string& target);
+  virtual ~Client() = default;
+
+  // Exports [addr, addr + len) of this process.
+  virtual absl::StatusOr<v1::ExportInfo> Export(const std::string& name, const void* addr,
+                                                size_t len) = 0;
+  // Exports memory of another process; the caller must be allowed to ptrace it.
+  virtual absl::StatusOr<v1::ExportInfo> ExportPid(const std::string& name, pid_t pid,
+                                                   uint64_t addr, uint64_t len) = 0;
+  virtual absl::Status Unexport(const std::string& name) = 0;
+  virtual absl::StatusOr<std::vector<v1::ExportInfo>> ListExports() = 0;
+
+  // Imports export `name` of the daemon at peer (HOST:PORT) as `as` (default: name).
+  virtual absl::StatusOr<v1::ImportInfo> Import(const std::string& peer, const std::string& name,
+                                                const std::string& as = "") = 0;
+  virtual absl::StatusOr<std::vector<v1::ImportInfo>> ListImports() = 0;
+
+  // Reads dst.size() bytes at offset of an import (or of a local export).
+  virtual absl::StatusOr<ReadResult> Read(const std::string& name, uint64_t offset,
+                                          absl::Span<uint8_t> dst, ReadOptions opts = {}) = 0;
+  virtual absl::StatusOr<std::unique_ptr<WatchStream>> Watch(const std::string& name) = 0;
+  virtual absl::StatusOr<v1::SyncResponse> Sync(const std::string& name) = 0;
+  virtual absl::StatusOr<v1::StatusResponse> Status() = 0;
+};
+
+}  // namespace svm
+
+#endif  // SVM_CLIENT_CLIENT_H_
