@@ -43,6 +43,9 @@ absl::StatusOr<HostPort> ParseHostPort(absl::string_view text) {
   if (hp.host.size() >= 2 && hp.host.front() == '[' && hp.host.back() == ']') {
     hp.host = hp.host.substr(1, hp.host.size() - 2);
   }
+  if (hp.host.empty() || hp.host.find_first_of("[] \t") != std::string::npos) {
+    return absl::InvalidArgumentError(absl::StrCat("bad host in '", text, "'"));
+  }
   uint32_t port = 0;
   if (!absl::SimpleAtoi(text.substr(colon + 1), &port) || port > 65535) {
     return absl::InvalidArgumentError(absl::StrCat("bad port in '", text, "'"));

@@ -34,6 +34,7 @@ constexpr char kUsage[] = R"(usage: svmd [options]
   --socket-mode OCTAL          control socket mode (default 0660)
   --socket-group NAME          control socket group (default svm, if it exists)
   --log-level LEVEL            trace|debug|info|warn|error (default info)
+  --fault-fetch-delay-ms N     testing only: delay every fetch reply after the copy
   --version
 )";
 
@@ -76,7 +77,8 @@ absl::StatusOr<svm::core::DaemonOptions> ParseOptions(const svm::Args& a) {
   auto scrub = num("scrub-interval-ms", 50);
   auto sync = num("sync-timeout-ms", 5000);
   auto fetch = num("fetch-timeout-ms", 1500);
-  for (auto* s : {&cache, &poll, &scrub, &sync, &fetch}) {
+  auto fault = num("fault-fetch-delay-ms", 0);
+  for (auto* s : {&cache, &poll, &scrub, &sync, &fetch, &fault}) {
     if (!s->ok()) return s->status();
   }
   if (*poll == 0 || *scrub == 0) return absl::InvalidArgumentError("intervals must be > 0");
@@ -85,6 +87,7 @@ absl::StatusOr<svm::core::DaemonOptions> ParseOptions(const svm::Args& a) {
   o.scrub_interval = absl::Milliseconds(*scrub);
   o.limits.sync_timeout = absl::Milliseconds(*sync);
   o.import.fetch_timeout = absl::Milliseconds(*fetch);
+  o.limits.fault_fetch_delay = absl::Milliseconds(*fault);
   return o;
 }
 
@@ -95,7 +98,7 @@ int main(int argc, char** argv) {
       argc, argv,
       {"control", "peer-listen", "data-listen", "node", "source", "transport", "peer-token-file",
        "cache-mb", "poll-interval-ms", "scrub-interval-ms", "sync-timeout-ms", "fetch-timeout-ms",
-       "socket-mode", "socket-group", "log-level"},
+       "socket-mode", "socket-group", "log-level", "fault-fetch-delay-ms"},
       {"help", "version"});
   if (!args.ok()) {
     std::fprintf(stderr, "svmd: %s\n%s", std::string(args.status().message()).c_str(), kUsage);

@@ -145,9 +145,10 @@ int main(int argc, char** argv) {
       }
     } else if (cmd == "protect") {
       std::string mode;
-      in >> mode;
+      const bool ok = range(in, &first, &n) && (in >> mode) &&
+                      (mode == "none" || mode == "r" || mode == "rw");
       int prot = mode == "none" ? PROT_NONE : mode == "r" ? PROT_READ : PROT_READ | PROT_WRITE;
-      if (!range(in, &first, &n)) {
+      if (!ok) {
         reply = "err usage: protect FIRST N none|r|rw";
       } else if (mprotect(base + first * kPage, n * kPage, prot) != 0) {
         reply = absl::StrFormat("err mprotect: %s", std::strerror(errno));

@@ -6,6 +6,7 @@
 #include "absl/hash/hash.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "absl/time/clock.h"
 #include "common/check.h"
 #include "common/log.h"
 
@@ -280,6 +281,7 @@ absl::StatusOr<uint64_t> ExportTable::ServeFetch(uint64_t export_id, uint64_t fi
     seq = e->seq;
   }
   if (auto st = range->Read(first_page * kPageSize, dst); !st.ok()) return st;
+  if (limits_.fault_fetch_delay > absl::ZeroDuration()) absl::SleepFor(limits_.fault_fetch_delay);
   if (track) {
     absl::MutexLock l(&e->mu);
     for (uint32_t i = 0; i < npages; ++i) {
@@ -312,7 +314,8 @@ void ExportTable::OnSubscriberClosed(uint64_t subscriber_id) {
 }
 
 uint64_t ExportTable::CompareServed(ExportEntry& e,
-                                    const std::vector<std::pair<uint64_t, uint64_t>>& pages) {
+                                    const std::vector<std::pair<uint64_t, uint64_t>>& pages,
+                                    bool unreadable_changed) {
   std::shared_ptr<source::MirrorRange> range;
   {
     absl::MutexLock l(&e.mu);
@@ -321,15 +324,16 @@ uint64_t ExportTable::CompareServed(ExportEntry& e,
   if (!range) return 0;
   std::vector<uint8_t> buf(kPageSize);
   std::vector<uint64_t> changed;
+  const uint64_t started = source::MonotonicNs();
   for (auto [page, hash] : pages) {
     auto st = range->Read(page * kPageSize, absl::MakeSpan(buf));
-    if (!st.ok() || HashPage(buf.data()) != hash) changed.push_back(page);
+    if (st.ok() ? HashPage(buf.data()) != hash : unreadable_changed) changed.push_back(page);
   }
   size_t i = 0;
   while (i < changed.size()) {
     size_t j = i + 1;
     while (j < changed.size() && changed[j] == changed[j - 1] + 1) ++j;
-    Invalidate(e, Change{changed[i], j - i, ChangeKind::kWrite, source::MonotonicNs()});
+    Invalidate(e, Change{changed[i], j - i, ChangeKind::kWrite, started});
     i = j;
   }
   return changed.size();
@@ -344,7 +348,7 @@ absl::StatusOr<v1::SyncResponse> ExportTable::Sync(const std::string& name) {
     if (e->gone) return absl::FailedPreconditionError(absl::StrCat("export '", name, "' gone"));
     pages.assign(e->served.begin(), e->served.end());
   }
-  const uint64_t changed = CompareServed(*e, pages);
+  const uint64_t changed = CompareServed(*e, pages, /*unreadable_changed=*/true);
   // Wait until every subscriber acknowledged everything up to now.
   v1::SyncResponse r;
   std::vector<std::shared_ptr<transport::Subscriber>> laggards;
@@ -417,7 +421,11 @@ void ExportTable::Scrub() {
       }
       e->scrub_cursor = it == e->served.end() ? 0 : it->first;
     }
-    if (uint64_t n = CompareServed(*e, pages); n > 0) counters_->Add("scrub_invalidations", n);
+    // A page that cannot be read any more left the mapping or lost its
+    // protection: the source reports that, with its proper kind.
+    if (uint64_t n = CompareServed(*e, pages, /*unreadable_changed=*/false); n > 0) {
+      counters_->Add("scrub_invalidations", n);
+    }
   }
 }
 

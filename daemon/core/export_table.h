@@ -36,6 +36,9 @@ struct ExportLimits {
   uint64_t max_bytes_per_uid = 1ull << 40;
   absl::Duration sync_timeout = absl::Seconds(5);
   uint64_t scrub_pages_per_pass = 4096;
+  // Fault injection for tests: hold every fetch reply this long after the
+  // copy, widening the window in which an invalidation can overtake it.
+  absl::Duration fault_fetch_delay = absl::ZeroDuration();
 };
 
 class ExportTable final : public transport::ExportBackend {
@@ -70,9 +73,11 @@ class ExportTable final : public transport::ExportBackend {
   std::shared_ptr<ExportEntry> FindId(uint64_t id) const;
   // Invalidates pages at every subscriber and local watcher.
   void Invalidate(ExportEntry& e, const source::Change& c);
-  // Compares the live content of served pages in [pages) with what was
-  // handed out; invalidates the changed ones. Returns how many.
-  uint64_t CompareServed(ExportEntry& e, const std::vector<std::pair<uint64_t, uint64_t>>& pages);
+  // Compares the live content of served pages with what was handed out;
+  // invalidates the changed ones (and the unreadable ones if asked).
+  // Returns how many.
+  uint64_t CompareServed(ExportEntry& e, const std::vector<std::pair<uint64_t, uint64_t>>& pages,
+                         bool unreadable_changed);
   v1::ExportInfo InfoOf(ExportEntry& e) const;
 
   source::MirrorSource* const source_;

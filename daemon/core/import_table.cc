@@ -66,19 +66,22 @@ ImportTable::ImportTable(transport::Transport* transport, WatchHub* hub, PageCac
     : transport_(transport), hub_(hub), cache_(cache), counters_(counters), opts_(std::move(opts)) {}
 
 ImportTable::~ImportTable() {
-  std::vector<std::shared_ptr<Link>> links;
+  // Every channel is closed and its reader joined while the table is still
+  // whole: readers call back into it (OnChannelClosed) on their way out.
+  std::vector<std::shared_ptr<transport::PeerChannel>> channels;
   {
     absl::MutexLock l(&mu_);
-    for (auto& [p, link] : links_) links.push_back(link);
-  }
-  for (auto& link : links) {
-    std::shared_ptr<transport::PeerChannel> data;
-    {
-      absl::MutexLock l(&link->mu);
-      data = std::move(link->data);
+    for (auto& [p, link] : links_) {
+      absl::MutexLock ll(&link->mu);
+      if (link->data) channels.push_back(std::move(link->data));
     }
-    data.reset();  // joins its reader, which may call back into this table
+    for (auto& [n, imp] : imports_) {
+      absl::MutexLock il(&imp->mu);
+      if (imp->channel) channels.push_back(std::move(imp->channel));
+    }
   }
+  for (auto& ch : channels) ch->Close();
+  channels.clear();  // the last references: joins the readers
 }
 
 std::shared_ptr<ImportTable::Link> ImportTable::GetLink(const std::string& peer) {

@@ -55,7 +55,7 @@ constexpr uint64_t kPmFile = 1ull << 61;
 constexpr uint64_t kPmPfnMask = (1ull << 55) - 1;
 
 struct Vma {
-  uint64_t start = 0, end = 0, pgoff = 0, inode = 0;
+  uint64_t start = 0, end = 0, pgoff = 0, inode = 0;  // pgoff: file offset in bytes
   std::string perms, dev;
   bool operator==(const Vma&) const = default;
 };
@@ -65,6 +65,7 @@ absl::StatusOr<std::vector<Vma>> ReadVmas(pid_t pid, uint64_t addr, uint64_t len
   if (!in) return absl::NotFoundError(absl::StrCat("process ", pid, " does not exist"));
   std::vector<Vma> out;
   std::string line;
+  size_t lines = 0;
   const uint64_t end = addr + len;
   while (std::getline(in, line)) {
     // start-end perms offset dev inode [path]
@@ -81,9 +82,13 @@ absl::StatusOr<std::vector<Vma>> ReadVmas(pid_t pid, uint64_t addr, uint64_t len
     v.inode = inode;
     v.perms = perms;
     v.dev = dev;
+    ++lines;
     if (v.end <= addr || v.start >= end) continue;
     out.push_back(std::move(v));
   }
+  // A process being torn down (or a zombie) lists no mappings at all: that
+  // is not "everything was unmapped", the exit is reported by the pidfd.
+  if (lines == 0) return absl::NotFoundError(absl::StrCat("process ", pid, " has no address space"));
   return out;
 }
 
@@ -274,7 +279,8 @@ void ProcfsRange::Poll() {
       if (n == nullptr) {
         kinds[i] = ChangeKind::kUnmap;
       } else if (o->inode != n->inode || o->dev != n->dev ||
-                 o->pgoff + (a - o->start) / kPageSize != n->pgoff + (a - n->start) / kPageSize) {
+                 // maps prints the file offset in bytes, and 0 for anonymous memory
+                 (o->inode != 0 && o->pgoff + (a - o->start) != n->pgoff + (a - n->start))) {
         kinds[i] = ChangeKind::kRemap;
       } else if (o->perms != n->perms && kinds[i] == ChangeKind::kOther) {
         kinds[i] = ChangeKind::kProtection;

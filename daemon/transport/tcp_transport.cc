@@ -387,8 +387,9 @@ void ServerConn::ReaderLoop() {
   SetTimeouts(fd, absl::Seconds(5), kHelloTimeout);
   absl::Status st = ReadFrame(fd, &h, &payload);
   if (st.ok()) {
-    token.assign(payload.begin(), payload.end());
     st = HandleHello(h, payload);
+    // Only the connection that claimed the token may Forget() it below.
+    if (st.ok()) token.assign(payload.begin(), payload.end());
   }
   if (st.ok()) {
     SetTimeouts(fd, absl::Seconds(5), absl::ZeroDuration());
@@ -450,8 +451,9 @@ void ServerConn::ReaderLoop() {
     spdlog::info("data connection from {} closed by the peer", node_);
   }
   Close();
-  backend_->OnSubscriberClosed(id_);
+  // Unreachable by its token first, then the backend forgets it.
   if (!token.empty()) transport_->Forget(token);
+  backend_->OnSubscriberClosed(id_);
   transport_->Unregister(id_);
 }
 

@@ -1,0 +1,316 @@
+#include "tests/integration/harness.h"
+
+#include <fcntl.h>
+#include <grp.h>
+#include <poll.h>
+#include <signal.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+#include <filesystem>
+#include <thread>
+
+#include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "gtest/gtest.h"
+
+namespace svm::testing {
+
+std::string SvmdPath() { return SVMD_PATH; }
+std::string SvmctlPath() { return SVMCTL_PATH; }
+std::string ExporterPath() { return EXPORTER_PATH; }
+
+absl::StatusOr<std::unique_ptr<Subprocess>> Subprocess::Start(const Options& opts) {
+  int in[2], out[2];
+  if (pipe2(in, O_CLOEXEC) != 0 || pipe2(out, O_CLOEXEC) != 0) {
+    return absl::InternalError(absl::StrCat("pipe: ", std::strerror(errno)));
+  }
+  std::vector<char*> argv;
+  for (auto& a : opts.argv) argv.push_back(const_cast<char*>(a.c_str()));
+  argv.push_back(nullptr);
+  pid_t pid = fork();
+  if (pid < 0) return absl::InternalError(absl::StrCat("fork: ", std::strerror(errno)));
+  if (pid == 0) {
+    dup2(in[0], 0);
+    dup2(out[1], 1);
+    int log = open(opts.log_path.empty() ? "/dev/null" : opts.log_path.c_str(),
+                   O_WRONLY | O_CREAT | O_APPEND, 0644);
+    dup2(log, 2);
+    setpgid(0, 0);
+    if (opts.gid != static_cast<gid_t>(-1)) {
+      if (setgroups(0, nullptr) != 0 || setgid(opts.gid) != 0) _exit(126);
+    }
+    if (opts.uid != static_cast<uid_t>(-1) && setuid(opts.uid) != 0) _exit(126);
+    execv(argv[0], argv.data());
+    _exit(127);
+  }
+  close(in[0]);
+  close(out[1]);
+  auto p = std::unique_ptr<Subprocess>(new Subprocess());
+  p->pid_ = pid;
+  p->in_ = in[1];
+  p->out_ = out[0];
+  return p;
+}
+
+Subprocess::~Subprocess() {
+  if (!reaped_ && pid_ > 0) {
+    kill(pid_, SIGKILL);
+    waitpid(pid_, nullptr, 0);
+  }
+  if (in_ >= 0) close(in_);
+  if (out_ >= 0) close(out_);
+}
+
+absl::Status Subprocess::WriteLine(const std::string& line) {
+  std::string l = line + "\n";
+  if (write(in_, l.data(), l.size()) != static_cast<ssize_t>(l.size())) {
+    return absl::UnavailableError(absl::StrCat("write to child: ", std::strerror(errno)));
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::string> Subprocess::ReadLine(absl::Duration timeout) {
+  const absl::Time deadline = absl::Now() + timeout;
+  for (;;) {
+    if (size_t nl = buf_.find('\n'); nl != std::string::npos) {
+      std::string line = buf_.substr(0, nl);
+      buf_.erase(0, nl + 1);
+      return line;
+    }
+    const int64_t ms = absl::ToInt64Milliseconds(deadline - absl::Now());
+    if (ms <= 0) return absl::DeadlineExceededError("no line from child");
+    pollfd p{out_, POLLIN, 0};
+    if (poll(&p, 1, static_cast<int>(ms)) <= 0) continue;
+    char chunk[4096];
+    ssize_t n = read(out_, chunk, sizeof(chunk));
+    if (n <= 0) return absl::UnavailableError("child closed its output");
+    buf_.append(chunk, static_cast<size_t>(n));
+  }
+}
+
+void Subprocess::Signal(int sig) {
+  if (!reaped_) kill(pid_, sig);
+}
+
+bool Subprocess::running() {
+  if (reaped_) return false;
+  int st = 0;
+  if (waitpid(pid_, &st, WNOHANG) == pid_) {
+    reaped_ = true;
+    status_ = st;
+    return false;
+  }
+  return true;
+}
+
+absl::StatusOr<int> Subprocess::Wait(absl::Duration timeout) {
+  const absl::Time deadline = absl::Now() + timeout;
+  while (running()) {
+    if (absl::Now() > deadline) return absl::DeadlineExceededError("child still running");
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  return status_;
+}
+
+RunResult RunCommand(const std::vector<std::string>& argv, absl::Duration timeout, uid_t uid, gid_t gid) {
+  RunResult r;
+  char out_tmpl[] = "/tmp/svm-run-outXXXXXX";
+  char err_tmpl[] = "/tmp/svm-run-errXXXXXX";
+  int out = mkstemp(out_tmpl), err = mkstemp(err_tmpl);
+  pid_t pid = fork();
+  if (pid == 0) {
+    dup2(out, 1);
+    dup2(err, 2);
+    int devnull = open("/dev/null", O_RDONLY);
+    dup2(devnull, 0);
+    if (gid != static_cast<gid_t>(-1)) {
+      if (setgroups(0, nullptr) != 0 || setgid(gid) != 0) _exit(126);
+    }
+    if (uid != static_cast<uid_t>(-1) && setuid(uid) != 0) _exit(126);
+    std::vector<char*> av;
+    for (auto& a : argv) av.push_back(const_cast<char*>(a.c_str()));
+    av.push_back(nullptr);
+    execv(av[0], av.data());
+    _exit(127);
+  }
+  const absl::Time deadline = absl::Now() + timeout;
+  int st = 0;
+  for (;;) {
+    if (waitpid(pid, &st, WNOHANG) == pid) break;
+    if (absl::Now() > deadline) {
+      kill(pid, SIGKILL);
+      waitpid(pid, &st, 0);
+      r.err = "timed out\n";
+      break;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(2));
+  }
+  r.exit_code = WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
+  auto slurp = [](int fd) {
+    std::string s;
+    lseek(fd, 0, SEEK_SET);
+    char b[65536];
+    ssize_t n;
+    while ((n = read(fd, b, sizeof(b))) > 0) s.append(b, static_cast<size_t>(n));
+    close(fd);
+    return s;
+  };
+  r.out = slurp(out);
+  r.err += slurp(err);
+  unlink(out_tmpl);
+  unlink(err_tmpl);
+  return r;
+}
+
+TempDir::TempDir() {
+  char tmpl[] = "/tmp/svm-itest-XXXXXX";
+  path_ = mkdtemp(tmpl);
+  chmod(path_.c_str(), 0755);  // tests run clients as other users
+}
+
+TempDir::~TempDir() {
+  const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
+  if (info != nullptr && info->result()->Failed()) {
+    std::fprintf(stderr, "keeping %s for inspection (daemon logs)\n", path_.c_str());
+    for (auto& e : std::filesystem::directory_iterator(path_)) {
+      if (absl::EndsWith(e.path().string(), ".log")) {
+        std::fprintf(stderr, "---- %s (last lines)\n", e.path().c_str());
+        auto r = RunCommand({"/usr/bin/tail", "-n", "25", e.path().string()});
+        std::fprintf(stderr, "%s", r.out.c_str());
+      }
+    }
+    return;
+  }
+  std::error_code ec;
+  std::filesystem::remove_all(path_, ec);
+}
+
+absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const Options& opts) {
+  auto d = std::unique_ptr<Daemon>(new Daemon());
+  d->opts_ = opts;
+  d->control_ = absl::StrCat("unix:", opts.dir, "/", opts.node, ".sock");
+  if (auto st = d->Restart(); !st.ok()) return st;
+  return d;
+}
+
+absl::Status Daemon::Restart() {
+  std::vector<std::string> argv = {SvmdPath(),
+                                   "--control", control_,
+                                   "--peer-listen", absl::StrCat("127.0.0.1:", opts_.peer_port),
+                                   "--data-listen", absl::StrCat("127.0.0.1:", opts_.data_port),
+                                   "--node", opts_.node,
+                                   "--socket-mode", "0666",
+                                   "--log-level", "debug"};
+  for (auto& e : opts_.extra) argv.push_back(e);
+  Subprocess::Options so;
+  so.argv = argv;
+  so.log_path = absl::StrCat(opts_.dir, "/", opts_.node, ".log");
+  auto p = Subprocess::Start(so);
+  if (!p.ok()) return p.status();
+  proc_ = std::move(*p);
+  // Ready when the control socket answers Status.
+  const absl::Time deadline = absl::Now() + absl::Seconds(10);
+  while (absl::Now() < deadline) {
+    if (!proc_->running()) return absl::InternalError("svmd exited during startup (see its log)");
+    if (access(control_.substr(5).c_str(), F_OK) != 0) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(5));
+      continue;
+    }
+    auto c = Client::Connect(control_);
+    if (c.ok()) {
+      auto s = (*c)->Status();
+      if (s.ok()) {
+        peer_ = s->peer_listen();
+        data_ = s->data_listen();
+        // Keep the ports across restarts, as a restarted node would.
+        opts_.peer_port = peer_port();
+        opts_.data_port = data_port();
+        return absl::OkStatus();
+      }
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  return absl::DeadlineExceededError("svmd did not become ready");
+}
+
+static uint16_t PortOf(const std::string& hp) {
+  uint32_t port = 0;
+  (void)absl::SimpleAtoi(hp.substr(hp.rfind(':') + 1), &port);
+  return static_cast<uint16_t>(port);
+}
+
+uint16_t Daemon::peer_port() const { return PortOf(peer_); }
+uint16_t Daemon::data_port() const { return PortOf(data_); }
+
+std::unique_ptr<Client> Daemon::Connect() {
+  auto c = Client::Connect(control_);
+  EXPECT_TRUE(c.ok()) << c.status();
+  return c.ok() ? std::move(*c) : nullptr;
+}
+
+void Daemon::Kill() {
+  proc_->Signal(SIGKILL);
+  (void)proc_->Wait(absl::Seconds(5));
+}
+
+absl::StatusOr<std::unique_ptr<Exporter>> Exporter::Start(const Options& opts) {
+  std::vector<std::string> argv = {ExporterPath(), "--daemon", opts.daemon->control(), "--name",
+                                   opts.name, "--pages", std::to_string(opts.pages), "--backing",
+                                   opts.backing};
+  if (opts.fill >= 0) {
+    argv.push_back("--fill");
+    argv.push_back(std::to_string(opts.fill));
+  }
+  Subprocess::Options so;
+  so.argv = argv;
+  so.log_path = opts.log_path;
+  so.uid = opts.uid;
+  so.gid = opts.gid;
+  auto p = Subprocess::Start(so);
+  if (!p.ok()) return p.status();
+  auto e = std::unique_ptr<Exporter>(new Exporter());
+  e->proc_ = std::move(*p);
+  auto line = e->proc_->ReadLine(absl::Seconds(10));
+  if (!line.ok()) return absl::InternalError(absl::StrCat("exporter did not start: ", line.status().message()));
+  // ready pid=P addr=0xA len=L
+  for (absl::string_view kv : absl::StrSplit(*line, ' ')) {
+    if (absl::ConsumePrefix(&kv, "addr=0x")) (void)absl::SimpleHexAtoi(kv, &e->addr_);
+    if (absl::ConsumePrefix(&kv, "len=")) (void)absl::SimpleAtoi(kv, &e->len_);
+  }
+  if (!absl::StartsWith(*line, "ready")) return absl::InternalError(absl::StrCat("exporter said: ", *line));
+  return e;
+}
+
+absl::StatusOr<std::string> Exporter::Command(const std::string& cmd, absl::Duration timeout) {
+  if (auto st = proc_->WriteLine(cmd); !st.ok()) return st;
+  return proc_->ReadLine(timeout);
+}
+
+absl::StatusOr<std::string> ReadBytes(Client& c, const std::string& name, uint64_t offset,
+                                      uint64_t len, bool fresh) {
+  std::string out(len, '\0');
+  ReadOptions o;
+  o.fresh = fresh;
+  auto r = c.Read(name, offset, absl::MakeSpan(reinterpret_cast<uint8_t*>(out.data()), len), o);
+  if (!r.ok()) return r.status();
+  return out;
+}
+
+absl::StatusOr<v1::Invalidation> WaitForPage(WatchStream& w, uint64_t page, absl::Duration timeout) {
+  const absl::Time deadline = absl::Now() + timeout;
+  for (;;) {
+    auto ev = w.Next(deadline - absl::Now());
+    if (!ev.ok()) return ev.status();
+    if (ev->npages() == 0 || (page >= ev->first_page() && page < ev->first_page() + ev->npages())) {
+      return ev;
+    }
+  }
+}
+
+}  // namespace svm::testing

@@ -1,0 +1,135 @@
+// Integration-test harness: real svmd daemons on 127.0.0.1 (ports chosen
+// by the kernel), real exporter processes, real svmctl invocations.
+#ifndef SVM_TESTS_INTEGRATION_HARNESS_H_
+#define SVM_TESTS_INTEGRATION_HARNESS_H_
+
+#include <sys/types.h>
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+#include "svm/client.h"
+
+namespace svm::testing {
+
+// A child process with a pipe to its stdin and from its stdout; stderr goes
+// to a log file.
+class Subprocess {
+ public:
+  struct Options {
+    std::vector<std::string> argv;
+    std::string log_path;
+    uid_t uid = static_cast<uid_t>(-1);  // drop to this uid/gid when set
+    gid_t gid = static_cast<gid_t>(-1);
+  };
+  static absl::StatusOr<std::unique_ptr<Subprocess>> Start(const Options& opts);
+  ~Subprocess();
+
+  pid_t pid() const { return pid_; }
+  absl::Status WriteLine(const std::string& line);
+  absl::StatusOr<std::string> ReadLine(absl::Duration timeout);
+  void Signal(int sig);
+  // Waits for exit; returns the wait status, or DEADLINE_EXCEEDED.
+  absl::StatusOr<int> Wait(absl::Duration timeout);
+  bool running();
+
+ private:
+  pid_t pid_ = -1;
+  int in_ = -1, out_ = -1;
+  std::string buf_;
+  bool reaped_ = false;
+  int status_ = 0;
+};
+
+struct RunResult {
+  int exit_code = -1;
+  std::string out, err;
+};
+// Runs a command to completion (bounded by timeout), capturing output.
+RunResult RunCommand(const std::vector<std::string>& argv, absl::Duration timeout = absl::Seconds(20),
+              uid_t uid = static_cast<uid_t>(-1), gid_t gid = static_cast<gid_t>(-1));
+
+// A directory for one test's sockets and logs, removed on destruction
+// unless the test failed.
+class TempDir {
+ public:
+  TempDir();
+  ~TempDir();
+  const std::string& path() const { return path_; }
+
+ private:
+  std::string path_;
+};
+
+class Daemon {
+ public:
+  struct Options {
+    std::string node;
+    std::string dir;
+    std::vector<std::string> extra;  // more svmd flags
+    uint16_t peer_port = 0;          // 0: the kernel chooses
+    uint16_t data_port = 0;
+  };
+  static absl::StatusOr<std::unique_ptr<Daemon>> Start(const Options& opts);
+
+  const std::string& control() const { return control_; }  // "unix:PATH"
+  const std::string& peer() const { return peer_; }        // "127.0.0.1:PORT"
+  uint16_t peer_port() const;
+  uint16_t data_port() const;
+  std::unique_ptr<Client> Connect();
+  Subprocess& process() { return *proc_; }
+  // SIGKILL and reap.
+  void Kill();
+  // Starts again with the same ports, node name and socket.
+  absl::Status Restart();
+
+ private:
+  Options opts_;
+  std::string control_, peer_, data_;
+  std::unique_ptr<Subprocess> proc_;
+};
+
+// The svm-exporter example, driven through its stdin commands.
+class Exporter {
+ public:
+  struct Options {
+    const Daemon* daemon = nullptr;
+    std::string name;
+    uint64_t pages = 16;
+    int fill = -1;  // -1: page p is stamped with version p + 1
+    std::string backing = "anon";
+    uid_t uid = static_cast<uid_t>(-1);
+    gid_t gid = static_cast<gid_t>(-1);
+    std::string log_path;
+  };
+  static absl::StatusOr<std::unique_ptr<Exporter>> Start(const Options& opts);
+  // Sends a command; returns the reply line ("ok ..." / "err ...").
+  absl::StatusOr<std::string> Command(const std::string& cmd,
+                                      absl::Duration timeout = absl::Seconds(20));
+  pid_t pid() const { return proc_->pid(); }
+  uint64_t addr() const { return addr_; }
+  uint64_t len() const { return len_; }
+  Subprocess& process() { return *proc_; }
+
+ private:
+  std::unique_ptr<Subprocess> proc_;
+  uint64_t addr_ = 0, len_ = 0;
+};
+
+std::string SvmdPath();
+std::string SvmctlPath();
+std::string ExporterPath();
+
+// Reads len bytes at offset of name through client c.
+absl::StatusOr<std::string> ReadBytes(Client& c, const std::string& name, uint64_t offset,
+                                      uint64_t len, bool fresh = false);
+
+// Waits for the next invalidation covering page (npages 0 counts as the whole range).
+absl::StatusOr<v1::Invalidation> WaitForPage(WatchStream& w, uint64_t page, absl::Duration timeout);
+
+}  // namespace svm::testing
+
+#endif  // SVM_TESTS_INTEGRATION_HARNESS_H_

@@ -1,0 +1,454 @@
+// Two daemons on 127.0.0.1: node A exports memory of real processes, node
+// B imports and reads it. Every scenario of "what a user must be able to
+// do" and "bad input and faults" from the foundation issue.
+#include <signal.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <string>
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "common/net.h"
+#include "gtest/gtest.h"
+#include "tests/integration/harness.h"
+
+namespace svm::testing {
+namespace {
+
+constexpr uint64_t kPage = 4096;
+constexpr uid_t kNobody = 65534;
+constexpr gid_t kNogroup = 65534;
+
+std::string Page(char c) { return std::string(kPage, c); }
+
+class TwoNodes : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    auto a = Daemon::Start({.node = "A", .dir = dir_.path()});
+    ASSERT_TRUE(a.ok()) << a.status();
+    a_ = std::move(*a);
+    auto b = Daemon::Start({.node = "B", .dir = dir_.path()});
+    ASSERT_TRUE(b.ok()) << b.status();
+    b_ = std::move(*b);
+    ca_ = a_->Connect();
+    cb_ = b_->Connect();
+    ASSERT_NE(ca_, nullptr);
+    ASSERT_NE(cb_, nullptr);
+  }
+
+  std::unique_ptr<Exporter> StartExporter(const std::string& name, uint64_t pages, int fill = -1,
+                                          uid_t uid = static_cast<uid_t>(-1),
+                                          gid_t gid = static_cast<gid_t>(-1)) {
+    auto e = Exporter::Start({.daemon = a_.get(), .name = name, .pages = pages, .fill = fill,
+                              .uid = uid, .gid = gid,
+                              .log_path = absl::StrCat(dir_.path(), "/exporter-", name, ".log")});
+    EXPECT_TRUE(e.ok()) << e.status();
+    return e.ok() ? std::move(*e) : nullptr;
+  }
+
+  // Exports, imports on B and checks the first read.
+  std::unique_ptr<Exporter> ExportAndImport(const std::string& name, uint64_t pages, int fill) {
+    auto e = StartExporter(name, pages, fill);
+    if (!e) return nullptr;
+    auto imp = cb_->Import(a_->peer(), name);
+    EXPECT_TRUE(imp.ok()) << imp.status();
+    return e;
+  }
+
+  RunResult Ctl(const Daemon& d, std::vector<std::string> args) {
+    args.insert(args.begin(), {SvmctlPath(), "--daemon", d.control()});
+    return RunCommand(args);
+  }
+
+  TempDir dir_;
+  std::unique_ptr<Daemon> a_, b_;
+  std::unique_ptr<Client> ca_, cb_;
+};
+
+TEST_F(TwoNodes, ImportReadsLiveMemory) {
+  auto e = ExportAndImport("mem", 4, 'A');
+  ASSERT_NE(e, nullptr);
+  auto r = ReadBytes(*cb_, "mem", 0, 4 * kPage);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(*r, std::string(4 * kPage, 'A'));
+  // Unaligned offset and length inside a page and across pages.
+  auto r2 = ReadBytes(*cb_, "mem", 100, kPage + 5);
+  ASSERT_TRUE(r2.ok()) << r2.status();
+  EXPECT_EQ(*r2, std::string(kPage + 5, 'A'));
+  // The exporting node reads its own export by name, too.
+  auto local = ReadBytes(*ca_, "mem", kPage, 16);
+  ASSERT_TRUE(local.ok()) << local.status();
+  EXPECT_EQ(*local, std::string(16, 'A'));
+}
+
+TEST_F(TwoNodes, CacheServesRepeatedReadsAndFreshBypassesIt) {
+  auto e = ExportAndImport("cache", 4, 'A');
+  ASSERT_NE(e, nullptr);
+  std::string buf(2 * kPage, '\0');
+  auto span = absl::MakeSpan(reinterpret_cast<uint8_t*>(buf.data()), buf.size());
+  auto r1 = cb_->Read("cache", 0, span);
+  ASSERT_TRUE(r1.ok()) << r1.status();
+  EXPECT_EQ(r1->pages_fetched, 2u);
+  auto r2 = cb_->Read("cache", 0, span);
+  ASSERT_TRUE(r2.ok()) << r2.status();
+  EXPECT_EQ(r2->pages_from_cache, 2u);
+  EXPECT_EQ(r2->pages_fetched, 0u);
+  ReadOptions fresh;
+  fresh.fresh = true;
+  auto r3 = cb_->Read("cache", 0, span, fresh);
+  ASSERT_TRUE(r3.ok()) << r3.status();
+  EXPECT_EQ(r3->pages_from_cache, 0u);
+  EXPECT_EQ(r3->pages_fetched, 2u);
+}
+
+TEST_F(TwoNodes, RemapInvalidatesAndRereadSeesNewContent) {
+  auto e = ExportAndImport("remap", 8, 'A');
+  ASSERT_NE(e, nullptr);
+  ASSERT_EQ(*ReadBytes(*cb_, "remap", 0, 8 * kPage), std::string(8 * kPage, 'A'));
+  auto w = cb_->Watch("remap");
+  ASSERT_TRUE(w.ok()) << w.status();
+  ASSERT_EQ(*e->Command("remap 3 2 66"), "ok");  // munmap + mmap + fill 'B'
+  auto ev = WaitForPage(**w, 3, absl::Seconds(5));
+  ASSERT_TRUE(ev.ok()) << ev.status();
+  EXPECT_EQ(ev->name(), "remap");
+  auto r = ReadBytes(*cb_, "remap", 3 * kPage, 2 * kPage);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(*r, std::string(2 * kPage, 'B'));
+  // Untouched pages are still the old content.
+  EXPECT_EQ(*ReadBytes(*cb_, "remap", 0, kPage), Page('A'));
+}
+
+TEST_F(TwoNodes, MadviseDontneedInvalidates) {
+  auto e = ExportAndImport("dn", 4, 'A');
+  ASSERT_NE(e, nullptr);
+  ASSERT_EQ(*ReadBytes(*cb_, "dn", 0, 4 * kPage), std::string(4 * kPage, 'A'));
+  auto w = cb_->Watch("dn");
+  ASSERT_TRUE(w.ok()) << w.status();
+  ASSERT_EQ(*e->Command("dontneed 1 1"), "ok");
+  auto ev = WaitForPage(**w, 1, absl::Seconds(5));
+  ASSERT_TRUE(ev.ok()) << ev.status();
+  // procfs sees the page leave (unmap) unless the daemon's own scrub read
+  // faulted the zero page in first (then: a new frame, or new content).
+  EXPECT_TRUE(ev->kind() == v1::INVALIDATION_KIND_UNMAP || ev->kind() == v1::INVALIDATION_KIND_REMAP ||
+              ev->kind() == v1::INVALIDATION_KIND_WRITE)
+      << ev->kind();
+  EXPECT_EQ(*ReadBytes(*cb_, "dn", kPage, kPage), Page('\0'));  // anonymous memory reads as zero
+}
+
+TEST_F(TwoNodes, MprotectInvalidatesAndProtNoneFailsLikeACpuAccess) {
+  auto e = ExportAndImport("prot", 4, 'A');
+  ASSERT_NE(e, nullptr);
+  ASSERT_TRUE(ReadBytes(*cb_, "prot", 0, 4 * kPage).ok());
+  auto w = cb_->Watch("prot");
+  ASSERT_TRUE(w.ok()) << w.status();
+  ASSERT_EQ(*e->Command("protect 2 1 none"), "ok");
+  auto ev = WaitForPage(**w, 2, absl::Seconds(5));
+  ASSERT_TRUE(ev.ok()) << ev.status();
+  EXPECT_EQ(ev->kind(), v1::INVALIDATION_KIND_PROTECTION);
+  auto r = ReadBytes(*cb_, "prot", 2 * kPage, kPage);
+  EXPECT_TRUE(absl::IsFailedPrecondition(r.status())) << r.status();
+  EXPECT_TRUE(ReadBytes(*cb_, "prot", 0, kPage).ok());  // other pages still readable
+}
+
+TEST_F(TwoNodes, StoresBecomeVisibleAtSync) {
+  auto e = ExportAndImport("sync", 4, 'A');
+  ASSERT_NE(e, nullptr);
+  ASSERT_EQ(*ReadBytes(*cb_, "sync", 0, 4 * kPage), std::string(4 * kPage, 'A'));
+  auto w = cb_->Watch("sync");
+  ASSERT_TRUE(w.ok()) << w.status();
+  ASSERT_EQ(*e->Command("fill 2 1 67"), "ok");  // a plain store: no notifier fires
+  auto reply = e->Command("sync");
+  ASSERT_TRUE(reply.ok());
+  ASSERT_TRUE(absl::StartsWith(*reply, "ok")) << *reply;
+  // Sync returned: B has dropped page 2 (maybe found earlier by the scrub).
+  auto ev = WaitForPage(**w, 2, absl::Seconds(1));
+  ASSERT_TRUE(ev.ok()) << ev.status();
+  EXPECT_EQ(*ReadBytes(*cb_, "sync", 2 * kPage, kPage), Page('C'));
+  EXPECT_EQ(*ReadBytes(*cb_, "sync", 0, kPage), Page('A'));
+}
+
+TEST_F(TwoNodes, SyncFromTheImportingNodeIsForwarded) {
+  auto e = ExportAndImport("fwd", 2, 'A');
+  ASSERT_NE(e, nullptr);
+  ASSERT_TRUE(ReadBytes(*cb_, "fwd", 0, 2 * kPage).ok());
+  ASSERT_EQ(*e->Command("fill 0 1 68"), "ok");
+  auto s = cb_->Sync("fwd");
+  ASSERT_TRUE(s.ok()) << s.status();
+  EXPECT_EQ(s->subscribers_acked(), 1u);
+  EXPECT_EQ(*ReadBytes(*cb_, "fwd", 0, kPage), Page('D'));
+}
+
+TEST_F(TwoNodes, ExporterKilledInvalidatesWholeRangeAndReadsSayGone) {
+  auto e = ExportAndImport("dies", 4, 'A');
+  ASSERT_NE(e, nullptr);
+  ASSERT_TRUE(ReadBytes(*cb_, "dies", 0, 4 * kPage).ok());
+  auto w = cb_->Watch("dies");
+  ASSERT_TRUE(w.ok()) << w.status();
+  e->process().Signal(SIGKILL);
+  // The address space may be seen going away (unmap events, or pages the
+  // scrub can no longer read) before the exit itself.
+  absl::StatusOr<v1::Invalidation> ev;
+  do {
+    ev = (*w)->Next(absl::Seconds(5));
+    ASSERT_TRUE(ev.ok()) << ev.status();
+  } while (ev->kind() != v1::INVALIDATION_KIND_EXIT);
+  EXPECT_EQ(ev->kind(), v1::INVALIDATION_KIND_EXIT);
+  EXPECT_EQ(ev->first_page(), 0u);
+  EXPECT_EQ(ev->npages(), 4u);
+  auto r = ReadBytes(*cb_, "dies", 0, kPage);
+  ASSERT_TRUE(absl::IsFailedPrecondition(r.status())) << r.status();
+  EXPECT_TRUE(absl::StrContains(r.status().message(), "gone")) << r.status();
+  // The cache was dropped too: nothing is served from it.
+  auto imports = cb_->ListImports();
+  ASSERT_TRUE(imports.ok());
+  EXPECT_EQ((*imports)[0].cached_pages(), 0u);
+  EXPECT_EQ((*imports)[0].state(), "gone");
+}
+
+TEST_F(TwoNodes, UnexportInvalidatesImporters) {
+  auto e = ExportAndImport("wd", 2, 'A');
+  ASSERT_NE(e, nullptr);
+  ASSERT_TRUE(ReadBytes(*cb_, "wd", 0, kPage).ok());
+  auto w = cb_->Watch("wd");
+  ASSERT_TRUE(w.ok()) << w.status();
+  ASSERT_TRUE(ca_->Unexport("wd").ok());
+  auto ev = (*w)->Next(absl::Seconds(5));
+  ASSERT_TRUE(ev.ok()) << ev.status();
+  EXPECT_EQ(ev->kind(), v1::INVALIDATION_KIND_UNEXPORT);
+  auto r = ReadBytes(*cb_, "wd", 0, kPage);
+  EXPECT_TRUE(absl::IsFailedPrecondition(r.status())) << r.status();
+  // Exported again under the same name: the import reattaches by name.
+  ASSERT_EQ(*e->Command("unexport"), "err NOT_FOUND: no export named 'wd'");
+  auto again = ca_->ExportPid("wd", e->pid(), e->addr(), e->len());
+  ASSERT_TRUE(again.ok()) << again.status();
+  auto r2 = ReadBytes(*cb_, "wd", 0, kPage);
+  ASSERT_TRUE(r2.ok()) << r2.status();
+  EXPECT_EQ(*r2, Page('A'));
+}
+
+TEST_F(TwoNodes, PeerDaemonKilledFailsFastAndRecovers) {
+  auto e = ExportAndImport("peer", 2, 'A');
+  ASSERT_NE(e, nullptr);
+  ASSERT_TRUE(ReadBytes(*cb_, "peer", 0, kPage).ok());
+  a_->Kill();
+  const absl::Time t0 = absl::Now();
+  auto r = ReadBytes(*cb_, "peer", 0, kPage, /*fresh=*/true);
+  const absl::Duration took = absl::Now() - t0;
+  EXPECT_TRUE(absl::IsUnavailable(r.status())) << r.status();
+  EXPECT_LT(took, absl::Seconds(2));
+  // Cached pages were dropped with the connection: no stale data either.
+  auto r_cached = ReadBytes(*cb_, "peer", 0, kPage);
+  EXPECT_TRUE(absl::IsUnavailable(r_cached.status())) << r_cached.status();
+  // The peer returns (same address); its exports are re-created.
+  ASSERT_TRUE(a_->Restart().ok());
+  ca_ = a_->Connect();
+  auto again = ca_->ExportPid("peer", e->pid(), e->addr(), e->len());
+  ASSERT_TRUE(again.ok()) << again.status();
+  absl::StatusOr<std::string> rec = absl::UnavailableError("not tried");
+  for (int i = 0; i < 50 && !rec.ok(); ++i) {
+    rec = ReadBytes(*cb_, "peer", 0, kPage);
+    if (!rec.ok()) usleep(100000);
+  }
+  ASSERT_TRUE(rec.ok()) << rec.status();
+  EXPECT_EQ(*rec, Page('A'));
+}
+
+TEST_F(TwoNodes, UnprivilegedProcessExportsItsOwnMemory) {
+  auto e = StartExporter("mine", 2, 'N', kNobody, kNogroup);
+  ASSERT_NE(e, nullptr);
+  ASSERT_TRUE(cb_->Import(a_->peer(), "mine").ok());
+  auto r = ReadBytes(*cb_, "mine", 0, 2 * kPage);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(*r, std::string(2 * kPage, 'N'));
+}
+
+TEST_F(TwoNodes, ExportingAnotherUsersProcessNeedsPrivilege) {
+  // A root-owned process (this test's exporter) exported by svmctl running as nobody.
+  auto e = StartExporter("victim", 2, 'V');
+  ASSERT_NE(e, nullptr);
+  auto r = RunCommand({SvmctlPath(), "--daemon", a_->control(), "export", "--pid", std::to_string(e->pid()),
+                "--addr", absl::StrCat("0x", absl::Hex(e->addr())), "--len", std::to_string(e->len()),
+                "--name", "stolen"},
+               absl::Seconds(10), kNobody, kNogroup);
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_TRUE(absl::StrContains(r.err, "PERMISSION_DENIED")) << r.err;
+  auto list = ca_->ListExports();
+  ASSERT_TRUE(list.ok());
+  EXPECT_EQ(list->size(), 1u);  // nothing else changed
+  // Root may.
+  auto ok = Ctl(*a_, {"export", "--pid", std::to_string(e->pid()), "--addr",
+                      absl::StrCat("0x", absl::Hex(e->addr())), "--len", std::to_string(e->len()),
+                      "--name", "byroot"});
+  EXPECT_EQ(ok.exit_code, 0) << ok.err;
+}
+
+TEST_F(TwoNodes, BadExportRequestsAreRejectedAndChangeNothing) {
+  auto e = StartExporter("good", 4, 'A');
+  ASSERT_NE(e, nullptr);
+  const pid_t pid = e->pid();
+  const uint64_t a = e->addr();
+  struct Case {
+    std::string what;
+    std::string name;
+    pid_t pid;
+    uint64_t addr, len;
+    absl::StatusCode want;
+  } cases[] = {
+      {"unaligned addr", "x1", pid, a + 1, kPage, absl::StatusCode::kInvalidArgument},
+      {"unaligned len", "x2", pid, a, kPage + 1, absl::StatusCode::kInvalidArgument},
+      {"zero len", "x3", pid, a, 0, absl::StatusCode::kInvalidArgument},
+      {"overflow", "x4", pid, ~uint64_t{0} - kPage + 1, 2 * kPage, absl::StatusCode::kInvalidArgument},
+      {"not mapped", "x5", pid, 0x10000, kPage, absl::StatusCode::kInvalidArgument},
+      {"range runs into a hole", "x6", pid, a, uint64_t{1} << 36, absl::StatusCode::kInvalidArgument},
+      {"no such pid", "x7", 0x3ffffff, a, kPage, absl::StatusCode::kNotFound},
+      {"duplicate name", "good", pid, a, kPage, absl::StatusCode::kAlreadyExists},
+      {"bad name", "a b/c", pid, a, kPage, absl::StatusCode::kInvalidArgument},
+      {"negative pid", "x8", -5, a, kPage, absl::StatusCode::kInvalidArgument},
+  };
+  for (const auto& c : cases) {
+    auto r = ca_->ExportPid(c.name, c.pid, c.addr, c.len);
+    EXPECT_EQ(r.status().code(), c.want) << c.what << ": " << r.status();
+  }
+  auto list = ca_->ListExports();
+  ASSERT_TRUE(list.ok());
+  ASSERT_EQ(list->size(), 1u);
+  EXPECT_EQ((*list)[0].name(), "good");
+  // And it still serves.
+  EXPECT_TRUE(ReadBytes(*ca_, "good", 0, kPage).ok());
+}
+
+TEST_F(TwoNodes, BadReadsImportsAndNamesGetClearStatuses) {
+  auto e = ExportAndImport("r", 2, 'A');
+  ASSERT_NE(e, nullptr);
+  EXPECT_TRUE(absl::IsOutOfRange(ReadBytes(*cb_, "r", 2 * kPage, 1).status()));
+  EXPECT_TRUE(absl::IsOutOfRange(ReadBytes(*cb_, "r", kPage, kPage + 1).status()));
+  EXPECT_TRUE(absl::IsOutOfRange(ReadBytes(*ca_, "r", 0, 3 * kPage).status()));
+  EXPECT_TRUE(absl::IsNotFound(ReadBytes(*cb_, "nope", 0, 1).status()));
+  EXPECT_TRUE(absl::IsNotFound(cb_->Watch("nope").status()));
+  EXPECT_TRUE(absl::IsNotFound(cb_->Sync("nope").status()));
+  EXPECT_TRUE(absl::IsNotFound(ca_->Unexport("nope")));
+  EXPECT_TRUE(absl::IsNotFound(cb_->Import(a_->peer(), "nope").status()));
+  EXPECT_TRUE(absl::IsAlreadyExists(cb_->Import(a_->peer(), "r").status()));
+  EXPECT_TRUE(absl::IsInvalidArgument(cb_->Import("not-an-address", "r", "r2").status()));
+  // A peer that does not answer: a closed port.
+  const absl::Time t0 = absl::Now();
+  auto dead = cb_->Import("127.0.0.1:1", "r", "r3");
+  EXPECT_TRUE(absl::IsUnavailable(dead.status())) << dead.status();
+  EXPECT_LT(absl::Now() - t0, absl::Seconds(3));
+  // Zero-length read.
+  std::string b;
+  EXPECT_TRUE(absl::IsInvalidArgument(cb_->Read("r", 0, absl::Span<uint8_t>()).status()));
+  // Nothing changed: the import still works.
+  EXPECT_TRUE(ReadBytes(*cb_, "r", 0, kPage).ok());
+  auto imports = cb_->ListImports();
+  ASSERT_TRUE(imports.ok());
+  EXPECT_EQ(imports->size(), 1u);
+}
+
+TEST_F(TwoNodes, GarbageOnThePeerAndDataPortsIsSurvived) {
+  auto e = ExportAndImport("g", 2, 'A');
+  ASSERT_NE(e, nullptr);
+  for (uint16_t port : {a_->peer_port(), a_->data_port()}) {
+    for (int i = 0; i < 5; ++i) {
+      auto fd = TcpConnect({"127.0.0.1", port}, absl::Seconds(2));
+      ASSERT_TRUE(fd.ok()) << fd.status();
+      std::string junk(4096 + i * 1000, '\0');
+      for (size_t k = 0; k < junk.size(); ++k) junk[k] = static_cast<char>((k * 131 + i * 7) & 0xff);
+      (void)::send(fd->get(), junk.data(), junk.size(), MSG_NOSIGNAL);
+    }
+    // A well-formed frame header announcing an absurd payload, too.
+    auto fd = TcpConnect({"127.0.0.1", port}, absl::Seconds(2));
+    ASSERT_TRUE(fd.ok());
+    uint32_t hdr[8] = {0x444d5653, 0x0201, 0xffffffff, 0, 0, 0, 0, 0};
+    (void)::send(fd->get(), hdr, sizeof(hdr), MSG_NOSIGNAL);
+  }
+  EXPECT_TRUE(a_->process().running());
+  auto r = ReadBytes(*cb_, "g", 0, 2 * kPage, /*fresh=*/true);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(*r, std::string(2 * kPage, 'A'));
+  EXPECT_TRUE(cb_->Import(a_->peer(), "g", "g2").ok());
+}
+
+TEST_F(TwoNodes, PeerTokenIsRequiredWhenConfigured) {
+  const std::string token_file = absl::StrCat(dir_.path(), "/token");
+  ASSERT_EQ(RunCommand({"/bin/sh", "-c", absl::StrCat("echo s3cret > ", token_file)}).exit_code, 0);
+  auto c = Daemon::Start({.node = "C", .dir = dir_.path(), .extra = {"--peer-token-file", token_file}});
+  ASSERT_TRUE(c.ok()) << c.status();
+  auto cc = (*c)->Connect();
+  auto e = Exporter::Start({.daemon = c->get(), .name = "secret", .pages = 1, .fill = 'S'});
+  ASSERT_TRUE(e.ok()) << e.status();
+  // B has no token.
+  auto denied = cb_->Import((*c)->peer(), "secret");
+  EXPECT_TRUE(absl::IsUnauthenticated(denied.status())) << denied.status();
+  auto d = Daemon::Start({.node = "D", .dir = dir_.path(), .extra = {"--peer-token-file", token_file}});
+  ASSERT_TRUE(d.ok()) << d.status();
+  auto cd = (*d)->Connect();
+  ASSERT_TRUE(cd->Import((*c)->peer(), "secret").ok());
+  EXPECT_EQ(*ReadBytes(*cd, "secret", 0, kPage), Page('S'));
+}
+
+TEST_F(TwoNodes, DaemonShutsDownCleanlyOnSigterm) {
+  auto e = ExportAndImport("t", 1, 'A');
+  ASSERT_NE(e, nullptr);
+  b_->process().Signal(SIGTERM);
+  auto st = b_->process().Wait(absl::Seconds(5));
+  ASSERT_TRUE(st.ok()) << st.status();
+  EXPECT_TRUE(WIFEXITED(*st) && WEXITSTATUS(*st) == 0) << *st;
+  EXPECT_NE(access(b_->control().substr(5).c_str(), F_OK), 0) << "socket left behind";
+  // The exporter side notices the importer left and keeps serving.
+  a_->process().Signal(SIGINT);
+  st = a_->process().Wait(absl::Seconds(5));
+  ASSERT_TRUE(st.ok()) << st.status();
+  EXPECT_TRUE(WIFEXITED(*st) && WEXITSTATUS(*st) == 0) << *st;
+}
+
+TEST_F(TwoNodes, SvmctlSpeaksTheCommandLineContract) {
+  auto e = StartExporter("cli", 2, 'Q');
+  ASSERT_NE(e, nullptr);
+  auto imp = Ctl(*b_, {"import", "--peer", a_->peer(), "--name", "cli"});
+  ASSERT_EQ(imp.exit_code, 0) << imp.err;
+  auto rd = Ctl(*b_, {"read", "--name", "cli", "--offset", "0x1000", "--len", "10"});
+  ASSERT_EQ(rd.exit_code, 0) << rd.err;
+  EXPECT_EQ(rd.out, std::string(10, 'Q'));  // raw bytes on stdout
+  auto bad = Ctl(*b_, {"read", "--name", "cli", "--offset", "0x2000", "--len", "1"});
+  EXPECT_NE(bad.exit_code, 0);
+  EXPECT_TRUE(absl::StartsWith(bad.err, "svmctl: OUT_OF_RANGE:")) << bad.err;
+  auto exports = Ctl(*a_, {"exports", "--json"});
+  ASSERT_EQ(exports.exit_code, 0);
+  EXPECT_TRUE(absl::StrContains(exports.out, "\"name\": \"cli\"")) << exports.out;
+  auto status = Ctl(*b_, {"status"});
+  EXPECT_TRUE(absl::StrContains(status.out, "source:      procfs")) << status.out;
+  auto imports = Ctl(*b_, {"imports"});
+  EXPECT_TRUE(absl::StrContains(imports.out, "connected")) << imports.out;
+  // watch prints NAME FIRST_PAGE NPAGES SEQ.
+  Subprocess::Options wo;
+  wo.argv = {SvmctlPath(), "--daemon", b_->control(), "watch", "--name", "cli", "--count", "1",
+             "--timeout", "10"};
+  wo.log_path = absl::StrCat(dir_.path(), "/watch.log");
+  auto watch = Subprocess::Start(wo);
+  ASSERT_TRUE(watch.ok());
+  // Registered once "watching" was printed to stderr.
+  for (int i = 0; i < 200; ++i) {
+    auto log = RunCommand({"/bin/cat", wo.log_path});
+    if (absl::StrContains(log.out, "watching cli")) break;
+    usleep(10000);
+  }
+  ASSERT_EQ(*e->Command("remap 1 1 82"), "ok");
+  auto line = (*watch)->ReadLine(absl::Seconds(10));
+  ASSERT_TRUE(line.ok()) << line.status();
+  std::vector<std::string> cols = absl::StrSplit(*line, ' ');
+  ASSERT_EQ(cols.size(), 4u) << *line;
+  EXPECT_EQ(cols[0], "cli");
+  EXPECT_EQ(cols[1], "1");
+  EXPECT_EQ(cols[2], "1");
+  auto done = (*watch)->Wait(absl::Seconds(5));
+  ASSERT_TRUE(done.ok());
+  EXPECT_EQ(WEXITSTATUS(*done), 0);
+  auto unknown = Ctl(*a_, {"frobnicate"});
+  EXPECT_EQ(unknown.exit_code, 2);
+}
+
+}  // namespace
+}  // namespace svm::testing
