@@ -322,6 +322,7 @@ uint64_t ExportTable::CompareServed(ExportEntry& e,
     range = e.range;
   }
   if (!range) return 0;
+  range->Refresh();
   std::vector<uint8_t> buf(kPageSize);
   std::vector<uint64_t> changed;
   const uint64_t started = source::MonotonicNs();

@@ -64,6 +64,10 @@ class MirrorRange {
   // (frame reuse after munmap + mmap): the daemon then compares the content
   // of pages held by importers periodically, not only at Sync.
   virtual bool NeedsScrub() const = 0;
+
+  // Reports pending mapping changes now rather than at the next poll, so a
+  // content comparison that follows sees them classified by their cause.
+  virtual void Refresh() {}
 };
 
 struct SourceOptions {

@@ -106,6 +106,7 @@ class ProcfsRange final : public MirrorRange {
 
   absl::Status Read(uint64_t offset, absl::Span<uint8_t> dst) override;
   bool NeedsScrub() const override { return true; }
+  void Refresh() override;
 
   // Takes the first snapshot, the baseline later polls compare against.
   absl::Status Baseline();
@@ -170,6 +171,11 @@ class ProcfsSource final : public MirrorSource {
     return range;
   }
 
+  void PollNow(ProcfsRange* r) {
+    absl::MutexLock l(&mu_);
+    r->Poll();
+  }
+
   void Remove(ProcfsRange* r) {
     absl::MutexLock l(&mu_);
     ranges_.erase(std::remove(ranges_.begin(), ranges_.end(), r), ranges_.end());
@@ -192,6 +198,8 @@ class ProcfsSource final : public MirrorSource {
 };
 
 ProcfsRange::~ProcfsRange() { src_->Remove(this); }
+
+void ProcfsRange::Refresh() { src_->PollNow(this); }
 
 absl::Status ProcfsRange::ReadPagemap(std::vector<uint64_t>* out) {
   out->resize(npages_);
