@@ -40,7 +40,7 @@ Daemon::~Daemon() {
   stop_.Notify();
   if (scrubber_.joinable()) scrubber_.join();
   executor_.reset();
-  transport_->Stop();
+  if (transport_) transport_->Stop();  // Create() may have failed before it existed
   imports_.reset();
   exports_.reset();
 }

@@ -74,6 +74,7 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(core::Daemon* daemon, Serv
   auto fd = UnixListen(o.control, opts.socket_mode);
   if (!fd.ok()) return fd.status();
   s->unix_fd_ = std::move(*fd);
+  s->owns_socket_ = true;
   if (!opts.socket_group.empty()) {
     if (group* g = ::getgrnam(opts.socket_group.c_str()); g != nullptr) {
       if (::chown(o.control.c_str(), static_cast<uid_t>(-1), g->gr_gid) != 0) {
@@ -111,14 +112,16 @@ void Server::AcceptLoop() {
 void Server::Shutdown() {
   if (shut_down_) return;
   shut_down_ = true;
-  ::shutdown(unix_fd_.get(), SHUT_RDWR);
+  // Start() may have failed part way: stop only what was started.
+  if (unix_fd_.valid()) ::shutdown(unix_fd_.get(), SHUT_RDWR);
   if (acceptor_.joinable()) acceptor_.join();
   const auto deadline = std::chrono::system_clock::now() + std::chrono::milliseconds(500);
-  control_server_->Shutdown(deadline);
-  peer_server_->Shutdown(deadline);
-  control_cq_->Shutdown();
+  if (control_server_) control_server_->Shutdown(deadline);
+  if (peer_server_) peer_server_->Shutdown(deadline);
+  if (control_cq_) control_cq_->Shutdown();
   if (poller_.joinable()) poller_.join();
-  ::unlink(daemon_->options().control.c_str());
+  // Never remove a socket another daemon is listening on.
+  if (owns_socket_) ::unlink(daemon_->options().control.c_str());
 }
 
 Server::~Server() { Shutdown(); }

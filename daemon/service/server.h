@@ -66,6 +66,7 @@ class Server {
   std::thread poller_;
   std::string peer_address_;
   bool shut_down_ = false;
+  bool owns_socket_ = false;
 };
 
 std::unique_ptr<grpc::Service> CreateControlService(core::Daemon* d, ClientRegistry* clients,

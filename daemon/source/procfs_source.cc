@@ -1,5 +1,7 @@
 #include "daemon/source/procfs_source.h"
 
+#include "daemon/source/shim_source.h"
+
 #include <fcntl.h>
 #include <poll.h>
 #include <sys/syscall.h>
@@ -386,18 +388,21 @@ absl::Status CheckMapped(pid_t pid, uint64_t addr, uint64_t len) {
 
 absl::StatusOr<std::unique_ptr<MirrorSource>> CreateMirrorSource(absl::string_view which,
                                                                  const SourceOptions& opts) {
-  const bool shim_present = ::access("/dev/svm_shim", F_OK) == 0;
+  const bool shim_present = ::access(kShimDevice, F_OK) == 0;
   if (which == "procfs") return CreateProcfsSource(opts);
-  if (which == "auto") {
-    if (shim_present) {
-      spdlog::warn("/dev/svm_shim exists but this svmd has no shim source yet; using procfs");
-    }
-    return CreateProcfsSource(opts);
-  }
   if (which == "shim") {
-    return absl::UnimplementedError(
-        shim_present ? "the shim mirror source is not built into this svmd yet; use --source procfs"
-                     : "--source shim: /dev/svm_shim does not exist (load svm_shim.ko)");
+    if (!shim_present) {
+      return absl::FailedPreconditionError(
+          "--source shim: /dev/svm_shim does not exist (load svm_shim.ko, see driver-shim/)");
+    }
+    return CreateShimSource(opts);
+  }
+  if (which == "auto") {
+    if (!shim_present) return CreateProcfsSource(opts);
+    auto shim = CreateShimSource(opts);
+    if (shim.ok()) return shim;
+    spdlog::warn("/dev/svm_shim is present but unusable ({}); using procfs", shim.status().message());
+    return CreateProcfsSource(opts);
   }
   return absl::InvalidArgumentError(absl::StrCat("unknown source '", which, "' (auto|shim|procfs)"));
 }

@@ -25,6 +25,11 @@ std::string SvmdPath() { return SVMD_PATH; }
 std::string SvmctlPath() { return SVMCTL_PATH; }
 std::string ExporterPath() { return EXPORTER_PATH; }
 
+std::string TestSource() {
+  const char* s = std::getenv("SVM_TEST_SOURCE");
+  return s != nullptr && *s != '\0' ? s : "procfs";
+}
+
 absl::StatusOr<std::unique_ptr<Subprocess>> Subprocess::Start(const Options& opts) {
   int in[2], out[2];
   if (pipe2(in, O_CLOEXEC) != 0 || pipe2(out, O_CLOEXEC) != 0) {
@@ -207,6 +212,8 @@ absl::Status Daemon::Restart() {
                                    "--node", opts_.node,
                                    "--socket-mode", "0666",
                                    "--log-level", "debug"};
+  argv.push_back("--source");
+  argv.push_back(TestSource());
   for (auto& e : opts_.extra) argv.push_back(e);
   Subprocess::Options so;
   so.argv = argv;

@@ -122,6 +122,9 @@ class Exporter {
 std::string SvmdPath();
 std::string SvmctlPath();
 std::string ExporterPath();
+// The mirror source the daemons under test use: $SVM_TEST_SOURCE (the VM
+// tier sets "shim"), procfs by default.
+std::string TestSource();
 
 // Reads len bytes at offset of name through client c.
 absl::StatusOr<std::string> ReadBytes(Client& c, const std::string& name, uint64_t offset,

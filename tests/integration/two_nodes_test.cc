@@ -419,7 +419,7 @@ TEST_F(TwoNodes, SvmctlSpeaksTheCommandLineContract) {
   ASSERT_EQ(exports.exit_code, 0);
   EXPECT_TRUE(absl::StrContains(exports.out, "\"name\": \"cli\"")) << exports.out;
   auto status = Ctl(*b_, {"status"});
-  EXPECT_TRUE(absl::StrContains(status.out, "source:      procfs")) << status.out;
+  EXPECT_TRUE(absl::StrContains(status.out, "source:      " + TestSource())) << status.out;
   auto imports = Ctl(*b_, {"imports"});
   EXPECT_TRUE(absl::StrContains(imports.out, "connected")) << imports.out;
   // watch prints NAME FIRST_PAGE NPAGES SEQ.
@@ -448,6 +448,39 @@ TEST_F(TwoNodes, SvmctlSpeaksTheCommandLineContract) {
   EXPECT_EQ(WEXITSTATUS(*done), 0);
   auto unknown = Ctl(*a_, {"frobnicate"});
   EXPECT_EQ(unknown.exit_code, 2);
+}
+
+TEST(Svmd, RefusesBadOptionsWithAClearMessage) {
+  TempDir dir;
+  const std::string sock = absl::StrCat("unix:", dir.path(), "/x.sock");
+  struct Case {
+    std::vector<std::string> args;
+    std::string says;
+  } cases[] = {
+      {{"--source", "bogus"}, "unknown source 'bogus'"},
+      {{"--transport", "carrier-pigeon"}, "unknown transport"},
+      {{"--peer-listen", "nohost"}, "--peer-listen"},
+      {{"--cache-mb", "lots"}, "--cache-mb"},
+      {{"--frobnicate"}, "unknown option --frobnicate"},
+      {{"--control", "/no/unix/prefix"}, "--control must be unix:PATH"},
+  };
+  if (access("/dev/svm_shim", F_OK) != 0) cases[0] = {{"--source", "shim"}, "/dev/svm_shim does not exist"};
+  for (const auto& c : cases) {
+    std::vector<std::string> argv = {SvmdPath(), "--control", sock, "--peer-listen", "127.0.0.1:0"};
+    argv.insert(argv.end(), c.args.begin(), c.args.end());
+    auto r = RunCommand(argv, absl::Seconds(10));
+    EXPECT_NE(r.exit_code, 0) << c.args[0];
+    EXPECT_TRUE(absl::StrContains(r.err, c.says)) << c.args[0] << ": " << r.err;
+  }
+  // Two daemons cannot share a control socket.
+  auto first = Daemon::Start({.node = "one", .dir = dir.path()});
+  ASSERT_TRUE(first.ok()) << first.status();
+  auto r = RunCommand({SvmdPath(), "--control", (*first)->control(), "--peer-listen", "127.0.0.1:0",
+                       "--source", TestSource()},
+                      absl::Seconds(10));
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_TRUE(absl::StrContains(r.err, "another daemon is listening")) << r.err;
+  EXPECT_TRUE((*first)->Connect()->Status().ok());
 }
 
 }  // namespace

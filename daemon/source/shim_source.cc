@@ -1,0 +1,244 @@
+#include "daemon/source/shim_source.h"
+
+#include <fcntl.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <sys/ioctl.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <map>
+#include <thread>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/synchronization/mutex.h"
+#include "common/fd.h"
+#include "common/log.h"
+#include "daemon/source/procfs_source.h"
+#include "driver-shim/include/uapi/linux/svm_shim.h"
+
+namespace svm::source {
+namespace {
+
+ChangeKind KindOf(uint64_t shim_kind) {
+  switch (shim_kind) {
+    case SVM_SHIM_EV_UNMAP: return ChangeKind::kUnmap;
+    case SVM_SHIM_EV_CLEAR: return ChangeKind::kUnmap;
+    case SVM_SHIM_EV_PROTECTION: return ChangeKind::kProtection;
+    case SVM_SHIM_EV_MIGRATE: return ChangeKind::kRemap;
+    case SVM_SHIM_EV_RELEASE: return ChangeKind::kExit;
+    case SVM_SHIM_EV_OVERFLOW: return ChangeKind::kOverflow;
+    default: return ChangeKind::kOther;  // COW write-protection, others
+  }
+}
+
+class ShimSource;
+
+class ShimRange final : public MirrorRange {
+ public:
+  ShimRange(ShimSource* src, pid_t pid, uint64_t addr, uint64_t len, UniqueFd fd, ChangeSink sink)
+      : src_(src), pid_(pid), addr_(addr), len_(len), fd_(std::move(fd)), sink_(std::move(sink)) {}
+  ~ShimRange() override;
+
+  absl::Status Read(uint64_t offset, absl::Span<uint8_t> dst) override;
+  bool NeedsScrub() const override { return false; }
+
+  int fd() const { return fd_.get(); }
+  // Called by the event thread (under the source's lock) when fd is ready.
+  void Drain();
+
+ private:
+  ShimSource* const src_;
+  const pid_t pid_;
+  const uint64_t addr_, len_;
+  UniqueFd fd_;
+  ChangeSink sink_;
+  bool released_ = false;  // event-thread state
+};
+
+class ShimSource final : public MirrorSource {
+ public:
+  ShimSource(UniqueFd dev, UniqueFd epoll, UniqueFd wake)
+      : dev_(std::move(dev)), epoll_(std::move(epoll)), wake_(std::move(wake)) {
+    thread_ = std::thread([this] { Loop(); });
+  }
+  ~ShimSource() override {
+    uint64_t one = 1;
+    (void)::write(wake_.get(), &one, sizeof(one));
+    thread_.join();
+  }
+  const char* name() const override { return "shim"; }
+
+  absl::StatusOr<std::unique_ptr<MirrorRange>> Attach(pid_t pid, uint64_t addr, uint64_t len,
+                                                      ChangeSink sink) override {
+    // The shim mirrors ranges that are not mapped yet; an export promises
+    // memory that exists.
+    if (auto st = CheckMapped(pid, addr, len); !st.ok()) return st;
+    UniqueFd pidfd(static_cast<int>(::syscall(SYS_pidfd_open, pid, 0)));
+    if (!pidfd.valid()) {
+      if (errno == ESRCH) return absl::NotFoundError(absl::StrCat("process ", pid, " does not exist"));
+      return ErrnoStatus(errno, absl::StrCat("pidfd_open ", pid));
+    }
+    svm_shim_attach a{};
+    a.flags = SVM_SHIM_ATTACH_PIDFD;
+    a.target = static_cast<uint64_t>(pidfd.get());
+    a.start = addr;
+    a.length = len;
+    a.queue_len = 4096;
+    int rfd = ::ioctl(dev_.get(), SVM_SHIM_IOC_ATTACH, &a);
+    if (rfd < 0) {
+      if (errno == EPERM || errno == EACCES) {
+        return absl::PermissionDeniedError(
+            absl::StrCat("the shim refused to attach to process ", pid, " (ptrace access denied)"));
+      }
+      if (errno == ESRCH) return absl::NotFoundError(absl::StrCat("process ", pid, " exited"));
+      return ErrnoStatus(errno, absl::StrCat("SVM_SHIM_IOC_ATTACH pid ", pid));
+    }
+    ::fcntl(rfd, F_SETFL, ::fcntl(rfd, F_GETFL) | O_NONBLOCK);
+    auto range = std::make_unique<ShimRange>(this, pid, addr, len, UniqueFd(rfd), std::move(sink));
+    absl::MutexLock l(&mu_);
+    epoll_event ev{};
+    ev.events = EPOLLIN;
+    ev.data.fd = rfd;
+    if (::epoll_ctl(epoll_.get(), EPOLL_CTL_ADD, rfd, &ev) != 0) {
+      return ErrnoStatus(errno, "epoll_ctl");
+    }
+    ranges_[rfd] = range.get();
+    return range;
+  }
+
+  // Stops watching a released range fd (called with mu_ held, from Drain).
+  void Forget(int fd) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+    ::epoll_ctl(epoll_.get(), EPOLL_CTL_DEL, fd, nullptr);
+    ranges_.erase(fd);
+  }
+
+  void Remove(ShimRange* r) {
+    absl::MutexLock l(&mu_);
+    ::epoll_ctl(epoll_.get(), EPOLL_CTL_DEL, r->fd(), nullptr);
+    ranges_.erase(r->fd());
+  }
+
+ private:
+  void Loop() {
+    epoll_event evs[32];
+    {
+      epoll_event ev{};
+      ev.events = EPOLLIN;
+      ev.data.fd = wake_.get();
+      ::epoll_ctl(epoll_.get(), EPOLL_CTL_ADD, wake_.get(), &ev);
+    }
+    for (;;) {
+      int n = ::epoll_wait(epoll_.get(), evs, 32, -1);
+      if (n < 0) {
+        if (errno == EINTR) continue;
+        spdlog::error("shim event loop: {}", std::strerror(errno));
+        return;
+      }
+      absl::MutexLock l(&mu_);
+      for (int i = 0; i < n; ++i) {
+        if (evs[i].data.fd == wake_.get()) return;
+        auto it = ranges_.find(evs[i].data.fd);
+        if (it != ranges_.end()) it->second->Drain();
+      }
+    }
+  }
+
+  UniqueFd dev_, epoll_, wake_;
+  std::thread thread_;
+  absl::Mutex mu_;  // guards ranges_; held while events are dispatched
+  std::map<int, ShimRange*> ranges_ ABSL_GUARDED_BY(mu_);
+};
+
+ShimRange::~ShimRange() { src_->Remove(this); }
+
+void ShimRange::Drain() {
+  svm_shim_event evs[64];
+  for (;;) {
+    ssize_t n = ::read(fd_.get(), evs, sizeof(evs));
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      if (errno != EAGAIN) spdlog::warn("shim events of pid {}: {}", pid_, std::strerror(errno));
+      return;
+    }
+    if (n == 0) {  // released and drained: no more events will come
+      if (!released_) {
+        released_ = true;
+        sink_(Change{0, len_ / kPageSize, ChangeKind::kExit, MonotonicNs()});
+      }
+      src_->Forget(fd_.get());
+      return;
+    }
+    const uint64_t now = MonotonicNs();
+    for (size_t i = 0; i < static_cast<size_t>(n) / sizeof(svm_shim_event); ++i) {
+      const auto& e = evs[i];
+      const ChangeKind kind = KindOf(e.kind);
+      if (kind == ChangeKind::kExit) released_ = true;
+      const uint64_t first = (std::max<uint64_t>(e.start, addr_) - addr_) / kPageSize;
+      const uint64_t last = (std::min<uint64_t>(e.end, addr_ + len_) - addr_ + kPageSize - 1) / kPageSize;
+      if (kind == ChangeKind::kOverflow || kind == ChangeKind::kExit) {
+        sink_(Change{0, len_ / kPageSize, kind, now});
+      } else if (last > first) {
+        sink_(Change{first, last - first, kind, now});
+      }
+    }
+    if (static_cast<size_t>(n) < sizeof(evs)) return;
+  }
+}
+
+absl::Status ShimRange::Read(uint64_t offset, absl::Span<uint8_t> dst) {
+  size_t done = 0;
+  int busy = 0;
+  while (done < dst.size()) {
+    svm_shim_read r{};
+    r.addr = addr_ + offset + done;
+    r.length = std::min<uint64_t>(dst.size() - done, SVM_SHIM_MAX_READ_BYTES);
+    r.buf = reinterpret_cast<uint64_t>(dst.data() + done);
+    if (::ioctl(fd_.get(), SVM_SHIM_IOC_READ, &r) != 0) {
+      if (errno == EINTR) continue;
+      if (errno == EBUSY && ++busy < 5) continue;  // invalidated for a whole second: try again
+      if (errno == ESRCH) return absl::NotFoundError(absl::StrCat("process ", pid_, " exited"));
+      if (errno == EFAULT) {
+        return absl::FailedPreconditionError(absl::StrFormat(
+            "a page at offset %u of the range is not mapped (or not readable) in process %d",
+            offset + done, pid_));
+      }
+      return ErrnoStatus(errno, "SVM_SHIM_IOC_READ");
+    }
+    done += r.length;
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<MirrorSource>> CreateShimSource(const SourceOptions&) {
+  UniqueFd dev(::open(kShimDevice, O_RDWR | O_CLOEXEC));
+  if (!dev.valid()) {
+    return ErrnoStatus(errno, absl::StrCat("open ", kShimDevice, " (is svm_shim.ko loaded?)"));
+  }
+  svm_shim_query q{};
+  if (::ioctl(dev.get(), SVM_SHIM_IOC_QUERY, &q) != 0) return ErrnoStatus(errno, "SVM_SHIM_IOC_QUERY");
+  if (q.version != SVM_SHIM_VERSION) {
+    return absl::FailedPreconditionError(absl::StrFormat(
+        "svm_shim speaks version %u, this svmd version %u", q.version, SVM_SHIM_VERSION));
+  }
+  const uint64_t need = SVM_SHIM_FEAT_ATTACH_PIDFD | SVM_SHIM_FEAT_READ | SVM_SHIM_FEAT_EVENTS;
+  if ((q.features & need) != need) {
+    return absl::FailedPreconditionError(absl::StrFormat("svm_shim lacks features 0x%x", need & ~q.features));
+  }
+  if (q.page_size != kPageSize) {
+    return absl::FailedPreconditionError(absl::StrFormat("kernel page size %u is not supported", q.page_size));
+  }
+  UniqueFd ep(::epoll_create1(EPOLL_CLOEXEC));
+  UniqueFd wake(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
+  if (!ep.valid() || !wake.valid()) return ErrnoStatus(errno, "epoll/eventfd");
+  return std::unique_ptr<MirrorSource>(new ShimSource(std::move(dev), std::move(ep), std::move(wake)));
+}
+
+}  // namespace svm::source

@@ -1,0 +1,23 @@
+// The shim mirror source: /dev/svm_shim (driver-shim/). Reads go through
+// the shim's consistent read (hmm_range_fault inside the notifier
+// read_begin/read_retry loop); every mapping change arrives as a notifier
+// event on the range fd, so nothing is polled and no content scrub is
+// needed. This file is the only place that calls the shim's ioctls.
+#ifndef SVM_DAEMON_SOURCE_SHIM_SOURCE_H_
+#define SVM_DAEMON_SOURCE_SHIM_SOURCE_H_
+
+#include <memory>
+
+#include "absl/status/statusor.h"
+#include "daemon/source/mirror_source.h"
+
+namespace svm::source {
+
+inline constexpr char kShimDevice[] = "/dev/svm_shim";
+
+// Fails (with what to do) when the device is missing or speaks another version.
+absl::StatusOr<std::unique_ptr<MirrorSource>> CreateShimSource(const SourceOptions& opts);
+
+}  // namespace svm::source
+
+#endif  // SVM_DAEMON_SOURCE_SHIM_SOURCE_H_
