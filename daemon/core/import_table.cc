@@ -84,6 +84,11 @@ ImportTable::~ImportTable() {
   channels.clear();  // the last references: joins the readers
 }
 
+void ImportTable::PrepareCall(grpc::ClientContext* ctx, absl::Duration timeout) const {
+  ctx->set_deadline(std::chrono::system_clock::now() + absl::ToChronoMilliseconds(timeout));
+  if (!opts_.peer_token.empty()) ctx->AddMetadata("svm-peer-token", opts_.peer_token);
+}
+
 std::shared_ptr<ImportTable::Link> ImportTable::GetLink(const std::string& peer) {
   absl::MutexLock l(&mu_);
   auto& link = links_[peer];
@@ -112,14 +117,9 @@ absl::StatusOr<std::shared_ptr<transport::PeerChannel>> ImportTable::Connect(Lin
   // The old channel's reader has finished or is finishing; its callbacks
   // take no lock that is held here, so joining it is safe.
   link.data.reset();
-  auto call = [&](grpc::ClientContext* ctx) {
-    ctx->set_deadline(std::chrono::system_clock::now() +
-                      absl::ToChronoMilliseconds(opts_.rpc_timeout));
-    if (!opts_.peer_token.empty()) ctx->AddMetadata("svm-peer-token", opts_.peer_token);
-  };
   {
     grpc::ClientContext ctx;
-    call(&ctx);
+    PrepareCall(&ctx, opts_.rpc_timeout);
     v1::HelloRequest req;
     req.set_node(opts_.node);
     req.set_protocol_version(kProtocolVersion);
@@ -135,7 +135,7 @@ absl::StatusOr<std::shared_ptr<transport::PeerChannel>> ImportTable::Connect(Lin
     }
   }
   grpc::ClientContext ctx;
-  call(&ctx);
+  PrepareCall(&ctx, opts_.rpc_timeout);
   v1::SetupDataRequest req;
   req.set_node(opts_.node);
   req.set_transport(std::string(transport_->name()));
@@ -164,15 +164,10 @@ absl::Status ImportTable::Attach(ImportEntry& imp) {
     absl::MutexLock l(&imp.link->mu);
     token = imp.link->token;
   }
-  auto call = [&](grpc::ClientContext* ctx) {
-    ctx->set_deadline(std::chrono::system_clock::now() +
-                      absl::ToChronoMilliseconds(opts_.rpc_timeout));
-    if (!opts_.peer_token.empty()) ctx->AddMetadata("svm-peer-token", opts_.peer_token);
-  };
   v1::ExportDescriptor desc;
   {
     grpc::ClientContext ctx;
-    call(&ctx);
+    PrepareCall(&ctx, opts_.rpc_timeout);
     v1::DescribeExportRequest req;
     req.set_name(imp.remote_name);
     auto st = FromGrpc(imp.link->stub->DescribeExport(&ctx, req, &desc),
@@ -187,7 +182,7 @@ absl::Status ImportTable::Attach(ImportEntry& imp) {
   v1::SubscribeResponse sub;
   {
     grpc::ClientContext ctx;
-    call(&ctx);
+    PrepareCall(&ctx, opts_.rpc_timeout);
     v1::SubscribeRequest req;
     req.set_session_token(token);
     req.set_export_id(desc.export_id());
@@ -370,8 +365,8 @@ absl::StatusOr<v1::SyncResponse> ImportTable::Sync(const std::string& name) {
   auto imp = Find(name);
   if (!imp) return absl::NotFoundError(absl::StrCat("no export or import named '", name, "'"));
   grpc::ClientContext ctx;
-  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
-  if (!opts_.peer_token.empty()) ctx.AddMetadata("svm-peer-token", opts_.peer_token);
+  // The exporter waits up to its sync timeout for acknowledgements.
+  PrepareCall(&ctx, absl::Seconds(10));
   v1::PeerSyncRequest req;
   req.set_name(imp->remote_name);
   v1::PeerSyncResponse presp;

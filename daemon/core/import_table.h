@@ -58,6 +58,8 @@ class ImportTable final : public transport::ImportBackend {
  private:
   struct Link;
   struct ImportEntry;
+  // Deadline and authentication of every peer call.
+  void PrepareCall(grpc::ClientContext* ctx, absl::Duration timeout) const;
   std::shared_ptr<Link> GetLink(const std::string& peer);
   // Makes sure the link has a live data channel; returns it (and its generation).
   absl::StatusOr<std::shared_ptr<transport::PeerChannel>> Connect(Link& link, uint64_t* generation);

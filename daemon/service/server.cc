@@ -58,18 +58,8 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(core::Daemon* daemon, Serv
   s->control_service_ = CreateControlService(daemon, &s->clients_, &s->peer_address_);
   grpc::ServerBuilder cb;
   cb.RegisterService(s->control_service_.get());
-  // Connections handed over with AddInsecureChannelFromFd are polled only
-  // through the server's completion-queue pollsets; a callback-only server
-  // has none, so give it one and keep a thread in it.
-  s->control_cq_ = cb.AddCompletionQueue();
   s->control_server_ = cb.BuildAndStart();
   if (!s->control_server_) return absl::InternalError("cannot start the control server");
-  s->poller_ = std::thread([cq = s->control_cq_.get()] {
-    void* tag = nullptr;
-    bool ok = false;
-    while (cq->Next(&tag, &ok)) {
-    }
-  });
 
   auto fd = UnixListen(o.control, opts.socket_mode);
   if (!fd.ok()) return fd.status();
@@ -118,8 +108,6 @@ void Server::Shutdown() {
   const auto deadline = std::chrono::system_clock::now() + std::chrono::milliseconds(500);
   if (control_server_) control_server_->Shutdown(deadline);
   if (peer_server_) peer_server_->Shutdown(deadline);
-  if (control_cq_) control_cq_->Shutdown();
-  if (poller_.joinable()) poller_.join();
   // Never remove a socket another daemon is listening on.
   if (owns_socket_) ::unlink(daemon_->options().control.c_str());
 }

@@ -58,12 +58,10 @@ class Server {
   ClientRegistry clients_;
   std::unique_ptr<grpc::Service> control_service_;
   std::unique_ptr<grpc::Service> peer_service_;
-  std::unique_ptr<grpc::ServerCompletionQueue> control_cq_;
   std::unique_ptr<grpc::Server> control_server_;
   std::unique_ptr<grpc::Server> peer_server_;
   UniqueFd unix_fd_;
   std::thread acceptor_;
-  std::thread poller_;
   std::string peer_address_;
   bool shut_down_ = false;
   bool owns_socket_ = false;

@@ -84,9 +84,12 @@ class ShimSource final : public MirrorSource {
       if (errno == ESRCH) return absl::NotFoundError(absl::StrCat("process ", pid, " does not exist"));
       return ErrnoStatus(errno, absl::StrCat("pidfd_open ", pid));
     }
+    // The shim attaches by pid (the kernel does not export pidfd lookup to
+    // modules); the pidfd taken before proves afterwards that the pid still
+    // names the same process.
     svm_shim_attach a{};
-    a.flags = SVM_SHIM_ATTACH_PIDFD;
-    a.target = static_cast<uint64_t>(pidfd.get());
+    a.flags = SVM_SHIM_ATTACH_PID;
+    a.target = static_cast<uint64_t>(pid);
     a.start = addr;
     a.length = len;
     a.queue_len = 4096;
@@ -100,6 +103,10 @@ class ShimSource final : public MirrorSource {
       return ErrnoStatus(errno, absl::StrCat("SVM_SHIM_IOC_ATTACH pid ", pid));
     }
     ::fcntl(rfd, F_SETFL, ::fcntl(rfd, F_GETFL) | O_NONBLOCK);
+    if (::syscall(SYS_pidfd_send_signal, pidfd.get(), 0, nullptr, 0) != 0) {
+      ::close(rfd);
+      return absl::NotFoundError(absl::StrCat("process ", pid, " exited while attaching"));
+    }
     auto range = std::make_unique<ShimRange>(this, pid, addr, len, UniqueFd(rfd), std::move(sink));
     absl::MutexLock l(&mu_);
     epoll_event ev{};
@@ -228,7 +235,7 @@ absl::StatusOr<std::unique_ptr<MirrorSource>> CreateShimSource(const SourceOptio
     return absl::FailedPreconditionError(absl::StrFormat(
         "svm_shim speaks version %u, this svmd version %u", q.version, SVM_SHIM_VERSION));
   }
-  const uint64_t need = SVM_SHIM_FEAT_ATTACH_PIDFD | SVM_SHIM_FEAT_READ | SVM_SHIM_FEAT_EVENTS;
+  const uint64_t need = SVM_SHIM_FEAT_ATTACH_PID | SVM_SHIM_FEAT_READ | SVM_SHIM_FEAT_EVENTS;
   if ((q.features & need) != need) {
     return absl::FailedPreconditionError(absl::StrFormat("svm_shim lacks features 0x%x", need & ~q.features));
   }

@@ -1,0 +1,57 @@
+#!/bin/bash
+# Runs inside the guest, chrooted into the host root (see run-vm.sh).
+run=$1
+# shellcheck disable=SC1091
+source "$run/vars"
+export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+export SVM_VM_KERNEL SVM_VM_KVER SVM_VM_MODROOT SVM_VM_MODULE
+export SVM_VM_SCRATCH=/run/svm-scratch
+mkdir -p "$SVM_VM_SCRATCH"
+mp() { modprobe -d "$SVM_VM_MODROOT" "$@"; }
+
+finish() {
+	dmesg >"$run/dmesg" 2>&1
+	echo "$1" >"$run/rc"
+	sync
+	exit 0
+}
+
+if [[ -n $SVM_VM_MODULE ]]; then
+	if ! insmod "$SVM_VM_MODULE"; then
+		echo "guest: insmod $SVM_VM_MODULE failed"
+		finish 125
+	fi
+	udevadm settle >/dev/null 2>&1 || true
+	[[ -c /dev/svm_shim ]] || { echo "guest: no /dev/svm_shim"; finish 125; }
+fi
+
+# Soft-RoCE: rxe0 on one end of a veth pair. Reported, never fatal here.
+rxe() {
+	mp crc32_generic 2>/dev/null # 6.1 under TCG needs the generic crc32
+	mp ib_uverbs || return 1
+	mp rdma_rxe || return 1
+	mp veth || return 1
+	ip link add v0 type veth peer name v1 || return 1
+	ip addr add 10.77.0.1/24 dev v0 && ip addr add 10.77.0.2/24 dev v1
+	ip link set v0 up && ip link set v1 up && ip link set lo up
+	rdma link add rxe0 type rxe netdev v0 || return 1
+	ibv_devices 2>/dev/null | grep -q rxe0 || return 1
+}
+if rxe >"$run/rxe.log" 2>&1; then
+	SVM_VM_RXE="rxe0 up on v0 (10.77.0.1)"
+else
+	SVM_VM_RXE="unavailable: $(tail -1 "$run/rxe.log")"
+fi
+export SVM_VM_RXE
+echo "guest: kernel $SVM_VM_KVER ($SVM_VM_KERNEL), rxe: $SVM_VM_RXE"
+
+cd "$SVM_VM_CWD" || finish 125
+"${SVM_VM_CMD[@]}"
+rc=$?
+if [[ -n $SVM_VM_MODULE ]] && grep -q '^svm_shim ' /proc/modules; then
+	if ! rmmod svm_shim; then
+		echo "guest: rmmod svm_shim failed after the command"
+		((rc != 0)) || rc=1
+	fi
+fi
+finish $rc

@@ -1,0 +1,135 @@
+#!/usr/bin/env bash
+# Boot a Debian kernel under QEMU (TCG) with the host root shared read-write
+# over virtio-9p and chrooted into, load svm_shim (and bring up Soft-RoCE
+# rxe0 when possible), run one command as root in the guest chroot with the
+# current directory preserved, stream its output, and propagate its exit
+# status. The guest dmesg is saved and scanned: a BUG/WARNING/Oops/KASAN/
+# general protection line fails the run.
+#
+#   run-vm.sh --kernel stable|unstable --cache DIR [options] -- COMMAND...
+#     --log DIR        where to keep dmesg and the console log (default:
+#                      CACHE/runs/KERNEL-TIMESTAMP)
+#     --no-module      do not load svm_shim (the caller loads it)
+#     --timeout SEC    kill the guest after SEC seconds (default 1200)
+#     --mem MB         guest memory, split over two NUMA nodes (default 2048)
+#
+# Inside the guest: SVM_VM_KERNEL, SVM_VM_KVER, SVM_VM_MODROOT (for
+# `modprobe -d`), SVM_VM_MODULE (path of svm_shim.ko), SVM_VM_SCRATCH (a
+# guest-local tmpfs directory), SVM_VM_RXE (rxe0 status) are set.
+# Exit status: the command's; 124 on guest timeout; 125 on a harness error;
+# 126 when the guest dmesg shows a kernel problem (and the command passed).
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")" && pwd)
+kernel=
+cache=
+logdir=
+load_module=1
+tmo=1200
+mem=2048
+while (($#)); do
+	case "$1" in
+	--kernel) kernel=$2; shift 2 ;;
+	--cache) cache=$2; shift 2 ;;
+	--log) logdir=$2; shift 2 ;;
+	--no-module) load_module=0; shift ;;
+	--timeout) tmo=$2; shift 2 ;;
+	--mem) mem=$2; shift 2 ;;
+	--) shift; break ;;
+	*) echo "run-vm: unknown argument $1" >&2; exit 125 ;;
+	esac
+done
+(($#)) || { echo "run-vm: no command given" >&2; exit 125; }
+[[ -n $kernel && -n $cache ]] || { echo "run-vm: --kernel and --cache are required" >&2; exit 125; }
+log() { echo "run-vm[$kernel]: $*" >&2; }
+harness_fail() { log "FATAL: $*"; exit 125; }
+
+mkdir -p "$cache"
+cache=$(cd "$cache" && pwd)
+env_file=$("$here/prepare-kernel.sh" --kernel "$kernel" --cache "$cache" | tail -1) ||
+	harness_fail "kernel preparation failed"
+# shellcheck disable=SC1090
+source "$env_file"
+out=$cache/out/$KVER
+if ((load_module)); then
+	"$here/build-module.sh" "$env_file" "$out" || harness_fail "module build failed"
+fi
+
+# --- initramfs: busybox + the modules needed to mount the 9p root ---------
+initrd=$out/initrd.cpio.gz
+initsum=$(cat "$here/guest-init.sh" "$env_file" | sha256sum | cut -c1-16)
+if [[ ! -f $initrd || $(cat "$out/initrd.sum" 2>/dev/null) != "$initsum" ]]; then
+	log "building initramfs for $KVER"
+	ird=$out/initrd
+	rm -rf "$ird"
+	mkdir -p "$ird"/{bin,mods,proc,sys,dev,mnt/host}
+	cp /bin/busybox "$ird/bin/busybox"
+	cp "$here/guest-init.sh" "$ird/init"
+	chmod +x "$ird/init"
+	: >"$ird/mods/order"
+	# Dependency order straight from the kernel's own modules.dep.
+	while read -r kind path _; do
+		[[ $kind == insmod ]] || continue
+		name=$(basename "$path")
+		case $name in
+		*.ko.xz) xz -dc "$path" >"$ird/mods/${name%.xz}"; name=${name%.xz} ;;
+		*.ko.zst) zstd -qdc "$path" >"$ird/mods/${name%.zst}"; name=${name%.zst} ;;
+		*) cp "$path" "$ird/mods/$name" ;;
+		esac
+		grep -qx "$name" "$ird/mods/order" || echo "$name" >>"$ird/mods/order"
+	done < <(for m in virtio_pci 9pnet_virtio 9p; do
+		modprobe -d "$ROOT" -S "$KVER" --show-depends "$m" 2>/dev/null || true
+	done)
+	grep -q '^9p.ko$' "$ird/mods/order" || harness_fail "no 9p module for $KVER"
+	(cd "$ird" && find . | cpio -o -H newc --quiet | gzip -1) >"$initrd"
+	echo "$initsum" >"$out/initrd.sum"
+fi
+
+# --- the run directory, shared with the guest through the 9p root ----------
+if [[ -z $logdir ]]; then
+	logdir=$cache/runs/$kernel-$(date +%Y%m%d-%H%M%S)-$$
+fi
+mkdir -p "$logdir"
+logdir=$(cd "$logdir" && pwd)
+rm -f "$logdir/rc" "$logdir/dmesg" "$logdir/module-rc"
+modroot=$ROOT
+{
+	printf 'SVM_VM_KERNEL=%q\n' "$kernel"
+	printf 'SVM_VM_KVER=%q\n' "$KVER"
+	printf 'SVM_VM_MODROOT=%q\n' "$modroot"
+	printf 'SVM_VM_MODULE=%q\n' "$( ((load_module)) && echo "$out/svm_shim.ko")"
+	printf 'SVM_VM_CWD=%q\n' "$PWD"
+	printf 'SVM_VM_CMD=('
+	printf '%q ' "$@"
+	printf ')\n'
+} >"$logdir/vars"
+cp "$here/guest-run.sh" "$logdir/guest-run.sh"
+
+half=$((mem / 2))
+log "booting $KVER (TCG, 2 vCPUs, ${mem} MiB over 2 NUMA nodes); log in $logdir"
+qrc=0
+timeout --foreground -k 10 "$tmo" qemu-system-x86_64 \
+	-accel tcg -cpu max -smp 2,sockets=2,cores=1,threads=1 -m "$mem" \
+	-object memory-backend-ram,id=m0,size="${half}M" \
+	-object memory-backend-ram,id=m1,size="$((mem - half))M" \
+	-numa node,nodeid=0,cpus=0,memdev=m0 \
+	-numa node,nodeid=1,cpus=1,memdev=m1 \
+	-kernel "$VMLINUZ" -initrd "$initrd" \
+	-append "console=ttyS0 loglevel=4 panic=-1 svm.run=$logdir" \
+	-virtfs local,path=/,mount_tag=hostroot,security_model=none,multidevs=remap \
+	-display none -monitor none -serial stdio -nic none -no-reboot \
+	</dev/null 2>&1 | tee "$logdir/console.log" || qrc=${PIPESTATUS[0]}
+if ((qrc == 124)); then
+	log "FAIL: guest timed out after ${tmo}s"
+	exit 124
+fi
+[[ -f $logdir/rc ]] || harness_fail "guest did not report an exit status (qemu rc $qrc); see $logdir/console.log"
+rc=$(cat "$logdir/rc")
+[[ -f $logdir/dmesg ]] || harness_fail "guest dmesg missing"
+if grep -nE 'BUG|WARNING|Oops|KASAN|general protection' "$logdir/dmesg" >"$logdir/dmesg.hits"; then
+	log "FAIL: kernel problems in guest dmesg ($logdir/dmesg):"
+	cat "$logdir/dmesg.hits" >&2
+	((rc != 0)) || rc=126
+fi
+log "guest command exit status $rc"
+exit "$rc"
