@@ -31,6 +31,7 @@ constexpr char kUsage[] = R"(usage: svmd [options]
   --scrub-interval-ms N        content scrub of remotely held pages (default 50)
   --sync-timeout-ms N          how long Sync waits for importers (default 5000)
   --fetch-timeout-ms N         how long a read waits for the exporter (default 1500)
+  --peer-timeout-ms N          deadline of each call to a peer daemon (default 2000)
   --socket-mode OCTAL          control socket mode (default 0660)
   --socket-group NAME          control socket group (default svm, if it exists)
   --log-level LEVEL            trace|debug|info|warn|error (default info)
@@ -78,7 +79,8 @@ absl::StatusOr<svm::core::DaemonOptions> ParseOptions(const svm::Args& a) {
   auto sync = num("sync-timeout-ms", 5000);
   auto fetch = num("fetch-timeout-ms", 1500);
   auto fault = num("fault-fetch-delay-ms", 0);
-  for (auto* s : {&cache, &poll, &scrub, &sync, &fetch, &fault}) {
+  auto peer_timeout = num("peer-timeout-ms", 2000);
+  for (auto* s : {&cache, &poll, &scrub, &sync, &fetch, &fault, &peer_timeout}) {
     if (!s->ok()) return s->status();
   }
   if (*poll == 0 || *scrub == 0) return absl::InvalidArgumentError("intervals must be > 0");
@@ -88,6 +90,7 @@ absl::StatusOr<svm::core::DaemonOptions> ParseOptions(const svm::Args& a) {
   o.limits.sync_timeout = absl::Milliseconds(*sync);
   o.import.fetch_timeout = absl::Milliseconds(*fetch);
   o.limits.fault_fetch_delay = absl::Milliseconds(*fault);
+  o.import.rpc_timeout = absl::Milliseconds(*peer_timeout);
   return o;
 }
 
@@ -98,7 +101,7 @@ int main(int argc, char** argv) {
       argc, argv,
       {"control", "peer-listen", "data-listen", "node", "source", "transport", "peer-token-file",
        "cache-mb", "poll-interval-ms", "scrub-interval-ms", "sync-timeout-ms", "fetch-timeout-ms",
-       "socket-mode", "socket-group", "log-level", "fault-fetch-delay-ms"},
+       "socket-mode", "socket-group", "log-level", "fault-fetch-delay-ms", "peer-timeout-ms"},
       {"help", "version"});
   if (!args.ok()) {
     std::fprintf(stderr, "svmd: %s\n%s", std::string(args.status().message()).c_str(), kUsage);

@@ -25,6 +25,16 @@ std::string SvmdPath() { return SVMD_PATH; }
 std::string SvmctlPath() { return SVMCTL_PATH; }
 std::string ExporterPath() { return EXPORTER_PATH; }
 
+static std::string TmpBase() {
+  const char* t = std::getenv("TMPDIR");
+  return t != nullptr && *t != '\0' ? t : "/tmp";
+}
+
+absl::Duration Scaled(absl::Duration d) {
+  const char* s = std::getenv("SVM_TEST_SLOW");
+  return s != nullptr && *s != '\0' && *s != '0' ? d * 5 : d;
+}
+
 std::string TestSource() {
   const char* s = std::getenv("SVM_TEST_SOURCE");
   return s != nullptr && *s != '\0' ? s : "procfs";
@@ -125,9 +135,9 @@ absl::StatusOr<int> Subprocess::Wait(absl::Duration timeout) {
 
 RunResult RunCommand(const std::vector<std::string>& argv, absl::Duration timeout, uid_t uid, gid_t gid) {
   RunResult r;
-  char out_tmpl[] = "/tmp/svm-run-outXXXXXX";
-  char err_tmpl[] = "/tmp/svm-run-errXXXXXX";
-  int out = mkstemp(out_tmpl), err = mkstemp(err_tmpl);
+  std::string out_tmpl = TmpBase() + "/svm-run-outXXXXXX";
+  std::string err_tmpl = TmpBase() + "/svm-run-errXXXXXX";
+  int out = mkstemp(out_tmpl.data()), err = mkstemp(err_tmpl.data());
   pid_t pid = fork();
   if (pid == 0) {
     dup2(out, 1);
@@ -168,14 +178,14 @@ RunResult RunCommand(const std::vector<std::string>& argv, absl::Duration timeou
   };
   r.out = slurp(out);
   r.err += slurp(err);
-  unlink(out_tmpl);
-  unlink(err_tmpl);
+  unlink(out_tmpl.c_str());
+  unlink(err_tmpl.c_str());
   return r;
 }
 
 TempDir::TempDir() {
-  char tmpl[] = "/tmp/svm-itest-XXXXXX";
-  path_ = mkdtemp(tmpl);
+  std::string tmpl = TmpBase() + "/svm-itest-XXXXXX";
+  path_ = mkdtemp(tmpl.data());
   chmod(path_.c_str(), 0755);  // tests run clients as other users
 }
 
@@ -214,6 +224,10 @@ absl::Status Daemon::Restart() {
                                    "--log-level", "debug"};
   argv.push_back("--source");
   argv.push_back(TestSource());
+  argv.push_back("--peer-timeout-ms");
+  argv.push_back(std::to_string(absl::ToInt64Milliseconds(Scaled(absl::Seconds(2)))));
+  argv.push_back("--fetch-timeout-ms");
+  argv.push_back(std::to_string(absl::ToInt64Milliseconds(Scaled(absl::Milliseconds(1500)))));
   for (auto& e : opts_.extra) argv.push_back(e);
   Subprocess::Options so;
   so.argv = argv;
@@ -222,7 +236,7 @@ absl::Status Daemon::Restart() {
   if (!p.ok()) return p.status();
   proc_ = std::move(*p);
   // Ready when the control socket answers Status.
-  const absl::Time deadline = absl::Now() + absl::Seconds(10);
+  const absl::Time deadline = absl::Now() + Scaled(absl::Seconds(10));
   while (absl::Now() < deadline) {
     if (!proc_->running()) return absl::InternalError("svmd exited during startup (see its log)");
     if (access(control_.substr(5).c_str(), F_OK) != 0) {
@@ -283,7 +297,7 @@ absl::StatusOr<std::unique_ptr<Exporter>> Exporter::Start(const Options& opts) {
   if (!p.ok()) return p.status();
   auto e = std::unique_ptr<Exporter>(new Exporter());
   e->proc_ = std::move(*p);
-  auto line = e->proc_->ReadLine(absl::Seconds(10));
+  auto line = e->proc_->ReadLine(Scaled(absl::Seconds(10)));
   if (!line.ok()) return absl::InternalError(absl::StrCat("exporter did not start: ", line.status().message()));
   // ready pid=P addr=0xA len=L
   for (absl::string_view kv : absl::StrSplit(*line, ' ')) {
@@ -296,7 +310,7 @@ absl::StatusOr<std::unique_ptr<Exporter>> Exporter::Start(const Options& opts) {
 
 absl::StatusOr<std::string> Exporter::Command(const std::string& cmd, absl::Duration timeout) {
   if (auto st = proc_->WriteLine(cmd); !st.ok()) return st;
-  return proc_->ReadLine(timeout);
+  return proc_->ReadLine(Scaled(timeout));
 }
 
 absl::StatusOr<std::string> ReadBytes(Client& c, const std::string& name, uint64_t offset,
@@ -310,7 +324,7 @@ absl::StatusOr<std::string> ReadBytes(Client& c, const std::string& name, uint64
 }
 
 absl::StatusOr<v1::Invalidation> WaitForPage(WatchStream& w, uint64_t page, absl::Duration timeout) {
-  const absl::Time deadline = absl::Now() + timeout;
+  const absl::Time deadline = absl::Now() + Scaled(timeout);
   for (;;) {
     auto ev = w.Next(deadline - absl::Now());
     if (!ev.ok()) return ev.status();

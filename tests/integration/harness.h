@@ -122,6 +122,10 @@ class Exporter {
 std::string SvmdPath();
 std::string SvmctlPath();
 std::string ExporterPath();
+// Waits stretched for slow machines: x5 when $SVM_TEST_SLOW is set (the VM
+// tier under TCG emulation), otherwise unchanged.
+absl::Duration Scaled(absl::Duration d);
+
 // The mirror source the daemons under test use: $SVM_TEST_SOURCE (the VM
 // tier sets "shim"), procfs by default.
 std::string TestSource();

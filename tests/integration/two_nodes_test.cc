@@ -191,7 +191,7 @@ TEST_F(TwoNodes, ExporterKilledInvalidatesWholeRangeAndReadsSayGone) {
   // scrub can no longer read) before the exit itself.
   absl::StatusOr<v1::Invalidation> ev;
   do {
-    ev = (*w)->Next(absl::Seconds(5));
+    ev = (*w)->Next(Scaled(absl::Seconds(5)));
     ASSERT_TRUE(ev.ok()) << ev.status();
   } while (ev->kind() != v1::INVALIDATION_KIND_EXIT);
   EXPECT_EQ(ev->kind(), v1::INVALIDATION_KIND_EXIT);
@@ -214,7 +214,7 @@ TEST_F(TwoNodes, UnexportInvalidatesImporters) {
   auto w = cb_->Watch("wd");
   ASSERT_TRUE(w.ok()) << w.status();
   ASSERT_TRUE(ca_->Unexport("wd").ok());
-  auto ev = (*w)->Next(absl::Seconds(5));
+  auto ev = (*w)->Next(Scaled(absl::Seconds(5)));
   ASSERT_TRUE(ev.ok()) << ev.status();
   EXPECT_EQ(ev->kind(), v1::INVALIDATION_KIND_UNEXPORT);
   auto r = ReadBytes(*cb_, "wd", 0, kPage);
@@ -255,6 +255,58 @@ TEST_F(TwoNodes, PeerDaemonKilledFailsFastAndRecovers) {
   EXPECT_EQ(*rec, Page('A'));
 }
 
+TEST_F(TwoNodes, HungPeerDaemonFailsReadsWithinTwoSecondsAndRecovers) {
+  auto e = ExportAndImport("hung", 2, 'A');
+  ASSERT_NE(e, nullptr);
+  ASSERT_TRUE(ReadBytes(*cb_, "hung", 0, kPage).ok());
+  a_->process().Signal(SIGSTOP);
+  const absl::Time t0 = absl::Now();
+  auto r = ReadBytes(*cb_, "hung", 0, kPage, /*fresh=*/true);
+  const absl::Duration took = absl::Now() - t0;
+  EXPECT_TRUE(absl::IsUnavailable(r.status())) << r.status();
+  EXPECT_LT(took, Scaled(absl::Seconds(2)));
+  // The connection was given up: nothing cached from it is served either.
+  auto imports = cb_->ListImports();
+  ASSERT_TRUE(imports.ok());
+  EXPECT_EQ((*imports)[0].cached_pages(), 0u);
+  a_->process().Signal(SIGCONT);
+  absl::StatusOr<std::string> rec = absl::UnavailableError("not tried");
+  for (int i = 0; i < 50 && !rec.ok(); ++i) {
+    rec = ReadBytes(*cb_, "hung", 0, kPage);
+    if (!rec.ok()) usleep(100000);
+  }
+  ASSERT_TRUE(rec.ok()) << rec.status();
+  EXPECT_EQ(*rec, Page('A'));
+}
+
+TEST_F(TwoNodes, SyncDisconnectsAnImporterThatDoesNotAcknowledge) {
+  auto e = ExportAndImport("stuck", 2, 'A');
+  ASSERT_NE(e, nullptr);
+  ASSERT_EQ(*ReadBytes(*cb_, "stuck", 0, 2 * kPage), std::string(2 * kPage, 'A'));
+  b_->process().Signal(SIGSTOP);
+  ASSERT_EQ(*e->Command("fill 0 1 69"), "ok");
+  const absl::Time t0 = absl::Now();
+  auto s = ca_->Sync("stuck");  // default --sync-timeout-ms 5000
+  const absl::Duration took = absl::Now() - t0;
+  ASSERT_TRUE(s.ok()) << s.status();
+  EXPECT_EQ(s->subscribers_acked(), 0u);
+  EXPECT_LT(took, absl::Seconds(8));
+  b_->process().Signal(SIGCONT);
+  // Disconnected, node B must not serve the page it cached before the store.
+  absl::StatusOr<std::string> r = absl::UnavailableError("not tried");
+  for (int i = 0; i < 50; ++i) {
+    r = ReadBytes(*cb_, "stuck", 0, kPage);
+    if (r.ok()) break;
+    usleep(100000);
+  }
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(*r, Page('E'));
+  // It was disconnected and came back on a new data connection.
+  auto st = cb_->Status();
+  ASSERT_TRUE(st.ok());
+  EXPECT_EQ(st->counters().at("data_connections_opened"), 2u);
+}
+
 TEST_F(TwoNodes, UnprivilegedProcessExportsItsOwnMemory) {
   auto e = StartExporter("mine", 2, 'N', kNobody, kNogroup);
   ASSERT_NE(e, nullptr);
@@ -271,7 +323,7 @@ TEST_F(TwoNodes, ExportingAnotherUsersProcessNeedsPrivilege) {
   auto r = RunCommand({SvmctlPath(), "--daemon", a_->control(), "export", "--pid", std::to_string(e->pid()),
                 "--addr", absl::StrCat("0x", absl::Hex(e->addr())), "--len", std::to_string(e->len()),
                 "--name", "stolen"},
-               absl::Seconds(10), kNobody, kNogroup);
+               Scaled(absl::Seconds(10)), kNobody, kNogroup);
   EXPECT_NE(r.exit_code, 0);
   EXPECT_TRUE(absl::StrContains(r.err, "PERMISSION_DENIED")) << r.err;
   auto list = ca_->ListExports();
@@ -393,13 +445,13 @@ TEST_F(TwoNodes, DaemonShutsDownCleanlyOnSigterm) {
   auto e = ExportAndImport("t", 1, 'A');
   ASSERT_NE(e, nullptr);
   b_->process().Signal(SIGTERM);
-  auto st = b_->process().Wait(absl::Seconds(5));
+  auto st = b_->process().Wait(Scaled(absl::Seconds(5)));
   ASSERT_TRUE(st.ok()) << st.status();
   EXPECT_TRUE(WIFEXITED(*st) && WEXITSTATUS(*st) == 0) << *st;
   EXPECT_NE(access(b_->control().substr(5).c_str(), F_OK), 0) << "socket left behind";
   // The exporter side notices the importer left and keeps serving.
   a_->process().Signal(SIGINT);
-  st = a_->process().Wait(absl::Seconds(5));
+  st = a_->process().Wait(Scaled(absl::Seconds(5)));
   ASSERT_TRUE(st.ok()) << st.status();
   EXPECT_TRUE(WIFEXITED(*st) && WEXITSTATUS(*st) == 0) << *st;
 }
@@ -436,14 +488,14 @@ TEST_F(TwoNodes, SvmctlSpeaksTheCommandLineContract) {
     usleep(10000);
   }
   ASSERT_EQ(*e->Command("remap 1 1 82"), "ok");
-  auto line = (*watch)->ReadLine(absl::Seconds(10));
+  auto line = (*watch)->ReadLine(Scaled(absl::Seconds(10)));
   ASSERT_TRUE(line.ok()) << line.status();
   std::vector<std::string> cols = absl::StrSplit(*line, ' ');
   ASSERT_EQ(cols.size(), 4u) << *line;
   EXPECT_EQ(cols[0], "cli");
   EXPECT_EQ(cols[1], "1");
   EXPECT_EQ(cols[2], "1");
-  auto done = (*watch)->Wait(absl::Seconds(5));
+  auto done = (*watch)->Wait(Scaled(absl::Seconds(5)));
   ASSERT_TRUE(done.ok());
   EXPECT_EQ(WEXITSTATUS(*done), 0);
   auto unknown = Ctl(*a_, {"frobnicate"});
@@ -468,7 +520,7 @@ TEST(Svmd, RefusesBadOptionsWithAClearMessage) {
   for (const auto& c : cases) {
     std::vector<std::string> argv = {SvmdPath(), "--control", sock, "--peer-listen", "127.0.0.1:0"};
     argv.insert(argv.end(), c.args.begin(), c.args.end());
-    auto r = RunCommand(argv, absl::Seconds(10));
+    auto r = RunCommand(argv, Scaled(absl::Seconds(10)));
     EXPECT_NE(r.exit_code, 0) << c.args[0];
     EXPECT_TRUE(absl::StrContains(r.err, c.says)) << c.args[0] << ": " << r.err;
   }
@@ -477,7 +529,7 @@ TEST(Svmd, RefusesBadOptionsWithAClearMessage) {
   ASSERT_TRUE(first.ok()) << first.status();
   auto r = RunCommand({SvmdPath(), "--control", (*first)->control(), "--peer-listen", "127.0.0.1:0",
                        "--source", TestSource()},
-                      absl::Seconds(10));
+                      Scaled(absl::Seconds(10)));
   EXPECT_NE(r.exit_code, 0);
   EXPECT_TRUE(absl::StrContains(r.err, "another daemon is listening")) << r.err;
   EXPECT_TRUE((*first)->Connect()->Status().ok());

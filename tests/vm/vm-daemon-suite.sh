@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# One CTest entry of the VM tier: boot one kernel with svm_shim loaded and
+# run the daemon's integration suite in it with the shim mirror source
+# (SVM_TEST_SOURCE=shim: the daemons run with --source shim, and the suite
+# checks `svmctl status` names it, so a silent fallback to procfs fails).
+#
+#   vm-daemon-suite.sh --kernel stable|unstable --cache DIR --build DIR -- TEST_BINARY...
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+kernel=
+cache=
+build=
+while (($#)); do
+	case "$1" in
+	--kernel) kernel=$2; shift 2 ;;
+	--cache) cache=$2; shift 2 ;;
+	--build) build=$2; shift 2 ;;
+	--) shift; break ;;
+	*) echo "vm-daemon-suite: unknown argument $1" >&2; exit 2 ;;
+	esac
+done
+[[ -n $kernel && -n $cache && -n $build && $# -gt 0 ]] ||
+	{ echo "vm-daemon-suite: --kernel, --cache, --build and test binaries are required" >&2; exit 2; }
+"$here/install-vm-deps.sh"
+mkdir -p "$build"
+build=$(cd "$build" && pwd)
+logs=$build/vm-logs/daemon-$kernel
+rm -rf "$logs"
+start=$(date +%s)
+rc=0
+# Unix sockets live on the guest's tmpfs, not on the 9p-shared host /tmp;
+# SVM_TEST_SLOW stretches the suite's waits (and the daemons' peer and
+# fetch deadlines) for TCG emulation.
+"$here/run-vm.sh" --kernel "$kernel" --cache "$cache" --log "$logs" --timeout 900 -- \
+	bash -c 'export SVM_TEST_SOURCE=shim SVM_TEST_SLOW=1 TMPDIR=$SVM_VM_SCRATCH; rc=0
+		for t in "$@"; do echo "== $t (source shim, kernel $SVM_VM_KVER)"; "$t" --gtest_brief=1 || rc=1; done
+		exit $rc' vm-daemon "$@" || rc=$?
+echo "vm_daemon_$kernel: exit $rc after $(($(date +%s) - start)) s (logs: $logs)"
+exit "$rc"
