@@ -158,7 +158,9 @@ TEST_P(Coherence, MutatorVersusReadersNeverReturnsAnInvalidatedVersion) {
   ASSERT_GT(destroyed.size(), 100u) << "the mutator barely ran";
 
   absl::MutexLock l(&mu);
-  ASSERT_GT(reads.size(), 100u) << "the readers barely ran";
+  // Under TCG emulation (SVM_TEST_SLOW) everything runs ~10x slower.
+  const size_t min_reads = Scaled(absl::Seconds(1)) > absl::Seconds(1) ? 40 : 100;
+  ASSERT_GT(reads.size(), min_reads) << "the readers barely ran";
   ASSERT_GT(events.size(), 20u) << "no invalidations arrived";
   EXPECT_GT(cached_pages.load(), 0u) << "the cache path was never exercised";
   EXPECT_EQ(torn.load(), 0u) << "a page mixed two versions";
