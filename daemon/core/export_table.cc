@@ -108,10 +108,11 @@ absl::StatusOr<v1::ExportInfo> ExportTable::Export(const std::string& name, pid_
     uint32_t count = 0;
     uint64_t bytes = 0;
     for (auto& [n, e] : by_name_) {
-      if (e->owner == owner) {
-        ++count;
-        bytes += e->len;
-      }
+      if (e->owner != owner) continue;
+      absl::MutexLock el(&e->mu);
+      if (e->gone) continue;  // its process exited: it holds nothing any more
+      ++count;
+      bytes += e->len;
     }
     if (count >= limits_.max_exports_per_uid) {
       return absl::ResourceExhaustedError(

@@ -429,6 +429,16 @@ TEST_F(ExportTableTest, PerUidExportCountLimit) {
   EXPECT_TRUE(Export("d", 3, 1, 1000).ok()) << "an unexport frees a slot";
 }
 
+TEST_F(ExportTableTest, AnExportWhoseProcessExitedFreesItsSlot) {
+  ExportLimits l = Limits();
+  l.max_exports_per_uid = 1;
+  MakeTable(l);
+  ASSERT_TRUE(Export("a", 0, 1, 1000).ok());
+  EXPECT_EQ(Export("b", 1, 1, 1000).status().code(), absl::StatusCode::kResourceExhausted);
+  ASSERT_TRUE(source_.Fire(0, Ch(0, 1, ChangeKind::kExit)));
+  EXPECT_TRUE(Export("b", 1, 1, 1000).ok()) << "a gone export holds no slot";
+}
+
 TEST_F(ExportTableTest, PerUidByteLimit) {
   ExportLimits l = Limits();
   l.max_bytes_per_uid = 8 * kPageSize;
