@@ -4,6 +4,7 @@
 #include <grp.h>
 #include <poll.h>
 #include <signal.h>
+#include <sys/prctl.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -57,6 +58,7 @@ absl::StatusOr<std::unique_ptr<Subprocess>> Subprocess::Start(const Options& opt
                    O_WRONLY | O_CREAT | O_APPEND, 0644);
     dup2(log, 2);
     setpgid(0, 0);
+    prctl(PR_SET_PDEATHSIG, SIGKILL);  // never outlive a crashed test
     if (opts.gid != static_cast<gid_t>(-1)) {
       if (setgroups(0, nullptr) != 0 || setgid(opts.gid) != 0) _exit(126);
     }
