@@ -98,9 +98,11 @@ std::shared_ptr<ImportTable::Link> ImportTable::GetLink(const std::string& peer)
     auto hp = ParseHostPort(peer);
     link->host = hp.ok() ? hp->host : peer;
     grpc::ChannelArguments args;
-    // A restarted peer must be reachable again within a second or so.
+    // A restarted peer must be reachable again within a second or so. (Not
+    // GRPC_ARG_MIN_RECONNECT_BACKOFF_MS: gRPC also uses it as the minimum
+    // connect timeout, and a small one fails every slow handshake; each call
+    // is bounded by its own deadline anyway.)
     args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, 100);
-    args.SetInt(GRPC_ARG_MIN_RECONNECT_BACKOFF_MS, 100);
     args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 1000);
     link->channel = grpc::CreateCustomChannel(peer, grpc::InsecureChannelCredentials(), args);
     link->stub = v1::Peer::NewStub(link->channel);
