@@ -2,6 +2,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/log.h"
+#include "daemon/transport/rdma/rdma_transport.h"
 
 namespace svm::core {
 
@@ -15,12 +16,19 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Create(DaemonOptions opts) {
   if (!src.ok()) return src.status();
   d->source_ = std::move(*src);
   if (o.transport == "rdma") {
-    return absl::UnimplementedError("--transport rdma: this svmd has no RDMA transport yet; use tcp");
-  }
-  if (o.transport != "auto" && o.transport != "tcp") {
+    auto t = transport::CreateRdmaTransport("");
+    if (!t.ok()) {
+      return absl::Status(t.status().code(),
+                          absl::StrCat("--transport rdma: ", t.status().message()));
+    }
+    d->transport_ = std::move(*t);
+  } else if (o.transport == "auto" || o.transport == "tcp") {
+    // auto does not probe RDMA yet (no per-peer fallback): it means tcp.
+    if (o.transport == "auto") spdlog::info("transport auto: using tcp (rdma only with --transport rdma)");
+    d->transport_ = transport::CreateTcpTransport();
+  } else {
     return absl::InvalidArgumentError(absl::StrCat("unknown transport '", o.transport, "' (auto|rdma|tcp)"));
   }
-  d->transport_ = transport::CreateTcpTransport();
   d->exports_ = std::make_unique<ExportTable>(d->source_.get(), &d->hub_, &d->counters_, o.limits,
                                               std::string(d->transport_->name()));
   if (auto st = d->transport_->Start(o.data_listen, d->exports_.get()); !st.ok()) {

@@ -136,17 +136,20 @@ absl::StatusOr<std::shared_ptr<transport::PeerChannel>> ImportTable::Connect(Lin
           kProtocolVersion));
     }
   }
+  auto begin = transport_->BeginConnect();
+  if (!begin.ok()) return begin.status();
   grpc::ClientContext ctx;
   PrepareCall(&ctx, opts_.rpc_timeout);
   v1::SetupDataRequest req;
   req.set_node(opts_.node);
   req.set_transport(std::string(transport_->name()));
+  req.set_importer_endpoint(*begin);
   v1::SetupDataResponse setup;
   if (auto st = FromGrpc(link.stub->SetupData(&ctx, req, &setup), absl::StrCat("peer ", link.peer));
       !st.ok()) {
     return st;
   }
-  auto ch = transport_->Connect(link.host, setup, this);
+  auto ch = transport_->Connect(link.host, setup, this, *begin);
   if (!ch.ok()) return ch.status();
   link.data = std::move(*ch);
   link.token = setup.session_token();

@@ -45,7 +45,7 @@ class PeerService final : public v1::Peer::CallbackService {
             "transport '", req->transport(), "' is not offered; this node offers '",
             d_->transport().name(), "'"));
       }
-      auto r = d_->transport().PrepareSession(req->node());
+      auto r = d_->transport().PrepareSession(req->node(), req->importer_endpoint());
       if (!r.ok()) return r.status();
       *resp = *r;
       return absl::OkStatus();

@@ -230,7 +230,8 @@ class TcpTransport final : public Transport {
 
   std::string listen_address() const override { return listen_addr_; }
 
-  absl::StatusOr<v1::SetupDataResponse> PrepareSession(const std::string& node) override {
+  absl::StatusOr<v1::SetupDataResponse> PrepareSession(const std::string& node,
+                                                       const std::string& /*importer*/) override {
     std::string token(16, '\0');
     {
       std::random_device rd;
@@ -276,7 +277,8 @@ class TcpTransport final : public Transport {
 
   absl::StatusOr<std::unique_ptr<PeerChannel>> Connect(const std::string& peer_host,
                                                        const v1::SetupDataResponse& setup,
-                                                       ImportBackend* backend) override {
+                                                       ImportBackend* backend,
+                                                       const std::string& /*begin*/) override {
     if (!setup.has_tcp()) return absl::FailedPreconditionError("peer offered no tcp endpoint");
     HostPort hp{peer_host, static_cast<uint16_t>(setup.tcp().port())};
     auto fd = TcpConnect(hp, absl::Seconds(2));

@@ -90,14 +90,23 @@ class Transport {
   // Starts accepting data connections for exports served by backend.
   virtual absl::Status Start(const HostPort& listen, ExportBackend* backend) = 0;
   virtual std::string listen_address() const = 0;
+  // Importer: the first step of a connection, before SetupData. Returns
+  // opaque bytes for SetupDataRequest.importer_endpoint (rdma: the endpoint
+  // of a queue pair created for this connection; tcp: empty). Each call must
+  // be followed by Connect() with the same bytes; abandoned ones expire.
+  virtual absl::StatusOr<std::string> BeginConnect() { return std::string(); }
   // Exporter: SetupData. Returns the endpoint and a one-time token.
-  virtual absl::StatusOr<v1::SetupDataResponse> PrepareSession(const std::string& node) = 0;
+  // importer: the importer's BeginConnect() bytes.
+  virtual absl::StatusOr<v1::SetupDataResponse> PrepareSession(const std::string& node,
+                                                               const std::string& importer = "") = 0;
   // Exporter: the connected importer that presented token, if any.
   virtual std::shared_ptr<Subscriber> FindSubscriber(const std::string& token) = 0;
-  // Importer: opens the data connection described by setup.
+  // Importer: opens the data connection described by setup; begin is what
+  // BeginConnect() returned for it.
   virtual absl::StatusOr<std::unique_ptr<PeerChannel>> Connect(const std::string& peer_host,
                                                                const v1::SetupDataResponse& setup,
-                                                               ImportBackend* backend) = 0;
+                                                               ImportBackend* backend,
+                                                               const std::string& begin = "") = 0;
   // Closes every connection and joins their threads.
   virtual void Stop() = 0;
 };

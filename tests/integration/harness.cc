@@ -41,6 +41,11 @@ std::string TestSource() {
   return s != nullptr && *s != '\0' ? s : "procfs";
 }
 
+std::string TestTransport() {
+  const char* s = std::getenv("SVM_TEST_TRANSPORT");
+  return s != nullptr ? s : "";
+}
+
 absl::StatusOr<std::unique_ptr<Subprocess>> Subprocess::Start(const Options& opts) {
   int in[2], out[2];
   if (pipe2(in, O_CLOEXEC) != 0 || pipe2(out, O_CLOEXEC) != 0) {
@@ -226,6 +231,10 @@ absl::Status Daemon::Restart() {
                                    "--log-level", "debug"};
   argv.push_back("--source");
   argv.push_back(TestSource());
+  if (!TestTransport().empty()) {
+    argv.push_back("--transport");
+    argv.push_back(TestTransport());
+  }
   argv.push_back("--peer-timeout-ms");
   argv.push_back(std::to_string(absl::ToInt64Milliseconds(Scaled(absl::Seconds(2)))));
   argv.push_back("--fetch-timeout-ms");
@@ -249,6 +258,13 @@ absl::Status Daemon::Restart() {
     if (c.ok()) {
       auto s = (*c)->Status();
       if (s.ok()) {
+        // A daemon that silently runs another transport than the suite asked
+        // for must not pass it.
+        if (!TestTransport().empty() && s->transport() != TestTransport()) {
+          return absl::FailedPreconditionError(absl::StrCat(
+              "svmd runs transport '", s->transport(), "', $SVM_TEST_TRANSPORT wants '",
+              TestTransport(), "'"));
+        }
         peer_ = s->peer_listen();
         data_ = s->data_listen();
         // Keep the ports across restarts, as a restarted node would.

@@ -130,6 +130,11 @@ absl::Duration Scaled(absl::Duration d);
 // tier sets "shim"), procfs by default.
 std::string TestSource();
 
+// The data transport the daemons under test are started with:
+// $SVM_TEST_TRANSPORT (the VM tier sets "rdma"); empty: svmd's default.
+// Daemon::Start fails when `svmctl status` reports another one.
+std::string TestTransport();
+
 // Reads len bytes at offset of name through client c.
 absl::StatusOr<std::string> ReadBytes(Client& c, const std::string& name, uint64_t offset,
                                       uint64_t len, bool fresh = false);

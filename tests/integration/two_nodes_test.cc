@@ -472,6 +472,9 @@ TEST_F(TwoNodes, SvmctlSpeaksTheCommandLineContract) {
   EXPECT_TRUE(absl::StrContains(exports.out, "\"name\": \"cli\"")) << exports.out;
   auto status = Ctl(*b_, {"status"});
   EXPECT_TRUE(absl::StrContains(status.out, "source:      " + TestSource())) << status.out;
+  if (!TestTransport().empty()) {
+    EXPECT_TRUE(absl::StrContains(status.out, "(" + TestTransport() + ")")) << status.out;
+  }
   auto imports = Ctl(*b_, {"imports"});
   EXPECT_TRUE(absl::StrContains(imports.out, "connected")) << imports.out;
   // watch prints NAME FIRST_PAGE NPAGES SEQ.

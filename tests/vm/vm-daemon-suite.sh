@@ -4,17 +4,23 @@
 # (SVM_TEST_SOURCE=shim: the daemons run with --source shim, and the suite
 # checks `svmctl status` names it, so a silent fallback to procfs fails).
 #
-#   vm-daemon-suite.sh --kernel stable|unstable --cache DIR --build DIR -- TEST_BINARY...
+# With --transport rdma the daemons run the rdma data path on the guest's
+# rxe0 (SVM_TEST_TRANSPORT=rdma: the suite checks `svmctl status` names it,
+# so a silent fallback to tcp fails too).
+#
+#   vm-daemon-suite.sh --kernel stable|unstable --cache DIR --build DIR [--transport tcp|rdma] -- TEST_BINARY...
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 kernel=
 cache=
 build=
+transport=
 while (($#)); do
 	case "$1" in
 	--kernel) kernel=$2; shift 2 ;;
 	--cache) cache=$2; shift 2 ;;
 	--build) build=$2; shift 2 ;;
+	--transport) transport=$2; shift 2 ;;
 	--) shift; break ;;
 	*) echo "vm-daemon-suite: unknown argument $1" >&2; exit 2 ;;
 	esac
@@ -24,7 +30,8 @@ done
 "$here/install-vm-deps.sh"
 mkdir -p "$build"
 build=$(cd "$build" && pwd)
-logs=$build/vm-logs/daemon-$kernel
+name=vm_daemon_${transport:+${transport}_}$kernel
+logs=$build/vm-logs/daemon-${transport:+$transport-}$kernel
 rm -rf "$logs"
 start=$(date +%s)
 rc=0
@@ -32,8 +39,12 @@ rc=0
 # SVM_TEST_SLOW stretches the suite's waits (and the daemons' peer and
 # fetch deadlines) for TCG emulation.
 "$here/run-vm.sh" --kernel "$kernel" --cache "$cache" --log "$logs" --timeout 900 -- \
-	bash -c 'export SVM_TEST_SOURCE=shim SVM_TEST_SLOW=1 TMPDIR=$SVM_VM_SCRATCH; rc=0
-		for t in "$@"; do echo "== $t (source shim, kernel $SVM_VM_KVER)"; "$t" --gtest_brief=1 || rc=1; done
+	env SVM_TEST_TRANSPORT="$transport" bash -c 'export SVM_TEST_SOURCE=shim SVM_TEST_SLOW=1 TMPDIR=$SVM_VM_SCRATCH; rc=0
+		if [[ -n $SVM_TEST_TRANSPORT ]]; then export SVM_EXPECT_RDMA=1; else unset SVM_TEST_TRANSPORT; fi
+		for t in "$@"; do
+			echo "== $t (source shim, transport ${SVM_TEST_TRANSPORT:-default}, kernel $SVM_VM_KVER, rxe: $SVM_VM_RXE)"
+			"$t" --gtest_brief=1 || rc=1
+		done
 		exit $rc' vm-daemon "$@" || rc=$?
-echo "vm_daemon_$kernel: exit $rc after $(($(date +%s) - start)) s (logs: $logs)"
+echo "$name: exit $rc after $(($(date +%s) - start)) s (logs: $logs)"
 exit "$rc"

@@ -553,6 +553,53 @@ absl::StatusOr<ibv_wc> Poller::WaitFor(uint64_t wr_id, absl::Duration timeout) {
   }
 }
 
+absl::StatusOr<int> Poller::Harvest(ibv_wc* out, int max, int wake_fd, absl::Duration timeout) {
+  int got = 0;
+  for (auto it = pending_.begin(); it != pending_.end() && got < max;) {
+    out[got++] = it->second;
+    pending_.erase(it++);
+  }
+  if (got > 0) return got;
+  auto poll_cq = [&]() -> absl::StatusOr<int> {
+    int n = ibv_poll_cq(cq_.get(), max, out);
+    if (n < 0) return absl::InternalError("ibv_poll_cq failed");
+    return n;
+  };
+  const absl::Time deadline = absl::Now() + timeout;
+  const absl::Time spin_end = std::min(deadline, absl::Now() + spin_);
+  for (int i = 0;; ++i) {
+    absl::StatusOr<int> n = poll_cq();
+    if (!n.ok() || *n > 0) return n;
+    if (i % 16 == 15 && absl::Now() >= spin_end) break;
+  }
+  if (!armed_) {
+    if (int rc = ibv_req_notify_cq(cq_.get(), 0); rc != 0) {
+      return absl::ErrnoToStatus(rc, "arm cq notification");
+    }
+    armed_ = true;
+  }
+  if (absl::StatusOr<int> n = poll_cq(); !n.ok() || *n > 0) return n;
+  const absl::Duration left = std::max(absl::ZeroDuration(), deadline - absl::Now());
+  pollfd pfd[2] = {{channel_->fd, POLLIN, 0}, {wake_fd, POLLIN, 0}};
+  ++sleeps_;
+  int rc = poll(pfd, wake_fd >= 0 ? 2 : 1,
+                static_cast<int>(absl::ToInt64Milliseconds(left + absl::Milliseconds(1) -
+                                                           absl::Nanoseconds(1))));
+  if (rc < 0 && errno != EINTR) return absl::ErrnoToStatus(errno, "poll completion channel");
+  if (rc > 0 && (pfd[0].revents & POLLIN) != 0) {
+    ibv_cq* ev_cq = nullptr;
+    void* ev_ctx = nullptr;
+    if (ibv_get_cq_event(channel_.get(), &ev_cq, &ev_ctx) == 0) {
+      ++unacked_events_;
+      armed_ = false;
+      AckEvents(/*all=*/false);
+    } else if (errno != EAGAIN) {
+      return absl::ErrnoToStatus(errno, "get cq event");
+    }
+  }
+  return poll_cq();
+}
+
 // --- Endpoint ---------------------------------------------------------------
 
 std::string Endpoint::Serialize() const {

@@ -198,6 +198,13 @@ class Poller {
   // it did not arrive within `timeout`, INTERNAL if the CQ or channel fails.
   absl::StatusOr<ibv_wc> WaitFor(uint64_t wr_id, absl::Duration timeout);
 
+  // For a thread that drives a whole connection (any wr_id): stores up to
+  // `max` completions in `out`, first those WaitFor() kept. With none ready it
+  // spins for `spin`, then arms the CQ and sleeps on the channel and on
+  // `wake_fd` (ignored when < 0) for at most `timeout`. 0 means woken by
+  // wake_fd or timed out (the caller drains wake_fd).
+  absl::StatusOr<int> Harvest(ibv_wc* out, int max, int wake_fd, absl::Duration timeout);
+
   // How many times WaitFor went to sleep on the channel (tests, metrics).
   uint64_t sleeps() const { return sleeps_; }
 

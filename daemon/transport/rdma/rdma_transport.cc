@@ -1,0 +1,1064 @@
+#include "daemon/transport/rdma/rdma_transport.h"
+
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <sys/eventfd.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstring>
+#include <deque>
+#include <map>
+#include <optional>
+#include <random>
+#include <thread>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/synchronization/mutex.h"
+#include "common/check.h"
+#include "common/fd.h"
+#include "common/log.h"
+#include "common/net.h"
+#include "daemon/transport/frame.h"
+#include "daemon/transport/rdma/verbs.h"
+
+namespace svm::transport {
+namespace {
+
+using rdma::Access;
+using rdma::Device;
+using rdma::Endpoint;
+using rdma::Mode;
+using rdma::PdPtr;
+using rdma::Poller;
+using rdma::Qp;
+using rdma::Registration;
+
+constexpr size_t kPage = source::kPageSize;
+// A FETCH on the wire moves at most one slot (longer Fetch() calls are split).
+constexpr uint32_t kSlotPages = 256;
+constexpr size_t kSlotBytes = kSlotPages * kPage;
+constexpr uint32_t kSlots = 8;      // importer: fetches in flight per connection
+constexpr uint32_t kStaging = 2;    // exporter: responses being written per connection
+constexpr uint32_t kRecvDepth = 64;  // receive buffers posted by each side
+// SENDs in flight are bounded by the peer's receive queue depth; RNR retry 7
+// on the QP is the backstop when the peer is slow to repost.
+constexpr uint32_t kSendWindow = kRecvDepth;
+constexpr size_t kMsgSize = 512;  // header + the largest payload (error text is truncated)
+constexpr size_t kMaxQueued = 1u << 16;  // messages; an importer this far behind is dropped
+constexpr absl::Duration kTokenLifetime = absl::Seconds(30);
+constexpr absl::Duration kHelloTimeout = absl::Seconds(10);
+// An idle connection sends a keepalive this often, so a peer whose QP is
+// gone is noticed when transport retries exhaust even when nothing else is
+// sent. (rxe on 6.1 was not seen to exhaust them within 7 s: a peer
+// process's death is noticed through the liveness socket instead.)
+constexpr absl::Duration kKeepalive = absl::Seconds(1);
+constexpr absl::Duration kLivenessHelloTimeout = absl::Seconds(2);
+constexpr absl::Duration kBeginLifetime = absl::Seconds(30);
+
+enum WrKind : uint64_t { kWrRecv = 1, kWrSend = 2, kWrWrite = 3 };
+uint64_t WrId(WrKind k, uint64_t i) { return (uint64_t{k} << 56) | i; }
+
+// HELLO payload from the importer: where its receive area is, then the token.
+struct RdmaHello {
+  uint64_t area_addr;
+  uint64_t area_len;
+  uint32_t rkey;
+  uint32_t pad;
+};
+static_assert(sizeof(RdmaHello) == 24);
+
+// FETCH payload: the tcp one plus the offset in the importer's receive area
+// the pages are to be written to.
+struct RdmaFetch {
+  FetchPayload f;
+  uint64_t offset;
+};
+static_assert(sizeof(RdmaFetch) == 32);
+
+std::vector<uint8_t> MakeMsg(FrameType type, uint64_t id, const void* fixed, size_t fixed_len,
+                             const void* tail = nullptr, size_t tail_len = 0) {
+  tail_len = std::min(tail_len, kMsgSize - sizeof(FrameHeader) - fixed_len);
+  FrameHeader h;
+  h.type = static_cast<uint8_t>(type);
+  h.id = id;
+  h.payload_len = static_cast<uint32_t>(fixed_len + tail_len);
+  std::vector<uint8_t> out(sizeof(h) + fixed_len + tail_len);
+  std::memcpy(out.data(), &h, sizeof(h));
+  if (fixed_len) std::memcpy(out.data() + sizeof(h), fixed, fixed_len);
+  if (tail_len) std::memcpy(out.data() + sizeof(h) + fixed_len, tail, tail_len);
+  return out;
+}
+
+struct Unmap {
+  size_t len;
+  void operator()(uint8_t* p) const { ::munmap(p, len); }
+};
+using MemPtr = std::unique_ptr<uint8_t, Unmap>;
+
+absl::StatusOr<MemPtr> MapMemory(size_t len) {
+  void* p = ::mmap(nullptr, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (p == MAP_FAILED) return ErrnoStatus(errno, absl::StrFormat("map %u bytes", len));
+  return MemPtr(static_cast<uint8_t*>(p), Unmap{len});
+}
+
+// The device and protection domain every connection uses; shared so a
+// connection outliving the transport keeps them alive.
+struct Nic {
+  std::unique_ptr<Device> device;
+  PdPtr pd;  // released before the device is closed
+};
+
+// Counts running connection threads so Stop() can wait for all of them.
+class ThreadCount {
+ public:
+  void Inc() {
+    absl::MutexLock l(&mu_);
+    ++n_;
+  }
+  void Dec() {
+    absl::MutexLock l(&mu_);
+    --n_;
+  }
+  void WaitZero() {
+    absl::MutexLock l(&mu_);
+    mu_.Await(absl::Condition(+[](int* n) { return *n == 0; }, &n_));
+  }
+
+ private:
+  absl::Mutex mu_;
+  int n_ ABSL_GUARDED_BY(mu_) = 0;
+};
+
+// One side of a data connection: the queue pair, its buffers and the thread
+// that drives it. Verbs objects are touched only by that thread once it runs
+// (and by the creating thread before). Other threads queue messages and wake
+// it through an eventfd.
+class Conn {
+ public:
+  virtual ~Conn() = default;
+  const Endpoint& local() const { return qp_->local(); }
+
+ protected:
+  explicit Conn(std::shared_ptr<Nic> nic) : nic_(std::move(nic)) {}
+
+  // Buffers, registrations, CQ and QP (RESET). data_len: the importer's
+  // receive area or the exporter's staging buffers.
+  absl::Status Init(size_t data_len, Access data_access);
+  // RTR/RTS towards remote, then the receives are posted (not allowed in RESET).
+  absl::Status ConnectQp(const Endpoint& remote);
+  // Runs until the connection closes; calls OnClosed() last.
+  void Loop();
+
+  // Queues a message (or a WRITE) behind everything queued; false once closed.
+  struct OutItem {
+    std::vector<uint8_t> msg;  // a SEND when not empty
+    uint32_t staging = 0;      // a WRITE of staging buffer `staging`...
+    size_t len = 0;
+    uint64_t remote_addr = 0;  // ...to here
+    uint32_t rkey = 0;
+  };
+  bool Enqueue(OutItem item) {
+    absl::MutexLock l(&mu_);
+    return EnqueueLocked(std::move(item));
+  }
+  bool EnqueueLocked(OutItem item) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (closed_) return false;
+    out_.push_back(std::move(item));
+    if (out_.size() > kMaxQueued) {
+      spdlog::warn("rdma data connection to {} has {} messages unsent; dropping it", peer_name_,
+                   out_.size());
+      CloseLocked(absl::ResourceExhaustedError("too many unsent messages"));
+      return false;
+    }
+    Wake();
+    return true;
+  }
+  void CloseLocked(absl::Status why) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (closed_) return;
+    closed_ = true;
+    close_reason_ = std::move(why);
+    // The peer sees EOF on the liveness socket (the fd is closed only with
+    // this object, so the number cannot be reused under the watcher).
+    if (liveness_.valid()) ::shutdown(liveness_.get(), SHUT_RDWR);
+    Wake();
+  }
+  // Blocks until the liveness socket ends (EOF, error, or unexpected bytes:
+  // it carries nothing after the HELLO) or the connection closes, then
+  // closes the connection.
+  void WatchLiveness() {
+    int fd;
+    {
+      absl::MutexLock l(&mu_);
+      fd = liveness_.get();
+    }
+    char b[64];
+    ssize_t n;
+    do {
+      n = ::recv(fd, b, sizeof(b), 0);
+    } while (n < 0 && errno == EINTR);
+    absl::MutexLock l(&mu_);
+    CloseLocked(absl::UnavailableError(n > 0 ? "unexpected bytes on the liveness connection"
+                                             : "the peer closed the liveness connection"));
+  }
+  void Wake() {
+    uint64_t one = 1;
+    (void)!::write(wake_fd_.get(), &one, sizeof(one));
+  }
+
+  // Role hooks, all on the connection thread.
+  virtual absl::Status OnMessage(const FrameHeader& h, const uint8_t* payload, size_t len) = 0;
+  virtual void OnWriteDone(uint32_t /*staging*/) {}
+  // After each batch of completions (deadlines, deferred work).
+  virtual absl::Status Tick() { return absl::OkStatus(); }
+  virtual bool established() const = 0;
+  // The connection is closed (QP in ERR): last call of the thread.
+  virtual void OnClosed(const absl::Status& why) = 0;
+
+  std::shared_ptr<Nic> nic_;
+  std::string peer_name_ = "?";
+  UniqueFd wake_fd_;
+  // Memory before its registrations, registrations before the QP: the
+  // reverse is teardown order (QP, CQ, MRs, memory).
+  MemPtr recv_mem_{nullptr, Unmap{0}};
+  MemPtr send_mem_{nullptr, Unmap{0}};
+  MemPtr data_mem_{nullptr, Unmap{0}};
+  std::optional<Registration> recv_mr_, send_mr_, data_mr_;
+  std::unique_ptr<Poller> poller_;
+  std::unique_ptr<Qp> qp_;
+
+  mutable absl::Mutex mu_;  // guards out_, closed_, close_reason_ and the subclasses' shared state
+  std::deque<OutItem> out_ ABSL_GUARDED_BY(mu_);
+  UniqueFd liveness_ ABSL_GUARDED_BY(mu_);  // set once, closed with the object
+  bool closed_ ABSL_GUARDED_BY(mu_) = false;
+  absl::Status close_reason_ ABSL_GUARDED_BY(mu_);
+
+ private:
+  absl::Status Flush() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::Status OnCompletion(const ibv_wc& wc);
+
+  // Connection thread only.
+  uint32_t send_inflight_ = 0;
+  uint64_t send_seq_ = 0;
+  absl::Time last_send_ = absl::Now();
+};
+
+absl::Status Conn::Init(size_t data_len, Access data_access) {
+  int efd = ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+  if (efd < 0) return ErrnoStatus(errno, "eventfd");
+  wake_fd_.Reset(efd);
+  const Device& dev = *nic_->device;
+  auto recv = MapMemory(kRecvDepth * kMsgSize);
+  if (!recv.ok()) return recv.status();
+  recv_mem_ = std::move(*recv);
+  auto send = MapMemory(kSendWindow * kMsgSize);
+  if (!send.ok()) return send.status();
+  send_mem_ = std::move(*send);
+  auto data = MapMemory(data_len);
+  if (!data.ok()) return data.status();
+  data_mem_ = std::move(*data);
+  // Message buffers are small and always touched: pinned. The data buffer is
+  // ODP when the device passed the data check (kAuto), else pinned.
+  auto rmr = rdma::Register(dev, nic_->pd.get(), recv_mem_.get(), kRecvDepth * kMsgSize,
+                            Access::kLocal, Mode::kPinned);
+  if (!rmr.ok()) return rmr.status();
+  recv_mr_.emplace(std::move(*rmr));
+  auto smr = rdma::Register(dev, nic_->pd.get(), send_mem_.get(), kSendWindow * kMsgSize,
+                            Access::kLocal, Mode::kPinned);
+  if (!smr.ok()) return smr.status();
+  send_mr_.emplace(std::move(*smr));
+  auto dmr = rdma::Register(dev, nic_->pd.get(), data_mem_.get(), data_len, data_access, Mode::kAuto);
+  if (!dmr.ok()) return dmr.status();
+  data_mr_.emplace(std::move(*dmr));
+  auto poller = Poller::Create(dev, static_cast<int>(kRecvDepth + kSendWindow + kStaging + 16));
+  if (!poller.ok()) return poller.status();
+  poller_ = std::move(*poller);
+  rdma::QpCaps caps;
+  caps.max_send_wr = kSendWindow + kStaging + 4;
+  caps.max_recv_wr = kRecvDepth;
+  auto qp = Qp::Create(dev, nic_->pd.get(), *poller_, caps);
+  if (!qp.ok()) return qp.status();
+  qp_ = std::move(*qp);
+  return absl::OkStatus();
+}
+
+absl::Status Conn::ConnectQp(const Endpoint& remote) {
+  if (auto st = qp_->Connect(remote); !st.ok()) return st;
+  for (uint32_t i = 0; i < kRecvDepth; ++i) {
+    if (auto st = qp_->PostRecv(WrId(kWrRecv, i), *recv_mr_, i * kMsgSize, kMsgSize); !st.ok()) {
+      return st;
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status Conn::Flush() {
+  while (!out_.empty()) {
+    OutItem& it = out_.front();
+    if (it.msg.empty()) {
+      if (auto st = qp_->PostWrite(WrId(kWrWrite, it.staging), *data_mr_, it.staging * kSlotBytes,
+                                   it.len, it.remote_addr, it.rkey);
+          !st.ok()) {
+        return st;
+      }
+    } else {
+      if (send_inflight_ >= kSendWindow) return absl::OkStatus();
+      const size_t slot = send_seq_ % kSendWindow;
+      std::memcpy(send_mem_.get() + slot * kMsgSize, it.msg.data(), it.msg.size());
+      if (auto st = qp_->PostSend(WrId(kWrSend, slot), *send_mr_, slot * kMsgSize, it.msg.size());
+          !st.ok()) {
+        return st;
+      }
+      ++send_seq_;
+      ++send_inflight_;
+      last_send_ = absl::Now();
+    }
+    out_.pop_front();
+  }
+  return absl::OkStatus();
+}
+
+absl::Status Conn::OnCompletion(const ibv_wc& wc) {
+  const uint64_t kind = wc.wr_id >> 56;
+  const uint64_t idx = wc.wr_id & ((uint64_t{1} << 56) - 1);
+  if (wc.status != IBV_WC_SUCCESS) {
+    return absl::UnavailableError(absl::StrCat("rdma completion ", rdma::DescribeCompletion(wc)));
+  }
+  switch (kind) {
+    case kWrRecv: {
+      uint8_t msg[kMsgSize];
+      const size_t len = std::min<size_t>(wc.byte_len, kMsgSize);
+      std::memcpy(msg, recv_mem_.get() + idx * kMsgSize, len);
+      if (auto st = qp_->PostRecv(wc.wr_id, *recv_mr_, idx * kMsgSize, kMsgSize); !st.ok()) return st;
+      FrameHeader h;
+      if (len < sizeof(h)) return absl::DataLossError(absl::StrFormat("%u-byte message", len));
+      std::memcpy(&h, msg, sizeof(h));
+      if (auto st = ValidateHeader(h); !st.ok()) return st;
+      if (h.payload_len != len - sizeof(h)) return absl::DataLossError("message length mismatch");
+      return OnMessage(h, msg + sizeof(h), len - sizeof(h));
+    }
+    case kWrSend:
+      --send_inflight_;
+      return absl::OkStatus();
+    case kWrWrite:
+      OnWriteDone(static_cast<uint32_t>(idx));
+      return absl::OkStatus();
+  }
+  return absl::InternalError(absl::StrFormat("completion with unknown wr_id 0x%x", wc.wr_id));
+}
+
+void Conn::Loop() {
+  absl::Status why;
+  ibv_wc wcs[32];
+  for (;;) {
+    {
+      absl::MutexLock l(&mu_);
+      if (!closed_ && established() && out_.empty() && absl::Now() - last_send_ >= kKeepalive) {
+        out_.push_back(OutItem{MakeMsg(FrameType::kHello, 0, nullptr, 0)});
+      }
+      if (closed_) break;
+      if (auto st = Flush(); !st.ok()) {
+        CloseLocked(st);
+        break;
+      }
+    }
+    auto n = poller_->Harvest(wcs, 32, wake_fd_.get(), kKeepalive);
+    uint64_t drained;
+    (void)!::read(wake_fd_.get(), &drained, sizeof(drained));
+    absl::Status st = n.status();
+    for (int i = 0; st.ok() && i < *n; ++i) st = OnCompletion(wcs[i]);
+    if (st.ok()) st = Tick();
+    if (!st.ok()) {
+      absl::MutexLock l(&mu_);
+      CloseLocked(st);
+    }
+  }
+  {
+    absl::MutexLock l(&mu_);
+    why = close_reason_;
+    out_.clear();
+  }
+  // In ERR the QP neither sends nor accepts anything more (a late WRITE
+  // into our buffers is refused); outstanding work is flushed.
+  ibv_qp_attr a{};
+  a.qp_state = IBV_QPS_ERR;
+  (void)ibv_modify_qp(qp_->qp(), &a, IBV_QP_STATE);
+  OnClosed(why);
+}
+
+class RdmaTransport;
+
+// ---------------------------------------------------------------- exporter
+// States: awaiting HELLO (only a HELLO with this session's token is
+// accepted; it and the liveness socket must arrive within 2 x kHelloTimeout)
+// -> serving (FETCH, INVAL_ACK, keepalives)
+// -> closed (QP in ERR, backend told).
+class ServerConn final : public Conn, public Subscriber, public std::enable_shared_from_this<ServerConn> {
+ public:
+  ServerConn(std::shared_ptr<Nic> nic, RdmaTransport* t, uint64_t id, ExportBackend* backend,
+             std::string node, std::string token)
+      : Conn(std::move(nic)),
+        transport_(t),
+        id_(id),
+        backend_(backend),
+        node_(std::move(node)),
+        session_token_(std::move(token)) {
+    peer_name_ = node_;
+  }
+
+  absl::Status Setup(const Endpoint& importer) {
+    if (auto st = Init(kStaging * kSlotBytes, Access::kLocal); !st.ok()) return st;
+    return ConnectQp(importer);
+  }
+  void Run(ThreadCount* threads);
+
+  uint64_t id() const override { return id_; }
+  const std::string& node() const override { return node_; }
+  bool PushInvalidation(const InvalRecord& r) override {
+    InvalPayload p{r.export_id, r.first_page, r.npages, r.seq, static_cast<uint32_t>(r.kind), 0,
+                   r.detected_ns};
+    return Enqueue(OutItem{MakeMsg(FrameType::kInval, 0, &p, sizeof(p))});
+  }
+  void Close() override {
+    absl::MutexLock l(&mu_);
+    CloseLocked(absl::CancelledError("closed by this daemon"));
+  }
+  // The importer's liveness socket arrived: watch it on the calling thread
+  // until it or the connection ends. False when one is already attached.
+  bool AttachLiveness(UniqueFd fd) {
+    {
+      absl::MutexLock l(&mu_);
+      if (liveness_.valid()) return false;
+      liveness_ = std::move(fd);
+      if (closed_) ::shutdown(liveness_.get(), SHUT_RDWR);
+    }
+    has_liveness_ = true;
+    WatchLiveness();
+    return true;
+  }
+
+ private:
+  absl::Status OnMessage(const FrameHeader& h, const uint8_t* payload, size_t len) override;
+  void OnWriteDone(uint32_t staging) override { staging_busy_[staging] = false; }
+  absl::Status Tick() override;
+  bool established() const override { return established_; }
+  void OnClosed(const absl::Status& why) override;
+  absl::Status Serve(uint64_t id, const RdmaFetch& f);
+
+  RdmaTransport* const transport_;
+  const uint64_t id_;
+  ExportBackend* const backend_;
+  const std::string node_;
+  // The token PrepareSession returned with this queue pair: the only one its
+  // HELLO may present.
+  const std::string session_token_;
+  const absl::Time hello_deadline_ = absl::Now() + kHelloTimeout;
+  std::atomic<bool> has_liveness_{false};
+  // Connection thread only.
+  bool established_ = false;
+  std::string token_;  // set by the HELLO that claimed it
+  uint64_t area_addr_ = 0, area_len_ = 0;
+  uint32_t area_rkey_ = 0;
+  bool staging_busy_[kStaging] = {};
+  std::deque<std::pair<uint64_t, RdmaFetch>> fetches_;  // waiting for a staging buffer
+};
+
+// ---------------------------------------------------------------- importer
+class ClientConn final : public Conn, public PeerChannel {
+ public:
+  explicit ClientConn(std::shared_ptr<Nic> nic) : Conn(std::move(nic)) {}
+  ~ClientConn() override {
+    Close();
+    if (liveness_thread_.joinable()) liveness_thread_.join();
+    // The last reference can be dropped by a callback on the thread itself.
+    if (thread_.joinable()) {
+      if (thread_.get_id() == std::this_thread::get_id()) {
+        thread_.detach();
+      } else {
+        thread_.join();
+      }
+    }
+  }
+
+  absl::Status Prepare() {
+    absl::Status st = Init(kSlots * kSlotBytes, Access::kRemoteReadWrite);
+    absl::MutexLock l(&mu_);
+    for (uint32_t i = 0; i < kSlots; ++i) free_slots_.push_back(kSlots - 1 - i);
+    return st;
+  }
+  // Connects the QP, starts the thread, exchanges HELLOs, then opens the
+  // liveness socket to peer_host:liveness_port.
+  absl::Status Start(const Endpoint& remote, ImportBackend* backend, const std::string& peer_host,
+                     uint16_t liveness_port, const std::string& token);
+
+  absl::StatusOr<uint64_t> Fetch(uint64_t export_id, uint64_t first_page, uint32_t npages,
+                                 bool track, absl::Span<uint8_t> dst,
+                                 absl::Duration timeout) override;
+  bool alive() const override {
+    absl::MutexLock l(&mu_);
+    return !closed_;
+  }
+  void Close() override {
+    absl::MutexLock l(&mu_);
+    CloseLocked(absl::CancelledError("closed by this daemon"));
+  }
+  const char* path() const override { return "rdma"; }
+
+ private:
+  struct Pending {
+    uint32_t slot = 0;
+    bool done = false;
+    absl::Status status;
+    uint64_t seq = 0;
+  };
+  absl::StatusOr<uint64_t> FetchChunk(uint64_t export_id, uint64_t first_page, uint32_t npages,
+                                      bool track, absl::Span<uint8_t> dst, absl::Time deadline,
+                                      absl::Duration timeout);
+  absl::Status OnMessage(const FrameHeader& h, const uint8_t* payload, size_t len) override;
+  bool established() const override { return hello_seen_; }
+  void OnClosed(const absl::Status& why) override;
+
+  ImportBackend* backend_ = nullptr;
+  std::thread thread_;
+  std::thread liveness_thread_;
+  std::atomic<bool> hello_seen_{false};
+  // Guarded by mu_ (Conn's).
+  bool established_ ABSL_GUARDED_BY(mu_) = false;
+  std::vector<uint32_t> free_slots_ ABSL_GUARDED_BY(mu_);
+  std::map<uint64_t, Pending*> pending_ ABSL_GUARDED_BY(mu_);
+  uint64_t next_id_ ABSL_GUARDED_BY(mu_) = 1;
+};
+
+class RdmaTransport final : public Transport {
+ public:
+  explicit RdmaTransport(std::shared_ptr<Nic> nic) : nic_(std::move(nic)) {}
+  ~RdmaTransport() override { Stop(); }
+  const char* name() const override { return "rdma"; }
+
+  // Listens for liveness sockets (queue pairs are set up through SetupData).
+  absl::Status Start(const HostPort& listen, ExportBackend* backend) override {
+    auto fd = TcpListen(listen);
+    if (!fd.ok()) return fd.status();
+    auto port = LocalPort(fd->get());
+    if (!port.ok()) return port.status();
+    listen_fd_ = std::move(*fd);
+    port_ = *port;
+    listen_addr_ = absl::StrCat(listen.host, ":", *port);
+    backend_ = backend;
+    acceptor_ = std::thread([this] { AcceptLoop(); });
+    spdlog::info("rdma data path on {}, data buffers {}, liveness sockets on {}",
+                 nic_->device->Describe(), nic_->device->caps().OdpUsable() ? "odp" : "pinned",
+                 listen_addr_);
+    return absl::OkStatus();
+  }
+  std::string listen_address() const override { return listen_addr_; }
+
+  absl::StatusOr<std::string> BeginConnect() override {
+    auto conn = std::make_unique<ClientConn>(nic_);
+    if (auto st = conn->Prepare(); !st.ok()) return st;
+    std::string bytes = conn->local().Serialize();
+    absl::MutexLock l(&mu_);
+    const absl::Time now = absl::Now();
+    for (auto it = begun_.begin(); it != begun_.end();) {
+      if (it->second.expires < now) begun_.erase(it++);
+      else ++it;
+    }
+    begun_[bytes] = Begun{std::move(conn), now + kBeginLifetime};
+    return bytes;
+  }
+
+  absl::StatusOr<v1::SetupDataResponse> PrepareSession(const std::string& node,
+                                                       const std::string& importer) override {
+    if (importer.empty()) {
+      return absl::FailedPreconditionError("rdma setup without the importer's queue pair endpoint");
+    }
+    auto remote = Endpoint::Parse(importer);
+    if (!remote.ok()) return remote.status();
+    if (stopped_) return absl::UnavailableError("shutting down");
+    std::string token(16, '\0');
+    {
+      std::random_device rd;
+      for (char& c : token) c = static_cast<char>(rd());
+    }
+    std::shared_ptr<ServerConn> conn;
+    {
+      absl::MutexLock l(&mu_);
+      conn = std::make_shared<ServerConn>(nic_, this, next_conn_id_++, backend_, node, token);
+    }
+    if (auto st = conn->Setup(*remote); !st.ok()) {
+      spdlog::warn("rdma data connection for {}: {}", node, st.message());
+      return st;
+    }
+    {
+      absl::MutexLock l(&mu_);
+      const absl::Time now = absl::Now();
+      for (auto it = tokens_.begin(); it != tokens_.end();) {
+        if (it->second.expires < now) tokens_.erase(it++);
+        else ++it;
+      }
+      tokens_[token] = TokenState{node, now + kTokenLifetime, {}};
+      conns_[conn->id()] = conn;
+    }
+    v1::SetupDataResponse r;
+    r.set_session_token(token);
+    r.mutable_rdma()->set_endpoint(conn->local().Serialize());
+    r.mutable_rdma()->set_liveness_port(port_);
+    conn->Run(&threads_);
+    return r;
+  }
+
+  // Binds a HELLO'd connection to its token. False: unknown or used token.
+  bool Claim(const std::string& token, const std::shared_ptr<ServerConn>& conn) {
+    absl::MutexLock l(&mu_);
+    auto it = tokens_.find(token);
+    if (it == tokens_.end() || it->second.conn.lock() != nullptr || it->second.expires < absl::Now() ||
+        it->second.node != conn->node()) {
+      return false;
+    }
+    it->second.conn = conn;
+    it->second.expires = absl::InfiniteFuture();
+    return true;
+  }
+
+  std::shared_ptr<Subscriber> FindSubscriber(const std::string& token) override {
+    absl::MutexLock l(&mu_);
+    auto it = tokens_.find(token);
+    if (it == tokens_.end()) return nullptr;
+    return it->second.conn.lock();
+  }
+
+  void Forget(const std::string& token) {
+    absl::MutexLock l(&mu_);
+    tokens_.erase(token);
+  }
+  void Unregister(uint64_t id) {
+    absl::MutexLock l(&mu_);
+    conns_.erase(id);
+  }
+
+  absl::StatusOr<std::unique_ptr<PeerChannel>> Connect(const std::string& peer_host,
+                                                       const v1::SetupDataResponse& setup,
+                                                       ImportBackend* backend,
+                                                       const std::string& begin) override {
+    std::unique_ptr<ClientConn> conn;
+    {
+      absl::MutexLock l(&mu_);
+      auto it = begun_.find(begin);
+      if (it == begun_.end()) {
+        return absl::FailedPreconditionError("rdma connect without a matching BeginConnect");
+      }
+      conn = std::move(it->second.conn);
+      begun_.erase(it);
+    }
+    if (!setup.has_rdma()) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("peer ", peer_host, " offered no rdma endpoint"));
+    }
+    auto remote = Endpoint::Parse(setup.rdma().endpoint());
+    if (!remote.ok()) return remote.status();
+    const uint32_t port = setup.rdma().liveness_port();
+    if (port == 0 || port > 65535) return absl::InvalidArgumentError("rdma setup without a liveness port");
+    if (auto st = conn->Start(*remote, backend, peer_host, static_cast<uint16_t>(port),
+                              setup.session_token());
+        !st.ok()) {
+      return st;
+    }
+    return conn;
+  }
+
+  void Stop() override {
+    if (stopped_.exchange(true)) return;
+    if (listen_fd_.valid()) ::shutdown(listen_fd_.get(), SHUT_RDWR);
+    if (acceptor_.joinable()) acceptor_.join();
+    std::vector<std::shared_ptr<ServerConn>> conns;
+    {
+      absl::MutexLock l(&mu_);
+      for (auto& [id, c] : conns_) conns.push_back(c);
+      begun_.clear();
+    }
+    for (auto& c : conns) c->Close();
+    threads_.WaitZero();
+  }
+
+ private:
+  struct TokenState {
+    std::string node;
+    absl::Time expires;
+    std::weak_ptr<ServerConn> conn;
+  };
+  struct Begun {
+    std::unique_ptr<ClientConn> conn;
+    absl::Time expires;
+  };
+
+  void AcceptLoop();
+  // A liveness socket: HELLO with a claimed token, then watched until it or
+  // its connection ends. Anything else is closed.
+  void ServeLiveness(UniqueFd fd);
+
+  std::shared_ptr<Nic> nic_;
+  ExportBackend* backend_ = nullptr;
+  UniqueFd listen_fd_;
+  uint16_t port_ = 0;
+  std::string listen_addr_;
+  std::thread acceptor_;
+  std::atomic<bool> stopped_{false};
+  ThreadCount threads_;
+  absl::Mutex mu_;  // guards tokens_, conns_, begun_, next_conn_id_
+  std::map<std::string, TokenState> tokens_ ABSL_GUARDED_BY(mu_);
+  std::map<uint64_t, std::shared_ptr<ServerConn>> conns_ ABSL_GUARDED_BY(mu_);
+  std::map<std::string, Begun> begun_ ABSL_GUARDED_BY(mu_);
+  uint64_t next_conn_id_ ABSL_GUARDED_BY(mu_) = 1;
+};
+
+void RdmaTransport::AcceptLoop() {
+  for (;;) {
+    int fd = ::accept4(listen_fd_.get(), nullptr, nullptr, SOCK_CLOEXEC);
+    if (fd < 0) {
+      if (errno == EINTR || errno == ECONNABORTED) continue;
+      if (stopped_) return;
+      if (errno == EMFILE || errno == ENFILE) {
+        spdlog::error("liveness listener: {}", std::strerror(errno));
+        std::this_thread::sleep_for(std::chrono::milliseconds(100));
+        continue;
+      }
+      return;
+    }
+    threads_.Inc();
+    std::thread([this, fd] {
+      ServeLiveness(UniqueFd(fd));
+      threads_.Dec();
+    }).detach();
+  }
+}
+
+void RdmaTransport::ServeLiveness(UniqueFd fd) {
+  const auto ms = absl::ToInt64Milliseconds(kLivenessHelloTimeout);
+  timeval tv{static_cast<time_t>(ms / 1000), static_cast<suseconds_t>(ms % 1000 * 1000)};
+  ::setsockopt(fd.get(), SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+  FrameHeader h;
+  absl::Status st = ReadFull(fd.get(), &h, sizeof(h));
+  if (st.ok()) st = ValidateHeader(h);
+  if (st.ok() && (h.type != static_cast<uint8_t>(FrameType::kHello) || h.payload_len > 64)) {
+    st = absl::PermissionDeniedError("first frame is not a HELLO with a token");
+  }
+  std::string token(st.ok() ? h.payload_len : 0, '\0');
+  if (st.ok() && !token.empty()) st = ReadFull(fd.get(), token.data(), token.size());
+  std::shared_ptr<ServerConn> conn;
+  if (st.ok()) {
+    absl::MutexLock l(&mu_);
+    auto it = tokens_.find(token);
+    if (it != tokens_.end()) conn = it->second.conn.lock();
+    if (conn == nullptr) st = absl::PermissionDeniedError("unknown or unclaimed session token");
+  }
+  if (!st.ok()) {
+    spdlog::warn("liveness connection refused: {}", st.message());
+    return;
+  }
+  timeval zero{};
+  ::setsockopt(fd.get(), SOL_SOCKET, SO_RCVTIMEO, &zero, sizeof(zero));
+  if (!conn->AttachLiveness(std::move(fd))) {
+    spdlog::warn("second liveness connection for one session refused");
+  }
+}
+
+void ServerConn::Run(ThreadCount* threads) {
+  threads->Inc();
+  std::thread([self = shared_from_this(), threads]() mutable {
+    self->Loop();
+    self.reset();
+    threads->Dec();
+  }).detach();
+}
+
+absl::Status ServerConn::OnMessage(const FrameHeader& h, const uint8_t* payload, size_t len) {
+  const auto type = static_cast<FrameType>(h.type);
+  if (!established_) {
+    if (type != FrameType::kHello || len < sizeof(RdmaHello)) {
+      return absl::PermissionDeniedError("first message is not HELLO");
+    }
+    RdmaHello hello;
+    std::memcpy(&hello, payload, sizeof(hello));
+    std::string token(reinterpret_cast<const char*>(payload) + sizeof(hello), len - sizeof(hello));
+    if (token != session_token_ || !transport_->Claim(token, shared_from_this())) {
+      return absl::PermissionDeniedError("HELLO with an unknown or used session token");
+    }
+    token_ = token;
+    area_addr_ = hello.area_addr;
+    area_len_ = hello.area_len;
+    area_rkey_ = hello.rkey;
+    established_ = true;
+    spdlog::info("rdma data connection from {} established", node_);
+    Enqueue(OutItem{MakeMsg(FrameType::kHello, 0, nullptr, 0)});
+    return absl::OkStatus();
+  }
+  switch (type) {
+    case FrameType::kHello:  // keepalive
+      return absl::OkStatus();
+    case FrameType::kFetch: {
+      if (len != sizeof(RdmaFetch)) return absl::DataLossError("malformed FETCH");
+      RdmaFetch f;
+      std::memcpy(&f, payload, sizeof(f));
+      fetches_.emplace_back(h.id, f);
+      return absl::OkStatus();
+    }
+    case FrameType::kInvalAck: {
+      if (len != sizeof(InvalAckPayload)) return absl::DataLossError("malformed INVAL_ACK");
+      InvalAckPayload a;
+      std::memcpy(&a, payload, sizeof(a));
+      backend_->OnAck(id_, a.export_id, a.seq);
+      return absl::OkStatus();
+    }
+    default:
+      return absl::DataLossError(absl::StrFormat("unexpected message type %u", h.type));
+  }
+}
+
+absl::Status ServerConn::Tick() {
+  if (!has_liveness_ && absl::Now() > hello_deadline_ + kHelloTimeout) {
+    return absl::DeadlineExceededError(established_ ? "no liveness connection from the importer"
+                                                    : "no HELLO from the importer");
+  }
+  while (!fetches_.empty()) {
+    uint32_t s = 0;
+    while (s < kStaging && staging_busy_[s]) ++s;
+    if (s == kStaging) break;
+    auto [id, f] = fetches_.front();
+    fetches_.pop_front();
+    FetchRespPayload r{};
+    const size_t bytes = static_cast<size_t>(f.f.npages) * kPage;
+    if (f.f.npages == 0 || f.f.npages > kSlotPages) {
+      std::string msg = absl::StrFormat("fetch of %u pages (1..%u allowed)", f.f.npages, kSlotPages);
+      r.code = static_cast<uint32_t>(absl::StatusCode::kInvalidArgument);
+      r.msg_len = static_cast<uint32_t>(msg.size());
+      Enqueue(OutItem{MakeMsg(FrameType::kFetchResp, id, &r, sizeof(r), msg.data(), msg.size())});
+      continue;
+    }
+    if (f.offset > area_len_ || bytes > area_len_ - f.offset) {
+      return absl::DataLossError("FETCH names a target outside the importer's area");
+    }
+    auto seq = backend_->ServeFetch(f.f.export_id, f.f.first_page, f.f.npages,
+                                    (f.f.flags & kFetchNoCache) == 0,
+                                    absl::MakeSpan(data_mem_.get() + s * kSlotBytes, bytes));
+    if (seq.ok()) {
+      r.seq = *seq;
+      staging_busy_[s] = true;
+      // The WRITE is queued before the response: RC lands it first.
+      absl::MutexLock l(&mu_);
+      EnqueueLocked(OutItem{{}, s, bytes, area_addr_ + f.offset, area_rkey_});
+      EnqueueLocked(OutItem{MakeMsg(FrameType::kFetchResp, id, &r, sizeof(r))});
+    } else {
+      std::string msg(seq.status().message());
+      msg.resize(std::min(msg.size(), kMsgSize - sizeof(FrameHeader) - sizeof(r)));
+      r.code = static_cast<uint32_t>(seq.status().code());
+      r.msg_len = static_cast<uint32_t>(msg.size());
+      Enqueue(OutItem{MakeMsg(FrameType::kFetchResp, id, &r, sizeof(r), msg.data(), msg.size())});
+    }
+  }
+  return absl::OkStatus();
+}
+
+void ServerConn::OnClosed(const absl::Status& why) {
+  if (absl::IsCancelled(why)) {
+    spdlog::info("rdma data connection from {} closed: {}", node_, why.message());
+  } else {
+    spdlog::warn("rdma data connection from {} closed: {}", node_, why.message());
+  }
+  // Unreachable by its token first, then the backend forgets it.
+  if (!token_.empty()) transport_->Forget(token_);
+  backend_->OnSubscriberClosed(id_);
+  transport_->Unregister(id_);
+}
+
+absl::Status ClientConn::Start(const Endpoint& remote, ImportBackend* backend,
+                               const std::string& peer_host, uint16_t liveness_port,
+                               const std::string& token) {
+  backend_ = backend;
+  peer_name_ = absl::StrCat(peer_host, ":", liveness_port);
+  if (auto st = ConnectQp(remote); !st.ok()) return st;
+  RdmaHello hello{data_mr_->addr(), data_mr_->length(), data_mr_->rkey(), 0};
+  {
+    absl::MutexLock l(&mu_);
+    EnqueueLocked(
+        OutItem{MakeMsg(FrameType::kHello, 0, &hello, sizeof(hello), token.data(), token.size())});
+    thread_ = std::thread([this] { Loop(); });
+    auto ready = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return established_ || closed_; };
+    mu_.AwaitWithTimeout(absl::Condition(&ready), kHelloTimeout);
+    if (!established_ || closed_) {
+      std::string why = closed_ ? std::string(close_reason_.message()) : "no HELLO";
+      CloseLocked(absl::UnavailableError("handshake failed"));
+      return absl::UnavailableError(
+          absl::StrCat("rdma data connection to ", peer_name_, " refused: ", why));
+    }
+  }
+  auto fd = TcpConnect({peer_host, liveness_port}, absl::Seconds(2));
+  if (fd.ok()) {
+    FrameHeader h;
+    h.type = static_cast<uint8_t>(FrameType::kHello);
+    h.payload_len = static_cast<uint32_t>(token.size());
+    std::string frame(reinterpret_cast<const char*>(&h), sizeof(h));
+    frame += token;
+    if (auto st = WriteFull(fd->get(), frame.data(), frame.size()); !st.ok()) fd = st;
+  }
+  absl::MutexLock l(&mu_);
+  if (!fd.ok()) {
+    CloseLocked(absl::UnavailableError("no liveness connection"));
+    return absl::UnavailableError(absl::StrCat("rdma data connection to ", peer_name_,
+                                               ": liveness connection: ", fd.status().message()));
+  }
+  liveness_ = std::move(*fd);
+  if (closed_) ::shutdown(liveness_.get(), SHUT_RDWR);
+  liveness_thread_ = std::thread([this] { WatchLiveness(); });
+  return absl::OkStatus();
+}
+
+absl::StatusOr<uint64_t> ClientConn::Fetch(uint64_t export_id, uint64_t first_page, uint32_t npages,
+                                           bool track, absl::Span<uint8_t> dst,
+                                           absl::Duration timeout) {
+  SVM_CHECK(dst.size() == static_cast<size_t>(npages) * kPage);
+  const absl::Time deadline = absl::Now() + timeout;
+  uint64_t min_seq = UINT64_MAX;
+  uint32_t done = 0;
+  do {
+    const uint32_t n = std::min(kSlotPages, npages - done);
+    auto seq = FetchChunk(export_id, first_page + done, n, track,
+                          dst.subspan(static_cast<size_t>(done) * kPage, static_cast<size_t>(n) * kPage),
+                          deadline, timeout);
+    if (!seq.ok()) return seq.status();
+    // Split fetches report the oldest sequence: caching stays conservative.
+    min_seq = std::min(min_seq, *seq);
+    done += n;
+  } while (done < npages);
+  return min_seq;
+}
+
+absl::StatusOr<uint64_t> ClientConn::FetchChunk(uint64_t export_id, uint64_t first_page,
+                                                uint32_t npages, bool track, absl::Span<uint8_t> dst,
+                                                absl::Time deadline, absl::Duration timeout) {
+  Pending p;
+  uint64_t id = 0;
+  absl::MutexLock l(&mu_);
+  auto slot_or_closed = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    return closed_ || !free_slots_.empty();
+  };
+  bool ok = mu_.AwaitWithDeadline(absl::Condition(&slot_or_closed), deadline);
+  if (closed_) {
+    return absl::UnavailableError(absl::StrCat("data connection to ", peer_name_, " is closed"));
+  }
+  if (ok) {
+    p.slot = free_slots_.back();
+    free_slots_.pop_back();
+    id = next_id_++;
+    pending_[id] = &p;
+    RdmaFetch f{{export_id, first_page, npages, track ? 0u : kFetchNoCache},
+                static_cast<uint64_t>(p.slot) * kSlotBytes};
+    EnqueueLocked(OutItem{MakeMsg(FrameType::kFetch, id, &f, sizeof(f))});
+    ok = mu_.AwaitWithDeadline(absl::Condition(&p.done), deadline);
+    pending_.erase(id);
+  }
+  if (!ok) {
+    // The slot is not returned: a late WRITE may still land in it until the
+    // connection (closed now) is gone.
+    spdlog::warn("peer {} did not answer a fetch within {}; closing the rdma data connection",
+                 peer_name_, absl::FormatDuration(timeout));
+    CloseLocked(absl::UnavailableError("fetch timed out"));
+    return absl::UnavailableError(
+        absl::StrCat("peer ", peer_name_, " did not answer within ", absl::FormatDuration(timeout)));
+  }
+  if (!p.status.ok()) {
+    free_slots_.push_back(p.slot);
+    return p.status;
+  }
+  // The data landed before the response that completed p.
+  mu_.Unlock();
+  std::memcpy(dst.data(), data_mem_.get() + static_cast<size_t>(p.slot) * kSlotBytes, dst.size());
+  mu_.Lock();
+  free_slots_.push_back(p.slot);
+  return p.seq;
+}
+
+absl::Status ClientConn::OnMessage(const FrameHeader& h, const uint8_t* payload, size_t len) {
+  switch (static_cast<FrameType>(h.type)) {
+    case FrameType::kHello: {
+      absl::MutexLock l(&mu_);
+      established_ = true;  // the exporter's answer, later keepalives
+      hello_seen_ = true;
+      return absl::OkStatus();
+    }
+    case FrameType::kFetchResp: {
+      if (len < sizeof(FetchRespPayload)) return absl::DataLossError("malformed FETCH_RESP");
+      FetchRespPayload r;
+      std::memcpy(&r, payload, sizeof(r));
+      const size_t tail = len - sizeof(r);
+      absl::MutexLock l(&mu_);
+      auto it = pending_.find(h.id);
+      if (it == pending_.end()) return absl::OkStatus();  // the caller gave up (timed out)
+      Pending* p = it->second;
+      if (r.code != 0) {
+        if (r.code > static_cast<uint32_t>(absl::StatusCode::kUnauthenticated) || r.msg_len != tail) {
+          p->status = absl::DataLossError("malformed FETCH_RESP error");
+        } else {
+          p->status = absl::Status(static_cast<absl::StatusCode>(r.code),
+                                   std::string(reinterpret_cast<const char*>(payload) + sizeof(r), tail));
+        }
+      } else if (tail != 0) {
+        p->status = absl::DataLossError("FETCH_RESP with unexpected bytes");
+      } else {
+        p->seq = r.seq;
+      }
+      p->done = true;
+      return absl::OkStatus();
+    }
+    case FrameType::kInval: {
+      if (len != sizeof(InvalPayload)) return absl::DataLossError("malformed INVAL");
+      InvalPayload p;
+      std::memcpy(&p, payload, sizeof(p));
+      InvalRecord rec{p.export_id, p.first_page, p.npages, p.seq,
+                      static_cast<source::ChangeKind>(p.kind), p.detected_ns};
+      backend_->OnInvalidation(this, rec);
+      InvalAckPayload a{p.export_id, p.seq};
+      Enqueue(OutItem{MakeMsg(FrameType::kInvalAck, 0, &a, sizeof(a))});
+      return absl::OkStatus();
+    }
+    default:
+      return absl::DataLossError(absl::StrFormat("unexpected message type %u", h.type));
+  }
+}
+
+void ClientConn::OnClosed(const absl::Status& why) {
+  {
+    absl::MutexLock l(&mu_);
+    for (auto& [id, p] : pending_) {
+      p->status = absl::UnavailableError(absl::StrCat("connection to ", peer_name_, " lost"));
+      p->done = true;
+    }
+  }
+  spdlog::info("rdma data connection to {} closed: {}", peer_name_, why.message());
+  if (!hello_seen_) return;  // never handed out: nobody to tell
+  backend_->OnChannelClosed(this, absl::IsUnavailable(why) ? why : absl::UnavailableError(why.message()));
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<Transport>> CreateRdmaTransport(const std::string& device) {
+  auto nic = std::make_shared<Nic>();
+  auto dev = Device::Open(device);
+  if (!dev.ok()) return dev.status();
+  nic->device = std::move(*dev);
+  // Decides Mode::kAuto for the data buffers (logged when it fails).
+  if (absl::Status st = nic->device->VerifyOdp(); !st.ok()) {
+    spdlog::info("rdma data buffers are registered pinned ({})", st.message());
+  }
+  auto pd = nic->device->AllocPd();
+  if (!pd.ok()) return pd.status();
+  nic->pd = std::move(*pd);
+  return std::unique_ptr<Transport>(new RdmaTransport(std::move(nic)));
+}
+
+}  // namespace svm::transport

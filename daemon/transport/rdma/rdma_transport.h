@@ -1,0 +1,41 @@
+// The staged RDMA data path behind the transport seam: one RC queue pair per
+// importer/exporter data connection, on the device from Device::Open.
+//
+// - Control messages (HELLO, FETCH, FETCH_RESP, INVAL, INVAL_ACK: the
+//   frame.h header and payloads) travel as SENDs into pre-posted receive
+//   buffers.
+// - Page data of a FETCH response is RDMA-WRITTEN by the exporter from a
+//   registered staging buffer into the slot of the importer's registered
+//   receive area that the FETCH named; the response SEND follows on the same
+//   QP, so RC ordering lands the data before the response, and INVALs queued
+//   behind a response arrive behind it (as on the tcp connection).
+// - Acknowledgements: the importer SENDs INVAL_ACK after
+//   ImportBackend::OnInvalidation returned.
+// - Flow control: at most kRecvDepth SENDs in flight per side (the peer's
+//   receive queue depth); RNR retry 7 on the QP is the backstop.
+// - Liveness: a failed completion, a Fetch timeout, or an idle keepalive
+//   that cannot be delivered (transport retries exhaust in about 0.5 s)
+//   closes the connection: OnChannelClosed / OnSubscriberClosed as on tcp.
+//
+// Each connection side has one thread that owns its verbs objects: it
+// sleeps on the completion channel and an eventfd (Poller::Harvest), so an
+// idle connection costs no CPU.
+#ifndef SVM_DAEMON_TRANSPORT_RDMA_RDMA_TRANSPORT_H_
+#define SVM_DAEMON_TRANSPORT_RDMA_RDMA_TRANSPORT_H_
+
+#include <memory>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "daemon/transport/transport.h"
+
+namespace svm::transport {
+
+// Opens `device` ("" = the first with an active port), runs the ODP data
+// check (Mode::kAuto then registers ODP only when it passed) and returns the
+// transport; NOT_FOUND and friends when there is no usable device.
+absl::StatusOr<std::unique_ptr<Transport>> CreateRdmaTransport(const std::string& device);
+
+}  // namespace svm::transport
+
+#endif  // SVM_DAEMON_TRANSPORT_RDMA_RDMA_TRANSPORT_H_
