@@ -23,6 +23,7 @@
 #include "common/fd.h"
 #include "common/net.h"
 #include "daemon/transport/frame.h"
+#include "daemon/transport/thread_count.h"
 #include "daemon/transport/transport.h"
 #include "common/log.h"
 
@@ -70,27 +71,6 @@ void SetTimeouts(int fd, absl::Duration send, absl::Duration recv) {
   ::setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &s, sizeof(s));
   ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &r, sizeof(r));
 }
-
-// Counts running connection threads so Stop() can wait for all of them.
-class ThreadCount {
- public:
-  void Inc() {
-    absl::MutexLock l(&mu_);
-    ++n_;
-  }
-  void Dec() {
-    absl::MutexLock l(&mu_);
-    --n_;
-  }
-  void WaitZero() {
-    absl::MutexLock l(&mu_);
-    mu_.Await(absl::Condition(+[](int* n) { return *n == 0; }, &n_));
-  }
-
- private:
-  absl::Mutex mu_;
-  int n_ ABSL_GUARDED_BY(mu_) = 0;
-};
 
 class TcpTransport;
 

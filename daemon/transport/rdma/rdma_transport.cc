@@ -27,6 +27,7 @@
 #include "common/net.h"
 #include "daemon/transport/frame.h"
 #include "daemon/transport/rdma/verbs.h"
+#include "daemon/transport/thread_count.h"
 
 namespace svm::transport {
 namespace {
@@ -113,27 +114,6 @@ absl::StatusOr<MemPtr> MapMemory(size_t len) {
 struct Nic {
   std::unique_ptr<Device> device;
   PdPtr pd;  // released before the device is closed
-};
-
-// Counts running connection threads so Stop() can wait for all of them.
-class ThreadCount {
- public:
-  void Inc() {
-    absl::MutexLock l(&mu_);
-    ++n_;
-  }
-  void Dec() {
-    absl::MutexLock l(&mu_);
-    --n_;
-  }
-  void WaitZero() {
-    absl::MutexLock l(&mu_);
-    mu_.Await(absl::Condition(+[](int* n) { return *n == 0; }, &n_));
-  }
-
- private:
-  absl::Mutex mu_;
-  int n_ ABSL_GUARDED_BY(mu_) = 0;
 };
 
 // One side of a data connection: the queue pair, its buffers and the thread
