@@ -12,6 +12,7 @@
 #include <cerrno>
 #include <cstring>
 #include <filesystem>
+#include <fstream>
 #include <thread>
 
 #include "absl/strings/match.h"
@@ -118,6 +119,21 @@ absl::StatusOr<std::string> Subprocess::ReadLine(absl::Duration timeout) {
 
 void Subprocess::Signal(int sig) {
   if (!reaped_) kill(pid_, sig);
+}
+
+absl::Status Subprocess::Stop(absl::Duration timeout) {
+  Signal(SIGSTOP);
+  const absl::Time deadline = absl::Now() + timeout;
+  while (absl::Now() < deadline) {
+    std::ifstream in(absl::StrCat("/proc/", pid_, "/stat"));
+    std::string stat((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    size_t paren = stat.rfind(')');  // "PID (COMM) STATE ..."
+    if (paren != std::string::npos && paren + 2 < stat.size() && stat[paren + 2] == 'T') {
+      return absl::OkStatus();
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  return absl::DeadlineExceededError("child did not stop");
 }
 
 bool Subprocess::running() {

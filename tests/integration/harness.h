@@ -32,6 +32,9 @@ class Subprocess {
   absl::Status WriteLine(const std::string& line);
   absl::StatusOr<std::string> ReadLine(absl::Duration timeout);
   void Signal(int sig);
+  // SIGSTOP, then waits until the kernel reports the process stopped
+  // (kill() returns before the target actually stops).
+  absl::Status Stop(absl::Duration timeout);
   // Waits for exit; returns the wait status, or DEADLINE_EXCEEDED.
   absl::StatusOr<int> Wait(absl::Duration timeout);
   bool running();

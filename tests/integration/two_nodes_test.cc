@@ -259,7 +259,7 @@ TEST_F(TwoNodes, HungPeerDaemonFailsReadsWithinTwoSecondsAndRecovers) {
   auto e = ExportAndImport("hung", 2, 'A');
   ASSERT_NE(e, nullptr);
   ASSERT_TRUE(ReadBytes(*cb_, "hung", 0, kPage).ok());
-  a_->process().Signal(SIGSTOP);
+  ASSERT_TRUE(a_->process().Stop(Scaled(absl::Seconds(5))).ok());
   const absl::Time t0 = absl::Now();
   auto r = ReadBytes(*cb_, "hung", 0, kPage, /*fresh=*/true);
   const absl::Duration took = absl::Now() - t0;
@@ -283,7 +283,7 @@ TEST_F(TwoNodes, SyncDisconnectsAnImporterThatDoesNotAcknowledge) {
   auto e = ExportAndImport("stuck", 2, 'A');
   ASSERT_NE(e, nullptr);
   ASSERT_EQ(*ReadBytes(*cb_, "stuck", 0, 2 * kPage), std::string(2 * kPage, 'A'));
-  b_->process().Signal(SIGSTOP);
+  ASSERT_TRUE(b_->process().Stop(Scaled(absl::Seconds(5))).ok());
   ASSERT_EQ(*e->Command("fill 0 1 69"), "ok");
   const absl::Time t0 = absl::Now();
   auto s = ca_->Sync("stuck");  // default --sync-timeout-ms 5000
