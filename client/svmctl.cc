@@ -189,10 +189,10 @@ int Run(const svm::Args& a) {
       std::printf("%s", Json(r).c_str());
       return 0;
     }
-    std::printf("%-20s %8s %18s %12s %-7s %-5s %8s %5s %s\n", "NAME", "PID", "ADDR", "LEN", "SOURCE",
-                "PATH", "SEQ", "SUBS", "STATE");
+    std::printf("%-20s %8s %18s %12s %-7s %-18s %8s %5s %s\n", "NAME", "PID", "ADDR", "LEN",
+                "SOURCE", "PATHS", "SEQ", "SUBS", "STATE");
     for (auto& e : *l) {
-      std::printf("%-20s %8d %#18llx %12llu %-7s %-5s %8llu %5u %s\n", e.name().c_str(), e.pid(),
+      std::printf("%-20s %8d %#18llx %12llu %-7s %-18s %8llu %5u %s\n", e.name().c_str(), e.pid(),
                   (unsigned long long)e.addr(), (unsigned long long)e.len(), e.source().c_str(),
                   e.path().c_str(), (unsigned long long)e.seq(), e.subscribers(),
                   e.gone() ? "gone" : "live");
@@ -208,13 +208,16 @@ int Run(const svm::Args& a) {
       std::printf("%s", Json(r).c_str());
       return 0;
     }
-    std::printf("%-20s %-22s %-20s %12s %-5s %-12s %8s %8s %8s\n", "NAME", "PEER", "REMOTE", "LEN",
+    std::printf("%-20s %-22s %-20s %12s %-13s %-12s %8s %8s %8s\n", "NAME", "PEER", "REMOTE", "LEN",
                 "PATH", "STATE", "SEQ", "CACHED", "INVALS");
     for (auto& i : *l) {
-      std::printf("%-20s %-22s %-20s %12llu %-5s %-12s %8llu %8llu %8llu\n", i.name().c_str(),
+      std::printf("%-20s %-22s %-20s %12llu %-13s %-12s %8llu %8llu %8llu\n", i.name().c_str(),
                   i.peer().c_str(), i.remote_name().c_str(), (unsigned long long)i.len(),
                   i.path().c_str(), i.state().c_str(), (unsigned long long)i.seq(),
                   (unsigned long long)i.cached_pages(), (unsigned long long)i.invalidations());
+      if (!i.fallback_reason().empty()) {
+        std::printf("  %s: rdma fell back to tcp: %s\n", i.name().c_str(), i.fallback_reason().c_str());
+      }
     }
     return 0;
   }
@@ -229,7 +232,19 @@ int Run(const svm::Args& a) {
                 s->pid(), (long long)(s->uptime_ms() / 1000));
     std::printf("control:     unix:%s\n", s->control().c_str());
     std::printf("peers:       %s\n", s->peer_listen().c_str());
-    std::printf("data:        %s (%s)\n", s->data_listen().c_str(), s->transport().c_str());
+    std::string running;
+    for (const auto& t : s->transports()) absl::StrAppend(&running, running.empty() ? "" : ", ", t);
+    std::printf("data:        %s\n", s->data_listen().c_str());
+    std::printf("transport:   %s (running: %s)\n", s->transport().c_str(), running.c_str());
+    if (s->has_rdma()) {
+      const auto& r = s->rdma();
+      std::printf("rdma:        %s port %u %s, %s, mtu %u, liveness %s\n", r.device().c_str(), r.port(),
+                  r.port_state().c_str(), r.gid().c_str(), r.active_mtu(), r.liveness_listen().c_str());
+      std::printf("             odp rc read: %s (data check %s), registration %s\n",
+                  r.odp_rc_read() ? "yes" : "no", r.odp_check().c_str(), r.registration().c_str());
+    } else {
+      std::printf("rdma:        unavailable: %s\n", s->rdma_unavailable().c_str());
+    }
     std::printf("source:      %s (sync detection: %s)\n", s->source().c_str(), s->sync_detection().c_str());
     std::printf("exports:     %u\nimports:     %u (from %u peers)\n", s->exports(), s->imports(), s->peers());
     for (auto& [k, v] : s->counters()) std::printf("  %-28s %llu\n", k.c_str(), (unsigned long long)v);

@@ -24,7 +24,14 @@ constexpr char kUsage[] = R"(usage: svmd [options]
   --data-listen HOST:PORT      data connections (default: the peer host, any port)
   --node NAME                  this node's name (default: the host name)
   --source auto|shim|procfs    mirror source (default auto: shim when /dev/svm_shim exists)
-  --transport auto|rdma|tcp    data transport (default auto)
+  --transport auto|rdma|tcp    data transport (default auto: rdma when a device with an active
+                               port is found, plus tcp; each peer link falls back to tcp
+                               when its rdma setup fails)
+  --rdma-device NAME           rdma device (default: the first with an active port)
+  --rdma-registration auto|odp|pinned
+                               data buffer registration (default auto: odp when the device
+                               has rc read odp and passes the odp data check, else pinned;
+                               odp: do not start without usable odp)
   --peer-token-file PATH       pre-shared token peers must present (default: none, unauthenticated)
   --cache-mb N                 importer mirror cache size (default 256)
   --poll-interval-ms N         procfs source: pagemap poll interval (default 10)
@@ -64,6 +71,8 @@ absl::StatusOr<svm::core::DaemonOptions> ParseOptions(const svm::Args& a) {
   o.node = a.Get("node", host);
   o.source = a.Get("source", "auto");
   o.transport = a.Get("transport", "auto");
+  o.rdma_device = a.Get("rdma-device", "");
+  o.rdma_registration = a.Get("rdma-registration", "auto");
   if (a.Has("peer-token-file")) {
     std::ifstream in(a.Get("peer-token-file"));
     if (!in) return absl::NotFoundError(absl::StrCat("cannot read ", a.Get("peer-token-file")));
@@ -99,7 +108,8 @@ absl::StatusOr<svm::core::DaemonOptions> ParseOptions(const svm::Args& a) {
 int main(int argc, char** argv) {
   auto args = svm::Args::Parse(
       argc, argv,
-      {"control", "peer-listen", "data-listen", "node", "source", "transport", "peer-token-file",
+      {"control", "peer-listen", "data-listen", "node", "source", "transport", "rdma-device",
+       "rdma-registration", "peer-token-file",
        "cache-mb", "poll-interval-ms", "scrub-interval-ms", "sync-timeout-ms", "fetch-timeout-ms",
        "socket-mode", "socket-group", "log-level", "fault-fetch-delay-ms", "peer-timeout-ms"},
       {"help", "version"});
@@ -155,10 +165,13 @@ int main(int argc, char** argv) {
     spdlog::error("cannot start: {}", server.status().message());
     return 1;
   }
-  spdlog::info("svmd {} node {} ready: control unix:{}, peers {}, data {} ({}), source {}",
-               SVM_VERSION, opts->node, opts->control, (*server)->peer_address(),
-               (*daemon)->transport().listen_address(), (*daemon)->transport().name(),
-               (*daemon)->source_name());
+  std::string data;
+  for (svm::transport::Transport* t : (*daemon)->transports()) {
+    absl::StrAppend(&data, data.empty() ? "" : ", ", t->name(), " ", t->listen_address());
+  }
+  spdlog::info("svmd {} node {} ready: control unix:{}, peers {}, data {} (transport {}), source {}",
+               SVM_VERSION, opts->node, opts->control, (*server)->peer_address(), data,
+               opts->transport, (*daemon)->source_name());
   sd_notifyf(0, "READY=1\nSTATUS=serving peers on %s", (*server)->peer_address().c_str());
 
   int sig = 0;

@@ -4,6 +4,9 @@
 //
 //   svm-exporter --daemon unix:PATH --name NAME --pages N [--fill BYTE] [--backing anon|memfd]
 //
+// --backing memfd allocates with svm::ExportableMemory (the zero-copy path's
+// allocator); anon (the default) is private anonymous memory.
+//
 // Prints "ready pid=PID addr=0xADDR len=LEN", then answers each command
 // line with "ok ..." or "err ...":
 //   fill FIRST N BYTE     store BYTE into the pages (a CPU store: no notifier)
@@ -13,6 +16,9 @@
 //   sync                  Sync the export
 //   unexport
 //   mutate SECONDS LOG    replace pages with new versions in a loop (see below)
+//   stamp VERSION         store (VERSION << 32 | page) into every word of every page
+//   truncate              (memfd) ftruncate the object to 0: pages past the end are gone
+//   regrow                (memfd) ftruncate it back to the export's length (zero pages)
 //   exit
 //
 // mutate: for SECONDS, page after page is replaced atomically (a new page,
@@ -27,6 +33,7 @@
 #include <cstdio>
 #include <cstring>
 #include <iostream>
+#include <optional>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -67,20 +74,25 @@ int main(int argc, char** argv) {
   }
   const size_t len = *pages * kPage;
   const std::string name = a->Get("name", "demo");
-  int flags = MAP_PRIVATE | MAP_ANONYMOUS;
   int fd = -1;
+  uint8_t* base = nullptr;
+  std::optional<svm::ExportableMemory> shared;
   if (a->Get("backing", "anon") == "memfd") {
-    fd = memfd_create(name.c_str(), MFD_CLOEXEC);
-    if (fd < 0 || ftruncate(fd, static_cast<off_t>(len)) != 0) {
-      std::perror("svm-exporter: memfd");
+    auto m = svm::ExportableMemory::Allocate(len, name);
+    if (!m.ok()) {
+      std::fprintf(stderr, "svm-exporter: %s\n", m.status().ToString().c_str());
       return 1;
     }
-    flags = MAP_SHARED;
-  }
-  auto* base = static_cast<uint8_t*>(mmap(nullptr, len, PROT_READ | PROT_WRITE, flags, fd, 0));
-  if (base == MAP_FAILED) {
-    std::perror("svm-exporter: mmap");
-    return 1;
+    shared.emplace(std::move(*m));
+    base = shared->data();
+    fd = shared->fd();
+  } else {
+    void* p = mmap(nullptr, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED) {
+      std::perror("svm-exporter: mmap");
+      return 1;
+    }
+    base = static_cast<uint8_t*>(p);
   }
   if (a->Has("fill")) {
     std::memset(base, static_cast<int>(*fill), len);
@@ -191,6 +203,21 @@ int main(int argc, char** argv) {
         for (auto& l : lines) std::fputs(l.c_str(), out);
         std::fclose(out);
         reply = absl::StrFormat("ok %u replacements", iterations);
+      }
+    } else if (cmd == "stamp") {
+      std::string v;
+      auto version = svm::ParseU64((in >> v, v));
+      if (!version.ok()) {
+        reply = "err usage: stamp VERSION";
+      } else {
+        for (uint64_t p = 0; p < *pages; ++p) Stamp(base + p * kPage, (*version << 32) | p);
+      }
+    } else if (cmd == "truncate" || cmd == "regrow") {
+      const off_t size = cmd == "truncate" ? 0 : static_cast<off_t>(len);
+      if (fd < 0) {
+        reply = "err " + cmd + " needs --backing memfd";
+      } else if (ftruncate(fd, size) != 0) {
+        reply = absl::StrFormat("err ftruncate: %s", std::strerror(errno));
       }
     } else if (cmd == "exit") {
       std::printf("ok\n");

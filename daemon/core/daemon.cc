@@ -1,6 +1,7 @@
 #include "daemon/core/daemon.h"
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "common/log.h"
 #include "daemon/transport/rdma/rdma_transport.h"
 
@@ -15,29 +16,49 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Create(DaemonOptions opts) {
   auto src = source::CreateMirrorSource(o.source, so);
   if (!src.ok()) return src.status();
   d->source_ = std::move(*src);
-  if (o.transport == "rdma") {
-    auto t = transport::CreateRdmaTransport("");
-    if (!t.ok()) {
-      return absl::Status(t.status().code(),
-                          absl::StrCat("--transport rdma: ", t.status().message()));
-    }
-    d->transport_ = std::move(*t);
-  } else if (o.transport == "auto" || o.transport == "tcp") {
-    // auto does not probe RDMA yet (no per-peer fallback): it means tcp.
-    if (o.transport == "auto") spdlog::info("transport auto: using tcp (rdma only with --transport rdma)");
-    d->transport_ = transport::CreateTcpTransport();
-  } else {
+  const bool want_rdma = o.transport == "rdma" || o.transport == "auto";
+  const bool want_tcp = o.transport == "tcp" || o.transport == "auto";
+  if (!want_rdma && !want_tcp) {
     return absl::InvalidArgumentError(absl::StrCat("unknown transport '", o.transport, "' (auto|rdma|tcp)"));
   }
+  auto reg = transport::ParseRdmaRegistration(o.rdma_registration);
+  if (!reg.ok()) return absl::InvalidArgumentError(absl::StrCat("--rdma-registration: ", reg.status().message()));
+  if (want_rdma) {
+    auto t = transport::CreateRdmaTransport({o.rdma_device, *reg});
+    if (t.ok()) {
+      d->rdma_ = std::move(*t);
+    } else if (o.transport == "rdma" || *reg == transport::RdmaRegistration::kOdp) {
+      // Asked for explicitly: honoured or svmd does not start.
+      return absl::Status(t.status().code(),
+                          absl::StrCat(o.transport == "rdma" ? "--transport rdma: " : "--rdma-registration odp: ",
+                                       t.status().message()));
+    } else {
+      d->rdma_unavailable_ = std::string(t.status().message());
+      spdlog::info("transport auto: rdma unavailable ({}); using tcp only", d->rdma_unavailable_);
+    }
+  } else {
+    d->rdma_unavailable_ = "not enabled (--transport tcp)";
+  }
+  if (want_tcp) d->tcp_ = transport::CreateTcpTransport();
+  if (d->rdma_) d->transport_list_.push_back(d->rdma_.get());
+  if (d->tcp_) d->transport_list_.push_back(d->tcp_.get());
+  d->primary_ = d->tcp_ ? d->tcp_.get() : d->rdma_.get();
   d->exports_ = std::make_unique<ExportTable>(d->source_.get(), &d->hub_, &d->counters_, o.limits,
-                                              std::string(d->transport_->name()));
-  if (auto st = d->transport_->Start(o.data_listen, d->exports_.get()); !st.ok()) {
-    return absl::Status(st.code(), absl::StrCat("data listener: ", st.message()));
+                                              d->export_paths());
+  if (d->rdma_) d->exports_->EnableZeroCopy(d->rdma_.get());
+  for (transport::Transport* t : d->transport_list_) {
+    // tcp keeps --data-listen; rdma's liveness listener (its port travels in
+    // SetupDataResponse) takes any port on that host unless it runs alone.
+    HostPort listen = o.data_listen;
+    if (t != d->primary_) listen.port = 0;
+    if (auto st = t->Start(listen, d->exports_.get()); !st.ok()) {
+      return absl::Status(st.code(), absl::StrCat(t->name(), " data listener: ", st.message()));
+    }
   }
   ImportOptions io = o.import;
   io.node = o.node;
   io.peer_token = o.peer_token;
-  d->imports_ = std::make_unique<ImportTable>(d->transport_.get(), &d->hub_, d->cache_.get(),
+  d->imports_ = std::make_unique<ImportTable>(d->transport_list_, &d->hub_, d->cache_.get(),
                                               &d->counters_, io);
   d->executor_ = std::make_unique<Executor>(8);
   d->scrubber_ = std::thread([p = d.get()] { p->ScrubLoop(); });
@@ -48,9 +69,25 @@ Daemon::~Daemon() {
   stop_.Notify();
   if (scrubber_.joinable()) scrubber_.join();
   executor_.reset();
-  if (transport_) transport_->Stop();  // Create() may have failed before it existed
+  for (transport::Transport* t : transport_list_) t->Stop();  // empty if Create() failed early
   imports_.reset();
   exports_.reset();
+}
+
+transport::Transport* Daemon::FindTransport(const std::string& name) const {
+  for (transport::Transport* t : transport_list_) {
+    if (name == t->name()) return t;
+  }
+  return nullptr;
+}
+
+std::string Daemon::export_paths() const {
+  std::vector<std::string> paths;
+  for (transport::Transport* t : transport_list_) {
+    auto dev = t->device_status();
+    paths.push_back(dev ? absl::StrCat("staged/", dev->registration) : std::string(t->name()));
+  }
+  return absl::StrJoin(paths, ",");
 }
 
 void Daemon::ScrubLoop() {

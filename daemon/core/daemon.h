@@ -8,6 +8,7 @@
 #include <memory>
 #include <string>
 #include <thread>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "absl/synchronization/notification.h"
@@ -30,7 +31,9 @@ struct DaemonOptions {
   HostPort peer_listen;
   HostPort data_listen;     // port 0: the kernel chooses
   std::string source = "auto";
-  std::string transport = "auto";
+  std::string transport = "auto";          // auto|rdma|tcp
+  std::string rdma_device;                 // "" = the first with an active port
+  std::string rdma_registration = "auto";  // auto|odp|pinned
   std::string peer_token;
   uint64_t cache_bytes = 256ull << 20;
   absl::Duration poll_interval = absl::Milliseconds(10);
@@ -50,7 +53,17 @@ class Daemon {
   WatchHub& hub() { return hub_; }
   Counters& counters() { return counters_; }
   Executor& executor() { return *executor_; }
-  transport::Transport& transport() { return *transport_; }
+  // The running transports in preference order: rdma (when running), then
+  // tcp (unless --transport rdma).
+  const std::vector<transport::Transport*>& transports() const { return transport_list_; }
+  // The running transport named name ("rdma", "tcp"), or nullptr.
+  transport::Transport* FindTransport(const std::string& name) const;
+  // The transport listening on --data-listen (tcp unless --transport rdma).
+  transport::Transport& primary() const { return *primary_; }
+  // Why rdma is not running ("" when it is).
+  const std::string& rdma_unavailable() const { return rdma_unavailable_; }
+  // What exports offer, e.g. "staged/pinned,tcp".
+  std::string export_paths() const;
   const char* source_name() const { return source_->name(); }
   absl::Time started() const { return started_; }
 
@@ -66,7 +79,11 @@ class Daemon {
   WatchHub hub_;
   std::unique_ptr<PageCache> cache_;
   std::unique_ptr<source::MirrorSource> source_;
-  std::unique_ptr<transport::Transport> transport_;
+  std::unique_ptr<transport::Transport> rdma_;
+  std::unique_ptr<transport::Transport> tcp_;
+  std::vector<transport::Transport*> transport_list_;
+  transport::Transport* primary_ = nullptr;
+  std::string rdma_unavailable_;
   std::unique_ptr<ExportTable> exports_;
   std::unique_ptr<ImportTable> imports_;
   std::unique_ptr<Executor> executor_;

@@ -9,6 +9,7 @@
 #include "absl/time/clock.h"
 #include "common/check.h"
 #include "common/log.h"
+#include "daemon/source/shared_mapping.h"
 
 namespace svm::core {
 
@@ -22,7 +23,18 @@ uint64_t HashPage(const uint8_t* p) {
   return absl::HashOf(std::string_view(reinterpret_cast<const char*>(p), kPageSize));
 }
 
+// A replaced zero-copy registration stays valid this long, so that READs
+// importers issued before the invalidation that replaced it complete.
+constexpr absl::Duration kRetireGrace = absl::Seconds(5);
+// A withdrawn zero-copy export is tried again this often.
+constexpr absl::Duration kZeroCopyRetry = absl::Seconds(1);
+
 }  // namespace
+
+struct ExportTable::ZeroCopy {
+  std::shared_ptr<source::SharedMapping> mapping;  // outlives the registration
+  std::unique_ptr<transport::RegisteredRegion> region;
+};
 
 struct ExportTable::ExportEntry {
   uint64_t id = 0;
@@ -45,6 +57,11 @@ struct ExportTable::ExportEntry {
     uint64_t acked = 0;
   };
   std::map<uint64_t, Sub> subs ABSL_GUARDED_BY(mu);
+  // Zero-copy: the registration importers READ, when there is one.
+  std::unique_ptr<ZeroCopy> zc ABSL_GUARDED_BY(mu);
+  std::string zc_reason ABSL_GUARDED_BY(mu);   // why there is none
+  bool zc_retry ABSL_GUARDED_BY(mu) = false;  // withdrawn: try again at zc_retry_at
+  absl::Time zc_retry_at ABSL_GUARDED_BY(mu);
 };
 
 ExportTable::ExportTable(source::MirrorSource* source, WatchHub* hub, Counters* counters,
@@ -94,6 +111,10 @@ v1::ExportInfo ExportTable::InfoOf(ExportEntry& e) const {
   i.set_source(std::string(source_->name()));
   i.set_path(path_);
   absl::MutexLock l(&e.mu);
+  if (e.zc) {
+    i.set_path(absl::StrCat(e.zc->region->remote().odp ? "zero-copy/odp," : "zero-copy/pinned,",
+                            i.path()));
+  }
   i.set_seq(e.seq);
   i.set_subscribers(static_cast<uint32_t>(e.subs.size()));
   i.set_gone(e.gone);
@@ -167,6 +188,7 @@ absl::StatusOr<v1::ExportInfo> ExportTable::Export(const std::string& name, pid_
   counters_->Add("exports_created");
   spdlog::info("exported '{}': pid {} 0x{:x}+0x{:x} ({} pages, {})", name, pid, addr, len,
                e->npages, source_->name());
+  TryZeroCopy(*e);
   return InfoOf(*e);
 }
 
@@ -215,7 +237,71 @@ absl::StatusOr<v1::ExportDescriptor> ExportTable::Describe(const std::string& na
   absl::MutexLock l(&e->mu);
   if (e->gone) return absl::FailedPreconditionError(absl::StrCat("export '", name, "' gone: the exporting process exited"));
   d.set_seq(e->seq);
+  if (e->zc) {
+    const transport::RemoteRegion r = e->zc->region->remote();
+    d.mutable_zero_copy()->set_addr(r.addr);
+    d.mutable_zero_copy()->set_rkey(r.rkey);
+    d.mutable_zero_copy()->set_registration(r.odp ? "odp" : "pinned");
+  }
   return d;
+}
+
+void ExportTable::TryZeroCopy(ExportEntry& e) {
+  transport::Transport* t = zero_copy_.load();
+  if (t == nullptr) return;
+  uint64_t seq;
+  {
+    absl::MutexLock l(&e.mu);
+    if (e.gone || e.removed || e.zc) return;
+    seq = e.seq;
+  }
+  // Mapping and (pinned) registration can take a while: no lock held.
+  auto z = std::make_unique<ZeroCopy>();
+  absl::Status st;
+  bool shareable = false;
+  if (auto m = source::SharedMapping::Open(e.pid, e.addr, e.len); !m.ok()) {
+    st = m.status();
+  } else {
+    shareable = true;
+    z->mapping = std::move(*m);
+    auto r = t->RegisterRegion(z->mapping->data(), e.len);
+    if (r.ok()) {
+      z->region = std::move(*r);
+    } else {
+      st = r.status();
+    }
+  }
+  absl::MutexLock l(&e.mu);
+  if (!st.ok()) {
+    if (e.zc_reason != st.message()) {
+      spdlog::info("export '{}': no zero-copy path ({}); importers use the staged path", e.name,
+                   st.message());
+    }
+    e.zc_reason = std::string(st.message());
+    // A registration that failed (memory limits) is not retried every
+    // second; an object that is not (yet) usable again is.
+    e.zc_retry = e.zc_retry && !shareable;
+    e.zc_retry_at = absl::Now() + kZeroCopyRetry;
+    return;
+  }
+  if (e.gone || e.removed || e.seq != seq) {
+    e.zc_retry = true;  // changed meanwhile: validate again later
+    e.zc_retry_at = absl::Now();
+    return;
+  }
+  const transport::RemoteRegion r = z->region->remote();
+  spdlog::info("export '{}': zero-copy path, {} ({}) registered {}, rkey 0x{:x}", e.name,
+               z->mapping->object(), e.len, r.odp ? "odp" : "pinned", r.rkey);
+  counters_->Add("zero_copy_registrations");
+  e.zc = std::move(z);
+  e.zc_reason.clear();
+  e.zc_retry = false;
+}
+
+void ExportTable::Retire(std::unique_ptr<ZeroCopy> z) {
+  if (!z) return;
+  absl::MutexLock l(&retired_mu_);
+  retired_.emplace_back(absl::Now() + kRetireGrace, std::move(z));
 }
 
 absl::StatusOr<uint64_t> ExportTable::Subscribe(uint64_t export_id,
@@ -236,6 +322,40 @@ void ExportTable::Invalidate(ExportEntry& e, const Change& c) {
     if (e.removed) return;
     if (e.gone) return;  // everything was invalidated when the process exited
     if (c.kind == ChangeKind::kExit) e.gone = true;
+    if (e.zc && c.kind != ChangeKind::kWrite) {
+      // Before the invalidation leaves: importers that receive it drop the
+      // region and ask again, so the answer must already be the new one.
+      std::unique_ptr<ZeroCopy> old = std::move(e.zc);
+      absl::Status st;
+      if (c.kind == ChangeKind::kExit || c.kind == ChangeKind::kUnexport) {
+        st = absl::FailedPreconditionError(c.kind == ChangeKind::kExit ? "the process exited"
+                                                                       : "unexported");
+      } else {
+        st = old->mapping->Validate(e.pid, e.addr);
+      }
+      if (st.ok() && old->region->remote().odp) {
+        e.zc = std::move(old);  // ODP follows the object's pages by itself
+      } else if (st.ok()) {
+        // Pinned pages may have left the object: pin what is there now.
+        auto r = zero_copy_.load()->RegisterRegion(old->mapping->data(), e.len);
+        if (r.ok()) {
+          e.zc = std::make_unique<ZeroCopy>();
+          e.zc->mapping = old->mapping;
+          e.zc->region = std::move(*r);
+          counters_->Add("zero_copy_reregistrations");
+        } else {
+          st = r.status();
+        }
+      }
+      if (!st.ok()) {
+        spdlog::info("export '{}': zero-copy path withdrawn ({})", e.name, st.message());
+        counters_->Add("zero_copy_withdrawals");
+        e.zc_reason = std::string(st.message());
+        e.zc_retry = c.kind != ChangeKind::kExit && c.kind != ChangeKind::kUnexport;
+        e.zc_retry_at = absl::Now() + kZeroCopyRetry;
+      }
+      if (e.zc.get() != old.get()) Retire(std::move(old));
+    }
     const uint64_t seq = ++e.seq;
     const uint64_t end = c.first_page + c.npages;
     for (auto it = e.served.lower_bound(c.first_page); it != e.served.end() && it->first < end;) {
@@ -403,13 +523,28 @@ absl::StatusOr<uint64_t> ExportTable::ReadLocal(const std::string& name, uint64_
 }
 
 void ExportTable::Scrub() {
-  std::vector<std::shared_ptr<struct ExportEntry>> all;
+  // Zero-copy upkeep: release retired registrations (outside the lock:
+  // deregistering takes time), try withdrawn exports again.
+  std::vector<std::unique_ptr<ZeroCopy>> expired;
+  {
+    absl::MutexLock l(&retired_mu_);
+    const absl::Time now = absl::Now();
+    while (!retired_.empty() && retired_.front().first <= now) {
+      expired.push_back(std::move(retired_.front().second));
+      retired_.pop_front();
+    }
+  }
+  expired.clear();
+  std::vector<std::shared_ptr<struct ExportEntry>> all, retry;
   {
     absl::MutexLock l(&mu_);
     for (auto& [id, e] : by_id_) {
       if (e->scrub) all.push_back(e);
+      absl::MutexLock el(&e->mu);
+      if (e->zc_retry && !e->zc && !e->gone && absl::Now() >= e->zc_retry_at) retry.push_back(e);
     }
   }
+  for (auto& e : retry) TryZeroCopy(*e);
   for (auto& e : all) {
     std::vector<std::pair<uint64_t, uint64_t>> pages;
     {

@@ -8,11 +8,23 @@
 //    the content handed out. Sync (and, for sources that cannot see every
 //    mapping change, a periodic scrub) compares the live content with it:
 //    CPU stores fire no notifier, so this is how written pages are found.
+//
+// Zero-copy (with a transport that has one-sided access): an export whose
+// range is a shared mapping of a file-like object gets that object mapped
+// into svmd (source::SharedMapping) and registered for remote READs; its
+// region travels in the export descriptor. Every invalidation other than a
+// write re-validates it before the invalidation is sent: still the same
+// object, then a pinned registration is replaced (ODP follows the pages by
+// itself); otherwise it is withdrawn. Replaced registrations are released
+// after a grace period (reads already issued with them complete first).
+// Importers drop a region on every such invalidation and ask again.
 #ifndef SVM_DAEMON_CORE_EXPORT_TABLE_H_
 #define SVM_DAEMON_CORE_EXPORT_TABLE_H_
 
 #include <sys/types.h>
 
+#include <atomic>
+#include <deque>
 #include <map>
 #include <memory>
 #include <string>
@@ -59,8 +71,12 @@ class ExportTable final : public transport::ExportBackend {
   absl::StatusOr<v1::SyncResponse> Sync(const std::string& name);
   // Reads an export on the exporting node itself; returns the seq.
   absl::StatusOr<uint64_t> ReadLocal(const std::string& name, uint64_t offset, absl::Span<uint8_t> dst);
-  // One pass of content comparison for sources that need it.
+  // One pass of content comparison for sources that need it; also
+  // releases retired zero-copy registrations and retries withdrawn ones.
   void Scrub();
+  // Offers the zero-copy path through t (its RegisterRegion) to exports
+  // created from now on. Call before serving.
+  void EnableZeroCopy(transport::Transport* t) { zero_copy_ = t; }
 
   absl::StatusOr<uint64_t> ServeFetch(uint64_t export_id, uint64_t first_page, uint32_t npages,
                                       bool track, absl::Span<uint8_t> dst) override;
@@ -79,12 +95,23 @@ class ExportTable final : public transport::ExportBackend {
   uint64_t CompareServed(ExportEntry& e, const std::vector<std::pair<uint64_t, uint64_t>>& pages,
                          bool unreadable_changed);
   v1::ExportInfo InfoOf(ExportEntry& e) const;
+  // Maps and registers the export's object when it is shareable; installs
+  // it unless the export changed meanwhile.
+  void TryZeroCopy(ExportEntry& e);
+  struct ZeroCopy;
+  // Keeps a replaced or withdrawn registration until reads already issued
+  // with it are done.
+  void Retire(std::unique_ptr<ZeroCopy> z);
 
   source::MirrorSource* const source_;
   WatchHub* const hub_;
   Counters* const counters_;
   const ExportLimits limits_;
   const std::string path_;
+  std::atomic<transport::Transport*> zero_copy_{nullptr};
+
+  absl::Mutex retired_mu_;  // guards retired_
+  std::deque<std::pair<absl::Time, std::unique_ptr<ZeroCopy>>> retired_ ABSL_GUARDED_BY(retired_mu_);
 
   mutable absl::Mutex mu_;  // guards the maps and next_id_; never held across a source call
   std::map<std::string, std::shared_ptr<ExportEntry>> by_name_ ABSL_GUARDED_BY(mu_);

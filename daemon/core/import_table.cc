@@ -7,6 +7,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
 #include "common/check.h"
 #include "common/numbers.h"
 #include "daemon/transport/frame.h"
@@ -30,6 +31,16 @@ absl::Status FromGrpc(const grpc::Status& s, absl::string_view what) {
 
 }  // namespace
 
+std::vector<std::string> CommonTransports(const std::vector<std::string>& local,
+                                          const std::vector<std::string>& peer) {
+  std::vector<std::string> out;
+  for (const std::string& l : local) {
+    const bool offered = peer.empty() ? l == "tcp" : std::find(peer.begin(), peer.end(), l) != peer.end();
+    if (offered && std::find(out.begin(), out.end(), l) == out.end()) out.push_back(l);
+  }
+  return out;
+}
+
 struct ImportTable::Link {
   std::string peer;  // HOST:PORT as given
   std::string host;
@@ -40,6 +51,12 @@ struct ImportTable::Link {
   std::shared_ptr<transport::PeerChannel> data ABSL_GUARDED_BY(mu);
   std::string token ABSL_GUARDED_BY(mu);
   uint64_t generation ABSL_GUARDED_BY(mu) = 0;
+
+  // What InfoOf shows; held only briefly (never across a call), so listing
+  // imports does not wait for a connection attempt.
+  absl::Mutex info_mu;
+  std::string path ABSL_GUARDED_BY(info_mu);             // the last data connection's
+  std::string fallback_reason ABSL_GUARDED_BY(info_mu);  // why rdma was not used, if it failed
 };
 
 // States: "connected" (subscribed on a live channel) -> "disconnected"
@@ -59,11 +76,31 @@ struct ImportTable::ImportEntry {
   std::string state ABSL_GUARDED_BY(mu) = "disconnected";
   std::string gone_reason ABSL_GUARDED_BY(mu);
   uint64_t invalidations ABSL_GUARDED_BY(mu) = 0;
+  // Zero-copy: the exporter offered a registered region for this export.
+  // Reads go to it while the channel holds it (SetRegion); after an
+  // invalidation that dropped it (anything but a write) the descriptor is
+  // asked for again on the next read, otherwise at most every second.
+  bool zc_offered ABSL_GUARDED_BY(mu) = false;
+  std::string zc_registration ABSL_GUARDED_BY(mu);  // of the region in use; "" when none
+  absl::Time zc_refresh_at ABSL_GUARDED_BY(mu) = absl::InfinitePast();
 };
 
-ImportTable::ImportTable(transport::Transport* transport, WatchHub* hub, PageCache* cache,
-                         Counters* counters, ImportOptions opts)
-    : transport_(transport), hub_(hub), cache_(cache), counters_(counters), opts_(std::move(opts)) {}
+namespace {
+transport::RemoteRegion RegionOf(const v1::ExportDescriptor& d) {
+  return transport::RemoteRegion{d.zero_copy().addr(), d.len(), d.zero_copy().rkey(),
+                                 d.zero_copy().registration() == "odp"};
+}
+}  // namespace
+
+ImportTable::ImportTable(std::vector<transport::Transport*> transports, WatchHub* hub,
+                         PageCache* cache, Counters* counters, ImportOptions opts)
+    : transports_(std::move(transports)),
+      hub_(hub),
+      cache_(cache),
+      counters_(counters),
+      opts_(std::move(opts)) {
+  SVM_CHECK(!transports_.empty());
+}
 
 ImportTable::~ImportTable() {
   // Every channel is closed and its reader joined while the table is still
@@ -119,6 +156,7 @@ absl::StatusOr<std::shared_ptr<transport::PeerChannel>> ImportTable::Connect(Lin
   // The old channel's reader has finished or is finishing; its callbacks
   // take no lock that is held here, so joining it is safe.
   link.data.reset();
+  std::vector<std::string> peer_transports;
   {
     grpc::ClientContext ctx;
     PrepareCall(&ctx, opts_.rpc_timeout);
@@ -135,29 +173,73 @@ absl::StatusOr<std::shared_ptr<transport::PeerChannel>> ImportTable::Connect(Lin
           "peer %s speaks protocol %u, this daemon %u", link.peer, resp.protocol_version(),
           kProtocolVersion));
     }
+    peer_transports.assign(resp.transports().begin(), resp.transports().end());
   }
-  auto begin = transport_->BeginConnect();
+  std::vector<std::string> local;
+  for (transport::Transport* t : transports_) local.push_back(t->name());
+  const std::vector<std::string> candidates = CommonTransports(local, peer_transports);
+  if (candidates.empty()) {
+    return absl::FailedPreconditionError(absl::StrFormat(
+        "no common transport with peer %s: this node runs %s, the peer offers %s", link.peer,
+        absl::StrJoin(local, ","), absl::StrJoin(peer_transports, ",")));
+  }
+  std::string fallback_reason;
+  for (size_t i = 0; i < candidates.size(); ++i) {
+    transport::Transport* t = nullptr;
+    for (transport::Transport* c : transports_) {
+      if (candidates[i] == c->name()) t = c;
+    }
+    std::string token;
+    auto ch = ConnectWith(link, *t, &token);
+    if (!ch.ok()) {
+      if (i + 1 == candidates.size()) {
+        if (fallback_reason.empty()) return ch.status();
+        return absl::Status(ch.status().code(),
+                            absl::StrCat(ch.status().message(), " (after ", candidates[0],
+                                         " failed: ", fallback_reason, ")"));
+      }
+      // Only rdma comes before another transport today.
+      fallback_reason = std::string(ch.status().message());
+      spdlog::warn("{} data connection to {} cannot be set up, falling back to {}: {}",
+                   candidates[i], link.peer, candidates[i + 1], fallback_reason);
+      counters_->Add(absl::StrCat(candidates[i], "_fallbacks"));
+      continue;
+    }
+    link.data = std::move(*ch);
+    link.token = std::move(token);
+    break;
+  }
+  ++link.generation;
+  *generation = link.generation;
+  {
+    absl::MutexLock il(&link.info_mu);
+    link.path = link.data->path();
+    link.fallback_reason = fallback_reason;
+  }
+  counters_->Add("data_connections_opened");
+  spdlog::info("data connection to {} open ({})", link.peer, link.data->path());
+  return link.data;
+}
+
+absl::StatusOr<std::unique_ptr<transport::PeerChannel>> ImportTable::ConnectWith(
+    Link& link, transport::Transport& t, std::string* token) {
+  auto begin = t.BeginConnect();
   if (!begin.ok()) return begin.status();
   grpc::ClientContext ctx;
   PrepareCall(&ctx, opts_.rpc_timeout);
   v1::SetupDataRequest req;
   req.set_node(opts_.node);
-  req.set_transport(std::string(transport_->name()));
+  req.set_transport(std::string(t.name()));
   req.set_importer_endpoint(*begin);
   v1::SetupDataResponse setup;
   if (auto st = FromGrpc(link.stub->SetupData(&ctx, req, &setup), absl::StrCat("peer ", link.peer));
       !st.ok()) {
     return st;
   }
-  auto ch = transport_->Connect(link.host, setup, this, *begin);
+  auto ch = t.Connect(link.host, setup, this, *begin);
   if (!ch.ok()) return ch.status();
-  link.data = std::move(*ch);
-  link.token = setup.session_token();
-  ++link.generation;
-  *generation = link.generation;
-  counters_->Add("data_connections_opened");
-  spdlog::info("data connection to {} open ({})", link.peer, link.data->path());
-  return link.data;
+  *token = setup.session_token();
+  return ch;
 }
 
 absl::Status ImportTable::Attach(ImportEntry& imp) {
@@ -198,13 +280,45 @@ absl::Status ImportTable::Attach(ImportEntry& imp) {
   absl::MutexLock l(&imp.mu);
   // Whatever was cached belongs to an earlier connection or export.
   cache_->DropImport(imp.id);
+  if (imp.export_id != desc.export_id()) imp.zc_offered = false;  // another export by that name
   imp.export_id = desc.export_id();
   imp.len = desc.len();
   imp.channel = *ch;
   imp.max_seq = sub.seq();
   imp.state = "connected";
   imp.gone_reason.clear();
+  // Sticky for the export: a region withdrawn at this moment (the object
+  // being truncated, say) may come back; the import keeps asking.
+  imp.zc_offered = (imp.zc_offered || desc.has_zero_copy()) && (*ch)->one_sided();
+  imp.zc_registration.clear();
+  imp.zc_refresh_at = absl::InfinitePast();
+  // A region described before the subscription may have been replaced by
+  // an invalidation this import never received: only one described at the
+  // subscription's own sequence is used; otherwise the first read asks again.
+  if (desc.has_zero_copy() && desc.seq() == sub.seq() &&
+      (*ch)->SetRegion(desc.export_id(), RegionOf(desc), desc.seq())) {
+    imp.zc_registration = desc.zero_copy().registration();
+  }
   return absl::OkStatus();
+}
+
+void ImportTable::RefreshRegion(ImportEntry& imp, transport::PeerChannel* ch, uint64_t export_id) {
+  {
+    absl::MutexLock l(&imp.mu);
+    imp.zc_refresh_at = absl::Now() + absl::Seconds(1);
+  }
+  grpc::ClientContext ctx;
+  PrepareCall(&ctx, opts_.rpc_timeout);
+  v1::DescribeExportRequest req;
+  req.set_name(imp.remote_name);
+  v1::ExportDescriptor desc;
+  if (!FromGrpc(imp.link->stub->DescribeExport(&ctx, req, &desc), "").ok()) return;
+  counters_->Add("zero_copy_refreshes");
+  if (desc.export_id() != export_id || !desc.has_zero_copy()) return;
+  absl::MutexLock l(&imp.mu);
+  if (imp.channel.get() == ch && ch->SetRegion(export_id, RegionOf(desc), desc.seq())) {
+    imp.zc_registration = desc.zero_copy().registration();
+  }
 }
 
 absl::StatusOr<v1::ImportInfo> ImportTable::Import(const std::string& peer, const std::string& name,
@@ -251,9 +365,19 @@ v1::ImportInfo ImportTable::InfoOf(ImportEntry& imp) const {
   i.set_remote_name(imp.remote_name);
   i.set_peer(imp.link->peer);
   i.set_page_size(kPageSize);
-  i.set_path(std::string(transport_->name()));
+  {
+    absl::MutexLock il(&imp.link->info_mu);
+    i.set_path(imp.link->path);
+    i.set_fallback_reason(imp.link->fallback_reason);
+  }
   i.set_cached_pages(cache_->CountImport(imp.id));
   absl::MutexLock l(&imp.mu);
+  // The channel this import is attached to, when it still is one.
+  if (imp.channel != nullptr) i.set_path(imp.channel->path());
+  // Zero-copy while the channel holds the exporter's region.
+  if (imp.channel != nullptr && !imp.zc_registration.empty()) {
+    i.set_path(absl::StrCat("zero-copy/", imp.zc_registration));
+  }
   i.set_len(imp.len);
   i.set_state(imp.state);
   i.set_seq(imp.max_seq);
@@ -292,12 +416,17 @@ absl::StatusOr<v1::ReadResponse> ImportTable::Read(const std::string& name, uint
     }
   }
   std::shared_ptr<transport::PeerChannel> ch;
-  uint64_t export_id, len;
+  uint64_t export_id, len, seq_before;
+  bool zc;
+  absl::Time zc_refresh_at;
   {
     absl::MutexLock l(&imp->mu);
     ch = imp->channel;
     export_id = imp->export_id;
     len = imp->len;
+    seq_before = imp->max_seq;
+    zc = imp->zc_offered;
+    zc_refresh_at = imp->zc_refresh_at;
   }
   if (offset > len || dst.size() > len - offset) {
     return absl::OutOfRangeError(absl::StrFormat(
@@ -306,6 +435,29 @@ absl::StatusOr<v1::ReadResponse> ImportTable::Read(const std::string& name, uint
   const uint64_t first = offset / kPageSize;
   const uint64_t last = (offset + dst.size() - 1) / kPageSize;
   const uint64_t n = last - first + 1;
+  if (zc && !dst.empty()) {
+    // Zero-copy: one-sided READs of the exporter's live pages, straight into
+    // dst. Never cached: a cached copy could not follow the exporter's
+    // stores without its CPU hashing what was read (the staged path's Sync
+    // bookkeeping), and the read is as cheap as a fetch.
+    absl::Status st = ch->ReadRegion(export_id, offset, dst, opts_.fetch_timeout);
+    if (absl::IsFailedPrecondition(st) && absl::Now() >= zc_refresh_at) {
+      RefreshRegion(*imp, ch.get(), export_id);
+      st = ch->ReadRegion(export_id, offset, dst, opts_.fetch_timeout);
+    }
+    if (st.ok()) {
+      v1::ReadResponse resp;
+      resp.set_len(dst.size());
+      resp.set_seq(seq_before);
+      resp.set_pages_fetched(n);
+      counters_->Add("reads");
+      counters_->Add("zero_copy_reads");
+      counters_->Add("read_pages_fetched", n);
+      return resp;
+    }
+    if (!absl::IsFailedPrecondition(st)) return st;
+    // No region right now (withdrawn or being replaced): the staged path.
+  }
   std::vector<uint8_t> buf(n * kPageSize);
   std::vector<bool> have(n, false);
   v1::ReadResponse resp;
@@ -411,6 +563,11 @@ void ImportTable::OnInvalidation(transport::PeerChannel* ch, const transport::In
       imp->max_seq = std::max(imp->max_seq, r.seq);
       cache_->Drop(imp->id, r.first_page, r.npages);
       ++imp->invalidations;
+      if (r.kind != ChangeKind::kWrite) {
+        // The channel dropped the region: ask for the new one on the next read.
+        imp->zc_registration.clear();
+        imp->zc_refresh_at = absl::InfinitePast();
+      }
       if (r.kind == ChangeKind::kExit || r.kind == ChangeKind::kUnexport) {
         imp->state = "gone";
         imp->gone_reason = r.kind == ChangeKind::kExit ? "the exporting process exited"

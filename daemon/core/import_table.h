@@ -34,10 +34,19 @@ struct ImportOptions {
   absl::Duration fetch_timeout = absl::Milliseconds(1500);
 };
 
+// Transport choice for one peer link: the local transports (names, in
+// preference order) that the peer also offers, in local preference order. A
+// peer that lists none is taken to offer tcp (the only transport before the
+// list existed). The importer tries them in order: a failed rdma setup falls
+// back to the next.
+std::vector<std::string> CommonTransports(const std::vector<std::string>& local,
+                                          const std::vector<std::string>& peer);
+
 class ImportTable final : public transport::ImportBackend {
  public:
-  ImportTable(transport::Transport* transport, WatchHub* hub, PageCache* cache, Counters* counters,
-              ImportOptions opts);
+  // transports: the running ones in preference order (not empty).
+  ImportTable(std::vector<transport::Transport*> transports, WatchHub* hub, PageCache* cache,
+              Counters* counters, ImportOptions opts);
   ~ImportTable() override;
 
   absl::StatusOr<v1::ImportInfo> Import(const std::string& peer, const std::string& name,
@@ -62,15 +71,24 @@ class ImportTable final : public transport::ImportBackend {
   void PrepareCall(grpc::ClientContext* ctx, absl::Duration timeout) const;
   std::shared_ptr<Link> GetLink(const std::string& peer);
   // Makes sure the link has a live data channel; returns it (and its generation).
+  // Tries the transports both ends run in preference order; a failed rdma
+  // setup is logged, counted (rdma_fallbacks) and falls back to tcp.
   absl::StatusOr<std::shared_ptr<transport::PeerChannel>> Connect(Link& link, uint64_t* generation);
+  // BeginConnect, SetupData, Connect on one transport; sets *token.
+  absl::StatusOr<std::unique_ptr<transport::PeerChannel>> ConnectWith(Link& link,
+                                                                      transport::Transport& t,
+                                                                      std::string* token);
   // (Re)attaches an import: describe by name, subscribe on the current channel.
   absl::Status Attach(ImportEntry& imp);
+  // Zero-copy: asks the exporter for the export's current region and hands
+  // it to the channel.
+  void RefreshRegion(ImportEntry& imp, transport::PeerChannel* ch, uint64_t export_id);
   std::shared_ptr<ImportEntry> Find(const std::string& name) const;
   v1::ImportInfo InfoOf(ImportEntry& imp) const;
   void Publish(ImportEntry& imp, uint64_t first, uint64_t n, uint64_t seq, source::ChangeKind kind,
                uint64_t detected_ns);
 
-  transport::Transport* const transport_;
+  const std::vector<transport::Transport*> transports_;
   WatchHub* const hub_;
   PageCache* const cache_;
   Counters* const counters_;

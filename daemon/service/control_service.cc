@@ -253,9 +253,25 @@ class ControlService final : public v1::Control::CallbackService {
     resp->set_pid(::getpid());
     resp->set_control(o.control);
     resp->set_peer_listen(*peer_address_);
-    resp->set_data_listen(d_->transport().listen_address());
+    resp->set_data_listen(d_->primary().listen_address());
     resp->set_source(std::string(d_->source_name()));
-    resp->set_transport(std::string(d_->transport().name()));
+    resp->set_transport(o.transport);  // the configured mode
+    for (transport::Transport* t : d_->transports()) {
+      resp->add_transports(std::string(t->name()));
+      if (auto dev = t->device_status()) {
+        v1::RdmaDeviceStatus* r = resp->mutable_rdma();
+        r->set_device(dev->device);
+        r->set_port(dev->port);
+        r->set_port_state(dev->port_state);
+        r->set_gid(dev->gid);
+        r->set_active_mtu(dev->active_mtu);
+        r->set_odp_rc_read(dev->odp_rc_read);
+        r->set_odp_check(dev->odp_check);
+        r->set_registration(dev->registration);
+        r->set_liveness_listen(t->listen_address());
+      }
+    }
+    resp->set_rdma_unavailable(d_->rdma_unavailable());
     resp->set_sync_detection("page-hash");
     resp->set_exports(static_cast<uint32_t>(d_->exports().List().size()));
     resp->set_imports(static_cast<uint32_t>(d_->imports().List().size()));

@@ -1,6 +1,7 @@
 // Peer service: other svmd daemons. Every call is authenticated with the
 // pre-shared token (when one is configured) before anything is revealed.
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "daemon/service/server.h"
 #include "common/log.h"
 #include "svm/v1/peer.grpc.pb.h"
@@ -19,7 +20,8 @@ class PeerService final : public v1::Peer::CallbackService {
     return Now(ctx, [&]() -> absl::Status {
       resp->set_node(d_->options().node);
       resp->set_protocol_version(kProtocolVersion);
-      resp->add_transports(std::string(d_->transport().name()));
+      // Preference order: the importer takes the first one it also runs.
+      for (transport::Transport* t : d_->transports()) resp->add_transports(std::string(t->name()));
       spdlog::debug("hello from node {}", req->node());
       return absl::OkStatus();
     });
@@ -40,12 +42,15 @@ class PeerService final : public v1::Peer::CallbackService {
                                       const v1::SetupDataRequest* req,
                                       v1::SetupDataResponse* resp) override {
     return Now(ctx, [&]() -> absl::Status {
-      if (req->transport() != d_->transport().name()) {
-        return absl::FailedPreconditionError(absl::StrCat(
-            "transport '", req->transport(), "' is not offered; this node offers '",
-            d_->transport().name(), "'"));
+      transport::Transport* t = d_->FindTransport(req->transport());
+      if (t == nullptr) {
+        std::vector<std::string> offered;
+        for (transport::Transport* o : d_->transports()) offered.push_back(o->name());
+        return absl::FailedPreconditionError(
+            absl::StrCat("transport '", req->transport(), "' is not offered; this node offers '",
+                         absl::StrJoin(offered, ","), "'"));
       }
-      auto r = d_->transport().PrepareSession(req->node(), req->importer_endpoint());
+      auto r = t->PrepareSession(req->node(), req->importer_endpoint());
       if (!r.ok()) return r.status();
       *resp = *r;
       return absl::OkStatus();
@@ -56,7 +61,11 @@ class PeerService final : public v1::Peer::CallbackService {
                                       const v1::SubscribeRequest* req,
                                       v1::SubscribeResponse* resp) override {
     return Now(ctx, [&]() -> absl::Status {
-      auto sub = d_->transport().FindSubscriber(req->session_token());
+      // Tokens are random: at most one transport knows this one.
+      std::shared_ptr<transport::Subscriber> sub;
+      for (transport::Transport* t : d_->transports()) {
+        if ((sub = t->FindSubscriber(req->session_token())) != nullptr) break;
+      }
       if (!sub) return absl::FailedPreconditionError("no data connection for this session");
       auto seq = d_->exports().Subscribe(req->export_id(), sub);
       if (!seq.ok()) return seq.status();

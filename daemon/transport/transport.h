@@ -6,6 +6,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
 #include <string_view>
 
@@ -57,6 +58,20 @@ class ExportBackend {
 
 class PeerChannel;
 
+// Zero-copy path, exporter side: memory of an export registered with the
+// device for one-sided remote READs (RDMA only). Destroying it deregisters.
+struct RemoteRegion {
+  uint64_t addr = 0;
+  uint64_t len = 0;
+  uint32_t rkey = 0;
+  bool odp = false;  // else pinned
+};
+class RegisteredRegion {
+ public:
+  virtual ~RegisteredRegion() = default;
+  virtual RemoteRegion remote() const = 0;
+};
+
 // Importer side: what the transport delivers to the daemon.
 class ImportBackend {
  public:
@@ -81,6 +96,36 @@ class PeerChannel {
   virtual bool alive() const = 0;
   virtual void Close() = 0;
   virtual const char* path() const = 0;
+
+  // Zero-copy path (RDMA only; the defaults say "not here").
+  virtual bool one_sided() const { return false; }
+  // Makes the region the exporter described at sequence seq readable with
+  // ReadRegion. Ignored (false) when the channel already received an
+  // invalidation of the export newer than seq other than a write: the
+  // region may have been replaced since.
+  virtual bool SetRegion(uint64_t /*export_id*/, const RemoteRegion& /*r*/, uint64_t /*seq*/) {
+    return false;
+  }
+  // Reads dst.size() bytes at byte offset of the export with one-sided
+  // READs. FAILED_PRECONDITION when the channel holds no region for it (none
+  // set, or dropped by an invalidation: any kind but a write drops it before
+  // the invalidation is delivered); UNAVAILABLE as Fetch.
+  virtual absl::Status ReadRegion(uint64_t /*export_id*/, uint64_t /*offset*/,
+                                  absl::Span<uint8_t> /*dst*/, absl::Duration /*timeout*/) {
+    return absl::FailedPreconditionError("no zero-copy path on this channel");
+  }
+};
+
+// What `svmctl status` shows about an RDMA transport's device.
+struct DeviceStatus {
+  std::string device;        // e.g. "rxe0"
+  uint32_t port = 0;
+  std::string port_state;    // live (ibv_query_port), as ibv_port_state_str(): "active", "down", ...
+  std::string gid;           // the selected GID, printable, with its index and type
+  uint32_t active_mtu = 0;   // bytes
+  bool odp_rc_read = false;  // the device reports ODP for RC RDMA READ
+  std::string odp_check;     // "passed", "not run" or "failed: WHY"
+  std::string registration;  // what data buffers are registered as: "odp" or "pinned"
 };
 
 class Transport {
@@ -109,6 +154,17 @@ class Transport {
                                                                const std::string& begin = "") = 0;
   // Closes every connection and joins their threads.
   virtual void Stop() = 0;
+  // Zero-copy path, exporter side: registers [addr, addr + len) of this
+  // process (a shared mapping of the export's object) for remote READs.
+  // UNIMPLEMENTED on transports without one-sided access.
+  virtual absl::StatusOr<std::unique_ptr<RegisteredRegion>> RegisterRegion(void* /*addr*/,
+                                                                           size_t /*len*/) {
+    return absl::UnimplementedError("no zero-copy path on this transport");
+  }
+
+  // The RDMA device behind this transport, for `svmctl status`; nullopt for
+  // transports without one (tcp). Queries the port's state live.
+  virtual std::optional<DeviceStatus> device_status() const { return std::nullopt; }
 };
 
 std::unique_ptr<Transport> CreateTcpTransport();

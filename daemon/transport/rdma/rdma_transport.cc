@@ -1,5 +1,6 @@
 #include "daemon/transport/rdma/rdma_transport.h"
 
+#include <arpa/inet.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <sys/eventfd.h>
@@ -63,7 +64,7 @@ constexpr absl::Duration kKeepalive = absl::Seconds(1);
 constexpr absl::Duration kLivenessHelloTimeout = absl::Seconds(2);
 constexpr absl::Duration kBeginLifetime = absl::Seconds(30);
 
-enum WrKind : uint64_t { kWrRecv = 1, kWrSend = 2, kWrWrite = 3 };
+enum WrKind : uint64_t { kWrRecv = 1, kWrSend = 2, kWrWrite = 3, kWrRead = 4 };
 uint64_t WrId(WrKind k, uint64_t i) { return (uint64_t{k} << 56) | i; }
 
 // HELLO payload from the importer: where its receive area is, then the token.
@@ -114,6 +115,9 @@ absl::StatusOr<MemPtr> MapMemory(size_t len) {
 struct Nic {
   std::unique_ptr<Device> device;
   PdPtr pd;  // released before the device is closed
+  // Data buffers: kAuto (ODP when the device passed the data check), kOdp
+  // (checked usable at start-up) or kPinned (--rdma-registration pinned).
+  Mode data_mode = Mode::kAuto;
 };
 
 // One side of a data connection: the queue pair, its buffers and the thread
@@ -136,13 +140,15 @@ class Conn {
   // Runs until the connection closes; calls OnClosed() last.
   void Loop();
 
-  // Queues a message (or a WRITE) behind everything queued; false once closed.
+  // Queues a message (or a WRITE or READ) behind everything queued; false
+  // once closed.
   struct OutItem {
     std::vector<uint8_t> msg;  // a SEND when not empty
     uint32_t staging = 0;      // a WRITE of staging buffer `staging`...
     size_t len = 0;
     uint64_t remote_addr = 0;  // ...to here
     uint32_t rkey = 0;
+    bool read = false;         // a READ from there into slot `staging` instead
   };
   bool Enqueue(OutItem item) {
     absl::MutexLock l(&mu_);
@@ -195,6 +201,7 @@ class Conn {
   // Role hooks, all on the connection thread.
   virtual absl::Status OnMessage(const FrameHeader& h, const uint8_t* payload, size_t len) = 0;
   virtual void OnWriteDone(uint32_t /*staging*/) {}
+  virtual void OnReadDone(uint32_t /*slot*/) {}
   // After each batch of completions (deadlines, deferred work).
   virtual absl::Status Tick() { return absl::OkStatus(); }
   virtual bool established() const = 0;
@@ -253,14 +260,14 @@ absl::Status Conn::Init(size_t data_len, Access data_access) {
                             Access::kLocal, Mode::kPinned);
   if (!smr.ok()) return smr.status();
   send_mr_.emplace(std::move(*smr));
-  auto dmr = rdma::Register(dev, nic_->pd.get(), data_mem_.get(), data_len, data_access, Mode::kAuto);
+  auto dmr = rdma::Register(dev, nic_->pd.get(), data_mem_.get(), data_len, data_access, nic_->data_mode);
   if (!dmr.ok()) return dmr.status();
   data_mr_.emplace(std::move(*dmr));
   auto poller = Poller::Create(dev, static_cast<int>(kRecvDepth + kSendWindow + kStaging + 16));
   if (!poller.ok()) return poller.status();
   poller_ = std::move(*poller);
   rdma::QpCaps caps;
-  caps.max_send_wr = kSendWindow + kStaging + 4;
+  caps.max_send_wr = kSendWindow + kStaging + kSlots + 4;
   caps.max_recv_wr = kRecvDepth;
   auto qp = Qp::Create(dev, nic_->pd.get(), *poller_, caps);
   if (!qp.ok()) return qp.status();
@@ -281,7 +288,13 @@ absl::Status Conn::ConnectQp(const Endpoint& remote) {
 absl::Status Conn::Flush() {
   while (!out_.empty()) {
     OutItem& it = out_.front();
-    if (it.msg.empty()) {
+    if (it.read) {
+      if (auto st = qp_->PostRead(WrId(kWrRead, it.staging), *data_mr_, it.staging * kSlotBytes,
+                                  it.len, it.remote_addr, it.rkey);
+          !st.ok()) {
+        return st;
+      }
+    } else if (it.msg.empty()) {
       if (auto st = qp_->PostWrite(WrId(kWrWrite, it.staging), *data_mr_, it.staging * kSlotBytes,
                                    it.len, it.remote_addr, it.rkey);
           !st.ok()) {
@@ -328,6 +341,9 @@ absl::Status Conn::OnCompletion(const ibv_wc& wc) {
       return absl::OkStatus();
     case kWrWrite:
       OnWriteDone(static_cast<uint32_t>(idx));
+      return absl::OkStatus();
+    case kWrRead:
+      OnReadDone(static_cast<uint32_t>(idx));
       return absl::OkStatus();
   }
   return absl::InternalError(absl::StrFormat("completion with unknown wr_id 0x%x", wc.wr_id));
@@ -488,7 +504,14 @@ class ClientConn final : public Conn, public PeerChannel {
     absl::MutexLock l(&mu_);
     CloseLocked(absl::CancelledError("closed by this daemon"));
   }
-  const char* path() const override { return "rdma"; }
+  // data_mr_ is set before the connection is handed out and never changes.
+  const char* path() const override {
+    return data_mr_->mode() == Mode::kOdp ? "staged/odp" : "staged/pinned";
+  }
+  bool one_sided() const override { return true; }
+  bool SetRegion(uint64_t export_id, const RemoteRegion& r, uint64_t seq) override;
+  absl::Status ReadRegion(uint64_t export_id, uint64_t offset, absl::Span<uint8_t> dst,
+                          absl::Duration timeout) override;
 
  private:
   struct Pending {
@@ -501,6 +524,7 @@ class ClientConn final : public Conn, public PeerChannel {
                                       bool track, absl::Span<uint8_t> dst, absl::Time deadline,
                                       absl::Duration timeout);
   absl::Status OnMessage(const FrameHeader& h, const uint8_t* payload, size_t len) override;
+  void OnReadDone(uint32_t slot) override;
   bool established() const override { return hello_seen_; }
   void OnClosed(const absl::Status& why) override;
 
@@ -513,6 +537,27 @@ class ClientConn final : public Conn, public PeerChannel {
   std::vector<uint32_t> free_slots_ ABSL_GUARDED_BY(mu_);
   std::map<uint64_t, Pending*> pending_ ABSL_GUARDED_BY(mu_);
   uint64_t next_id_ ABSL_GUARDED_BY(mu_) = 1;
+  // Zero-copy: the exporter's registered regions by export id, and the
+  // newest sequence of an invalidation that dropped one (a region described
+  // before it is stale).
+  std::map<uint64_t, RemoteRegion> regions_ ABSL_GUARDED_BY(mu_);
+  std::map<uint64_t, uint64_t> dropped_seq_ ABSL_GUARDED_BY(mu_);
+  // READs in flight by slot.
+  std::map<uint32_t, Pending*> reads_ ABSL_GUARDED_BY(mu_);
+};
+
+// A zero-copy region: the export's object as mapped by this daemon,
+// registered read-only for remote READs.
+class Region final : public RegisteredRegion {
+ public:
+  Region(std::shared_ptr<Nic> nic, Registration reg) : nic_(std::move(nic)), reg_(std::move(reg)) {}
+  RemoteRegion remote() const override {
+    return RemoteRegion{reg_.addr(), reg_.length(), reg_.rkey(), reg_.mode() == Mode::kOdp};
+  }
+
+ private:
+  std::shared_ptr<Nic> nic_;  // the PD outlives the registration
+  Registration reg_;
 };
 
 class RdmaTransport final : public Transport {
@@ -538,6 +583,15 @@ class RdmaTransport final : public Transport {
     return absl::OkStatus();
   }
   std::string listen_address() const override { return listen_addr_; }
+
+  absl::StatusOr<std::unique_ptr<RegisteredRegion>> RegisterRegion(void* addr, size_t len) override {
+    auto reg = rdma::Register(*nic_->device, nic_->pd.get(), addr, len, Access::kRemoteReadOnly,
+                              nic_->data_mode);
+    if (!reg.ok()) return reg.status();
+    return std::unique_ptr<RegisteredRegion>(new Region(nic_, std::move(*reg)));
+  }
+
+  std::optional<DeviceStatus> device_status() const override;
 
   absl::StatusOr<std::string> BeginConnect() override {
     auto conn = std::make_unique<ClientConn>(nic_);
@@ -1001,6 +1055,14 @@ absl::Status ClientConn::OnMessage(const FrameHeader& h, const uint8_t* payload,
       std::memcpy(&p, payload, sizeof(p));
       InvalRecord rec{p.export_id, p.first_page, p.npages, p.seq,
                       static_cast<source::ChangeKind>(p.kind), p.detected_ns};
+      if (rec.kind != source::ChangeKind::kWrite) {
+        // Anything but a store may have replaced or withdrawn the exporter's
+        // registration: no READ is issued with it from now on.
+        absl::MutexLock l(&mu_);
+        regions_.erase(rec.export_id);
+        uint64_t& d = dropped_seq_[rec.export_id];
+        d = std::max(d, rec.seq);
+      }
       backend_->OnInvalidation(this, rec);
       InvalAckPayload a{p.export_id, p.seq};
       Enqueue(OutItem{MakeMsg(FrameType::kInvalAck, 0, &a, sizeof(a))});
@@ -1009,6 +1071,101 @@ absl::Status ClientConn::OnMessage(const FrameHeader& h, const uint8_t* payload,
     default:
       return absl::DataLossError(absl::StrFormat("unexpected message type %u", h.type));
   }
+}
+
+bool ClientConn::SetRegion(uint64_t export_id, const RemoteRegion& r, uint64_t seq) {
+  absl::MutexLock l(&mu_);
+  if (auto it = dropped_seq_.find(export_id); it != dropped_seq_.end() && it->second > seq) {
+    return false;
+  }
+  regions_[export_id] = r;
+  return true;
+}
+
+// Zero-copy read: the whole pages covering the range are split into
+// slot-sized READs, up to one per free slot in flight at once; each is
+// copied out in order as it completes. Only page-aligned READs are issued:
+// rxe in Linux 7.2 serves a READ from an ODP region that does not start at
+// a page boundary from the start of the page (tests/vm/rdma/README.md).
+absl::Status ClientConn::ReadRegion(uint64_t export_id, uint64_t offset, absl::Span<uint8_t> dst,
+                                    absl::Duration timeout) {
+  const absl::Time deadline = absl::Now() + timeout;
+  struct Chunk {
+    Pending p;
+    uint64_t at = 0, len = 0;  // aligned bytes [at, at + len) of the region
+  };
+  std::deque<Chunk> inflight;
+  size_t issued = 0;
+  absl::MutexLock l(&mu_);
+  auto it = regions_.find(export_id);
+  if (it == regions_.end()) {
+    return absl::FailedPreconditionError("no zero-copy region for this export");
+  }
+  const RemoteRegion r = it->second;
+  if (offset > r.len || dst.size() > r.len - offset) {
+    return absl::OutOfRangeError(absl::StrFormat(
+        "read of %u bytes at %u outside the %u-byte region", dst.size(), offset, r.len));
+  }
+  auto closed_msg = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    return absl::UnavailableError(absl::StrCat("data connection to ", peer_name_, " is closed: ",
+                                               close_reason_.message()));
+  };
+  const uint64_t begin = offset / kPage * kPage;
+  const uint64_t end = std::min<uint64_t>(r.len, (offset + dst.size() + kPage - 1) / kPage * kPage);
+  const uint64_t total = dst.empty() ? 0 : end - begin;
+  while (issued < total || !inflight.empty()) {
+    if (closed_) {
+      for (auto& c : inflight) reads_.erase(c.p.slot);
+      return closed_msg();
+    }
+    // Issue as many as there are free slots.
+    while (issued < total && !free_slots_.empty()) {
+      Chunk& c = inflight.emplace_back();
+      c.p.slot = free_slots_.back();
+      free_slots_.pop_back();
+      c.at = begin + issued;
+      c.len = std::min<uint64_t>(kSlotBytes, total - issued);
+      reads_[c.p.slot] = &c.p;
+      OutItem item;
+      item.staging = c.p.slot;
+      item.len = c.len;
+      item.remote_addr = r.addr + c.at;
+      item.rkey = r.rkey;
+      item.read = true;
+      EnqueueLocked(std::move(item));
+      issued += c.len;
+    }
+    auto progress = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+      return closed_ || (!inflight.empty() && inflight.front().p.done) ||
+             (inflight.empty() && !free_slots_.empty());
+    };
+    if (!mu_.AwaitWithDeadline(absl::Condition(&progress), deadline)) {
+      for (auto& c : inflight) reads_.erase(c.p.slot);
+      spdlog::warn("peer {} did not complete a zero-copy read within {}; closing the rdma data connection",
+                   peer_name_, absl::FormatDuration(timeout));
+      CloseLocked(absl::UnavailableError("zero-copy read timed out"));
+      return absl::UnavailableError(absl::StrCat("peer ", peer_name_, " did not complete a read within ",
+                                                 absl::FormatDuration(timeout)));
+    }
+    if (closed_ || inflight.empty() || !inflight.front().p.done) continue;
+    Chunk& c = inflight.front();
+    reads_.erase(c.p.slot);
+    // The part of [c.at, c.at + c.len) the caller asked for.
+    const uint64_t from = std::max(c.at, offset);
+    const uint64_t to = std::min(c.at + c.len, offset + dst.size());
+    mu_.Unlock();
+    std::memcpy(dst.data() + (from - offset),
+                data_mem_.get() + static_cast<size_t>(c.p.slot) * kSlotBytes + (from - c.at), to - from);
+    mu_.Lock();
+    free_slots_.push_back(c.p.slot);
+    inflight.pop_front();
+  }
+  return absl::OkStatus();
+}
+
+void ClientConn::OnReadDone(uint32_t slot) {
+  absl::MutexLock l(&mu_);
+  if (auto it = reads_.find(slot); it != reads_.end()) it->second->done = true;
 }
 
 void ClientConn::OnClosed(const absl::Status& why) {
@@ -1024,16 +1181,74 @@ void ClientConn::OnClosed(const absl::Status& why) {
   backend_->OnChannelClosed(this, absl::IsUnavailable(why) ? why : absl::UnavailableError(why.message()));
 }
 
+std::optional<DeviceStatus> RdmaTransport::device_status() const {
+  const Device& dev = *nic_->device;
+  DeviceStatus s;
+  s.device = dev.name();
+  s.port = dev.port();
+  ibv_port_attr pattr{};
+  if (int rc = ibv_query_port(dev.context(), dev.port(), &pattr); rc != 0) {
+    s.port_state = absl::StrCat("unknown (", std::strerror(rc), ")");
+  } else {
+    s.port_state = ibv_port_state_str(pattr.state);
+  }
+  char gid[INET6_ADDRSTRLEN] = {};
+  ::inet_ntop(AF_INET6, dev.gid().raw, gid, sizeof(gid));
+  s.gid = absl::StrFormat("gid[%d] %s (%s)", dev.gid_index(), gid, rdma::GidTypeName(dev.gid_type()));
+  s.active_mtu = rdma::MtuBytes(dev.active_mtu());
+  const rdma::Capabilities& caps = dev.caps();
+  s.odp_rc_read = caps.odp && caps.odp_rc_read;
+  switch (caps.odp_check) {
+    case rdma::Capabilities::OdpCheck::kNotRun:
+      s.odp_check = "not run";
+      break;
+    case rdma::Capabilities::OdpCheck::kPassed:
+      s.odp_check = "passed";
+      break;
+    case rdma::Capabilities::OdpCheck::kFailed:
+      s.odp_check = absl::StrCat("failed: ", caps.odp_check_detail);
+      break;
+  }
+  const bool odp = nic_->data_mode == Mode::kOdp ||
+                   (nic_->data_mode == Mode::kAuto && caps.OdpUsable());
+  s.registration = odp ? "odp" : "pinned";
+  return s;
+}
+
 }  // namespace
 
-absl::StatusOr<std::unique_ptr<Transport>> CreateRdmaTransport(const std::string& device) {
+absl::StatusOr<RdmaRegistration> ParseRdmaRegistration(const std::string& s) {
+  if (s == "auto") return RdmaRegistration::kAuto;
+  if (s == "odp") return RdmaRegistration::kOdp;
+  if (s == "pinned") return RdmaRegistration::kPinned;
+  return absl::InvalidArgumentError(absl::StrCat("unknown rdma registration '", s,
+                                                 "' (auto|odp|pinned)"));
+}
+
+absl::StatusOr<std::unique_ptr<Transport>> CreateRdmaTransport(const RdmaOptions& opts) {
   auto nic = std::make_shared<Nic>();
-  auto dev = Device::Open(device);
+  auto dev = Device::Open(opts.device);
   if (!dev.ok()) return dev.status();
   nic->device = std::move(*dev);
-  // Decides Mode::kAuto for the data buffers (logged when it fails).
-  if (absl::Status st = nic->device->VerifyOdp(); !st.ok()) {
-    spdlog::info("rdma data buffers are registered pinned ({})", st.message());
+  switch (opts.registration) {
+    case RdmaRegistration::kPinned:
+      // No ODP data check: nothing will be registered ODP.
+      nic->data_mode = Mode::kPinned;
+      spdlog::info("rdma data buffers are registered pinned (--rdma-registration pinned)");
+      break;
+    case RdmaRegistration::kOdp:
+      if (absl::Status st = nic->device->VerifyOdp(); !st.ok()) {
+        return absl::Status(st.code(), absl::StrCat("--rdma-registration odp: odp is not usable on ",
+                                                    nic->device->name(), ": ", st.message()));
+      }
+      nic->data_mode = Mode::kOdp;
+      break;
+    case RdmaRegistration::kAuto:
+      // Decides Mode::kAuto for the data buffers (logged when it fails).
+      if (absl::Status st = nic->device->VerifyOdp(); !st.ok()) {
+        spdlog::info("rdma data buffers are registered pinned ({})", st.message());
+      }
+      break;
   }
   auto pd = nic->device->AllocPd();
   if (!pd.ok()) return pd.status();

@@ -31,10 +31,26 @@
 
 namespace svm::transport {
 
-// Opens `device` ("" = the first with an active port), runs the ODP data
-// check (Mode::kAuto then registers ODP only when it passed) and returns the
-// transport; NOT_FOUND and friends when there is no usable device.
-absl::StatusOr<std::unique_ptr<Transport>> CreateRdmaTransport(const std::string& device);
+// How the data buffers (importer receive areas, exporter staging buffers)
+// are registered.
+enum class RdmaRegistration {
+  kAuto,    // ODP when the device has RC READ ODP and passes the data check, else pinned
+  kOdp,     // ODP or fail: CreateRdmaTransport fails when ODP is unusable
+  kPinned,  // never ODP (pinned registrations count against RLIMIT_MEMLOCK)
+};
+// "auto" / "odp" / "pinned"; INVALID_ARGUMENT otherwise.
+absl::StatusOr<RdmaRegistration> ParseRdmaRegistration(const std::string& s);
+
+struct RdmaOptions {
+  std::string device;  // "" = the first device with an active port
+  RdmaRegistration registration = RdmaRegistration::kAuto;
+};
+
+// Opens the device, runs the ODP data check (unless registration is pinned)
+// and returns the transport; NOT_FOUND and friends when there is no usable
+// device, FAILED_PRECONDITION (or the check's error) for kOdp without usable
+// ODP.
+absl::StatusOr<std::unique_ptr<Transport>> CreateRdmaTransport(const RdmaOptions& opts);
 
 }  // namespace svm::transport
 

@@ -431,7 +431,7 @@ absl::StatusOr<Registration> Register(const Device& device, ibv_pd* pd, void* ad
     return absl::FailedPreconditionError(absl::StrFormat(
         "register %s as odp: %s has no on-demand paging", Bytes(len), device.name()));
   }
-  int flags = IBV_ACCESS_LOCAL_WRITE;
+  int flags = access == Access::kRemoteReadOnly ? 0 : IBV_ACCESS_LOCAL_WRITE;
   if (access != Access::kLocal) flags |= IBV_ACCESS_REMOTE_READ;
   if (access == Access::kRemoteReadWrite) flags |= IBV_ACCESS_REMOTE_WRITE;
   if (mode == Mode::kOdp) {

@@ -145,6 +145,8 @@ enum class Access {
   kLocal,            // LOCAL_WRITE only: no remote access at all
   kRemoteRead,       // + REMOTE_READ (the default for exported memory)
   kRemoteReadWrite,  // + REMOTE_WRITE (receive buffers of the staged path)
+  kRemoteReadOnly,   // REMOTE_READ without LOCAL_WRITE: registers read-only
+                     // mappings (the exported objects of the zero-copy path)
 };
 
 // A registered memory range. Mode is what was actually used (never kAuto).

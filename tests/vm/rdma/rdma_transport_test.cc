@@ -3,6 +3,7 @@
 // with a fake ImportBackend, connected through BeginConnect / PrepareSession
 // / Connect exactly as svmd does over gRPC. On a host without an RDMA device
 // every test skips, unless SVM_EXPECT_RDMA=1 (the VM tier) makes that fail.
+#include <sys/mman.h>
 #include <sys/resource.h>
 
 #include <atomic>
@@ -61,6 +62,10 @@ class FakeExportBackend final : public ExportBackend {
   void SetSeq(uint64_t s) {
     absl::MutexLock l(&mu_);
     seq_ = s;
+  }
+  int fetches() {
+    absl::MutexLock l(&mu_);
+    return fetches_;
   }
   void FailExport(uint64_t id, absl::Status st) {
     absl::MutexLock l(&mu_);
@@ -151,7 +156,7 @@ bool ExpectRdma() {
 class RdmaTransportTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    auto e = CreateRdmaTransport("");
+    auto e = CreateRdmaTransport(RdmaOptions{});
     if (!e.ok()) {
       if (ExpectRdma()) FAIL() << e.status();
       GTEST_SKIP() << e.status();
@@ -159,7 +164,7 @@ class RdmaTransportTest : public ::testing::Test {
     exporter_ = std::move(*e);
     ASSERT_STREQ(exporter_->name(), "rdma");
     ASSERT_TRUE(exporter_->Start(HostPort{"127.0.0.1", 0}, &exp_).ok());
-    auto i = CreateRdmaTransport("");
+    auto i = CreateRdmaTransport(RdmaOptions{});
     ASSERT_TRUE(i.ok()) << i.status();
     importer_ = std::move(*i);
   }
@@ -217,7 +222,8 @@ TEST_F(RdmaTransportTest, FetchReturnsTheBackendsBytesAndSeqAtEverySize) {
   std::shared_ptr<Subscriber> sub;
   PeerChannel* ch = Open("importer-1", &sub);
   ASSERT_NE(ch, nullptr);
-  EXPECT_STREQ(ch->path(), "rdma");
+  // "staged/odp" or "staged/pinned": the registration of the receive area.
+  EXPECT_EQ(std::string(ch->path()).rfind("staged/", 0), 0u) << ch->path();
   ASSERT_NE(sub, nullptr);
   EXPECT_EQ(sub->node(), "importer-1");
   exp_.SetSeq(42);
@@ -383,6 +389,53 @@ TEST_F(RdmaTransportTest, IdleConnectionCostsNoCpu) {
               absl::FormatDuration(wall).c_str());
   EXPECT_LT(used, wall / 10);
   EXPECT_TRUE(ch->alive());
+}
+
+// Zero-copy: a region registered by the exporter is read by the importer
+// with one-sided READs (no exporter backend call), byte-exact at unaligned
+// offsets and across several slots; a non-write invalidation drops it
+// before it is delivered, and a region described before that invalidation
+// is refused.
+TEST_F(RdmaTransportTest, RegisteredRegionIsReadOneSidedAndDroppedByInvalidations) {
+  std::shared_ptr<Subscriber> sub;
+  PeerChannel* ch = Open("zc", &sub);
+  ASSERT_NE(ch, nullptr);
+  ASSERT_NE(sub, nullptr);
+  constexpr size_t kLen = 3 * 1024 * 1024 + 5 * kPageSize;  // > 3 slots
+  void* mem = mmap(nullptr, kLen, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+  ASSERT_NE(mem, MAP_FAILED);
+  auto* bytes = static_cast<uint8_t*>(mem);
+  for (size_t i = 0; i < kLen; ++i) bytes[i] = static_cast<uint8_t>(i * 31 + i / 4093);
+  auto region = exporter_->RegisterRegion(mem, kLen);
+  ASSERT_TRUE(region.ok()) << region.status();
+  RemoteRegion r = (*region)->remote();
+  r.len = kLen;
+  std::vector<uint8_t> buf(kLen);
+  EXPECT_TRUE(absl::IsFailedPrecondition(ch->ReadRegion(7, 0, absl::MakeSpan(buf), absl::Seconds(5))));
+  ASSERT_TRUE(ch->SetRegion(7, r, /*seq=*/3));
+  const int fetches = exp_.fetches();
+  for (auto [off, len] : std::vector<std::pair<size_t, size_t>>{
+           {0, kLen}, {100, 1}, {4095, 2}, {12345, 2 * 1024 * 1024 + 777}, {kLen - 9, 9}}) {
+    std::vector<uint8_t> got(len);
+    ASSERT_TRUE(ch->ReadRegion(7, off, absl::MakeSpan(got), absl::Seconds(10)).ok()) << off;
+    ASSERT_EQ(std::memcmp(got.data(), bytes + off, len), 0) << "offset " << off << " length " << len;
+  }
+  EXPECT_EQ(exp_.fetches(), fetches) << "a zero-copy read reached the exporter's backend";
+  std::vector<uint8_t> past(10);
+  EXPECT_TRUE(absl::IsOutOfRange(ch->ReadRegion(7, kLen - 5, absl::MakeSpan(past), absl::Seconds(5))));
+
+  // A write keeps the region; anything else drops it before delivery.
+  ASSERT_TRUE(sub->PushInvalidation(InvalRecord{7, 0, 1, 4, source::ChangeKind::kWrite, 0}));
+  ASSERT_TRUE(imp_.WaitInvals(1));
+  EXPECT_TRUE(ch->ReadRegion(7, 0, absl::MakeSpan(past), absl::Seconds(5)).ok());
+  ASSERT_TRUE(sub->PushInvalidation(InvalRecord{7, 0, 1, 5, source::ChangeKind::kUnmap, 0}));
+  ASSERT_TRUE(imp_.WaitInvals(2));
+  EXPECT_TRUE(absl::IsFailedPrecondition(ch->ReadRegion(7, 0, absl::MakeSpan(past), absl::Seconds(5))));
+  EXPECT_FALSE(ch->SetRegion(7, r, /*seq=*/4)) << "a region older than the drop was accepted";
+  EXPECT_TRUE(ch->SetRegion(7, r, /*seq=*/5));
+  EXPECT_TRUE(ch->ReadRegion(7, 0, absl::MakeSpan(past), absl::Seconds(5)).ok());
+  region->reset();
+  munmap(mem, kLen);
 }
 
 }  // namespace

@@ -1,0 +1,58 @@
+// The object behind a shared mapping of another process (memfd, shmem,
+// tmpfs, hugetlbfs, a regular file), mapped a second time into svmd so that
+// the zero-copy path can register it with the RDMA device: importers then
+// read the exporter's live pages with one-sided READs.
+//
+// The object is opened through /proc/PID/map_files (CAP_SYS_ADMIN or
+// CAP_CHECKPOINT_RESTORE), mapped read-only and shared: svmd never writes
+// it. The mapping follows the object, not the exporting process's page
+// tables, so the export table re-validates it whenever the process's range
+// changes (Validate) and withdraws it when the range no longer maps the same
+// object at the same offset.
+#ifndef SVM_DAEMON_SOURCE_SHARED_MAPPING_H_
+#define SVM_DAEMON_SOURCE_SHARED_MAPPING_H_
+
+#include <sys/types.h>
+
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "common/fd.h"
+
+namespace svm::source {
+
+class SharedMapping {
+ public:
+  // FAILED_PRECONDITION naming the reason when [addr, addr + len) of pid is
+  // not one readable shared mapping of a file-like object that covers it.
+  static absl::StatusOr<std::unique_ptr<SharedMapping>> Open(pid_t pid, uint64_t addr, uint64_t len);
+  ~SharedMapping();
+  SharedMapping(const SharedMapping&) = delete;
+  SharedMapping& operator=(const SharedMapping&) = delete;
+
+  void* data() const { return data_; }
+  uint64_t len() const { return len_; }
+  // The object as /proc/PID/maps names it, e.g. "/memfd:buf (deleted)".
+  const std::string& object() const { return object_; }
+
+  // OK when pid's range still maps this object at the same offset, readable
+  // and shared, and the object is still long enough; else why not.
+  absl::Status Validate(pid_t pid, uint64_t addr) const;
+
+ private:
+  SharedMapping() = default;
+
+  UniqueFd fd_;
+  void* data_ = nullptr;
+  uint64_t len_ = 0;
+  uint64_t offset_ = 0;  // of the export's first byte in the object
+  dev_t dev_ = 0;
+  ino_t ino_ = 0;
+  std::string object_;
+};
+
+}  // namespace svm::source
+
+#endif  // SVM_DAEMON_SOURCE_SHARED_MAPPING_H_
