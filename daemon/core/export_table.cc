@@ -1,9 +1,12 @@
 #include "daemon/core/export_table.h"
 
 #include <algorithm>
+#include <cerrno>
+#include <cstring>
 #include <random>
 
 #include "absl/hash/hash.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/time/clock.h"
@@ -259,17 +262,25 @@ void ExportTable::TryZeroCopy(ExportEntry& e) {
   auto z = std::make_unique<ZeroCopy>();
   absl::Status st;
   bool shareable = false;
-  if (auto m = source::SharedMapping::Open(e.pid, e.addr, e.len); !m.ok()) {
-    st = m.status();
-  } else {
+  // Read-only first; kernels before 6.2 pin read-only registrations as
+  // forced writes (EFAULT on a read-only shared mapping): then writable.
+  for (bool writable : {false, true}) {
+    auto m = source::SharedMapping::Open(e.pid, e.addr, e.len, writable);
+    if (!m.ok()) {
+      if (!writable) st = m.status();  // else: keep the registration's error
+      break;
+    }
     shareable = true;
     z->mapping = std::move(*m);
     auto r = t->RegisterRegion(z->mapping->data(), e.len);
     if (r.ok()) {
       z->region = std::move(*r);
-    } else {
-      st = r.status();
+      st = absl::OkStatus();
+      break;
     }
+    st = r.status();
+    z->mapping.reset();
+    if (!absl::StrContains(st.message(), std::strerror(EFAULT))) break;
   }
   absl::MutexLock l(&e.mu);
   if (!st.ok()) {

@@ -234,6 +234,7 @@ absl::StatusOr<std::unique_ptr<transport::PeerChannel>> ImportTable::ConnectWith
   v1::SetupDataResponse setup;
   if (auto st = FromGrpc(link.stub->SetupData(&ctx, req, &setup), absl::StrCat("peer ", link.peer));
       !st.ok()) {
+    t.AbortConnect(*begin);  // release its queue pair and buffers now
     return st;
   }
   auto ch = t.Connect(link.host, setup, this, *begin);

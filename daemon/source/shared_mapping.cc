@@ -52,7 +52,7 @@ struct Located {
 };
 
 // The object mapped at [addr, addr + len) of pid, opened through map_files.
-absl::StatusOr<Located> Locate(pid_t pid, uint64_t addr, uint64_t len) {
+absl::StatusOr<Located> Locate(pid_t pid, uint64_t addr, uint64_t len, bool writable) {
   auto vma = FindVma(pid, addr);
   if (!vma.ok()) return vma.status();
   Located l;
@@ -65,7 +65,7 @@ absl::StatusOr<Located> Locate(pid_t pid, uint64_t addr, uint64_t len) {
   if (l.vma.inode == 0) return absl::FailedPreconditionError("not backed by a file-like object");
   const std::string link =
       absl::StrFormat("/proc/%d/map_files/%x-%x", pid, l.vma.start, l.vma.end);
-  int fd = ::open(link.c_str(), O_RDONLY | O_CLOEXEC);
+  int fd = ::open(link.c_str(), (writable ? O_RDWR : O_RDONLY) | O_CLOEXEC);
   if (fd < 0) {
     return absl::FailedPreconditionError(
         absl::StrCat("open ", link, ": ", std::strerror(errno),
@@ -87,11 +87,12 @@ absl::StatusOr<Located> Locate(pid_t pid, uint64_t addr, uint64_t len) {
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<SharedMapping>> SharedMapping::Open(pid_t pid, uint64_t addr,
-                                                                   uint64_t len) {
-  auto l = Locate(pid, addr, len);
+                                                                   uint64_t len, bool writable) {
+  auto l = Locate(pid, addr, len, writable);
   if (!l.ok()) return l.status();
   std::unique_ptr<SharedMapping> m(new SharedMapping());
-  void* p = ::mmap(nullptr, len, PROT_READ, MAP_SHARED, l->fd.get(), static_cast<off_t>(l->offset));
+  void* p = ::mmap(nullptr, len, writable ? PROT_READ | PROT_WRITE : PROT_READ, MAP_SHARED,
+                   l->fd.get(), static_cast<off_t>(l->offset));
   if (p == MAP_FAILED) {
     return absl::FailedPreconditionError(
         absl::StrCat("map ", l->vma.path, " again: ", std::strerror(errno)));
@@ -111,7 +112,7 @@ SharedMapping::~SharedMapping() {
 }
 
 absl::Status SharedMapping::Validate(pid_t pid, uint64_t addr) const {
-  auto l = Locate(pid, addr, len_);
+  auto l = Locate(pid, addr, len_, /*writable=*/false);
   if (!l.ok()) return l.status();
   if (l->st.st_dev != dev_ || l->st.st_ino != ino_) {
     return absl::FailedPreconditionError("the range maps another object now");

@@ -4,8 +4,11 @@
 // read the exporter's live pages with one-sided READs.
 //
 // The object is opened through /proc/PID/map_files (CAP_SYS_ADMIN or
-// CAP_CHECKPOINT_RESTORE), mapped read-only and shared: svmd never writes
-// it. The mapping follows the object, not the exporting process's page
+// CAP_CHECKPOINT_RESTORE) and mapped shared, read-only by default: svmd
+// never writes it. (Kernels before 6.2 pin even a read-only RDMA
+// registration with FOLL_FORCE | FOLL_WRITE, which a read-only shared
+// mapping refuses with EFAULT; for them the caller asks for a writable
+// mapping.) The mapping follows the object, not the exporting process's page
 // tables, so the export table re-validates it whenever the process's range
 // changes (Validate) and withdraws it when the range no longer maps the same
 // object at the same offset.
@@ -27,7 +30,8 @@ class SharedMapping {
  public:
   // FAILED_PRECONDITION naming the reason when [addr, addr + len) of pid is
   // not one readable shared mapping of a file-like object that covers it.
-  static absl::StatusOr<std::unique_ptr<SharedMapping>> Open(pid_t pid, uint64_t addr, uint64_t len);
+  static absl::StatusOr<std::unique_ptr<SharedMapping>> Open(pid_t pid, uint64_t addr, uint64_t len,
+                                                             bool writable = false);
   ~SharedMapping();
   SharedMapping(const SharedMapping&) = delete;
   SharedMapping& operator=(const SharedMapping&) = delete;

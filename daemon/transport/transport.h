@@ -140,6 +140,8 @@ class Transport {
   // of a queue pair created for this connection; tcp: empty). Each call must
   // be followed by Connect() with the same bytes; abandoned ones expire.
   virtual absl::StatusOr<std::string> BeginConnect() { return std::string(); }
+  // Importer: gives up a BeginConnect() whose SetupData failed.
+  virtual void AbortConnect(const std::string& /*begin*/) {}
   // Exporter: SetupData. Returns the endpoint and a one-time token.
   // importer: the importer's BeginConnect() bytes.
   virtual absl::StatusOr<v1::SetupDataResponse> PrepareSession(const std::string& node,

@@ -607,6 +607,15 @@ class RdmaTransport final : public Transport {
     return bytes;
   }
 
+  void AbortConnect(const std::string& begin) override {
+    std::unique_ptr<ClientConn> conn;  // destroyed outside the lock
+    absl::MutexLock l(&mu_);
+    if (auto it = begun_.find(begin); it != begun_.end()) {
+      conn = std::move(it->second.conn);
+      begun_.erase(it);
+    }
+  }
+
   absl::StatusOr<v1::SetupDataResponse> PrepareSession(const std::string& node,
                                                        const std::string& importer) override {
     if (importer.empty()) {
