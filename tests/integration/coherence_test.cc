@@ -15,6 +15,7 @@
 #include <map>
 #include <random>
 #include <thread>
+#include <tuple>
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
@@ -71,18 +72,23 @@ TEST(CoherenceChecker, FlagsAStaleReadAndAcceptsAFreshOne) {
   EXPECT_TRUE(CheckNoStaleReads({{4, 7, 250}}, events, destroyed).empty());    // other page
 }
 
-class Coherence : public ::testing::TestWithParam<int> {};
+// Parameters: the data transport ("tcp", "rdma"; rdma skips without an
+// active RDMA port) and the exporter's fetch-reply delay in ms.
+class Coherence : public ::testing::TestWithParam<std::tuple<std::string, int>> {};
 
-// Parameter: the exporter's fetch-reply delay in ms. With 15 ms, most
+// The delay: with 15 ms, most
 // mutations during a fetch are detected (10 ms polls) and invalidated
 // before the reply leaves, so an importer that ignored the retry rule would
 // cache stale pages and fail this test.
 TEST_P(Coherence, MutatorVersusReadersNeverReturnsAnInvalidatedVersion) {
+  const auto& [transport, delay_ms] = GetParam();
+  SVM_GATE_TRANSPORT(transport);
   TempDir dir;
   auto a = Daemon::Start({.node = "A", .dir = dir.path(),
-                          .extra = {"--fault-fetch-delay-ms", std::to_string(GetParam())}});
+                          .extra = {"--fault-fetch-delay-ms", std::to_string(delay_ms)},
+                          .transport = transport});
   ASSERT_TRUE(a.ok()) << a.status();
-  auto b = Daemon::Start({.node = "B", .dir = dir.path()});
+  auto b = Daemon::Start({.node = "B", .dir = dir.path(), .transport = transport});
   ASSERT_TRUE(b.ok()) << b.status();
   constexpr uint64_t kPages = 4;
   auto e = Exporter::Start({.daemon = a->get(), .name = "hot", .pages = kPages,
@@ -181,8 +187,16 @@ TEST_P(Coherence, MutatorVersusReadersNeverReturnsAnInvalidatedVersion) {
               behind, events.size(), destroyed.size());
 }
 
-INSTANTIATE_TEST_SUITE_P(ReplyDelay, Coherence, ::testing::Values(0, 15),
-                         [](const auto& info) { return absl::StrCat(info.param, "ms"); });
+// Test names: Tcp/Coherence.MutatorVersus...Version/15ms.
+std::string DelayName(const ::testing::TestParamInfo<Coherence::ParamType>& info) {
+  return absl::StrCat(std::get<1>(info.param), "ms");
+}
+INSTANTIATE_TEST_SUITE_P(Tcp, Coherence,
+                         ::testing::Combine(::testing::Values("tcp"), ::testing::Values(0, 15)),
+                         DelayName);
+INSTANTIATE_TEST_SUITE_P(Rdma, Coherence,
+                         ::testing::Combine(::testing::Values("rdma"), ::testing::Values(0, 15)),
+                         DelayName);
 
 }  // namespace
 }  // namespace svm::testing

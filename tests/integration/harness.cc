@@ -2,6 +2,7 @@
 
 #include <fcntl.h>
 #include <grp.h>
+#include <infiniband/verbs.h>
 #include <poll.h>
 #include <signal.h>
 #include <sys/prctl.h>
@@ -18,6 +19,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "gtest/gtest.h"
 
@@ -45,6 +47,55 @@ std::string TestSource() {
 std::string TestTransport() {
   const char* s = std::getenv("SVM_TEST_TRANSPORT");
   return s != nullptr ? s : "";
+}
+
+absl::StatusOr<std::string> ActiveRdmaDevice() {
+  int n = 0;
+  ibv_device** list = ibv_get_device_list(&n);
+  if (list == nullptr) {
+    return absl::UnavailableError(absl::StrCat("no RDMA devices (ibv_get_device_list: ",
+                                               std::strerror(errno), ")"));
+  }
+  std::vector<std::string> seen;
+  std::string found;
+  for (int i = 0; i < n && found.empty(); ++i) {
+    const std::string name = ibv_get_device_name(list[i]);
+    ibv_context* ctx = ibv_open_device(list[i]);
+    if (ctx == nullptr) {
+      seen.push_back(absl::StrCat(name, " (open: ", std::strerror(errno), ")"));
+      continue;
+    }
+    ibv_device_attr attr{};
+    if (ibv_query_device(ctx, &attr) == 0) {
+      for (uint8_t port = 1; port <= attr.phys_port_cnt && found.empty(); ++port) {
+        ibv_port_attr pa{};
+        if (ibv_query_port(ctx, port, &pa) != 0) continue;
+        if (pa.state == IBV_PORT_ACTIVE) found = name;
+        else seen.push_back(absl::StrCat(name, " port ", port, " ", ibv_port_state_str(pa.state)));
+      }
+    }
+    ibv_close_device(ctx);
+  }
+  ibv_free_device_list(list);
+  if (!found.empty()) return found;
+  if (seen.empty()) return absl::UnavailableError("no RDMA device present");
+  return absl::UnavailableError(absl::StrCat("no RDMA device with an active port (",
+                                             absl::StrJoin(seen, ", "), ")"));
+}
+
+TransportGate GateTransport(const std::string& transport) {
+  if (const std::string only = TestTransport(); !only.empty() && only != transport) {
+    return {TransportGate::kSkip, absl::StrCat("SVM_TEST_TRANSPORT=", only)};
+  }
+  if (transport != "rdma") return {};
+  auto dev = ActiveRdmaDevice();
+  if (dev.ok()) return {};
+  const char* expect = std::getenv("SVM_EXPECT_RDMA");
+  if (expect != nullptr && std::string(expect) == "1") {
+    return {TransportGate::kFail,
+            absl::StrCat("SVM_EXPECT_RDMA=1 but ", dev.status().message())};
+  }
+  return {TransportGate::kSkip, absl::StrCat("rdma: ", dev.status().message())};
 }
 
 absl::StatusOr<std::unique_ptr<Subprocess>> Subprocess::Start(const Options& opts) {
@@ -247,9 +298,10 @@ absl::Status Daemon::Restart() {
                                    "--log-level", "debug"};
   argv.push_back("--source");
   argv.push_back(TestSource());
-  if (!TestTransport().empty()) {
+  const std::string transport = opts_.transport.empty() ? TestTransport() : opts_.transport;
+  if (!transport.empty()) {
     argv.push_back("--transport");
-    argv.push_back(TestTransport());
+    argv.push_back(transport);
   }
   argv.push_back("--peer-timeout-ms");
   argv.push_back(std::to_string(absl::ToInt64Milliseconds(Scaled(absl::Seconds(2)))));
@@ -276,10 +328,9 @@ absl::Status Daemon::Restart() {
       if (s.ok()) {
         // A daemon that silently runs another transport than the suite asked
         // for must not pass it.
-        if (!TestTransport().empty() && s->transport() != TestTransport()) {
+        if (!transport.empty() && s->transport() != transport) {
           return absl::FailedPreconditionError(absl::StrCat(
-              "svmd runs transport '", s->transport(), "', $SVM_TEST_TRANSPORT wants '",
-              TestTransport(), "'"));
+              "svmd runs transport '", s->transport(), "', the test wants '", transport, "'"));
         }
         peer_ = s->peer_listen();
         data_ = s->data_listen();

@@ -75,6 +75,9 @@ class Daemon {
     std::vector<std::string> extra;  // more svmd flags
     uint16_t peer_port = 0;          // 0: the kernel chooses
     uint16_t data_port = 0;
+    // --transport for svmd; Start fails when `svmctl status` names another.
+    // Empty: $SVM_TEST_TRANSPORT (TestTransport()), else svmd's default.
+    std::string transport;
   };
   static absl::StatusOr<std::unique_ptr<Daemon>> Start(const Options& opts);
 
@@ -138,6 +141,23 @@ std::string TestSource();
 // Daemon::Start fails when `svmctl status` reports another one.
 std::string TestTransport();
 
+// Whether the tests of one transport ("tcp", "rdma") run on this machine.
+// Suites parameterized over the transport call it from SetUp (see
+// SVM_GATE_TRANSPORT): with $SVM_TEST_TRANSPORT set, only that transport
+// runs (the VM tier's entries each cover one); rdma needs an active port on
+// some RDMA device, and its absence is a failure instead of a skip when
+// $SVM_EXPECT_RDMA=1.
+struct TransportGate {
+  enum Verdict { kRun, kSkip, kFail };
+  Verdict verdict = kRun;
+  std::string reason;  // why not kRun
+};
+TransportGate GateTransport(const std::string& transport);
+
+// The name of the first RDMA device with an ACTIVE port (libibverbs), or
+// why there is none.
+absl::StatusOr<std::string> ActiveRdmaDevice();
+
 // Reads len bytes at offset of name through client c.
 absl::StatusOr<std::string> ReadBytes(Client& c, const std::string& name, uint64_t offset,
                                       uint64_t len, bool fresh = false);
@@ -146,5 +166,18 @@ absl::StatusOr<std::string> ReadBytes(Client& c, const std::string& name, uint64
 absl::StatusOr<v1::Invalidation> WaitForPage(WatchStream& w, uint64_t page, absl::Duration timeout);
 
 }  // namespace svm::testing
+
+// In SetUp (or a test body) of a suite parameterized over the transport:
+// skips or fails as GateTransport() decides.
+#define SVM_GATE_TRANSPORT(transport)                                            \
+  do {                                                                           \
+    const auto svm_gate_ = ::svm::testing::GateTransport(transport);             \
+    if (svm_gate_.verdict == ::svm::testing::TransportGate::kFail) {             \
+      GTEST_FAIL() << svm_gate_.reason;                                          \
+    }                                                                            \
+    if (svm_gate_.verdict == ::svm::testing::TransportGate::kSkip) {             \
+      GTEST_SKIP() << svm_gate_.reason;                                          \
+    }                                                                            \
+  } while (0)
 
 #endif  // SVM_TESTS_INTEGRATION_HARNESS_H_

@@ -5,7 +5,10 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <cstring>
+#include <future>
 #include <string>
+#include <thread>
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
@@ -23,19 +26,49 @@ constexpr gid_t kNogroup = 65534;
 
 std::string Page(char c) { return std::string(kPage, c); }
 
-class TwoNodes : public ::testing::Test {
+// The first page of buf (holding pages first, first + 1, ...) that is not
+// stamped the way svm-exporter stamps page p without --fill (version p + 1
+// in every 8-byte word), or -1 when all are.
+int64_t FirstUnstampedPage(const std::string& buf, uint64_t first) {
+  for (uint64_t p = 0; p < buf.size() / kPage; ++p) {
+    const char* page = buf.data() + p * kPage;
+    for (uint64_t w = 0; w < kPage / 8; ++w) {
+      uint64_t v;
+      std::memcpy(&v, page + w * 8, 8);
+      if (v != first + p + 1) return static_cast<int64_t>(first + p);
+    }
+  }
+  return -1;
+}
+
+uint64_t Counter(Client& c, const std::string& name) {
+  auto st = c.Status();
+  if (!st.ok()) return 0;
+  auto it = st->counters().find(name);
+  return it == st->counters().end() ? 0 : it->second;
+}
+
+// One body per scenario, instantiated per data transport (the parameter:
+// "tcp", "rdma"); the rdma instances skip without an active RDMA port.
+class TwoNodes : public ::testing::TestWithParam<std::string> {
  protected:
   void SetUp() override {
-    auto a = Daemon::Start({.node = "A", .dir = dir_.path()});
+    SVM_GATE_TRANSPORT(GetParam());
+    auto a = Daemon::Start(Node("A"));
     ASSERT_TRUE(a.ok()) << a.status();
     a_ = std::move(*a);
-    auto b = Daemon::Start({.node = "B", .dir = dir_.path()});
+    auto b = Daemon::Start(Node("B"));
     ASSERT_TRUE(b.ok()) << b.status();
     b_ = std::move(*b);
     ca_ = a_->Connect();
     cb_ = b_->Connect();
     ASSERT_NE(ca_, nullptr);
     ASSERT_NE(cb_, nullptr);
+  }
+
+  // A daemon of this test's transport.
+  Daemon::Options Node(const std::string& name, std::vector<std::string> extra = {}) {
+    return {.node = name, .dir = dir_.path(), .extra = std::move(extra), .transport = GetParam()};
   }
 
   std::unique_ptr<Exporter> StartExporter(const std::string& name, uint64_t pages, int fill = -1,
@@ -67,7 +100,7 @@ class TwoNodes : public ::testing::Test {
   std::unique_ptr<Client> ca_, cb_;
 };
 
-TEST_F(TwoNodes, ImportReadsLiveMemory) {
+TEST_P(TwoNodes, ImportReadsLiveMemory) {
   auto e = ExportAndImport("mem", 4, 'A');
   ASSERT_NE(e, nullptr);
   auto r = ReadBytes(*cb_, "mem", 0, 4 * kPage);
@@ -83,7 +116,7 @@ TEST_F(TwoNodes, ImportReadsLiveMemory) {
   EXPECT_EQ(*local, std::string(16, 'A'));
 }
 
-TEST_F(TwoNodes, CacheServesRepeatedReadsAndFreshBypassesIt) {
+TEST_P(TwoNodes, CacheServesRepeatedReadsAndFreshBypassesIt) {
   auto e = ExportAndImport("cache", 4, 'A');
   ASSERT_NE(e, nullptr);
   std::string buf(2 * kPage, '\0');
@@ -103,7 +136,7 @@ TEST_F(TwoNodes, CacheServesRepeatedReadsAndFreshBypassesIt) {
   EXPECT_EQ(r3->pages_fetched, 2u);
 }
 
-TEST_F(TwoNodes, RemapInvalidatesAndRereadSeesNewContent) {
+TEST_P(TwoNodes, RemapInvalidatesAndRereadSeesNewContent) {
   auto e = ExportAndImport("remap", 8, 'A');
   ASSERT_NE(e, nullptr);
   ASSERT_EQ(*ReadBytes(*cb_, "remap", 0, 8 * kPage), std::string(8 * kPage, 'A'));
@@ -120,7 +153,7 @@ TEST_F(TwoNodes, RemapInvalidatesAndRereadSeesNewContent) {
   EXPECT_EQ(*ReadBytes(*cb_, "remap", 0, kPage), Page('A'));
 }
 
-TEST_F(TwoNodes, MadviseDontneedInvalidates) {
+TEST_P(TwoNodes, MadviseDontneedInvalidates) {
   auto e = ExportAndImport("dn", 4, 'A');
   ASSERT_NE(e, nullptr);
   ASSERT_EQ(*ReadBytes(*cb_, "dn", 0, 4 * kPage), std::string(4 * kPage, 'A'));
@@ -137,7 +170,7 @@ TEST_F(TwoNodes, MadviseDontneedInvalidates) {
   EXPECT_EQ(*ReadBytes(*cb_, "dn", kPage, kPage), Page('\0'));  // anonymous memory reads as zero
 }
 
-TEST_F(TwoNodes, MprotectInvalidatesAndProtNoneFailsLikeACpuAccess) {
+TEST_P(TwoNodes, MprotectInvalidatesAndProtNoneFailsLikeACpuAccess) {
   auto e = ExportAndImport("prot", 4, 'A');
   ASSERT_NE(e, nullptr);
   ASSERT_TRUE(ReadBytes(*cb_, "prot", 0, 4 * kPage).ok());
@@ -152,7 +185,7 @@ TEST_F(TwoNodes, MprotectInvalidatesAndProtNoneFailsLikeACpuAccess) {
   EXPECT_TRUE(ReadBytes(*cb_, "prot", 0, kPage).ok());  // other pages still readable
 }
 
-TEST_F(TwoNodes, StoresBecomeVisibleAtSync) {
+TEST_P(TwoNodes, StoresBecomeVisibleAtSync) {
   auto e = ExportAndImport("sync", 4, 'A');
   ASSERT_NE(e, nullptr);
   ASSERT_EQ(*ReadBytes(*cb_, "sync", 0, 4 * kPage), std::string(4 * kPage, 'A'));
@@ -169,7 +202,7 @@ TEST_F(TwoNodes, StoresBecomeVisibleAtSync) {
   EXPECT_EQ(*ReadBytes(*cb_, "sync", 0, kPage), Page('A'));
 }
 
-TEST_F(TwoNodes, SyncFromTheImportingNodeIsForwarded) {
+TEST_P(TwoNodes, SyncFromTheImportingNodeIsForwarded) {
   auto e = ExportAndImport("fwd", 2, 'A');
   ASSERT_NE(e, nullptr);
   ASSERT_TRUE(ReadBytes(*cb_, "fwd", 0, 2 * kPage).ok());
@@ -180,7 +213,7 @@ TEST_F(TwoNodes, SyncFromTheImportingNodeIsForwarded) {
   EXPECT_EQ(*ReadBytes(*cb_, "fwd", 0, kPage), Page('D'));
 }
 
-TEST_F(TwoNodes, ExporterKilledInvalidatesWholeRangeAndReadsSayGone) {
+TEST_P(TwoNodes, ExporterKilledInvalidatesWholeRangeAndReadsSayGone) {
   auto e = ExportAndImport("dies", 4, 'A');
   ASSERT_NE(e, nullptr);
   ASSERT_TRUE(ReadBytes(*cb_, "dies", 0, 4 * kPage).ok());
@@ -207,7 +240,116 @@ TEST_F(TwoNodes, ExporterKilledInvalidatesWholeRangeAndReadsSayGone) {
   EXPECT_EQ((*imports)[0].state(), "gone");
 }
 
-TEST_F(TwoNodes, UnexportInvalidatesImporters) {
+// The exporting process is SIGKILLed while a 64 MiB read of its memory is
+// in flight: the read fails within the fetch timeout or returns complete,
+// intact data (as of an instant before the death), never a mix and never a
+// hang; the import then reports the export gone, and the importing daemon
+// goes on serving other imports.
+TEST_P(TwoNodes, ExporterKilledDuringALargeReadFailsPromptlyOrReturnsIntactData) {
+  constexpr uint64_t kPages = 16384;  // 64 MiB: 16 or more fetches (4 MiB at most)
+  // Node C holds every fetch reply this long after its copy, so the read
+  // lasts at least 16 x kDelayMs and the kill, once the first fetch was
+  // served, lands with most of it to go.
+  constexpr int kDelayMs = 100;
+  auto c = Daemon::Start(Node("C", {"--fault-fetch-delay-ms", std::to_string(kDelayMs)}));
+  ASSERT_TRUE(c.ok()) << c.status();
+  auto cc = (*c)->Connect();
+  ASSERT_NE(cc, nullptr);
+  auto e = Exporter::Start({.daemon = c->get(), .name = "big", .pages = kPages,
+                            .log_path = absl::StrCat(dir_.path(), "/exporter-big.log")});
+  ASSERT_TRUE(e.ok()) << e.status();
+  ASSERT_TRUE(cb_->Import((*c)->peer(), "big").ok());
+  auto w = cb_->Watch("big");
+  ASSERT_TRUE(w.ok()) << w.status();
+
+  // Garbage the read must overwrite completely if it succeeds.
+  std::string buf(kPages * kPage, '\xee');
+  auto reader_client = b_->Connect();
+  ASSERT_NE(reader_client, nullptr);
+  std::promise<absl::StatusOr<ReadResult>> result;
+  auto done = result.get_future();
+  absl::Time read_start, read_end;
+  std::thread reader([&] {
+    ReadOptions fresh;
+    fresh.fresh = true;
+    read_start = absl::Now();
+    auto r = reader_client->Read("big", 0,
+                                 absl::MakeSpan(reinterpret_cast<uint8_t*>(buf.data()), buf.size()), fresh);
+    read_end = absl::Now();
+    result.set_value(std::move(r));
+  });
+  // Kill once the first fetch has been served: mid-read, by construction.
+  uint64_t served_at_kill = 0;
+  const absl::Time started_wait = absl::Now();
+  while ((served_at_kill = Counter(*cc, "pages_served")) == 0 &&
+         absl::Now() - started_wait < Scaled(absl::Seconds(20))) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(2));
+  }
+  const bool finished_before_kill =
+      done.wait_for(std::chrono::seconds(0)) == std::future_status::ready;
+  const absl::Time killed = absl::Now();
+  (*e)->process().Signal(SIGKILL);
+  // A correct daemon answers within one fetch timeout of the kill; a hung
+  // read is unblocked by killing its daemon so this test ends either way.
+  const absl::Duration fetch_timeout = Scaled(absl::Milliseconds(1500));
+  const bool hung = done.wait_for(std::chrono::milliseconds(
+                        absl::ToInt64Milliseconds(fetch_timeout + Scaled(absl::Seconds(20))))) !=
+                    std::future_status::ready;
+  if (hung) b_->Kill();
+  reader.join();
+  ASSERT_FALSE(hung) << "the read did not return after the exporter was killed";
+  ASSERT_FALSE(finished_before_kill) << "the read was over before the kill: the test proved nothing";
+  ASSERT_GT(served_at_kill, 0u) << "no fetch was served before the kill";
+  ASSERT_LT(served_at_kill, kPages) << "the kill did not land mid-read";
+  auto r = done.get();
+  const absl::Duration after_kill = read_end - killed;
+  EXPECT_LT(after_kill, fetch_timeout) << r.status();
+  if (r.ok()) {
+    EXPECT_EQ(r->len, kPages * kPage);
+    EXPECT_EQ(FirstUnstampedPage(buf, 0), -1) << "a successful read returned garbage";
+  } else {
+    // The process is gone (NotFound from the source, or the export marked
+    // gone): not a timeout or an internal error.
+    EXPECT_TRUE(absl::IsFailedPrecondition(r.status()) || absl::IsNotFound(r.status()))
+        << r.status();
+  }
+  std::printf("exporter killed %.0f ms into a %llu MiB read after %llu of %llu pages were served; "
+              "the read returned %s %.0f ms after the kill\n",
+              absl::ToDoubleMilliseconds(killed - read_start),
+              static_cast<unsigned long long>(kPages * kPage >> 20),
+              static_cast<unsigned long long>(served_at_kill),
+              static_cast<unsigned long long>(kPages), r.ok() ? "complete data" : r.status().ToString().c_str(),
+              absl::ToDoubleMilliseconds(after_kill));
+
+  // The import reports the export gone, through the exit invalidation.
+  absl::StatusOr<v1::Invalidation> ev;
+  do {
+    ev = (*w)->Next(Scaled(absl::Seconds(5)));
+    ASSERT_TRUE(ev.ok()) << ev.status();
+  } while (ev->kind() != v1::INVALIDATION_KIND_EXIT);
+  EXPECT_EQ(ev->first_page(), 0u);
+  EXPECT_EQ(ev->npages(), kPages);
+  auto gone = ReadBytes(*cb_, "big", 0, kPage);
+  EXPECT_TRUE(absl::IsFailedPrecondition(gone.status())) << gone.status();
+  EXPECT_TRUE(absl::StrContains(gone.status().message(), "gone")) << gone.status();
+  auto imports = cb_->ListImports();
+  ASSERT_TRUE(imports.ok()) << imports.status();
+  ASSERT_EQ(imports->size(), 1u);
+  EXPECT_EQ((*imports)[0].state(), "gone");
+  EXPECT_EQ((*imports)[0].cached_pages(), 0u);
+
+  // The importing daemon is healthy: another import (4 MiB, one full fetch)
+  // reads intact data.
+  EXPECT_TRUE(b_->process().running());
+  auto other = StartExporter("after", 1024);
+  ASSERT_NE(other, nullptr);
+  ASSERT_TRUE(cb_->Import(a_->peer(), "after").ok());
+  auto again = ReadBytes(*cb_, "after", 0, 1024 * kPage, /*fresh=*/true);
+  ASSERT_TRUE(again.ok()) << again.status();
+  EXPECT_EQ(FirstUnstampedPage(*again, 0), -1);
+}
+
+TEST_P(TwoNodes, UnexportInvalidatesImporters) {
   auto e = ExportAndImport("wd", 2, 'A');
   ASSERT_NE(e, nullptr);
   ASSERT_TRUE(ReadBytes(*cb_, "wd", 0, kPage).ok());
@@ -228,7 +370,7 @@ TEST_F(TwoNodes, UnexportInvalidatesImporters) {
   EXPECT_EQ(*r2, Page('A'));
 }
 
-TEST_F(TwoNodes, PeerDaemonKilledFailsFastAndRecovers) {
+TEST_P(TwoNodes, PeerDaemonKilledFailsFastAndRecovers) {
   auto e = ExportAndImport("peer", 2, 'A');
   ASSERT_NE(e, nullptr);
   ASSERT_TRUE(ReadBytes(*cb_, "peer", 0, kPage).ok());
@@ -255,7 +397,7 @@ TEST_F(TwoNodes, PeerDaemonKilledFailsFastAndRecovers) {
   EXPECT_EQ(*rec, Page('A'));
 }
 
-TEST_F(TwoNodes, HungPeerDaemonFailsReadsWithinTwoSecondsAndRecovers) {
+TEST_P(TwoNodes, HungPeerDaemonFailsReadsWithinTwoSecondsAndRecovers) {
   auto e = ExportAndImport("hung", 2, 'A');
   ASSERT_NE(e, nullptr);
   ASSERT_TRUE(ReadBytes(*cb_, "hung", 0, kPage).ok());
@@ -279,7 +421,7 @@ TEST_F(TwoNodes, HungPeerDaemonFailsReadsWithinTwoSecondsAndRecovers) {
   EXPECT_EQ(*rec, Page('A'));
 }
 
-TEST_F(TwoNodes, SyncDisconnectsAnImporterThatDoesNotAcknowledge) {
+TEST_P(TwoNodes, SyncDisconnectsAnImporterThatDoesNotAcknowledge) {
   auto e = ExportAndImport("stuck", 2, 'A');
   ASSERT_NE(e, nullptr);
   ASSERT_EQ(*ReadBytes(*cb_, "stuck", 0, 2 * kPage), std::string(2 * kPage, 'A'));
@@ -307,7 +449,7 @@ TEST_F(TwoNodes, SyncDisconnectsAnImporterThatDoesNotAcknowledge) {
   EXPECT_EQ(st->counters().at("data_connections_opened"), 2u);
 }
 
-TEST_F(TwoNodes, UnprivilegedProcessExportsItsOwnMemory) {
+TEST_P(TwoNodes, UnprivilegedProcessExportsItsOwnMemory) {
   auto e = StartExporter("mine", 2, 'N', kNobody, kNogroup);
   ASSERT_NE(e, nullptr);
   ASSERT_TRUE(cb_->Import(a_->peer(), "mine").ok());
@@ -316,7 +458,7 @@ TEST_F(TwoNodes, UnprivilegedProcessExportsItsOwnMemory) {
   EXPECT_EQ(*r, std::string(2 * kPage, 'N'));
 }
 
-TEST_F(TwoNodes, ExportingAnotherUsersProcessNeedsPrivilege) {
+TEST_P(TwoNodes, ExportingAnotherUsersProcessNeedsPrivilege) {
   // A root-owned process (this test's exporter) exported by svmctl running as nobody.
   auto e = StartExporter("victim", 2, 'V');
   ASSERT_NE(e, nullptr);
@@ -336,7 +478,7 @@ TEST_F(TwoNodes, ExportingAnotherUsersProcessNeedsPrivilege) {
   EXPECT_EQ(ok.exit_code, 0) << ok.err;
 }
 
-TEST_F(TwoNodes, BadExportRequestsAreRejectedAndChangeNothing) {
+TEST_P(TwoNodes, BadExportRequestsAreRejectedAndChangeNothing) {
   auto e = StartExporter("good", 4, 'A');
   ASSERT_NE(e, nullptr);
   const pid_t pid = e->pid();
@@ -371,7 +513,7 @@ TEST_F(TwoNodes, BadExportRequestsAreRejectedAndChangeNothing) {
   EXPECT_TRUE(ReadBytes(*ca_, "good", 0, kPage).ok());
 }
 
-TEST_F(TwoNodes, BadReadsImportsAndNamesGetClearStatuses) {
+TEST_P(TwoNodes, BadReadsImportsAndNamesGetClearStatuses) {
   auto e = ExportAndImport("r", 2, 'A');
   ASSERT_NE(e, nullptr);
   EXPECT_TRUE(absl::IsOutOfRange(ReadBytes(*cb_, "r", 2 * kPage, 1).status()));
@@ -399,7 +541,7 @@ TEST_F(TwoNodes, BadReadsImportsAndNamesGetClearStatuses) {
   EXPECT_EQ(imports->size(), 1u);
 }
 
-TEST_F(TwoNodes, GarbageOnThePeerAndDataPortsIsSurvived) {
+TEST_P(TwoNodes, GarbageOnThePeerAndDataPortsIsSurvived) {
   auto e = ExportAndImport("g", 2, 'A');
   ASSERT_NE(e, nullptr);
   for (uint16_t port : {a_->peer_port(), a_->data_port()}) {
@@ -423,10 +565,10 @@ TEST_F(TwoNodes, GarbageOnThePeerAndDataPortsIsSurvived) {
   EXPECT_TRUE(cb_->Import(a_->peer(), "g", "g2").ok());
 }
 
-TEST_F(TwoNodes, PeerTokenIsRequiredWhenConfigured) {
+TEST_P(TwoNodes, PeerTokenIsRequiredWhenConfigured) {
   const std::string token_file = absl::StrCat(dir_.path(), "/token");
   ASSERT_EQ(RunCommand({"/bin/sh", "-c", absl::StrCat("echo s3cret > ", token_file)}).exit_code, 0);
-  auto c = Daemon::Start({.node = "C", .dir = dir_.path(), .extra = {"--peer-token-file", token_file}});
+  auto c = Daemon::Start(Node("C", {"--peer-token-file", token_file}));
   ASSERT_TRUE(c.ok()) << c.status();
   auto cc = (*c)->Connect();
   auto e = Exporter::Start({.daemon = c->get(), .name = "secret", .pages = 1, .fill = 'S'});
@@ -434,14 +576,14 @@ TEST_F(TwoNodes, PeerTokenIsRequiredWhenConfigured) {
   // B has no token.
   auto denied = cb_->Import((*c)->peer(), "secret");
   EXPECT_TRUE(absl::IsUnauthenticated(denied.status())) << denied.status();
-  auto d = Daemon::Start({.node = "D", .dir = dir_.path(), .extra = {"--peer-token-file", token_file}});
+  auto d = Daemon::Start(Node("D", {"--peer-token-file", token_file}));
   ASSERT_TRUE(d.ok()) << d.status();
   auto cd = (*d)->Connect();
   ASSERT_TRUE(cd->Import((*c)->peer(), "secret").ok());
   EXPECT_EQ(*ReadBytes(*cd, "secret", 0, kPage), Page('S'));
 }
 
-TEST_F(TwoNodes, DaemonShutsDownCleanlyOnSigterm) {
+TEST_P(TwoNodes, DaemonShutsDownCleanlyOnSigterm) {
   auto e = ExportAndImport("t", 1, 'A');
   ASSERT_NE(e, nullptr);
   b_->process().Signal(SIGTERM);
@@ -456,7 +598,7 @@ TEST_F(TwoNodes, DaemonShutsDownCleanlyOnSigterm) {
   EXPECT_TRUE(WIFEXITED(*st) && WEXITSTATUS(*st) == 0) << *st;
 }
 
-TEST_F(TwoNodes, SvmctlSpeaksTheCommandLineContract) {
+TEST_P(TwoNodes, SvmctlSpeaksTheCommandLineContract) {
   auto e = StartExporter("cli", 2, 'Q');
   ASSERT_NE(e, nullptr);
   auto imp = Ctl(*b_, {"import", "--peer", a_->peer(), "--name", "cli"});
@@ -472,9 +614,7 @@ TEST_F(TwoNodes, SvmctlSpeaksTheCommandLineContract) {
   EXPECT_TRUE(absl::StrContains(exports.out, "\"name\": \"cli\"")) << exports.out;
   auto status = Ctl(*b_, {"status"});
   EXPECT_TRUE(absl::StrContains(status.out, "source:      " + TestSource())) << status.out;
-  if (!TestTransport().empty()) {
-    EXPECT_TRUE(absl::StrContains(status.out, "(" + TestTransport() + ")")) << status.out;
-  }
+  EXPECT_TRUE(absl::StrContains(status.out, "transport:   " + GetParam() + " ")) << status.out;
   auto imports = Ctl(*b_, {"imports"});
   EXPECT_TRUE(absl::StrContains(imports.out, "connected")) << imports.out;
   // watch prints NAME FIRST_PAGE NPAGES SEQ.
@@ -504,6 +644,11 @@ TEST_F(TwoNodes, SvmctlSpeaksTheCommandLineContract) {
   auto unknown = Ctl(*a_, {"frobnicate"});
   EXPECT_EQ(unknown.exit_code, 2);
 }
+
+INSTANTIATE_TEST_SUITE_P(Tcp, TwoNodes, ::testing::Values("tcp"),
+                         [](const auto& info) { return info.param; });
+INSTANTIATE_TEST_SUITE_P(Rdma, TwoNodes, ::testing::Values("rdma"),
+                         [](const auto& info) { return info.param; });
 
 TEST(Svmd, RefusesBadOptionsWithAClearMessage) {
   TempDir dir;

@@ -6,21 +6,30 @@
 #
 # With --transport rdma the daemons run the rdma data path on the guest's
 # rxe0 (SVM_TEST_TRANSPORT=rdma: the suite checks `svmctl status` names it,
-# so a silent fallback to tcp fails too).
+# so a silent fallback to tcp fails too). Without it they run tcp. The suites
+# are parameterized over the transport; SVM_TEST_TRANSPORT selects the one
+# instance each entry covers (the others skip), so no test runs twice.
 #
-#   vm-daemon-suite.sh --kernel stable|unstable --cache DIR --build DIR [--transport tcp|rdma] -- TEST_BINARY...
+# --expect-odp sets SVM_EXPECT_ODP=1: tests that check the registration
+# require ODP instead of deriving it from the device's capabilities; with
+# --transport rdma and without it, SVM_EXPECT_ODP=0 (zero_copy_test then
+# requires pinned).
+#
+#   vm-daemon-suite.sh --kernel stable|unstable --cache DIR --build DIR [--transport tcp|rdma] [--expect-odp] -- TEST_BINARY...
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 kernel=
 cache=
 build=
 transport=
+expect_odp=
 while (($#)); do
 	case "$1" in
 	--kernel) kernel=$2; shift 2 ;;
 	--cache) cache=$2; shift 2 ;;
 	--build) build=$2; shift 2 ;;
 	--transport) transport=$2; shift 2 ;;
+	--expect-odp) expect_odp=1; shift ;;
 	--) shift; break ;;
 	*) echo "vm-daemon-suite: unknown argument $1" >&2; exit 2 ;;
 	esac
@@ -39,10 +48,10 @@ rc=0
 # SVM_TEST_SLOW stretches the suite's waits (and the daemons' peer and
 # fetch deadlines) for TCG emulation.
 "$here/run-vm.sh" --kernel "$kernel" --cache "$cache" --log "$logs" --timeout 900 -- \
-	env SVM_TEST_TRANSPORT="$transport" bash -c 'export SVM_TEST_SOURCE=shim SVM_TEST_SLOW=1 TMPDIR=$SVM_VM_SCRATCH; rc=0
-		if [[ -n $SVM_TEST_TRANSPORT ]]; then export SVM_EXPECT_RDMA=1; else unset SVM_TEST_TRANSPORT; fi
+	env SVM_TEST_TRANSPORT="${transport:-tcp}" SVM_EXPECT_ODP="${expect_odp:-${transport:+0}}" bash -c 'export SVM_TEST_SOURCE=shim SVM_TEST_SLOW=1 TMPDIR=$SVM_VM_SCRATCH; rc=0
+		if [[ $SVM_TEST_TRANSPORT == rdma ]]; then export SVM_EXPECT_RDMA=1; fi
 		for t in "$@"; do
-			echo "== $t (source shim, transport ${SVM_TEST_TRANSPORT:-default}, kernel $SVM_VM_KVER, rxe: $SVM_VM_RXE)"
+			echo "== $t (source shim, transport $SVM_TEST_TRANSPORT, kernel $SVM_VM_KVER, rxe: $SVM_VM_RXE)"
 			"$t" --gtest_brief=1 || rc=1
 		done
 		exit $rc' vm-daemon "$@" || rc=$?
