@@ -1,60 +1,75 @@
 // svm-read-bench: reads an export from the other node through svmd and
-// prints perftest-style columns, each beside the same measurement of a
-// reference taken in the same run: a plain TCP request/response of the
-// same size between two threads over 127.0.0.1 (latency), and a plain TCP
-// stream of the same total in the same request size (bandwidth).
+// prints perftest-style columns, each beside a reference measured in the
+// same run, with the ratio:
+//   --reference tcp (default): a plain TCP request/response of the same size
+//     between two threads over 127.0.0.1 (latency, interleaved with the svm
+//     reads), and a TCP stream of the same total in the same request size;
+//   --reference perftest: ib_read_lat / ib_read_bw on the RDMA device (server
+//     and client processes, run before and after the svm measurement; the
+//     mean is the reference), ib_send_lat for the invalidation latency, and
+//     with --ucx also ucx_perftest on the same device: --ucx-api uct (default:
+//     `-t get -x rc_verbs`, UCX's transport layer) or ucp (`-t ucp_get`,
+//     UCX_TLS=--ucx-tls; its wire-up does not work on rxe, see README.md).
 //
 //   svm-read-bench [--iterations N] [--sizes 4096,65536,1048576]
 //                  [--bw-total-mb 64] [--bw-request-kb 1024] [--json]
+//                  [--transport tcp|rdma] [--source procfs|shim]
+//                  [--memory private|memfd] [--tests lat,bw,inval]
+//                  [--inval-iterations N]
+//                  [--reference tcp|perftest] [--rdma-device rxe0]
+//                  [--rdma-port 1] [--rdma-gid-index 1] [--rdma-addr 10.77.0.1]
+//                  [--ucx] [--ucx-api uct|ucp] [--ucx-tls rc_verbs]
 //
-// Two svmd (procfs source, tcp transport) and an exporter process are
-// started for the run. svm reads are --fresh (every read crosses to the
-// exporter), except the "cached" rows, which hit the importer's cache.
+// Two svmd (the given source and transport; svmd's defaults when not given)
+// and an exporter process (the exported range is anonymous private memory, or
+// a MAP_SHARED memfd mapping with --memory memfd) are started for the run.
+// svm reads are --fresh (every read crosses to the exporter), except the
+// "cached" rows, which hit the importer's cache. The data path the import
+// uses (ImportInfo.path) is printed.
+//
+// inval: this process exports 64 of its own pages to the first daemon, the
+// second imports them and this process watches the import; each iteration
+// MADV_DONTNEEDs one page and waits for the Watch event on the importer.
+// Columns: end to end (madvise call to event received), detection (madvise
+// call to the event's detected_ns, CLOCK_MONOTONIC on the exporter's host:
+// the same host here) and delivery (detected_ns to event received).
 #include <netinet/in.h>
+#include <sys/mman.h>
 #include <sys/socket.h>
 #include <time.h>
 
 #include <algorithm>
 #include <cstdio>
+#include <cstdlib>
+#include <cstring>
 #include <numeric>
+#include <set>
 #include <thread>
 #include <vector>
 
+#include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "common/args.h"
 #include "common/fd.h"
 #include "common/net.h"
+#include "tests/bench/reference.h"
 #include "tests/integration/harness.h"
 
 namespace {
 
+using svm::bench::NowNs;
+using svm::bench::NowUs;
+using svm::bench::RdmaTarget;
+using svm::bench::RefResult;
+using svm::bench::Stats;
+using svm::bench::Summarize;
 using svm::testing::Daemon;
 using svm::testing::Exporter;
 using svm::testing::TempDir;
-
-double NowUs() {
-  timespec ts{};
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return static_cast<double>(ts.tv_sec) * 1e6 + static_cast<double>(ts.tv_nsec) / 1e3;
-}
-
-struct Stats {
-  double min, max, typical, avg, p99;
-};
-
-Stats Summarize(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  Stats s{};
-  s.min = v.front();
-  s.max = v.back();
-  s.typical = v[v.size() / 2];
-  s.avg = std::accumulate(v.begin(), v.end(), 0.0) / static_cast<double>(v.size());
-  s.p99 = v[std::min(v.size() - 1, static_cast<size_t>(static_cast<double>(v.size()) * 0.99))];
-  return s;
-}
 
 // Reference: a TCP server thread that answers an 8-byte request (the size)
 // with that many bytes, like a fetch.
@@ -90,10 +105,63 @@ class TcpReference {
   std::thread server_;
 };
 
+// One row of the printed tables: an svm measurement beside one reference.
+void PrintLatRow(bool json, std::string* json_rows, const char* test, uint64_t size,
+                 const std::string& mode, uint64_t n, const Stats& s, const std::string& ref_name,
+                 const absl::StatusOr<double>& ref) {
+  const double ratio = ref.ok() ? s.typical / *ref : -1;
+  if (json) {
+    absl::StrAppend(json_rows, json_rows->empty() ? "" : ",\n",
+                    absl::StrFormat("  {\"test\":\"%s\",\"bytes\":%u,\"mode\":\"%s\",\"iterations\":%u,"
+                                    "\"t_min_usec\":%.2f,\"t_max_usec\":%.2f,\"t_typical_usec\":%.2f,"
+                                    "\"t_avg_usec\":%.2f,\"t_p99_usec\":%.2f,\"reference\":\"%s\","
+                                    "\"ref_typical_usec\":%.2f,\"ratio\":%.2f}",
+                                    test, size, mode, n, s.min, s.max, s.typical, s.avg, s.p99, ref_name,
+                                    ref.ok() ? *ref : -1.0, ratio));
+    return;
+  }
+  std::printf("%-10llu %-18s %-12llu %-12.2f %-12.2f %-16.2f %-12.2f %-20.2f %-24s ",
+              (unsigned long long)size, mode.c_str(), (unsigned long long)n, s.min, s.max, s.typical,
+              s.avg, s.p99, ref_name.c_str());
+  if (ref.ok()) {
+    std::printf("%-18.2f %.2f\n", *ref, ratio);
+  } else {
+    std::printf("%-18s -\n", "n/a");
+  }
+}
+
+void PrintLatHeader(const char* first_col) {
+  std::printf("%-10s %-18s %-12s %-12s %-12s %-16s %-12s %-20s %-24s %-18s %s\n", first_col, "mode",
+              "#iterations", "t_min[usec]", "t_max[usec]", "t_typical[usec]", "t_avg[usec]",
+              "99% percentile[usec]", "reference", "ref_typical[usec]", "ratio(typical)");
+}
+
+absl::StatusOr<double> Typical(const absl::StatusOr<RefResult>& r) {
+  if (!r.ok()) return r.status();
+  return r->typical_usec;
+}
+
+void ReportRefError(const std::string& name, const absl::Status& st) {
+  std::printf("# reference %s unavailable: %s\n", name.c_str(),
+              std::string(st.message().substr(0, 1500)).c_str());
+}
+
+struct Target {
+  std::string what;
+  double ratio;
+  bool met;
+  std::string rule;
+};
+
 }  // namespace
 
 int main(int argc, char** argv) {
-  auto a = svm::Args::Parse(argc, argv, {"iterations", "sizes", "bw-total-mb", "bw-request-kb"}, {"json"});
+  auto a = svm::Args::Parse(
+      argc, argv,
+      {"iterations", "sizes", "bw-total-mb", "bw-request-kb", "transport", "source", "memory", "tests",
+       "inval-iterations", "reference", "rdma-device", "rdma-port", "rdma-gid-index", "rdma-addr",
+       "ucx-tls", "ucx-api"},
+      {"json", "ucx"});
   if (!a.ok()) {
     std::fprintf(stderr, "svm-read-bench: %s\n", std::string(a.status().message()).c_str());
     return 2;
@@ -101,112 +169,326 @@ int main(int argc, char** argv) {
   const uint64_t iters = *a->GetU64("iterations", 1000);
   const uint64_t bw_total = *a->GetU64("bw-total-mb", 64) << 20;
   const uint64_t bw_req = *a->GetU64("bw-request-kb", 1024) << 10;
+  const uint64_t inval_iters = *a->GetU64("inval-iterations", 200);
   std::vector<uint64_t> sizes;
   for (absl::string_view s : absl::StrSplit(a->Get("sizes", "4096,65536,1048576"), ',')) {
     uint64_t v;
     if (absl::SimpleAtoi(s, &v) && v > 0) sizes.push_back(v);
   }
+  std::set<std::string> tests;
+  for (absl::string_view t : absl::StrSplit(a->Get("tests", "lat,bw"), ',', absl::SkipEmpty())) {
+    tests.insert(std::string(t));
+  }
+  const std::string memory = a->Get("memory", "private");
+  const std::string reference = a->Get("reference", "tcp");
+  if (sizes.empty() || bw_req == 0 || (memory != "private" && memory != "memfd") ||
+      (reference != "tcp" && reference != "perftest")) {
+    std::fprintf(stderr, "svm-read-bench: bad --sizes, --bw-request-kb, --memory or --reference\n");
+    return 2;
+  }
+  // The harness refuses a daemon whose status names another transport than
+  // asked for; it takes the mirror source from $SVM_TEST_SOURCE.
+  const std::string want_transport = a->Get("transport", "");
+  if (a->Has("source")) setenv("SVM_TEST_SOURCE", a->Get("source").c_str(), 1);
+  RdmaTarget target;
+  target.device = a->Get("rdma-device", target.device);
+  target.port = static_cast<int>(*a->GetU64("rdma-port", 1));
+  target.gid_index = static_cast<int>(*a->GetU64("rdma-gid-index", 1));
+  target.addr = a->Get("rdma-addr", target.addr);
+  const bool perftest = reference == "perftest";
+  const bool ucx = a->Has("ucx");
+  const std::string ucx_api = a->Get("ucx-api", "uct");
+  const std::string ucx_tls = a->Get("ucx-tls", "rc_verbs");
+  const std::string ucx_name = ucx_api == "uct" ? "ucx_perftest get (uct)" : "ucx_perftest ucp_get";
+  const bool json = a->Has("json");
+  std::string json_rows;
+  std::vector<Target> targets;
+
   const uint64_t max_size = std::max(*std::max_element(sizes.begin(), sizes.end()), bw_req);
   const uint64_t export_bytes = std::max<uint64_t>(bw_total, max_size);
 
   TempDir dir;
-  auto da = Daemon::Start({.node = "bench-a", .dir = dir.path(), .extra = {"--log-level", "warn"}});
-  auto db = Daemon::Start({.node = "bench-b", .dir = dir.path(), .extra = {"--log-level", "warn"}});
+  auto da = Daemon::Start({.node = "bench-a", .dir = dir.path(), .extra = {"--log-level", "warn"},
+                           .transport = want_transport});
+  auto db = Daemon::Start({.node = "bench-b", .dir = dir.path(), .extra = {"--log-level", "warn"},
+                           .transport = want_transport});
   if (!da.ok() || !db.ok()) {
-    std::fprintf(stderr, "svm-read-bench: cannot start svmd\n");
+    std::fprintf(stderr, "svm-read-bench: cannot start svmd: %s\n",
+                 (!da.ok() ? da.status() : db.status()).ToString().c_str());
     return 1;
   }
-  auto ex = Exporter::Start({.daemon = da->get(), .name = "bench", .pages = export_bytes / 4096, .fill = 7});
-  if (!ex.ok()) {
-    std::fprintf(stderr, "svm-read-bench: %s\n", ex.status().ToString().c_str());
-    return 1;
-  }
+  auto ca = (*da)->Connect();
   auto cb = (*db)->Connect();
-  if (auto imp = cb->Import((*da)->peer(), "bench"); !imp.ok()) {
-    std::fprintf(stderr, "svm-read-bench: import: %s\n", imp.status().ToString().c_str());
-    return 1;
-  }
-  TcpReference ref;
-  std::vector<uint8_t> buf(std::max(max_size, bw_req));
-  const bool json = a->Has("json");
-  std::string json_rows;
-
+  auto status = cb->Status();
+  // The transports svmd runs (preference order); "transport" is the option.
+  std::string transport = status.ok() ? status->transport() : "?";
+  if (status.ok() && status->transports_size() > 0) transport = absl::StrJoin(status->transports(), ",");
   if (!json) {
-    std::printf("# svm read latency through svmd (tcp path, procfs source) vs a TCP request/response of the same size\n");
-    std::printf("%-10s %-8s %-12s %-12s %-12s %-16s %-12s %-20s %-16s %s\n", "#bytes", "mode", "#iterations",
-                "t_min[usec]", "t_max[usec]", "t_typical[usec]", "t_avg[usec]", "99% percentile[usec]",
-                "ref_typical[usec]", "ratio(typical)");
+    std::printf("# svmd: transport %s, source %s; exported memory: %s\n", transport.c_str(),
+                svm::testing::TestSource().c_str(),
+                memory == "memfd" ? "MAP_SHARED memfd mapping" : "anonymous private");
   }
-  for (uint64_t size : sizes) {
-    const uint64_t n = size >= (1u << 20) ? std::max<uint64_t>(iters / 10, 20) : iters;
-    for (const char* mode : {"fresh", "cached"}) {
-      svm::ReadOptions ro;
-      ro.fresh = std::string(mode) == "fresh";
-      auto span = absl::MakeSpan(buf.data(), size);
-      std::vector<double> t, r;
-      for (uint64_t i = 0; i < n / 10 + 5; ++i) {  // warm-up
-        (void)cb->Read("bench", 0, span, ro);
-        ref.RoundTrip(size, buf);
+
+  std::unique_ptr<Exporter> ex;
+  std::string data_path = "?";
+  if (tests.count("lat") > 0 || tests.count("bw") > 0) {
+    auto e = Exporter::Start({.daemon = da->get(), .name = "bench", .pages = export_bytes / 4096, .fill = 7,
+                              .backing = memory == "memfd" ? "memfd" : "anon"});
+    if (!e.ok()) {
+      std::fprintf(stderr, "svm-read-bench: %s\n", e.status().ToString().c_str());
+      return 1;
+    }
+    ex = std::move(*e);
+    auto imp = cb->Import((*da)->peer(), "bench");
+    if (!imp.ok()) {
+      std::fprintf(stderr, "svm-read-bench: import: %s\n", imp.status().ToString().c_str());
+      return 1;
+    }
+    std::string export_path = "?";
+    if (auto l = ca->ListExports(); l.ok()) {
+      for (const auto& e : *l) {
+        if (e.name() == "bench") export_path = e.path();
       }
-      for (uint64_t i = 0; i < n; ++i) {  // interleaved: both see the same machine noise
-        double t0 = NowUs();
-        auto rr = cb->Read("bench", 0, span, ro);
-        double t1 = NowUs();
-        if (!rr.ok()) {
-          std::fprintf(stderr, "svm-read-bench: read: %s\n", rr.status().ToString().c_str());
-          return 1;
+    }
+    if (!json) {
+      std::printf("# data path: import %s, export %s\n", imp->path().c_str(), export_path.c_str());
+    }
+    data_path = imp->path();
+    if (!json) {
+      if (memory == "memfd" && !absl::StartsWith(imp->path(), "zero-copy")) {
+        std::printf("# note: no zero-copy path in this svmd: the memfd export is served %s\n",
+                    imp->path().c_str());
+      }
+    }
+  }
+  std::unique_ptr<TcpReference> tcp_ref;
+  if (!perftest) tcp_ref = std::make_unique<TcpReference>();
+  std::vector<uint8_t> buf(std::max(max_size, bw_req));
+
+  if (tests.count("lat") > 0) {
+    if (!json) {
+      std::printf("\n# svm read latency through svmd vs %s\n",
+                  perftest ? "ib_read_lat on the same device (mean of runs before and after)"
+                           : "a TCP request/response of the same size (interleaved)");
+      PrintLatHeader("#bytes");
+    }
+    for (uint64_t size : sizes) {
+      const uint64_t n = size >= (1u << 20) ? std::max<uint64_t>(iters / 10, 20) : iters;
+      absl::StatusOr<RefResult> before = absl::UnknownError("not run");
+      if (perftest) before = svm::bench::RunPerftest(target, "ib_read_lat", size, n);
+      std::vector<std::pair<std::string, Stats>> rows;
+      absl::StatusOr<double> tcp_typical = absl::UnknownError("not run");
+      // fresh: importer -> exporter and back; cached: the importer's cache;
+      // local: the exporter's daemon reads its own export (control call and
+      // copy, no transport): fresh - local is what the data path costs.
+      for (const char* mode : {"fresh", "cached", "local"}) {
+        svm::ReadOptions ro;
+        ro.fresh = std::string(mode) != "cached";
+        svm::Client* c = std::string(mode) == "local" ? ca.get() : cb.get();
+        auto span = absl::MakeSpan(buf.data(), size);
+        std::vector<double> t, r;
+        for (uint64_t i = 0; i < n / 10 + 5; ++i) {  // warm-up
+          (void)c->Read("bench", 0, span, ro);
+          if (tcp_ref) tcp_ref->RoundTrip(size, buf);
         }
-        ref.RoundTrip(size, buf);
-        double t2 = NowUs();
-        t.push_back(t1 - t0);
-        r.push_back(t2 - t1);
+        for (uint64_t i = 0; i < n; ++i) {  // interleaved: both see the same machine noise
+          double t0 = NowUs();
+          auto rr = c->Read("bench", 0, span, ro);
+          double t1 = NowUs();
+          if (!rr.ok()) {
+            std::fprintf(stderr, "svm-read-bench: read: %s\n", rr.status().ToString().c_str());
+            return 1;
+          }
+          t.push_back(t1 - t0);
+          if (tcp_ref) {
+            tcp_ref->RoundTrip(size, buf);
+            r.push_back(NowUs() - t1);
+          }
+        }
+        if (tcp_ref) {
+          PrintLatRow(json, &json_rows, "lat", size, mode, n, Summarize(t), "tcp request/response",
+                      Summarize(r).typical);
+        } else {
+          rows.emplace_back(mode, Summarize(t));
+        }
       }
-      Stats s = Summarize(t), rs = Summarize(r);
-      if (json) {
-        absl::StrAppend(&json_rows, json_rows.empty() ? "" : ",\n",
-                        absl::StrFormat("  {\"test\":\"lat\",\"bytes\":%u,\"mode\":\"%s\",\"iterations\":%u,"
-                                        "\"t_min_usec\":%.2f,\"t_max_usec\":%.2f,\"t_typical_usec\":%.2f,"
-                                        "\"t_avg_usec\":%.2f,\"t_p99_usec\":%.2f,\"ref_typical_usec\":%.2f,"
-                                        "\"ratio\":%.2f}",
-                                        size, mode, n, s.min, s.max, s.typical, s.avg, s.p99, rs.typical,
-                                        s.typical / rs.typical));
-      } else {
-        std::printf("%-10llu %-8s %-12llu %-12.2f %-12.2f %-16.2f %-12.2f %-20.2f %-16.2f %.2f\n",
-                    (unsigned long long)size, mode, (unsigned long long)n, s.min, s.max, s.typical, s.avg,
-                    s.p99, rs.typical, s.typical / rs.typical);
+      if (!perftest) continue;
+      absl::StatusOr<RefResult> after = svm::bench::RunPerftest(target, "ib_read_lat", size, n);
+      absl::StatusOr<RefResult> ref = svm::bench::Mean(before, after);
+      absl::StatusOr<RefResult> ucx_ref = absl::UnknownError("not run");
+      if (ucx) ucx_ref = svm::bench::RunUcxGet(target, ucx_api, ucx_tls, size, n);
+      for (const auto& [mode, s] : rows) {
+        PrintLatRow(json, &json_rows, "lat", size, mode, n, s, "ib_read_lat", Typical(ref));
+        if (ucx && mode == "fresh") {
+          PrintLatRow(json, &json_rows, "lat", size, mode, n, s, ucx_name, Typical(ucx_ref));
+        }
+        if (size == 4096 && mode == "fresh" && ref.ok()) {
+          const double q = s.typical / ref->typical_usec;
+          targets.push_back({"4 KiB fresh read latency vs ib_read_lat", q, q <= 1.5, "<= 1.5"});
+        }
+        if (size == 4096 && mode == "fresh" && ucx_ref.ok()) {
+          const double q = s.typical / ucx_ref->typical_usec;
+          targets.push_back({"4 KiB fresh read latency vs " + ucx_name, q, q <= 1.0, "<= 1.0"});
+        }
+      }
+      if (!json) {
+        if (!ref.ok()) ReportRefError("ib_read_lat", ref.status());
+        if (ref.ok()) {
+          std::printf("# ib_read_lat: `%s` (server: the same without the address); before %.2f, after %.2f usec\n",
+                      before->command.c_str(), before->typical_usec, after->typical_usec);
+        }
+        if (ucx && !ucx_ref.ok()) ReportRefError(ucx_name, ucx_ref.status());
+        if (ucx && ucx_ref.ok()) std::printf("# ucx: `%s`\n", ucx_ref->command.c_str());
       }
     }
   }
 
-  // Bandwidth: bw_total bytes in bw_req requests, fresh, vs a TCP stream of
-  // the same total in the same request size.
-  auto bw = [&](auto&& one) {
-    double t0 = NowUs();
-    for (uint64_t off = 0; off < bw_total; off += bw_req) one(off);
-    return static_cast<double>(bw_total) / (NowUs() - t0);  // bytes/usec == MB/s
-  };
-  svm::ReadOptions fresh;
-  fresh.fresh = true;
-  std::vector<double> svm_bw, ref_bw;
-  for (int rep = 0; rep < 3; ++rep) {
-    svm_bw.push_back(bw([&](uint64_t off) { (void)cb->Read("bench", off, absl::MakeSpan(buf.data(), bw_req), fresh); }));
-    ref_bw.push_back(bw([&](uint64_t) { ref.RoundTrip(bw_req, buf); }));
+  if (tests.count("bw") > 0) {
+    // Bandwidth: bw_total bytes in bw_req requests, fresh, one request at a
+    // time; MB = 2^20 bytes as perftest and UCX count them.
+    auto bw = [&](auto&& one) {
+      double t0 = NowUs();
+      for (uint64_t off = 0; off < bw_total; off += bw_req) one(off);
+      return static_cast<double>(bw_total) / (NowUs() - t0) / 1.048576;
+    };
+    svm::ReadOptions fresh;
+    fresh.fresh = true;
+    std::vector<std::pair<std::string, absl::StatusOr<double>>> refs;
+    std::vector<double> svm_bw, tcp_bw;
+    const uint64_t nreq = bw_total / bw_req;
+    absl::StatusOr<RefResult> rb_before = absl::UnknownError("not run");
+    if (perftest) rb_before = svm::bench::RunPerftest(target, "ib_read_bw", bw_req, std::max<uint64_t>(nreq, 16));
+    for (int rep = 0; rep < 3; ++rep) {
+      svm_bw.push_back(bw([&](uint64_t off) {
+        auto r = cb->Read("bench", off, absl::MakeSpan(buf.data(), bw_req), fresh);
+        if (!r.ok()) std::fprintf(stderr, "svm-read-bench: read: %s\n", r.status().ToString().c_str());
+      }));
+      if (tcp_ref) tcp_bw.push_back(bw([&](uint64_t) { tcp_ref->RoundTrip(bw_req, buf); }));
+    }
+    std::sort(svm_bw.begin(), svm_bw.end());
+    const double sbw = svm_bw[1];  // median of 3
+    if (tcp_ref) {
+      std::sort(tcp_bw.begin(), tcp_bw.end());
+      refs.emplace_back("tcp stream", tcp_bw[1]);
+    } else {
+      auto rb = svm::bench::Mean(rb_before, svm::bench::RunPerftest(target, "ib_read_bw", bw_req,
+                                                                    std::max<uint64_t>(nreq, 16)));
+      auto rb1 = svm::bench::RunPerftest(target, "ib_read_bw", bw_req, std::max<uint64_t>(nreq, 16),
+                                         {"-t", "1"});
+      auto bwof = [](const absl::StatusOr<RefResult>& r) -> absl::StatusOr<double> {
+        if (!r.ok()) return r.status();
+        return r->bw_mib_s;
+      };
+      refs.emplace_back("ib_read_bw", bwof(rb));
+      refs.emplace_back("ib_read_bw -t 1", bwof(rb1));
+      if (rb.ok()) {
+        targets.push_back({absl::StrFormat("read bandwidth (%s) vs ib_read_bw", data_path),
+                           sbw / rb->bw_mib_s, sbw / rb->bw_mib_s >= 0.8, ">= 0.8"});
+      }
+      if (ucx) {
+        auto u = svm::bench::RunUcxGet(target, ucx_api, ucx_tls, bw_req, std::max<uint64_t>(nreq, 16));
+        refs.emplace_back(ucx_name, bwof(u));
+        if (u.ok()) {
+          targets.push_back({"read bandwidth vs " + ucx_name, sbw / u->bw_mib_s,
+                             sbw / u->bw_mib_s >= 1.0, ">= 1.0"});
+        }
+        if (!json && u.ok()) std::printf("# ucx: `%s`\n", u->command.c_str());
+      }
+      if (!json && rb.ok()) std::printf("# ib_read_bw: `%s`\n", rb->command.c_str());
+    }
+    if (!json) {
+      std::printf("\n# svm read bandwidth (%llu MiB in %llu KiB fresh reads, one at a time) vs references\n",
+                  (unsigned long long)(bw_total >> 20), (unsigned long long)(bw_req >> 10));
+      std::printf("%-12s %-14s %-20s %-24s %-20s %s\n", "#bytes", "#request", "BW average[MB/sec]",
+                  "reference", "ref BW[MB/sec]", "ratio");
+    }
+    for (const auto& [name, r] : refs) {
+      if (json) {
+        absl::StrAppend(&json_rows, json_rows.empty() ? "" : ",\n",
+                        absl::StrFormat("  {\"test\":\"bw\",\"bytes\":%u,\"request_bytes\":%u,\"bw_avg_mb_s\":%.1f,"
+                                        "\"reference\":\"%s\",\"ref_bw_avg_mb_s\":%.1f,\"ratio\":%.2f}",
+                                        bw_total, bw_req, sbw, name, r.ok() ? *r : -1.0, r.ok() ? sbw / *r : -1.0));
+      } else if (r.ok()) {
+        std::printf("%-12llu %-14llu %-20.1f %-24s %-20.1f %.2f\n", (unsigned long long)bw_total,
+                    (unsigned long long)bw_req, sbw, name.c_str(), *r, sbw / *r);
+      } else {
+        std::printf("%-12llu %-14llu %-20.1f %-24s %-20s -\n", (unsigned long long)bw_total,
+                    (unsigned long long)bw_req, sbw, name.c_str(), "n/a");
+        ReportRefError(name, r.status());
+      }
+    }
   }
-  std::sort(svm_bw.begin(), svm_bw.end());
-  std::sort(ref_bw.begin(), ref_bw.end());
-  const double sbw = svm_bw[1], rbw = ref_bw[1];  // median of 3
+
+  if (tests.count("inval") > 0) {
+    constexpr uint64_t kPages = 64;
+    auto* mem = static_cast<uint8_t*>(
+        mmap(nullptr, kPages * 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0));
+    if (mem == MAP_FAILED) {
+      std::perror("svm-read-bench: mmap");
+      return 1;
+    }
+    madvise(mem, kPages * 4096, MADV_NOHUGEPAGE);
+    std::memset(mem, 1, kPages * 4096);
+    auto exp = ca->Export("inval", mem, kPages * 4096);
+    auto imp = exp.ok() ? cb->Import((*da)->peer(), "inval") : exp.status();
+    if (!imp.ok()) {
+      std::fprintf(stderr, "svm-read-bench: inval export/import: %s\n", imp.status().ToString().c_str());
+      return 1;
+    }
+    auto watch = cb->Watch("inval");
+    if (!watch.ok()) {
+      std::fprintf(stderr, "svm-read-bench: watch: %s\n", watch.status().ToString().c_str());
+      return 1;
+    }
+    auto drain = [&](absl::Duration quiet) {
+      while ((*watch)->Next(quiet).ok()) {
+      }
+    };
+    std::vector<double> e2e, detect, deliver;
+    const uint64_t warm = std::max<uint64_t>(inval_iters / 10, 3);
+    for (uint64_t i = 0; i < warm + inval_iters; ++i) {
+      const uint64_t p = i % kPages;
+      mem[p * 4096] = 1;  // present again (procfs reports that as a change too)
+      drain(absl::Milliseconds(svm::testing::TestSource() == "procfs" ? 60 : 5));
+      const uint64_t t0 = NowNs();
+      madvise(mem + p * 4096, 4096, MADV_DONTNEED);
+      absl::StatusOr<svm::v1::Invalidation> ev = svm::testing::WaitForPage(**watch, p, absl::Seconds(10));
+      const uint64_t t1 = NowNs();
+      if (!ev.ok()) {
+        std::fprintf(stderr, "svm-read-bench: no invalidation for page %llu: %s\n", (unsigned long long)p,
+                     ev.status().ToString().c_str());
+        return 1;
+      }
+      if (i < warm) continue;
+      e2e.push_back(static_cast<double>(t1 - t0) / 1e3);
+      detect.push_back((static_cast<double>(ev->detected_ns()) - static_cast<double>(t0)) / 1e3);
+      deliver.push_back((static_cast<double>(t1) - static_cast<double>(ev->detected_ns())) / 1e3);
+    }
+    absl::StatusOr<double> ref = absl::UnknownError("not run");
+    if (perftest) ref = Typical(svm::bench::RunPerftest(target, "ib_send_lat", 64, 1000));
+    const std::string ref_name = perftest ? "ib_send_lat -s 64" : "none";
+    if (!perftest) ref = absl::UnavailableError("--reference perftest gives ib_send_lat");
+    if (!json) {
+      std::printf("\n# invalidation latency: exporter's MADV_DONTNEED of one page -> Watch event on the importer "
+                  "(source %s, transport %s) vs %s (one-way: half the ping-pong)\n",
+                  svm::testing::TestSource().c_str(), transport.c_str(), ref_name.c_str());
+      PrintLatHeader("#bytes");
+    }
+    const std::string src = svm::testing::TestSource();
+    PrintLatRow(json, &json_rows, "inval", 4096, "end-to-end/" + src, inval_iters, Summarize(e2e), ref_name, ref);
+    PrintLatRow(json, &json_rows, "inval", 4096, "detect/" + src, inval_iters, Summarize(detect), ref_name, ref);
+    PrintLatRow(json, &json_rows, "inval", 4096, "deliver/" + src, inval_iters, Summarize(deliver), ref_name, ref);
+    if (!json && !ref.ok() && perftest) ReportRefError(ref_name, ref.status());
+  }
+
   if (json) {
-    absl::StrAppend(&json_rows, ",\n",
-                    absl::StrFormat("  {\"test\":\"bw\",\"bytes\":%u,\"request_bytes\":%u,\"bw_avg_mb_s\":%.1f,"
-                                    "\"ref_bw_avg_mb_s\":%.1f,\"ratio\":%.2f}",
-                                    bw_total, bw_req, sbw, rbw, sbw / rbw));
     std::printf("[\n%s\n]\n", json_rows.c_str());
-  } else {
-    std::printf("\n# svm read bandwidth (%llu MiB in %llu KiB fresh reads) vs a TCP stream of the same requests\n",
-                (unsigned long long)(bw_total >> 20), (unsigned long long)(bw_req >> 10));
-    std::printf("%-12s %-14s %-20s %-20s %s\n", "#bytes", "#request", "BW average[MB/sec]", "ref BW[MB/sec]", "ratio");
-    std::printf("%-12llu %-14llu %-20.1f %-20.1f %.2f\n", (unsigned long long)bw_total, (unsigned long long)bw_req,
-                sbw, rbw, sbw / rbw);
+  } else if (!targets.empty()) {
+    std::printf("\n# targets\n");
+    for (const Target& t : targets) {
+      std::printf("# %-50s ratio %.2f (target %s): %s\n", t.what.c_str(), t.ratio, t.rule.c_str(),
+                  t.met ? "met" : "NOT MET");
+    }
   }
   return 0;
 }
