@@ -78,6 +78,15 @@ struct InvalPayload {
 };
 static_assert(sizeof(InvalPayload) == 48);
 
+// Invalidation storms: the last queued (unsent) frame, when it is an INVAL
+// of the same export, absorbs the next one instead of a new frame being
+// queued: the union of both ranges, the newer sequence, the kind if both
+// agree (kOverflow otherwise), the earlier detection time. Invalidating
+// more, or earlier, is always safe; nothing moves ahead of a response, since
+// only the tail is merged into. Exit and unexport INVALs are never merged
+// (the importer acts on their kind). Returns whether next was absorbed.
+bool MergeInvalFrame(std::vector<uint8_t>& queued, const InvalPayload& next);
+
 struct InvalAckPayload {
   uint64_t export_id;
   uint64_t seq;

@@ -88,6 +88,11 @@ class ServerConn final : public Subscriber, public std::enable_shared_from_this<
   bool PushInvalidation(const InvalRecord& r) override {
     InvalPayload p{r.export_id, r.first_page, r.npages, r.seq, static_cast<uint32_t>(r.kind), 0,
                    r.detected_ns};
+    {
+      absl::MutexLock l(&mu_);
+      if (closed_) return false;
+      if (!out_.empty() && MergeInvalFrame(out_.back(), p)) return true;
+    }
     return Enqueue(MakeFrame(FrameType::kInval, 0, &p, sizeof(p)));
   }
 

@@ -5,6 +5,9 @@
 #include <cstddef>
 #include <cstring>
 #include <string>
+#include <vector>
+
+#include "daemon/source/mirror_source.h"
 
 #include "gtest/gtest.h"
 
@@ -88,6 +91,54 @@ TEST(Frame, ErrorsSayWhatIsWrong) {
   h = Good();
   h.type = 9;
   EXPECT_NE(std::string(ValidateHeader(h).message()).find("type"), std::string::npos);
+}
+
+std::vector<uint8_t> InvalFrame(const InvalPayload& p) {
+  FrameHeader h = Good(FrameType::kInval, sizeof(p));
+  std::vector<uint8_t> f(sizeof(h) + sizeof(p));
+  std::memcpy(f.data(), &h, sizeof(h));
+  std::memcpy(f.data() + sizeof(h), &p, sizeof(p));
+  return f;
+}
+
+InvalPayload PayloadOf(const std::vector<uint8_t>& f) {
+  InvalPayload p;
+  std::memcpy(&p, f.data() + sizeof(FrameHeader), sizeof(p));
+  return p;
+}
+
+constexpr uint32_t K(source::ChangeKind k) { return static_cast<uint32_t>(k); }
+
+TEST(MergeInvalFrame, AStormOfOneExportCollapsesIntoTheQueuedInval) {
+  auto f = InvalFrame({9, 10, 2, 100, K(source::ChangeKind::kUnmap), 0, 5000});
+  ASSERT_TRUE(MergeInvalFrame(f, {9, 4, 1, 101, K(source::ChangeKind::kUnmap), 0, 6000}));
+  ASSERT_TRUE(MergeInvalFrame(f, {9, 20, 3, 103, K(source::ChangeKind::kUnmap), 0, 4000}));
+  InvalPayload m = PayloadOf(f);
+  EXPECT_EQ(m.export_id, 9u);
+  EXPECT_EQ(m.first_page, 4u);   // union of 10+2, 4+1, 20+3
+  EXPECT_EQ(m.npages, 19u);
+  EXPECT_EQ(m.seq, 103u);        // the newest
+  EXPECT_EQ(m.kind, K(source::ChangeKind::kUnmap));
+  EXPECT_EQ(m.detected_ns, 4000u);  // the earliest
+  ASSERT_TRUE(MergeInvalFrame(f, {9, 4, 1, 104, K(source::ChangeKind::kWrite), 0, 7000}));
+  EXPECT_EQ(PayloadOf(f).kind, K(source::ChangeKind::kOverflow));
+  EXPECT_EQ(PayloadOf(f).seq, 104u);
+}
+
+TEST(MergeInvalFrame, OtherExportsTerminalKindsAndOtherFramesAreLeftAlone) {
+  auto f = InvalFrame({9, 0, 1, 1, K(source::ChangeKind::kUnmap), 0, 0});
+  const auto before = f;
+  EXPECT_FALSE(MergeInvalFrame(f, {8, 0, 1, 2, K(source::ChangeKind::kUnmap), 0, 0}));
+  EXPECT_FALSE(MergeInvalFrame(f, {9, 0, 1, 2, K(source::ChangeKind::kExit), 0, 0}));
+  EXPECT_FALSE(MergeInvalFrame(f, {9, 0, 1, 2, K(source::ChangeKind::kUnexport), 0, 0}));
+  EXPECT_EQ(f, before);
+  auto exit = InvalFrame({9, 0, 4, 3, K(source::ChangeKind::kExit), 0, 0});
+  EXPECT_FALSE(MergeInvalFrame(exit, {9, 0, 1, 4, K(source::ChangeKind::kUnmap), 0, 0}));
+  // A response (any frame but an INVAL) never absorbs an INVAL.
+  FrameHeader h = Good(FrameType::kFetchResp, sizeof(InvalPayload));
+  std::vector<uint8_t> resp(sizeof(h) + sizeof(InvalPayload));
+  std::memcpy(resp.data(), &h, sizeof(h));
+  EXPECT_FALSE(MergeInvalFrame(resp, {0, 0, 1, 4, K(source::ChangeKind::kUnmap), 0, 0}));
 }
 
 }  // namespace

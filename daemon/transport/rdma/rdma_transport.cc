@@ -419,7 +419,11 @@ class ServerConn final : public Conn, public Subscriber, public std::enable_shar
   bool PushInvalidation(const InvalRecord& r) override {
     InvalPayload p{r.export_id, r.first_page, r.npages, r.seq, static_cast<uint32_t>(r.kind), 0,
                    r.detected_ns};
-    return Enqueue(OutItem{MakeMsg(FrameType::kInval, 0, &p, sizeof(p))});
+    absl::MutexLock l(&mu_);
+    if (closed_) return false;
+    // A storm collapses into the INVAL still waiting at the tail.
+    if (!out_.empty() && !out_.back().read && MergeInvalFrame(out_.back().msg, p)) return true;
+    return EnqueueLocked(OutItem{MakeMsg(FrameType::kInval, 0, &p, sizeof(p))});
   }
   void Close() override {
     absl::MutexLock l(&mu_);
