@@ -30,6 +30,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <cstring>
 #include <iostream>
@@ -181,9 +182,14 @@ int main(int argc, char** argv) {
       if (seconds <= 0 || out == nullptr) {
         reply = "err usage: mutate SECONDS LOGFILE";
       } else {
+        // Versions continue from the highest one in memory, so a second
+        // mutate never reuses a version number.
         std::vector<uint64_t> version(*pages);
-        for (uint64_t p = 0; p < *pages; ++p) version[p] = reinterpret_cast<uint64_t*>(base + p * kPage)[0];
         uint64_t next = *pages + 1, iterations = 0;
+        for (uint64_t p = 0; p < *pages; ++p) {
+          version[p] = reinterpret_cast<uint64_t*>(base + p * kPage)[0];
+          next = std::max(next, version[p] + 1);
+        }
         const uint64_t end = NowNs() + static_cast<uint64_t>(seconds * 1e9);
         std::vector<std::string> lines;
         while (NowNs() < end) {

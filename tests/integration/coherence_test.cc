@@ -147,8 +147,30 @@ TEST_P(Coherence, MutatorVersusReadersNeverReturnsAnInvalidatedVersion) {
       }
     });
   }
-  const std::string log = absl::StrCat(dir.path(), "/mutations.log");
-  auto reply = (*e)->Command(absl::StrCat("mutate 3 ", log), absl::Seconds(30));
+  // Under TCG emulation (SVM_TEST_SLOW) everything runs ~10x slower.
+  const size_t min_reads = Scaled(absl::Seconds(1)) > absl::Seconds(1) ? 40 : 100;
+  // Mutate for 3 s; when the emulated guest starved the mutator or the
+  // readers (seen under TCG: a 2 s stall of the mutator), mutate again, up
+  // to 3 rounds, so the activity floors below measure the test, not the
+  // scheduler. Versions continue across rounds.
+  std::map<std::pair<uint64_t, uint64_t>, uint64_t> destroyed;
+  absl::StatusOr<std::string> reply;
+  for (int round = 0; round < 3; ++round) {
+    const std::string log = absl::StrCat(dir.path(), "/mutations-", round, ".log");
+    reply = (*e)->Command(absl::StrCat("mutate 3 ", log), absl::Seconds(30));
+    if (!reply.ok() || !absl::StartsWith(*reply, "ok")) break;
+    std::ifstream in(log);
+    uint64_t p, v, t;
+    while (in >> p >> v >> t) destroyed[{p, v}] = t;
+    size_t nreads;
+    {
+      absl::MutexLock l(&mu);
+      nreads = reads.size();
+    }
+    if (destroyed.size() > 100u && nreads > min_reads) break;
+    std::printf("coherence: round %d: %zu versions destroyed, %zu reads so far; mutating again\n",
+                round + 1, destroyed.size(), nreads);
+  }
   // Let the last invalidations arrive before stopping the readers.
   usleep(300000);
   done = true;
@@ -156,16 +178,9 @@ TEST_P(Coherence, MutatorVersusReadersNeverReturnsAnInvalidatedVersion) {
   watcher.join();
   ASSERT_TRUE(reply.ok()) << reply.status();
   ASSERT_TRUE(absl::StartsWith(*reply, "ok")) << *reply;
-
-  std::map<std::pair<uint64_t, uint64_t>, uint64_t> destroyed;
-  std::ifstream in(log);
-  uint64_t p, v, t;
-  while (in >> p >> v >> t) destroyed[{p, v}] = t;
   ASSERT_GT(destroyed.size(), 100u) << "the mutator barely ran";
 
   absl::MutexLock l(&mu);
-  // Under TCG emulation (SVM_TEST_SLOW) everything runs ~10x slower.
-  const size_t min_reads = Scaled(absl::Seconds(1)) > absl::Seconds(1) ? 40 : 100;
   ASSERT_GT(reads.size(), min_reads) << "the readers barely ran";
   ASSERT_GT(events.size(), 20u) << "no invalidations arrived";
   EXPECT_GT(cached_pages.load(), 0u) << "the cache path was never exercised";
