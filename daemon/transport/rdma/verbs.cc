@@ -480,6 +480,28 @@ absl::StatusOr<std::unique_ptr<Poller>> Poller::Create(const Device& device, int
 
 Poller::~Poller() { AckEvents(/*all=*/true); }
 
+absl::Status Poller::Arm() {
+  if (armed_) return absl::OkStatus();
+  if (int rc = ibv_req_notify_cq(cq_.get(), 0); rc != 0) {
+    return absl::ErrnoToStatus(rc, "arm cq notification");
+  }
+  armed_ = true;
+  return absl::OkStatus();
+}
+
+absl::Status Poller::ConsumeEvent() {
+  ibv_cq* ev_cq = nullptr;
+  void* ev_ctx = nullptr;
+  if (ibv_get_cq_event(channel_.get(), &ev_cq, &ev_ctx) == 0) {
+    ++unacked_events_;
+    armed_ = false;
+    AckEvents(/*all=*/false);
+  } else if (errno != EAGAIN) {
+    return absl::ErrnoToStatus(errno, "get cq event");
+  }
+  return absl::OkStatus();
+}
+
 void Poller::AckEvents(bool all) {
   if (unacked_events_ == 0 || (!all && unacked_events_ < kAckBatch)) return;
   ibv_ack_cq_events(cq_.get(), unacked_events_);
@@ -519,12 +541,7 @@ absl::StatusOr<ibv_wc> Poller::WaitFor(uint64_t wr_id, absl::Duration timeout) {
     if (take(&wc)) return wc;
     // Arm, then poll once more: a completion that arrived between the last
     // poll and the arming would otherwise raise no event.
-    if (!armed_) {
-      if (int rc = ibv_req_notify_cq(cq_.get(), 0); rc != 0) {
-        return absl::ErrnoToStatus(rc, "arm cq notification");
-      }
-      armed_ = true;
-    }
+    if (absl::Status st = Arm(); !st.ok()) return st;
     if (absl::StatusOr<int> n = Drain(); !n.ok()) return n.status();
     if (take(&wc)) return wc;
 
@@ -540,15 +557,7 @@ absl::StatusOr<ibv_wc> Poller::WaitFor(uint64_t wr_id, absl::Duration timeout) {
                                                              absl::Nanoseconds(1))));
     if (rc < 0 && errno != EINTR) return absl::ErrnoToStatus(errno, "poll completion channel");
     if (rc > 0) {
-      ibv_cq* ev_cq = nullptr;
-      void* ev_ctx = nullptr;
-      if (ibv_get_cq_event(channel_.get(), &ev_cq, &ev_ctx) == 0) {
-        ++unacked_events_;
-        armed_ = false;
-        AckEvents(/*all=*/false);
-      } else if (errno != EAGAIN) {
-        return absl::ErrnoToStatus(errno, "get cq event");
-      }
+      if (absl::Status st = ConsumeEvent(); !st.ok()) return st;
     }
   }
 }
@@ -572,12 +581,7 @@ absl::StatusOr<int> Poller::Harvest(ibv_wc* out, int max, int wake_fd, absl::Dur
     if (!n.ok() || *n > 0) return n;
     if (i % 16 == 15 && absl::Now() >= spin_end) break;
   }
-  if (!armed_) {
-    if (int rc = ibv_req_notify_cq(cq_.get(), 0); rc != 0) {
-      return absl::ErrnoToStatus(rc, "arm cq notification");
-    }
-    armed_ = true;
-  }
+  if (absl::Status st = Arm(); !st.ok()) return st;
   if (absl::StatusOr<int> n = poll_cq(); !n.ok() || *n > 0) return n;
   const absl::Duration left = std::max(absl::ZeroDuration(), deadline - absl::Now());
   pollfd pfd[2] = {{channel_->fd, POLLIN, 0}, {wake_fd, POLLIN, 0}};
@@ -587,15 +591,7 @@ absl::StatusOr<int> Poller::Harvest(ibv_wc* out, int max, int wake_fd, absl::Dur
                                                            absl::Nanoseconds(1))));
   if (rc < 0 && errno != EINTR) return absl::ErrnoToStatus(errno, "poll completion channel");
   if (rc > 0 && (pfd[0].revents & POLLIN) != 0) {
-    ibv_cq* ev_cq = nullptr;
-    void* ev_ctx = nullptr;
-    if (ibv_get_cq_event(channel_.get(), &ev_cq, &ev_ctx) == 0) {
-      ++unacked_events_;
-      armed_ = false;
-      AckEvents(/*all=*/false);
-    } else if (errno != EAGAIN) {
-      return absl::ErrnoToStatus(errno, "get cq event");
-    }
+    if (absl::Status st = ConsumeEvent(); !st.ok()) return st;
   }
   return poll_cq();
 }

@@ -217,6 +217,10 @@ class Poller {
   // Drains the CQ into pending_; returns how many completions were read.
   absl::StatusOr<int> Drain();
   void AckEvents(bool all);
+  // Requests a completion event unless one is requested already.
+  absl::Status Arm();
+  // Takes the event the channel fd signalled (EAGAIN: a spurious wake-up).
+  absl::Status ConsumeEvent();
 
   // Declaration order is teardown order in reverse: cq_ (bound to the
   // channel) is destroyed before channel_.
