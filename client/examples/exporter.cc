@@ -17,6 +17,9 @@
 //   unexport
 //   mutate SECONDS LOG    replace pages with new versions in a loop (see below)
 //   stamp VERSION         store (VERSION << 32 | page) into every word of every page
+//   storm SECONDS SEED [THREADS [PAUSE_US]]
+//                         remap or drop random pages in a loop (see below)
+//   dump                  "ok V0 V1 ...": each page's stamp (see below)
 //   truncate              (memfd) ftruncate the object to 0: pages past the end are gone
 //   regrow                (memfd) ftruncate it back to the export's length (zero pages)
 //   exit
@@ -26,17 +29,33 @@
 // over the old one), and every replaced version is logged to LOG as
 // "PAGE VERSION DESTROYED_NS" (CLOCK_MONOTONIC after the mremap returned).
 // Page p starts with version p + 1.
+//
+// storm: for SECONDS, THREADS threads (default 1; thread t owns the pages
+// p with p % THREADS == t, so no page is touched by two threads) pick one
+// of their pages at random (seeded with SEED + t) and either munmap it and
+// mmap a new anonymous page at the same address (MAP_FIXED) or drop it with
+// madvise(MADV_DONTNEED), then stamp it with a fresh version (every 8-byte
+// word; versions continue from the highest one in memory, across threads
+// and storms), sleeping PAUSE_US (default 500) between mutations. Replies
+// "ok N mutations (R remaps, D dontneeds)".
+//
+// dump: the stamp of every page in page order ("-" for a page that is not
+// mapped, "torn" for one whose words differ), read by this process itself:
+// what importers must converge to once the storm has stopped.
 #include <sys/mman.h>
 #include <time.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdio>
 #include <cstring>
 #include <iostream>
 #include <optional>
+#include <random>
 #include <sstream>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "absl/strings/str_format.h"
@@ -57,6 +76,22 @@ uint64_t NowNs() {
 void Stamp(uint8_t* page, uint64_t version) {
   auto* w = reinterpret_cast<uint64_t*>(page);
   for (size_t i = 0; i < kPage / 8; ++i) w[i] = version;
+}
+
+// The version every word of page holds, or nullopt for a torn page.
+std::optional<uint64_t> StampOf(const uint8_t* page) {
+  const auto* w = reinterpret_cast<const uint64_t*>(page);
+  for (size_t i = 1; i < kPage / 8; ++i) {
+    if (w[i] != w[0]) return std::nullopt;
+  }
+  return w[0];
+}
+
+// Whether the page at p is mapped in this process (mincore fails with
+// ENOMEM on an unmapped address).
+bool Mapped(uint8_t* p) {
+  unsigned char vec = 0;
+  return mincore(p, kPage, &vec) == 0;
 }
 
 }  // namespace
@@ -209,6 +244,68 @@ int main(int argc, char** argv) {
         for (auto& l : lines) std::fputs(l.c_str(), out);
         std::fclose(out);
         reply = absl::StrFormat("ok %u replacements", iterations);
+      }
+    } else if (cmd == "storm") {
+      double seconds = 0;
+      uint64_t seed = 0, threads = 1, pause_us = 500;
+      in >> seconds >> seed;
+      const bool ok = !in.fail() && seconds > 0;
+      if (ok && !(in >> threads)) threads = 1;
+      if (ok && !(in >> pause_us)) pause_us = 500;
+      if (!ok || threads == 0 || threads > *pages || fd >= 0) {
+        reply = "err usage: storm SECONDS SEED [THREADS [PAUSE_US]] (anonymous backing)";
+      } else {
+        uint64_t highest = *pages;
+        for (uint64_t p = 0; p < *pages; ++p) {
+          if (auto v = StampOf(base + p * kPage)) highest = std::max(highest, *v);
+        }
+        std::atomic<uint64_t> next{highest + 1}, remaps{0}, dontneeds{0};
+        std::atomic<bool> failed{false};
+        const uint64_t end = NowNs() + static_cast<uint64_t>(seconds * 1e9);
+        std::vector<std::thread> workers;
+        for (uint64_t t = 0; t < threads; ++t) {
+          workers.emplace_back([&, t] {
+            std::mt19937_64 rng(seed + t);
+            const uint64_t owned = (*pages - t + threads - 1) / threads;
+            while (NowNs() < end && !failed) {
+              uint8_t* p = base + (t + (rng() % owned) * threads) * kPage;
+              if (rng() % 2 == 0) {
+                if (munmap(p, kPage) != 0 ||
+                    mmap(p, kPage, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED,
+                         -1, 0) != p) {
+                  std::perror("svm-exporter: storm: remap");
+                  failed = true;
+                  return;
+                }
+                ++remaps;
+              } else {
+                if (madvise(p, kPage, MADV_DONTNEED) != 0) {
+                  std::perror("svm-exporter: storm: madvise");
+                  failed = true;
+                  return;
+                }
+                ++dontneeds;
+              }
+              Stamp(p, next++);
+              if (pause_us > 0) usleep(static_cast<useconds_t>(pause_us));
+            }
+          });
+        }
+        for (auto& w : workers) w.join();
+        reply = failed ? "err storm: a mutation failed (see stderr)"
+                       : absl::StrFormat("ok %u mutations (%u remaps, %u dontneeds)",
+                                         remaps + dontneeds, remaps.load(), dontneeds.load());
+      }
+    } else if (cmd == "dump") {
+      for (uint64_t p = 0; p < *pages; ++p) {
+        uint8_t* page = base + p * kPage;
+        if (!Mapped(page)) {
+          reply += " -";
+        } else if (auto v = StampOf(page)) {
+          reply += absl::StrFormat(" %u", *v);
+        } else {
+          reply += " torn";
+        }
       }
     } else if (cmd == "stamp") {
       std::string v;
