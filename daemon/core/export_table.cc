@@ -26,9 +26,6 @@ uint64_t HashPage(const uint8_t* p) {
   return absl::HashOf(std::string_view(reinterpret_cast<const char*>(p), kPageSize));
 }
 
-// A replaced zero-copy registration stays valid this long, so that READs
-// importers issued before the invalidation that replaced it complete.
-constexpr absl::Duration kRetireGrace = absl::Seconds(5);
 // A withdrawn zero-copy export is tried again this often.
 constexpr absl::Duration kZeroCopyRetry = absl::Seconds(1);
 
@@ -49,19 +46,18 @@ struct ExportTable::ExportEntry {
 
   absl::Mutex mu;  // guards everything below
   std::shared_ptr<source::MirrorRange> range ABSL_GUARDED_BY(mu);
-  uint64_t seq ABSL_GUARDED_BY(mu) = 0;
+  // Sequence, served versions, acknowledgements, retirement: the rules.
+  coherence::ExportCoherence coh ABSL_GUARDED_BY(mu);
   bool gone ABSL_GUARDED_BY(mu) = false;     // process exited
   bool removed ABSL_GUARDED_BY(mu) = false;  // unexported
-  // page -> hash of the content handed to a caching importer
-  std::map<uint64_t, uint64_t> served ABSL_GUARDED_BY(mu);
   uint64_t scrub_cursor ABSL_GUARDED_BY(mu) = 0;
-  struct Sub {
-    std::shared_ptr<transport::Subscriber> sub;
-    uint64_t acked = 0;
-  };
-  std::map<uint64_t, Sub> subs ABSL_GUARDED_BY(mu);
+  std::map<uint64_t, std::shared_ptr<transport::Subscriber>> subs ABSL_GUARDED_BY(mu);
   // Zero-copy: the registration importers READ, when there is one.
   std::unique_ptr<ZeroCopy> zc ABSL_GUARDED_BY(mu);
+  // Replaced registrations by retirement id, released when every
+  // subscriber has acknowledged the invalidation that replaced them (rule 5).
+  std::map<uint64_t, std::unique_ptr<ZeroCopy>> retired ABSL_GUARDED_BY(mu);
+  uint64_t next_retire_id ABSL_GUARDED_BY(mu) = 1;
   std::string zc_reason ABSL_GUARDED_BY(mu);   // why there is none
   bool zc_retry ABSL_GUARDED_BY(mu) = false;  // withdrawn: try again at zc_retry_at
   absl::Time zc_retry_at ABSL_GUARDED_BY(mu);
@@ -102,6 +98,13 @@ std::shared_ptr<ExportTable::ExportEntry> ExportTable::FindId(uint64_t id) const
   return it == by_id_.end() ? nullptr : it->second;
 }
 
+std::shared_ptr<ExportTable::ExportEntry> ExportTable::FindDraining(uint64_t id) const {
+  absl::MutexLock l(&mu_);
+  if (auto it = by_id_.find(id); it != by_id_.end()) return it->second;
+  auto it = draining_.find(id);
+  return it == draining_.end() ? nullptr : it->second;
+}
+
 bool ExportTable::Has(const std::string& name) const { return Find(name) != nullptr; }
 
 v1::ExportInfo ExportTable::InfoOf(ExportEntry& e) const {
@@ -118,7 +121,7 @@ v1::ExportInfo ExportTable::InfoOf(ExportEntry& e) const {
     i.set_path(absl::StrCat(e.zc->region->remote().odp ? "zero-copy/odp," : "zero-copy/pinned,",
                             i.path()));
   }
-  i.set_seq(e.seq);
+  i.set_seq(e.coh.seq());
   i.set_subscribers(static_cast<uint32_t>(e.subs.size()));
   i.set_gone(e.gone);
   return i;
@@ -179,14 +182,22 @@ absl::StatusOr<v1::ExportInfo> ExportTable::Export(const std::string& name, pid_
     if (it != by_name_.end() && it->second != replaced) {
       return absl::AlreadyExistsError(absl::StrCat("an export named '", name, "' exists"));
     }
-    if (replaced) by_id_.erase(replaced->id);
+    if (replaced) {
+      by_id_.erase(replaced->id);
+      draining_[replaced->id] = replaced;  // until its retired registrations are released
+    }
     e->id = next_id_++;
     by_name_[name] = e;
     by_id_[e->id] = e;
   }
   if (replaced) {
-    absl::MutexLock l(&replaced->mu);
-    replaced->removed = true;
+    std::shared_ptr<source::MirrorRange> old_range;
+    {
+      absl::MutexLock l(&replaced->mu);
+      replaced->removed = true;
+      old_range = std::move(replaced->range);
+    }
+    old_range.reset();  // detaches, outside every lock
   }
   counters_->Add("exports_created");
   spdlog::info("exported '{}': pid {} 0x{:x}+0x{:x} ({} pages, {})", name, pid, addr, len,
@@ -204,6 +215,7 @@ absl::Status ExportTable::Unexport(const std::string& name) {
     e = it->second;
     by_name_.erase(it);
     by_id_.erase(e->id);
+    draining_[e->id] = e;  // until its retired registrations are released
   }
   Invalidate(*e, Change{0, e->npages, ChangeKind::kUnexport, source::MonotonicNs()});
   std::shared_ptr<source::MirrorRange> range;
@@ -239,7 +251,7 @@ absl::StatusOr<v1::ExportDescriptor> ExportTable::Describe(const std::string& na
   d.set_path(path_);
   absl::MutexLock l(&e->mu);
   if (e->gone) return absl::FailedPreconditionError(absl::StrCat("export '", name, "' gone: the exporting process exited"));
-  d.set_seq(e->seq);
+  d.set_seq(e->coh.seq());
   if (e->zc) {
     const transport::RemoteRegion r = e->zc->region->remote();
     d.mutable_zero_copy()->set_addr(r.addr);
@@ -256,7 +268,7 @@ void ExportTable::TryZeroCopy(ExportEntry& e) {
   {
     absl::MutexLock l(&e.mu);
     if (e.gone || e.removed || e.zc) return;
-    seq = e.seq;
+    seq = e.coh.seq();
   }
   // Mapping and (pinned) registration can take a while: no lock held.
   auto z = std::make_unique<ZeroCopy>();
@@ -295,7 +307,7 @@ void ExportTable::TryZeroCopy(ExportEntry& e) {
     e.zc_retry_at = absl::Now() + kZeroCopyRetry;
     return;
   }
-  if (e.gone || e.removed || e.seq != seq) {
+  if (e.gone || e.removed || e.coh.seq() != seq) {
     e.zc_retry = true;  // changed meanwhile: validate again later
     e.zc_retry_at = absl::Now();
     return;
@@ -309,10 +321,23 @@ void ExportTable::TryZeroCopy(ExportEntry& e) {
   e.zc_retry = false;
 }
 
-void ExportTable::Retire(std::unique_ptr<ZeroCopy> z) {
+void ExportTable::Retire(ExportEntry& e, std::unique_ptr<ZeroCopy> z, uint64_t at_seq) {
   if (!z) return;
-  absl::MutexLock l(&retired_mu_);
-  retired_.emplace_back(absl::Now() + kRetireGrace, std::move(z));
+  const uint64_t id = e.next_retire_id++;
+  e.retired[id] = std::move(z);
+  e.coh.Retire(id, at_seq, absl::Now());
+}
+
+std::vector<std::unique_ptr<ExportTable::ZeroCopy>> ExportTable::TakeReleasable(ExportEntry& e) {
+  std::vector<std::unique_ptr<ZeroCopy>> out;
+  for (uint64_t id : e.coh.TakeReleasable()) {
+    auto it = e.retired.find(id);
+    SVM_CHECK(it != e.retired.end());
+    out.push_back(std::move(it->second));
+    e.retired.erase(it);
+  }
+  if (!out.empty()) counters_->Add("zero_copy_retired_released", out.size());
+  return out;
 }
 
 absl::StatusOr<uint64_t> ExportTable::Subscribe(uint64_t export_id,
@@ -321,9 +346,10 @@ absl::StatusOr<uint64_t> ExportTable::Subscribe(uint64_t export_id,
   if (!e) return absl::NotFoundError("no such export (it was withdrawn)");
   absl::MutexLock l(&e->mu);
   if (e->gone) return absl::FailedPreconditionError(absl::StrCat("export '", e->name, "' gone"));
-  e->subs[sub->id()] = {sub, e->seq};
-  spdlog::info("node {} subscribed to '{}' at seq {}", sub->node(), e->name, e->seq);
-  return e->seq;
+  e->subs[sub->id()] = sub;
+  const uint64_t seq = e->coh.Subscribe(sub->id());
+  spdlog::info("node {} subscribed to '{}' at seq {}", sub->node(), e->name, seq);
+  return seq;
 }
 
 void ExportTable::Invalidate(ExportEntry& e, const Change& c) {
@@ -333,6 +359,7 @@ void ExportTable::Invalidate(ExportEntry& e, const Change& c) {
     if (e.removed) return;
     if (e.gone) return;  // everything was invalidated when the process exited
     if (c.kind == ChangeKind::kExit) e.gone = true;
+    std::unique_ptr<ZeroCopy> replaced;
     if (e.zc && c.kind != ChangeKind::kWrite) {
       // Before the invalidation leaves: importers that receive it drop the
       // region and ask again, so the answer must already be the new one.
@@ -365,16 +392,16 @@ void ExportTable::Invalidate(ExportEntry& e, const Change& c) {
         e.zc_retry = c.kind != ChangeKind::kExit && c.kind != ChangeKind::kUnexport;
         e.zc_retry_at = absl::Now() + kZeroCopyRetry;
       }
-      if (e.zc.get() != old.get()) Retire(std::move(old));
+      if (e.zc.get() != old.get()) replaced = std::move(old);
     }
-    const uint64_t seq = ++e.seq;
-    const uint64_t end = c.first_page + c.npages;
-    for (auto it = e.served.lower_bound(c.first_page); it != e.served.end() && it->first < end;) {
-      it = e.served.erase(it);
-    }
+    const uint64_t seq = e.coh.Invalidate(c.first_page, c.npages);
+    // Released once every subscriber acknowledged this invalidation (it
+    // drops the region before it acknowledges, after its READs drained).
+    Retire(e, std::move(replaced), seq);
     transport::InvalRecord rec{e.id, c.first_page, c.npages, seq, c.kind, c.detected_ns};
     for (auto it = e.subs.begin(); it != e.subs.end();) {
-      if (!it->second.sub->PushInvalidation(rec)) {
+      if (!it->second->PushInvalidation(rec)) {
+        e.coh.Unsubscribe(it->first);
         it = e.subs.erase(it);  // closed: it invalidates everything when it reconnects
       } else {
         ++it;
@@ -410,14 +437,26 @@ absl::StatusOr<uint64_t> ExportTable::ServeFetch(uint64_t export_id, uint64_t fi
       return absl::FailedPreconditionError(absl::StrCat("export '", e->name, "' gone"));
     }
     range = e->range;
-    seq = e->seq;
+    seq = e->coh.BeginServe();
   }
   if (auto st = range->Read(first_page * kPageSize, dst); !st.ok()) return st;
   if (limits_.fault_fetch_delay > absl::ZeroDuration()) absl::SleepFor(limits_.fault_fetch_delay);
   if (track) {
-    absl::MutexLock l(&e->mu);
+    std::vector<uint64_t> versions(npages);
     for (uint32_t i = 0; i < npages; ++i) {
-      e->served[first_page + i] = HashPage(dst.data() + static_cast<size_t>(i) * kPageSize);
+      versions[i] = HashPage(dst.data() + static_cast<size_t>(i) * kPageSize);
+    }
+    std::vector<uint64_t> changed;
+    {
+      absl::MutexLock l(&e->mu);
+      changed = e->coh.RecordServed(first_page, versions, seq);
+    }
+    // Content other importers hold differs from this copy: a change no
+    // notifier reported. Invalidated before this reply is queued, so the
+    // requester (which receives the invalidation first) does not install it.
+    if (!changed.empty()) {
+      counters_->Add("served_version_invalidations", changed.size());
+      InvalidateRuns(*e, changed, ChangeKind::kWrite, source::MonotonicNs());
     }
   }
   counters_->Add("fetches_served");
@@ -426,11 +465,14 @@ absl::StatusOr<uint64_t> ExportTable::ServeFetch(uint64_t export_id, uint64_t fi
 }
 
 void ExportTable::OnAck(uint64_t subscriber_id, uint64_t export_id, uint64_t seq) {
-  auto e = FindId(export_id);
+  auto e = FindDraining(export_id);
   if (!e) return;
-  absl::MutexLock l(&e->mu);
-  auto it = e->subs.find(subscriber_id);
-  if (it != e->subs.end()) it->second.acked = std::max(it->second.acked, seq);
+  std::vector<std::unique_ptr<ZeroCopy>> released;  // deregistered outside the lock
+  {
+    absl::MutexLock l(&e->mu);
+    e->coh.OnAck(subscriber_id, seq);
+    released = TakeReleasable(*e);
+  }
 }
 
 void ExportTable::OnSubscriberClosed(uint64_t subscriber_id) {
@@ -438,10 +480,16 @@ void ExportTable::OnSubscriberClosed(uint64_t subscriber_id) {
   {
     absl::MutexLock l(&mu_);
     for (auto& [id, e] : by_id_) all.push_back(e);
+    for (auto& [id, e] : draining_) all.push_back(e);
   }
   for (auto& e : all) {
-    absl::MutexLock l(&e->mu);
-    e->subs.erase(subscriber_id);
+    std::vector<std::unique_ptr<ZeroCopy>> released;
+    {
+      absl::MutexLock l(&e->mu);
+      e->subs.erase(subscriber_id);
+      e->coh.Unsubscribe(subscriber_id);
+      released = TakeReleasable(*e);
+    }
   }
 }
 
@@ -462,14 +510,19 @@ uint64_t ExportTable::CompareServed(ExportEntry& e,
     auto st = range->Read(page * kPageSize, absl::MakeSpan(buf));
     if (st.ok() ? HashPage(buf.data()) != hash : unreadable_changed) changed.push_back(page);
   }
+  InvalidateRuns(e, changed, ChangeKind::kWrite, started);
+  return changed.size();
+}
+
+void ExportTable::InvalidateRuns(ExportEntry& e, const std::vector<uint64_t>& pages, ChangeKind kind,
+                                 uint64_t detected_ns) {
   size_t i = 0;
-  while (i < changed.size()) {
+  while (i < pages.size()) {
     size_t j = i + 1;
-    while (j < changed.size() && changed[j] == changed[j - 1] + 1) ++j;
-    Invalidate(e, Change{changed[i], j - i, ChangeKind::kWrite, started});
+    while (j < pages.size() && pages[j] == pages[j - 1] + 1) ++j;
+    Invalidate(e, Change{pages[i], j - i, kind, detected_ns});
     i = j;
   }
-  return changed.size();
 }
 
 absl::StatusOr<v1::SyncResponse> ExportTable::Sync(const std::string& name) {
@@ -479,7 +532,7 @@ absl::StatusOr<v1::SyncResponse> ExportTable::Sync(const std::string& name) {
   {
     absl::MutexLock l(&e->mu);
     if (e->gone) return absl::FailedPreconditionError(absl::StrCat("export '", name, "' gone"));
-    pages.assign(e->served.begin(), e->served.end());
+    pages = e->coh.AllServed();
   }
   const uint64_t changed = CompareServed(*e, pages, /*unreadable_changed=*/true);
   // Wait until every subscriber acknowledged everything up to now.
@@ -487,16 +540,13 @@ absl::StatusOr<v1::SyncResponse> ExportTable::Sync(const std::string& name) {
   std::vector<std::shared_ptr<transport::Subscriber>> laggards;
   {
     absl::MutexLock l(&e->mu);
-    const uint64_t target = e->seq;
+    const uint64_t target = e->coh.seq();
     auto all_acked = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(e->mu) {
-      for (auto& [id, s] : e->subs) {
-        if (s.acked < target) return false;
-      }
-      return true;
+      return e->coh.Laggards(target).empty();
     };
     e->mu.AwaitWithTimeout(absl::Condition(&all_acked), limits_.sync_timeout);
-    for (auto& [id, s] : e->subs) {
-      if (s.acked < target) laggards.push_back(s.sub);
+    for (uint64_t id : e->coh.Laggards(target)) {
+      if (auto it = e->subs.find(id); it != e->subs.end()) laggards.push_back(it->second);
     }
     r.set_seq(target);
     r.set_subscribers_acked(static_cast<uint32_t>(e->subs.size() - laggards.size()));
@@ -527,47 +577,59 @@ absl::StatusOr<uint64_t> ExportTable::ReadLocal(const std::string& name, uint64_
     absl::MutexLock l(&e->mu);
     if (e->gone) return absl::FailedPreconditionError(absl::StrCat("export '", name, "' gone: the exporting process exited"));
     range = e->range;
-    seq = e->seq;
+    seq = e->coh.seq();
   }
   if (auto st = range->Read(offset, dst); !st.ok()) return st;
   return seq;
 }
 
 void ExportTable::Scrub() {
-  // Zero-copy upkeep: release retired registrations (outside the lock:
-  // deregistering takes time), try withdrawn exports again.
-  std::vector<std::unique_ptr<ZeroCopy>> expired;
-  {
-    absl::MutexLock l(&retired_mu_);
-    const absl::Time now = absl::Now();
-    while (!retired_.empty() && retired_.front().first <= now) {
-      expired.push_back(std::move(retired_.front().second));
-      retired_.pop_front();
-    }
-  }
-  expired.clear();
-  std::vector<std::shared_ptr<struct ExportEntry>> all, retry;
+  // Zero-copy upkeep: release retired registrations whose holders all
+  // acknowledged or left (outside the locks: deregistering takes time),
+  // disconnect subscribers that hold one for too long without
+  // acknowledging, try withdrawn exports again.
+  std::vector<std::unique_ptr<ZeroCopy>> released;
+  std::vector<std::shared_ptr<transport::Subscriber>> stuck;
+  std::vector<std::shared_ptr<struct ExportEntry>> all, retry, draining;
   {
     absl::MutexLock l(&mu_);
     for (auto& [id, e] : by_id_) {
-      if (e->scrub) all.push_back(e);
+      all.push_back(e);
       absl::MutexLock el(&e->mu);
       if (e->zc_retry && !e->zc && !e->gone && absl::Now() >= e->zc_retry_at) retry.push_back(e);
     }
+    for (auto& [id, e] : draining_) draining.push_back(e);
+  }
+  const absl::Time patience = absl::Now() - limits_.sync_timeout;
+  auto upkeep = [&](ExportEntry& e) {
+    absl::MutexLock l(&e.mu);
+    for (auto& z : TakeReleasable(e)) released.push_back(std::move(z));
+    for (uint64_t id : e.coh.RetirementLaggards(patience)) {
+      if (auto it = e.subs.find(id); it != e.subs.end()) stuck.push_back(it->second);
+    }
+    return e.retired.empty();
+  };
+  for (auto& e : all) upkeep(*e);
+  for (auto& e : draining) {
+    if (upkeep(*e)) {
+      absl::MutexLock l(&mu_);
+      draining_.erase(e->id);
+    }
+  }
+  released.clear();
+  for (auto& s : stuck) {
+    spdlog::warn("node {} did not acknowledge the replacement of a zero-copy registration within {}; "
+                 "disconnecting it", s->node(), absl::FormatDuration(limits_.sync_timeout));
+    s->Close();
   }
   for (auto& e : retry) TryZeroCopy(*e);
   for (auto& e : all) {
+    if (!e->scrub) continue;
     std::vector<std::pair<uint64_t, uint64_t>> pages;
     {
       absl::MutexLock l(&e->mu);
-      if (e->gone || e->served.empty()) continue;
-      auto it = e->served.lower_bound(e->scrub_cursor);
-      while (pages.size() < limits_.scrub_pages_per_pass && pages.size() < e->served.size()) {
-        if (it == e->served.end()) it = e->served.begin();
-        pages.emplace_back(it->first, it->second);
-        ++it;
-      }
-      e->scrub_cursor = it == e->served.end() ? 0 : it->first;
+      if (e->gone || e->coh.served_pages() == 0) continue;
+      pages = e->coh.ServedBatch(&e->scrub_cursor, limits_.scrub_pages_per_pass);
     }
     // A page that cannot be read any more left the mapping or lost its
     // protection: the source reports that, with its proper kind.

@@ -15,9 +15,17 @@
 // region travels in the export descriptor. Every invalidation other than a
 // write re-validates it before the invalidation is sent: still the same
 // object, then a pinned registration is replaced (ODP follows the pages by
-// itself); otherwise it is withdrawn. Replaced registrations are released
-// after a grace period (reads already issued with them complete first).
-// Importers drop a region on every such invalidation and ask again.
+// itself); otherwise it is withdrawn. Importers drop a region on every such
+// invalidation and acknowledge it only after their READs against it have
+// completed; a replaced registration is released when every subscriber has
+// acknowledged (or left): invalidate, drain, then retire (rule 5). A
+// subscriber that holds one longer than the sync timeout is disconnected.
+//
+// LOCKING: mu_ guards the maps; ExportEntry::mu guards one export's state.
+// Order: mu_ before ExportEntry::mu (Export's limit count, Scrub); never
+// the reverse. Neither is held across a mirror-source read, a registration
+// or a deregistration; ExportEntry::mu is held while invalidations are
+// pushed to subscribers (PushInvalidation never blocks).
 #ifndef SVM_DAEMON_CORE_EXPORT_TABLE_H_
 #define SVM_DAEMON_CORE_EXPORT_TABLE_H_
 
@@ -35,6 +43,7 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "daemon/core/counters.h"
+#include "daemon/coherence/coherence.h"
 #include "daemon/core/watch_hub.h"
 #include "daemon/source/mirror_source.h"
 #include "daemon/transport/transport.h"
@@ -99,9 +108,19 @@ class ExportTable final : public transport::ExportBackend {
   // it unless the export changed meanwhile.
   void TryZeroCopy(ExportEntry& e);
   struct ZeroCopy;
-  // Keeps a replaced or withdrawn registration until reads already issued
-  // with it are done.
-  void Retire(std::unique_ptr<ZeroCopy> z);
+  // Keeps a replaced or withdrawn registration until every subscriber has
+  // acknowledged the invalidation at_seq that replaced it (rule 5).
+  void Retire(ExportEntry& e, std::unique_ptr<ZeroCopy> z, uint64_t at_seq)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(e.mu);
+  // Retired registrations that may be released now; the caller destroys
+  // them outside e.mu.
+  std::vector<std::unique_ptr<ZeroCopy>> TakeReleasable(ExportEntry& e)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(e.mu);
+  // Invalidates pages (sorted) in runs of consecutive pages.
+  void InvalidateRuns(ExportEntry& e, const std::vector<uint64_t>& pages, source::ChangeKind kind,
+                      uint64_t detected_ns);
+  // By id, also exports withdrawn but still draining retired registrations.
+  std::shared_ptr<ExportEntry> FindDraining(uint64_t id) const;
 
   source::MirrorSource* const source_;
   WatchHub* const hub_;
@@ -110,12 +129,11 @@ class ExportTable final : public transport::ExportBackend {
   const std::string path_;
   std::atomic<transport::Transport*> zero_copy_{nullptr};
 
-  absl::Mutex retired_mu_;  // guards retired_
-  std::deque<std::pair<absl::Time, std::unique_ptr<ZeroCopy>>> retired_ ABSL_GUARDED_BY(retired_mu_);
-
   mutable absl::Mutex mu_;  // guards the maps and next_id_; never held across a source call
   std::map<std::string, std::shared_ptr<ExportEntry>> by_name_ ABSL_GUARDED_BY(mu_);
   std::map<uint64_t, std::shared_ptr<ExportEntry>> by_id_ ABSL_GUARDED_BY(mu_);
+  // Withdrawn exports whose retired registrations are not released yet.
+  std::map<uint64_t, std::shared_ptr<ExportEntry>> draining_ ABSL_GUARDED_BY(mu_);
   uint64_t next_id_ ABSL_GUARDED_BY(mu_) = 1;
 };
 

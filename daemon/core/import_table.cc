@@ -59,23 +59,26 @@ struct ImportTable::Link {
   std::string fallback_reason ABSL_GUARDED_BY(info_mu);  // why rdma was not used, if it failed
 };
 
-// States: "connected" (subscribed on a live channel) -> "disconnected"
-// (channel lost; cache dropped; reattached on the next read) or "gone"
-// (exporter's process exited or export withdrawn; reattached by name on the
-// next read if it was exported again).
+// The import's state machine is coherence::ImportCoherence (kDetached ->
+// kSubscribing -> kLive; kGone when the exporter's process exited or the
+// export was withdrawn, reattached by name on the next read if it was
+// exported again; kDetached again when the channel is lost).
 struct ImportTable::ImportEntry {
   uint64_t id = 0;  // cache key
   std::string name, remote_name;
   std::shared_ptr<Link> link;
 
+  // Serialises (re)attachment: concurrent readers of a detached import wait
+  // for one subscription instead of racing their own. Taken before mu.
+  absl::Mutex attach_mu;
   absl::Mutex mu;  // guards everything below; taken by invalidations
   uint64_t export_id ABSL_GUARDED_BY(mu) = 0;
   uint64_t len ABSL_GUARDED_BY(mu) = 0;
+  // The channel invalidations of the import arrive on: set before the
+  // subscription is sent (the subscribing window), cleared when lost.
   std::shared_ptr<transport::PeerChannel> channel ABSL_GUARDED_BY(mu);
-  uint64_t max_seq ABSL_GUARDED_BY(mu) = 0;  // highest invalidation received
-  std::string state ABSL_GUARDED_BY(mu) = "disconnected";
+  coherence::ImportCoherence coh ABSL_GUARDED_BY(mu);
   std::string gone_reason ABSL_GUARDED_BY(mu);
-  uint64_t invalidations ABSL_GUARDED_BY(mu) = 0;
   // Zero-copy: the exporter offered a registered region for this export.
   // Reads go to it while the channel holds it (SetRegion); after an
   // invalidation that dropped it (anything but a write) the descriptor is
@@ -244,6 +247,15 @@ absl::StatusOr<std::unique_ptr<transport::PeerChannel>> ImportTable::ConnectWith
 }
 
 absl::Status ImportTable::Attach(ImportEntry& imp) {
+  absl::MutexLock al(&imp.attach_mu);
+  {
+    absl::MutexLock l(&imp.mu);
+    // Another reader attached it while this one waited.
+    if (imp.coh.state() == coherence::ImportState::kLive && imp.channel != nullptr &&
+        imp.channel->alive()) {
+      return absl::OkStatus();
+    }
+  }
   uint64_t gen = 0;
   auto ch = Connect(*imp.link, &gen);
   if (!ch.ok()) return ch.status();
@@ -267,32 +279,52 @@ absl::Status ImportTable::Attach(ImportEntry& imp) {
         absl::StrFormat("export '%s' has %u-byte pages; this node uses %u", imp.remote_name,
                         desc.page_size(), kPageSize));
   }
+  // The subscribing window opens before the request leaves: the exporter
+  // may push an invalidation before its answer arrives, and that one must
+  // be applied (OnInvalidation matches the channel and the export id).
+  uint64_t epoch;
+  {
+    absl::MutexLock l(&imp.mu);
+    // Whatever was cached belongs to an earlier connection or export.
+    cache_->DropImport(imp.id);
+    if (imp.export_id != desc.export_id()) imp.zc_offered = false;  // another export by that name
+    imp.export_id = desc.export_id();
+    imp.len = desc.len();
+    imp.channel = *ch;
+    epoch = imp.coh.BeginSubscribe();
+    imp.zc_registration.clear();
+    imp.zc_refresh_at = absl::InfinitePast();
+  }
   v1::SubscribeResponse sub;
+  absl::Status st;
   {
     grpc::ClientContext ctx;
     PrepareCall(&ctx, opts_.rpc_timeout);
     v1::SubscribeRequest req;
     req.set_session_token(token);
     req.set_export_id(desc.export_id());
-    auto st = FromGrpc(imp.link->stub->Subscribe(&ctx, req, &sub),
-                       absl::StrCat("peer ", imp.link->peer));
-    if (!st.ok()) return st;
+    st = FromGrpc(imp.link->stub->Subscribe(&ctx, req, &sub), absl::StrCat("peer ", imp.link->peer));
   }
   absl::MutexLock l(&imp.mu);
-  // Whatever was cached belongs to an earlier connection or export.
-  cache_->DropImport(imp.id);
-  if (imp.export_id != desc.export_id()) imp.zc_offered = false;  // another export by that name
-  imp.export_id = desc.export_id();
-  imp.len = desc.len();
-  imp.channel = *ch;
-  imp.max_seq = sub.seq();
-  imp.state = "connected";
+  if (!st.ok()) {
+    if (imp.coh.epoch() == epoch) {
+      imp.coh.OnDisconnect();
+      cache_->DropImport(imp.id);
+    }
+    return st;
+  }
+  if (!imp.coh.CompleteSubscribe(epoch, sub.seq())) {
+    // The channel was lost (or the export ended) while subscribing.
+    return absl::UnavailableError(absl::StrCat("peer ", imp.link->peer,
+                                               ": the subscription to '", imp.remote_name,
+                                               "' was overtaken by ", imp.gone_reason.empty()
+                                                   ? "the loss of the data connection"
+                                                   : imp.gone_reason));
+  }
   imp.gone_reason.clear();
   // Sticky for the export: a region withdrawn at this moment (the object
   // being truncated, say) may come back; the import keeps asking.
   imp.zc_offered = (imp.zc_offered || desc.has_zero_copy()) && (*ch)->one_sided();
-  imp.zc_registration.clear();
-  imp.zc_refresh_at = absl::InfinitePast();
   // A region described before the subscription may have been replaced by
   // an invalidation this import never received: only one described at the
   // subscription's own sequence is used; otherwise the first read asks again.
@@ -380,9 +412,9 @@ v1::ImportInfo ImportTable::InfoOf(ImportEntry& imp) const {
     i.set_path(absl::StrCat("zero-copy/", imp.zc_registration));
   }
   i.set_len(imp.len);
-  i.set_state(imp.state);
-  i.set_seq(imp.max_seq);
-  i.set_invalidations(imp.invalidations);
+  i.set_state(coherence::ImportStateName(imp.coh.state()));
+  i.set_seq(imp.coh.max_seq());
+  i.set_invalidations(imp.coh.invalidations());
   return i;
 }
 
@@ -404,12 +436,14 @@ absl::StatusOr<v1::ReadResponse> ImportTable::Read(const std::string& name, uint
   bool attached;
   {
     absl::MutexLock l(&imp->mu);
-    attached = imp->state == "connected" && imp->channel != nullptr && imp->channel->alive();
+    attached = imp->coh.state() == coherence::ImportState::kLive && imp->channel != nullptr &&
+               imp->channel->alive();
   }
   if (!attached) {
     if (auto st = Attach(*imp); !st.ok()) {
       absl::MutexLock l(&imp->mu);
-      if (imp->state == "gone" && (absl::IsNotFound(st) || absl::IsFailedPrecondition(st))) {
+      if (imp->coh.state() == coherence::ImportState::kGone &&
+          (absl::IsNotFound(st) || absl::IsFailedPrecondition(st))) {
         return absl::FailedPreconditionError(
             absl::StrCat("export '", imp->remote_name, "' gone: ", imp->gone_reason));
       }
@@ -420,12 +454,17 @@ absl::StatusOr<v1::ReadResponse> ImportTable::Read(const std::string& name, uint
   uint64_t export_id, len, seq_before;
   bool zc;
   absl::Time zc_refresh_at;
+  coherence::FetchTicket ticket;
   {
     absl::MutexLock l(&imp->mu);
+    if (imp->channel == nullptr) {
+      return absl::UnavailableError(absl::StrCat("import '", name, "' lost its connection"));
+    }
     ch = imp->channel;
     export_id = imp->export_id;
     len = imp->len;
-    seq_before = imp->max_seq;
+    seq_before = imp->coh.max_seq();
+    ticket = imp->coh.BeginFetch();
     zc = imp->zc_offered;
     zc_refresh_at = imp->zc_refresh_at;
   }
@@ -484,7 +523,7 @@ absl::StatusOr<v1::ReadResponse> ImportTable::Read(const std::string& name, uint
       if (absl::IsNotFound(seq.status())) {
         // Withdrawn on the exporter: reattach by name on the next read.
         absl::MutexLock l(&imp->mu);
-        imp->state = "gone";
+        imp->coh.MarkGone();
         imp->gone_reason = "withdrawn by the exporter";
         return absl::FailedPreconditionError(
             absl::StrCat("export '", imp->remote_name, "' gone: ", seq.status().message()));
@@ -494,7 +533,7 @@ absl::StatusOr<v1::ReadResponse> ImportTable::Read(const std::string& name, uint
     min_seq = std::min(min_seq, *seq);
     if (!fresh) {
       absl::MutexLock l(&imp->mu);
-      if (imp->channel == ch && imp->export_id == export_id && imp->max_seq <= *seq) {
+      if (imp->channel == ch && imp->coh.MayInstall(ticket, *seq)) {
         for (uint64_t k = i; k < j; ++k) {
           cache_->Insert(imp->id, first + k,
                          absl::MakeConstSpan(buf.data() + k * kPageSize, kPageSize));
@@ -510,7 +549,7 @@ absl::StatusOr<v1::ReadResponse> ImportTable::Read(const std::string& name, uint
   resp.set_len(dst.size());
   if (min_seq == UINT64_MAX) {
     absl::MutexLock l(&imp->mu);
-    min_seq = imp->max_seq;
+    min_seq = imp->coh.max_seq();
   }
   resp.set_seq(min_seq);
   counters_->Add("reads");
@@ -561,16 +600,15 @@ void ImportTable::OnInvalidation(transport::PeerChannel* ch, const transport::In
     {
       absl::MutexLock l(&imp->mu);
       if (imp->channel.get() != ch || imp->export_id != r.export_id) continue;
-      imp->max_seq = std::max(imp->max_seq, r.seq);
+      const bool terminal = r.kind == ChangeKind::kExit || r.kind == ChangeKind::kUnexport;
+      if (!imp->coh.OnInvalidation(r.seq, terminal)) continue;
       cache_->Drop(imp->id, r.first_page, r.npages);
-      ++imp->invalidations;
       if (r.kind != ChangeKind::kWrite) {
         // The channel dropped the region: ask for the new one on the next read.
         imp->zc_registration.clear();
         imp->zc_refresh_at = absl::InfinitePast();
       }
-      if (r.kind == ChangeKind::kExit || r.kind == ChangeKind::kUnexport) {
-        imp->state = "gone";
+      if (terminal) {
         imp->gone_reason = r.kind == ChangeKind::kExit ? "the exporting process exited"
                                                        : "withdrawn by the exporter";
       }
@@ -594,8 +632,8 @@ void ImportTable::OnChannelClosed(transport::PeerChannel* ch, const absl::Status
       // Invalidations may be lost with the connection: drop everything.
       cache_->DropImport(imp->id);
       imp->channel = nullptr;
-      if (imp->state != "gone") imp->state = "disconnected";
-      seq = imp->max_seq;
+      imp->coh.OnDisconnect();
+      seq = imp->coh.max_seq();
       npages = imp->len / kPageSize;
     }
     spdlog::warn("import '{}' lost its connection ({}); cache dropped", imp->name, why.message());

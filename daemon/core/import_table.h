@@ -2,10 +2,21 @@
 // exporter daemon (a gRPC channel for setup, a data channel for pages and
 // invalidations) and the mirror cache.
 //
-// The distributed retry rule: a fetched page is installed into the cache
-// only if no invalidation newer than the reply's sequence has been received
-// for the import (checked under Import::mu, the lock invalidations take), so
-// data that raced an invalidation is returned to the reader but never kept.
+// The distributed retry rule (coherence::ImportCoherence::MayInstall): a
+// fetched page is installed into the cache only if the subscription it was
+// fetched under is still live and no invalidation newer than the reply's
+// sequence has been received in it (checked under ImportEntry::mu, the lock
+// invalidations take), so data that raced an invalidation is returned to
+// the reader but never kept. An import is live for invalidations from the
+// moment its subscription is sent, before it is acknowledged.
+//
+// LOCKING: mu_ guards the maps. Per import: attach_mu serialises
+// attachment (held across peer RPCs; only readers of that import wait on
+// it), mu guards the import's state (never held across a call). Per link:
+// Link::mu serialises (re)connection (held across Hello/SetupData),
+// Link::info_mu guards what listing shows. Order: attach_mu, then
+// Link::mu, then ImportEntry::mu, then PageCache's own lock; mu_ is taken
+// alone (its holders copy what they need and release it).
 #ifndef SVM_DAEMON_CORE_IMPORT_TABLE_H_
 #define SVM_DAEMON_CORE_IMPORT_TABLE_H_
 
@@ -18,6 +29,7 @@
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
+#include "daemon/coherence/coherence.h"
 #include "daemon/core/counters.h"
 #include "daemon/core/page_cache.h"
 #include "daemon/core/watch_hub.h"

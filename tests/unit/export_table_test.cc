@@ -923,6 +923,61 @@ TEST_F(ExportTableTest, ScrubFindsChangedServedPages) {
   EXPECT_EQ(sub->records().size(), 1u) << "an invalidated page is not reported twice";
 }
 
+// Issue 8, cause 2: importer X caches page 1 at content v1; the page
+// changes in place (no notifier: same frame); importer Y fetches it at v2.
+// The second copy is proof of a change: X must be told at once. (Before the
+// served versions were kept by the coherence core, the recorded hash simply
+// became v2 and the next scrub compared v2 with v2: X kept v1 forever.)
+TEST_F(ExportTableTest, ServingChangedContentInvalidatesTheOlderCopies) {
+  source_.SetNeedsScrub(true);
+  ASSERT_TRUE(Export("a", 0, 4).ok());
+  const uint64_t id = IdOf("a");
+  auto x = Subscribe("a", 1);
+  auto y = Subscribe("a", 2);
+  auto seq_x = Fetch(id, 0, 3, true);  // X caches pages 0..2 at v1
+  ASSERT_TRUE(seq_x.ok());
+
+  source_.StoreByte(1, 7, 0xA5);  // in place: no Fire, as a reused frame
+  auto seq_y = Fetch(id, 1, 1, true);  // Y fetches page 1 at v2
+  ASSERT_TRUE(seq_y.ok());
+
+  auto recs = x->records();
+  ASSERT_EQ(recs.size(), 1u) << KindsOf(recs);
+  EXPECT_EQ(recs[0].kind, ChangeKind::kWrite);
+  EXPECT_EQ(recs[0].first_page, 1u);
+  EXPECT_EQ(recs[0].npages, 1u);
+  EXPECT_GT(recs[0].seq, *seq_y) << "Y received it before its reply: it does not install v2 either";
+  EXPECT_EQ(y->records().size(), 1u);
+
+  // Nothing else to find: the invalidation forgot the served version, and
+  // the unchanged pages compare equal.
+  table_->Scrub();
+  EXPECT_EQ(x->records().size(), 1u) << KindsOf(x->records());
+
+  // Both refetch page 1 at v2: the same version, nothing to report.
+  ASSERT_TRUE(Fetch(id, 1, 1, true).ok());
+  ASSERT_TRUE(Fetch(id, 1, 1, true).ok());
+  EXPECT_EQ(x->records().size(), 1u) << KindsOf(x->records());
+}
+
+// A copy that raced an invalidation is not a version anybody installs (the
+// importer gets the invalidation first), so it is not recorded: recording it
+// would make the next comparison report a change that is not one.
+TEST_F(ExportTableTest, ACopyOvertakenByAnInvalidationIsNotRecorded) {
+  source_.SetNeedsScrub(true);
+  ASSERT_TRUE(Export("a", 0, 4).ok());
+  const uint64_t id = IdOf("a");
+  auto x = Subscribe("a", 1);
+  source_.OnNextRead([&] {
+    source_.StoreByte(2, 0, 0x11);
+    ASSERT_TRUE(source_.Fire(0, Ch(2, 1, ChangeKind::kRemap)));
+  });
+  ASSERT_TRUE(Fetch(id, 2, 1, true).ok());
+  ASSERT_EQ(x->records().size(), 1u);
+  table_->Scrub();
+  EXPECT_EQ(x->records().size(), 1u) << KindsOf(x->records());
+}
+
 TEST_F(ExportTableTest, ScrubSkipsSourcesThatSeeEveryChange) {
   source_.SetNeedsScrub(false);
   ASSERT_TRUE(Export("a", 0, 2).ok());

@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
+#include "absl/cleanup/cleanup.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/synchronization/mutex.h"
@@ -26,6 +27,7 @@
 #include "common/fd.h"
 #include "common/log.h"
 #include "common/net.h"
+#include "daemon/coherence/coherence.h"
 #include "daemon/transport/frame.h"
 #include "daemon/transport/rdma/verbs.h"
 #include "daemon/transport/thread_count.h"
@@ -541,11 +543,25 @@ class ClientConn final : public Conn, public PeerChannel {
   std::vector<uint32_t> free_slots_ ABSL_GUARDED_BY(mu_);
   std::map<uint64_t, Pending*> pending_ ABSL_GUARDED_BY(mu_);
   uint64_t next_id_ ABSL_GUARDED_BY(mu_) = 1;
-  // Zero-copy: the exporter's registered regions by export id, and the
-  // newest sequence of an invalidation that dropped one (a region described
-  // before it is stale).
-  std::map<uint64_t, RemoteRegion> regions_ ABSL_GUARDED_BY(mu_);
-  std::map<uint64_t, uint64_t> dropped_seq_ ABSL_GUARDED_BY(mu_);
+  // Zero-copy: per export id, the exporter's registered region and its
+  // state (epoch, READs in flight, the newest dropping invalidation: a
+  // region described before it is stale).
+  struct ZcRegion {
+    coherence::ZeroCopyRegionState state;
+    RemoteRegion remote;
+  };
+  std::map<uint64_t, ZcRegion> zc_ ABSL_GUARDED_BY(mu_);
+  // Acknowledgements not sent yet, in arrival order: one that dropped a
+  // region waits until the READs issued against it completed (rule 5: the
+  // exporter deregisters the old region once every importer acknowledged);
+  // the ones behind it wait too (an acknowledgement covers every earlier
+  // sequence of its export).
+  struct HeldAck {
+    uint64_t export_id, seq;
+    std::optional<uint64_t> drain_epoch;  // READs of epochs up to it must complete
+  };
+  std::deque<HeldAck> held_acks_ ABSL_GUARDED_BY(mu_);
+  void FlushAcksLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // READs in flight by slot.
   std::map<uint32_t, Pending*> reads_ ABSL_GUARDED_BY(mu_);
 };
@@ -1068,17 +1084,20 @@ absl::Status ClientConn::OnMessage(const FrameHeader& h, const uint8_t* payload,
       std::memcpy(&p, payload, sizeof(p));
       InvalRecord rec{p.export_id, p.first_page, p.npages, p.seq,
                       static_cast<source::ChangeKind>(p.kind), p.detected_ns};
+      std::optional<uint64_t> drain;
       if (rec.kind != source::ChangeKind::kWrite) {
         // Anything but a store may have replaced or withdrawn the exporter's
-        // registration: no READ is issued with it from now on.
+        // registration: no READ is issued with it from now on, and the
+        // acknowledgement waits for the ones in flight.
         absl::MutexLock l(&mu_);
-        regions_.erase(rec.export_id);
-        uint64_t& d = dropped_seq_[rec.export_id];
-        d = std::max(d, rec.seq);
+        ZcRegion& z = zc_[rec.export_id];
+        const uint64_t epoch = z.state.Drop(rec.seq);
+        if (!z.state.Drained(epoch)) drain = epoch;
       }
       backend_->OnInvalidation(this, rec);
-      InvalAckPayload a{p.export_id, p.seq};
-      Enqueue(OutItem{MakeMsg(FrameType::kInvalAck, 0, &a, sizeof(a))});
+      absl::MutexLock l(&mu_);
+      held_acks_.push_back(HeldAck{p.export_id, p.seq, drain});
+      FlushAcksLocked();
       return absl::OkStatus();
     }
     default:
@@ -1086,12 +1105,21 @@ absl::Status ClientConn::OnMessage(const FrameHeader& h, const uint8_t* payload,
   }
 }
 
+void ClientConn::FlushAcksLocked() {
+  while (!held_acks_.empty()) {
+    const HeldAck& a = held_acks_.front();
+    if (a.drain_epoch && !zc_[a.export_id].state.Drained(*a.drain_epoch)) break;
+    InvalAckPayload ack{a.export_id, a.seq};
+    EnqueueLocked(OutItem{MakeMsg(FrameType::kInvalAck, 0, &ack, sizeof(ack))});
+    held_acks_.pop_front();
+  }
+}
+
 bool ClientConn::SetRegion(uint64_t export_id, const RemoteRegion& r, uint64_t seq) {
   absl::MutexLock l(&mu_);
-  if (auto it = dropped_seq_.find(export_id); it != dropped_seq_.end() && it->second > seq) {
-    return false;
-  }
-  regions_[export_id] = r;
+  ZcRegion& z = zc_[export_id];
+  if (!z.state.Offer(seq)) return false;
+  z.remote = r;
   return true;
 }
 
@@ -1110,15 +1138,23 @@ absl::Status ClientConn::ReadRegion(uint64_t export_id, uint64_t offset, absl::S
   std::deque<Chunk> inflight;
   size_t issued = 0;
   absl::MutexLock l(&mu_);
-  auto it = regions_.find(export_id);
-  if (it == regions_.end()) {
+  auto it = zc_.find(export_id);
+  if (it == zc_.end() || it->second.state.state() != coherence::RegionState::kUsable) {
     return absl::FailedPreconditionError("no zero-copy region for this export");
   }
-  const RemoteRegion r = it->second;
+  ZcRegion& z = it->second;
+  const RemoteRegion r = z.remote;
   if (offset > r.len || dst.size() > r.len - offset) {
     return absl::OutOfRangeError(absl::StrFormat(
         "read of %u bytes at %u outside the %u-byte region", dst.size(), offset, r.len));
   }
+  // Every READ below targets this epoch of the region; an invalidation that
+  // drops it holds its acknowledgement until they have all completed.
+  const uint64_t epoch = z.state.BeginRead();
+  absl::Cleanup end_read = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    z.state.EndRead(epoch);
+    FlushAcksLocked();
+  };
   auto closed_msg = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     return absl::UnavailableError(absl::StrCat("data connection to ", peer_name_, " is closed: ",
                                                close_reason_.message()));
@@ -1126,13 +1162,19 @@ absl::Status ClientConn::ReadRegion(uint64_t export_id, uint64_t offset, absl::S
   const uint64_t begin = offset / kPage * kPage;
   const uint64_t end = std::min<uint64_t>(r.len, (offset + dst.size() + kPage - 1) / kPage * kPage);
   const uint64_t total = dst.empty() ? 0 : end - begin;
-  while (issued < total || !inflight.empty()) {
+  bool replaced = false;
+  while ((issued < total && !replaced) || !inflight.empty()) {
     if (closed_) {
       for (auto& c : inflight) reads_.erase(c.p.slot);
       return closed_msg();
     }
+    // The region was dropped by an invalidation: nothing more is issued
+    // against it; what is in flight completes (its memory stays registered
+    // until this read acknowledges), then the caller takes another path.
+    replaced = replaced || z.state.state() != coherence::RegionState::kUsable ||
+               z.state.epoch() != epoch;
     // Issue as many as there are free slots.
-    while (issued < total && !free_slots_.empty()) {
+    while (issued < total && !replaced && !free_slots_.empty()) {
       Chunk& c = inflight.emplace_back();
       c.p.slot = free_slots_.back();
       free_slots_.pop_back();
@@ -1172,6 +1214,9 @@ absl::Status ClientConn::ReadRegion(uint64_t export_id, uint64_t offset, absl::S
     mu_.Lock();
     free_slots_.push_back(c.p.slot);
     inflight.pop_front();
+  }
+  if (replaced && issued < total) {
+    return absl::FailedPreconditionError("the zero-copy region was replaced during the read");
   }
   return absl::OkStatus();
 }
