@@ -43,6 +43,8 @@ constexpr char kUsage[] = R"(usage: svmd [options]
   --socket-group NAME          control socket group (default svm, if it exists)
   --log-level LEVEL            trace|debug|info|warn|error (default info)
   --fault-fetch-delay-ms N     testing only: delay every fetch reply after the copy
+  --fault-subscribe-inval-ms N testing only: on every subscription, push an invalidation of
+                               the export's first page, then hold the answer N ms
   --version
 )";
 
@@ -88,8 +90,9 @@ absl::StatusOr<svm::core::DaemonOptions> ParseOptions(const svm::Args& a) {
   auto sync = num("sync-timeout-ms", 5000);
   auto fetch = num("fetch-timeout-ms", 1500);
   auto fault = num("fault-fetch-delay-ms", 0);
+  auto fault_sub = num("fault-subscribe-inval-ms", 0);
   auto peer_timeout = num("peer-timeout-ms", 2000);
-  for (auto* s : {&cache, &poll, &scrub, &sync, &fetch, &fault, &peer_timeout}) {
+  for (auto* s : {&cache, &poll, &scrub, &sync, &fetch, &fault, &fault_sub, &peer_timeout}) {
     if (!s->ok()) return s->status();
   }
   if (*poll == 0 || *scrub == 0) return absl::InvalidArgumentError("intervals must be > 0");
@@ -99,6 +102,7 @@ absl::StatusOr<svm::core::DaemonOptions> ParseOptions(const svm::Args& a) {
   o.limits.sync_timeout = absl::Milliseconds(*sync);
   o.import.fetch_timeout = absl::Milliseconds(*fetch);
   o.limits.fault_fetch_delay = absl::Milliseconds(*fault);
+  o.limits.fault_subscribe_inval = absl::Milliseconds(*fault_sub);
   o.import.rpc_timeout = absl::Milliseconds(*peer_timeout);
   return o;
 }
@@ -111,7 +115,7 @@ int main(int argc, char** argv) {
       {"control", "peer-listen", "data-listen", "node", "source", "transport", "rdma-device",
        "rdma-registration", "peer-token-file",
        "cache-mb", "poll-interval-ms", "scrub-interval-ms", "sync-timeout-ms", "fetch-timeout-ms",
-       "socket-mode", "socket-group", "log-level", "fault-fetch-delay-ms", "peer-timeout-ms"},
+       "socket-mode", "socket-group", "log-level", "fault-fetch-delay-ms", "fault-subscribe-inval-ms", "peer-timeout-ms"},
       {"help", "version"});
   if (!args.ok()) {
     std::fprintf(stderr, "svmd: %s\n%s", std::string(args.status().message()).c_str(), kUsage);

@@ -344,11 +344,18 @@ absl::StatusOr<uint64_t> ExportTable::Subscribe(uint64_t export_id,
                                                 std::shared_ptr<transport::Subscriber> sub) {
   auto e = FindId(export_id);
   if (!e) return absl::NotFoundError("no such export (it was withdrawn)");
-  absl::MutexLock l(&e->mu);
-  if (e->gone) return absl::FailedPreconditionError(absl::StrCat("export '", e->name, "' gone"));
-  e->subs[sub->id()] = sub;
-  const uint64_t seq = e->coh.Subscribe(sub->id());
+  uint64_t seq;
+  {
+    absl::MutexLock l(&e->mu);
+    if (e->gone) return absl::FailedPreconditionError(absl::StrCat("export '", e->name, "' gone"));
+    e->subs[sub->id()] = sub;
+    seq = e->coh.Subscribe(sub->id());
+  }
   spdlog::info("node {} subscribed to '{}' at seq {}", sub->node(), e->name, seq);
+  if (limits_.fault_subscribe_inval > absl::ZeroDuration()) {
+    Invalidate(*e, Change{0, 1, ChangeKind::kOther, source::MonotonicNs()});
+    absl::SleepFor(limits_.fault_subscribe_inval);
+  }
   return seq;
 }
 

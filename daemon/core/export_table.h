@@ -60,6 +60,11 @@ struct ExportLimits {
   // Fault injection for tests: hold every fetch reply this long after the
   // copy, widening the window in which an invalidation can overtake it.
   absl::Duration fault_fetch_delay = absl::ZeroDuration();
+  // Fault injection for tests: when positive, every subscription is
+  // followed by an invalidation of the export's first page, and the
+  // subscription's answer is held this long, so the invalidation reaches
+  // the importer's data channel before the answer reaches its gRPC call.
+  absl::Duration fault_subscribe_inval = absl::ZeroDuration();
 };
 
 class ExportTable final : public transport::ExportBackend {

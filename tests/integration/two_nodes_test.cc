@@ -116,6 +116,35 @@ TEST_P(TwoNodes, ImportReadsLiveMemory) {
   EXPECT_EQ(*local, std::string(16, 'A'));
 }
 
+// Issue 8, cause 1: an invalidation the exporter pushes between registering
+// a subscription and the importer learning that it is registered (it
+// arrives on the data channel before the gRPC answer) is applied: counted
+// (and published, with the count), and part of the import's sequence. (It was
+// acknowledged but skipped before the import was live from the moment its
+// subscription was sent.) A's --fault-subscribe-inval-ms pushes one at
+// every subscription and holds the answer.
+TEST_P(TwoNodes, AnInvalidationThatOvertakesTheSubscriptionAnswerIsApplied) {
+  auto a = Daemon::Start(Node("A2", {"--fault-subscribe-inval-ms", "300"}));
+  ASSERT_TRUE(a.ok()) << a.status();
+  auto ca = (*a)->Connect();
+  auto e = Exporter::Start({.daemon = a->get(), .name = "early", .pages = 4, .fill = 'E',
+                            .log_path = absl::StrCat(dir_.path(), "/exporter-early.log")});
+  ASSERT_TRUE(e.ok()) << e.status();
+  auto imp = cb_->Import((*a)->peer(), "early");
+  ASSERT_TRUE(imp.ok()) << imp.status();
+  // It arrived while the answer was held: applied before Import returned.
+  EXPECT_EQ(Counter(*cb_, "invalidations_received"), 1u);
+  auto imports = cb_->ListImports();
+  ASSERT_TRUE(imports.ok()) << imports.status();
+  ASSERT_EQ(imports->size(), 1u);
+  EXPECT_EQ((*imports)[0].invalidations(), 1u);
+  EXPECT_EQ((*imports)[0].seq(), 1u) << "the import's sequence includes it";
+  EXPECT_EQ((*imports)[0].state(), "connected");
+  auto r = ReadBytes(*cb_, "early", 0, 4 * kPage);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(*r, std::string(4 * kPage, 'E'));
+}
+
 TEST_P(TwoNodes, CacheServesRepeatedReadsAndFreshBypassesIt) {
   auto e = ExportAndImport("cache", 4, 'A');
   ASSERT_NE(e, nullptr);
