@@ -143,10 +143,12 @@ bool ImportCoherence::CompleteSubscribe(uint64_t epoch, uint64_t seq) {
 }
 
 bool ImportCoherence::OnInvalidation(uint64_t seq, bool terminal) {
-  if (state_ != ImportState::kSubscribing && state_ != ImportState::kLive) return false;
+  // A gone import is still subscribed on its channel (a fetch may have
+  // learnt of the exit before the exit's invalidation arrived): it applies.
+  if (state_ == ImportState::kDetached) return false;
   max_seq_ = std::max(max_seq_, seq);
   ++invalidations_;
-  if (terminal) {
+  if (terminal && state_ != ImportState::kGone) {
     state_ = ImportState::kGone;
     ++epoch_;
   }

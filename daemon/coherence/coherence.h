@@ -153,8 +153,8 @@ class ImportCoherence {
   bool CompleteSubscribe(uint64_t epoch, uint64_t seq);
   // An invalidation of the export arrived on the subscription's channel.
   // Returns whether it applies (the caller drops the pages, counts and
-  // publishes it): always while subscribing or live. terminal: exit or
-  // unexport (the import becomes kGone).
+  // publishes it): always while subscribing, live or gone (still on its
+  // channel). terminal: exit or unexport (the import becomes kGone).
   bool OnInvalidation(uint64_t seq, bool terminal);
   // The channel was lost: invalidations may be lost with it.
   void OnDisconnect();
