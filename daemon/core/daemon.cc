@@ -60,7 +60,7 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Create(DaemonOptions opts) {
   io.peer_token = o.peer_token;
   d->imports_ = std::make_unique<ImportTable>(d->transport_list_, &d->hub_, d->cache_.get(),
                                               &d->counters_, io);
-  d->executor_ = std::make_unique<Executor>(8);
+  d->executor_ = std::make_unique<Executor>(8, 64);
   d->scrubber_ = std::thread([p = d.get()] { p->ScrubLoop(); });
   return d;
 }

@@ -41,11 +41,31 @@ std::vector<std::string> CommonTransports(const std::vector<std::string>& local,
   return out;
 }
 
+// A peer link's state (Link::state, under info_mu).
+enum class LinkState {
+  // Never connected: the first caller connects, the others wait for it
+  // (Link::mu).
+  kIdle,
+  // A caller is (re)connecting: Hello, SetupData, the data connection.
+  // Others wait when the link never was up; when it was, they fail fast.
+  kConnecting,
+  // The data connection is up.
+  kUp,
+  // The last attempt failed or the data connection was lost: callers fail
+  // fast until retry_at; then the next caller tries again.
+  kDown,
+};
+
+// How long a link that failed stays down before the next attempt.
+constexpr absl::Duration kLinkBackoff = absl::Milliseconds(500);
+
 struct ImportTable::Link {
   std::string peer;  // HOST:PORT as given
   std::string host;
   std::shared_ptr<grpc::Channel> channel;
   std::unique_ptr<v1::Peer::Stub> stub;
+  // Reads of this link's imports (grows with blocked reads, up to 32).
+  Executor reads{1, 32};
 
   absl::Mutex mu;  // guards the data channel; serialises (re)connection
   std::shared_ptr<transport::PeerChannel> data ABSL_GUARDED_BY(mu);
@@ -57,6 +77,11 @@ struct ImportTable::Link {
   absl::Mutex info_mu;
   std::string path ABSL_GUARDED_BY(info_mu);             // the last data connection's
   std::string fallback_reason ABSL_GUARDED_BY(info_mu);  // why rdma was not used, if it failed
+  LinkState state ABSL_GUARDED_BY(info_mu) = LinkState::kIdle;
+  bool was_up ABSL_GUARDED_BY(info_mu) = false;
+  absl::Time retry_at ABSL_GUARDED_BY(info_mu);
+  absl::Status last_error ABSL_GUARDED_BY(info_mu);
+  const transport::PeerChannel* up_channel ABSL_GUARDED_BY(info_mu) = nullptr;
 };
 
 // The import's state machine is coherence::ImportCoherence (kDetached ->
@@ -150,12 +175,55 @@ std::shared_ptr<ImportTable::Link> ImportTable::GetLink(const std::string& peer)
   return link;
 }
 
+absl::Status ImportTable::Gate(Link& link) {
+  absl::MutexLock il(&link.info_mu);
+  switch (link.state) {
+    case LinkState::kIdle:
+    case LinkState::kUp:
+      return absl::OkStatus();
+    case LinkState::kConnecting:
+      if (!link.was_up) return absl::OkStatus();
+      return absl::UnavailableError(absl::StrCat("peer ", link.peer, ": reconnecting (",
+                                                 link.last_error.message(), ")"));
+    case LinkState::kDown:
+      if (absl::Now() >= link.retry_at) return absl::OkStatus();
+      return absl::UnavailableError(absl::StrCat(
+          "peer ", link.peer, ": ", link.last_error.message(), " (next attempt in ",
+          absl::FormatDuration(absl::Trunc(link.retry_at - absl::Now(), absl::Milliseconds(1))), ")"));
+  }
+  return absl::OkStatus();
+}
+
 absl::StatusOr<std::shared_ptr<transport::PeerChannel>> ImportTable::Connect(Link& link, uint64_t* generation) {
+  if (auto st = Gate(link); !st.ok()) return st;
   absl::MutexLock l(&link.mu);
   if (link.data && link.data->alive()) {
     *generation = link.generation;
     return link.data;
   }
+  // Waited for another caller's attempt that failed meanwhile: its answer.
+  if (auto st = Gate(link); !st.ok()) return st;
+  {
+    absl::MutexLock il(&link.info_mu);
+    link.state = LinkState::kConnecting;
+    link.up_channel = nullptr;
+  }
+  auto ch = ConnectLocked(link, generation);
+  absl::MutexLock il(&link.info_mu);
+  if (ch.ok()) {
+    link.state = LinkState::kUp;
+    link.was_up = true;
+    link.up_channel = ch->get();
+  } else {
+    link.state = LinkState::kDown;
+    link.retry_at = absl::Now() + kLinkBackoff;
+    link.last_error = ch.status();
+  }
+  return ch;
+}
+
+absl::StatusOr<std::shared_ptr<transport::PeerChannel>> ImportTable::ConnectLocked(Link& link,
+                                                                                   uint64_t* generation) {
   // The old channel's reader has finished or is finishing; its callbacks
   // take no lock that is held here, so joining it is safe.
   link.data.reset();
@@ -386,6 +454,11 @@ std::shared_ptr<ImportTable::ImportEntry> ImportTable::Find(const std::string& n
 }
 
 bool ImportTable::Has(const std::string& name) const { return Find(name) != nullptr; }
+
+Executor* ImportTable::ReadExecutor(const std::string& name) const {
+  auto imp = Find(name);
+  return imp ? &imp->link->reads : nullptr;
+}
 
 uint32_t ImportTable::peers() const {
   absl::MutexLock l(&mu_);
@@ -620,9 +693,21 @@ void ImportTable::OnInvalidation(transport::PeerChannel* ch, const transport::In
 
 void ImportTable::OnChannelClosed(transport::PeerChannel* ch, const absl::Status& why) {
   std::vector<std::shared_ptr<struct ImportEntry>> all;
+  std::vector<std::shared_ptr<Link>> links;
   {
     absl::MutexLock l(&mu_);
     for (auto& [n, i] : imports_) all.push_back(i);
+    for (auto& [p, link] : links_) links.push_back(link);
+  }
+  for (auto& link : links) {
+    absl::MutexLock il(&link->info_mu);
+    if (link->up_channel != ch) continue;
+    // Declared lost: callers fail fast for a back-off instead of each
+    // waiting for a Hello to a peer that may not answer.
+    link->up_channel = nullptr;
+    link->state = LinkState::kDown;
+    link->retry_at = absl::Now() + kLinkBackoff;
+    link->last_error = absl::UnavailableError(absl::StrCat("data connection lost: ", why.message()));
   }
   for (auto& imp : all) {
     uint64_t seq, npages;

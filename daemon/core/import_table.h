@@ -10,11 +10,18 @@
 // the reader but never kept. An import is live for invalidations from the
 // moment its subscription is sent, before it is acknowledged.
 //
+// Peer links are state machines (LinkState in import_table.cc): a link that
+// lost its data connection or failed to connect fails reads fast for a
+// short back-off, and while one caller reconnects it the others fail fast
+// instead of queueing behind its Hello. Reads of a link's imports run on
+// the link's own executor, so a peer that does not answer holds up nobody
+// else's reads.
+//
 // LOCKING: mu_ guards the maps. Per import: attach_mu serialises
 // attachment (held across peer RPCs; only readers of that import wait on
 // it), mu guards the import's state (never held across a call). Per link:
 // Link::mu serialises (re)connection (held across Hello/SetupData),
-// Link::info_mu guards what listing shows. Order: attach_mu, then
+// Link::info_mu guards what listing shows and the link's state. Order: attach_mu, then
 // Link::mu, then ImportEntry::mu, then PageCache's own lock; mu_ is taken
 // alone (its holders copy what they need and release it).
 #ifndef SVM_DAEMON_CORE_IMPORT_TABLE_H_
@@ -29,6 +36,7 @@
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
+#include "common/executor.h"
 #include "daemon/coherence/coherence.h"
 #include "daemon/core/counters.h"
 #include "daemon/core/page_cache.h"
@@ -71,7 +79,12 @@ class ImportTable final : public transport::ImportBackend {
                                         absl::Span<uint8_t> dst, bool fresh);
   // Forwards Sync to the exporting daemon.
   absl::StatusOr<v1::SyncResponse> Sync(const std::string& name);
+  // Peer links whose data connection is up (or being set up for the first
+  // time), and all of them.
   uint32_t peers() const;
+  // The executor reads of import `name` run on (its peer link's), or null
+  // when there is no such import.
+  Executor* ReadExecutor(const std::string& name) const;
 
   void OnInvalidation(transport::PeerChannel* ch, const transport::InvalRecord& r) override;
   void OnChannelClosed(transport::PeerChannel* ch, const absl::Status& why) override;
@@ -82,10 +95,16 @@ class ImportTable final : public transport::ImportBackend {
   // Deadline and authentication of every peer call.
   void PrepareCall(grpc::ClientContext* ctx, absl::Duration timeout) const;
   std::shared_ptr<Link> GetLink(const std::string& peer);
+  // Whether a caller may try to (re)connect the link now; UNAVAILABLE with
+  // the reason while the link is down or being reconnected.
+  absl::Status Gate(Link& link);
   // Makes sure the link has a live data channel; returns it (and its generation).
   // Tries the transports both ends run in preference order; a failed rdma
   // setup is logged, counted (rdma_fallbacks) and falls back to tcp.
   absl::StatusOr<std::shared_ptr<transport::PeerChannel>> Connect(Link& link, uint64_t* generation);
+  // The attempt itself, under Link::mu.
+  absl::StatusOr<std::shared_ptr<transport::PeerChannel>> ConnectLocked(Link& link,
+                                                                        uint64_t* generation);
   // BeginConnect, SetupData, Connect on one transport; sets *token.
   absl::StatusOr<std::unique_ptr<transport::PeerChannel>> ConnectWith(Link& link,
                                                                       transport::Transport& t,

@@ -106,7 +106,9 @@ class ControlService final : public v1::Control::CallbackService {
   grpc::ServerUnaryReactor* Export(grpc::CallbackServerContext* ctx, const v1::ExportRequest* req,
                                    v1::ExportResponse* resp) override {
     auto cred = clients_->Lookup(ctx->peer());
-    return Async(ctx, [=, this]() -> absl::Status {
+    // Reads of an import run on its peer link's executor: a peer that does
+    // not answer holds up reads of its own imports only.
+    return Async(ctx, d_->imports().ReadExecutor(req->name()), [=, this]() -> absl::Status {
       if (!cred.ok()) return cred.status();
       if (auto st = ValidateName(req->name()); !st.ok()) return st;
       if (req->len() == 0) return absl::InvalidArgumentError("len must be > 0");
@@ -188,7 +190,9 @@ class ControlService final : public v1::Control::CallbackService {
   grpc::ServerUnaryReactor* Read(grpc::CallbackServerContext* ctx, const v1::ReadRequest* req,
                                  v1::ReadResponse* resp) override {
     auto cred = clients_->Lookup(ctx->peer());
-    return Async(ctx, [=, this]() -> absl::Status {
+    // Reads of an import run on its peer link's executor: a peer that does
+    // not answer holds up reads of its own imports only.
+    return Async(ctx, d_->imports().ReadExecutor(req->name()), [=, this]() -> absl::Status {
       if (!cred.ok()) return cred.status();
       if (auto st = ValidateName(req->name()); !st.ok()) return st;
       if (req->len() == 0) return absl::InvalidArgumentError("len must be > 0");
@@ -286,8 +290,13 @@ class ControlService final : public v1::Control::CallbackService {
  private:
   template <typename F>
   grpc::ServerUnaryReactor* Async(grpc::CallbackServerContext* ctx, F fn) {
+    return Async(ctx, nullptr, std::move(fn));
+  }
+  // On executor ex (the daemon's when null).
+  template <typename F>
+  grpc::ServerUnaryReactor* Async(grpc::CallbackServerContext* ctx, Executor* ex, F fn) {
     auto* r = ctx->DefaultReactor();
-    d_->executor().Submit([r, fn = std::move(fn)]() mutable {
+    (ex != nullptr ? *ex : d_->executor()).Submit([r, fn = std::move(fn)]() mutable {
       absl::Status st = fn();
       if (!st.ok()) spdlog::debug("control call failed: {}", st.ToString());
       r->Finish(ToGrpc(st));

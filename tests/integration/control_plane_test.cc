@@ -1,0 +1,163 @@
+// The control plane never waits on the data plane or on a peer: with one
+// exporting peer SIGSTOPped and many reads of its import outstanding, the
+// importing daemon still answers status and listings, and reads of another,
+// healthy peer's import, promptly; the stuck reads fail with UNAVAILABLE
+// within the peer timeout. Natively only (the bounds are wall-clock).
+#include <signal.h>
+
+#include <atomic>
+#include <thread>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
+#include "gtest/gtest.h"
+#include "tests/integration/harness.h"
+
+namespace svm::testing {
+namespace {
+
+constexpr uint64_t kPage = 4096;
+constexpr int kStuckReads = 32;
+
+struct Outcome {
+  absl::Status status;
+  absl::Duration took;
+};
+
+// Starts n fresh reads of name, each from its own thread and client.
+class ReadStorm {
+ public:
+  ReadStorm(const Daemon& d, const std::string& name, int n) {
+    for (int i = 0; i < n; ++i) {
+      threads_.emplace_back([this, &d, name] {
+        auto c = const_cast<Daemon&>(d).Connect();
+        std::string buf(kPage, '\0');
+        const absl::Time t0 = absl::Now();
+        absl::Status st = absl::InternalError("no client");
+        if (c) {
+          ReadOptions fresh;
+          fresh.fresh = true;
+          st = c->Read(name, 0, absl::MakeSpan(reinterpret_cast<uint8_t*>(buf.data()), kPage), fresh)
+                   .status();
+        }
+        absl::MutexLock l(&mu_);
+        outcomes_.push_back({st, absl::Now() - t0});
+      });
+    }
+  }
+  std::vector<Outcome> Join() {
+    for (auto& t : threads_) t.join();
+    threads_.clear();
+    absl::MutexLock l(&mu_);
+    return outcomes_;
+  }
+  ~ReadStorm() { Join(); }
+
+ private:
+  std::vector<std::thread> threads_;
+  absl::Mutex mu_;
+  std::vector<Outcome> outcomes_;
+};
+
+// Each control call of the healthy side, timed.
+void ExpectPrompt(Client& c, const std::string& label, absl::Duration bound) {
+  absl::Time t0 = absl::Now();
+  auto st = c.Status();
+  const absl::Duration status_took = absl::Now() - t0;
+  ASSERT_TRUE(st.ok()) << label << ": " << st.status();
+  EXPECT_LT(status_took, bound) << label << ": status took " << status_took;
+
+  t0 = absl::Now();
+  auto ex = c.ListExports();
+  const absl::Duration exports_took = absl::Now() - t0;
+  ASSERT_TRUE(ex.ok()) << label << ": " << ex.status();
+  EXPECT_LT(exports_took, bound) << label << ": exports took " << exports_took;
+
+  t0 = absl::Now();
+  auto im = c.ListImports();
+  const absl::Duration imports_took = absl::Now() - t0;
+  ASSERT_TRUE(im.ok()) << label << ": " << im.status();
+  EXPECT_LT(imports_took, bound) << label << ": imports took " << imports_took;
+
+  t0 = absl::Now();
+  auto r = ReadBytes(c, "good", 0, kPage, /*fresh=*/true);
+  const absl::Duration read_took = absl::Now() - t0;
+  ASSERT_TRUE(r.ok()) << label << ": " << r.status();
+  EXPECT_EQ(*r, std::string(kPage, 'G'));
+  EXPECT_LT(read_took, bound) << label << ": a read of the healthy peer's import took " << read_took;
+  std::printf("%s: status %.1f ms, exports %.1f ms, imports %.1f ms, healthy read %.1f ms\n",
+              label.c_str(), absl::ToDoubleMilliseconds(status_took),
+              absl::ToDoubleMilliseconds(exports_took), absl::ToDoubleMilliseconds(imports_took),
+              absl::ToDoubleMilliseconds(read_took));
+}
+
+TEST(ControlPlane, AStoppedPeerDelaysNeitherControlCallsNorReadsOfAHealthyPeer) {
+  if (TestTransport() == "rdma") GTEST_SKIP() << "wall-clock bounds: tcp on the host only";
+  TempDir dir;
+  auto start = [&](const std::string& node) {
+    auto d = Daemon::Start({.node = node, .dir = dir.path(), .transport = "tcp"});
+    EXPECT_TRUE(d.ok()) << d.status();
+    return d.ok() ? std::move(*d) : nullptr;
+  };
+  auto a = start("A"), c = start("C"), b = start("B");
+  ASSERT_TRUE(a && b && c);
+  auto good = Exporter::Start({.daemon = a.get(), .name = "good", .pages = 4, .fill = 'G',
+                               .log_path = absl::StrCat(dir.path(), "/exporter-good.log")});
+  auto stuck = Exporter::Start({.daemon = c.get(), .name = "stuck", .pages = 4, .fill = 'S',
+                                .log_path = absl::StrCat(dir.path(), "/exporter-stuck.log")});
+  ASSERT_TRUE(good.ok()) << good.status();
+  ASSERT_TRUE(stuck.ok()) << stuck.status();
+  auto cb = b->Connect();
+  ASSERT_NE(cb, nullptr);
+  ASSERT_TRUE(cb->Import(a->peer(), "good").ok());
+  ASSERT_TRUE(cb->Import(c->peer(), "stuck").ok());
+  ASSERT_TRUE(ReadBytes(*cb, "good", 0, kPage).ok());
+  ASSERT_TRUE(ReadBytes(*cb, "stuck", 0, kPage).ok());
+
+  ASSERT_TRUE(c->process().Stop(absl::Seconds(5)).ok());
+  const absl::Duration bound = absl::Milliseconds(100);
+  // The peer timeout (svmd's default --peer-timeout-ms) and the fetch
+  // timeout (--fetch-timeout-ms): a stuck read fails within the larger.
+  const absl::Duration stuck_bound = absl::Milliseconds(2000) + absl::Milliseconds(300);
+
+  // 1. Reads outstanding on a connection not yet declared lost.
+  {
+    ReadStorm storm(*b, "stuck", kStuckReads);
+    absl::SleepFor(absl::Milliseconds(200));
+    ExpectPrompt(*cb, "before the connection is declared lost", bound);
+    for (const Outcome& o : storm.Join()) {
+      EXPECT_TRUE(absl::IsUnavailable(o.status)) << o.status;
+      EXPECT_LT(o.took, stuck_bound) << o.status;
+    }
+  }
+  // 2. The connection was declared lost: reads now try to reconnect to a
+  // peer that does not answer.
+  {
+    ReadStorm storm(*b, "stuck", kStuckReads);
+    absl::SleepFor(absl::Milliseconds(200));
+    ExpectPrompt(*cb, "after the connection was declared lost", bound);
+    int unavailable = 0;
+    absl::Duration slowest;
+    for (const Outcome& o : storm.Join()) {
+      unavailable += absl::IsUnavailable(o.status);
+      EXPECT_TRUE(absl::IsUnavailable(o.status)) << o.status;
+      EXPECT_LT(o.took, stuck_bound) << o.status;
+      slowest = std::max(slowest, o.took);
+    }
+    std::printf("%d stuck reads failed with UNAVAILABLE, the slowest after %.0f ms\n", unavailable,
+                absl::ToDoubleMilliseconds(slowest));
+  }
+  c->process().Signal(SIGCONT);
+  // The peer answers again: its import recovers.
+  absl::StatusOr<std::string> rec = absl::UnavailableError("not tried");
+  for (int i = 0; i < 50 && !rec.ok(); ++i) {
+    rec = ReadBytes(*cb, "stuck", 0, kPage);
+    if (!rec.ok()) absl::SleepFor(absl::Milliseconds(100));
+  }
+  ASSERT_TRUE(rec.ok()) << rec.status();
+  EXPECT_EQ(*rec, std::string(kPage, 'S'));
+}
+
+}  // namespace
+}  // namespace svm::testing
