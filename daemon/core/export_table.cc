@@ -31,6 +31,21 @@ constexpr absl::Duration kZeroCopyRetry = absl::Seconds(1);
 
 }  // namespace
 
+// The exporter's zero-copy region of one export (ExportEntry::zc_state).
+enum class ExportTable::ZcState {
+  // No region: the range is not shareable, or the region was withdrawn
+  // (zc_reason says why; tried again every kZeroCopyRetry when zc_retry).
+  kNone,
+  // Registered and valid: offered in the export's descriptor.
+  kUsable,
+  // ODP: an invalidation may have changed what the range maps; the worker
+  // checks it and offers it again, or withdraws it.
+  kValidating,
+  // Pinned: the old registration was retired at an invalidation; the
+  // worker checks the mapping and registers it again.
+  kRepinning,
+};
+
 struct ExportTable::ZeroCopy {
   std::shared_ptr<source::SharedMapping> mapping;  // outlives the registration
   std::unique_ptr<transport::RegisteredRegion> region;
@@ -54,6 +69,9 @@ struct ExportTable::ExportEntry {
   std::map<uint64_t, std::shared_ptr<transport::Subscriber>> subs ABSL_GUARDED_BY(mu);
   // Zero-copy: the registration importers READ, when there is one.
   std::unique_ptr<ZeroCopy> zc ABSL_GUARDED_BY(mu);
+  ZcState zc_state ABSL_GUARDED_BY(mu) = ZcState::kNone;
+  // kRepinning: the mapping to register again.
+  std::shared_ptr<source::SharedMapping> zc_repin ABSL_GUARDED_BY(mu);
   // Replaced registrations by retirement id, released when every
   // subscriber has acknowledged the invalidation that replaced them (rule 5).
   std::map<uint64_t, std::unique_ptr<ZeroCopy>> retired ABSL_GUARDED_BY(mu);
@@ -71,7 +89,17 @@ ExportTable::ExportTable(source::MirrorSource* source, WatchHub* hub, Counters* 
   next_id_ = (static_cast<uint64_t>(rd()) << 32) | 1;
 }
 
+void ExportTable::EnableZeroCopy(transport::Transport* t) {
+  zero_copy_ = t;
+  if (!worker_.joinable()) worker_ = std::thread([this] { ZeroCopyWorker(); });
+}
+
 ExportTable::~ExportTable() {
+  {
+    absl::MutexLock l(&work_mu_);
+    stop_work_ = true;
+  }
+  if (worker_.joinable()) worker_.join();
   std::vector<std::shared_ptr<ExportEntry>> all;
   {
     absl::MutexLock l(&mu_);
@@ -117,7 +145,7 @@ v1::ExportInfo ExportTable::InfoOf(ExportEntry& e) const {
   i.set_source(std::string(source_->name()));
   i.set_path(path_);
   absl::MutexLock l(&e.mu);
-  if (e.zc) {
+  if (e.zc && e.zc_state == ZcState::kUsable) {
     i.set_path(absl::StrCat(e.zc->region->remote().odp ? "zero-copy/odp," : "zero-copy/pinned,",
                             i.path()));
   }
@@ -252,7 +280,7 @@ absl::StatusOr<v1::ExportDescriptor> ExportTable::Describe(const std::string& na
   absl::MutexLock l(&e->mu);
   if (e->gone) return absl::FailedPreconditionError(absl::StrCat("export '", name, "' gone: the exporting process exited"));
   d.set_seq(e->coh.seq());
-  if (e->zc) {
+  if (e->zc && e->zc_state == ZcState::kUsable) {
     const transport::RemoteRegion r = e->zc->region->remote();
     d.mutable_zero_copy()->set_addr(r.addr);
     d.mutable_zero_copy()->set_rkey(r.rkey);
@@ -267,7 +295,7 @@ void ExportTable::TryZeroCopy(ExportEntry& e) {
   uint64_t seq;
   {
     absl::MutexLock l(&e.mu);
-    if (e.gone || e.removed || e.zc) return;
+    if (e.gone || e.removed || e.zc_state != ZcState::kNone) return;
     seq = e.coh.seq();
   }
   // Mapping and (pinned) registration can take a while: no lock held.
@@ -317,6 +345,7 @@ void ExportTable::TryZeroCopy(ExportEntry& e) {
                z->mapping->object(), e.len, r.odp ? "odp" : "pinned", r.rkey);
   counters_->Add("zero_copy_registrations");
   e.zc = std::move(z);
+  e.zc_state = ZcState::kUsable;
   e.zc_reason.clear();
   e.zc_retry = false;
 }
@@ -367,40 +396,31 @@ void ExportTable::Invalidate(ExportEntry& e, const Change& c) {
     if (e.gone) return;  // everything was invalidated when the process exited
     if (c.kind == ChangeKind::kExit) e.gone = true;
     std::unique_ptr<ZeroCopy> replaced;
+    bool work = false;
     if (e.zc && c.kind != ChangeKind::kWrite) {
-      // Before the invalidation leaves: importers that receive it drop the
-      // region and ask again, so the answer must already be the new one.
-      std::unique_ptr<ZeroCopy> old = std::move(e.zc);
-      absl::Status st;
+      // Importers drop the region when this invalidation reaches them and
+      // describe the export again; it is offered again only once it is
+      // known to be valid. Nothing slow happens here (this is the mirror
+      // source's thread): the worker re-validates, and re-pins.
       if (c.kind == ChangeKind::kExit || c.kind == ChangeKind::kUnexport) {
-        st = absl::FailedPreconditionError(c.kind == ChangeKind::kExit ? "the process exited"
-                                                                       : "unexported");
-      } else {
-        st = old->mapping->Validate(e.pid, e.addr);
-      }
-      if (st.ok() && old->region->remote().odp) {
-        e.zc = std::move(old);  // ODP follows the object's pages by itself
-      } else if (st.ok()) {
-        // Pinned pages may have left the object: pin what is there now.
-        auto r = zero_copy_.load()->RegisterRegion(old->mapping->data(), e.len);
-        if (r.ok()) {
-          e.zc = std::make_unique<ZeroCopy>();
-          e.zc->mapping = old->mapping;
-          e.zc->region = std::move(*r);
-          counters_->Add("zero_copy_reregistrations");
-        } else {
-          st = r.status();
-        }
-      }
-      if (!st.ok()) {
-        spdlog::info("export '{}': zero-copy path withdrawn ({})", e.name, st.message());
+        replaced = std::move(e.zc);
+        e.zc_state = ZcState::kNone;
+        e.zc_reason = c.kind == ChangeKind::kExit ? "the process exited" : "unexported";
+        e.zc_retry = false;
         counters_->Add("zero_copy_withdrawals");
-        e.zc_reason = std::string(st.message());
-        e.zc_retry = c.kind != ChangeKind::kExit && c.kind != ChangeKind::kUnexport;
-        e.zc_retry_at = absl::Now() + kZeroCopyRetry;
+      } else if (e.zc->region->remote().odp) {
+        e.zc_state = ZcState::kValidating;  // ODP follows the object's pages by itself
+        work = true;
+      } else {
+        // Pinned pages may have left the object: the old registration is
+        // retired at this invalidation, the mapping pinned again.
+        e.zc_repin = e.zc->mapping;
+        replaced = std::move(e.zc);
+        e.zc_state = ZcState::kRepinning;
+        work = true;
       }
-      if (e.zc.get() != old.get()) replaced = std::move(old);
     }
+    if (work) QueueZeroCopyWork(e);
     const uint64_t seq = e.coh.Invalidate(c.first_page, c.npages);
     // Released once every subscriber acknowledged this invalidation (it
     // drops the region before it acknowledges, after its READs drained).
@@ -590,6 +610,89 @@ absl::StatusOr<uint64_t> ExportTable::ReadLocal(const std::string& name, uint64_
   return seq;
 }
 
+void ExportTable::QueueZeroCopyWork(ExportEntry& e) {
+  absl::MutexLock l(&work_mu_);
+  work_.push_back(e.id);
+}
+
+void ExportTable::ZeroCopyWorker() {
+  for (;;) {
+    uint64_t id;
+    {
+      absl::MutexLock l(&work_mu_);
+      work_mu_.Await(absl::Condition(
+          +[](ExportTable* t) ABSL_EXCLUSIVE_LOCKS_REQUIRED(t->work_mu_) {
+            return t->stop_work_ || !t->work_.empty();
+          },
+          this));
+      if (stop_work_) return;
+      id = work_.front();
+      work_.pop_front();
+    }
+    if (auto e = FindId(id)) Revalidate(*e);
+  }
+}
+
+void ExportTable::Revalidate(ExportEntry& e) {
+  std::shared_ptr<source::SharedMapping> mapping;
+  ZcState state;
+  uint64_t seq;
+  {
+    absl::MutexLock l(&e.mu);
+    state = e.zc_state;
+    if (state == ZcState::kValidating) {
+      mapping = e.zc->mapping;
+    } else if (state == ZcState::kRepinning) {
+      mapping = e.zc_repin;
+    } else {
+      return;  // settled meanwhile (exit, unexport, or an earlier pass)
+    }
+    seq = e.coh.seq();
+  }
+  // Slow parts, no lock held: the object behind the range, and pinning.
+  absl::Status st = mapping->Validate(e.pid, e.addr);
+  std::unique_ptr<transport::RegisteredRegion> fresh;
+  if (st.ok() && state == ZcState::kRepinning) {
+    auto r = zero_copy_.load()->RegisterRegion(mapping->data(), e.len);
+    if (r.ok()) {
+      fresh = std::move(*r);
+    } else {
+      st = r.status();
+    }
+  }
+  std::unique_ptr<ZeroCopy> withdrawn;
+  {
+    absl::MutexLock l(&e.mu);
+    if (e.zc_state != state || e.gone || e.removed) return;  // fresh (never offered) is released
+    if (e.coh.seq() != seq) {
+      // Another invalidation arrived meanwhile: check again.
+      QueueZeroCopyWork(e);
+      return;
+    }
+    if (st.ok()) {
+      if (state == ZcState::kRepinning) {
+        e.zc = std::make_unique<ZeroCopy>();
+        e.zc->mapping = std::move(e.zc_repin);
+        e.zc->region = std::move(fresh);
+        counters_->Add("zero_copy_reregistrations");
+      }
+      e.zc_state = ZcState::kUsable;
+      return;
+    }
+    spdlog::info("export '{}': zero-copy path withdrawn ({})", e.name, st.message());
+    counters_->Add("zero_copy_withdrawals");
+    e.zc_reason = std::string(st.message());
+    e.zc_retry = true;
+    e.zc_retry_at = absl::Now() + kZeroCopyRetry;
+    e.zc_repin.reset();
+    e.zc_state = ZcState::kNone;
+    // Importers dropped it at the invalidation that started the check, or
+    // at a later one: released once they acknowledged the current one.
+    withdrawn = std::move(e.zc);
+    Retire(e, std::move(withdrawn), e.coh.seq());
+  }
+}
+
 void ExportTable::Scrub() {
   // Zero-copy upkeep: release retired registrations whose holders all
   // acknowledged or left (outside the locks: deregistering takes time),
@@ -603,7 +706,9 @@ void ExportTable::Scrub() {
     for (auto& [id, e] : by_id_) {
       all.push_back(e);
       absl::MutexLock el(&e->mu);
-      if (e->zc_retry && !e->zc && !e->gone && absl::Now() >= e->zc_retry_at) retry.push_back(e);
+      if (e->zc_retry && e->zc_state == ZcState::kNone && !e->gone && absl::Now() >= e->zc_retry_at) {
+        retry.push_back(e);
+      }
     }
     for (auto& [id, e] : draining_) draining.push_back(e);
   }

@@ -15,7 +15,9 @@
 // region travels in the export descriptor. Every invalidation other than a
 // write re-validates it before the invalidation is sent: still the same
 // object, then a pinned registration is replaced (ODP follows the pages by
-// itself); otherwise it is withdrawn. Importers drop a region on every such
+// itself); otherwise it is withdrawn. The check and the re-pinning run on
+// the zero-copy worker, never on the mirror source's thread: meanwhile the
+// region is not offered (importers take the staged path). Importers drop a region on every such
 // invalidation and acknowledge it only after their READs against it have
 // completed; a replaced registration is released when every subscriber has
 // acknowledged (or left): invalidate, drain, then retire (rule 5). A
@@ -36,6 +38,7 @@
 #include <map>
 #include <memory>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
@@ -90,7 +93,7 @@ class ExportTable final : public transport::ExportBackend {
   void Scrub();
   // Offers the zero-copy path through t (its RegisterRegion) to exports
   // created from now on. Call before serving.
-  void EnableZeroCopy(transport::Transport* t) { zero_copy_ = t; }
+  void EnableZeroCopy(transport::Transport* t);
 
   absl::StatusOr<uint64_t> ServeFetch(uint64_t export_id, uint64_t first_page, uint32_t npages,
                                       bool track, absl::Span<uint8_t> dst) override;
@@ -113,6 +116,12 @@ class ExportTable final : public transport::ExportBackend {
   // it unless the export changed meanwhile.
   void TryZeroCopy(ExportEntry& e);
   struct ZeroCopy;
+  enum class ZcState;
+  // Re-validation (ODP) and re-pinning after an invalidation, on the
+  // zero-copy worker thread (never the mirror source's).
+  void QueueZeroCopyWork(ExportEntry& e);
+  void ZeroCopyWorker();
+  void Revalidate(ExportEntry& e);
   // Keeps a replaced or withdrawn registration until every subscriber has
   // acknowledged the invalidation at_seq that replaced it (rule 5).
   void Retire(ExportEntry& e, std::unique_ptr<ZeroCopy> z, uint64_t at_seq)
@@ -133,6 +142,11 @@ class ExportTable final : public transport::ExportBackend {
   const ExportLimits limits_;
   const std::string path_;
   std::atomic<transport::Transport*> zero_copy_{nullptr};
+
+  absl::Mutex work_mu_;  // guards work_ and stop_work_; taken alone or under ExportEntry::mu
+  std::deque<uint64_t> work_ ABSL_GUARDED_BY(work_mu_);  // export ids to revalidate
+  bool stop_work_ ABSL_GUARDED_BY(work_mu_) = false;
+  std::thread worker_;  // started by EnableZeroCopy
 
   mutable absl::Mutex mu_;  // guards the maps and next_id_; never held across a source call
   std::map<std::string, std::shared_ptr<ExportEntry>> by_name_ ABSL_GUARDED_BY(mu_);

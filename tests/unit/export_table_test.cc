@@ -2,6 +2,9 @@
 // subscribers: the exporter's coherence bookkeeping (section 3 of DESIGN.md).
 #include "daemon/core/export_table.h"
 
+#include <sys/mman.h>
+#include <unistd.h>
+
 #include <atomic>
 #include <chrono>
 #include <cstring>
@@ -1013,6 +1016,159 @@ TEST_F(ExportTableTest, ScrubIsBoundedPerPassAndCoversEverything) {
   EXPECT_THAT(seen, ElementsAre(true, true, true, true, true, false, false, false))
       << KindsOf(sub->records());
 }
+
+}  // namespace
+}  // namespace svm::core
+
+// ------------------------------------------------------------- zero-copy
+//
+// The export's range is a real memfd mapping of this process (SharedMapping
+// opens it through /proc/self/map_files); the transport is a fake whose
+// registrations record when they are released.
+namespace svm::core {
+namespace {
+
+class FakeRegion final : public transport::RegisteredRegion {
+ public:
+  FakeRegion(uint32_t rkey, bool odp, std::atomic<int>* live) : rkey_(rkey), odp_(odp), live_(live) {
+    ++*live_;
+  }
+  ~FakeRegion() override { --*live_; }
+  transport::RemoteRegion remote() const override { return {0x1000, 0, rkey_, odp_}; }
+
+ private:
+  const uint32_t rkey_;
+  const bool odp_;
+  std::atomic<int>* const live_;
+};
+
+class FakeZeroCopyTransport final : public transport::Transport {
+ public:
+  explicit FakeZeroCopyTransport(bool odp) : odp_(odp) {}
+  const char* name() const override { return "fake-rdma"; }
+  absl::Status Start(const HostPort&, transport::ExportBackend*) override { return absl::OkStatus(); }
+  std::string listen_address() const override { return ""; }
+  absl::StatusOr<v1::SetupDataResponse> PrepareSession(const std::string&, const std::string&) override {
+    return absl::UnimplementedError("fake");
+  }
+  std::shared_ptr<transport::Subscriber> FindSubscriber(const std::string&) override { return nullptr; }
+  absl::StatusOr<std::unique_ptr<transport::PeerChannel>> Connect(const std::string&,
+                                                                  const v1::SetupDataResponse&,
+                                                                  transport::ImportBackend*,
+                                                                  const std::string&) override {
+    return absl::UnimplementedError("fake");
+  }
+  void Stop() override {}
+  absl::StatusOr<std::unique_ptr<transport::RegisteredRegion>> RegisterRegion(void*, size_t) override {
+    return std::unique_ptr<transport::RegisteredRegion>(new FakeRegion(++next_rkey_, odp_, &live));
+  }
+  std::atomic<int> live{0};  // registrations not released
+
+ private:
+  const bool odp_;
+  std::atomic<uint32_t> next_rkey_{0};
+};
+
+class ZeroCopyTableTest : public ::testing::TestWithParam<bool> {  // odp?
+ protected:
+  void SetUp() override {
+    fd_ = memfd_create("svm-zc-test", 0);
+    ASSERT_GE(fd_, 0);
+    ASSERT_EQ(ftruncate(fd_, 4 * kPageSize), 0);
+    mem_ = mmap(nullptr, 4 * kPageSize, PROT_READ | PROT_WRITE, MAP_SHARED, fd_, 0);
+    ASSERT_NE(mem_, MAP_FAILED);
+    table_ = std::make_unique<ExportTable>(&source_, &hub_, &counters_, ExportLimits(), "fake-rdma");
+    table_->EnableZeroCopy(&transport_);
+  }
+  void TearDown() override {
+    table_.reset();
+    munmap(mem_, 4 * kPageSize);
+    close(fd_);
+  }
+  absl::Status Export() {
+    return table_->Export("zc", getpid(), reinterpret_cast<uint64_t>(mem_), 4 * kPageSize, 0).status();
+  }
+  // The rkey the descriptor offers, waiting up to 2 s for one to be
+  // offered (0: none offered).
+  uint32_t OfferedRkey(absl::Duration wait = absl::Seconds(2)) {
+    const absl::Time until = absl::Now() + wait;
+    for (;;) {
+      auto d = table_->Describe("zc");
+      if (d.ok() && d->has_zero_copy()) return d->zero_copy().rkey();
+      if (absl::Now() >= until) return 0;
+      absl::SleepFor(absl::Milliseconds(1));
+    }
+  }
+  void Fire(ChangeKind k) { ASSERT_TRUE(source_.Fire(0, Change{0, 1, k, 1})); }
+
+  FakeSource source_;
+  WatchHub hub_;
+  Counters counters_;
+  FakeZeroCopyTransport transport_{GetParam()};
+  std::unique_ptr<ExportTable> table_;
+  int fd_ = -1;
+  void* mem_ = nullptr;
+};
+
+// Rule 5 at the exporter: a registration replaced by an invalidation is
+// released only when every subscriber acknowledged that invalidation (the
+// importer acknowledges after its READs against it completed), however
+// long that takes; never on a timer shorter than that.
+TEST_P(ZeroCopyTableTest, ReplacedRegistrationIsReleasedAfterEveryAcknowledgement) {
+  ASSERT_TRUE(Export().ok());
+  const uint32_t first = OfferedRkey();
+  ASSERT_NE(first, 0u);
+  const uint64_t id = table_->Describe("zc")->export_id();
+  auto s1 = std::make_shared<FakeSubscriber>(1);
+  auto s2 = std::make_shared<FakeSubscriber>(2);
+  ASSERT_TRUE(table_->Subscribe(id, s1).ok());
+  ASSERT_TRUE(table_->Subscribe(id, s2).ok());
+
+  Fire(ChangeKind::kRemap);
+  ASSERT_EQ(s1->records().size(), 1u);
+  const uint64_t q = s1->records()[0].seq;
+  const uint32_t next = OfferedRkey();
+  ASSERT_NE(next, 0u) << "the range still maps the object: offered again";
+  if (GetParam()) {
+    EXPECT_EQ(next, first) << "ODP keeps its registration";
+    EXPECT_EQ(transport_.live.load(), 1);
+    return;
+  }
+  EXPECT_NE(next, first) << "pinned is registered again";
+  EXPECT_EQ(transport_.live.load(), 2) << "the old one is retired, not released";
+  table_->OnAck(1, id, q);
+  table_->Scrub();
+  absl::SleepFor(absl::Milliseconds(50));
+  table_->Scrub();
+  EXPECT_EQ(transport_.live.load(), 2) << "subscriber 2 has not acknowledged";
+  table_->OnAck(2, id, q);
+  EXPECT_EQ(transport_.live.load(), 1) << "released at the last acknowledgement";
+}
+
+TEST_P(ZeroCopyTableTest, ASubscriberThatLeavesReleasesWhatItHeld) {
+  ASSERT_TRUE(Export().ok());
+  ASSERT_NE(OfferedRkey(), 0u);
+  const uint64_t id = table_->Describe("zc")->export_id();
+  auto s1 = std::make_shared<FakeSubscriber>(1);
+  ASSERT_TRUE(table_->Subscribe(id, s1).ok());
+  // The range stops mapping the object: withdrawn, and retired.
+  void* anon = mmap(mem_, 4 * kPageSize, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED,
+                    -1, 0);
+  ASSERT_EQ(anon, mem_);
+  Fire(ChangeKind::kRemap);
+  const absl::Time until = absl::Now() + absl::Seconds(2);
+  while (counters_.Snapshot()["zero_copy_withdrawals"] == 0 && absl::Now() < until) {
+    absl::SleepFor(absl::Milliseconds(1));
+  }
+  EXPECT_EQ(counters_.Snapshot()["zero_copy_withdrawals"], 1u);
+  EXPECT_EQ(OfferedRkey(absl::ZeroDuration()), 0u);
+  EXPECT_EQ(transport_.live.load(), 1) << "held by subscriber 1 until it acknowledges or leaves";
+  table_->OnSubscriberClosed(1);
+  EXPECT_EQ(transport_.live.load(), 0);
+}
+
+INSTANTIATE_TEST_SUITE_P(Registration, ZeroCopyTableTest, ::testing::Values(false, true),
+                         [](const auto& info) { return info.param ? "odp" : "pinned"; });
 
 }  // namespace
 }  // namespace svm::core
