@@ -187,9 +187,13 @@ absl::Status ImportTable::Gate(Link& link) {
                                                  link.last_error.message(), ")"));
     case LinkState::kDown:
       if (absl::Now() >= link.retry_at) return absl::OkStatus();
-      return absl::UnavailableError(absl::StrCat(
-          "peer ", link.peer, ": ", link.last_error.message(), " (next attempt in ",
-          absl::FormatDuration(absl::Trunc(link.retry_at - absl::Now(), absl::Milliseconds(1))), ")"));
+      // The last attempt's answer, with its code (RESOURCE_EXHAUSTED for a
+      // memory limit stays that), until the next attempt.
+      return absl::Status(
+          link.last_error.code(),
+          absl::StrCat(link.last_error.message(), " (next attempt in ",
+                       absl::FormatDuration(absl::Trunc(link.retry_at - absl::Now(), absl::Milliseconds(1))),
+                       ")"));
   }
   return absl::OkStatus();
 }
@@ -707,7 +711,8 @@ void ImportTable::OnChannelClosed(transport::PeerChannel* ch, const absl::Status
     link->up_channel = nullptr;
     link->state = LinkState::kDown;
     link->retry_at = absl::Now() + kLinkBackoff;
-    link->last_error = absl::UnavailableError(absl::StrCat("data connection lost: ", why.message()));
+    link->last_error = absl::UnavailableError(
+        absl::StrCat("peer ", link->peer, ": data connection lost: ", why.message()));
   }
   for (auto& imp : all) {
     uint64_t seq, npages;
