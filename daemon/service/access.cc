@@ -1,5 +1,7 @@
 #include "daemon/service/access.h"
 
+#include "common/proc_parse.h"
+
 #include <sys/stat.h>
 #include <sys/uio.h>
 
@@ -18,15 +20,10 @@ namespace {
 constexpr int kCapSysPtrace = 19;
 
 bool HasCapSysPtrace(pid_t pid) {
-  std::ifstream in(absl::StrCat("/proc/", pid, "/status"));
-  std::string line;
-  while (std::getline(in, line)) {
-    if (line.rfind("CapEff:", 0) == 0) {
-      uint64_t caps = std::stoull(line.substr(7), nullptr, 16);
-      return (caps >> kCapSysPtrace) & 1;
-    }
-  }
-  return false;
+  auto text = proc::ReadSmallFile(absl::StrCat("/proc/", pid, "/status"));
+  if (!text.ok()) return false;
+  auto st = proc::ParseStatus(*text);
+  return st.ok() && st->has_cap_eff && ((st->cap_eff >> kCapSysPtrace) & 1);
 }
 
 }  // namespace

@@ -1,5 +1,8 @@
 #include "daemon/source/procfs_source.h"
 
+#include "absl/strings/str_split.h"
+#include "common/proc_parse.h"
+
 #include "daemon/source/shim_source.h"
 
 #include <fcntl.h>
@@ -63,29 +66,23 @@ struct Vma {
 };
 
 absl::StatusOr<std::vector<Vma>> ReadVmas(pid_t pid, uint64_t addr, uint64_t len) {
-  std::ifstream in(absl::StrCat("/proc/", pid, "/maps"));
-  if (!in) return absl::NotFoundError(absl::StrCat("process ", pid, " does not exist"));
+  auto text = proc::ReadSmallFile(absl::StrCat("/proc/", pid, "/maps"));
+  if (!text.ok()) return absl::NotFoundError(absl::StrCat("process ", pid, " does not exist"));
   std::vector<Vma> out;
-  std::string line;
   size_t lines = 0;
   const uint64_t end = addr + len;
-  while (std::getline(in, line)) {
-    // start-end perms offset dev inode [path]
-    std::istringstream ls(line);
-    std::string range, perms, off, dev;
-    uint64_t inode = 0;
-    ls >> range >> perms >> off >> dev >> inode;
-    size_t dash = range.find('-');
-    if (dash == std::string::npos) continue;
-    Vma v;
-    v.start = std::stoull(range.substr(0, dash), nullptr, 16);
-    v.end = std::stoull(range.substr(dash + 1), nullptr, 16);
-    v.pgoff = std::stoull(off, nullptr, 16);
-    v.inode = inode;
-    v.perms = perms;
-    v.dev = dev;
+  for (absl::string_view line : absl::StrSplit(*text, '\n', absl::SkipEmpty())) {
+    auto m = proc::ParseMapsLine(line);
+    if (!m.ok()) return absl::DataLossError(absl::StrCat("process ", pid, ": ", m.status().message()));
     ++lines;
-    if (v.end <= addr || v.start >= end) continue;
+    if (m->end <= addr || m->start >= end) continue;
+    Vma v;
+    v.start = m->start;
+    v.end = m->end;
+    v.pgoff = m->offset;
+    v.inode = m->inode;
+    v.perms = m->perms;
+    v.dev = absl::StrFormat("%02x:%02x", m->dev_major, m->dev_minor);
     out.push_back(std::move(v));
   }
   // A process being torn down (or a zombie) lists no mappings at all: that
@@ -349,25 +346,17 @@ std::unique_ptr<MirrorSource> CreateProcfsSource(const SourceOptions& opts) {
 }
 
 absl::StatusOr<ProcIds> ReadProcIds(pid_t pid) {
-  std::ifstream in(absl::StrCat("/proc/", pid, "/status"));
-  if (!in) return absl::NotFoundError(absl::StrCat("process ", pid, " does not exist"));
-  ProcIds ids{};
-  int found = 0;
-  std::string line;
-  while (std::getline(in, line)) {
-    bool is_uid = line.rfind("Uid:", 0) == 0;
-    bool is_gid = line.rfind("Gid:", 0) == 0;
-    if (!is_uid && !is_gid) continue;
-    std::istringstream ls(line.substr(4));
-    for (int i = 0; i < 4; ++i) {
-      unsigned long v = 0;
-      ls >> v;
-      if (is_uid) ids.uid[i] = static_cast<uid_t>(v);
-      else ids.gid[i] = static_cast<gid_t>(v);
-    }
-    ++found;
+  auto text = proc::ReadSmallFile(absl::StrCat("/proc/", pid, "/status"));
+  if (!text.ok()) return absl::NotFoundError(absl::StrCat("process ", pid, " does not exist"));
+  auto st = proc::ParseStatus(*text);
+  if (!st.ok() || !st->has_ids) {
+    return absl::NotFoundError(absl::StrCat("process ", pid, " does not exist"));
   }
-  if (found != 2) return absl::NotFoundError(absl::StrCat("process ", pid, " does not exist"));
+  ProcIds ids{};
+  for (int i = 0; i < 4; ++i) {
+    ids.uid[i] = st->uid[i];
+    ids.gid[i] = st->gid[i];
+  }
   return ids;
 }
 

@@ -1,5 +1,8 @@
 #include "daemon/source/shared_mapping.h"
 
+#include "absl/strings/str_split.h"
+#include "common/proc_parse.h"
+
 #include <fcntl.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
@@ -16,30 +19,17 @@
 namespace svm::source {
 namespace {
 
-// One /proc/PID/maps line: start-end perms offset dev inode [path].
-struct MapsLine {
-  uint64_t start = 0, end = 0, offset = 0, inode = 0;
-  char perms[5] = {};
-  std::string path;
-};
+using MapsLine = proc::MapsLine;
 
 absl::StatusOr<MapsLine> FindVma(pid_t pid, uint64_t addr) {
   const std::string file = absl::StrCat("/proc/", pid, "/maps");
-  std::ifstream in(file);
-  if (!in) return absl::NotFoundError(absl::StrCat("cannot read ", file));
-  std::string line;
-  while (std::getline(in, line)) {
-    MapsLine m;
-    unsigned dev_major = 0, dev_minor = 0;
-    int consumed = 0;
-    if (std::sscanf(line.c_str(), "%" SCNx64 "-%" SCNx64 " %4s %" SCNx64 " %x:%x %" SCNu64 " %n",
-                    &m.start, &m.end, m.perms, &m.offset, &dev_major, &dev_minor, &m.inode,
-                    &consumed) < 7) {
-      continue;
-    }
-    if (addr < m.start || addr >= m.end) continue;
-    if (consumed > 0 && static_cast<size_t>(consumed) <= line.size()) m.path = line.substr(consumed);
-    return m;
+  auto text = proc::ReadSmallFile(file);
+  if (!text.ok()) return absl::NotFoundError(absl::StrCat("cannot read ", file));
+  for (absl::string_view line : absl::StrSplit(*text, '\n', absl::SkipEmpty())) {
+    auto m = proc::ParseMapsLine(line);
+    if (!m.ok()) return absl::DataLossError(absl::StrCat(file, ": ", m.status().message()));
+    if (addr < m->start || addr >= m->end) continue;
+    return *std::move(m);
   }
   return absl::FailedPreconditionError(absl::StrFormat("0x%x is not mapped", addr));
 }
