@@ -3,7 +3,6 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
-#include <random>
 
 #include "absl/hash/hash.h"
 #include "absl/strings/match.h"
@@ -12,6 +11,7 @@
 #include "absl/time/clock.h"
 #include "common/check.h"
 #include "common/log.h"
+#include "common/random.h"
 #include "daemon/source/shared_mapping.h"
 
 namespace svm::core {
@@ -85,8 +85,7 @@ ExportTable::ExportTable(source::MirrorSource* source, WatchHub* hub, Counters* 
                          ExportLimits limits, std::string path)
     : source_(source), hub_(hub), counters_(counters), limits_(limits), path_(std::move(path)) {
   // Ids from an earlier run of this daemon must not name new exports.
-  std::random_device rd;
-  next_id_ = (static_cast<uint64_t>(rd()) << 32) | 1;
+  next_id_ = (RandomU64() << 32) | 1;
 }
 
 void ExportTable::EnableZeroCopy(transport::Transport* t) {

@@ -572,7 +572,10 @@ absl::StatusOr<v1::ReadResponse> ImportTable::Read(const std::string& name, uint
       counters_->Add("read_pages_fetched", n);
       return resp;
     }
-    if (!absl::IsFailedPrecondition(st)) return st;
+    if (!absl::IsFailedPrecondition(st)) {
+      if (!ch->alive()) OnChannelClosed(ch.get(), st);  // as for a fetch below
+      return st;
+    }
     // No region right now (withdrawn or being replaced): the staged path.
   }
   std::vector<uint8_t> buf(n * kPageSize);
@@ -605,6 +608,11 @@ absl::StatusOr<v1::ReadResponse> ImportTable::Read(const std::string& name, uint
         return absl::FailedPreconditionError(
             absl::StrCat("export '", imp->remote_name, "' gone: ", seq.status().message()));
       }
+      // The connection was given up (a peer that did not answer): nothing
+      // cached from it may be served from now on, before this error
+      // reaches the caller (the channel's reader reports the close too,
+      // later, from its own thread; the second report finds nothing).
+      if (!ch->alive()) OnChannelClosed(ch.get(), seq.status());
       return seq.status();
     }
     min_seq = std::min(min_seq, *seq);
