@@ -176,6 +176,14 @@ int main(int argc, char** argv) {
   spdlog::info("svmd {} node {} ready: control unix:{}, peers {}, data {} (transport {}), source {}",
                SVM_VERSION, opts->node, opts->control, (*server)->peer_address(), data,
                opts->transport, (*daemon)->source_name());
+  if (opts->peer_token.empty()) {
+    // The packaged default: the service must start on a fresh install,
+    // where no token exists yet (docs/operations.md, "Configure").
+    spdlog::warn("peer authentication is OFF (no --peer-token-file): any host that reaches {} can "
+                 "list and read every export of this node; set a pre-shared token on every node "
+                 "unless peers are confined to a trusted network",
+                 (*server)->peer_address());
+  }
   sd_notifyf(0, "READY=1\nSTATUS=serving peers on %s", (*server)->peer_address().c_str());
 
   int sig = 0;
