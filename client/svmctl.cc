@@ -4,8 +4,11 @@
 
 #include <cstdio>
 #include <string>
+#include <vector>
 
+#include "absl/algorithm/container.h"
 #include "absl/status/status.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/time/clock.h"
@@ -17,17 +20,120 @@
 namespace {
 
 constexpr char kUsage[] = R"(usage: svmctl [--daemon unix:PATH] COMMAND [options]
-  export   --pid PID --addr ADDR --len LEN --name NAME
+       svmctl help [COMMAND] | COMMAND --help | --version
+  export   --pid PID --addr ADDR --len LEN --name NAME [--json]
   unexport --name NAME
-  import   --peer HOST:PORT --name NAME [--as LOCAL]
-  read     --name NAME --offset OFF --len LEN [--out FILE] [--fresh]   raw bytes to stdout by default
+  import   --peer HOST:PORT --name NAME [--as LOCAL] [--json]
+  read     --name NAME --len LEN [--offset OFF] [--out FILE] [--fresh]   raw bytes to stdout by default
   watch    --name NAME [--count N] [--timeout SECONDS] [--verbose]     one line per invalidation:
                                                  NAME FIRST_PAGE NPAGES SEQ (--verbose adds the KIND)
-  sync     --name NAME
+  sync     --name NAME [--json]
   exports | imports | status [--json]
 Numbers accept decimal and 0x-hex. The daemon defaults to unix:/run/svm/svmd.sock
-(or $SVM_DAEMON). Errors go to stderr with the gRPC status name and a non-zero exit.
+(or $SVM_DAEMON). Exit status: 0 success, 1 the operation failed (the message on
+stderr is `svmctl: STATUS_NAME: text`), 2 usage error (reported before contacting
+the daemon).
 )";
+
+// What each command accepts. Arguments are checked against this before
+// svmctl connects, so a usage error never depends on the daemon.
+struct Command {
+  const char* name;
+  std::vector<std::string> value_keys;  // options taking a value
+  std::vector<std::string> bool_keys;
+  std::vector<std::string> required;
+  std::vector<std::string> numbers;     // decimal or 0x-hex
+  const char* synopsis;
+  const char* help;
+};
+
+const std::vector<Command>& Commands() {
+  static const std::vector<Command> kCommands = {
+      {"export", {"pid", "addr", "len", "name"}, {"json"}, {"pid", "addr", "len", "name"},
+       {"pid", "addr", "len"}, "export --pid PID --addr ADDR --len LEN --name NAME [--json]",
+       "Export LEN bytes at ADDR of process PID as NAME. You must be allowed to\n"
+       "ptrace PID (same uid and gids and PID dumpable, or CAP_SYS_PTRACE).\n"},
+      {"unexport", {"name"}, {}, {"name"}, {}, "unexport --name NAME",
+       "Withdraw the export NAME; importers are told it is gone.\n"},
+      {"import", {"peer", "name", "as"}, {"json"}, {"peer", "name"}, {},
+       "import --peer HOST:PORT --name NAME [--as LOCAL] [--json]",
+       "Import the export NAME of the svmd at HOST:PORT (its --peer-listen), under the\n"
+       "local name LOCAL (default NAME).\n"},
+      {"read", {"name", "offset", "len", "out"}, {"fresh"}, {"name", "len"}, {"offset", "len"},
+       "read --name NAME --len LEN [--offset OFF] [--out FILE] [--fresh]",
+       "Read LEN bytes (at most 4 GiB) at OFF (default 0) of the import or export NAME:\n"
+       "raw bytes to stdout, or to FILE with a summary on stderr. --fresh bypasses the\n"
+       "importer's cache.\n"},
+      {"watch", {"name", "count", "timeout"}, {"verbose"}, {"name"}, {"count", "timeout"},
+       "watch --name NAME [--count N] [--timeout SECONDS] [--verbose]",
+       "Print one line per invalidation of NAME received after the watch is registered\n"
+       "(\"watching NAME\" on stderr): NAME FIRST_PAGE NPAGES SEQ, and the KIND with\n"
+       "--verbose. Exits 0 after N events (--count), or when SECONDS elapse without\n"
+       "--count; exits 1 when SECONDS elapse before N events or the stream fails.\n"},
+      {"sync", {"name"}, {"json"}, {"name"}, {}, "sync --name NAME [--json]",
+       "Publish the exporting process's stores: returns after every importer acknowledged\n"
+       "the invalidation of each page written since the last sync.\n"},
+      {"exports", {}, {"json"}, {}, {}, "exports [--json]", "List this node's exports.\n"},
+      {"imports", {}, {"json"}, {}, {}, "imports [--json]", "List this node's imports.\n"},
+      {"status", {}, {"json"}, {}, {}, "status [--json]",
+       "The daemon's configuration, transports, counters, and the number of peers whose\n"
+       "links are up.\n"},
+  };
+  return kCommands;
+}
+
+const Command* FindCommand(const std::string& name) {
+  for (const Command& c : Commands()) {
+    if (name == c.name) return &c;
+  }
+  return nullptr;
+}
+
+void PrintCommandHelp(const Command& c, FILE* f) {
+  std::fprintf(f, "usage: svmctl [--daemon unix:PATH] %s\n%s", c.synopsis, c.help);
+}
+
+int UsageError(const std::string& msg, const Command* c) {
+  std::fprintf(stderr, "svmctl: INVALID_ARGUMENT: %s\n", msg.c_str());
+  if (c != nullptr) {
+    std::fprintf(stderr, "usage: svmctl [--daemon unix:PATH] %s\n", c->synopsis);
+  } else {
+    std::fputs("run `svmctl help` for the commands\n", stderr);
+  }
+  return 2;
+}
+
+// Every check that needs no daemon. Returns the error to report as a usage
+// error, or OK.
+absl::Status CheckArguments(const Command& c, const svm::Args& a) {
+  auto takes = [&](const std::string& k) {
+    return k == "daemon" || k == "help" || absl::c_linear_search(c.value_keys, k) ||
+           absl::c_linear_search(c.bool_keys, k);
+  };
+  for (const std::string& k : a.keys()) {
+    if (!takes(k)) return absl::InvalidArgumentError(absl::StrCat(c.name, " does not take --", k));
+  }
+  for (const std::string& k : c.required) {
+    if (!a.Has(k)) return absl::InvalidArgumentError(absl::StrCat("--", k, " is required"));
+  }
+  for (const std::string& k : c.numbers) {
+    if (auto v = a.GetU64(k, 0); !v.ok()) return v.status();
+  }
+  const std::string cmd = c.name;
+  if (cmd == "export") {
+    uint64_t pid = *a.GetU64("pid", 0);
+    if (pid == 0 || pid > INT32_MAX) return absl::InvalidArgumentError("--pid must be a process id");
+  }
+  if (cmd == "read") {
+    uint64_t len = *a.GetU64("len", 0);
+    if (len == 0) return absl::InvalidArgumentError("--len must be > 0");
+    if (len > (1ull << 32)) return absl::InvalidArgumentError("--len above 4 GiB");
+  }
+  if (a.Has("daemon") && !absl::StartsWith(a.Get("daemon"), "unix:")) {
+    return absl::InvalidArgumentError("--daemon must be unix:PATH");
+  }
+  return absl::OkStatus();
+}
 
 int Fail(const absl::Status& st) {
   std::fprintf(stderr, "svmctl: %s: %s\n", absl::StatusCodeToString(st.code()).c_str(),
@@ -55,11 +161,39 @@ std::string KindName(svm::v1::InvalidationKind k) {
 }
 
 int Run(const svm::Args& a) {
-  if (a.positional().size() != 1) {
+  if (a.Has("version")) {
+    std::printf("svmctl %s\n", SVM_VERSION);
+    return 0;
+  }
+  const auto& pos = a.positional();
+  if (pos.empty()) {
+    if (a.Has("help")) {
+      std::fputs(kUsage, stdout);
+      return 0;
+    }
     std::fputs(kUsage, stderr);
     return 2;
   }
-  const std::string cmd = a.positional()[0];
+  if (pos[0] == "help") {
+    if (pos.size() == 1) {
+      std::fputs(kUsage, stdout);
+      return 0;
+    }
+    const Command* c = FindCommand(pos[1]);
+    if (c == nullptr || pos.size() > 2) return UsageError(absl::StrCat("no command '", pos[1], "'"), nullptr);
+    PrintCommandHelp(*c, stdout);
+    return 0;
+  }
+  const Command* command = FindCommand(pos[0]);
+  if (command == nullptr) return UsageError(absl::StrCat("unknown command '", pos[0], "'"), nullptr);
+  if (a.Has("help")) {
+    PrintCommandHelp(*command, stdout);
+    return 0;
+  }
+  if (pos.size() > 1) return UsageError(absl::StrCat("unexpected argument '", pos[1], "'"), command);
+  if (auto st = CheckArguments(*command, a); !st.ok()) return UsageError(std::string(st.message()), command);
+
+  const std::string cmd = pos[0];
   const char* env = std::getenv("SVM_DAEMON");
   auto client = svm::Client::Connect(a.Get("daemon", env ? env : "unix:/run/svm/svmd.sock"));
   if (!client.ok()) return Fail(client.status());
@@ -246,12 +380,11 @@ int Run(const svm::Args& a) {
       std::printf("rdma:        unavailable: %s\n", s->rdma_unavailable().c_str());
     }
     std::printf("source:      %s (sync detection: %s)\n", s->source().c_str(), s->sync_detection().c_str());
-    std::printf("exports:     %u\nimports:     %u (from %u peers)\n", s->exports(), s->imports(), s->peers());
+    std::printf("exports:     %u\nimports:     %u (from %u peers up)\n", s->exports(), s->imports(), s->peers());
     for (auto& [k, v] : s->counters()) std::printf("  %-28s %llu\n", k.c_str(), (unsigned long long)v);
     return 0;
   }
-  std::fprintf(stderr, "svmctl: unknown command '%s'\n%s", cmd.c_str(), kUsage);
-  return 2;
+  return UsageError(absl::StrCat("unknown command '", cmd, "'"), nullptr);  // not reached: checked above
 }
 
 }  // namespace
@@ -260,14 +393,7 @@ int main(int argc, char** argv) {
   auto a = svm::Args::Parse(argc, argv,
                             {"daemon", "pid", "addr", "len", "name", "peer", "as", "offset", "out",
                              "count", "timeout"},
-                            {"fresh", "json", "help", "verbose"});
-  if (!a.ok()) {
-    std::fprintf(stderr, "svmctl: INVALID_ARGUMENT: %s\n", std::string(a.status().message()).c_str());
-    return 2;
-  }
-  if (a->Has("help")) {
-    std::fputs(kUsage, stdout);
-    return 0;
-  }
+                            {"fresh", "json", "help", "verbose", "version"});
+  if (!a.ok()) return UsageError(std::string(a.status().message()), nullptr);
   return Run(*a);
 }

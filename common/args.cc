@@ -40,6 +40,12 @@ absl::StatusOr<Args> Args::Parse(int argc, char** argv, const std::set<std::stri
   return a;
 }
 
+std::vector<std::string> Args::keys() const {
+  std::vector<std::string> k;
+  for (const auto& [key, value] : values_) k.push_back(key);
+  return k;
+}
+
 std::string Args::Get(const std::string& key, const std::string& def) const {
   auto it = values_.find(key);
   return it == values_.end() ? def : it->second;

@@ -27,6 +27,8 @@ class Args {
   // Decimal or 0x-hex.
   absl::StatusOr<uint64_t> GetU64(const std::string& key, std::optional<uint64_t> def) const;
   const std::vector<std::string>& positional() const { return positional_; }
+  // The options given, without "--".
+  std::vector<std::string> keys() const;
 
  private:
   std::map<std::string, std::string> values_;

@@ -1,6 +1,7 @@
 // svmd: the svm daemon. See `svmd --help`.
 #include <signal.h>
 #include <systemd/sd-daemon.h>
+#include <grp.h>
 #include <unistd.h>
 
 #include <cstdio>
@@ -40,13 +41,55 @@ constexpr char kUsage[] = R"(usage: svmd [options]
   --fetch-timeout-ms N         how long a read waits for the exporter (default 1500)
   --peer-timeout-ms N          deadline of each call to a peer daemon (default 2000)
   --socket-mode OCTAL          control socket mode (default 0660)
-  --socket-group NAME          control socket group (default svm, if it exists)
-  --log-level LEVEL            trace|debug|info|warn|error (default info)
+  --socket-group NAME          control socket group (default svm, if it exists; a group
+                               named here must exist; "" leaves the socket's group alone)
+  --log-level LEVEL            trace|debug|info|warn|error|critical|off (default info)
   --fault-fetch-delay-ms N     testing only: delay every fetch reply after the copy
   --fault-subscribe-inval-ms N testing only: on every subscription, push an invalidation of
                                the export's first page, then hold the answer N ms
-  --version
+  --version                    print the version and exit
+Exit status: 0 after a clean shutdown (SIGTERM, SIGINT), 1 when svmd cannot start or
+serve, 2 for a usage error (the message names the flag).
 )";
+
+// --log-level, strictly: spdlog maps an unknown name to "off".
+absl::StatusOr<spdlog::level::level_enum> LogLevelArg(const svm::Args& a) {
+  const std::string v = a.Get("log-level", "info");
+  static constexpr std::pair<const char*, spdlog::level::level_enum> kLevels[] = {
+      {"trace", spdlog::level::trace}, {"debug", spdlog::level::debug},
+      {"info", spdlog::level::info},   {"warn", spdlog::level::warn},
+      {"warning", spdlog::level::warn}, {"error", spdlog::level::err},
+      {"critical", spdlog::level::critical}, {"off", spdlog::level::off}};
+  for (const auto& [name, level] : kLevels) {
+    if (v == name) return level;
+  }
+  return absl::InvalidArgumentError(absl::StrCat(
+      "--log-level: unknown level '", v, "' (trace|debug|info|warn|error|critical|off)"));
+}
+
+// --socket-mode: octal permission bits, nothing else.
+absl::StatusOr<mode_t> SocketModeArg(const std::string& v) {
+  const bool octal = !v.empty() && v.size() <= 5 &&
+                     v.find_first_not_of("01234567") == std::string::npos;
+  const unsigned long mode = octal ? std::strtoul(v.c_str(), nullptr, 8) : 0;
+  if (!octal || mode > 07777) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--socket-mode: '", v, "' is not an octal file mode (e.g. 0660)"));
+  }
+  return static_cast<mode_t>(mode);
+}
+
+// --socket-group: a group named on the command line must exist (a typo
+// would leave the socket unreachable for the intended users); the default
+// "svm" is used only when it exists.
+absl::StatusOr<std::string> SocketGroupArg(const svm::Args& a) {
+  if (!a.Has("socket-group")) return ::getgrnam("svm") != nullptr ? "svm" : "";
+  const std::string g = a.Get("socket-group");
+  if (!g.empty() && ::getgrnam(g.c_str()) == nullptr) {
+    return absl::InvalidArgumentError(absl::StrCat("--socket-group: no group '", g, "'"));
+  }
+  return g;
+}
 
 absl::StatusOr<svm::HostPort> HostPortArg(const svm::Args& a, const std::string& key,
                                           const std::string& def) {
@@ -133,21 +176,29 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "svmd: unexpected argument '%s'\n", args->positional()[0].c_str());
     return 2;
   }
+  auto usage_error = [](const absl::Status& st) {
+    std::fprintf(stderr, "svmd: %s\n", std::string(st.message()).c_str());
+    return 2;
+  };
+  auto level = LogLevelArg(*args);
+  if (!level.ok()) return usage_error(level.status());
+  svm::service::ServerOptions so;
+  if (args->Has("socket-mode")) {
+    auto mode = SocketModeArg(args->Get("socket-mode"));
+    if (!mode.ok()) return usage_error(mode.status());
+    so.socket_mode = *mode;
+  }
+  auto group = SocketGroupArg(*args);
+  if (!group.ok()) return usage_error(group.status());
+  so.socket_group = *group;
+
   auto logger = spdlog::stderr_color_mt("svmd");
   spdlog::set_default_logger(logger);
   spdlog::set_pattern("%Y-%m-%dT%H:%M:%S.%e %^%l%$ [%n] %v");
-  spdlog::set_level(spdlog::level::from_str(args->Get("log-level", "info")));
+  spdlog::set_level(*level);
 
   auto opts = ParseOptions(*args);
-  if (!opts.ok()) {
-    std::fprintf(stderr, "svmd: %s\n", std::string(opts.status().message()).c_str());
-    return 2;
-  }
-  svm::service::ServerOptions so;
-  if (args->Has("socket-mode")) {
-    so.socket_mode = static_cast<mode_t>(std::strtoul(args->Get("socket-mode").c_str(), nullptr, 8));
-  }
-  so.socket_group = args->Get("socket-group", "svm");
+  if (!opts.ok()) return usage_error(opts.status());
 
   // Signals are taken synchronously by this thread; every other thread
   // inherits the mask.
@@ -176,6 +227,14 @@ int main(int argc, char** argv) {
   spdlog::info("svmd {} node {} ready: control unix:{}, peers {}, data {} (transport {}), source {}",
                SVM_VERSION, opts->node, opts->control, (*server)->peer_address(), data,
                opts->transport, (*daemon)->source_name());
+  if (opts->peer_token.empty()) {
+    // The packaged default: the service must start on a fresh install,
+    // where no token exists yet (docs/operations.md, "Configure").
+    spdlog::warn("peer authentication is OFF (no --peer-token-file): any host that reaches {} can "
+                 "list and read every export of this node; set a pre-shared token on every node "
+                 "unless peers are confined to a trusted network",
+                 (*server)->peer_address());
+  }
   sd_notifyf(0, "READY=1\nSTATUS=serving peers on %s", (*server)->peer_address().c_str());
 
   int sig = 0;

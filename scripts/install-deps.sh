@@ -11,6 +11,7 @@ pkgs=(
   libibverbs-dev rdma-core ibverbs-utils ibverbs-providers
   libsystemd-dev libgtest-dev libgmock-dev googletest
   iproute2 procps python3
+  dpkg-dev file lintian systemd man-db
 )
 # The VM tier needs these on top (kernels are downloaded, never installed).
 if [[ "${SVM_WITH_VM:-0}" == "1" ]]; then
