@@ -465,8 +465,17 @@ Executor* ImportTable::ReadExecutor(const std::string& name) const {
 }
 
 uint32_t ImportTable::peers() const {
-  absl::MutexLock l(&mu_);
-  return static_cast<uint32_t>(links_.size());
+  std::vector<std::shared_ptr<Link>> links;
+  {
+    absl::MutexLock l(&mu_);
+    for (auto& [p, link] : links_) links.push_back(link);
+  }
+  uint32_t up = 0;
+  for (auto& link : links) {
+    absl::MutexLock il(&link->info_mu);
+    up += link->state == LinkState::kUp;
+  }
+  return up;
 }
 
 v1::ImportInfo ImportTable::InfoOf(ImportEntry& imp) const {

@@ -79,8 +79,7 @@ class ImportTable final : public transport::ImportBackend {
                                         absl::Span<uint8_t> dst, bool fresh);
   // Forwards Sync to the exporting daemon.
   absl::StatusOr<v1::SyncResponse> Sync(const std::string& name);
-  // Peer links whose data connection is up (or being set up for the first
-  // time), and all of them.
+  // Peer links whose data connection is up.
   uint32_t peers() const;
   // The executor reads of import `name` run on (its peer link's), or null
   // when there is no such import.

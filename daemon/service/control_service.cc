@@ -4,7 +4,6 @@
 #include <deque>
 #include <regex>
 
-#include "absl/container/flat_hash_set.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "daemon/service/access.h"
@@ -279,15 +278,8 @@ class ControlService final : public v1::Control::CallbackService {
     resp->set_rdma_unavailable(d_->rdma_unavailable());
     resp->set_sync_detection("page-hash");
     resp->set_exports(static_cast<uint32_t>(d_->exports().List().size()));
-    // peers: the peer links that are up, i.e. with an import connected.
-    // ImportTable::peers() counts every link, including those down.
-    const std::vector<v1::ImportInfo> imports = d_->imports().List();
-    absl::flat_hash_set<std::string> up;
-    for (const v1::ImportInfo& i : imports) {
-      if (i.state() == "connected") up.insert(i.peer());
-    }
-    resp->set_imports(static_cast<uint32_t>(imports.size()));
-    resp->set_peers(static_cast<uint32_t>(up.size()));
+    resp->set_imports(static_cast<uint32_t>(d_->imports().List().size()));
+    resp->set_peers(d_->imports().peers());  // the links that are up
     resp->set_uptime_ms(absl::ToInt64Milliseconds(absl::Now() - d_->started()));
     for (auto& [k, v] : d_->counters().Snapshot()) (*resp->mutable_counters())[k] = v;
     auto* r = ctx->DefaultReactor();
