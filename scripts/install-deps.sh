@@ -12,6 +12,7 @@ pkgs=(
   libsystemd-dev libgtest-dev libgmock-dev googletest
   iproute2 procps python3
   dpkg-dev file lintian systemd man-db
+  clang libclang-rt-14-dev
 )
 # The VM tier needs these on top (kernels are downloaded, never installed).
 if [[ "${SVM_WITH_VM:-0}" == "1" ]]; then
