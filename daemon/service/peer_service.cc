@@ -50,9 +50,12 @@ class PeerService final : public v1::Peer::CallbackService {
             absl::StrCat("transport '", req->transport(), "' is not offered; this node offers '",
                          absl::StrJoin(offered, ","), "'"));
       }
-      auto r = t->PrepareSession(req->node(), req->importer_endpoint());
-      if (!r.ok()) return r.status();
-      *resp = *r;
+      // The transport's offer, converted to the wire here (the transport
+      // seam knows nothing of protobuf).
+      auto offer = t->PrepareSession(req->node(), req->importer_endpoint());
+      if (!offer.ok()) return offer.status();
+      resp->set_session_token(offer->token);
+      resp->set_endpoint(offer->endpoint);
       return absl::OkStatus();
     });
   }
