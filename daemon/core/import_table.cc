@@ -312,9 +312,10 @@ absl::StatusOr<std::unique_ptr<transport::PeerChannel>> ImportTable::ConnectWith
     t.AbortConnect(*begin);  // release its queue pair and buffers now
     return st;
   }
-  auto ch = t.Connect(link.host, setup, this, *begin);
+  transport::SessionOffer offer{setup.session_token(), setup.endpoint()};
+  auto ch = t.Connect(link.host, offer, this, *begin);
   if (!ch.ok()) return ch.status();
-  *token = setup.session_token();
+  *token = std::move(offer.token);
   return ch;
 }
 

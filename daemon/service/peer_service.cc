@@ -38,23 +38,19 @@ class PeerService final : public v1::Peer::CallbackService {
     });
   }
 
+  // PrepareSession may be slow (rdma: a queue pair brought up to RTS and its
+  // buffers registered), so it runs on the executor, never on the reactor,
+  // and the reactor is finished from there.
   grpc::ServerUnaryReactor* SetupData(grpc::CallbackServerContext* ctx,
                                       const v1::SetupDataRequest* req,
                                       v1::SetupDataResponse* resp) override {
-    return Now(ctx, [&]() -> absl::Status {
-      transport::Transport* t = d_->FindTransport(req->transport());
-      if (t == nullptr) {
-        std::vector<std::string> offered;
-        for (transport::Transport* o : d_->transports()) offered.push_back(o->name());
-        return absl::FailedPreconditionError(
-            absl::StrCat("transport '", req->transport(), "' is not offered; this node offers '",
-                         absl::StrJoin(offered, ","), "'"));
-      }
-      auto r = t->PrepareSession(req->node(), req->importer_endpoint());
-      if (!r.ok()) return r.status();
-      *resp = *r;
-      return absl::OkStatus();
-    });
+    auto* r = ctx->DefaultReactor();
+    if (auto st = Authenticate(ctx); !st.ok()) {
+      r->Finish(ToGrpc(st));
+      return r;
+    }
+    d_->executor().Submit([this, r, req, resp] { r->Finish(ToGrpc(PrepareSession(*req, resp))); });
+    return r;
   }
 
   grpc::ServerUnaryReactor* Subscribe(grpc::CallbackServerContext* ctx,
@@ -94,6 +90,24 @@ class PeerService final : public v1::Peer::CallbackService {
   }
 
  private:
+  // SetupData's work: the transport's offer, converted to the wire here (the
+  // transport seam knows nothing of protobuf).
+  absl::Status PrepareSession(const v1::SetupDataRequest& req, v1::SetupDataResponse* resp) {
+    transport::Transport* t = d_->FindTransport(req.transport());
+    if (t == nullptr) {
+      std::vector<std::string> offered;
+      for (transport::Transport* o : d_->transports()) offered.push_back(o->name());
+      return absl::FailedPreconditionError(
+          absl::StrCat("transport '", req.transport(), "' is not offered; this node offers '",
+                       absl::StrJoin(offered, ","), "'"));
+    }
+    auto offer = t->PrepareSession(req.node(), req.importer_endpoint());
+    if (!offer.ok()) return offer.status();
+    resp->set_session_token(offer->token);
+    resp->set_endpoint(offer->endpoint);
+    return absl::OkStatus();
+  }
+
   absl::Status Authenticate(grpc::CallbackServerContext* ctx) const {
     const std::string& want = d_->options().peer_token;
     if (want.empty()) return absl::OkStatus();

@@ -4,6 +4,7 @@
 #include <cstring>
 
 #include "absl/strings/str_format.h"
+#include "common/fd.h"
 #include "daemon/source/mirror_source.h"
 
 namespace svm::transport {
@@ -43,6 +44,70 @@ bool MergeInvalFrame(std::vector<uint8_t>& queued, const InvalPayload& next) {
   q.detected_ns = std::min(q.detected_ns, next.detected_ns);
   std::memcpy(queued.data() + sizeof(h), &q, sizeof(q));
   return true;
+}
+
+std::vector<uint8_t> MakeFrame(FrameType type, uint64_t id, const void* fixed, size_t fixed_len,
+                               const void* tail, size_t tail_len, size_t max_frame) {
+  const size_t room = max_frame - std::min(max_frame, sizeof(FrameHeader) + fixed_len);
+  tail_len = std::min(tail_len, room);
+  FrameHeader h;
+  h.type = static_cast<uint8_t>(type);
+  h.id = id;
+  h.payload_len = static_cast<uint32_t>(fixed_len + tail_len);
+  std::vector<uint8_t> out(sizeof(h) + fixed_len + tail_len);
+  std::memcpy(out.data(), &h, sizeof(h));
+  if (fixed_len) std::memcpy(out.data() + sizeof(h), fixed, fixed_len);
+  if (tail_len) std::memcpy(out.data() + sizeof(h) + fixed_len, tail, tail_len);
+  return out;
+}
+
+std::vector<uint8_t> MakeFetchError(uint64_t id, const absl::Status& st, size_t max_frame) {
+  FetchRespPayload r{};
+  absl::string_view msg = st.message();
+  msg = msg.substr(0, max_frame - std::min(max_frame, sizeof(FrameHeader) + sizeof(r)));
+  r.code = static_cast<uint32_t>(st.code());
+  r.msg_len = static_cast<uint32_t>(msg.size());
+  return MakeFrame(FrameType::kFetchResp, id, &r, sizeof(r), msg.data(), msg.size(), max_frame);
+}
+
+absl::Status FetchErrorStatus(const FetchRespPayload& r, absl::string_view msg) {
+  if (r.code == 0 || r.code > static_cast<uint32_t>(absl::StatusCode::kUnauthenticated) ||
+      r.msg_len != msg.size()) {
+    return absl::DataLossError("malformed FETCH_RESP error");
+  }
+  return absl::Status(static_cast<absl::StatusCode>(r.code), msg);
+}
+
+absl::Status CheckFetchPages(uint32_t npages, uint32_t max_pages) {
+  if (npages == 0 || npages > max_pages) {
+    return absl::InvalidArgumentError(
+        absl::StrFormat("fetch of %u pages (1..%u allowed)", npages, max_pages));
+  }
+  return absl::OkStatus();
+}
+
+InvalPayload ToInvalPayload(const InvalRecord& r) {
+  return InvalPayload{r.export_id, r.first_page, r.npages, r.seq, static_cast<uint32_t>(r.kind), 0,
+                      r.detected_ns};
+}
+
+InvalRecord FromInvalPayload(const InvalPayload& p) {
+  return InvalRecord{p.export_id, p.first_page, p.npages, p.seq,
+                     static_cast<source::ChangeKind>(p.kind), p.detected_ns};
+}
+
+absl::Status ReadFrame(int fd, FrameHeader* h, std::vector<uint8_t>* payload, uint32_t max_payload) {
+  if (auto st = ReadFull(fd, h, sizeof(*h)); !st.ok()) return st;
+  if (auto st = ValidateHeader(*h); !st.ok()) return st;
+  if (h->payload_len > max_payload) {
+    return absl::DataLossError(
+        absl::StrFormat("frame payload of %u bytes (at most %u here)", h->payload_len, max_payload));
+  }
+  payload->resize(h->payload_len);
+  if (h->payload_len == 0) return absl::OkStatus();
+  auto st = ReadFull(fd, payload->data(), h->payload_len);
+  if (absl::IsOutOfRange(st)) return absl::DataLossError("connection closed mid-frame");
+  return st;
 }
 
 }  // namespace svm::transport

@@ -1,5 +1,6 @@
-// The data-connection wire format (tcp path): a fixed 32-byte header, then
-// a payload of header.payload_len bytes. All integers little-endian (the
+// The data-connection wire format, shared by the tcp and rdma transports
+// (tcp: a byte stream of frames; rdma: one frame per SEND): a fixed 32-byte
+// header, then a payload of header.payload_len bytes. All integers little-endian (the
 // daemons run on x86_64 and aarch64; both are little-endian).
 //
 //   HELLO      importer -> exporter  first frame: session token
@@ -18,6 +19,8 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+#include "daemon/transport/transport.h"
 
 namespace svm::transport {
 
@@ -91,6 +94,40 @@ struct InvalAckPayload {
   uint64_t export_id;
   uint64_t seq;
 };
+
+// ------------------------------------------------- building and reading
+// The one frame builder of both transports.
+
+inline constexpr size_t kMaxFrame = sizeof(FrameHeader) + kMaxPayload;
+
+// header, fixed_len bytes of fixed, then tail_len bytes of tail. The tail is
+// cut so that the frame fits in max_frame bytes (an rdma message fills at
+// most one receive buffer; what gets cut is error text).
+std::vector<uint8_t> MakeFrame(FrameType type, uint64_t id, const void* fixed, size_t fixed_len,
+                               const void* tail = nullptr, size_t tail_len = 0,
+                               size_t max_frame = kMaxFrame);
+
+// A FETCH_RESP that carries st (not OK): its code and its message, cut to
+// fit max_frame with msg_len saying what is left.
+std::vector<uint8_t> MakeFetchError(uint64_t id, const absl::Status& st, size_t max_frame = kMaxFrame);
+
+// The status of a FETCH_RESP whose code is not 0; msg: the bytes after the
+// fixed payload. DATA_LOSS when the code or the length is not one a
+// well-behaved exporter sends.
+absl::Status FetchErrorStatus(const FetchRespPayload& r, absl::string_view msg);
+
+// The exporter's check of a FETCH before its backend sees it:
+// INVALID_ARGUMENT unless 1 <= npages <= max_pages.
+absl::Status CheckFetchPages(uint32_t npages, uint32_t max_pages);
+
+InvalPayload ToInvalPayload(const InvalRecord& r);
+InvalRecord FromInvalPayload(const InvalPayload& p);
+
+// Reads one frame from a stream socket: header checked (ValidateHeader,
+// then payload_len <= max_payload) before the payload is read. OUT_OF_RANGE
+// on a clean EOF before the header, DATA_LOSS on one inside the frame.
+absl::Status ReadFrame(int fd, FrameHeader* h, std::vector<uint8_t>* payload,
+                       uint32_t max_payload = kMaxPayload);
 
 }  // namespace svm::transport
 

@@ -10,22 +10,23 @@
 #include <cstring>
 #include <deque>
 #include <map>
-#include <random>
 #include <thread>
 
 #include "absl/base/thread_annotations.h"
-#include "absl/container/flat_hash_map.h"
-#include "absl/strings/escaping.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/synchronization/mutex.h"
 #include "common/check.h"
 #include "common/fd.h"
 #include "common/net.h"
+#include "common/log.h"
+#include "daemon/transport/endpoint_codec.h"
 #include "daemon/transport/frame.h"
+#include "daemon/transport/listener.h"
+#include "daemon/transport/session_registry.h"
 #include "daemon/transport/thread_count.h"
 #include "daemon/transport/transport.h"
-#include "common/log.h"
+#include "svm/v1/transport.pb.h"
 
 namespace svm::transport {
 namespace {
@@ -34,31 +35,7 @@ constexpr size_t kPage = source::kPageSize;
 // An importer that lets this much pile up unread is dropped (it recovers by
 // reconnecting and invalidating everything).
 constexpr size_t kMaxQueuedBytes = 256u << 20;
-constexpr absl::Duration kTokenLifetime = absl::Seconds(30);
 constexpr absl::Duration kHelloTimeout = absl::Seconds(5);
-
-absl::Status ReadFrame(int fd, FrameHeader* h, std::vector<uint8_t>* payload) {
-  if (auto st = ReadFull(fd, h, sizeof(*h)); !st.ok()) return st;
-  if (auto st = ValidateHeader(*h); !st.ok()) return st;
-  payload->resize(h->payload_len);
-  if (h->payload_len == 0) return absl::OkStatus();
-  auto st = ReadFull(fd, payload->data(), h->payload_len);
-  if (absl::IsOutOfRange(st)) return absl::DataLossError("connection closed mid-frame");
-  return st;
-}
-
-std::vector<uint8_t> MakeFrame(FrameType type, uint64_t id, const void* fixed, size_t fixed_len,
-                               const void* tail = nullptr, size_t tail_len = 0) {
-  FrameHeader h;
-  h.type = static_cast<uint8_t>(type);
-  h.id = id;
-  h.payload_len = static_cast<uint32_t>(fixed_len + tail_len);
-  std::vector<uint8_t> out(sizeof(h) + fixed_len + tail_len);
-  std::memcpy(out.data(), &h, sizeof(h));
-  if (fixed_len) std::memcpy(out.data() + sizeof(h), fixed, fixed_len);
-  if (tail_len) std::memcpy(out.data() + sizeof(h) + fixed_len, tail, tail_len);
-  return out;
-}
 
 void SetTimeouts(int fd, absl::Duration send, absl::Duration recv) {
   auto tv = [](absl::Duration d) {
@@ -86,8 +63,7 @@ class ServerConn final : public Subscriber, public std::enable_shared_from_this<
   const std::string& node() const override { return node_; }
 
   bool PushInvalidation(const InvalRecord& r) override {
-    InvalPayload p{r.export_id, r.first_page, r.npages, r.seq, static_cast<uint32_t>(r.kind), 0,
-                   r.detected_ns};
+    const InvalPayload p = ToInvalPayload(r);
     {
       absl::MutexLock l(&mu_);
       if (closed_) return false;
@@ -141,7 +117,7 @@ class ServerConn final : public Subscriber, public std::enable_shared_from_this<
 class ClientConn final : public PeerChannel {
  public:
   ClientConn(UniqueFd fd, ImportBackend* backend, std::string peer)
-      : fd_(std::move(fd)), backend_(backend), peer_(std::move(peer)) {}
+      : PeerChannel(Capabilities{}), fd_(std::move(fd)), backend_(backend), peer_(std::move(peer)) {}
   ~ClientConn() override {
     Close();
     // The last reference can be dropped by a callback on the reader itself.
@@ -197,88 +173,61 @@ class ClientConn final : public PeerChannel {
 
 class TcpTransport final : public Transport {
  public:
+  TcpTransport() : Transport(Capabilities{}) {}
   ~TcpTransport() override { Stop(); }
   const char* name() const override { return "tcp"; }
 
   absl::Status Start(const HostPort& listen, ExportBackend* backend) override {
-    auto fd = TcpListen(listen);
-    if (!fd.ok()) return fd.status();
-    auto port = LocalPort(fd->get());
-    if (!port.ok()) return port.status();
-    listen_fd_ = std::move(*fd);
     backend_ = backend;
-    listen_addr_ = absl::StrCat(listen.host, ":", *port);
-    port_ = *port;
-    acceptor_ = std::thread([this] { AcceptLoop(); });
+    auto l = Listener::Start(listen, "data", [this](UniqueFd fd) { Accept(std::move(fd)); });
+    if (!l.ok()) return l.status();
+    listener_ = std::move(*l);
+    v1::TcpEndpoint e;
+    e.set_port(listener_->port());
+    endpoint_ = PackEndpoint(e);
     return absl::OkStatus();
   }
 
-  std::string listen_address() const override { return listen_addr_; }
+  std::string listen_address() const override { return listener_ ? listener_->address() : ""; }
 
-  absl::StatusOr<v1::SetupDataResponse> PrepareSession(const std::string& node,
-                                                       const std::string& /*importer*/) override {
-    std::string token(16, '\0');
-    {
-      std::random_device rd;
-      for (char& c : token) c = static_cast<char>(rd());
-    }
-    absl::MutexLock l(&mu_);
-    const absl::Time now = absl::Now();
-    for (auto it = tokens_.begin(); it != tokens_.end();) {
-      if (it->second.expires < now) tokens_.erase(it++);
-      else ++it;
-    }
-    tokens_[token] = TokenState{node, now + kTokenLifetime, {}};
-    v1::SetupDataResponse r;
-    r.set_session_token(token);
-    r.mutable_tcp()->set_port(port_);
-    return r;
+  absl::StatusOr<SessionOffer> PrepareSession(const std::string& node,
+                                              const std::string& /*importer*/) override {
+    if (!listener_) return absl::FailedPreconditionError("tcp transport not started");
+    auto token = sessions_.Issue(node);
+    if (!token.ok()) return token.status();
+    return SessionOffer{*std::move(token), endpoint_};
   }
 
-  // Binds a HELLO'd connection to its token. False: unknown or used token.
-  bool Claim(const std::string& token, const std::shared_ptr<ServerConn>& conn, std::string* node) {
-    absl::MutexLock l(&mu_);
-    auto it = tokens_.find(token);
-    if (it == tokens_.end() || it->second.conn.lock() != nullptr || it->second.expires < absl::Now()) {
-      return false;
-    }
-    it->second.conn = conn;
-    it->second.expires = absl::InfiniteFuture();
-    *node = it->second.node;
-    return true;
-  }
+  SessionRegistry& sessions() { return sessions_; }
 
   std::shared_ptr<Subscriber> FindSubscriber(const std::string& token) override {
-    absl::MutexLock l(&mu_);
-    auto it = tokens_.find(token);
-    if (it == tokens_.end()) return nullptr;
-    return it->second.conn.lock();
-  }
-
-  void Forget(const std::string& token) {
-    absl::MutexLock l(&mu_);
-    tokens_.erase(token);
+    return sessions_.Find(token);
   }
 
   absl::StatusOr<std::unique_ptr<PeerChannel>> Connect(const std::string& peer_host,
-                                                       const v1::SetupDataResponse& setup,
+                                                       const SessionOffer& offer,
                                                        ImportBackend* backend,
                                                        const std::string& /*begin*/) override {
-    if (!setup.has_tcp()) return absl::FailedPreconditionError("peer offered no tcp endpoint");
-    HostPort hp{peer_host, static_cast<uint16_t>(setup.tcp().port())};
+    v1::TcpEndpoint e;
+    if (!UnpackEndpoint(offer.endpoint, &e)) {
+      return absl::FailedPreconditionError("peer offered no tcp endpoint");
+    }
+    if (e.port() == 0 || e.port() > 65535) {
+      return absl::InvalidArgumentError(absl::StrCat("peer offered tcp port ", e.port()));
+    }
+    HostPort hp{peer_host, static_cast<uint16_t>(e.port())};
     auto fd = TcpConnect(hp, absl::Seconds(2));
     if (!fd.ok()) return fd.status();
     auto conn = std::make_unique<ClientConn>(std::move(*fd), backend,
                                              absl::StrCat(peer_host, ":", hp.port));
-    if (auto st = conn->Handshake(setup.session_token()); !st.ok()) return st;
+    if (auto st = conn->Handshake(offer.token); !st.ok()) return st;
     conn->StartReader();
     return conn;
   }
 
   void Stop() override {
     if (stopped_.exchange(true)) return;
-    if (listen_fd_.valid()) ::shutdown(listen_fd_.get(), SHUT_RDWR);
-    if (acceptor_.joinable()) acceptor_.join();
+    if (listener_) listener_->Stop();
     std::vector<std::shared_ptr<ServerConn>> conns;
     {
       absl::MutexLock l(&mu_);
@@ -294,48 +243,28 @@ class TcpTransport final : public Transport {
   }
 
  private:
-  struct TokenState {
-    std::string node;
-    absl::Time expires;
-    std::weak_ptr<ServerConn> conn;
-  };
-
-  void AcceptLoop() {
-    for (;;) {
-      int fd = ::accept4(listen_fd_.get(), nullptr, nullptr, SOCK_CLOEXEC);
-      if (fd < 0) {
-        if (errno == EINTR || errno == ECONNABORTED) continue;
-        if (stopped_) return;
-        if (errno == EMFILE || errno == ENFILE) {
-          spdlog::error("data listener: {}", std::strerror(errno));
-          std::this_thread::sleep_for(std::chrono::milliseconds(100));
-          continue;
-        }
-        return;
-      }
-      int one = 1;
-      ::setsockopt(fd, IPPROTO_TCP, 1 /* TCP_NODELAY */, &one, sizeof(one));
-      std::shared_ptr<ServerConn> conn;
-      {
-        absl::MutexLock l(&mu_);
-        conn = std::make_shared<ServerConn>(this, UniqueFd(fd), next_conn_id_++, backend_);
-        conns_[conn->id()] = conn;
-      }
-      conn->Run(&threads_);
+  // On the listener's thread.
+  void Accept(UniqueFd fd) {
+    int one = 1;
+    ::setsockopt(fd.get(), IPPROTO_TCP, 1 /* TCP_NODELAY */, &one, sizeof(one));
+    std::shared_ptr<ServerConn> conn;
+    {
+      absl::MutexLock l(&mu_);
+      conn = std::make_shared<ServerConn>(this, std::move(fd), next_conn_id_++, backend_);
+      conns_[conn->id()] = conn;
     }
+    conn->Run(&threads_);
   }
 
-  UniqueFd listen_fd_;
   ExportBackend* backend_ = nullptr;
-  std::string listen_addr_;
-  uint16_t port_ = 0;
-  std::thread acceptor_;
+  std::string endpoint_;  // this transport's packed TcpEndpoint, set by Start
   std::atomic<bool> stopped_{false};
   ThreadCount threads_;
-  absl::Mutex mu_;  // guards tokens_, conns_, next_conn_id_
-  std::map<std::string, TokenState> tokens_ ABSL_GUARDED_BY(mu_);
+  SessionRegistry sessions_;
+  absl::Mutex mu_;  // guards conns_, next_conn_id_
   std::map<uint64_t, std::shared_ptr<ServerConn>> conns_ ABSL_GUARDED_BY(mu_);
   uint64_t next_conn_id_ ABSL_GUARDED_BY(mu_) = 1;
+  std::unique_ptr<Listener> listener_;  // last: stopped (joined) first
 };
 
 void ServerConn::Run(ThreadCount* threads) {
@@ -357,11 +286,11 @@ absl::Status ServerConn::HandleHello(const FrameHeader& h, const std::vector<uin
     return absl::PermissionDeniedError("first frame is not HELLO");
   }
   std::string token(payload.begin(), payload.end());
-  std::string node;
-  if (!transport_->Claim(token, shared_from_this(), &node)) {
+  auto node = transport_->sessions().Claim(token, shared_from_this());
+  if (!node.ok()) {
     return absl::PermissionDeniedError("HELLO with an unknown or used session token");
   }
-  node_ = node;
+  node_ = *std::move(node);
   Enqueue(MakeFrame(FrameType::kHello, 0, nullptr, 0));
   return absl::OkStatus();
 }
@@ -394,28 +323,22 @@ void ServerConn::ReaderLoop() {
         }
         FetchPayload f;
         std::memcpy(&f, payload.data(), sizeof(f));
-        FetchRespPayload r{};
         std::vector<uint8_t> frame;
-        if (f.npages == 0 || f.npages > kMaxFetchPages) {
-          std::string msg = absl::StrFormat("fetch of %u pages (1..%u allowed)", f.npages, kMaxFetchPages);
-          r.code = static_cast<uint32_t>(absl::StatusCode::kInvalidArgument);
-          r.msg_len = static_cast<uint32_t>(msg.size());
-          frame = MakeFrame(FrameType::kFetchResp, h.id, &r, sizeof(r), msg.data(), msg.size());
+        if (auto bad = CheckFetchPages(f.npages, kMaxFetchPages); !bad.ok()) {
+          frame = MakeFetchError(h.id, bad);
         } else {
           pages.resize(static_cast<size_t>(f.npages) * kPage);
           auto seq = backend_->ServeFetch(f.export_id, f.first_page, f.npages,
                                           (f.flags & kFetchNoCache) == 0, absl::MakeSpan(pages));
           if (seq.ok()) {
+            FetchRespPayload r{};
             r.seq = *seq;
             frame = MakeFrame(FrameType::kFetchResp, h.id, &r, sizeof(r), pages.data(), pages.size());
           } else {
-            std::string msg(seq.status().message());
-            r.code = static_cast<uint32_t>(seq.status().code());
-            r.msg_len = static_cast<uint32_t>(msg.size());
-            frame = MakeFrame(FrameType::kFetchResp, h.id, &r, sizeof(r), msg.data(), msg.size());
+            frame = MakeFetchError(h.id, seq.status());
           }
         }
-        if (st.ok()) Enqueue(std::move(frame));
+        Enqueue(std::move(frame));
         break;
       }
       case FrameType::kInvalAck: {
@@ -439,7 +362,7 @@ void ServerConn::ReaderLoop() {
   }
   Close();
   // Unreachable by its token first, then the backend forgets it.
-  if (!token.empty()) transport_->Forget(token);
+  if (!token.empty()) transport_->sessions().Forget(token);
   backend_->OnSubscriberClosed(id_);
   transport_->Unregister(id_);
 }
@@ -537,12 +460,8 @@ void ClientConn::ReaderLoop() {
         if (it == pending_.end()) break;  // the caller gave up (timed out)
         Pending* p = it->second;
         if (r.code != 0) {
-          if (r.code > static_cast<uint32_t>(absl::StatusCode::kUnauthenticated) || r.msg_len != tail) {
-            p->status = absl::DataLossError("malformed FETCH_RESP error");
-          } else {
-            p->status = absl::Status(static_cast<absl::StatusCode>(r.code),
-                                     std::string(payload.begin() + sizeof(r), payload.end()));
-          }
+          p->status = FetchErrorStatus(
+              r, absl::string_view(reinterpret_cast<const char*>(payload.data()) + sizeof(r), tail));
         } else if (tail != p->dst.size()) {
           p->status = absl::DataLossError(
               absl::StrFormat("FETCH_RESP carries %u bytes, %u expected", tail, p->dst.size()));
@@ -560,9 +479,7 @@ void ClientConn::ReaderLoop() {
         }
         InvalPayload p;
         std::memcpy(&p, payload.data(), sizeof(p));
-        InvalRecord rec{p.export_id, p.first_page, p.npages, p.seq,
-                        static_cast<source::ChangeKind>(p.kind), p.detected_ns};
-        backend_->OnInvalidation(this, rec);
+        backend_->OnInvalidation(this, FromInvalPayload(p));
         InvalAckPayload a{p.export_id, p.seq};
         if (auto s = Send(MakeFrame(FrameType::kInvalAck, 0, &a, sizeof(a))); !s.ok()) st = s;
         break;

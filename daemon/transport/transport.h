@@ -1,6 +1,7 @@
-// The transport seam (UCX's uct layering is the model): one interface, the
-// tcp data connection behind it today, RDMA verbs next to it later. The core
-// above talks only to these interfaces; gRPC only carries the setup.
+// The transport seam (UCX's uct layering is the model): one interface, tcp
+// and rdma behind it. The core above talks only to these interfaces; gRPC
+// only carries the setup (SessionOffer and the importer's endpoint, as
+// opaque bytes the transports encode themselves).
 #ifndef SVM_DAEMON_TRANSPORT_TRANSPORT_H_
 #define SVM_DAEMON_TRANSPORT_TRANSPORT_H_
 
@@ -15,7 +16,6 @@
 #include "absl/types/span.h"
 #include "common/numbers.h"
 #include "daemon/source/mirror_source.h"
-#include "svm/v1/peer.pb.h"
 
 namespace svm::transport {
 
@@ -58,6 +58,26 @@ class ExportBackend {
 
 class PeerChannel;
 
+// What a transport or a channel can do beyond staged fetches, as data.
+struct Capabilities {
+  // Zero-copy path: the transport registers regions of an export
+  // (Transport::RegisterRegion) and its channels read the exporter's regions
+  // with one-sided READs (PeerChannel::SetRegion/ReadRegion). rdma only.
+  bool one_sided = false;
+};
+
+// Exporter -> importer: what PrepareSession offers for one data connection,
+// carried by SetupData and handed to the importer's Connect.
+struct SessionOffer {
+  // One-time: the first data connection that presents it owns the session
+  // (Subscribe finds it by this token); refused after that, and once it
+  // expires unclaimed (30 s).
+  std::string token;
+  // The exporter's end of the connection, encoded by its transport
+  // (proto/svm/v1/transport.proto); opaque to everything else.
+  std::string endpoint;
+};
+
 // Zero-copy path, exporter side: memory of an export registered with the
 // device for one-sided remote READs (RDMA only). Destroying it deregisters.
 struct RemoteRegion {
@@ -87,6 +107,7 @@ class ImportBackend {
 class PeerChannel {
  public:
   virtual ~PeerChannel() = default;
+  const Capabilities& capabilities() const { return caps_; }
   // Fetches npages pages into dst; returns the exporter's sequence at read
   // time. UNAVAILABLE when the connection is lost or the peer does not
   // answer within timeout (the connection is then closed).
@@ -97,8 +118,8 @@ class PeerChannel {
   virtual void Close() = 0;
   virtual const char* path() const = 0;
 
-  // Zero-copy path (RDMA only; the defaults say "not here").
-  virtual bool one_sided() const { return false; }
+  // Zero-copy path (capabilities().one_sided; the defaults say "not here").
+  bool one_sided() const { return caps_.one_sided; }
   // Makes the region the exporter described at sequence seq readable with
   // ReadRegion. Ignored (false) when the channel already received an
   // invalidation of the export newer than seq other than a write: the
@@ -114,6 +135,12 @@ class PeerChannel {
                                   absl::Span<uint8_t> /*dst*/, absl::Duration /*timeout*/) {
     return absl::FailedPreconditionError("no zero-copy path on this channel");
   }
+
+ protected:
+  explicit PeerChannel(Capabilities caps) : caps_(caps) {}
+
+ private:
+  const Capabilities caps_;
 };
 
 // What `svmctl status` shows about an RDMA transport's device.
@@ -132,6 +159,7 @@ class Transport {
  public:
   virtual ~Transport() = default;
   virtual const char* name() const = 0;
+  const Capabilities& capabilities() const { return caps_; }
   // Starts accepting data connections for exports served by backend.
   virtual absl::Status Start(const HostPort& listen, ExportBackend* backend) = 0;
   virtual std::string listen_address() const = 0;
@@ -142,23 +170,26 @@ class Transport {
   virtual absl::StatusOr<std::string> BeginConnect() { return std::string(); }
   // Importer: gives up a BeginConnect() whose SetupData failed.
   virtual void AbortConnect(const std::string& /*begin*/) {}
-  // Exporter: SetupData. Returns the endpoint and a one-time token.
-  // importer: the importer's BeginConnect() bytes.
-  virtual absl::StatusOr<v1::SetupDataResponse> PrepareSession(const std::string& node,
-                                                               const std::string& importer = "") = 0;
+  // Exporter: SetupData. Returns the endpoint and a one-time token for a
+  // data connection from node. importer: the importer's BeginConnect() bytes.
+  virtual absl::StatusOr<SessionOffer> PrepareSession(const std::string& node,
+                                                      const std::string& importer = "") = 0;
   // Exporter: the connected importer that presented token, if any.
   virtual std::shared_ptr<Subscriber> FindSubscriber(const std::string& token) = 0;
-  // Importer: opens the data connection described by setup; begin is what
-  // BeginConnect() returned for it.
+  // Importer: opens the data connection the exporter on peer_host offered;
+  // begin is what BeginConnect() returned for it. FAILED_PRECONDITION or
+  // INVALID_ARGUMENT when offer.endpoint is not this transport's,
+  // UNAVAILABLE when the exporter refuses the token or cannot be reached.
   virtual absl::StatusOr<std::unique_ptr<PeerChannel>> Connect(const std::string& peer_host,
-                                                               const v1::SetupDataResponse& setup,
+                                                               const SessionOffer& offer,
                                                                ImportBackend* backend,
                                                                const std::string& begin = "") = 0;
   // Closes every connection and joins their threads.
   virtual void Stop() = 0;
   // Zero-copy path, exporter side: registers [addr, addr + len) of this
   // process (a shared mapping of the export's object) for remote READs.
-  // UNIMPLEMENTED on transports without one-sided access.
+  // UNIMPLEMENTED on transports without one-sided access
+  // (!capabilities().one_sided).
   virtual absl::StatusOr<std::unique_ptr<RegisteredRegion>> RegisterRegion(void* /*addr*/,
                                                                            size_t /*len*/) {
     return absl::UnimplementedError("no zero-copy path on this transport");
@@ -167,6 +198,12 @@ class Transport {
   // The RDMA device behind this transport, for `svmctl status`; nullopt for
   // transports without one (tcp). Queries the port's state live.
   virtual std::optional<DeviceStatus> device_status() const { return std::nullopt; }
+
+ protected:
+  explicit Transport(Capabilities caps) : caps_(caps) {}
+
+ private:
+  const Capabilities caps_;
 };
 
 std::unique_ptr<Transport> CreateTcpTransport();

@@ -2,6 +2,7 @@
 // before its payload is read. Anything it lets through is trusted.
 #include "daemon/transport/frame.h"
 
+#include <algorithm>
 #include <cstddef>
 #include <cstring>
 #include <string>
@@ -139,6 +140,74 @@ TEST(MergeInvalFrame, OtherExportsTerminalKindsAndOtherFramesAreLeftAlone) {
   std::vector<uint8_t> resp(sizeof(h) + sizeof(InvalPayload));
   std::memcpy(resp.data(), &h, sizeof(h));
   EXPECT_FALSE(MergeInvalFrame(resp, {0, 0, 1, 4, K(source::ChangeKind::kUnmap), 0, 0}));
+}
+
+// ------------------------------------------------ the one frame builder
+
+TEST(MakeFrame, HeaderFixedPartAndTail) {
+  const uint64_t fixed = 0x1122334455667788;
+  const std::string tail = "tail bytes";
+  auto f = MakeFrame(FrameType::kFetchResp, 42, &fixed, sizeof(fixed), tail.data(), tail.size());
+  ASSERT_EQ(f.size(), sizeof(FrameHeader) + sizeof(fixed) + tail.size());
+  FrameHeader h;
+  std::memcpy(&h, f.data(), sizeof(h));
+  EXPECT_TRUE(ValidateHeader(h).ok());
+  EXPECT_EQ(h.type, static_cast<uint8_t>(FrameType::kFetchResp));
+  EXPECT_EQ(h.id, 42u);
+  EXPECT_EQ(h.payload_len, sizeof(fixed) + tail.size());
+  EXPECT_EQ(std::memcmp(f.data() + sizeof(h), &fixed, sizeof(fixed)), 0);
+  EXPECT_EQ(std::string(f.begin() + sizeof(h) + sizeof(fixed), f.end()), tail);
+}
+
+// What an exporter sends for a failed fetch is what the importer returns,
+// also when the message had to be cut to fit one rdma receive buffer.
+TEST(MakeFetchError, RoundTripsThroughFetchErrorStatusAndIsCutToFit) {
+  for (size_t max : {kMaxFrame, size_t{512}}) {
+    const std::string msg(1000, 'm');
+    auto f = MakeFetchError(7, absl::NotFoundError(msg), max);
+    ASSERT_LE(f.size(), max);
+    FrameHeader h;
+    std::memcpy(&h, f.data(), sizeof(h));
+    EXPECT_EQ(h.type, static_cast<uint8_t>(FrameType::kFetchResp));
+    EXPECT_EQ(h.id, 7u);
+    ASSERT_EQ(h.payload_len, f.size() - sizeof(h));
+    FetchRespPayload r;
+    std::memcpy(&r, f.data() + sizeof(h), sizeof(r));
+    const std::string got(f.begin() + sizeof(h) + sizeof(r), f.end());
+    absl::Status st = FetchErrorStatus(r, got);
+    EXPECT_EQ(st.code(), absl::StatusCode::kNotFound) << st;
+    EXPECT_EQ(std::string(st.message()), msg.substr(0, std::min(msg.size(), max - sizeof(h) - sizeof(r))));
+  }
+}
+
+TEST(FetchErrorStatus, MalformedErrorsAreDataLoss) {
+  FetchRespPayload ok_code{static_cast<uint32_t>(absl::StatusCode::kInternal), 3, 0};
+  EXPECT_EQ(FetchErrorStatus(ok_code, "abc").code(), absl::StatusCode::kInternal);
+  FetchRespPayload zero{0, 0, 0};
+  EXPECT_EQ(FetchErrorStatus(zero, "").code(), absl::StatusCode::kDataLoss) << "code 0 is not an error";
+  FetchRespPayload unknown{17, 0, 0};
+  EXPECT_EQ(FetchErrorStatus(unknown, "").code(), absl::StatusCode::kDataLoss);
+  FetchRespPayload short_msg{static_cast<uint32_t>(absl::StatusCode::kInternal), 4, 0};
+  EXPECT_EQ(FetchErrorStatus(short_msg, "abc").code(), absl::StatusCode::kDataLoss);
+}
+
+TEST(CheckFetchPages, OneToTheLimit) {
+  EXPECT_EQ(CheckFetchPages(0, 8).code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_TRUE(CheckFetchPages(1, 8).ok());
+  EXPECT_TRUE(CheckFetchPages(8, 8).ok());
+  EXPECT_EQ(CheckFetchPages(9, 8).code(), absl::StatusCode::kInvalidArgument);
+}
+
+TEST(InvalPayload, RoundTripsAnInvalRecord) {
+  const InvalRecord r{3, 4, 5, 6, source::ChangeKind::kRemap, 7};
+  const InvalRecord back = FromInvalPayload(ToInvalPayload(r));
+  EXPECT_EQ(back.export_id, 3u);
+  EXPECT_EQ(back.first_page, 4u);
+  EXPECT_EQ(back.npages, 5u);
+  EXPECT_EQ(back.seq, 6u);
+  EXPECT_EQ(back.kind, source::ChangeKind::kRemap);
+  EXPECT_EQ(back.detected_ns, 7u);
+  EXPECT_EQ(ToInvalPayload(r).pad, 0u);
 }
 
 }  // namespace

@@ -14,7 +14,6 @@
 #include <deque>
 #include <map>
 #include <optional>
-#include <random>
 #include <thread>
 #include <vector>
 
@@ -28,9 +27,13 @@
 #include "common/log.h"
 #include "common/net.h"
 #include "daemon/coherence/coherence.h"
+#include "daemon/transport/endpoint_codec.h"
 #include "daemon/transport/frame.h"
+#include "daemon/transport/listener.h"
 #include "daemon/transport/rdma/verbs.h"
+#include "daemon/transport/session_registry.h"
 #include "daemon/transport/thread_count.h"
+#include "svm/v1/transport.pb.h"
 
 namespace svm::transport {
 namespace {
@@ -56,7 +59,6 @@ constexpr uint32_t kRecvDepth = 64;  // receive buffers posted by each side
 constexpr uint32_t kSendWindow = kRecvDepth;
 constexpr size_t kMsgSize = 512;  // header + the largest payload (error text is truncated)
 constexpr size_t kMaxQueued = 1u << 16;  // messages; an importer this far behind is dropped
-constexpr absl::Duration kTokenLifetime = absl::Seconds(30);
 constexpr absl::Duration kHelloTimeout = absl::Seconds(10);
 // An idle connection sends a keepalive this often, so a peer whose QP is
 // gone is noticed when transport retries exhaust even when nothing else is
@@ -86,18 +88,43 @@ struct RdmaFetch {
 };
 static_assert(sizeof(RdmaFetch) == 32);
 
+// A message fits one receive buffer (error text is cut to fit).
 std::vector<uint8_t> MakeMsg(FrameType type, uint64_t id, const void* fixed, size_t fixed_len,
                              const void* tail = nullptr, size_t tail_len = 0) {
-  tail_len = std::min(tail_len, kMsgSize - sizeof(FrameHeader) - fixed_len);
-  FrameHeader h;
-  h.type = static_cast<uint8_t>(type);
-  h.id = id;
-  h.payload_len = static_cast<uint32_t>(fixed_len + tail_len);
-  std::vector<uint8_t> out(sizeof(h) + fixed_len + tail_len);
-  std::memcpy(out.data(), &h, sizeof(h));
-  if (fixed_len) std::memcpy(out.data() + sizeof(h), fixed, fixed_len);
-  if (tail_len) std::memcpy(out.data() + sizeof(h) + fixed_len, tail, tail_len);
-  return out;
+  return MakeFrame(type, id, fixed, fixed_len, tail, tail_len, kMsgSize);
+}
+
+// The opaque endpoint bytes of BeginConnect and SessionOffer: a queue pair
+// as svm.v1.RdmaEndpoint (with the exporter's liveness port; 0 from the
+// importer).
+std::string EncodeEndpoint(const Endpoint& e, uint16_t liveness_port) {
+  v1::RdmaEndpoint m;
+  m.set_qpn(e.qpn);
+  m.set_psn(e.psn);
+  m.set_gid(std::string(reinterpret_cast<const char*>(e.gid.data()), e.gid.size()));
+  m.set_gid_index(e.gid_index);
+  m.set_mtu(e.mtu);
+  m.set_liveness_port(liveness_port);
+  return PackEndpoint(m);
+}
+
+// FAILED_PRECONDITION when bytes are not an rdma endpoint at all,
+// INVALID_ARGUMENT when the queue pair it describes is not a valid one.
+absl::StatusOr<Endpoint> DecodeEndpoint(std::string_view bytes, uint32_t* liveness_port) {
+  v1::RdmaEndpoint m;
+  if (!UnpackEndpoint(bytes, &m)) return absl::FailedPreconditionError("no rdma endpoint");
+  Endpoint e;
+  if (m.gid().size() != e.gid.size()) {
+    return absl::InvalidArgumentError(absl::StrFormat("rdma endpoint: %u-byte gid", m.gid().size()));
+  }
+  e.qpn = m.qpn();
+  e.psn = m.psn();
+  std::memcpy(e.gid.data(), m.gid().data(), e.gid.size());
+  e.gid_index = m.gid_index();
+  e.mtu = m.mtu();
+  if (auto st = e.Validate(); !st.ok()) return st;
+  *liveness_port = m.liveness_port();
+  return e;
 }
 
 struct Unmap {
@@ -419,8 +446,7 @@ class ServerConn final : public Conn, public Subscriber, public std::enable_shar
   uint64_t id() const override { return id_; }
   const std::string& node() const override { return node_; }
   bool PushInvalidation(const InvalRecord& r) override {
-    InvalPayload p{r.export_id, r.first_page, r.npages, r.seq, static_cast<uint32_t>(r.kind), 0,
-                   r.detected_ns};
+    const InvalPayload p = ToInvalPayload(r);
     absl::MutexLock l(&mu_);
     if (closed_) return false;
     // A storm collapses into the INVAL still waiting at the tail.
@@ -474,7 +500,8 @@ class ServerConn final : public Conn, public Subscriber, public std::enable_shar
 // ---------------------------------------------------------------- importer
 class ClientConn final : public Conn, public PeerChannel {
  public:
-  explicit ClientConn(std::shared_ptr<Nic> nic) : Conn(std::move(nic)) {}
+  explicit ClientConn(std::shared_ptr<Nic> nic)
+      : Conn(std::move(nic)), PeerChannel(Capabilities{.one_sided = true}) {}
   ~ClientConn() override {
     Close();
     if (liveness_thread_.joinable()) liveness_thread_.join();
@@ -514,7 +541,6 @@ class ClientConn final : public Conn, public PeerChannel {
   const char* path() const override {
     return data_mr_->mode() == Mode::kOdp ? "staged/odp" : "staged/pinned";
   }
-  bool one_sided() const override { return true; }
   bool SetRegion(uint64_t export_id, const RemoteRegion& r, uint64_t seq) override;
   absl::Status ReadRegion(uint64_t export_id, uint64_t offset, absl::Span<uint8_t> dst,
                           absl::Duration timeout) override;
@@ -582,27 +608,29 @@ class Region final : public RegisteredRegion {
 
 class RdmaTransport final : public Transport {
  public:
-  explicit RdmaTransport(std::shared_ptr<Nic> nic) : nic_(std::move(nic)) {}
+  explicit RdmaTransport(std::shared_ptr<Nic> nic)
+      : Transport(Capabilities{.one_sided = true}), nic_(std::move(nic)) {}
   ~RdmaTransport() override { Stop(); }
   const char* name() const override { return "rdma"; }
 
   // Listens for liveness sockets (queue pairs are set up through SetupData).
   absl::Status Start(const HostPort& listen, ExportBackend* backend) override {
-    auto fd = TcpListen(listen);
-    if (!fd.ok()) return fd.status();
-    auto port = LocalPort(fd->get());
-    if (!port.ok()) return port.status();
-    listen_fd_ = std::move(*fd);
-    port_ = *port;
-    listen_addr_ = absl::StrCat(listen.host, ":", *port);
     backend_ = backend;
-    acceptor_ = std::thread([this] { AcceptLoop(); });
+    auto l = Listener::Start(listen, "liveness", [this](UniqueFd fd) {
+      threads_.Inc();
+      std::thread([this, fd = std::move(fd)]() mutable {
+        ServeLiveness(std::move(fd));
+        threads_.Dec();
+      }).detach();
+    });
+    if (!l.ok()) return l.status();
+    listener_ = std::move(*l);
     spdlog::info("rdma data path on {}, data buffers {}, liveness sockets on {}",
                  nic_->device->Describe(), nic_->device->caps().OdpUsable() ? "odp" : "pinned",
-                 listen_addr_);
+                 listener_->address());
     return absl::OkStatus();
   }
-  std::string listen_address() const override { return listen_addr_; }
+  std::string listen_address() const override { return listener_ ? listener_->address() : ""; }
 
   absl::StatusOr<std::unique_ptr<RegisteredRegion>> RegisterRegion(void* addr, size_t len) override {
     auto reg = rdma::Register(*nic_->device, nic_->pd.get(), addr, len, Access::kRemoteReadOnly,
@@ -616,7 +644,7 @@ class RdmaTransport final : public Transport {
   absl::StatusOr<std::string> BeginConnect() override {
     auto conn = std::make_unique<ClientConn>(nic_);
     if (auto st = conn->Prepare(); !st.ok()) return st;
-    std::string bytes = conn->local().Serialize();
+    std::string bytes = EncodeEndpoint(conn->local(), 0);
     absl::MutexLock l(&mu_);
     const absl::Time now = absl::Now();
     for (auto it = begun_.begin(); it != begun_.end();) {
@@ -636,77 +664,49 @@ class RdmaTransport final : public Transport {
     }
   }
 
-  absl::StatusOr<v1::SetupDataResponse> PrepareSession(const std::string& node,
-                                                       const std::string& importer) override {
+  absl::StatusOr<SessionOffer> PrepareSession(const std::string& node,
+                                              const std::string& importer) override {
     if (importer.empty()) {
       return absl::FailedPreconditionError("rdma setup without the importer's queue pair endpoint");
     }
-    auto remote = Endpoint::Parse(importer);
+    uint32_t unused_port = 0;
+    auto remote = DecodeEndpoint(importer, &unused_port);
     if (!remote.ok()) return remote.status();
-    if (stopped_) return absl::UnavailableError("shutting down");
-    std::string token(16, '\0');
-    {
-      std::random_device rd;
-      for (char& c : token) c = static_cast<char>(rd());
-    }
+    if (stopped_ || !listener_) return absl::UnavailableError("not serving");
+    auto token = sessions_.Issue(node);
+    if (!token.ok()) return token.status();
     std::shared_ptr<ServerConn> conn;
     {
       absl::MutexLock l(&mu_);
-      conn = std::make_shared<ServerConn>(nic_, this, next_conn_id_++, backend_, node, token);
+      conn = std::make_shared<ServerConn>(nic_, this, next_conn_id_++, backend_, node, *token);
     }
     if (auto st = conn->Setup(*remote); !st.ok()) {
       spdlog::warn("rdma data connection for {}: {}", node, st.message());
+      sessions_.Forget(*token);
       return st;
     }
     {
       absl::MutexLock l(&mu_);
-      const absl::Time now = absl::Now();
-      for (auto it = tokens_.begin(); it != tokens_.end();) {
-        if (it->second.expires < now) tokens_.erase(it++);
-        else ++it;
-      }
-      tokens_[token] = TokenState{node, now + kTokenLifetime, {}};
       conns_[conn->id()] = conn;
     }
-    v1::SetupDataResponse r;
-    r.set_session_token(token);
-    r.mutable_rdma()->set_endpoint(conn->local().Serialize());
-    r.mutable_rdma()->set_liveness_port(port_);
+    SessionOffer offer{*token, EncodeEndpoint(conn->local(), listener_->port())};
     conn->Run(&threads_);
-    return r;
+    return offer;
   }
 
-  // Binds a HELLO'd connection to its token. False: unknown or used token.
-  bool Claim(const std::string& token, const std::shared_ptr<ServerConn>& conn) {
-    absl::MutexLock l(&mu_);
-    auto it = tokens_.find(token);
-    if (it == tokens_.end() || it->second.conn.lock() != nullptr || it->second.expires < absl::Now() ||
-        it->second.node != conn->node()) {
-      return false;
-    }
-    it->second.conn = conn;
-    it->second.expires = absl::InfiniteFuture();
-    return true;
-  }
+  SessionRegistry& sessions() { return sessions_; }
 
   std::shared_ptr<Subscriber> FindSubscriber(const std::string& token) override {
-    absl::MutexLock l(&mu_);
-    auto it = tokens_.find(token);
-    if (it == tokens_.end()) return nullptr;
-    return it->second.conn.lock();
+    return sessions_.Find(token);
   }
 
-  void Forget(const std::string& token) {
-    absl::MutexLock l(&mu_);
-    tokens_.erase(token);
-  }
   void Unregister(uint64_t id) {
     absl::MutexLock l(&mu_);
     conns_.erase(id);
   }
 
   absl::StatusOr<std::unique_ptr<PeerChannel>> Connect(const std::string& peer_host,
-                                                       const v1::SetupDataResponse& setup,
+                                                       const SessionOffer& offer,
                                                        ImportBackend* backend,
                                                        const std::string& begin) override {
     std::unique_ptr<ClientConn> conn;
@@ -719,16 +719,15 @@ class RdmaTransport final : public Transport {
       conn = std::move(it->second.conn);
       begun_.erase(it);
     }
-    if (!setup.has_rdma()) {
-      return absl::FailedPreconditionError(
-          absl::StrCat("peer ", peer_host, " offered no rdma endpoint"));
+    uint32_t port = 0;
+    auto remote = DecodeEndpoint(offer.endpoint, &port);
+    if (!remote.ok()) {
+      return absl::Status(remote.status().code(),
+                          absl::StrCat("peer ", peer_host, " offered no usable rdma endpoint: ",
+                                       remote.status().message()));
     }
-    auto remote = Endpoint::Parse(setup.rdma().endpoint());
-    if (!remote.ok()) return remote.status();
-    const uint32_t port = setup.rdma().liveness_port();
     if (port == 0 || port > 65535) return absl::InvalidArgumentError("rdma setup without a liveness port");
-    if (auto st = conn->Start(*remote, backend, peer_host, static_cast<uint16_t>(port),
-                              setup.session_token());
+    if (auto st = conn->Start(*remote, backend, peer_host, static_cast<uint16_t>(port), offer.token);
         !st.ok()) {
       return st;
     }
@@ -737,8 +736,7 @@ class RdmaTransport final : public Transport {
 
   void Stop() override {
     if (stopped_.exchange(true)) return;
-    if (listen_fd_.valid()) ::shutdown(listen_fd_.get(), SHUT_RDWR);
-    if (acceptor_.joinable()) acceptor_.join();
+    if (listener_) listener_->Stop();
     std::vector<std::shared_ptr<ServerConn>> conns;
     {
       absl::MutexLock l(&mu_);
@@ -750,74 +748,42 @@ class RdmaTransport final : public Transport {
   }
 
  private:
-  struct TokenState {
-    std::string node;
-    absl::Time expires;
-    std::weak_ptr<ServerConn> conn;
-  };
   struct Begun {
     std::unique_ptr<ClientConn> conn;
     absl::Time expires;
   };
 
-  void AcceptLoop();
   // A liveness socket: HELLO with a claimed token, then watched until it or
   // its connection ends. Anything else is closed.
   void ServeLiveness(UniqueFd fd);
 
   std::shared_ptr<Nic> nic_;
   ExportBackend* backend_ = nullptr;
-  UniqueFd listen_fd_;
-  uint16_t port_ = 0;
-  std::string listen_addr_;
-  std::thread acceptor_;
   std::atomic<bool> stopped_{false};
   ThreadCount threads_;
-  absl::Mutex mu_;  // guards tokens_, conns_, begun_, next_conn_id_
-  std::map<std::string, TokenState> tokens_ ABSL_GUARDED_BY(mu_);
+  SessionRegistry sessions_;
+  absl::Mutex mu_;  // guards conns_, begun_, next_conn_id_
   std::map<uint64_t, std::shared_ptr<ServerConn>> conns_ ABSL_GUARDED_BY(mu_);
   std::map<std::string, Begun> begun_ ABSL_GUARDED_BY(mu_);
   uint64_t next_conn_id_ ABSL_GUARDED_BY(mu_) = 1;
+  std::unique_ptr<Listener> listener_;  // last: stopped (joined) first
 };
-
-void RdmaTransport::AcceptLoop() {
-  for (;;) {
-    int fd = ::accept4(listen_fd_.get(), nullptr, nullptr, SOCK_CLOEXEC);
-    if (fd < 0) {
-      if (errno == EINTR || errno == ECONNABORTED) continue;
-      if (stopped_) return;
-      if (errno == EMFILE || errno == ENFILE) {
-        spdlog::error("liveness listener: {}", std::strerror(errno));
-        std::this_thread::sleep_for(std::chrono::milliseconds(100));
-        continue;
-      }
-      return;
-    }
-    threads_.Inc();
-    std::thread([this, fd] {
-      ServeLiveness(UniqueFd(fd));
-      threads_.Dec();
-    }).detach();
-  }
-}
 
 void RdmaTransport::ServeLiveness(UniqueFd fd) {
   const auto ms = absl::ToInt64Milliseconds(kLivenessHelloTimeout);
   timeval tv{static_cast<time_t>(ms / 1000), static_cast<suseconds_t>(ms % 1000 * 1000)};
   ::setsockopt(fd.get(), SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
   FrameHeader h;
-  absl::Status st = ReadFull(fd.get(), &h, sizeof(h));
-  if (st.ok()) st = ValidateHeader(h);
-  if (st.ok() && (h.type != static_cast<uint8_t>(FrameType::kHello) || h.payload_len > 64)) {
+  std::vector<uint8_t> payload;
+  absl::Status st = ReadFrame(fd.get(), &h, &payload, /*max_payload=*/64);
+  if (st.ok() && h.type != static_cast<uint8_t>(FrameType::kHello)) {
     st = absl::PermissionDeniedError("first frame is not a HELLO with a token");
   }
-  std::string token(st.ok() ? h.payload_len : 0, '\0');
-  if (st.ok() && !token.empty()) st = ReadFull(fd.get(), token.data(), token.size());
   std::shared_ptr<ServerConn> conn;
   if (st.ok()) {
-    absl::MutexLock l(&mu_);
-    auto it = tokens_.find(token);
-    if (it != tokens_.end()) conn = it->second.conn.lock();
+    // Only ServerConns claim tokens of this registry.
+    conn = std::dynamic_pointer_cast<ServerConn>(
+        sessions_.Find(std::string(payload.begin(), payload.end())));
     if (conn == nullptr) st = absl::PermissionDeniedError("unknown or unclaimed session token");
   }
   if (!st.ok()) {
@@ -849,7 +815,7 @@ absl::Status ServerConn::OnMessage(const FrameHeader& h, const uint8_t* payload,
     RdmaHello hello;
     std::memcpy(&hello, payload, sizeof(hello));
     std::string token(reinterpret_cast<const char*>(payload) + sizeof(hello), len - sizeof(hello));
-    if (token != session_token_ || !transport_->Claim(token, shared_from_this())) {
+    if (token != session_token_ || !transport_->sessions().Claim(token, shared_from_this()).ok()) {
       return absl::PermissionDeniedError("HELLO with an unknown or used session token");
     }
     token_ = token;
@@ -894,13 +860,9 @@ absl::Status ServerConn::Tick() {
     if (s == kStaging) break;
     auto [id, f] = fetches_.front();
     fetches_.pop_front();
-    FetchRespPayload r{};
     const size_t bytes = static_cast<size_t>(f.f.npages) * kPage;
-    if (f.f.npages == 0 || f.f.npages > kSlotPages) {
-      std::string msg = absl::StrFormat("fetch of %u pages (1..%u allowed)", f.f.npages, kSlotPages);
-      r.code = static_cast<uint32_t>(absl::StatusCode::kInvalidArgument);
-      r.msg_len = static_cast<uint32_t>(msg.size());
-      Enqueue(OutItem{MakeMsg(FrameType::kFetchResp, id, &r, sizeof(r), msg.data(), msg.size())});
+    if (auto bad = CheckFetchPages(f.f.npages, kSlotPages); !bad.ok()) {
+      Enqueue(OutItem{MakeFetchError(id, bad, kMsgSize)});
       continue;
     }
     if (f.offset > area_len_ || bytes > area_len_ - f.offset) {
@@ -910,6 +872,7 @@ absl::Status ServerConn::Tick() {
                                     (f.f.flags & kFetchNoCache) == 0,
                                     absl::MakeSpan(data_mem_.get() + s * kSlotBytes, bytes));
     if (seq.ok()) {
+      FetchRespPayload r{};
       r.seq = *seq;
       staging_busy_[s] = true;
       // The WRITE is queued before the response: RC lands it first.
@@ -917,11 +880,7 @@ absl::Status ServerConn::Tick() {
       EnqueueLocked(OutItem{{}, s, bytes, area_addr_ + f.offset, area_rkey_});
       EnqueueLocked(OutItem{MakeMsg(FrameType::kFetchResp, id, &r, sizeof(r))});
     } else {
-      std::string msg(seq.status().message());
-      msg.resize(std::min(msg.size(), kMsgSize - sizeof(FrameHeader) - sizeof(r)));
-      r.code = static_cast<uint32_t>(seq.status().code());
-      r.msg_len = static_cast<uint32_t>(msg.size());
-      Enqueue(OutItem{MakeMsg(FrameType::kFetchResp, id, &r, sizeof(r), msg.data(), msg.size())});
+      Enqueue(OutItem{MakeFetchError(id, seq.status(), kMsgSize)});
     }
   }
   return absl::OkStatus();
@@ -934,7 +893,7 @@ void ServerConn::OnClosed(const absl::Status& why) {
     spdlog::warn("rdma data connection from {} closed: {}", node_, why.message());
   }
   // Unreachable by its token first, then the backend forgets it.
-  if (!token_.empty()) transport_->Forget(token_);
+  if (!token_.empty()) transport_->sessions().Forget(token_);
   backend_->OnSubscriberClosed(id_);
   transport_->Unregister(id_);
 }
@@ -962,11 +921,7 @@ absl::Status ClientConn::Start(const Endpoint& remote, ImportBackend* backend,
   }
   auto fd = TcpConnect({peer_host, liveness_port}, absl::Seconds(2));
   if (fd.ok()) {
-    FrameHeader h;
-    h.type = static_cast<uint8_t>(FrameType::kHello);
-    h.payload_len = static_cast<uint32_t>(token.size());
-    std::string frame(reinterpret_cast<const char*>(&h), sizeof(h));
-    frame += token;
+    auto frame = MakeFrame(FrameType::kHello, 0, token.data(), token.size());
     if (auto st = WriteFull(fd->get(), frame.data(), frame.size()); !st.ok()) fd = st;
   }
   absl::MutexLock l(&mu_);
@@ -1064,12 +1019,8 @@ absl::Status ClientConn::OnMessage(const FrameHeader& h, const uint8_t* payload,
       if (it == pending_.end()) return absl::OkStatus();  // the caller gave up (timed out)
       Pending* p = it->second;
       if (r.code != 0) {
-        if (r.code > static_cast<uint32_t>(absl::StatusCode::kUnauthenticated) || r.msg_len != tail) {
-          p->status = absl::DataLossError("malformed FETCH_RESP error");
-        } else {
-          p->status = absl::Status(static_cast<absl::StatusCode>(r.code),
-                                   std::string(reinterpret_cast<const char*>(payload) + sizeof(r), tail));
-        }
+        p->status =
+            FetchErrorStatus(r, absl::string_view(reinterpret_cast<const char*>(payload) + sizeof(r), tail));
       } else if (tail != 0) {
         p->status = absl::DataLossError("FETCH_RESP with unexpected bytes");
       } else {
@@ -1082,8 +1033,7 @@ absl::Status ClientConn::OnMessage(const FrameHeader& h, const uint8_t* payload,
       if (len != sizeof(InvalPayload)) return absl::DataLossError("malformed INVAL");
       InvalPayload p;
       std::memcpy(&p, payload, sizeof(p));
-      InvalRecord rec{p.export_id, p.first_page, p.npages, p.seq,
-                      static_cast<source::ChangeKind>(p.kind), p.detected_ns};
+      const InvalRecord rec = FromInvalPayload(p);
       std::optional<uint64_t> drain;
       if (rec.kind != source::ChangeKind::kWrite) {
         // Anything but a store may have replaced or withdrawn the exporter's

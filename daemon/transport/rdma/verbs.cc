@@ -25,9 +25,6 @@
 namespace svm::transport::rdma {
 namespace {
 
-constexpr uint8_t kEndpointVersion = 1;
-constexpr size_t kEndpointSize = 1 + 4 + 4 + 16 + 4 + 4;
-
 bool IsZeroGid(const ibv_gid& gid) {
   static constexpr uint8_t kZero[16] = {};
   return std::memcmp(gid.raw, kZero, sizeof(kZero)) == 0;
@@ -146,14 +143,6 @@ std::string Bytes(uint64_t n) {
 constexpr const char kMemlockHint[] =
     "raise LimitMEMLOCK= in the svmd unit (or `ulimit -l`), grant CAP_IPC_LOCK, "
     "or use a device with ODP";
-
-void PutLe32(std::string& out, uint32_t v) {
-  for (int i = 0; i < 4; ++i) out.push_back(static_cast<char>((v >> (8 * i)) & 0xff));
-}
-
-uint32_t GetLe32(const unsigned char* p) {
-  return uint32_t{p[0]} | uint32_t{p[1]} << 8 | uint32_t{p[2]} << 16 | uint32_t{p[3]} << 24;
-}
 
 }  // namespace
 
@@ -598,42 +587,15 @@ absl::StatusOr<int> Poller::Harvest(ibv_wc* out, int max, int wake_fd, absl::Dur
 
 // --- Endpoint ---------------------------------------------------------------
 
-std::string Endpoint::Serialize() const {
-  std::string out;
-  out.reserve(kEndpointSize);
-  out.push_back(static_cast<char>(kEndpointVersion));
-  PutLe32(out, qpn);
-  PutLe32(out, psn);
-  out.append(reinterpret_cast<const char*>(gid.data()), gid.size());
-  PutLe32(out, gid_index);
-  PutLe32(out, mtu);
-  return out;
-}
-
-absl::StatusOr<Endpoint> Endpoint::Parse(absl::string_view bytes) {
-  if (bytes.size() != kEndpointSize) {
-    return absl::InvalidArgumentError(
-        absl::StrFormat("rdma endpoint: %d bytes, expected %d", bytes.size(), kEndpointSize));
+absl::Status Endpoint::Validate() const {
+  if (psn > 0xffffff) return absl::InvalidArgumentError("rdma endpoint: psn wider than 24 bits");
+  if (qpn == 0 || qpn > 0xffffff) {
+    return absl::InvalidArgumentError(absl::StrFormat("rdma endpoint: bad qpn %d", qpn));
   }
-  const auto* p = reinterpret_cast<const unsigned char*>(bytes.data());
-  if (p[0] != kEndpointVersion) {
-    return absl::InvalidArgumentError(
-        absl::StrFormat("rdma endpoint: version %d, expected %d", p[0], kEndpointVersion));
+  if (MtuBytes(MtuFromBytes(mtu)) != mtu) {
+    return absl::InvalidArgumentError(absl::StrFormat("rdma endpoint: bad mtu %d", mtu));
   }
-  Endpoint e;
-  e.qpn = GetLe32(p + 1);
-  e.psn = GetLe32(p + 5);
-  std::memcpy(e.gid.data(), p + 9, 16);
-  e.gid_index = GetLe32(p + 25);
-  e.mtu = GetLe32(p + 29);
-  if (e.psn > 0xffffff) return absl::InvalidArgumentError("rdma endpoint: psn wider than 24 bits");
-  if (e.qpn == 0 || e.qpn > 0xffffff) {
-    return absl::InvalidArgumentError(absl::StrFormat("rdma endpoint: bad qpn %d", e.qpn));
-  }
-  if (MtuBytes(MtuFromBytes(e.mtu)) != e.mtu) {
-    return absl::InvalidArgumentError(absl::StrFormat("rdma endpoint: bad mtu %d", e.mtu));
-  }
-  return e;
+  return absl::OkStatus();
 }
 
 std::string Endpoint::ToString() const {

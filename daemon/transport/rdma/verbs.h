@@ -236,8 +236,9 @@ class Poller {
 // --- RC queue pairs ---------------------------------------------------------
 
 // What one side of an RC connection tells the other (carried by the control
-// plane). gid_index is informational (the sender's own table). RoCE only:
-// addressing is always by GID (GRH); there is no LID for an IB fabric.
+// plane: the rdma transport encodes it as svm.v1.RdmaEndpoint). gid_index is
+// informational (the sender's own table). RoCE only: addressing is always
+// by GID (GRH); there is no LID for an IB fabric.
 struct Endpoint {
   uint32_t qpn = 0;
   uint32_t psn = 0;  // 24 bits
@@ -245,9 +246,9 @@ struct Endpoint {
   uint32_t gid_index = 0;
   uint32_t mtu = 0;  // bytes
 
-  // A fixed 33-byte little-endian encoding with a version byte.
-  std::string Serialize() const;
-  static absl::StatusOr<Endpoint> Parse(absl::string_view bytes);
+  // INVALID_ARGUMENT unless qpn and psn fit 24 bits (qpn not 0) and mtu is
+  // an IB MTU: what a peer's endpoint must pass before Qp::Connect uses it.
+  absl::Status Validate() const;
   std::string ToString() const;
   bool operator==(const Endpoint&) const = default;
 };

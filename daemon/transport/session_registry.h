@@ -1,0 +1,77 @@
+// The exporter's table of data-connection sessions, one per transport
+// (tcp and rdma share this code): PrepareSession issues a one-time token for
+// a peer node; the data connection that presents it first claims it; the
+// peer service finds that connection by its token (Subscribe); the
+// connection forgets it when it closes.
+//
+// Lifetimes: an issued token that no connection claims expires after the
+// registry's lifetime (pruned on the next Issue). A claimed token never
+// expires and is never claimable again, not even after its connection has
+// died: it lives until the connection Forget()s it. The registry holds
+// connections weakly; a connection keeps itself alive.
+//
+// LOCKING: mu_ guards the table; nothing is called under it.
+#ifndef SVM_DAEMON_TRANSPORT_SESSION_REGISTRY_H_
+#define SVM_DAEMON_TRANSPORT_SESSION_REGISTRY_H_
+
+#include <functional>
+#include <map>
+#include <memory>
+#include <string>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/clock.h"
+#include "absl/time/time.h"
+#include "daemon/transport/transport.h"
+
+namespace svm::transport {
+
+class SessionRegistry {
+ public:
+  static constexpr size_t kTokenBytes = 16;
+  static constexpr absl::Duration kDefaultLifetime = absl::Seconds(30);
+
+  // now: the clock expiry is measured with (tests inject their own).
+  explicit SessionRegistry(absl::Duration lifetime = kDefaultLifetime,
+                           std::function<absl::Time()> now = [] { return absl::Now(); })
+      : lifetime_(lifetime), now_(std::move(now)) {}
+
+  // A new token for node: kTokenBytes from getrandom(2), distinct from every
+  // token in the table. Fails only when the kernel gives no randomness.
+  absl::StatusOr<std::string> Issue(const std::string& node);
+
+  // Binds conn to token and returns the node the token was issued for.
+  // PERMISSION_DENIED, changing nothing, when the token is unknown, expired
+  // or was claimed before (by any connection, alive or not).
+  absl::StatusOr<std::string> Claim(const std::string& token, std::shared_ptr<Subscriber> conn);
+
+  // The live connection that claimed token; nullptr when the token is
+  // unknown, unclaimed, or its connection is gone.
+  std::shared_ptr<Subscriber> Find(const std::string& token);
+
+  // Removes token. Only the connection that claimed it calls this (as it
+  // closes), so that a refused claimant cannot unbind the owner.
+  void Forget(const std::string& token);
+
+  // Tokens in the table (issued and not yet pruned, claimed and not forgotten).
+  size_t size();
+
+ private:
+  struct Entry {
+    std::string node;
+    absl::Time expires;  // unclaimed only
+    bool claimed = false;
+    std::weak_ptr<Subscriber> conn;
+  };
+
+  const absl::Duration lifetime_;
+  const std::function<absl::Time()> now_;
+  absl::Mutex mu_;  // guards tokens_
+  std::map<std::string, Entry> tokens_ ABSL_GUARDED_BY(mu_);
+};
+
+}  // namespace svm::transport
+
+#endif  // SVM_DAEMON_TRANSPORT_SESSION_REGISTRY_H_

@@ -1,0 +1,1035 @@
+// The transport seam end to end in one process, one test body for every
+// transport (UCX's uct tests are the model): an exporter transport on
+// 127.0.0.1:0 with a fake ExportBackend and an importer transport with a
+// fake ImportBackend, connected through BeginConnect / PrepareSession /
+// Connect exactly as svmd does over gRPC.
+//
+// Instances: Tcp (hermetic: loopback only; the unit tier everywhere) and
+// Rdma (rxe0 in the VM tier, run by the vm_daemon_rdma_* entries). Every
+// suite gates on the transport as the integration suites do
+// (SVM_GATE_TRANSPORT): rdma skips without an active RDMA port, and fails
+// instead under SVM_EXPECT_RDMA=1; with SVM_TEST_TRANSPORT set only that
+// transport runs. Behaviour only one transport has lives in the suites at
+// the end (tcp's wire format on a raw socket; rdma's one-sided reads).
+#include <sys/mman.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cstring>
+#include <functional>
+#include <future>
+#include <map>
+#include <random>
+#include <thread>
+#include <vector>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/clock.h"
+#include "common/fd.h"
+#include "common/net.h"
+#include "daemon/transport/endpoint_codec.h"
+#include "daemon/transport/frame.h"
+#include "daemon/transport/rdma/rdma_transport.h"
+#include "daemon/transport/transport.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "svm/v1/transport.pb.h"
+#include "tests/integration/harness.h"
+
+namespace svm::source {
+// Readable kinds in failure messages.
+void PrintTo(ChangeKind k, std::ostream* os) { *os << ChangeKindName(k); }
+}  // namespace svm::source
+
+namespace svm::transport {
+namespace {
+
+using source::ChangeKind;
+using source::kPageSize;
+using svm::testing::Scaled;
+
+// The byte every byte of page `page` of export `id` carries.
+uint8_t FillOf(uint64_t id, uint64_t page) { return static_cast<uint8_t>(id * 7 + page * 3 + 1); }
+
+// ------------------------------------------------------------------ fakes
+
+class FakeExportBackend final : public ExportBackend {
+ public:
+  struct Call {
+    uint64_t export_id, first_page;
+    uint32_t npages;
+    bool track;
+  };
+  struct Ack {
+    uint64_t sub, export_id, seq;
+  };
+
+  absl::StatusOr<uint64_t> ServeFetch(uint64_t export_id, uint64_t first_page, uint32_t npages,
+                                      bool track, absl::Span<uint8_t> dst) override {
+    std::function<void()> hook;
+    {
+      absl::MutexLock l(&mu_);
+      calls_.push_back({export_id, first_page, npages, track});
+      hook = std::exchange(hook_, nullptr);
+      if (block_) {
+        ++blocked_;
+        // Bounded so that a broken test cannot hang the suite.
+        mu_.AwaitWithTimeout(absl::Condition(+[](bool* b) { return !*b; }, &block_), absl::Seconds(10));
+      }
+    }
+    if (hook) hook();
+    absl::MutexLock l(&mu_);
+    if (auto it = errors_.find(export_id); it != errors_.end()) return it->second;
+    EXPECT_EQ(dst.size(), npages * kPageSize);
+    for (uint32_t i = 0; i < npages; ++i) {
+      std::memset(dst.data() + i * kPageSize, FillOf(export_id, first_page + i), kPageSize);
+    }
+    return seq_;
+  }
+  void OnAck(uint64_t subscriber_id, uint64_t export_id, uint64_t seq) override {
+    absl::MutexLock l(&mu_);
+    acks_.push_back({subscriber_id, export_id, seq});
+  }
+  void OnSubscriberClosed(uint64_t subscriber_id) override {
+    absl::MutexLock l(&mu_);
+    closed_.push_back(subscriber_id);
+  }
+
+  // ---- test controls
+  void SetSeq(uint64_t s) {
+    absl::MutexLock l(&mu_);
+    seq_ = s;
+  }
+  void FailExport(uint64_t id, absl::Status st) {
+    absl::MutexLock l(&mu_);
+    errors_[id] = std::move(st);
+  }
+  // Runs once, on the connection's thread, inside the next ServeFetch.
+  void OnNextFetch(std::function<void()> hook) {
+    absl::MutexLock l(&mu_);
+    hook_ = std::move(hook);
+  }
+  void Block() {
+    absl::MutexLock l(&mu_);
+    block_ = true;
+  }
+  void Release() {
+    absl::MutexLock l(&mu_);
+    block_ = false;
+  }
+  bool WaitBlocked(int n, absl::Duration timeout = Scaled(absl::Seconds(5))) {
+    absl::MutexLock l(&mu_);
+    auto cond = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return blocked_ >= n; };
+    return mu_.AwaitWithTimeout(absl::Condition(&cond), timeout);
+  }
+  bool WaitAcks(size_t n, absl::Duration timeout = Scaled(absl::Seconds(5))) {
+    absl::MutexLock l(&mu_);
+    auto cond = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return acks_.size() >= n; };
+    return mu_.AwaitWithTimeout(absl::Condition(&cond), timeout);
+  }
+  bool WaitClosed(uint64_t sub, absl::Duration timeout = Scaled(absl::Seconds(5))) {
+    absl::MutexLock l(&mu_);
+    auto cond = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+      return std::find(closed_.begin(), closed_.end(), sub) != closed_.end();
+    };
+    return mu_.AwaitWithTimeout(absl::Condition(&cond), timeout);
+  }
+  bool WaitClosedCount(size_t n, absl::Duration timeout = Scaled(absl::Seconds(5))) {
+    absl::MutexLock l(&mu_);
+    auto cond = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return closed_.size() >= n; };
+    return mu_.AwaitWithTimeout(absl::Condition(&cond), timeout);
+  }
+  std::vector<Call> calls() {
+    absl::MutexLock l(&mu_);
+    return calls_;
+  }
+  std::vector<Ack> acks() {
+    absl::MutexLock l(&mu_);
+    return acks_;
+  }
+  std::vector<uint64_t> closed() {
+    absl::MutexLock l(&mu_);
+    return closed_;
+  }
+
+ private:
+  absl::Mutex mu_;  // guards everything below
+  std::vector<Call> calls_;
+  std::vector<Ack> acks_;
+  std::vector<uint64_t> closed_;
+  std::map<uint64_t, absl::Status> errors_;
+  std::function<void()> hook_;
+  uint64_t seq_ = 0;
+  bool block_ = false;
+  int blocked_ = 0;
+};
+
+class FakeImportBackend final : public ImportBackend {
+ public:
+  void OnInvalidation(PeerChannel* ch, const InvalRecord& r) override {
+    absl::MutexLock l(&mu_);
+    invals_.push_back(r);
+    channels_.push_back(ch);
+    if (block_) {
+      mu_.AwaitWithTimeout(absl::Condition(+[](bool* b) { return !*b; }, &block_), absl::Seconds(10));
+    }
+  }
+  void OnChannelClosed(PeerChannel* ch, const absl::Status& why) override {
+    absl::MutexLock l(&mu_);
+    closed_.push_back({ch, why});
+  }
+
+  void Block() {
+    absl::MutexLock l(&mu_);
+    block_ = true;
+  }
+  void Release() {
+    absl::MutexLock l(&mu_);
+    block_ = false;
+  }
+  bool WaitInvals(size_t n, absl::Duration timeout = Scaled(absl::Seconds(5))) {
+    absl::MutexLock l(&mu_);
+    auto cond = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return invals_.size() >= n; };
+    return mu_.AwaitWithTimeout(absl::Condition(&cond), timeout);
+  }
+  // Why ch was closed; DEADLINE_EXCEEDED when it was not within timeout.
+  absl::StatusOr<absl::Status> WaitClosed(PeerChannel* ch,
+                                          absl::Duration timeout = Scaled(absl::Seconds(5))) {
+    absl::MutexLock l(&mu_);
+    absl::Status why;
+    auto cond = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+      for (auto& c : closed_) {
+        if (c.first == ch) {
+          why = c.second;
+          return true;
+        }
+      }
+      return false;
+    };
+    if (!mu_.AwaitWithTimeout(absl::Condition(&cond), timeout)) {
+      return absl::DeadlineExceededError("not closed");
+    }
+    return why;
+  }
+  std::vector<InvalRecord> invals() {
+    absl::MutexLock l(&mu_);
+    return invals_;
+  }
+  std::vector<PeerChannel*> inval_channels() {
+    absl::MutexLock l(&mu_);
+    return channels_;
+  }
+  std::vector<std::pair<PeerChannel*, absl::Status>> closed() {
+    absl::MutexLock l(&mu_);
+    return closed_;
+  }
+
+ private:
+  absl::Mutex mu_;  // guards everything below
+  std::vector<InvalRecord> invals_;
+  std::vector<PeerChannel*> channels_;
+  std::vector<std::pair<PeerChannel*, absl::Status>> closed_;
+  bool block_ = false;
+};
+
+// ------------------------------------------------------ the transports
+
+struct TransportKind {
+  std::string name;  // Transport::name(), and the instance's name
+  std::function<absl::StatusOr<std::unique_ptr<Transport>>()> create;
+  std::string path_prefix;  // what PeerChannel::path() starts with
+  bool one_sided = false;   // capabilities().one_sided
+  // A well-formed endpoint of some other transport: Connect must refuse it.
+  std::function<std::string()> foreign_endpoint;
+};
+
+// Instances are named by the transport (gtest prints the parameter).
+void PrintTo(const TransportKind& k, std::ostream* os) { *os << k.name; }
+
+const TransportKind kTcp{
+    "tcp",
+    [] { return absl::StatusOr<std::unique_ptr<Transport>>(CreateTcpTransport()); },
+    "tcp",
+    false,
+    [] {
+      v1::RdmaEndpoint e;
+      e.set_qpn(17);
+      e.set_mtu(1024);
+      e.set_gid(std::string(16, '\0'));
+      e.set_liveness_port(1);
+      return PackEndpoint(e);
+    }};
+
+const TransportKind kRdma{
+    "rdma",
+    [] { return CreateRdmaTransport(RdmaOptions{}); },
+    "staged/",  // "staged/odp" or "staged/pinned": the registration of the receive area
+    true,
+    [] {
+      v1::TcpEndpoint e;
+      e.set_port(1);
+      return PackEndpoint(e);
+    }};
+
+// A raw TCP client, for feeding a listener bytes no importer would send.
+UniqueFd RawConnect(uint16_t port) {
+  auto fd = TcpConnect(HostPort{"127.0.0.1", port}, absl::Seconds(2));
+  EXPECT_TRUE(fd.ok()) << fd.status();
+  if (!fd.ok()) return UniqueFd();
+  timeval tv{3, 0};
+  ::setsockopt(fd->get(), SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+  return std::move(*fd);
+}
+
+// Reads until EOF or error: true when the peer closed the connection
+// (EOF or reset) within the socket's receive timeout.
+bool PeerClosed(int fd) {
+  char buf[4096];
+  for (;;) {
+    ssize_t n = ::read(fd, buf, sizeof(buf));
+    if (n == 0) return true;
+    if (n < 0) return errno == ECONNRESET;  // EAGAIN: timed out, still open
+  }
+}
+
+uint16_t PortOf(const std::string& host_port) {
+  uint32_t port = 0;
+  EXPECT_TRUE(absl::SimpleAtoi(host_port.substr(host_port.rfind(':') + 1), &port)) << host_port;
+  return static_cast<uint16_t>(port);
+}
+
+// ---------------------------------------------------------------- fixture
+
+class TransportTest : public ::testing::TestWithParam<TransportKind> {
+ protected:
+  void SetUp() override {
+    SVM_GATE_TRANSPORT(GetParam().name);
+    auto e = GetParam().create();
+    ASSERT_TRUE(e.ok()) << e.status();
+    exporter_ = std::move(*e);
+    ASSERT_EQ(exporter_->name(), GetParam().name);
+    ASSERT_TRUE(exporter_->Start(HostPort{"127.0.0.1", 0}, &exp_).ok());
+    auto i = GetParam().create();
+    ASSERT_TRUE(i.ok()) << i.status();
+    importer_ = std::move(*i);
+  }
+  void TearDown() override {
+    exp_.Release();
+    imp_.Release();
+    channels_.clear();
+    if (exporter_) exporter_->Stop();
+  }
+
+  // The importer's first step and the exporter's answer (SetupData).
+  struct Setup {
+    std::string begin;
+    SessionOffer offer;
+  };
+  absl::StatusOr<Setup> Prepare(const std::string& node) {
+    auto begin = importer_->BeginConnect();
+    if (!begin.ok()) return begin.status();
+    auto offer = exporter_->PrepareSession(node, *begin);
+    if (!offer.ok()) {
+      importer_->AbortConnect(*begin);
+      return offer.status();
+    }
+    return Setup{*std::move(begin), *std::move(offer)};
+  }
+  absl::StatusOr<std::unique_ptr<PeerChannel>> Connect(const SessionOffer& offer, const std::string& begin) {
+    return importer_->Connect("127.0.0.1", offer, &imp_, begin);
+  }
+
+  // Opens a data connection; returns the channel (owned by the fixture)
+  // and the exporter's view of it.
+  PeerChannel* Open(const std::string& node, std::shared_ptr<Subscriber>* sub = nullptr,
+                    std::string* token = nullptr) {
+    auto setup = Prepare(node);
+    EXPECT_TRUE(setup.ok()) << setup.status();
+    if (!setup.ok()) return nullptr;
+    auto ch = Connect(setup->offer, setup->begin);
+    EXPECT_TRUE(ch.ok()) << ch.status();
+    if (!ch.ok()) return nullptr;
+    if (sub) *sub = exporter_->FindSubscriber(setup->offer.token);
+    if (token) *token = setup->offer.token;
+    channels_.push_back(std::move(*ch));
+    return channels_.back().get();
+  }
+
+  static bool PagesAre(const std::vector<uint8_t>& buf, uint64_t id, uint64_t first) {
+    for (size_t i = 0; i < buf.size(); ++i) {
+      const uint8_t want = FillOf(id, first + i / kPageSize);
+      if (buf[i] != want) {
+        ADD_FAILURE() << "byte " << i << " is " << int{buf[i]} << ", want " << int{want};
+        return false;
+      }
+    }
+    return true;
+  }
+
+  absl::StatusOr<uint64_t> Fetch(PeerChannel* ch, uint64_t id, uint64_t first, uint32_t n,
+                                 std::vector<uint8_t>* out = nullptr, bool track = true,
+                                 absl::Duration timeout = Scaled(absl::Seconds(10))) {
+    std::vector<uint8_t> buf(n * kPageSize);
+    auto r = ch->Fetch(id, first, n, track, absl::MakeSpan(buf), timeout);
+    if (out) *out = std::move(buf);
+    return r;
+  }
+
+  // Declaration order is teardown order, reversed: channels and transports
+  // (which call the backends from their threads) go before the backends.
+  FakeExportBackend exp_;
+  FakeImportBackend imp_;
+  std::unique_ptr<Transport> exporter_;
+  std::unique_ptr<Transport> importer_;
+  std::vector<std::unique_ptr<PeerChannel>> channels_;
+};
+
+std::string KindName(const ::testing::TestParamInfo<TransportKind>& info) { return info.param.name; }
+
+// ------------------------------------------------- every transport
+
+TEST_P(TransportTest, ListensOnAnEphemeralPortAndHandsOutOneTimeTokens) {
+  const std::string addr = exporter_->listen_address();
+  EXPECT_THAT(addr, ::testing::StartsWith("127.0.0.1:"));
+  EXPECT_NE(addr, "127.0.0.1:0");
+  auto s = Prepare("n");
+  ASSERT_TRUE(s.ok()) << s.status();
+  EXPECT_FALSE(s->offer.endpoint.empty());
+  EXPECT_GE(s->offer.token.size(), 16u);
+  auto s2 = Prepare("n");
+  ASSERT_TRUE(s2.ok()) << s2.status();
+  EXPECT_NE(s->offer.token, s2->offer.token) << "tokens are one-time";
+}
+
+TEST_P(TransportTest, CapabilitiesAreWhatTheTransportDoes) {
+  EXPECT_EQ(exporter_->capabilities().one_sided, GetParam().one_sided);
+  PeerChannel* ch = Open("n");
+  ASSERT_NE(ch, nullptr);
+  EXPECT_EQ(ch->capabilities().one_sided, GetParam().one_sided);
+  EXPECT_EQ(ch->one_sided(), GetParam().one_sided);
+  if (GetParam().one_sided) return;  // the rdma suite below covers the zero-copy path
+  int x = 0;
+  EXPECT_TRUE(absl::IsUnimplemented(exporter_->RegisterRegion(&x, sizeof(x)).status()));
+  EXPECT_FALSE(ch->SetRegion(1, RemoteRegion{}, 1));
+  std::vector<uint8_t> buf(8);
+  EXPECT_TRUE(absl::IsFailedPrecondition(ch->ReadRegion(1, 0, absl::MakeSpan(buf), absl::Seconds(1))));
+}
+
+TEST_P(TransportTest, FetchReturnsTheBackendsBytesAndSeq) {
+  std::shared_ptr<Subscriber> sub;
+  PeerChannel* ch = Open("importer-1", &sub);
+  ASSERT_NE(ch, nullptr);
+  EXPECT_TRUE(ch->alive());
+  EXPECT_THAT(ch->path(), ::testing::StartsWith(GetParam().path_prefix));
+  ASSERT_NE(sub, nullptr);
+  EXPECT_EQ(sub->node(), "importer-1");
+
+  exp_.SetSeq(42);
+  std::vector<uint8_t> buf;
+  auto seq = Fetch(ch, 9, 3, 2, &buf, /*track=*/true);
+  ASSERT_TRUE(seq.ok()) << seq.status();
+  EXPECT_EQ(*seq, 42u);
+  EXPECT_TRUE(PagesAre(buf, 9, 3));
+
+  exp_.SetSeq(43);
+  seq = Fetch(ch, 9, 0, 1, &buf, /*track=*/false);
+  ASSERT_TRUE(seq.ok()) << seq.status();
+  EXPECT_EQ(*seq, 43u);
+  EXPECT_TRUE(PagesAre(buf, 9, 0));
+
+  auto calls = exp_.calls();
+  ASSERT_EQ(calls.size(), 2u);
+  EXPECT_EQ(calls[0].export_id, 9u);
+  EXPECT_EQ(calls[0].first_page, 3u);
+  EXPECT_EQ(calls[0].npages, 2u);
+  EXPECT_TRUE(calls[0].track);
+  EXPECT_FALSE(calls[1].track) << "track=false must reach the exporter (kFetchNoCache)";
+}
+
+TEST_P(TransportTest, FetchAtEverySizeUpToTheLargest) {
+  PeerChannel* ch = Open("n");
+  ASSERT_NE(ch, nullptr);
+  exp_.SetSeq(42);
+  // 1 page, one rdma slot exactly, one more, and the largest fetch (split
+  // into 4 on the rdma wire, one frame on tcp).
+  for (uint32_t n : {1u, 256u, 257u, kMaxFetchPages}) {
+    std::vector<uint8_t> buf;
+    auto seq = Fetch(ch, 3, 10, n, &buf);
+    ASSERT_TRUE(seq.ok()) << n << ": " << seq.status();
+    EXPECT_EQ(*seq, 42u);
+    EXPECT_TRUE(PagesAre(buf, 3, 10)) << n << " pages";
+  }
+}
+
+TEST_P(TransportTest, ConcurrentFetchesGetTheirOwnReplies) {
+  PeerChannel* ch = Open("n");
+  ASSERT_NE(ch, nullptr);
+  // More threads than rdma has slots, of different sizes.
+  std::atomic<int> bad{0};
+  std::atomic<int> done{0};
+  std::vector<std::thread> ts;
+  for (int t = 0; t < 16; ++t) {
+    ts.emplace_back([&, t] {
+      for (int i = 0; i < 10; ++i) {
+        const uint32_t n = 1 + t % 3;
+        std::vector<uint8_t> buf(n * kPageSize);
+        auto r = ch->Fetch(100 + t, i, n, true, absl::MakeSpan(buf), Scaled(absl::Seconds(20)));
+        ++done;
+        if (!r.ok()) {
+          ++bad;
+          continue;
+        }
+        for (size_t k = 0; k < buf.size(); ++k) {
+          if (buf[k] != FillOf(100 + t, i + k / kPageSize)) {
+            ++bad;
+            break;
+          }
+        }
+      }
+    });
+  }
+  for (auto& t : ts) t.join();
+  EXPECT_EQ(bad.load(), 0);
+  EXPECT_EQ(exp_.calls().size(), static_cast<size_t>(done.load()));
+  EXPECT_EQ(done.load(), 160);
+}
+
+TEST_P(TransportTest, BackendErrorsKeepCodeAndMessage) {
+  PeerChannel* ch = Open("n");
+  ASSERT_NE(ch, nullptr);
+  exp_.FailExport(1, absl::NotFoundError("no such export (it was withdrawn)"));
+  exp_.FailExport(2, absl::OutOfRangeError("pages 9+1 are beyond the export's 4 pages"));
+  exp_.FailExport(3, absl::FailedPreconditionError("export 'x' gone"));
+  exp_.FailExport(4, absl::PermissionDeniedError(""));
+
+  auto r = Fetch(ch, 1, 0, 1);
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(r.status().message(), "no such export (it was withdrawn)");
+  r = Fetch(ch, 2, 9, 1);
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kOutOfRange);
+  EXPECT_EQ(r.status().message(), "pages 9+1 are beyond the export's 4 pages");
+  r = Fetch(ch, 3, 0, 2);
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ(r.status().message(), "export 'x' gone");
+  r = Fetch(ch, 4, 0, 1);
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kPermissionDenied);
+
+  // An error reply is an answer, not a broken connection.
+  EXPECT_TRUE(ch->alive());
+  std::vector<uint8_t> buf;
+  ASSERT_TRUE(Fetch(ch, 5, 0, 1, &buf).ok());
+  EXPECT_TRUE(PagesAre(buf, 5, 0));
+}
+
+TEST_P(TransportTest, AnEmptyFetchIsRefusedByTheExporter) {
+  PeerChannel* ch = Open("n");
+  ASSERT_NE(ch, nullptr);
+  std::vector<uint8_t> none;
+  auto r = ch->Fetch(1, 0, 0, true, absl::MakeSpan(none), Scaled(absl::Seconds(5)));
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument) << r.status();
+  EXPECT_TRUE(exp_.calls().empty()) << "the backend must not see it";
+  EXPECT_TRUE(ch->alive());
+  EXPECT_TRUE(Fetch(ch, 1, 0, 1).ok());
+}
+
+TEST_P(TransportTest, InvalidationsArriveInOrderWithResponsesAndAreAcked) {
+  std::shared_ptr<Subscriber> sub;
+  PeerChannel* ch = Open("n", &sub);
+  ASSERT_NE(ch, nullptr);
+  ASSERT_NE(sub, nullptr);
+
+  // An invalidation queued while a fetch is being served reaches the
+  // importer before that fetch's reply.
+  exp_.OnNextFetch([&] {
+    EXPECT_TRUE(sub->PushInvalidation({7, 2, 3, 5, ChangeKind::kUnmap, 1234}));
+  });
+  ASSERT_TRUE(Fetch(ch, 7, 0, 1).ok());
+  auto inv = imp_.invals();
+  ASSERT_EQ(inv.size(), 1u) << "INVAL queued before FETCH_RESP must be delivered before it";
+  EXPECT_EQ(inv[0].export_id, 7u);
+  EXPECT_EQ(inv[0].first_page, 2u);
+  EXPECT_EQ(inv[0].npages, 3u);
+  EXPECT_EQ(inv[0].seq, 5u);
+  EXPECT_EQ(inv[0].kind, ChangeKind::kUnmap);
+  EXPECT_EQ(inv[0].detected_ns, 1234u);
+  EXPECT_EQ(imp_.inval_channels()[0], ch);
+
+  // Alternating exports: consecutive INVALs of one export may be collapsed
+  // while queued (MergeInvalFrame); these must each arrive.
+  for (uint64_t s = 6; s <= 9; ++s) {
+    ASSERT_TRUE(sub->PushInvalidation({s % 2 ? 8u : 7u, s, 1, s, ChangeKind::kWrite, 0}));
+  }
+  ASSERT_TRUE(imp_.WaitInvals(5));
+  inv = imp_.invals();
+  ASSERT_EQ(inv.size(), 5u);
+  for (size_t i = 0; i < inv.size(); ++i) EXPECT_EQ(inv[i].seq, 5 + i) << "out of order";
+  EXPECT_EQ(inv[1].kind, ChangeKind::kWrite);
+
+  ASSERT_TRUE(exp_.WaitAcks(5));
+  auto acks = exp_.acks();
+  ASSERT_EQ(acks.size(), 5u);
+  for (size_t i = 0; i < acks.size(); ++i) {
+    EXPECT_EQ(acks[i].sub, sub->id());
+    EXPECT_EQ(acks[i].export_id, i == 0 || (5 + i) % 2 == 0 ? 7u : 8u);
+    EXPECT_EQ(acks[i].seq, 5 + i);
+  }
+}
+
+TEST_P(TransportTest, AnInvalidationBurstArrivesInOrderAndIsAcked) {
+  std::shared_ptr<Subscriber> sub;
+  PeerChannel* ch = Open("n", &sub);
+  ASSERT_NE(ch, nullptr);
+  ASSERT_NE(sub, nullptr);
+  for (uint64_t s = 8; s < 40; ++s) {
+    InvalRecord r;
+    r.export_id = 5;
+    r.seq = s;
+    ASSERT_TRUE(sub->PushInvalidation(r));
+  }
+  // The burst may arrive collapsed into fewer INVALs (MergeInvalFrame):
+  // each delivered one is newer than the one before, the last is seq 39,
+  // and the acknowledgements follow in the same order.
+  const absl::Time deadline = absl::Now() + Scaled(absl::Seconds(10));
+  auto last_seq = [](const std::vector<uint64_t>& v) { return v.empty() ? 0 : v.back(); };
+  std::vector<uint64_t> seqs, acks;
+  do {
+    seqs.clear();
+    acks.clear();
+    for (auto& r : imp_.invals()) seqs.push_back(r.seq);
+    for (auto& a : exp_.acks()) acks.push_back(a.seq);
+    if (last_seq(seqs) == 39 && last_seq(acks) == 39) break;
+    absl::SleepFor(absl::Milliseconds(5));
+  } while (absl::Now() < deadline);
+  ASSERT_EQ(last_seq(seqs), 39u);
+  ASSERT_EQ(last_seq(acks), 39u);
+  for (size_t i = 1; i < seqs.size(); ++i) EXPECT_GT(seqs[i], seqs[i - 1]) << "invalidations in order";
+  for (size_t i = 1; i < acks.size(); ++i) EXPECT_GT(acks[i], acks[i - 1]) << "acks in order";
+  std::printf("# 32 invalidations arrived as %zu\n", seqs.size());
+  EXPECT_TRUE(ch->alive());
+}
+
+TEST_P(TransportTest, AckIsSentOnlyAfterTheImporterDroppedThePages) {
+  std::shared_ptr<Subscriber> sub;
+  PeerChannel* ch = Open("n", &sub);
+  ASSERT_NE(ch, nullptr);
+  imp_.Block();
+  ASSERT_TRUE(sub->PushInvalidation({3, 0, 1, 1, ChangeKind::kRemap, 0}));
+  ASSERT_TRUE(imp_.WaitInvals(1));
+  EXPECT_FALSE(exp_.WaitAcks(1, absl::Milliseconds(100)))
+      << "acknowledged while OnInvalidation was still running";
+  imp_.Release();
+  EXPECT_TRUE(exp_.WaitAcks(1));
+}
+
+TEST_P(TransportTest, InvalidationsGoOnlyToTheirConnection) {
+  std::shared_ptr<Subscriber> sub_a, sub_b;
+  PeerChannel* a = Open("a", &sub_a);
+  PeerChannel* b = Open("b", &sub_b);
+  ASSERT_NE(a, nullptr);
+  ASSERT_NE(b, nullptr);
+  ASSERT_NE(sub_a, sub_b);
+  EXPECT_NE(sub_a->id(), sub_b->id());
+  ASSERT_TRUE(sub_b->PushInvalidation({1, 0, 1, 1, ChangeKind::kUnmap, 0}));
+  ASSERT_TRUE(exp_.WaitAcks(1));
+  EXPECT_EQ(exp_.acks()[0].sub, sub_b->id());
+  ASSERT_EQ(imp_.inval_channels().size(), 1u);
+  EXPECT_EQ(imp_.inval_channels()[0], b);
+}
+
+TEST_P(TransportTest, AForgedTokenIsRefused) {
+  auto setup = Prepare("n");
+  ASSERT_TRUE(setup.ok()) << setup.status();
+  SessionOffer bad = setup->offer;
+  bad.token.back() ^= 1;
+  auto ch = Connect(bad, setup->begin);
+  EXPECT_EQ(ch.status().code(), absl::StatusCode::kUnavailable) << ch.status();
+  EXPECT_EQ(exporter_->FindSubscriber(bad.token), nullptr);
+  auto setup2 = Prepare("n");
+  ASSERT_TRUE(setup2.ok()) << setup2.status();
+  SessionOffer empty = setup2->offer;
+  empty.token.clear();
+  ch = Connect(empty, setup2->begin);
+  EXPECT_EQ(ch.status().code(), absl::StatusCode::kUnavailable) << ch.status();
+  EXPECT_EQ(exporter_->FindSubscriber(""), nullptr);
+}
+
+TEST_P(TransportTest, UsedTokenIsRefusedAndTheFirstConnectionKeepsIt) {
+  std::shared_ptr<Subscriber> sub;
+  std::string token;
+  PeerChannel* first = Open("n", &sub, &token);
+  ASSERT_NE(first, nullptr);
+  ASSERT_NE(sub, nullptr);
+
+  auto again = Prepare("n");
+  ASSERT_TRUE(again.ok()) << again.status();
+  again->offer.token = token;
+  auto ch = Connect(again->offer, again->begin);
+  EXPECT_EQ(ch.status().code(), absl::StatusCode::kUnavailable) << ch.status();
+
+  // The refused connection is torn down on the exporter (its
+  // OnSubscriberClosed), and that must not touch the first connection's
+  // session.
+  ASSERT_TRUE(exp_.WaitClosedCount(1));
+  EXPECT_NE(exp_.closed()[0], sub->id()) << "the wrong connection was closed";
+  const absl::Time until = absl::Now() + absl::Milliseconds(100);
+  while (absl::Now() < until) {
+    ASSERT_EQ(exporter_->FindSubscriber(token), sub)
+        << "a refused reuse of a token unbound the connection that owns it";
+    absl::SleepFor(absl::Milliseconds(5));
+  }
+  EXPECT_TRUE(first->alive());
+  EXPECT_TRUE(Fetch(first, 1, 0, 1).ok());
+  ASSERT_TRUE(sub->PushInvalidation({1, 0, 1, 1, ChangeKind::kUnmap, 0}));
+  EXPECT_TRUE(imp_.WaitInvals(1));
+}
+
+TEST_P(TransportTest, TokenOfAClosedConnectionIsRefused) {
+  std::shared_ptr<Subscriber> sub;
+  std::string token;
+  PeerChannel* first = Open("n", &sub, &token);
+  ASSERT_NE(first, nullptr);
+  ASSERT_NE(sub, nullptr);
+  first->Close();
+  ASSERT_TRUE(exp_.WaitClosed(sub->id()));
+  auto again = Prepare("n");
+  ASSERT_TRUE(again.ok()) << again.status();
+  again->offer.token = token;
+  auto ch = Connect(again->offer, again->begin);
+  EXPECT_EQ(ch.status().code(), absl::StatusCode::kUnavailable) << ch.status();
+}
+
+TEST_P(TransportTest, ImporterCloseIsSeenByTheExporter) {
+  std::shared_ptr<Subscriber> sub;
+  std::string token;
+  PeerChannel* ch = Open("n", &sub, &token);
+  ASSERT_NE(ch, nullptr);
+  ASSERT_NE(sub, nullptr);
+  ch->Close();
+  EXPECT_FALSE(ch->alive());
+  EXPECT_EQ(Fetch(ch, 1, 0, 1).status().code(), absl::StatusCode::kUnavailable);
+  ASSERT_TRUE(exp_.WaitClosed(sub->id()));
+  EXPECT_TRUE(imp_.WaitClosed(ch).ok());
+  EXPECT_FALSE(sub->PushInvalidation({1, 0, 1, 1, ChangeKind::kUnmap, 0}));
+  EXPECT_EQ(exporter_->FindSubscriber(token), nullptr);
+}
+
+TEST_P(TransportTest, ExporterCloseFailsPendingFetch) {
+  std::shared_ptr<Subscriber> sub;
+  PeerChannel* ch = Open("n", &sub);
+  ASSERT_NE(ch, nullptr);
+  ASSERT_NE(sub, nullptr);
+  exp_.Block();
+  auto pending = std::async(std::launch::async, [&] {
+    return Fetch(ch, 1, 0, 1, nullptr, true, Scaled(absl::Seconds(10)));
+  });
+  ASSERT_TRUE(exp_.WaitBlocked(1));
+  const absl::Time start = absl::Now();
+  sub->Close();  // e.g. Sync disconnecting an importer that stopped acknowledging
+  ASSERT_EQ(pending.wait_for(absl::ToChronoSeconds(Scaled(absl::Seconds(2)))),
+            std::future_status::ready)
+      << "a pending fetch outlived its connection";
+  auto r = pending.get();
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kUnavailable) << r.status();
+  EXPECT_LT(absl::Now() - start, Scaled(absl::Seconds(2)));
+  auto why = imp_.WaitClosed(ch);
+  ASSERT_TRUE(why.ok()) << why.status();
+  EXPECT_FALSE(why->ok());
+  EXPECT_FALSE(ch->alive());
+  EXPECT_EQ(Fetch(ch, 1, 0, 1).status().code(), absl::StatusCode::kUnavailable);
+  EXPECT_FALSE(sub->PushInvalidation({1, 0, 1, 1, ChangeKind::kUnmap, 0}));
+  exp_.Release();
+  EXPECT_TRUE(exp_.WaitClosed(sub->id()));
+}
+
+TEST_P(TransportTest, ExporterStopFailsPendingFetch) {
+  PeerChannel* ch = Open("n");
+  ASSERT_NE(ch, nullptr);
+  auto later = Prepare("later");  // an offer the importer has not used yet
+  ASSERT_TRUE(later.ok()) << later.status();
+  exp_.Block();
+  auto pending = std::async(std::launch::async, [&] {
+    return Fetch(ch, 1, 0, 1, nullptr, true, Scaled(absl::Seconds(10)));
+  });
+  ASSERT_TRUE(exp_.WaitBlocked(1));
+  // Stop joins the connection threads, one of which is inside the backend:
+  // run it aside and release the backend once the fetch has failed.
+  auto stop = std::async(std::launch::async, [&] { exporter_->Stop(); });
+  ASSERT_EQ(pending.wait_for(absl::ToChronoSeconds(Scaled(absl::Seconds(2)))),
+            std::future_status::ready);
+  EXPECT_EQ(pending.get().status().code(), absl::StatusCode::kUnavailable);
+  EXPECT_TRUE(imp_.WaitClosed(ch).ok());
+  exp_.Release();
+  EXPECT_EQ(stop.wait_for(absl::ToChronoSeconds(Scaled(absl::Seconds(2)))), std::future_status::ready);
+  stop.get();
+  // Nothing serves any more.
+  EXPECT_FALSE(Connect(later->offer, later->begin).ok());
+}
+
+TEST_P(TransportTest, FetchTimesOutWhenTheExporterDoesNotAnswer) {
+  std::shared_ptr<Subscriber> sub;
+  PeerChannel* ch = Open("n", &sub);
+  ASSERT_NE(ch, nullptr);
+  ASSERT_NE(sub, nullptr);
+  exp_.Block();
+  const absl::Duration timeout = absl::Milliseconds(500);
+  const absl::Time start = absl::Now();
+  auto r = Fetch(ch, 1, 0, 1, nullptr, true, timeout);
+  const absl::Duration took = absl::Now() - start;
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kUnavailable) << r.status();
+  EXPECT_GE(took, timeout - absl::Milliseconds(5));
+  EXPECT_LT(took, timeout + Scaled(absl::Milliseconds(500))) << "took " << took;
+  EXPECT_FALSE(ch->alive()) << "a timed-out connection must be closed";
+  auto why = imp_.WaitClosed(ch);
+  ASSERT_TRUE(why.ok()) << why.status();
+  EXPECT_TRUE(absl::IsUnavailable(*why)) << *why;
+  exp_.Release();
+  EXPECT_TRUE(exp_.WaitClosed(sub->id())) << "the exporter learns that the importer gave up";
+}
+
+TEST_P(TransportTest, ConnectWithoutAnEndpointOfThisTransport) {
+  for (const std::string& endpoint : {std::string(), std::string("garbage"),
+                                      GetParam().foreign_endpoint()}) {
+    auto begin = importer_->BeginConnect();
+    ASSERT_TRUE(begin.ok()) << begin.status();
+    auto ch = Connect(SessionOffer{"whatever", endpoint}, *begin);
+    EXPECT_EQ(ch.status().code(), absl::StatusCode::kFailedPrecondition)
+        << ch.status() << " for a " << endpoint.size() << "-byte endpoint";
+  }
+}
+
+TEST_P(TransportTest, DestroyingAChannelNotifiesBothSides) {
+  std::shared_ptr<Subscriber> sub;
+  PeerChannel* ch = Open("n", &sub);
+  ASSERT_NE(ch, nullptr);
+  ASSERT_NE(sub, nullptr);
+  channels_.clear();  // destroys it: joins its threads
+  EXPECT_EQ(imp_.closed().size(), 1u) << "OnChannelClosed must have run before the destructor returned";
+  EXPECT_TRUE(exp_.WaitClosed(sub->id()));
+}
+
+TEST_P(TransportTest, IdleConnectionCostsNoCpu) {
+  PeerChannel* ch = Open("n");
+  ASSERT_NE(ch, nullptr);
+  ASSERT_TRUE(Fetch(ch, 1, 0, 1).ok());
+  rusage a{}, b{};
+  getrusage(RUSAGE_SELF, &a);
+  const absl::Time t0 = absl::Now();
+  absl::SleepFor(absl::Seconds(2));
+  getrusage(RUSAGE_SELF, &b);
+  const absl::Duration wall = absl::Now() - t0;
+  auto cpu = [](const rusage& r) {
+    return absl::DurationFromTimeval(r.ru_utime) + absl::DurationFromTimeval(r.ru_stime);
+  };
+  const absl::Duration used = cpu(b) - cpu(a);
+  std::printf("# idle connection (both sides): %s cpu in %s\n", absl::FormatDuration(used).c_str(),
+              absl::FormatDuration(wall).c_str());
+  EXPECT_LT(used, wall / 10);
+  EXPECT_TRUE(ch->alive());
+}
+
+INSTANTIATE_TEST_SUITE_P(Tcp, TransportTest, ::testing::Values(kTcp), KindName);
+INSTANTIATE_TEST_SUITE_P(Rdma, TransportTest, ::testing::Values(kRdma), KindName);
+
+// ------------------------------------------- tcp only: the raw wire
+
+// The tcp data connection is a byte stream anyone can connect to: what a
+// client that is not an importer sends must not hurt the exporter.
+using TcpWireTest = TransportTest;
+
+std::vector<uint8_t> RawFrame(FrameType t, const void* payload, size_t len) {
+  return MakeFrame(t, 0, payload, len);
+}
+
+TEST_P(TcpWireTest, TheOfferedEndpointIsTheListener) {
+  auto s = Prepare("n");
+  ASSERT_TRUE(s.ok()) << s.status();
+  v1::TcpEndpoint e;
+  ASSERT_TRUE(UnpackEndpoint(s->offer.endpoint, &e));
+  EXPECT_EQ(exporter_->listen_address(), absl::StrCat("127.0.0.1:", e.port()));
+}
+
+TEST_P(TcpWireTest, FetchBeyondTheLargestIsRefusedByTheExporter) {
+  PeerChannel* ch = Open("n");
+  ASSERT_NE(ch, nullptr);
+  auto r = Fetch(ch, 1, 0, kMaxFetchPages + 1);
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_TRUE(exp_.calls().empty()) << "the backend must not see it";
+  EXPECT_TRUE(ch->alive());
+  EXPECT_TRUE(Fetch(ch, 1, 0, 1).ok());
+}
+
+TEST_P(TcpWireTest, RefusedTokensAreNotBurned) {
+  auto setup = Prepare("n");
+  ASSERT_TRUE(setup.ok());
+  SessionOffer bad = setup->offer;
+  bad.token.back() ^= 1;
+  EXPECT_EQ(Connect(bad, "").status().code(), absl::StatusCode::kUnavailable);
+  bad.token.clear();
+  EXPECT_EQ(Connect(bad, "").status().code(), absl::StatusCode::kUnavailable);
+  // The refusals did not burn the real token.
+  auto ch = Connect(setup->offer, setup->begin);
+  ASSERT_TRUE(ch.ok()) << ch.status();
+  EXPECT_TRUE(Fetch(ch->get(), 1, 0, 1).ok());
+  channels_.push_back(std::move(*ch));
+}
+
+TEST_P(TcpWireTest, FirstFrameOtherThanHelloDoesNotBurnTheToken) {
+  auto setup = Prepare("n");
+  ASSERT_TRUE(setup.ok());
+  // A client that sends the right token in a FETCH frame is refused...
+  UniqueFd raw = RawConnect(PortOf(exporter_->listen_address()));
+  const std::string& tok = setup->offer.token;
+  auto f = RawFrame(FrameType::kFetch, tok.data(), tok.size());
+  ASSERT_TRUE(WriteFull(raw.get(), f.data(), f.size()).ok());
+  EXPECT_TRUE(PeerClosed(raw.get()));
+  ASSERT_TRUE(exp_.WaitClosedCount(1));
+  // ... and the importer the token was made for can still use it.
+  auto ch = Connect(setup->offer, setup->begin);
+  ASSERT_TRUE(ch.ok()) << ch.status();
+  channels_.push_back(std::move(*ch));
+}
+
+TEST_P(TcpWireTest, GarbageClosesOnlyThatConnection) {
+  PeerChannel* good = Open("good");
+  ASSERT_NE(good, nullptr);
+
+  UniqueFd raw = RawConnect(PortOf(exporter_->listen_address()));
+  std::mt19937 rng(12345);
+  std::vector<uint8_t> junk(256);
+  for (auto& b : junk) b = static_cast<uint8_t>(rng());
+  junk[0] = 0;  // never "SVMD"
+  ASSERT_TRUE(WriteFull(raw.get(), junk.data(), junk.size()).ok());
+  EXPECT_TRUE(PeerClosed(raw.get())) << "the exporter kept a connection that sent garbage";
+  ASSERT_TRUE(exp_.WaitClosedCount(1));
+
+  EXPECT_TRUE(good->alive());
+  std::vector<uint8_t> buf;
+  ASSERT_TRUE(Fetch(good, 3, 1, 1, &buf).ok());
+  EXPECT_TRUE(PagesAre(buf, 3, 1));
+  EXPECT_NE(Open("later"), nullptr) << "the listener stopped accepting";
+}
+
+TEST_P(TcpWireTest, GarbageAfterHelloClosesTheConnection) {
+  auto setup = Prepare("raw");
+  ASSERT_TRUE(setup.ok());
+  UniqueFd raw = RawConnect(PortOf(exporter_->listen_address()));
+  const std::string& tok = setup->offer.token;
+  auto hello = RawFrame(FrameType::kHello, tok.data(), tok.size());
+  ASSERT_TRUE(WriteFull(raw.get(), hello.data(), hello.size()).ok());
+  FrameHeader h;
+  ASSERT_TRUE(ReadFull(raw.get(), &h, sizeof(h)).ok());
+  ASSERT_EQ(h.type, static_cast<uint8_t>(FrameType::kHello));
+  auto sub = exporter_->FindSubscriber(tok);
+  ASSERT_NE(sub, nullptr);
+
+  // A header announcing more than kMaxPayload: dropped without reading it.
+  FrameHeader big;
+  big.type = static_cast<uint8_t>(FrameType::kFetch);
+  big.payload_len = kMaxPayload + 1;
+  ASSERT_TRUE(WriteFull(raw.get(), &big, sizeof(big)).ok());
+  EXPECT_TRUE(PeerClosed(raw.get()));
+  EXPECT_TRUE(exp_.WaitClosed(sub->id()));
+  EXPECT_FALSE(sub->PushInvalidation({1, 0, 1, 1, ChangeKind::kUnmap, 0}))
+      << "PushInvalidation must report a closed connection";
+  EXPECT_TRUE(exp_.calls().empty());
+}
+
+TEST_P(TcpWireTest, MalformedFetchClosesTheConnection) {
+  auto setup = Prepare("raw");
+  ASSERT_TRUE(setup.ok());
+  UniqueFd raw = RawConnect(PortOf(exporter_->listen_address()));
+  const std::string& tok = setup->offer.token;
+  auto hello = RawFrame(FrameType::kHello, tok.data(), tok.size());
+  ASSERT_TRUE(WriteFull(raw.get(), hello.data(), hello.size()).ok());
+  FrameHeader h;
+  ASSERT_TRUE(ReadFull(raw.get(), &h, sizeof(h)).ok());
+  uint8_t short_fetch[10] = {};
+  auto f = RawFrame(FrameType::kFetch, short_fetch, sizeof(short_fetch));
+  ASSERT_TRUE(WriteFull(raw.get(), f.data(), f.size()).ok());
+  EXPECT_TRUE(PeerClosed(raw.get()));
+  EXPECT_TRUE(exp_.calls().empty());
+}
+
+INSTANTIATE_TEST_SUITE_P(Tcp, TcpWireTest, ::testing::Values(kTcp), KindName);
+
+// ------------------------------------- rdma only: queue pairs, zero copy
+
+using RdmaOnlyTest = TransportTest;
+
+TEST_P(RdmaOnlyTest, TokensAndEndpointsAreCheckedAndOneTime) {
+  auto setup = Prepare("n");
+  ASSERT_TRUE(setup.ok()) << setup.status();
+  // A token of another session: the exporter refuses the HELLO on this
+  // session's queue pair.
+  auto other = Prepare("n");
+  ASSERT_TRUE(other.ok()) << other.status();
+  SessionOffer forged = setup->offer;
+  forged.token = other->offer.token;
+  auto ch = Connect(forged, setup->begin);
+  EXPECT_TRUE(absl::IsUnavailable(ch.status())) << ch.status();
+  // The importer's endpoint is checked by the exporter...
+  EXPECT_FALSE(exporter_->PrepareSession("n", "").ok());
+  EXPECT_FALSE(exporter_->PrepareSession("n", "garbage").ok());
+  EXPECT_FALSE(exporter_->PrepareSession("n", kRdma.foreign_endpoint()).ok());
+  // ... and a Connect needs the BeginConnect its offer was made for.
+  auto unknown = Connect(other->offer, "not begun");
+  EXPECT_TRUE(absl::IsFailedPrecondition(unknown.status())) << unknown.status();
+}
+
+// Zero-copy: a region registered by the exporter is read by the importer
+// with one-sided READs (no exporter backend call), byte-exact at unaligned
+// offsets and across several slots; a non-write invalidation drops it
+// before it is delivered, and a region described before that invalidation
+// is refused.
+TEST_P(RdmaOnlyTest, RegisteredRegionIsReadOneSidedAndDroppedByInvalidations) {
+  std::shared_ptr<Subscriber> sub;
+  PeerChannel* ch = Open("zc", &sub);
+  ASSERT_NE(ch, nullptr);
+  ASSERT_NE(sub, nullptr);
+  constexpr size_t kLen = 3 * 1024 * 1024 + 5 * kPageSize;  // > 3 slots
+  void* mem = mmap(nullptr, kLen, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+  ASSERT_NE(mem, MAP_FAILED);
+  auto* bytes = static_cast<uint8_t*>(mem);
+  for (size_t i = 0; i < kLen; ++i) bytes[i] = static_cast<uint8_t>(i * 31 + i / 4093);
+  auto region = exporter_->RegisterRegion(mem, kLen);
+  ASSERT_TRUE(region.ok()) << region.status();
+  RemoteRegion r = (*region)->remote();
+  r.len = kLen;
+  std::vector<uint8_t> buf(kLen);
+  EXPECT_TRUE(absl::IsFailedPrecondition(ch->ReadRegion(7, 0, absl::MakeSpan(buf), absl::Seconds(5))));
+  ASSERT_TRUE(ch->SetRegion(7, r, /*seq=*/3));
+  const size_t fetches = exp_.calls().size();
+  for (auto [off, len] : std::vector<std::pair<size_t, size_t>>{
+           {0, kLen}, {100, 1}, {4095, 2}, {12345, 2 * 1024 * 1024 + 777}, {kLen - 9, 9}}) {
+    std::vector<uint8_t> got(len);
+    ASSERT_TRUE(ch->ReadRegion(7, off, absl::MakeSpan(got), Scaled(absl::Seconds(10))).ok()) << off;
+    ASSERT_EQ(std::memcmp(got.data(), bytes + off, len), 0) << "offset " << off << " length " << len;
+  }
+  EXPECT_EQ(exp_.calls().size(), fetches) << "a zero-copy read reached the exporter's backend";
+  std::vector<uint8_t> past(10);
+  EXPECT_TRUE(absl::IsOutOfRange(ch->ReadRegion(7, kLen - 5, absl::MakeSpan(past), absl::Seconds(5))));
+
+  // A write keeps the region; anything else drops it before delivery.
+  ASSERT_TRUE(sub->PushInvalidation(InvalRecord{7, 0, 1, 4, source::ChangeKind::kWrite, 0}));
+  ASSERT_TRUE(imp_.WaitInvals(1));
+  EXPECT_TRUE(ch->ReadRegion(7, 0, absl::MakeSpan(past), absl::Seconds(5)).ok());
+  ASSERT_TRUE(sub->PushInvalidation(InvalRecord{7, 0, 1, 5, source::ChangeKind::kUnmap, 0}));
+  ASSERT_TRUE(imp_.WaitInvals(2));
+  EXPECT_TRUE(absl::IsFailedPrecondition(ch->ReadRegion(7, 0, absl::MakeSpan(past), absl::Seconds(5))));
+  EXPECT_FALSE(ch->SetRegion(7, r, /*seq=*/4)) << "a region older than the drop was accepted";
+  EXPECT_TRUE(ch->SetRegion(7, r, /*seq=*/5));
+  EXPECT_TRUE(ch->ReadRegion(7, 0, absl::MakeSpan(past), absl::Seconds(5)).ok());
+  region->reset();
+  munmap(mem, kLen);
+}
+
+INSTANTIATE_TEST_SUITE_P(Rdma, RdmaOnlyTest, ::testing::Values(kRdma), KindName);
+
+}  // namespace
+}  // namespace svm::transport
