@@ -20,7 +20,8 @@ using source::kPageSize;
 
 namespace {
 
-constexpr uint32_t kProtocolVersion = 1;
+// 2: SetupDataResponse carries one opaque transport endpoint (field 4).
+constexpr uint32_t kProtocolVersion = 2;
 
 absl::Status FromGrpc(const grpc::Status& s, absl::string_view what) {
   if (s.ok()) return absl::OkStatus();

@@ -9,7 +9,8 @@
 namespace svm::service {
 namespace {
 
-constexpr uint32_t kProtocolVersion = 1;
+// 2: SetupDataResponse carries one opaque transport endpoint (field 4).
+constexpr uint32_t kProtocolVersion = 2;
 
 class PeerService final : public v1::Peer::CallbackService {
  public:

@@ -1,34 +1,13 @@
 #include "daemon/transport/session_registry.h"
 
-#include <sys/random.h>
-
-#include <cerrno>
-
-#include "common/fd.h"
+#include "common/random.h"
 
 namespace svm::transport {
-namespace {
-
-absl::StatusOr<std::string> RandomToken(size_t n) {
-  std::string token(n, '\0');
-  size_t got = 0;
-  while (got < n) {
-    ssize_t r = ::getrandom(token.data() + got, n - got, 0);
-    if (r < 0) {
-      if (errno == EINTR) continue;
-      return ErrnoStatus(errno, "getrandom for a session token");
-    }
-    got += static_cast<size_t>(r);
-  }
-  return token;
-}
-
-}  // namespace
 
 absl::StatusOr<std::string> SessionRegistry::Issue(const std::string& node) {
   for (;;) {
-    auto token = RandomToken(kTokenBytes);
-    if (!token.ok()) return token.status();
+    std::string token(kTokenBytes, '\0');
+    RandomBytes(token.data(), token.size());
     absl::MutexLock l(&mu_);
     const absl::Time now = now_();
     for (auto it = tokens_.begin(); it != tokens_.end();) {
@@ -38,9 +17,9 @@ absl::StatusOr<std::string> SessionRegistry::Issue(const std::string& node) {
         ++it;
       }
     }
-    if (tokens_.contains(*token)) continue;  // 2^-128: draw again rather than alias a session
-    tokens_.emplace(*token, Entry{node, now + lifetime_, false, {}});
-    return *token;
+    if (tokens_.contains(token)) continue;  // 2^-128: draw again rather than alias a session
+    tokens_.emplace(token, Entry{node, now + lifetime_, false, {}});
+    return token;
   }
 }
 

@@ -1044,16 +1044,16 @@ class FakeRegion final : public transport::RegisteredRegion {
 
 class FakeZeroCopyTransport final : public transport::Transport {
  public:
-  explicit FakeZeroCopyTransport(bool odp) : odp_(odp) {}
+  explicit FakeZeroCopyTransport(bool odp) : Transport(transport::Capabilities{.one_sided = true}), odp_(odp) {}
   const char* name() const override { return "fake-rdma"; }
   absl::Status Start(const HostPort&, transport::ExportBackend*) override { return absl::OkStatus(); }
   std::string listen_address() const override { return ""; }
-  absl::StatusOr<v1::SetupDataResponse> PrepareSession(const std::string&, const std::string&) override {
+  absl::StatusOr<transport::SessionOffer> PrepareSession(const std::string&, const std::string&) override {
     return absl::UnimplementedError("fake");
   }
   std::shared_ptr<transport::Subscriber> FindSubscriber(const std::string&) override { return nullptr; }
   absl::StatusOr<std::unique_ptr<transport::PeerChannel>> Connect(const std::string&,
-                                                                  const v1::SetupDataResponse&,
+                                                                  const transport::SessionOffer&,
                                                                   transport::ImportBackend*,
                                                                   const std::string&) override {
     return absl::UnimplementedError("fake");

@@ -14,13 +14,13 @@
 #include <cstring>
 #include <fstream>
 #include <functional>
-#include <random>
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "common/log.h"
+#include "common/random.h"
 
 namespace svm::transport::rdma {
 namespace {
@@ -626,7 +626,7 @@ absl::StatusOr<std::unique_ptr<Qp>> Qp::Create(const Device& device, ibv_pd* pd,
   }
   Endpoint& l = qp->local_;
   l.qpn = qp->qp_->qp_num;
-  l.psn = std::random_device()() & 0xffffff;
+  l.psn = static_cast<uint32_t>(RandomU64() & 0xffffff);
   std::memcpy(l.gid.data(), device.gid().raw, 16);
   l.gid_index = device.gid_index();
   l.mtu = MtuBytes(device.active_mtu());
