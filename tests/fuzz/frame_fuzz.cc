@@ -1,17 +1,36 @@
-// libFuzzer target: the data connection's frame header validation and the
-// merging of queued INVAL frames, on bytes as a peer would send them.
+// libFuzzer target: the data connection's stream decoder (ReadFrame), frame
+// header validation, error replies and the merging of queued INVAL frames,
+// on bytes as a peer would send them.
 #include <cstddef>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <vector>
 
+#include <unistd.h>
+
 #include "daemon/transport/frame.h"
 
 using svm::transport::FrameHeader;
 using svm::transport::InvalPayload;
 
+// The stream decoder: every frame ReadFrame accepts from these bytes is
+// whole and within its limit; it ends on an error, never a hang or a crash.
+static void DecodeStream(const uint8_t* data, size_t size) {
+  int p[2];
+  if (size > 60000 || ::pipe(p) != 0) return;
+  if (::write(p[1], data, size) != static_cast<ssize_t>(size)) std::abort();
+  ::close(p[1]);
+  FrameHeader h;
+  std::vector<uint8_t> payload;
+  while (svm::transport::ReadFrame(p[0], &h, &payload, 8192).ok()) {
+    if (payload.size() != h.payload_len || h.payload_len > 8192) std::abort();
+  }
+  ::close(p[0]);
+}
+
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
+  DecodeStream(data, size);
   if (size < sizeof(FrameHeader)) return 0;
   FrameHeader h;
   std::memcpy(&h, data, sizeof(h));
@@ -26,5 +45,14 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   const size_t before = queued.size();
   (void)svm::transport::MergeInvalFrame(queued, next);
   if (queued.size() != before) std::abort();
+  // A FETCH_RESP error reply as a peer sends it: fixed part, then message.
+  if (size >= sizeof(FrameHeader) + sizeof(svm::transport::FetchRespPayload)) {
+    svm::transport::FetchRespPayload r;
+    std::memcpy(&r, data + sizeof(FrameHeader), sizeof(r));
+    const size_t tail = size - sizeof(FrameHeader) - sizeof(r);
+    (void)svm::transport::FetchErrorStatus(
+        r, absl::string_view(reinterpret_cast<const char*>(data) + sizeof(FrameHeader) + sizeof(r), tail));
+    (void)svm::transport::FromInvalPayload(next);
+  }
   return 0;
 }
