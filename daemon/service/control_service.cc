@@ -2,7 +2,6 @@
 // wait (on the network, on acknowledgements, on the kernel) runs on the
 // daemon's executor and finishes the reactor from there.
 #include <deque>
-#include <regex>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
@@ -20,8 +19,15 @@ constexpr uint64_t kMaxReadBytes = 64ull << 20;
 constexpr size_t kMaxWatchQueue = 4096;
 
 absl::Status ValidateName(const std::string& name) {
-  static const std::regex kName("[A-Za-z0-9][A-Za-z0-9._-]{0,127}");
-  if (!std::regex_match(name, kName)) {
+  // 1 to 128 of [A-Za-z0-9._-], starting with a letter or digit.
+  auto alnum = [](char c) {
+    return (c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9');
+  };
+  bool ok = !name.empty() && name.size() <= 128 && alnum(name[0]);
+  for (size_t i = 1; ok && i < name.size(); ++i) {
+    ok = alnum(name[i]) || name[i] == '.' || name[i] == '_' || name[i] == '-';
+  }
+  if (!ok) {
     return absl::InvalidArgumentError(absl::StrCat(
         "bad name '", name, "': 1 to 128 of [A-Za-z0-9._-], starting with a letter or digit"));
   }

@@ -528,12 +528,20 @@ TEST_P(TwoNodes, BadExportRequestsAreRejectedAndChangeNothing) {
       {"no such pid", "x7", 0x3ffffff, a, kPage, absl::StatusCode::kNotFound},
       {"duplicate name", "good", pid, a, kPage, absl::StatusCode::kAlreadyExists},
       {"bad name", "a b/c", pid, a, kPage, absl::StatusCode::kInvalidArgument},
+      {"empty name", "", pid, a, kPage, absl::StatusCode::kInvalidArgument},
+      {"name starting with a dot", ".x", pid, a, kPage, absl::StatusCode::kInvalidArgument},
+      {"129-character name", std::string(129, 'n'), pid, a, kPage, absl::StatusCode::kInvalidArgument},
+      {"name with a NUL", std::string("x\0y", 3), pid, a, kPage, absl::StatusCode::kInvalidArgument},
       {"negative pid", "x8", -5, a, kPage, absl::StatusCode::kInvalidArgument},
   };
   for (const auto& c : cases) {
     auto r = ca_->ExportPid(c.name, c.pid, c.addr, c.len);
     EXPECT_EQ(r.status().code(), c.want) << c.what << ": " << r.status();
   }
+  // The longest name, with every allowed character, is accepted.
+  const std::string longest = "A-z_0." + std::string(122, 'n');
+  ASSERT_TRUE(ca_->ExportPid(longest, pid, a, kPage).ok());
+  ASSERT_TRUE(ca_->Unexport(longest).ok());
   auto list = ca_->ListExports();
   ASSERT_TRUE(list.ok());
   ASSERT_EQ(list->size(), 1u);
