@@ -10,14 +10,15 @@
 #include "absl/base/thread_annotations.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "absl/synchronization/mutex.h"
+#include "client/session.h"
 #include "svm/v1/control.grpc.pb.h"
 
 namespace svm {
 namespace {
 
-// The daemon refuses larger single reads; Read splits.
-constexpr uint64_t kMaxReadChunk = 64ull << 20;
+constexpr uint64_t kPageSize = session::abi::kPageSize;
 
 absl::Status FromGrpc(const grpc::Status& s) {
   if (s.ok()) return absl::OkStatus();
@@ -87,6 +88,13 @@ class GrpcClient final : public Client {
  public:
   explicit GrpcClient(std::shared_ptr<grpc::Channel> ch) : stub_(v1::Control::NewStub(ch)) {}
 
+  absl::Status OpenSession(const std::string& path) {
+    auto s = internal::Session::Connect(path);
+    if (!s.ok()) return s.status();
+    session_ = std::move(*s);
+    return absl::OkStatus();
+  }
+
   absl::StatusOr<v1::ExportInfo> Export(const std::string& name, const void* addr,
                                         size_t len) override {
     return ExportPid(name, 0, reinterpret_cast<uint64_t>(addr), len);
@@ -141,27 +149,98 @@ class GrpcClient final : public Client {
 
   absl::StatusOr<ReadResult> Read(const std::string& name, uint64_t offset, absl::Span<uint8_t> dst,
                                   ReadOptions opts) override {
-    ReadResult total;
-    total.seq = UINT64_MAX;
-    uint64_t done = 0;
-    do {
-      const uint64_t n = std::min<uint64_t>(dst.size() - done, kMaxReadChunk);
-      v1::ReadRequest req;
-      req.set_name(name);
-      req.set_offset(offset + done);
-      req.set_len(n);
-      req.set_dest_addr(reinterpret_cast<uint64_t>(dst.data() + done));
-      req.set_fresh(opts.fresh);
-      v1::ReadResponse resp;
-      grpc::ClientContext ctx;
-      if (auto st = FromGrpc(stub_->Read(&ctx, req, &resp)); !st.ok()) return st;
-      total.len += resp.len();
-      total.seq = std::min(total.seq, resp.seq());
-      total.pages_from_cache += resp.pages_from_cache();
-      total.pages_fetched += resp.pages_fetched();
-      done += n;
-    } while (done < dst.size());
-    return total;
+    ReadOp op{name, offset, dst, opts};
+    return std::move(ReadV(absl::MakeConstSpan(&op, 1))[0]);
+  }
+
+  std::vector<absl::StatusOr<ReadResult>> ReadV(absl::Span<const ReadOp> ops) override {
+    std::vector<absl::StatusOr<ReadResult>> out;
+    std::vector<ReadResult> res(ops.size());
+    std::vector<absl::Status> err(ops.size());
+    std::vector<internal::Session::Op> ring;
+    std::vector<size_t> owner;  // ring op -> op
+    const uint64_t chunk = session_->chunk();
+    for (size_t i = 0; i < ops.size(); ++i) {
+      const ReadOp& op = ops[i];
+      auto v = session_->Open(op.name);
+      if (!v.ok()) {
+        err[i] = v.status();
+        continue;
+      }
+      const uint64_t len = op.dst.size();
+      if (len == 0) {
+        err[i] = absl::InvalidArgumentError("len must be > 0");
+        continue;
+      }
+      if (op.offset > (*v)->len || len > (*v)->len - op.offset) {
+        err[i] = absl::OutOfRangeError(absl::StrFormat(
+            "read of %u bytes at offset %u is past the end of '%s' (%u bytes)", len, op.offset,
+            op.name, (*v)->len));
+        continue;
+      }
+      res[i].len = len;
+      res[i].seq = UINT64_MAX;
+      const uint64_t end = op.offset + len;
+      // Byte ranges [first, last) that must come from svmd.
+      std::vector<std::pair<uint64_t, uint64_t>> missing;
+      const internal::View& view = **v;
+      if (view.kind == session::abi::kImport && !op.opts.fresh) {
+        const uint64_t seq = view.header->seq.load(std::memory_order_acquire);
+        bool hit = false;
+        for (uint64_t p = op.offset / kPageSize; p * kPageSize < end; ++p) {
+          const uint64_t a = std::max(op.offset, p * kPageSize);
+          const uint64_t b = std::min(end, (p + 1) * kPageSize);
+          uint64_t version;
+          if (session::abi::TryCopyPage(&view.words[p], view.data + a, op.dst.data() + (a - op.offset),
+                                        b - a, &version)) {
+            ++res[i].pages_from_cache;
+            hit = true;
+          } else if (!missing.empty() && missing.back().second == a) {
+            missing.back().second = b;
+          } else {
+            missing.emplace_back(a, b);
+          }
+        }
+        if (hit) res[i].seq = seq;
+      } else {
+        missing.emplace_back(op.offset, end);
+      }
+      for (auto [a, b] : missing) {
+        for (uint64_t o = a; o < b; o += chunk) {
+          internal::Session::Op r;
+          r.handle = view.handle;
+          r.offset = o;
+          r.len = std::min(chunk, b - o);
+          r.fresh = op.opts.fresh;
+          r.dst = op.dst.data() + (o - op.offset);
+          ring.push_back(r);
+          owner.push_back(i);
+        }
+      }
+    }
+    if (!ring.empty()) {
+      auto results = session_->Run(ring);
+      for (size_t k = 0; k < results.size(); ++k) {
+        ReadResult& r = res[owner[k]];
+        if (!results[k].status.ok()) {
+          if (err[owner[k]].ok()) err[owner[k]] = results[k].status;
+          continue;
+        }
+        r.seq = std::min(r.seq, results[k].seq);
+        r.pages_from_cache += results[k].pages_from_cache;
+        r.pages_fetched += results[k].pages_fetched;
+      }
+    }
+    out.reserve(ops.size());
+    for (size_t i = 0; i < ops.size(); ++i) {
+      if (!err[i].ok()) {
+        out.emplace_back(err[i]);
+        continue;
+      }
+      if (res[i].seq == UINT64_MAX) res[i].seq = 0;
+      out.emplace_back(res[i]);
+    }
+    return out;
   }
 
   absl::StatusOr<std::unique_ptr<WatchStream>> Watch(const std::string& name) override {
@@ -188,6 +267,7 @@ class GrpcClient final : public Client {
 
  private:
   std::unique_ptr<v1::Control::Stub> stub_;
+  std::unique_ptr<internal::Session> session_;
 };
 
 }  // namespace
@@ -205,6 +285,13 @@ absl::StatusOr<std::unique_ptr<Client>> Client::Connect(const std::string& targe
   if (!status.ok()) return status.status();
   // Let the daemon read (exports) and write (Read buffers) this process's
   // memory even under Yama's restricted ptrace scope.
+  if (status->session_socket().empty()) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("svmd at ", target, " offers no session socket (it is older than this libsvm)"));
+  }
+  if (auto st = client->OpenSession(status->session_socket()); !st.ok()) return st;
+  // Let the daemon read this process's memory (its exports) even under
+  // Yama's restricted ptrace scope.
   if (status->pid() > 0) ::prctl(PR_SET_PTRACER, static_cast<unsigned long>(status->pid()), 0, 0, 0);
   return std::unique_ptr<Client>(std::move(client));
 }

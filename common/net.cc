@@ -96,14 +96,14 @@ absl::StatusOr<uint16_t> LocalPort(int fd) {
   return absl::InvalidArgumentError("not an inet socket");
 }
 
-absl::StatusOr<UniqueFd> UnixListen(const std::string& path, mode_t mode, int backlog) {
+absl::StatusOr<UniqueFd> UnixListen(const std::string& path, mode_t mode, int backlog, int type) {
   sockaddr_un sun{};
   sun.sun_family = AF_UNIX;
   if (path.size() >= sizeof(sun.sun_path)) {
     return absl::InvalidArgumentError(absl::StrCat("unix socket path too long: ", path));
   }
   std::memcpy(sun.sun_path, path.c_str(), path.size() + 1);
-  UniqueFd fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  UniqueFd fd(::socket(AF_UNIX, type | SOCK_CLOEXEC, 0));
   if (!fd.valid()) return ErrnoStatus(errno, "socket");
   struct stat st{};
   if (::lstat(path.c_str(), &st) == 0) {
@@ -111,7 +111,7 @@ absl::StatusOr<UniqueFd> UnixListen(const std::string& path, mode_t mode, int ba
       return absl::FailedPreconditionError(absl::StrCat(path, " exists and is not a socket"));
     }
     // Refuse to steal the socket of a daemon that is still running.
-    UniqueFd probe(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
+    UniqueFd probe(::socket(AF_UNIX, type | SOCK_CLOEXEC, 0));
     if (::connect(probe.get(), reinterpret_cast<sockaddr*>(&sun), sizeof(sun)) == 0) {
       return absl::AlreadyExistsError(absl::StrCat("another daemon is listening on ", path));
     }

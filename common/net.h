@@ -3,6 +3,7 @@
 #ifndef SVM_COMMON_NET_H_
 #define SVM_COMMON_NET_H_
 
+#include <sys/socket.h>
 #include <sys/types.h>
 
 #include <cstdint>
@@ -22,7 +23,9 @@ absl::StatusOr<UniqueFd> TcpConnect(const HostPort& addr, absl::Duration timeout
 // The local port a socket is bound to.
 absl::StatusOr<uint16_t> LocalPort(int fd);
 // Listening unix stream socket; an existing stale socket file is replaced.
-absl::StatusOr<UniqueFd> UnixListen(const std::string& path, mode_t mode, int backlog = 64);
+// type: SOCK_STREAM or SOCK_SEQPACKET.
+absl::StatusOr<UniqueFd> UnixListen(const std::string& path, mode_t mode, int backlog = 64,
+                                    int type = SOCK_STREAM);
 
 struct PeerCred {
   pid_t pid = 0;

@@ -10,7 +10,7 @@ namespace svm::core {
 absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Create(DaemonOptions opts) {
   std::unique_ptr<Daemon> d(new Daemon(std::move(opts)));
   const DaemonOptions& o = d->opts_;
-  d->cache_ = std::make_unique<PageCache>(o.cache_bytes / source::kPageSize);
+  d->cache_ = std::make_unique<session::SharedCache>(o.cache_bytes / source::kPageSize);
   source::SourceOptions so;
   so.poll_interval = o.poll_interval;
   auto src = source::CreateMirrorSource(o.source, so);

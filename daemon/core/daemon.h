@@ -18,8 +18,8 @@
 #include "daemon/core/counters.h"
 #include "daemon/core/export_table.h"
 #include "daemon/core/import_table.h"
-#include "daemon/core/page_cache.h"
 #include "daemon/core/watch_hub.h"
+#include "daemon/session/shared_cache.h"
 #include "daemon/source/mirror_source.h"
 #include "daemon/transport/transport.h"
 
@@ -77,7 +77,7 @@ class Daemon {
   // then the tables, then the transport, the source and the cache.
   Counters counters_;
   WatchHub hub_;
-  std::unique_ptr<PageCache> cache_;
+  std::unique_ptr<session::SharedCache> cache_;
   std::unique_ptr<source::MirrorSource> source_;
   std::unique_ptr<transport::Transport> rdma_;
   std::unique_ptr<transport::Transport> tcp_;

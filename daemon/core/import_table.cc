@@ -122,7 +122,7 @@ transport::RemoteRegion RegionOf(const v1::ExportDescriptor& d) {
 }  // namespace
 
 ImportTable::ImportTable(std::vector<transport::Transport*> transports, WatchHub* hub,
-                         PageCache* cache, Counters* counters, ImportOptions opts)
+                         session::SharedCache* cache, Counters* counters, ImportOptions opts)
     : transports_(std::move(transports)),
       hub_(hub),
       cache_(cache),
@@ -360,7 +360,7 @@ absl::Status ImportTable::Attach(ImportEntry& imp) {
   {
     absl::MutexLock l(&imp.mu);
     // Whatever was cached belongs to an earlier connection or export.
-    cache_->DropImport(imp.id);
+    if (auto st = cache_->Reset(imp.id, desc.len()); !st.ok()) return st;
     if (imp.export_id != desc.export_id()) imp.zc_offered = false;  // another export by that name
     imp.export_id = desc.export_id();
     imp.len = desc.len();
@@ -396,6 +396,7 @@ absl::Status ImportTable::Attach(ImportEntry& imp) {
                                                    : imp.gone_reason));
   }
   imp.gone_reason.clear();
+  cache_->SetSeq(imp.id, imp.coh.max_seq());
   // Sticky for the export: a region withdrawn at this moment (the object
   // being truncated, say) may come back; the import keeps asking.
   imp.zc_offered = (imp.zc_offered || desc.has_zero_copy()) && (*ch)->one_sided();
@@ -460,6 +461,12 @@ std::shared_ptr<ImportTable::ImportEntry> ImportTable::Find(const std::string& n
 }
 
 bool ImportTable::Has(const std::string& name) const { return Find(name) != nullptr; }
+
+absl::StatusOr<session::CacheFiles> ImportTable::OpenCache(const std::string& name) const {
+  auto imp = Find(name);
+  if (!imp) return absl::NotFoundError(absl::StrCat("no import named '", name, "'"));
+  return cache_->OpenForClient(imp->id);
+}
 
 Executor* ImportTable::ReadExecutor(const std::string& name) const {
   auto imp = Find(name);
@@ -699,6 +706,7 @@ void ImportTable::OnInvalidation(transport::PeerChannel* ch, const transport::In
       const bool terminal = r.kind == ChangeKind::kExit || r.kind == ChangeKind::kUnexport;
       if (!imp->coh.OnInvalidation(r.seq, terminal)) continue;
       cache_->Drop(imp->id, r.first_page, r.npages);
+      cache_->SetSeq(imp->id, imp->coh.max_seq());
       if (r.kind != ChangeKind::kWrite) {
         // The channel dropped the region: ask for the new one on the next read.
         imp->zc_registration.clear();

@@ -22,7 +22,7 @@
 // it), mu guards the import's state (never held across a call). Per link:
 // Link::mu serialises (re)connection (held across Hello/SetupData),
 // Link::info_mu guards what listing shows and the link's state. Order: attach_mu, then
-// Link::mu, then ImportEntry::mu, then PageCache's own lock; mu_ is taken
+// Link::mu, then ImportEntry::mu, then SharedCache's own lock; mu_ is taken
 // alone (its holders copy what they need and release it).
 #ifndef SVM_DAEMON_CORE_IMPORT_TABLE_H_
 #define SVM_DAEMON_CORE_IMPORT_TABLE_H_
@@ -39,8 +39,8 @@
 #include "common/executor.h"
 #include "daemon/coherence/coherence.h"
 #include "daemon/core/counters.h"
-#include "daemon/core/page_cache.h"
 #include "daemon/core/watch_hub.h"
+#include "daemon/session/shared_cache.h"
 #include "daemon/transport/transport.h"
 #include "svm/v1/control.pb.h"
 #include "svm/v1/peer.grpc.pb.h"
@@ -65,7 +65,7 @@ std::vector<std::string> CommonTransports(const std::vector<std::string>& local,
 class ImportTable final : public transport::ImportBackend {
  public:
   // transports: the running ones in preference order (not empty).
-  ImportTable(std::vector<transport::Transport*> transports, WatchHub* hub, PageCache* cache,
+  ImportTable(std::vector<transport::Transport*> transports, WatchHub* hub, session::SharedCache* cache,
               Counters* counters, ImportOptions opts);
   ~ImportTable() override;
 
@@ -77,6 +77,8 @@ class ImportTable final : public transport::ImportBackend {
   // valid, fetching the rest. fresh: neither use nor fill the cache.
   absl::StatusOr<v1::ReadResponse> Read(const std::string& name, uint64_t offset,
                                         absl::Span<uint8_t> dst, bool fresh);
+  // The shared cache of import `name`, read-only, for a local client.
+  absl::StatusOr<session::CacheFiles> OpenCache(const std::string& name) const;
   // Forwards Sync to the exporting daemon.
   absl::StatusOr<v1::SyncResponse> Sync(const std::string& name);
   // Peer links whose data connection is up.
@@ -120,7 +122,7 @@ class ImportTable final : public transport::ImportBackend {
 
   const std::vector<transport::Transport*> transports_;
   WatchHub* const hub_;
-  PageCache* const cache_;
+  session::SharedCache* const cache_;
   Counters* const counters_;
   const ImportOptions opts_;
 

@@ -47,24 +47,4 @@ absl::Status CheckMayExport(const PeerCred& caller, pid_t target) {
       "uid %u may not export memory of process %d (it could not ptrace it)", caller.uid, target));
 }
 
-absl::Status WriteToClient(pid_t pid, uint64_t dest, const uint8_t* data, size_t len) {
-  size_t done = 0;
-  while (done < len) {
-    iovec local{const_cast<uint8_t*>(data) + done, len - done};
-    iovec remote{reinterpret_cast<void*>(dest + done), len - done};
-    ssize_t n = ::process_vm_writev(pid, &local, 1, &remote, 1, 0);
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      if (errno == EFAULT) {
-        return absl::InvalidArgumentError(absl::StrFormat(
-            "destination buffer 0x%x+%u is not writable in the caller", dest, len));
-      }
-      return ErrnoStatus(errno, "write into the caller's buffer");
-    }
-    if (n == 0) return absl::InvalidArgumentError("destination buffer is not writable");
-    done += static_cast<size_t>(n);
-  }
-  return absl::OkStatus();
-}
-
 }  // namespace svm::service

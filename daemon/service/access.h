@@ -11,9 +11,6 @@ namespace svm::service {
 
 absl::Status CheckMayExport(const PeerCred& caller, pid_t target);
 
-// Writes data into the caller's own address space at dest (its Read buffer).
-absl::Status WriteToClient(pid_t pid, uint64_t dest, const uint8_t* data, size_t len);
-
 }  // namespace svm::service
 
 #endif  // SVM_DAEMON_SERVICE_ACCESS_H_

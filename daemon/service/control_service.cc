@@ -7,6 +7,7 @@
 #include "absl/strings/str_format.h"
 #include "daemon/service/access.h"
 #include "daemon/service/server.h"
+#include "daemon/service/session_backend.h"
 #include "common/log.h"
 #include "svm/v1/control.grpc.pb.h"
 
@@ -15,7 +16,9 @@ namespace {
 
 using source::kPageSize;
 
-constexpr uint64_t kMaxReadBytes = 64ull << 20;
+// One gRPC read answers with its bytes; gRPC clients take 4 MiB messages by
+// default. (libsvm reads through its session, without this limit.)
+constexpr uint64_t kMaxReadBytes = 1ull << 20;
 constexpr size_t kMaxWatchQueue = 4096;
 
 absl::Status ValidateName(const std::string& name) {
@@ -195,11 +198,9 @@ class ControlService final : public v1::Control::CallbackService {
 
   grpc::ServerUnaryReactor* Read(grpc::CallbackServerContext* ctx, const v1::ReadRequest* req,
                                  v1::ReadResponse* resp) override {
-    auto cred = clients_->Lookup(ctx->peer());
     // Reads of an import run on its peer link's executor: a peer that does
     // not answer holds up reads of its own imports only.
     return Async(ctx, d_->imports().ReadExecutor(req->name()), [=, this]() -> absl::Status {
-      if (!cred.ok()) return cred.status();
       if (auto st = ValidateName(req->name()); !st.ok()) return st;
       if (req->len() == 0) return absl::InvalidArgumentError("len must be > 0");
       if (req->len() > kMaxReadBytes) {
@@ -209,19 +210,23 @@ class ControlService final : public v1::Control::CallbackService {
       if (req->offset() + req->len() < req->offset()) {
         return absl::OutOfRangeError("offset + len overflows");
       }
-      if (req->dest_addr() == 0) return absl::InvalidArgumentError("dest_addr is required");
-      std::vector<uint8_t> buf(req->len());
+      std::string* buf = resp->mutable_data();
+      buf->resize(req->len());
+      auto dst = absl::MakeSpan(reinterpret_cast<uint8_t*>(buf->data()), buf->size());
       if (d_->imports().Has(req->name())) {
-        auto r = d_->imports().Read(req->name(), req->offset(), absl::MakeSpan(buf), req->fresh());
+        auto r = d_->imports().Read(req->name(), req->offset(), dst, req->fresh());
         if (!r.ok()) return r.status();
-        *resp = *r;
+        resp->set_len(r->len());
+        resp->set_seq(r->seq());
+        resp->set_pages_from_cache(r->pages_from_cache());
+        resp->set_pages_fetched(r->pages_fetched());
       } else {
-        auto seq = d_->exports().ReadLocal(req->name(), req->offset(), absl::MakeSpan(buf));
+        auto seq = d_->exports().ReadLocal(req->name(), req->offset(), dst);
         if (!seq.ok()) return seq.status();
-        resp->set_len(buf.size());
+        resp->set_len(buf->size());
         resp->set_seq(*seq);
       }
-      return WriteToClient(cred->pid, req->dest_addr(), buf.data(), buf.size());
+      return absl::OkStatus();
     });
   }
 
@@ -262,6 +267,7 @@ class ControlService final : public v1::Control::CallbackService {
     resp->set_version(SVM_VERSION);
     resp->set_pid(::getpid());
     resp->set_control(o.control);
+    resp->set_session_socket(SessionSocketPath(o.control));
     resp->set_peer_listen(*peer_address_);
     resp->set_data_listen(d_->primary().listen_address());
     resp->set_source(std::string(d_->source_name()));

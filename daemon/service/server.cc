@@ -12,6 +12,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "common/log.h"
+#include "daemon/service/session_backend.h"
 
 namespace svm::service {
 
@@ -72,6 +73,20 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(core::Daemon* daemon, Serv
       }
     }
   }
+  s->session_backend_ = CreateSessionBackend(daemon);
+  session::ServerOptions so;
+  so.path = SessionSocketPath(o.control);
+  so.mode = opts.socket_mode;
+  auto sessions = session::Server::Start(s->session_backend_.get(), so);
+  if (!sessions.ok()) return sessions.status();
+  s->sessions_ = std::move(*sessions);
+  if (!opts.socket_group.empty()) {
+    if (group* g = ::getgrnam(opts.socket_group.c_str()); g != nullptr) {
+      if (::chown(so.path.c_str(), static_cast<uid_t>(-1), g->gr_gid) != 0) {
+        spdlog::warn("cannot give {} to group {}: {}", so.path, opts.socket_group, std::strerror(errno));
+      }
+    }
+  }
   s->acceptor_ = std::thread([p = s.get()] { p->AcceptLoop(); });
   return s;
 }
@@ -108,6 +123,7 @@ void Server::Shutdown() {
   const auto deadline = std::chrono::system_clock::now() + std::chrono::milliseconds(500);
   if (control_server_) control_server_->Shutdown(deadline);
   if (peer_server_) peer_server_->Shutdown(deadline);
+  sessions_.reset();  // before the daemon: its reads finish into session memory
   // Never remove a socket another daemon is listening on.
   if (owns_socket_) ::unlink(daemon_->options().control.c_str());
 }

@@ -17,6 +17,7 @@
 #include "common/fd.h"
 #include "common/net.h"
 #include "daemon/core/daemon.h"
+#include "daemon/session/session_server.h"
 
 namespace svm::service {
 
@@ -62,6 +63,9 @@ class Server {
   std::unique_ptr<grpc::Server> peer_server_;
   UniqueFd unix_fd_;
   std::thread acceptor_;
+  // The client data plane: sessions on a socket beside the control socket.
+  std::unique_ptr<session::Backend> session_backend_;
+  std::unique_ptr<session::Server> sessions_;
   std::string peer_address_;
   bool shut_down_ = false;
   bool owns_socket_ = false;

@@ -28,6 +28,14 @@ struct ReadOptions {
   bool fresh = false;
 };
 
+// One read of a batch (Client::ReadV).
+struct ReadOp {
+  std::string name;
+  uint64_t offset = 0;
+  absl::Span<uint8_t> dst;
+  ReadOptions opts;
+};
+
 struct ReadResult {
   uint64_t len = 0;
   uint64_t seq = 0;  // exporter's invalidation sequence the data is valid for
@@ -74,9 +82,10 @@ class ExportableMemory {
 
 class Client {
  public:
-  // target: "unix:/run/svm/svmd.sock". Allows the daemon to access this
-  // process's memory (PR_SET_PTRACER), which exporting one's own memory and
-  // Read (the daemon writes into the caller's buffer) need.
+  // target: "unix:/run/svm/svmd.sock". Opens a session (the data plane)
+  // on the daemon's session socket beside it. Allows the daemon to read
+  // this process's memory (PR_SET_PTRACER), which exporting one's own
+  // memory needs.
   static absl::StatusOr<std::unique_ptr<Client>> Connect(const std::string& target);
   virtual ~Client() = default;
 
@@ -95,8 +104,14 @@ class Client {
   virtual absl::StatusOr<std::vector<v1::ImportInfo>> ListImports() = 0;
 
   // Reads dst.size() bytes at offset of an import (or of a local export).
+  // Pages of an import that are in its importer's cache are copied in this
+  // process, without a message to svmd; the rest travel through the
+  // session's rings (never through gRPC). Safe to call from several threads.
   virtual absl::StatusOr<ReadResult> Read(const std::string& name, uint64_t offset,
                                           absl::Span<uint8_t> dst, ReadOptions opts = {}) = 0;
+  // Several reads at once: every missing range of every op is in flight
+  // together. One result per op, in order.
+  virtual std::vector<absl::StatusOr<ReadResult>> ReadV(absl::Span<const ReadOp> ops) = 0;
   virtual absl::StatusOr<std::unique_ptr<WatchStream>> Watch(const std::string& name) = 0;
   virtual absl::StatusOr<v1::SyncResponse> Sync(const std::string& name) = 0;
   virtual absl::StatusOr<v1::StatusResponse> Status() = 0;

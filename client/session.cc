@@ -1,0 +1,351 @@
+#include "client/session.h"
+
+#include <fcntl.h>
+#include <poll.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+
+namespace svm::internal {
+
+namespace abi = session::abi;
+
+namespace {
+
+// What libsvm reads per ring entry: the data area is split into slots of
+// this size, one per request in flight.
+constexpr uint64_t kSlotSize = 256 << 10;
+// How long a waiting thread polls the completion ring before it sleeps.
+constexpr absl::Duration kSpin = absl::Microseconds(30);
+
+absl::Status Errno(int err, const std::string& what) {
+  return absl::UnavailableError(absl::StrCat(what, ": ", std::strerror(err)));
+}
+
+void CloseFds(int* fds, int n) {
+  for (int i = 0; i < n; ++i) ::close(fds[i]);
+}
+
+// Reads the answer to a message: the expected type, or the daemon's error.
+absl::Status Receive(int sock, void* buf, size_t cap, uint32_t want, int* fds, int* nfds,
+                     size_t* len) {
+  ssize_t n = abi::RecvMsg(sock, buf, cap, fds, nfds);
+  if (n <= 0) return Errno(n == 0 ? ECONNRESET : static_cast<int>(-n), "svmd session");
+  abi::MsgHeader h;
+  if (static_cast<size_t>(n) < sizeof(h)) return absl::InternalError("svmd sent a short message");
+  std::memcpy(&h, buf, sizeof(h));
+  if (h.type == abi::kError && static_cast<size_t>(n) >= offsetof(abi::ErrorMsg, text)) {
+    abi::ErrorMsg e{};
+    std::memcpy(&e, buf, std::min(static_cast<size_t>(n), sizeof(e)));
+    CloseFds(fds, *nfds);
+    *nfds = 0;
+    const size_t tl = std::min<size_t>(e.text_len, static_cast<size_t>(n) - offsetof(abi::ErrorMsg, text));
+    return absl::Status(static_cast<absl::StatusCode>(e.code), std::string(e.text, tl));
+  }
+  if (h.type != want) {
+    CloseFds(fds, *nfds);
+    *nfds = 0;
+    return absl::InternalError(absl::StrCat("svmd answered message type ", h.type));
+  }
+  *len = static_cast<size_t>(n);
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+View::~View() {
+  if (data != nullptr) ::munmap(const_cast<uint8_t*>(data), data_map);
+  if (header != nullptr) ::munmap(const_cast<abi::CacheHeader*>(header), words_map);
+}
+
+absl::StatusOr<std::unique_ptr<Session>> Session::Connect(const std::string& path) {
+  std::unique_ptr<Session> s(new Session());
+  s->sock_ = ::socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
+  if (s->sock_ < 0) return Errno(errno, "socket");
+  sockaddr_un sun{};
+  sun.sun_family = AF_UNIX;
+  if (path.size() >= sizeof(sun.sun_path)) return absl::InvalidArgumentError("session socket path too long");
+  std::memcpy(sun.sun_path, path.c_str(), path.size() + 1);
+  if (::connect(s->sock_, reinterpret_cast<sockaddr*>(&sun), sizeof(sun)) != 0) {
+    return Errno(errno, absl::StrCat("connect to svmd's session socket ", path));
+  }
+  abi::HelloMsg hello{};
+  hello.h.type = abi::kHello;
+  hello.h.len = sizeof(hello);
+  hello.magic = abi::kMagic;
+  hello.version = abi::kVersion;
+  if (int err = abi::SendMsg(s->sock_, &hello, sizeof(hello), nullptr, 0); err != 0) {
+    return Errno(err, "svmd session hello");
+  }
+  alignas(8) char buf[abi::kMaxMsg];
+  int fds[4];
+  int nfds = 0;
+  size_t len = 0;
+  if (auto st = Receive(s->sock_, buf, sizeof(buf), abi::kHelloOk, fds, &nfds, &len); !st.ok()) {
+    return st;
+  }
+  if (nfds != 3 || len != sizeof(abi::HelloOkMsg)) {
+    CloseFds(fds, nfds);
+    return absl::InternalError("svmd's session answer is malformed");
+  }
+  abi::HelloOkMsg ok;
+  std::memcpy(&ok, buf, sizeof(ok));
+  s->sq_bell_ = fds[1];
+  s->cq_bell_ = fds[2];
+  ::fcntl(s->cq_bell_, F_SETFL, ::fcntl(s->cq_bell_, F_GETFL) | O_NONBLOCK);
+  void* m = ::mmap(nullptr, ok.memory_size, PROT_READ | PROT_WRITE, MAP_SHARED, fds[0], 0);
+  ::close(fds[0]);
+  if (m == MAP_FAILED) return Errno(errno, "map the session memory");
+  s->mem_ = static_cast<uint8_t*>(m);
+  s->mem_size_ = ok.memory_size;
+  s->hdr_ = reinterpret_cast<abi::SessionHeader*>(s->mem_);
+  const abi::SessionHeader& h = *s->hdr_;
+  if (h.magic != abi::kMagic || h.size != ok.memory_size || h.data_offset + h.data_size > h.size ||
+      h.sq_offset + uint64_t{h.sq_entries} * sizeof(abi::Sqe) > h.size ||
+      h.cq_offset + uint64_t{h.cq_entries} * sizeof(abi::Cqe) > h.size) {
+    return absl::InternalError("svmd's session memory is malformed");
+  }
+  s->sq_ = reinterpret_cast<abi::Sqe*>(s->mem_ + h.sq_offset);
+  s->cq_ = reinterpret_cast<const abi::Cqe*>(s->mem_ + h.cq_offset);
+  s->data_ = s->mem_ + h.data_offset;
+  s->slot_size_ = std::min<uint64_t>(kSlotSize, h.data_size);
+  // Never more requests in flight than either ring holds.
+  const uint64_t slots =
+      std::min<uint64_t>({h.data_size / s->slot_size_, h.sq_entries, h.cq_entries});
+  absl::MutexLock l(&s->mu_);
+  s->slots_.resize(slots);
+  return s;
+}
+
+Session::~Session() {
+  if (mem_ != nullptr) ::munmap(mem_, mem_size_);
+  for (int fd : {sock_, sq_bell_, cq_bell_}) {
+    if (fd >= 0) ::close(fd);
+  }
+}
+
+absl::StatusOr<std::shared_ptr<View>> Session::Open(const std::string& name) {
+  absl::MutexLock l(&open_mu_);
+  auto it = views_.find(name);
+  if (it != views_.end() && !it->second->retired()) return it->second;
+  abi::OpenMsg m{};
+  if (name.empty() || name.size() > abi::kMaxName) return absl::InvalidArgumentError("bad name");
+  m.h.type = abi::kOpen;
+  m.name_len = static_cast<uint32_t>(name.size());
+  std::memcpy(m.name, name.data(), name.size());
+  m.h.len = static_cast<uint32_t>(offsetof(abi::OpenMsg, name) + name.size());
+  if (int err = abi::SendMsg(sock_, &m, m.h.len, nullptr, 0); err != 0) return Errno(err, "svmd session");
+  alignas(8) char buf[abi::kMaxMsg];
+  int fds[4];
+  int nfds = 0;
+  size_t len = 0;
+  if (auto st = Receive(sock_, buf, sizeof(buf), abi::kOpenOk, fds, &nfds, &len); !st.ok()) return st;
+  abi::OpenOkMsg ok;
+  if (len != sizeof(ok)) {
+    CloseFds(fds, nfds);
+    return absl::InternalError("svmd's open answer is malformed");
+  }
+  std::memcpy(&ok, buf, sizeof(ok));
+  auto v = std::make_shared<View>();
+  v->handle = ok.handle;
+  v->kind = static_cast<abi::HandleKind>(ok.kind);
+  v->len = ok.len;
+  if (v->kind == abi::kImport) {
+    if (nfds != 2) {
+      CloseFds(fds, nfds);
+      return absl::InternalError("svmd sent no cache with an import");
+    }
+    const uint64_t pages = (ok.len + abi::kPageSize - 1) / abi::kPageSize;
+    v->data_map = pages * abi::kPageSize;
+    v->words_map = abi::WordsFileSize(pages);
+    void* d = v->data_map ? ::mmap(nullptr, v->data_map, PROT_READ, MAP_SHARED, fds[0], 0) : nullptr;
+    void* w = ::mmap(nullptr, v->words_map, PROT_READ, MAP_SHARED, fds[1], 0);
+    CloseFds(fds, nfds);
+    if (d == MAP_FAILED || w == MAP_FAILED) {
+      if (d != MAP_FAILED && d != nullptr) ::munmap(d, v->data_map);
+      if (w != MAP_FAILED) ::munmap(w, v->words_map);
+      return Errno(errno, "map the import's cache");
+    }
+    v->data = static_cast<const uint8_t*>(d);
+    v->header = static_cast<const abi::CacheHeader*>(w);
+    v->words = reinterpret_cast<const std::atomic<uint64_t>*>(static_cast<const uint8_t*>(w) + abi::kWordsOffset);
+  } else {
+    CloseFds(fds, nfds);
+  }
+  views_[name] = v;
+  return v;
+}
+
+void Session::Submit(const abi::Sqe& e) {
+  sq_[sq_tail_ & (hdr_->sq_entries - 1)] = e;
+  ++sq_tail_;
+  hdr_->sq.tail.store(sq_tail_, std::memory_order_release);
+}
+
+bool Session::ReapLocked() {
+  const uint32_t tail = hdr_->cq.tail.load(std::memory_order_acquire);
+  bool moved = false;
+  while (cq_head_ != tail) {
+    const abi::Cqe c = cq_[cq_head_ & (hdr_->cq_entries - 1)];
+    if (c.user_data < slots_.size() && slots_[c.user_data].state == SlotState::kBusy) {
+      slots_[c.user_data].cqe = c;
+      slots_[c.user_data].state = SlotState::kDone;
+    }
+    ++cq_head_;
+    moved = true;
+  }
+  if (!moved) return false;
+  hdr_->cq.head.store(cq_head_, std::memory_order_release);
+  ++reaped_;
+  cv_.SignalAll();
+  // svmd holds completions that did not fit: there is room now.
+  if (hdr_->cq.overflow.load(std::memory_order_acquire) != 0) {
+    const uint64_t one = 1;
+    (void)!::write(sq_bell_, &one, sizeof(one));
+  }
+  return true;
+}
+
+void Session::WaitFor(const std::function<bool()>& pred) {
+  const absl::Time spin_until = absl::Now() + kSpin;
+  while (!pred() && !broken_) {
+    if (ReapLocked()) continue;
+    if (absl::Now() < spin_until) {
+      mu_.Unlock();
+      __builtin_ia32_pause();
+      mu_.Lock();
+      continue;
+    }
+    if (reaping_) {
+      cv_.Wait(&mu_);
+      continue;
+    }
+    // This thread sleeps on the doorbell; the others on cv_.
+    reaping_ = true;
+    const uint64_t seen = reaped_;
+    mu_.Unlock();
+    hdr_->cq.need_wakeup.store(1, std::memory_order_seq_cst);
+    mu_.Lock();
+    if (reaped_ == seen && hdr_->cq.tail.load(std::memory_order_acquire) == cq_head_) {
+      mu_.Unlock();
+      pollfd p[2] = {{cq_bell_, POLLIN, 0}, {sock_, POLLIN | POLLRDHUP, 0}};
+      int n = ::poll(p, 2, -1);
+      uint64_t v;
+      if (n > 0 && (p[0].revents & POLLIN)) (void)!::read(cq_bell_, &v, sizeof(v));
+      const bool gone = n > 0 && (p[1].revents & (POLLHUP | POLLRDHUP | POLLERR));
+      mu_.Lock();
+      // svmd closed the session (or exited): nothing more will complete.
+      if (gone) broken_ = true;
+    }
+    reaping_ = false;
+    ReapLocked();
+    cv_.SignalAll();
+  }
+}
+
+std::vector<Session::Result> Session::Run(absl::Span<const Op> ops) {
+  std::vector<Result> results(ops.size());
+  std::vector<int> slot_of(ops.size(), -1);
+  std::vector<size_t> mine;  // ops in flight
+  size_t next = 0, done = 0;
+  absl::MutexLock l(&mu_);
+  while (done < ops.size()) {
+    bool submitted = false;
+    while (next < ops.size() && !broken_) {
+      int s = -1;
+      for (size_t i = 0; i < slots_.size(); ++i) {
+        if (slots_[i].state == SlotState::kFree) {
+          s = static_cast<int>(i);
+          break;
+        }
+      }
+      if (s < 0) break;
+      const Op& op = ops[next];
+      slots_[s].state = SlotState::kBusy;
+      abi::Sqe e{};
+      e.user_data = static_cast<uint64_t>(s);
+      e.opcode = abi::kOpRead;
+      e.flags = op.fresh ? abi::kFresh : 0;
+      e.handle = op.handle;
+      e.offset = op.offset;
+      e.len = std::min(op.len, slot_size_);
+      e.data_offset = static_cast<uint64_t>(s) * slot_size_;
+      Submit(e);
+      slot_of[next] = s;
+      mine.push_back(next);
+      ++next;
+      submitted = true;
+    }
+    if (submitted) {
+      std::atomic_thread_fence(std::memory_order_seq_cst);
+      if (hdr_->sq.need_wakeup.load(std::memory_order_relaxed) != 0) {
+        const uint64_t one = 1;
+        (void)!::write(sq_bell_, &one, sizeof(one));
+      }
+    }
+    if (broken_) {
+      for (size_t i = 0; i < ops.size(); ++i) {
+        if (i >= next || slot_of[i] >= 0) {
+          results[i].status = absl::UnavailableError("svmd closed the session");
+        }
+      }
+      for (size_t i : mine) slots_[slot_of[i]].state = SlotState::kFree;
+      return results;
+    }
+    if (mine.empty()) {
+      // Every slot belongs to other threads' reads.
+      WaitFor([this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+        for (const Slot& s : slots_) {
+          if (s.state == SlotState::kFree) return true;
+        }
+        return false;
+      });
+      continue;
+    }
+    WaitFor([&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+      for (size_t i : mine) {
+        if (slots_[slot_of[i]].state == SlotState::kDone) return true;
+      }
+      return false;
+    });
+    for (size_t k = 0; k < mine.size();) {
+      const size_t i = mine[k];
+      const int s = slot_of[i];
+      if (slots_[s].state != SlotState::kDone) {
+        ++k;
+        continue;
+      }
+      const abi::Cqe c = slots_[s].cqe;
+      const uint8_t* src = data_ + static_cast<uint64_t>(s) * slot_size_;
+      Result& r = results[i];
+      // The slot stays this thread's until it is freed: copy without the lock.
+      mu_.Unlock();
+      if (c.status == 0) {
+        std::memcpy(ops[i].dst, src, std::min(ops[i].len, slot_size_));
+        r.seq = c.seq;
+        r.pages_from_cache = c.pages_from_cache;
+        r.pages_fetched = c.pages_fetched;
+      } else {
+        const size_t ml = std::min<uint64_t>(c.msg_len, slot_size_);
+        r.status = absl::Status(static_cast<absl::StatusCode>(c.status),
+                                std::string(reinterpret_cast<const char*>(src), ml));
+      }
+      mu_.Lock();
+      slots_[s].state = SlotState::kFree;
+      cv_.SignalAll();
+      mine[k] = mine.back();
+      mine.pop_back();
+      ++done;
+    }
+  }
+  return results;
+}
+
+}  // namespace svm::internal

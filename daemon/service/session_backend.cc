@@ -1,0 +1,73 @@
+// The sessions' view of the daemon: opening an import's shared cache or a
+// local export, and reads run on the executor the gRPC Read used (an
+// import's peer link's, so a stuck peer holds up only its own imports).
+#include "daemon/service/session_backend.h"
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+
+namespace svm::service {
+
+std::string SessionSocketPath(const std::string& control) {
+  if (absl::EndsWith(control, ".sock")) {
+    return absl::StrCat(control.substr(0, control.size() - 5), "-session.sock");
+  }
+  return absl::StrCat(control, ".session");
+}
+
+namespace {
+
+class DaemonBackend final : public session::Backend {
+ public:
+  explicit DaemonBackend(core::Daemon* d) : d_(d) {}
+
+  absl::StatusOr<session::Opened> Open(const std::string& name, const PeerCred&) override {
+    if (d_->imports().Has(name)) {
+      auto files = d_->imports().OpenCache(name);
+      if (!files.ok()) return files.status();
+      session::Opened o;
+      o.kind = session::abi::kImport;
+      o.len = files->len;
+      o.data = std::move(files->data);
+      o.words = std::move(files->words);
+      return o;
+    }
+    for (const auto& e : d_->exports().List()) {
+      if (e.name() != name) continue;
+      session::Opened o;
+      o.kind = session::abi::kExport;
+      o.len = e.len();
+      return o;
+    }
+    return absl::NotFoundError(absl::StrCat("no export or import named '", name, "'"));
+  }
+
+  void Read(const std::string& name, uint64_t offset, absl::Span<uint8_t> dst, bool fresh,
+            std::function<void(absl::StatusOr<session::ReadDone>)> done) override {
+    Executor* ex = d_->imports().ReadExecutor(name);
+    if (ex == nullptr) ex = &d_->executor();
+    // The task outlives neither the daemon nor its executors, but may
+    // outlive this backend: it captures the daemon.
+    ex->Submit([d = d_, name, offset, dst, fresh, done = std::move(done)] {
+      if (d->imports().Has(name)) {
+        auto r = d->imports().Read(name, offset, dst, fresh);
+        if (!r.ok()) return done(r.status());
+        return done(session::ReadDone{r->seq(), r->pages_from_cache(), r->pages_fetched()});
+      }
+      auto seq = d->exports().ReadLocal(name, offset, dst);
+      if (!seq.ok()) return done(seq.status());
+      done(session::ReadDone{*seq, 0, 0});
+    });
+  }
+
+ private:
+  core::Daemon* const d_;
+};
+
+}  // namespace
+
+std::unique_ptr<session::Backend> CreateSessionBackend(core::Daemon* d) {
+  return std::make_unique<DaemonBackend>(d);
+}
+
+}  // namespace svm::service

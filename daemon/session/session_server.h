@@ -1,0 +1,118 @@
+// The daemon's end of the client data plane: the session socket, and one
+// thread that serves every session's submission ring (layout in abi.h).
+//
+// The thread takes entries from the rings, checks each (validate.h: an
+// entry is untrusted input; a bad one gets an error completion), and hands
+// reads to the Backend, which runs them on the daemon's executors; their
+// completions are posted from whichever thread finishes them. After work it
+// polls the rings briefly, then sets need_wakeup on every ring and sleeps in
+// epoll until a doorbell or a socket wakes it.
+//
+// What one client can cost svmd is bounded by its own session: at most
+// cq_entries requests in flight (the thread stops taking entries from a
+// session whose completions the client does not drain), a fixed amount of
+// shared memory, and a bounded number of handles. svmd never reads the
+// submission doorbell (it waits for it edge-triggered), never blocks on the
+// socket, and keeps its own copies of the ring indices it owns.
+//
+// LOCKING: Session::cq_mu guards a session's completion ring and the
+// completions waiting for room; everything else of a session belongs to the
+// server's thread. Server::mu_ guards the session count for listing.
+#ifndef SVM_DAEMON_SESSION_SESSION_SERVER_H_
+#define SVM_DAEMON_SESSION_SESSION_SERVER_H_
+
+#include <sys/types.h>
+
+#include <atomic>
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <memory>
+#include <string>
+#include <thread>
+
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/types/span.h"
+#include "common/fd.h"
+#include "common/net.h"
+#include "daemon/session/abi.h"
+
+namespace svm::session {
+
+struct ReadDone {
+  uint64_t seq = 0;
+  uint64_t pages_from_cache = 0;
+  uint64_t pages_fetched = 0;
+};
+
+struct Opened {
+  abi::HandleKind kind = abi::kImport;
+  uint64_t len = 0;
+  UniqueFd data;   // imports: the shared cache, read-only
+  UniqueFd words;
+};
+
+// What sessions need of the daemon.
+class Backend {
+ public:
+  virtual ~Backend() = default;
+  virtual absl::StatusOr<Opened> Open(const std::string& name, const PeerCred& who) = 0;
+  // Reads [offset, offset + dst.size()) of name into dst, off the caller's
+  // thread; calls done exactly once, from any thread.
+  virtual void Read(const std::string& name, uint64_t offset, absl::Span<uint8_t> dst, bool fresh,
+                    std::function<void(absl::StatusOr<ReadDone>)> done) = 0;
+};
+
+struct ServerOptions {
+  std::string path;  // the session socket
+  mode_t mode = 0660;
+  uint32_t sq_entries = 128;
+  uint32_t cq_entries = 256;
+  uint64_t data_size = 16ull << 20;
+  uint32_t max_sessions = 1024;
+  uint32_t max_handles = 4096;  // per session
+  // How long the thread polls the rings after work before it sleeps.
+  absl::Duration spin = absl::Microseconds(50);
+};
+
+class Server {
+ public:
+  static absl::StatusOr<std::unique_ptr<Server>> Start(Backend* backend, ServerOptions opts);
+  // Closes every session (reads in flight finish into memory only svmd
+  // still maps) and removes the socket.
+  ~Server();
+  size_t sessions() const;
+
+  struct Session;
+
+ private:
+  Server(Backend* backend, ServerOptions opts) : backend_(backend), opts_(std::move(opts)) {}
+  void Loop();
+  void Accept();
+  // Handles what arrived on a session's socket; false: close the session.
+  bool OnSocket(Session& s);
+  bool OnHello(Session& s);
+  bool OnOpen(Session& s, const std::string& name);
+  bool SendError(Session& s, const absl::Status& st);
+  // Takes entries from the session's ring; true when it took any. false in
+  // *ok: the client broke the ring (close the session).
+  bool Drain(Session& s, bool* ok);
+  void Close(uint64_t id);
+
+  Backend* const backend_;
+  const ServerOptions opts_;
+  UniqueFd listen_;
+  UniqueFd epoll_;
+  UniqueFd stop_;  // eventfd
+  std::thread thread_;
+  // The server's thread only.
+  std::map<uint64_t, std::shared_ptr<Session>> live_;
+  uint64_t next_id_ = 1;
+  mutable absl::Mutex mu_;
+  size_t count_ ABSL_GUARDED_BY(mu_) = 0;
+};
+
+}  // namespace svm::session
+
+#endif  // SVM_DAEMON_SESSION_SESSION_SERVER_H_

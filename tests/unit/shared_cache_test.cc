@@ -1,0 +1,344 @@
+// daemon/session/shared_cache: the importer's bounded LRU cache of pages,
+// shared with clients through memfds.
+#include "daemon/session/shared_cache.h"
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cstdint>
+#include <vector>
+
+#include "daemon/source/mirror_source.h"
+#include "common/check.h"
+#include "gtest/gtest.h"
+
+namespace svm::session {
+namespace {
+
+using source::kPageSize;
+
+constexpr uint64_t kImportPages = 64;
+
+// A cache with imports 1, 2 and 3 of kImportPages pages each.
+class TestCache : public SharedCache {
+ public:
+  explicit TestCache(uint64_t capacity) : SharedCache(capacity) {
+    for (uint64_t id = 1; id <= 3; ++id) SVM_CHECK(Reset(id, kImportPages * kPageSize).ok());
+  }
+};
+
+std::vector<uint8_t> PageOf(uint8_t fill) { return std::vector<uint8_t>(kPageSize, fill); }
+
+// Whether (import, page) is cached, and with which fill byte (checking that
+// the whole page carries it).
+int CachedFill(SharedCache& c, uint64_t import_id, uint64_t page) {
+  std::vector<uint8_t> buf(kPageSize, 0xEE);
+  if (!c.Lookup(import_id, page, absl::MakeSpan(buf))) return -1;
+  for (uint8_t b : buf) {
+    if (b != buf[0]) return -2;
+  }
+  return buf[0];
+}
+
+TEST(SharedCache, MissOnEmpty) {
+  TestCache c(4);
+  std::vector<uint8_t> buf(kPageSize, 7);
+  EXPECT_FALSE(c.Lookup(1, 0, absl::MakeSpan(buf)));
+  EXPECT_EQ(buf[0], 7) << "a miss must not touch dst";
+  EXPECT_EQ(c.size(), 0u);
+  EXPECT_EQ(c.capacity(), 4u);
+}
+
+TEST(SharedCache, InsertThenLookup) {
+  TestCache c(4);
+  auto p = PageOf(0xAB);
+  p[100] = 0xAB;
+  c.Insert(1, 5, p);
+  EXPECT_EQ(CachedFill(c, 1, 5), 0xAB);
+  EXPECT_EQ(CachedFill(c, 1, 4), -1);
+  EXPECT_EQ(CachedFill(c, 2, 5), -1) << "pages are per import";
+  EXPECT_EQ(c.size(), 1u);
+  EXPECT_EQ(c.CountImport(1), 1u);
+  EXPECT_EQ(c.CountImport(2), 0u);
+}
+
+TEST(SharedCache, InsertCopiesTheData) {
+  TestCache c(4);
+  auto p = PageOf(1);
+  c.Insert(1, 0, p);
+  p.assign(kPageSize, 2);  // the caller's buffer is reused
+  EXPECT_EQ(CachedFill(c, 1, 0), 1);
+}
+
+TEST(SharedCache, InsertReplaces) {
+  TestCache c(4);
+  c.Insert(1, 0, PageOf(1));
+  c.Insert(1, 0, PageOf(2));
+  EXPECT_EQ(CachedFill(c, 1, 0), 2);
+  EXPECT_EQ(c.size(), 1u);
+}
+
+TEST(SharedCache, EvictsLeastRecentlyInsertedAtCapacity) {
+  TestCache c(3);
+  for (uint64_t p = 0; p < 3; ++p) c.Insert(1, p, PageOf(static_cast<uint8_t>(p + 10)));
+  EXPECT_EQ(c.size(), 3u);
+  c.Insert(1, 3, PageOf(13));
+  EXPECT_EQ(c.size(), 3u);
+  EXPECT_EQ(CachedFill(c, 1, 0), -1) << "the oldest page goes first";
+  EXPECT_EQ(CachedFill(c, 1, 1), 11);
+  EXPECT_EQ(CachedFill(c, 1, 2), 12);
+  EXPECT_EQ(CachedFill(c, 1, 3), 13);
+}
+
+TEST(SharedCache, LookupRefreshesRecency) {
+  TestCache c(3);
+  for (uint64_t p = 0; p < 3; ++p) c.Insert(1, p, PageOf(static_cast<uint8_t>(p)));
+  EXPECT_EQ(CachedFill(c, 1, 0), 0);  // 0 becomes the most recent; 1 is now the oldest
+  c.Insert(1, 3, PageOf(3));
+  EXPECT_EQ(CachedFill(c, 1, 1), -1);
+  EXPECT_EQ(CachedFill(c, 1, 0), 0);
+  EXPECT_EQ(CachedFill(c, 1, 2), 2);
+  EXPECT_EQ(CachedFill(c, 1, 3), 3);
+}
+
+TEST(SharedCache, ReplaceRefreshesRecency) {
+  TestCache c(2);
+  c.Insert(1, 0, PageOf(0));
+  c.Insert(1, 1, PageOf(1));
+  c.Insert(1, 0, PageOf(9));  // 1 is now the oldest
+  c.Insert(1, 2, PageOf(2));
+  EXPECT_EQ(CachedFill(c, 1, 1), -1);
+  EXPECT_EQ(CachedFill(c, 1, 0), 9);
+  EXPECT_EQ(CachedFill(c, 1, 2), 2);
+}
+
+TEST(SharedCache, EvictionCrossesImports) {
+  TestCache c(2);
+  c.Insert(1, 0, PageOf(1));
+  c.Insert(2, 0, PageOf(2));
+  c.Insert(3, 0, PageOf(3));
+  EXPECT_EQ(c.size(), 2u);
+  EXPECT_EQ(c.CountImport(1), 0u);
+  EXPECT_EQ(CachedFill(c, 2, 0), 2);
+  EXPECT_EQ(CachedFill(c, 3, 0), 3);
+}
+
+TEST(SharedCache, CapacityZeroCachesNothing) {
+  TestCache c(0);
+  c.Insert(1, 0, PageOf(1));
+  EXPECT_EQ(c.size(), 0u);
+  EXPECT_EQ(CachedFill(c, 1, 0), -1);
+  EXPECT_EQ(c.Drop(1, 0, 10), 0u);
+}
+
+TEST(SharedCache, CapacityOne) {
+  TestCache c(1);
+  c.Insert(1, 0, PageOf(1));
+  c.Insert(1, 1, PageOf(2));
+  EXPECT_EQ(c.size(), 1u);
+  EXPECT_EQ(CachedFill(c, 1, 0), -1);
+  EXPECT_EQ(CachedFill(c, 1, 1), 2);
+}
+
+class SharedCacheDrop : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    for (uint64_t p = 0; p < 10; ++p) {
+      cache_.Insert(1, p, PageOf(static_cast<uint8_t>(p)));
+      cache_.Insert(2, p, PageOf(static_cast<uint8_t>(100 + p)));
+    }
+  }
+  std::vector<uint64_t> Cached(uint64_t import_id) {
+    std::vector<uint64_t> out;
+    for (uint64_t p = 0; p < 12; ++p) {
+      if (CachedFill(cache_, import_id, p) >= 0) out.push_back(p);
+    }
+    return out;
+  }
+  TestCache cache_{100};
+};
+
+TEST_F(SharedCacheDrop, PartialRange) {
+  EXPECT_EQ(cache_.Drop(1, 3, 4), 4u);
+  EXPECT_EQ(Cached(1), (std::vector<uint64_t>{0, 1, 2, 7, 8, 9}));
+  EXPECT_EQ(cache_.CountImport(2), 10u) << "another import's pages stay";
+  EXPECT_EQ(cache_.size(), 16u);
+}
+
+TEST_F(SharedCacheDrop, ZeroPages) {
+  EXPECT_EQ(cache_.Drop(1, 3, 0), 0u);
+  EXPECT_EQ(cache_.CountImport(1), 10u);
+}
+
+TEST_F(SharedCacheDrop, BeyondEnd) {
+  EXPECT_EQ(cache_.Drop(1, 8, 100), 2u);
+  EXPECT_EQ(Cached(1), (std::vector<uint64_t>{0, 1, 2, 3, 4, 5, 6, 7}));
+  EXPECT_EQ(cache_.Drop(1, 50, 10), 0u);
+  EXPECT_EQ(cache_.CountImport(2), 10u);
+}
+
+TEST_F(SharedCacheDrop, MaxLengthDoesNotWrap) {
+  // first + UINT64_MAX wraps around: it must mean "to the end", not "nothing".
+  EXPECT_EQ(cache_.Drop(1, 4, UINT64_MAX), 6u);
+  EXPECT_EQ(Cached(1), (std::vector<uint64_t>{0, 1, 2, 3}));
+  EXPECT_EQ(cache_.CountImport(2), 10u);
+  EXPECT_EQ(cache_.Drop(2, 0, UINT64_MAX), 10u);
+  EXPECT_EQ(cache_.size(), 4u);
+}
+
+TEST_F(SharedCacheDrop, RangeNearTheTopDoesNotWrap) {
+  EXPECT_EQ(cache_.Drop(1, UINT64_MAX - 5, 100), 0u) << "a wrapped end must not reach low pages";
+  EXPECT_EQ(cache_.CountImport(1), 10u);
+}
+
+TEST_F(SharedCacheDrop, PagesPastTheEndAreNotCached) {
+  cache_.Insert(1, kImportPages, PageOf(1));
+  cache_.Insert(4, 0, PageOf(1));  // an import without files
+  EXPECT_EQ(CachedFill(cache_, 1, kImportPages), -1);
+  EXPECT_EQ(CachedFill(cache_, 4, 0), -1);
+  EXPECT_EQ(cache_.size(), 20u);
+}
+
+TEST_F(SharedCacheDrop, DropImportIsolation) {
+  EXPECT_EQ(cache_.DropImport(1), 10u);
+  EXPECT_EQ(cache_.CountImport(1), 0u);
+  EXPECT_EQ(cache_.CountImport(2), 10u);
+  EXPECT_EQ(Cached(2).size(), 10u);
+  EXPECT_EQ(cache_.DropImport(1), 0u);
+  EXPECT_EQ(cache_.DropImport(3), 0u) << "an unknown import";
+  EXPECT_EQ(cache_.size(), 10u);
+}
+
+TEST_F(SharedCacheDrop, DroppedSlotsAreReused) {
+  TestCache c(2);
+  c.Insert(1, 0, PageOf(0));
+  c.Insert(1, 1, PageOf(1));
+  EXPECT_EQ(c.Drop(1, 0, 1), 1u);
+  c.Insert(1, 2, PageOf(2));  // fits without evicting page 1
+  EXPECT_EQ(CachedFill(c, 1, 1), 1);
+  EXPECT_EQ(CachedFill(c, 1, 2), 2);
+}
+
+
+// What a client does: maps the read-only files and copies pages checked
+// against their version words.
+class ClientView {
+ public:
+  explicit ClientView(CacheFiles f) : files_(std::move(f)) {
+    pages_ = (files_.len + kPageSize - 1) / kPageSize;
+    data_ = static_cast<uint8_t*>(::mmap(nullptr, pages_ * kPageSize, PROT_READ, MAP_SHARED, files_.data.get(), 0));
+    words_ = static_cast<uint8_t*>(
+        ::mmap(nullptr, abi::WordsFileSize(pages_), PROT_READ, MAP_SHARED, files_.words.get(), 0));
+    SVM_CHECK(data_ != MAP_FAILED && words_ != MAP_FAILED);
+  }
+  ~ClientView() {
+    ::munmap(data_, pages_ * kPageSize);
+    ::munmap(words_, abi::WordsFileSize(pages_));
+  }
+  const abi::CacheHeader& header() const { return *reinterpret_cast<const abi::CacheHeader*>(words_); }
+  // The fill byte of a valid page, -1 when the client must fetch it.
+  int Fill(uint64_t page, uint64_t* version = nullptr) {
+    std::vector<uint8_t> buf(kPageSize);
+    uint64_t v = 0;
+    auto* word = reinterpret_cast<const std::atomic<uint64_t>*>(words_ + abi::kWordsOffset) + page;
+    if (!abi::TryCopyPage(word, data_ + page * kPageSize, buf.data(), kPageSize, &v)) return -1;
+    if (version) *version = v;
+    return buf[0];
+  }
+  // Bytes of memory the data file holds (punched pages hold none).
+  uint64_t resident() const {
+    struct stat st {};
+    SVM_CHECK(::fstat(files_.data.get(), &st) == 0);
+    return static_cast<uint64_t>(st.st_blocks) * 512;
+  }
+  const CacheFiles& files() const { return files_; }
+
+ private:
+  CacheFiles files_;
+  uint64_t pages_ = 0;
+  uint8_t* data_ = nullptr;
+  uint8_t* words_ = nullptr;
+};
+
+TEST(SharedCacheClient, SeesInsertedPagesAndNotDroppedOnes) {
+  TestCache c(100);
+  auto f = c.OpenForClient(1);
+  ASSERT_TRUE(f.ok()) << f.status();
+  ClientView v(std::move(*f));
+  EXPECT_EQ(v.header().magic, abi::kMagic);
+  EXPECT_EQ(v.header().len, kImportPages * kPageSize);
+  EXPECT_EQ(v.Fill(3), -1);
+  c.Insert(1, 3, PageOf(0x33));
+  c.Insert(1, 4, PageOf(0x44));
+  EXPECT_EQ(v.Fill(3), 0x33);
+  EXPECT_EQ(v.Fill(4), 0x44);
+  EXPECT_EQ(v.resident(), 2 * kPageSize);
+  c.Drop(1, 3, 1);
+  EXPECT_EQ(v.Fill(3), -1) << "a dropped page must not be served to clients";
+  EXPECT_EQ(v.Fill(4), 0x44);
+  EXPECT_EQ(v.resident(), kPageSize) << "a dropped page is punched out of the memfd";
+  c.SetSeq(1, 42);
+  EXPECT_EQ(v.header().seq.load(), 42u);
+}
+
+TEST(SharedCacheClient, AReplacedPageHasANewVersion) {
+  TestCache c(100);
+  ClientView v(*c.OpenForClient(1));
+  uint64_t v1 = 0, v2 = 0;
+  c.Insert(1, 0, PageOf(1));
+  ASSERT_EQ(v.Fill(0, &v1), 1);
+  c.Drop(1, 0, 1);
+  c.Insert(1, 0, PageOf(2));
+  ASSERT_EQ(v.Fill(0, &v2), 2);
+  EXPECT_NE(v1, v2) << "a copy that spans a drop and a refill must see the word change";
+  c.Insert(1, 0, PageOf(3));
+  uint64_t v3 = 0;
+  ASSERT_EQ(v.Fill(0, &v3), 3);
+  EXPECT_NE(v2, v3);
+}
+
+TEST(SharedCacheClient, EvictionIsSeenByClients) {
+  TestCache c(2);
+  ClientView v(*c.OpenForClient(1));
+  c.Insert(1, 0, PageOf(1));
+  c.Insert(1, 1, PageOf(2));
+  c.Insert(1, 2, PageOf(3));
+  EXPECT_EQ(v.Fill(0), -1);
+  EXPECT_EQ(v.Fill(2), 3);
+}
+
+TEST(SharedCacheClient, ResetEmptiesAndAnotherLengthRetires) {
+  TestCache c(100);
+  ClientView v(*c.OpenForClient(1));
+  c.Insert(1, 0, PageOf(1));
+  ASSERT_TRUE(c.Reset(1, kImportPages * kPageSize).ok());
+  EXPECT_EQ(v.Fill(0), -1);
+  EXPECT_EQ(v.header().retired.load(), 0u) << "the same length keeps the files";
+  c.Insert(1, 0, PageOf(1));
+  ASSERT_TRUE(c.Reset(1, 2 * kPageSize).ok());
+  EXPECT_EQ(v.header().retired.load(), 1u);
+  EXPECT_EQ(v.Fill(0), -1) << "a retired cache serves nothing";
+  ClientView w(*c.OpenForClient(1));
+  EXPECT_EQ(w.header().len, 2 * kPageSize);
+  c.Remove(1);
+  EXPECT_EQ(w.header().retired.load(), 1u);
+  EXPECT_FALSE(c.OpenForClient(1).ok());
+}
+
+TEST(SharedCacheClient, ClientFilesAreReadOnly) {
+  TestCache c(100);
+  auto f = c.OpenForClient(1);
+  ASSERT_TRUE(f.ok());
+  for (int fd : {f->data.get(), f->words.get()}) {
+    char b = 0;
+    EXPECT_EQ(::pwrite(fd, &b, 1, 0), -1);
+    EXPECT_EQ(::ftruncate(fd, 0), -1);
+    void* m = ::mmap(nullptr, kPageSize, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    EXPECT_EQ(m, MAP_FAILED) << "a client must not be able to write the cache";
+  }
+}
+
+}  // namespace
+}  // namespace svm::session
