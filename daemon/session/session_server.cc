@@ -70,9 +70,13 @@ struct Server::Session {
     if (mem != nullptr) ::munmap(mem, mem_size);
   }
 
-  uint32_t Inflight() {
+  // Whether one more entry may be taken: what is in flight plus what sits
+  // in the completion ring unreaped stays within the ring's size, so a
+  // client that does not drain stops being served.
+  bool HasRoom() {
     absl::MutexLock l(&cq_mu);
-    return inflight;
+    const uint32_t used = std::min(cq_tail - hdr->cq.head.load(std::memory_order_acquire), hdr->cq_entries);
+    return inflight + used < hdr->cq_entries;
   }
   void Took() {
     absl::MutexLock l(&cq_mu);
@@ -395,7 +399,7 @@ bool Server::Drain(Session& s, bool* ok) {
   }
   bool took = false;
   for (uint32_t budget = kDrainBudget; budget > 0 && s.sq_head != tail; --budget) {
-    if (s.Inflight() >= s.hdr->cq_entries) break;  // the client must drain completions first
+    if (!s.HasRoom()) break;  // the client must drain completions first
     abi::Sqe e;
     std::memcpy(&e, &s.sq[s.sq_head & (entries - 1)], sizeof(e));  // read once
     ++s.sq_head;

@@ -1,0 +1,450 @@
+// The client data plane against real daemons: sessions (rings, doorbells,
+// the shared import cache) as libsvm uses them, and as a hostile or broken
+// client uses them (raw ring access through daemon/session/abi.h).
+#include <dirent.h>
+#include <signal.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <random>
+#include <thread>
+#include <vector>
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "daemon/session/abi.h"
+#include "gtest/gtest.h"
+#include "tests/integration/harness.h"
+
+namespace svm::testing {
+namespace {
+
+namespace abi = session::abi;
+constexpr uint64_t kPage = 4096;
+
+// Page p of an exporter starts stamped with version p + 1 in every word.
+bool PageHasVersion(const uint8_t* page, uint64_t version) {
+  const auto* w = reinterpret_cast<const uint64_t*>(page);
+  for (size_t i = 0; i < kPage / 8; ++i) {
+    if (w[i] != version) return false;
+  }
+  return true;
+}
+
+int CountFds(pid_t pid) {
+  int n = 0;
+  DIR* d = ::opendir(absl::StrCat("/proc/", pid, "/fd").c_str());
+  if (d == nullptr) return -1;
+  while (dirent* e = ::readdir(d)) n += e->d_name[0] != '.';
+  ::closedir(d);
+  return n;
+}
+
+uint64_t Counter(Client& c, const std::string& name) {
+  auto st = c.Status();
+  if (!st.ok()) return UINT64_MAX;
+  auto it = st->counters().find(name);
+  return it == st->counters().end() ? 0 : it->second;
+}
+
+// A session driven by hand: what a buggy or hostile client can do.
+class RawSession {
+ public:
+  static std::unique_ptr<RawSession> Connect(const std::string& path) {
+    auto s = std::make_unique<RawSession>();
+    s->sock_ = ::socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
+    sockaddr_un sun{};
+    sun.sun_family = AF_UNIX;
+    std::snprintf(sun.sun_path, sizeof(sun.sun_path), "%s", path.c_str());
+    if (::connect(s->sock_, reinterpret_cast<sockaddr*>(&sun), sizeof(sun)) != 0) return nullptr;
+    return s;
+  }
+  ~RawSession() {
+    if (mem_ != nullptr) ::munmap(mem_, size_);
+    for (int fd : {sock_, sq_bell_, cq_bell_}) {
+      if (fd >= 0) ::close(fd);
+    }
+  }
+  int sock() const { return sock_; }
+
+  bool Hello() {
+    abi::HelloMsg h{};
+    h.h.type = abi::kHello;
+    h.h.len = sizeof(h);
+    h.magic = abi::kMagic;
+    h.version = abi::kVersion;
+    if (abi::SendMsg(sock_, &h, sizeof(h), nullptr, 0) != 0) return false;
+    alignas(8) char buf[abi::kMaxMsg];
+    int fds[4], nfds = 0;
+    ssize_t n = abi::RecvMsg(sock_, buf, sizeof(buf), fds, &nfds);
+    if (n != sizeof(abi::HelloOkMsg) || nfds != 3) return false;
+    abi::HelloOkMsg ok;
+    std::memcpy(&ok, buf, sizeof(ok));
+    size_t size = ok.memory_size;
+    mem_ = static_cast<uint8_t*>(::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_SHARED, fds[0], 0));
+    ::close(fds[0]);
+    sq_bell_ = fds[1];
+    cq_bell_ = fds[2];
+    size_ = size;
+    hdr_ = reinterpret_cast<abi::SessionHeader*>(mem_);
+    return mem_ != MAP_FAILED;
+  }
+  // The handle of name, or -1.
+  int Open(const std::string& name, uint64_t* len = nullptr) {
+    abi::OpenMsg m{};
+    m.h.type = abi::kOpen;
+    m.name_len = static_cast<uint32_t>(name.size());
+    std::memcpy(m.name, name.data(), name.size());
+    m.h.len = static_cast<uint32_t>(offsetof(abi::OpenMsg, name) + name.size());
+    if (abi::SendMsg(sock_, &m, m.h.len, nullptr, 0) != 0) return -1;
+    alignas(8) char buf[abi::kMaxMsg];
+    int fds[4], nfds = 0;
+    ssize_t n = abi::RecvMsg(sock_, buf, sizeof(buf), fds, &nfds);
+    for (int i = 0; i < nfds; ++i) ::close(fds[i]);
+    if (n != sizeof(abi::OpenOkMsg)) return -1;
+    abi::OpenOkMsg ok;
+    std::memcpy(&ok, buf, sizeof(ok));
+    if (len) *len = ok.len;
+    return static_cast<int>(ok.handle);
+  }
+  // Puts e on the ring if there is room; rings the doorbell.
+  bool TrySubmit(const abi::Sqe& e) {
+    const uint32_t head = hdr_->sq.head.load(std::memory_order_acquire);
+    if (sq_tail_ - head >= hdr_->sq_entries) return false;
+    auto* sq = reinterpret_cast<abi::Sqe*>(mem_ + hdr_->sq_offset);
+    sq[sq_tail_ & (hdr_->sq_entries - 1)] = e;
+    ++sq_tail_;
+    hdr_->sq.tail.store(sq_tail_, std::memory_order_release);
+    const uint64_t one = 1;
+    (void)!::write(sq_bell_, &one, sizeof(one));
+    return true;
+  }
+  // Takes every completion there is.
+  std::vector<abi::Cqe> Reap() {
+    std::vector<abi::Cqe> out;
+    const uint32_t tail = hdr_->cq.tail.load(std::memory_order_acquire);
+    auto* cq = reinterpret_cast<abi::Cqe*>(mem_ + hdr_->cq_offset);
+    while (cq_head_ != tail) out.push_back(cq[cq_head_++ & (hdr_->cq_entries - 1)]);
+    hdr_->cq.head.store(cq_head_, std::memory_order_release);
+    if (hdr_->cq.overflow.load() != 0) {
+      const uint64_t one = 1;
+      (void)!::write(sq_bell_, &one, sizeof(one));
+    }
+    return out;
+  }
+  void Ring() {
+    const uint64_t one = 1;
+    (void)!::write(sq_bell_, &one, sizeof(one));
+  }
+  // Marks every completion taken without looking (no allocation).
+  void SkipCompletions() {
+    cq_head_ = hdr_->cq.tail.load(std::memory_order_acquire);
+    hdr_->cq.head.store(cq_head_, std::memory_order_release);
+  }
+  const abi::SessionHeader& header() const { return *hdr_; }
+  uint8_t* data() const { return mem_ + hdr_->data_offset; }
+  abi::SessionHeader* mutable_header() { return hdr_; }
+
+ private:
+  int sock_ = -1, sq_bell_ = -1, cq_bell_ = -1;
+  uint8_t* mem_ = nullptr;
+  size_t size_ = 0;
+  abi::SessionHeader* hdr_ = nullptr;
+  uint32_t sq_tail_ = 0, cq_head_ = 0;
+};
+
+class Sessions : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    auto a = Daemon::Start({.node = "A", .dir = dir_.path(), .transport = "tcp"});
+    ASSERT_TRUE(a.ok()) << a.status();
+    a_ = std::move(*a);
+    auto b = Daemon::Start({.node = "B", .dir = dir_.path(), .transport = "tcp"});
+    ASSERT_TRUE(b.ok()) << b.status();
+    b_ = std::move(*b);
+    cb_ = b_->Connect();
+    ASSERT_NE(cb_, nullptr);
+    auto e = Exporter::Start({.daemon = a_.get(), .name = "m", .pages = kPages,
+                              .log_path = absl::StrCat(dir_.path(), "/exporter.log")});
+    ASSERT_TRUE(e.ok()) << e.status();
+    exporter_ = std::move(*e);
+    auto imp = cb_->Import(a_->peer(), "m");
+    ASSERT_TRUE(imp.ok()) << imp.status();
+    auto st = cb_->Status();
+    ASSERT_TRUE(st.ok());
+    session_socket_ = st->session_socket();
+  }
+
+  // Reads the whole import through c and checks every page's stamp.
+  void ExpectWhole(Client& c, bool fresh) {
+    std::vector<uint8_t> buf(kPages * kPage);
+    ReadOptions o;
+    o.fresh = fresh;
+    auto r = c.Read("m", 0, absl::MakeSpan(buf), o);
+    ASSERT_TRUE(r.ok()) << r.status();
+    for (uint64_t p = 0; p < kPages; ++p) {
+      ASSERT_TRUE(PageHasVersion(buf.data() + p * kPage, p + 1)) << "page " << p;
+    }
+  }
+
+  static constexpr uint64_t kPages = 64;
+  TempDir dir_;
+  std::unique_ptr<Daemon> a_, b_;
+  std::unique_ptr<Client> cb_;
+  std::unique_ptr<Exporter> exporter_;
+  std::string session_socket_;
+};
+
+TEST_F(Sessions, ACachedReadSendsNothingToSvmd) {
+  ExpectWhole(*cb_, false);  // fills the cache
+  const uint64_t reads = Counter(*cb_, "reads");
+  std::vector<uint8_t> buf(kPage);
+  for (int i = 0; i < 100; ++i) {
+    auto r = cb_->Read("m", (i % kPages) * kPage, absl::MakeSpan(buf));
+    ASSERT_TRUE(r.ok()) << r.status();
+    EXPECT_EQ(r->pages_from_cache, 1u);
+    EXPECT_EQ(r->pages_fetched, 0u);
+    ASSERT_TRUE(PageHasVersion(buf.data(), (i % kPages) + 1));
+  }
+  EXPECT_EQ(Counter(*cb_, "reads"), reads) << "cached reads must not reach svmd";
+  // An unaligned read across pages is cached too.
+  std::vector<uint8_t> odd(3 * kPage + 100);
+  auto r = cb_->Read("m", kPage / 2, absl::MakeSpan(odd));
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->pages_from_cache, 4u);  // bytes 2048..14436: pages 0-3
+  EXPECT_EQ(odd[0], 1);  // the low byte of page 0's stamp (version 1)
+  EXPECT_EQ(Counter(*cb_, "reads"), reads);
+}
+
+TEST_F(Sessions, ReadVBatchesAndReportsEachOpAlone) {
+  std::vector<std::vector<uint8_t>> bufs(4, std::vector<uint8_t>(2 * kPage));
+  std::vector<uint8_t> big(kPages * kPage);
+  std::vector<ReadOp> ops;
+  for (int i = 0; i < 4; ++i) ops.push_back({"m", i * 8 * kPage, absl::MakeSpan(bufs[i]), {}});
+  ops.push_back({"nope", 0, absl::MakeSpan(bufs[0]).subspan(0, kPage), {}});
+  ops.push_back({"m", kPages * kPage, absl::MakeSpan(bufs[1]).subspan(0, kPage), {}});
+  ReadOptions fresh;
+  fresh.fresh = true;
+  ops.push_back({"m", 0, absl::MakeSpan(big), fresh});
+  auto rs = cb_->ReadV(ops);
+  ASSERT_EQ(rs.size(), ops.size());
+  for (int i = 0; i < 4; ++i) {
+    ASSERT_TRUE(rs[i].ok()) << i << ": " << rs[i].status();
+    EXPECT_TRUE(PageHasVersion(bufs[i].data(), i * 8 + 1));
+    EXPECT_TRUE(PageHasVersion(bufs[i].data() + kPage, i * 8 + 2));
+  }
+  EXPECT_TRUE(absl::IsNotFound(rs[4].status())) << rs[4].status();
+  EXPECT_TRUE(absl::IsOutOfRange(rs[5].status())) << rs[5].status();
+  ASSERT_TRUE(rs[6].ok()) << rs[6].status();
+  EXPECT_EQ(rs[6]->pages_fetched, kPages);
+  for (uint64_t p = 0; p < kPages; ++p) EXPECT_TRUE(PageHasVersion(big.data() + p * kPage, p + 1));
+}
+
+TEST_F(Sessions, SixtyFourClientsReadAtOnce) {
+  std::vector<std::thread> threads;
+  std::atomic<int> good{0};
+  for (int i = 0; i < 64; ++i) {
+    threads.emplace_back([&, i] {
+      auto c = b_->Connect();
+      if (!c) return;
+      std::vector<uint8_t> buf(kPages * kPage);
+      ReadOptions o;
+      o.fresh = i % 2 == 0;
+      for (int round = 0; round < 3; ++round) {
+        auto r = c->Read("m", 0, absl::MakeSpan(buf), o);
+        if (!r.ok()) return;
+        for (uint64_t p = 0; p < kPages; ++p) {
+          if (!PageHasVersion(buf.data() + p * kPage, p + 1)) return;
+        }
+      }
+      ++good;
+    });
+  }
+  for (auto& t : threads) t.join();
+  EXPECT_EQ(good.load(), 64);
+}
+
+TEST_F(Sessions, AKilledClientLeavesNothingBehind) {
+  ExpectWhole(*cb_, false);
+  const pid_t svmd = b_->process().pid();
+  const int baseline = CountFds(svmd);
+  ASSERT_GT(baseline, 0);
+  for (int round = 0; round < 3; ++round) {
+    // The session is set up before the fork: the child only touches the
+    // rings (no allocation, no gRPC after fork).
+    auto raw = RawSession::Connect(session_socket_);
+    ASSERT_NE(raw, nullptr);
+    ASSERT_TRUE(raw->Hello());
+    const int h = raw->Open("m");
+    ASSERT_GE(h, 0);
+    pid_t child = ::fork();
+    ASSERT_GE(child, 0);
+    if (child == 0) {
+      for (uint64_t i = 0;; ++i) {
+        abi::Sqe e{};
+        e.user_data = i;
+        e.opcode = abi::kOpRead;
+        e.flags = abi::kFresh;
+        e.handle = static_cast<uint32_t>(h);
+        e.len = kPages * kPage;
+        e.data_offset = (i % 4) * kPages * kPage;
+        raw->TrySubmit(e);
+        raw->SkipCompletions();
+      }
+    }
+    raw.reset();  // the child holds the session now
+    ::usleep(300 * 1000);
+    ::kill(child, SIGKILL);
+    ::waitpid(child, nullptr, 0);
+  }
+  int now = -1;
+  for (int i = 0; i < 50; ++i) {
+    now = CountFds(svmd);
+    if (now <= baseline) break;
+    ::usleep(100 * 1000);
+  }
+  EXPECT_LE(now, baseline) << "svmd kept descriptors of killed clients";
+  ExpectWhole(*cb_, true);
+}
+
+TEST_F(Sessions, AClientThatNeverDrainsCompletionsCostsOnlyItsSession) {
+  auto raw = RawSession::Connect(session_socket_);
+  ASSERT_NE(raw, nullptr);
+  ASSERT_TRUE(raw->Hello());
+  uint64_t len = 0;
+  const int h = raw->Open("m", &len);
+  ASSERT_GE(h, 0);
+  ASSERT_EQ(len, kPages * kPage);
+  // Submit as fast as the ring takes entries, never reaping.
+  uint64_t accepted = 0;
+  const absl::Time end = absl::Now() + absl::Seconds(2);
+  while (absl::Now() < end) {
+    abi::Sqe e{};
+    e.user_data = accepted;
+    e.opcode = abi::kOpRead;
+    e.handle = static_cast<uint32_t>(h);
+    e.offset = 0;
+    e.len = kPage;
+    e.data_offset = 0;
+    if (raw->TrySubmit(e)) {
+      ++accepted;
+    } else {
+      ::usleep(1000);
+    }
+  }
+  const uint64_t bound = raw->header().sq_entries + raw->header().cq_entries;
+  EXPECT_LE(accepted, bound) << "svmd kept taking entries of a client that drains nothing";
+  EXPECT_GE(accepted, raw->header().cq_entries) << "svmd took too few entries";
+  // Others are not held up.
+  const absl::Time t0 = absl::Now();
+  ExpectWhole(*cb_, true);
+  EXPECT_LT(absl::Now() - t0, absl::Seconds(2));
+  // Draining now gets every completion, in order of room.
+  uint64_t completed = 0;
+  const absl::Time end2 = absl::Now() + absl::Seconds(10);
+  while (completed < accepted && absl::Now() < end2) {
+    auto cs = raw->Reap();
+    for (const auto& c : cs) EXPECT_EQ(c.status, 0u) << std::string(reinterpret_cast<char*>(raw->data()), c.msg_len);
+    completed += cs.size();
+    if (cs.empty()) ::usleep(1000);
+  }
+  EXPECT_EQ(completed, accepted);
+}
+
+TEST_F(Sessions, FuzzedRingEntriesGetErrorCompletionsAndSvmdStaysHealthy) {
+  auto raw = RawSession::Connect(session_socket_);
+  ASSERT_NE(raw, nullptr);
+  ASSERT_TRUE(raw->Hello());
+  ASSERT_EQ(raw->Open("m"), 0);
+  std::mt19937_64 rng(1234);
+  const uint64_t data_size = raw->header().data_size;
+  auto pick = [&](std::initializer_list<uint64_t> interesting) {
+    std::vector<uint64_t> v(interesting);
+    return rng() % 4 == 0 ? rng() : v[rng() % v.size()];
+  };
+  constexpr int kEntries = 5000;
+  int submitted = 0, completed = 0, errors = 0;
+  const absl::Time end = absl::Now() + absl::Seconds(30);
+  while (completed < kEntries && absl::Now() < end) {
+    if (submitted < kEntries) {
+      abi::Sqe e{};
+      e.user_data = static_cast<uint64_t>(submitted);
+      e.opcode = static_cast<uint16_t>(pick({0, 1, 1, 1, 2, 0xffff}));
+      e.flags = static_cast<uint16_t>(pick({0, 1, 2, 0x8000}));
+      e.handle = static_cast<uint32_t>(pick({0, 1, 0xffffffff}));
+      e.offset = pick({0, kPage, kPages * kPage, kPages * kPage - 1, UINT64_MAX, UINT64_MAX - kPage + 1});
+      e.len = pick({0, 1, kPage, kPages * kPage, data_size, data_size + 1, UINT64_MAX});
+      e.data_offset = pick({0, 1, data_size - kPage, data_size, UINT64_MAX, UINT64_MAX - 10});
+      if (raw->TrySubmit(e)) ++submitted;
+    }
+    for (const auto& c : raw->Reap()) {
+      ++completed;
+      errors += c.status != 0;
+    }
+  }
+  EXPECT_EQ(completed, kEntries);
+  EXPECT_GT(errors, kEntries / 2);
+  // svmd is fine, and so is everybody else.
+  ExpectWhole(*cb_, true);
+  ExpectWhole(*cb_, false);
+}
+
+TEST_F(Sessions, BadMessagesCloseOnlyThatSession) {
+  for (int variant = 0; variant < 4; ++variant) {
+    auto raw = RawSession::Connect(session_socket_);
+    ASSERT_NE(raw, nullptr);
+    char junk[64];
+    std::memset(junk, 0x5a, sizeof(junk));
+    size_t n = sizeof(junk);
+    if (variant == 1) n = 3;
+    if (variant == 2) {  // open before hello
+      abi::OpenMsg m{};
+      m.h.type = abi::kOpen;
+      m.name_len = 1;
+      m.name[0] = 'm';
+      m.h.len = offsetof(abi::OpenMsg, name) + 1;
+      std::memcpy(junk, &m, m.h.len);
+      n = m.h.len;
+    }
+    if (variant == 3) {  // a corrupted ring after a good hello
+      ASSERT_TRUE(raw->Hello());
+      abi::Sqe e{};
+      raw->TrySubmit(e);
+      raw->mutable_header()->sq.tail.store(1u << 30);
+      raw->Ring();
+    } else {
+      ASSERT_EQ(abi::SendMsg(raw->sock(), junk, n, nullptr, 0), 0);
+    }
+    // svmd answers with an error (or nothing) and closes the session.
+    char buf[abi::kMaxMsg];
+    int fds[4], nfds = 0;
+    ssize_t got;
+    do {
+      got = abi::RecvMsg(raw->sock(), buf, sizeof(buf), fds, &nfds);
+    } while (got > 0);
+    EXPECT_EQ(got, 0) << "variant " << variant;
+  }
+  ExpectWhole(*cb_, true);
+}
+
+TEST_F(Sessions, InvalidatedPagesAreNotServedFromTheSharedCache) {
+  ExpectWhole(*cb_, false);
+  auto w = cb_->Watch("m");
+  ASSERT_TRUE(w.ok());
+  auto rep = exporter_->Command("stamp 7");
+  ASSERT_TRUE(rep.ok() && absl::StartsWith(*rep, "ok")) << (rep.ok() ? *rep : rep.status().ToString());
+  ASSERT_TRUE(cb_->Sync("m").ok());
+  std::vector<uint8_t> buf(kPages * kPage);
+  auto r = cb_->Read("m", 0, absl::MakeSpan(buf));
+  ASSERT_TRUE(r.ok()) << r.status();
+  for (uint64_t p = 0; p < kPages; ++p) {
+    ASSERT_TRUE(PageHasVersion(buf.data() + p * kPage, (7ull << 32) | p)) << "page " << p;
+  }
+}
+
+}  // namespace
+}  // namespace svm::testing
