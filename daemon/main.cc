@@ -6,6 +6,7 @@
 
 #include <cstdio>
 #include <fstream>
+#include <optional>
 #include <sstream>
 
 #include "absl/strings/match.h"
@@ -13,6 +14,7 @@
 #include "absl/strings/strip.h"
 #include "common/args.h"
 #include "daemon/core/daemon.h"
+#include "daemon/metrics/metrics_server.h"
 #include "daemon/service/server.h"
 #include "spdlog/sinks/stdout_color_sinks.h"
 #include "common/log.h"
@@ -43,6 +45,8 @@ constexpr char kUsage[] = R"(usage: svmd [options]
   --socket-mode OCTAL          control socket mode (default 0660)
   --socket-group NAME          control socket group (default svm, if it exists; a group
                                named here must exist; "" leaves the socket's group alone)
+  --metrics-listen HOST:PORT   serve Prometheus metrics at http://HOST:PORT/metrics (default:
+                               off; port 0: any, the log names it)
   --log-level LEVEL            trace|debug|info|warn|error|critical|off (default info)
   --fault-fetch-delay-ms N     testing only: delay every fetch reply after the copy
   --fault-subscribe-inval-ms N testing only: on every subscription, push an invalidation of
@@ -158,7 +162,7 @@ int main(int argc, char** argv) {
       {"control", "peer-listen", "data-listen", "node", "source", "transport", "rdma-device",
        "rdma-registration", "peer-token-file",
        "cache-mb", "poll-interval-ms", "scrub-interval-ms", "sync-timeout-ms", "fetch-timeout-ms",
-       "socket-mode", "socket-group", "log-level", "fault-fetch-delay-ms", "fault-subscribe-inval-ms", "peer-timeout-ms"},
+       "socket-mode", "socket-group", "log-level", "metrics-listen", "fault-fetch-delay-ms", "fault-subscribe-inval-ms", "peer-timeout-ms"},
       {"help", "version"});
   if (!args.ok()) {
     std::fprintf(stderr, "svmd: %s\n%s", std::string(args.status().message()).c_str(), kUsage);
@@ -199,6 +203,12 @@ int main(int argc, char** argv) {
 
   auto opts = ParseOptions(*args);
   if (!opts.ok()) return usage_error(opts.status());
+  std::optional<svm::HostPort> metrics_listen;
+  if (args->Has("metrics-listen")) {
+    auto hp = HostPortArg(*args, "metrics-listen", "");
+    if (!hp.ok()) return usage_error(hp.status());
+    metrics_listen = *hp;
+  }
 
   // Signals are taken synchronously by this thread; every other thread
   // inherits the mask.
@@ -219,6 +229,16 @@ int main(int argc, char** argv) {
   if (!server.ok()) {
     spdlog::error("cannot start: {}", server.status().message());
     return 1;
+  }
+  std::unique_ptr<svm::metrics::MetricsServer> metrics;
+  if (metrics_listen) {
+    auto m = svm::metrics::MetricsServer::Start(daemon->get(), *metrics_listen);
+    if (!m.ok()) {
+      spdlog::error("cannot start: {}", m.status().message());
+      return 1;
+    }
+    metrics = std::move(*m);
+    spdlog::info("metrics on http://{}/metrics", metrics->address());
   }
   std::string data;
   for (svm::transport::Transport* t : (*daemon)->transports()) {
@@ -243,6 +263,7 @@ int main(int argc, char** argv) {
   }
   spdlog::info("signal {}: shutting down", sig);
   sd_notify(0, "STOPPING=1");
+  metrics.reset();  // no scrape may read the tables while they go
   (*server)->Shutdown();
   server->reset();
   daemon->reset();
