@@ -183,7 +183,8 @@ const std::set<std::string> kValueFlags = {
 const std::set<std::string> kBoolFlags = {"help", "version"};
 
 // The words of a flagfile: each line "--flag value" or "--flag=value"
-// (the value is the rest of the line), "#" comments and blank lines skipped.
+// (the value is the rest of the line, literally: no quoting), "#" comments
+// and blank lines skipped.
 absl::StatusOr<std::vector<std::string>> ReadFlagfile(const std::string& path) {
   std::ifstream in(path);
   if (!in) return absl::NotFoundError(absl::StrCat("--flagfile: cannot read ", path));
@@ -196,15 +197,12 @@ absl::StatusOr<std::vector<std::string>> ReadFlagfile(const std::string& path) {
       return absl::InvalidArgumentError(
           absl::StrFormat("--flagfile %s:%d: expected --flag [value], got '%s'", path, n, l));
     }
-    const size_t sp = l.find_first_of(" \t");
-    words.emplace_back(l.substr(0, sp));
-    if (sp != absl::string_view::npos) {
-      words.emplace_back(absl::StripAsciiWhitespace(l.substr(sp)));
-    }
-    if (absl::StartsWith(words[words.size() - (sp == absl::string_view::npos ? 1 : 2)],
-                         "--flagfile")) {
+    if (absl::StartsWith(l, "--flagfile")) {
       return absl::InvalidArgumentError(absl::StrFormat("--flagfile %s:%d: flagfiles do not nest", path, n));
     }
+    const size_t sp = l.find_first_of(" \t");
+    words.emplace_back(l.substr(0, sp));
+    if (sp != absl::string_view::npos) words.emplace_back(absl::StripAsciiWhitespace(l.substr(sp)));
   }
   return words;
 }

@@ -152,6 +152,10 @@ TEST(Systemd, SighupReReadsTheFlagfile) {
   // At start-up a bad flagfile is a usage error.
   auto bad = RunCommand({SvmdPath(), "--flagfile", flags, "--control", absl::StrCat("unix:", sock)});
   EXPECT_EQ(bad.exit_code, 2) << bad.err;
+  std::ofstream(flags) << "--flagfile " << flags << "\n";
+  auto nested = RunCommand({SvmdPath(), "--flagfile", flags});
+  EXPECT_EQ(nested.exit_code, 2) << nested.err;
+  EXPECT_TRUE(absl::StrContains(nested.err, "flagfiles do not nest")) << nested.err;
   auto missing = RunCommand({SvmdPath(), "--flagfile", absl::StrCat(dir.path(), "/none")});
   EXPECT_EQ(missing.exit_code, 2) << missing.err;
   EXPECT_TRUE(absl::StrContains(missing.err, "--flagfile: cannot read")) << missing.err;
