@@ -82,7 +82,7 @@ TEST(Systemd, ReadyStatusWatchdogReloadAndStopping) {
   while (absl::Now() - t0 < absl::Seconds(1)) {
     pings += absl::StartsWith(notify.Next(absl::Seconds(1) - (absl::Now() - t0)), "WATCHDOG=1\n");
   }
-  EXPECT_GE(pings, 4);
+  EXPECT_GE(pings, 3);  // about 6
   EXPECT_LE(pings, 9);
 
   // STATUS= follows the daemon's state.

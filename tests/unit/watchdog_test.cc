@@ -75,7 +75,7 @@ TEST(Watchdog, PingsWithTheStatusWhileProbesRun) {
   auto w = StartWatchdog(d, r, absl::Milliseconds(100));  // a ping every 50 ms
   absl::SleepFor(absl::Milliseconds(320));
   w.reset();
-  EXPECT_GE(r.Count("WATCHDOG=1\nSTATUS=1 export"), 4);
+  EXPECT_GE(r.Count("WATCHDOG=1\nSTATUS=1 export"), 3);  // about 6
   EXPECT_LE(r.Count("WATCHDOG=1"), 8);  // one per tick, not a busy loop
 }
 
