@@ -1,18 +1,26 @@
 // svmd: the svm daemon. See `svmd --help`.
 #include <signal.h>
-#include <systemd/sd-daemon.h>
 #include <grp.h>
 #include <unistd.h>
 
 #include <cstdio>
 #include <fstream>
+#include <optional>
+#include <set>
 #include <sstream>
 
+#include "absl/cleanup/cleanup.h"
+#include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_split.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/strip.h"
 #include "common/args.h"
 #include "daemon/core/daemon.h"
+#include "daemon/metrics/metrics_server.h"
+#include "daemon/systemd/journal.h"
+#include "daemon/systemd/watchdog.h"
 #include "daemon/service/server.h"
 #include "spdlog/sinks/stdout_color_sinks.h"
 #include "common/log.h"
@@ -43,11 +51,17 @@ constexpr char kUsage[] = R"(usage: svmd [options]
   --socket-mode OCTAL          control socket mode (default 0660)
   --socket-group NAME          control socket group (default svm, if it exists; a group
                                named here must exist; "" leaves the socket's group alone)
+  --metrics-listen HOST:PORT   serve Prometheus metrics at http://HOST:PORT/metrics (default:
+                               off; port 0: any, the log names it)
   --log-level LEVEL            trace|debug|info|warn|error|critical|off (default info)
   --fault-fetch-delay-ms N     testing only: delay every fetch reply after the copy
   --fault-subscribe-inval-ms N testing only: on every subscription, push an invalidation of
                                the export's first page, then hold the answer N ms
+  --flagfile PATH              read options from PATH, one "--flag value" a line (# comments);
+                               options on the command line override it; SIGHUP re-reads it
   --version                    print the version and exit
+SIGHUP reloads: the log level (from --flagfile) and the peer token file are re-read;
+imports, exports and peer links stay up.
 Exit status: 0 after a clean shutdown (SIGTERM, SIGINT), 1 when svmd cannot start or
 serve, 2 for a usage error (the message names the flag).
 )";
@@ -98,6 +112,16 @@ absl::StatusOr<svm::HostPort> HostPortArg(const svm::Args& a, const std::string&
   return hp;
 }
 
+absl::StatusOr<std::string> ReadPeerToken(const std::string& path) {
+  std::ifstream in(path);
+  if (!in) return absl::NotFoundError(absl::StrCat("cannot read ", path));
+  std::stringstream ss;
+  ss << in.rdbuf();
+  std::string token(absl::StripAsciiWhitespace(ss.str()));
+  if (token.empty()) return absl::InvalidArgumentError("the peer token file is empty");
+  return token;
+}
+
 absl::StatusOr<svm::core::DaemonOptions> ParseOptions(const svm::Args& a) {
   svm::core::DaemonOptions o;
   const std::string control = a.Get("control", "unix:/run/svm/svmd.sock");
@@ -119,12 +143,9 @@ absl::StatusOr<svm::core::DaemonOptions> ParseOptions(const svm::Args& a) {
   o.rdma_device = a.Get("rdma-device", "");
   o.rdma_registration = a.Get("rdma-registration", "auto");
   if (a.Has("peer-token-file")) {
-    std::ifstream in(a.Get("peer-token-file"));
-    if (!in) return absl::NotFoundError(absl::StrCat("cannot read ", a.Get("peer-token-file")));
-    std::stringstream ss;
-    ss << in.rdbuf();
-    o.peer_token = std::string(absl::StripAsciiWhitespace(ss.str()));
-    if (o.peer_token.empty()) return absl::InvalidArgumentError("the peer token file is empty");
+    auto token = ReadPeerToken(a.Get("peer-token-file"));
+    if (!token.ok()) return token.status();
+    o.peer_token = *token;
   }
   auto num = [&](const char* key, uint64_t def) { return a.GetU64(key, def); };
   auto cache = num("cache-mb", 256);
@@ -152,14 +173,98 @@ absl::StatusOr<svm::core::DaemonOptions> ParseOptions(const svm::Args& a) {
 
 }  // namespace
 
+// The options svmd takes (value options and booleans).
+const std::set<std::string> kValueFlags = {
+    "control", "peer-listen", "data-listen", "node", "source", "transport", "rdma-device",
+    "rdma-registration", "peer-token-file", "cache-mb", "poll-interval-ms", "scrub-interval-ms",
+    "sync-timeout-ms", "fetch-timeout-ms", "socket-mode", "socket-group", "log-level",
+    "metrics-listen", "fault-fetch-delay-ms", "fault-subscribe-inval-ms", "peer-timeout-ms",
+    "flagfile"};
+const std::set<std::string> kBoolFlags = {"help", "version"};
+
+// The words of a flagfile: each line "--flag value" or "--flag=value"
+// (the value is the rest of the line, literally: no quoting), "#" comments
+// and blank lines skipped.
+absl::StatusOr<std::vector<std::string>> ReadFlagfile(const std::string& path) {
+  std::ifstream in(path);
+  if (!in) return absl::NotFoundError(absl::StrCat("--flagfile: cannot read ", path));
+  std::vector<std::string> words;
+  std::string line;
+  for (int n = 1; std::getline(in, line); ++n) {
+    absl::string_view l = absl::StripAsciiWhitespace(line);
+    if (l.empty() || l[0] == '#') continue;
+    if (!absl::StartsWith(l, "--")) {
+      return absl::InvalidArgumentError(
+          absl::StrFormat("--flagfile %s:%d: expected --flag [value], got '%s'", path, n, l));
+    }
+    if (absl::StartsWith(l, "--flagfile")) {
+      return absl::InvalidArgumentError(absl::StrFormat("--flagfile %s:%d: flagfiles do not nest", path, n));
+    }
+    const size_t sp = l.find_first_of(" \t");
+    words.emplace_back(l.substr(0, sp));
+    if (sp != absl::string_view::npos) words.emplace_back(absl::StripAsciiWhitespace(l.substr(sp)));
+  }
+  return words;
+}
+
+// The command line with the flagfile it names (if any) read in front of
+// it, so that the command line wins.
+absl::StatusOr<svm::Args> ParseArgs(int argc, char** argv) {
+  auto cli = svm::Args::Parse(argc, argv, kValueFlags, kBoolFlags);
+  if (!cli.ok() || !cli->Has("flagfile")) return cli;
+  auto words = ReadFlagfile(cli->Get("flagfile"));
+  if (!words.ok()) return words.status();
+  std::vector<char*> merged = {argv[0]};
+  for (auto& w : *words) merged.push_back(w.data());
+  for (int i = 1; i < argc; ++i) merged.push_back(argv[i]);
+  auto a = svm::Args::Parse(static_cast<int>(merged.size()), merged.data(), kValueFlags, kBoolFlags);
+  if (!a.ok()) {
+    return absl::Status(a.status().code(),
+                        absl::StrCat(a.status().message(), " (command line or --flagfile)"));
+  }
+  return a;
+}
+
+// SIGHUP: applies what can change while svmd runs (the log level), checks
+// the peer token file, and names every other option that changed as
+// needing a restart. Nothing is torn down: imports and links stay up.
+void Reload(int argc, char** argv, const svm::Args& running, const std::string& running_token) {
+  svm::systemd::Notify("RELOADING=1");
+  absl::Cleanup ready = [] { svm::systemd::Notify("READY=1"); };
+  auto now = ParseArgs(argc, argv);
+  if (!now.ok()) {
+    spdlog::error("reload: {}; nothing changed", now.status().message());
+    return;
+  }
+  auto level = LogLevelArg(*now);
+  if (!level.ok()) {
+    spdlog::error("reload: {}; nothing changed", level.status().message());
+    return;
+  }
+  if (*level != spdlog::get_level()) {
+    spdlog::set_level(*level);
+    spdlog::warn("reload: log level {}", spdlog::level::to_string_view(*level));
+  }
+  if (now->Has("peer-token-file")) {
+    auto token = ReadPeerToken(now->Get("peer-token-file"));
+    if (!token.ok()) {
+      spdlog::error("reload: {}; svmd keeps the token it started with", token.status().message());
+    } else if (*token != running_token) {
+      spdlog::warn("reload: the peer token changed; it takes effect when svmd restarts "
+                   "(imports and peer links keep the current one)");
+    }
+  }
+  for (const std::string& key : kValueFlags) {
+    if (key == "log-level" || key == "flagfile") continue;
+    if (now->Get(key, "\x01") != running.Get(key, "\x01")) {
+      spdlog::warn("reload: --{} changed; it takes effect when svmd restarts", key);
+    }
+  }
+  spdlog::info("reload: done");
+}
+
 int main(int argc, char** argv) {
-  auto args = svm::Args::Parse(
-      argc, argv,
-      {"control", "peer-listen", "data-listen", "node", "source", "transport", "rdma-device",
-       "rdma-registration", "peer-token-file",
-       "cache-mb", "poll-interval-ms", "scrub-interval-ms", "sync-timeout-ms", "fetch-timeout-ms",
-       "socket-mode", "socket-group", "log-level", "fault-fetch-delay-ms", "fault-subscribe-inval-ms", "peer-timeout-ms"},
-      {"help", "version"});
+  auto args = ParseArgs(argc, argv);
   if (!args.ok()) {
     std::fprintf(stderr, "svmd: %s\n%s", std::string(args.status().message()).c_str(), kUsage);
     return 2;
@@ -194,11 +299,17 @@ int main(int argc, char** argv) {
 
   auto logger = spdlog::stderr_color_mt("svmd");
   spdlog::set_default_logger(logger);
-  spdlog::set_pattern("%Y-%m-%dT%H:%M:%S.%e %^%l%$ [%n] %v");
+  svm::systemd::SetLogPattern();  // "<N>" priorities when stderr is the journal
   spdlog::set_level(*level);
 
   auto opts = ParseOptions(*args);
   if (!opts.ok()) return usage_error(opts.status());
+  std::optional<svm::HostPort> metrics_listen;
+  if (args->Has("metrics-listen")) {
+    auto hp = HostPortArg(*args, "metrics-listen", "");
+    if (!hp.ok()) return usage_error(hp.status());
+    metrics_listen = *hp;
+  }
 
   // Signals are taken synchronously by this thread; every other thread
   // inherits the mask.
@@ -220,6 +331,16 @@ int main(int argc, char** argv) {
     spdlog::error("cannot start: {}", server.status().message());
     return 1;
   }
+  std::unique_ptr<svm::metrics::MetricsServer> metrics;
+  if (metrics_listen) {
+    auto m = svm::metrics::MetricsServer::Start(daemon->get(), *metrics_listen);
+    if (!m.ok()) {
+      spdlog::error("cannot start: {}", m.status().message());
+      return 1;
+    }
+    metrics = std::move(*m);
+    spdlog::info("metrics on http://{}/metrics", metrics->address());
+  }
   std::string data;
   for (svm::transport::Transport* t : (*daemon)->transports()) {
     absl::StrAppend(&data, data.empty() ? "" : ", ", t->name(), " ", t->listen_address());
@@ -235,14 +356,43 @@ int main(int argc, char** argv) {
                  "unless peers are confined to a trusted network",
                  (*server)->peer_address());
   }
-  sd_notifyf(0, "READY=1\nSTATUS=serving peers on %s", (*server)->peer_address().c_str());
+  svm::core::Daemon* d = daemon->get();
+  auto summary = [d] {
+    return absl::StrFormat("serving: %d exports, %d imports, %u peer links up",
+                           d->exports().List().size(), d->imports().List().size(),
+                           d->imports().peers());
+  };
+  svm::systemd::Notify(absl::StrCat("READY=1\nSTATUS=", summary()));
+  // Under systemd: STATUS= refreshed, and WATCHDOG=1 when WatchdogSec= is
+  // set, each only after a probe ran on the executor and read the tables.
+  std::unique_ptr<svm::systemd::Watchdog> watchdog;
+  if (std::getenv("NOTIFY_SOCKET") != nullptr) {
+    const absl::Duration interval = svm::systemd::WatchdogInterval();
+    if (interval > absl::ZeroDuration()) {
+      spdlog::info("watchdog: pinging systemd every {} ms while the daemon makes progress",
+                   absl::ToInt64Milliseconds(interval / 2));
+    }
+    watchdog = svm::systemd::Watchdog::Start(
+        {.interval = interval},
+        [d](std::function<void()> done) {
+          d->executor().Submit([d, done = std::move(done)] {
+            d->exports().List();  // takes (and so checks) the table locks
+            d->imports().List();
+            done();
+          });
+        },
+        summary, &svm::systemd::Notify);
+  }
 
   int sig = 0;
   while (sigwait(&sigs, &sig) == 0 && sig == SIGHUP) {
-    spdlog::info("SIGHUP: nothing to reload");
+    spdlog::info("SIGHUP: reloading");
+    Reload(argc, argv, *args, opts->peer_token);
   }
   spdlog::info("signal {}: shutting down", sig);
-  sd_notify(0, "STOPPING=1");
+  svm::systemd::Notify("STOPPING=1");
+  watchdog.reset();  // its probes use the executor and the tables
+  metrics.reset();  // no scrape may read the tables while they go
   (*server)->Shutdown();
   server->reset();
   daemon->reset();

@@ -13,6 +13,7 @@ pkgs=(
   iproute2 procps python3
   dpkg-dev file lintian systemd man-db
   clang libclang-rt-14-dev
+  prometheus-cpp-dev prometheus curl
 )
 # The VM tier needs these on top (kernels are downloaded, never installed).
 if [[ "${SVM_WITH_VM:-0}" == "1" ]]; then

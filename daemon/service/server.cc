@@ -1,6 +1,8 @@
 #include "daemon/service/server.h"
 
 #include <grp.h>
+#include <grpcpp/ext/proto_server_reflection_plugin.h>
+#include <grpcpp/health_check_service_interface.h>
 #include <grpcpp/server_posix.h>
 #include <sys/socket.h>
 #include <unistd.h>
@@ -39,6 +41,12 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(core::Daemon* daemon, Serv
   std::unique_ptr<Server> s(new Server());
   s->daemon_ = daemon;
   const auto& o = daemon->options();
+  // Both servers answer grpc.health.v1.Health (overall "" and each svm
+  // service by its full name) and list their services through server
+  // reflection, so standard tools (grpcurl, grpc_cli, load balancers) can
+  // probe and explore them. Process-wide settings, read by BuildAndStart.
+  grpc::EnableDefaultHealthCheckService(true);
+  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
 
   s->peer_service_ = CreatePeerService(daemon);
   grpc::ServerBuilder pb;
@@ -61,6 +69,7 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(core::Daemon* daemon, Serv
   cb.RegisterService(s->control_service_.get());
   s->control_server_ = cb.BuildAndStart();
   if (!s->control_server_) return absl::InternalError("cannot start the control server");
+  s->SetServing(true);
 
   auto fd = UnixListen(o.control, opts.socket_mode);
   if (!fd.ok()) return fd.status();
@@ -114,9 +123,22 @@ void Server::AcceptLoop() {
   }
 }
 
+void Server::SetServing(bool serving) {
+  const std::pair<grpc::Server*, const char*> servers[] = {
+      {peer_server_.get(), "svm.v1.Peer"}, {control_server_.get(), "svm.v1.Control"}};
+  for (const auto& [srv, service] : servers) {
+    grpc::HealthCheckServiceInterface* h = srv ? srv->GetHealthCheckService() : nullptr;
+    if (h == nullptr) continue;
+    h->SetServingStatus(service, serving);
+    h->SetServingStatus(serving);  // overall (""): every service of the server
+  }
+}
+
 void Server::Shutdown() {
   if (shut_down_) return;
   shut_down_ = true;
+  // Health watchers (and checks racing the shutdown) see NOT_SERVING first.
+  SetServing(false);
   // Start() may have failed part way: stop only what was started.
   if (unix_fd_.valid()) ::shutdown(unix_fd_.get(), SHUT_RDWR);
   if (acceptor_.joinable()) acceptor_.join();

@@ -54,6 +54,8 @@ class Server {
  private:
   Server() = default;
   void AcceptLoop();
+  // The health status of both servers (overall and per service).
+  void SetServing(bool serving);
 
   core::Daemon* daemon_ = nullptr;
   ClientRegistry clients_;

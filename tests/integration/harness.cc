@@ -289,13 +289,19 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const Options& opts) {
 }
 
 absl::Status Daemon::Restart() {
-  std::vector<std::string> argv = {SvmdPath(),
-                                   "--control", control_,
-                                   "--peer-listen", absl::StrCat("127.0.0.1:", opts_.peer_port),
-                                   "--data-listen", absl::StrCat("127.0.0.1:", opts_.data_port),
-                                   "--node", opts_.node,
-                                   "--socket-mode", "0666",
-                                   "--log-level", "debug"};
+  std::vector<std::string> argv;
+  if (!opts_.env.empty()) {  // env(1) execs svmd: the pid stays svmd's
+    argv.push_back("/usr/bin/env");
+    argv.insert(argv.end(), opts_.env.begin(), opts_.env.end());
+  }
+  const std::vector<std::string> svmd = {SvmdPath(),
+                                         "--control", control_,
+                                         "--peer-listen", absl::StrCat("127.0.0.1:", opts_.peer_port),
+                                         "--data-listen", absl::StrCat("127.0.0.1:", opts_.data_port),
+                                         "--node", opts_.node,
+                                         "--socket-mode", "0666",
+                                         "--log-level", "debug"};
+  argv.insert(argv.end(), svmd.begin(), svmd.end());
   argv.push_back("--source");
   argv.push_back(TestSource());
   const std::string transport = opts_.transport.empty() ? TestTransport() : opts_.transport;

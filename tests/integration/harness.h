@@ -73,6 +73,7 @@ class Daemon {
     std::string node;
     std::string dir;
     std::vector<std::string> extra;  // more svmd flags
+    std::vector<std::string> env;    // NAME=VALUE added to svmd's environment
     uint16_t peer_port = 0;          // 0: the kernel chooses
     uint16_t data_port = 0;
     // --transport for svmd; Start fails when `svmctl status` names another.

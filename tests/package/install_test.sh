@@ -27,9 +27,11 @@ install_to() {  # install_to DESTDIR PREFIX
 verify_unit() {  # verify_unit STAGED_ROOT UNIT_PATH_IN_ROOT
   local r=$1 unit=$2
   command -v systemd-analyze >/dev/null || { echo "systemd-analyze not installed: verify skipped"; return 0; }
-  # The staged tree plus the host's units (sysinit.target & co.).
+  # The staged tree plus the host's units (sysinit.target & co.) and the
+  # host's kill(1), which ExecReload= runs.
   mkdir -p "$r/usr/lib/systemd/system"
   cp -an /usr/lib/systemd/system/. "$r/usr/lib/systemd/system/" 2>/dev/null || true
+  [[ -x /bin/kill ]] && install -D -m 0755 /bin/kill "$r/bin/kill"
   local man=(--man=no)
   command -v man >/dev/null && man=(--man=yes)
   MANPATH=$r/usr/share/man:$r/usr/local/share/man systemd-analyze verify "${man[@]}" --root="$r" "$unit" ||
