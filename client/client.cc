@@ -2,6 +2,7 @@
 
 #include <grpcpp/grpcpp.h>
 #include <sys/prctl.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <deque>
@@ -19,6 +20,13 @@ namespace svm {
 namespace {
 
 constexpr uint64_t kPageSize = session::abi::kPageSize;
+
+// CLOCK_MONOTONIC through the vDSO: no system call.
+int64_t MonotonicNs() {
+  timespec ts;
+  ::clock_gettime(CLOCK_MONOTONIC, &ts);
+  return static_cast<int64_t>(ts.tv_sec) * 1000000000 + ts.tv_nsec;
+}
 
 absl::Status FromGrpc(const grpc::Status& s) {
   if (s.ok()) return absl::OkStatus();
@@ -184,7 +192,10 @@ class GrpcClient final : public Client {
       // Byte ranges [first, last) that must come from svmd.
       std::vector<std::pair<uint64_t, uint64_t>> missing;
       const internal::View& view = **v;
-      if (view.kind == session::abi::kImport && !op.opts.fresh) {
+      // The cache serves only while the importer's lease on the exporter
+      // holds (an importer the exporter gave up on must not serve it).
+      if (view.kind == session::abi::kImport && !op.opts.fresh &&
+          MonotonicNs() < view.header->lease_until_ns.load(std::memory_order_acquire)) {
         const uint64_t seq = view.header->seq.load(std::memory_order_acquire);
         bool hit = false;
         for (uint64_t p = op.offset / kPageSize; p * kPageSize < end; ++p) {

@@ -48,6 +48,11 @@ constexpr char kUsage[] = R"(usage: svmd [options]
   --sync-timeout-ms N          how long Sync waits for importers (default 5000)
   --fetch-timeout-ms N         how long a read waits for the exporter (default 1500)
   --peer-timeout-ms N          deadline of each call to a peer daemon (default 2000)
+  --lease-ms N                 importer: serve cached pages only this long after the
+                               exporter was last heard from (default 2000; keep it below
+                               every exporter's --sync-timeout-ms)
+  --heartbeat-ms N             exporter: heartbeat on every data connection (default 500;
+                               keep it well below importers' --lease-ms)
   --socket-mode OCTAL          control socket mode (default 0660)
   --socket-group NAME          control socket group (default svm, if it exists; a group
                                named here must exist; "" leaves the socket's group alone)
@@ -156,10 +161,25 @@ absl::StatusOr<svm::core::DaemonOptions> ParseOptions(const svm::Args& a) {
   auto fault = num("fault-fetch-delay-ms", 0);
   auto fault_sub = num("fault-subscribe-inval-ms", 0);
   auto peer_timeout = num("peer-timeout-ms", 2000);
-  for (auto* s : {&cache, &poll, &scrub, &sync, &fetch, &fault, &fault_sub, &peer_timeout}) {
+  auto lease = num("lease-ms", 2000);
+  auto heartbeat = num("heartbeat-ms", 500);
+  for (auto* s : {&cache, &poll, &scrub, &sync, &fetch, &fault, &fault_sub, &peer_timeout, &lease,
+                  &heartbeat}) {
     if (!s->ok()) return s->status();
   }
   if (*poll == 0 || *scrub == 0) return absl::InvalidArgumentError("intervals must be > 0");
+  if (*heartbeat == 0) return absl::InvalidArgumentError("--heartbeat-ms must be > 0");
+  if (*lease <= *heartbeat) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "--lease-ms %u must be longer than --heartbeat-ms %u", *lease, *heartbeat));
+  }
+  if (*lease >= *sync) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "--lease-ms %u must be shorter than --sync-timeout-ms %u (an importer dropped by an "
+        "exporter could otherwise serve stale pages)", *lease, *sync));
+  }
+  o.import.lease = absl::Milliseconds(*lease);
+  o.heartbeat_interval = absl::Milliseconds(*heartbeat);
   o.cache_bytes = *cache << 20;
   o.poll_interval = absl::Milliseconds(*poll);
   o.scrub_interval = absl::Milliseconds(*scrub);
@@ -179,7 +199,7 @@ const std::set<std::string> kValueFlags = {
     "rdma-registration", "peer-token-file", "cache-mb", "poll-interval-ms", "scrub-interval-ms",
     "sync-timeout-ms", "fetch-timeout-ms", "socket-mode", "socket-group", "log-level",
     "metrics-listen", "fault-fetch-delay-ms", "fault-subscribe-inval-ms", "peer-timeout-ms",
-    "flagfile"};
+    "lease-ms", "heartbeat-ms", "flagfile"};
 const std::set<std::string> kBoolFlags = {"help", "version"};
 
 // The words of a flagfile: each line "--flag value" or "--flag=value"

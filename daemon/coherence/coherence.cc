@@ -157,11 +157,13 @@ bool ImportCoherence::OnInvalidation(uint64_t seq, bool terminal) {
 
 void ImportCoherence::OnDisconnect() {
   ++epoch_;
+  lease_until_ns_ = 0;
   if (state_ != ImportState::kGone) state_ = ImportState::kDetached;
 }
 
 void ImportCoherence::MarkGone() {
   ++epoch_;
+  lease_until_ns_ = 0;
   state_ = ImportState::kGone;
 }
 

@@ -161,6 +161,21 @@ class ImportCoherence {
   // A fetch answered that the export is gone.
   void MarkGone();
 
+  // The lease (rule 6): cached pages may be served only while the exporter
+  // was heard from recently. The exporter gives up on an importer that
+  // does not acknowledge an invalidation within its sync timeout; an
+  // importer that was stalled that long (stopped, partitioned) may not know
+  // it was dropped, and must not serve its cache until it hears from the
+  // exporter again. Anything received on the subscription's channel (an
+  // invalidation, a heartbeat, the subscription's answer) renews it:
+  // frames are ordered, so every invalidation sent before it was applied.
+  // The lease must be shorter than the exporter's sync timeout.
+  void Renew(int64_t now_ns, int64_t lease_ns) { lease_until_ns_ = now_ns + lease_ns; }
+  int64_t lease_until_ns() const { return lease_until_ns_; }
+  bool CacheUsable(int64_t now_ns) const {
+    return state_ == ImportState::kLive && now_ns < lease_until_ns_;
+  }
+
   FetchTicket BeginFetch() const { return FetchTicket{epoch_}; }
   // The install rule (rule 4): pages fetched under ticket, answered with
   // the exporter's sequence reply_seq, may be installed only if the same
@@ -175,6 +190,7 @@ class ImportCoherence {
   uint64_t epoch_ = 0;
   uint64_t max_seq_ = 0;
   uint64_t invalidations_ = 0;
+  int64_t lease_until_ns_ = 0;
 };
 
 // ---------------------------------------------------------------------------

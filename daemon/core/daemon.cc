@@ -91,7 +91,14 @@ std::string Daemon::export_paths() const {
 }
 
 void Daemon::ScrubLoop() {
-  while (!stop_.WaitForNotificationWithTimeout(opts_.scrub_interval)) exports_->Scrub();
+  absl::Time heartbeat_at = absl::Now();
+  while (!stop_.WaitForNotificationWithTimeout(opts_.scrub_interval)) {
+    exports_->Scrub();
+    if (absl::Now() >= heartbeat_at) {
+      exports_->Heartbeat();
+      heartbeat_at = absl::Now() + opts_.heartbeat_interval;
+    }
+  }
 }
 
 }  // namespace svm::core

@@ -38,6 +38,7 @@ struct DaemonOptions {
   uint64_t cache_bytes = 256ull << 20;
   absl::Duration poll_interval = absl::Milliseconds(10);
   absl::Duration scrub_interval = absl::Milliseconds(50);
+  absl::Duration heartbeat_interval = absl::Milliseconds(500);
   ExportLimits limits;
   ImportOptions import;
 };

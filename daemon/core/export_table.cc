@@ -501,6 +501,24 @@ void ExportTable::OnAck(uint64_t subscriber_id, uint64_t export_id, uint64_t seq
   }
 }
 
+void ExportTable::Heartbeat() {
+  std::vector<std::shared_ptr<struct ExportEntry>> all;
+  {
+    absl::MutexLock l(&mu_);
+    for (auto& [id, e] : by_id_) all.push_back(e);
+    for (auto& [id, e] : draining_) all.push_back(e);
+  }
+  std::map<uint64_t, std::shared_ptr<transport::Subscriber>> subs;
+  for (auto& e : all) {
+    absl::MutexLock l(&e->mu);
+    for (auto& [id, sub] : e->subs) subs.emplace(id, sub);
+  }
+  const transport::InvalRecord beat{transport::kHeartbeatExportId, 0, 0, 0, source::ChangeKind::kWrite,
+                                    source::MonotonicNs()};
+  // A closed subscriber is removed by the next invalidation or its close.
+  for (auto& [id, sub] : subs) sub->PushInvalidation(beat);
+}
+
 void ExportTable::OnSubscriberClosed(uint64_t subscriber_id) {
   std::vector<std::shared_ptr<struct ExportEntry>> all;
   {

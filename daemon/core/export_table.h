@@ -99,6 +99,9 @@ class ExportTable final : public transport::ExportBackend {
                                       bool track, absl::Span<uint8_t> dst) override;
   void OnAck(uint64_t subscriber_id, uint64_t export_id, uint64_t seq) override;
   void OnSubscriberClosed(uint64_t subscriber_id) override;
+  // Sends a heartbeat to every subscriber (once per connection): it renews
+  // their leases (coherence.h). Never blocks.
+  void Heartbeat();
 
  private:
   struct ExportEntry;

@@ -397,6 +397,7 @@ absl::Status ImportTable::Attach(ImportEntry& imp) {
   }
   imp.gone_reason.clear();
   cache_->SetSeq(imp.id, imp.coh.max_seq());
+  RenewLocked(imp);
   // Sticky for the export: a region withdrawn at this moment (the object
   // being truncated, say) may come back; the import keeps asking.
   imp.zc_offered = (imp.zc_offered || desc.has_zero_copy()) && (*ch)->one_sided();
@@ -600,7 +601,13 @@ absl::StatusOr<v1::ReadResponse> ImportTable::Read(const std::string& name, uint
   std::vector<bool> have(n, false);
   v1::ReadResponse resp;
   uint64_t min_seq = UINT64_MAX;
-  if (!fresh) {
+  bool cache_usable;
+  {
+    absl::MutexLock l(&imp->mu);
+    cache_usable = imp->coh.CacheUsable(static_cast<int64_t>(source::MonotonicNs()));
+  }
+  if (!fresh && !cache_usable) counters_->Add("reads_past_lease");
+  if (!fresh && cache_usable) {
     for (uint64_t i = 0; i < n; ++i) {
       have[i] = cache_->Lookup(imp->id, first + i, absl::MakeSpan(buf.data() + i * kPageSize, kPageSize));
     }
@@ -622,6 +629,7 @@ absl::StatusOr<v1::ReadResponse> ImportTable::Read(const std::string& name, uint
         // Withdrawn on the exporter: reattach by name on the next read.
         absl::MutexLock l(&imp->mu);
         imp->coh.MarkGone();
+        cache_->SetLease(imp->id, imp->coh.lease_until_ns());
         imp->gone_reason = "withdrawn by the exporter";
         return absl::FailedPreconditionError(
             absl::StrCat("export '", imp->remote_name, "' gone: ", seq.status().message()));
@@ -681,6 +689,11 @@ absl::StatusOr<v1::SyncResponse> ImportTable::Sync(const std::string& name) {
   return r;
 }
 
+void ImportTable::RenewLocked(ImportEntry& imp) {
+  imp.coh.Renew(static_cast<int64_t>(source::MonotonicNs()), absl::ToInt64Nanoseconds(opts_.lease));
+  cache_->SetLease(imp.id, imp.coh.lease_until_ns());
+}
+
 void ImportTable::Publish(ImportEntry& imp, uint64_t first, uint64_t n, uint64_t seq, ChangeKind kind,
                           uint64_t detected_ns) {
   v1::Invalidation ev;
@@ -699,6 +712,15 @@ void ImportTable::OnInvalidation(transport::PeerChannel* ch, const transport::In
     absl::MutexLock l(&mu_);
     for (auto& [n, i] : imports_) all.push_back(i);
   }
+  if (r.export_id == transport::kHeartbeatExportId) {
+    // The exporter is still sending on ch: every import on it may keep
+    // serving its cache a while longer.
+    for (auto& imp : all) {
+      absl::MutexLock l(&imp->mu);
+      if (imp->channel.get() == ch && imp->coh.state() == coherence::ImportState::kLive) RenewLocked(*imp);
+    }
+    return;
+  }
   for (auto& imp : all) {
     {
       absl::MutexLock l(&imp->mu);
@@ -707,6 +729,7 @@ void ImportTable::OnInvalidation(transport::PeerChannel* ch, const transport::In
       if (!imp->coh.OnInvalidation(r.seq, terminal)) continue;
       cache_->Drop(imp->id, r.first_page, r.npages);
       cache_->SetSeq(imp->id, imp->coh.max_seq());
+      if (imp->coh.state() == coherence::ImportState::kLive) RenewLocked(*imp);
       if (r.kind != ChangeKind::kWrite) {
         // The channel dropped the region: ask for the new one on the next read.
         imp->zc_registration.clear();
@@ -750,6 +773,7 @@ void ImportTable::OnChannelClosed(transport::PeerChannel* ch, const absl::Status
       cache_->DropImport(imp->id);
       imp->channel = nullptr;
       imp->coh.OnDisconnect();
+      cache_->SetLease(imp->id, imp->coh.lease_until_ns());
       seq = imp->coh.max_seq();
       npages = imp->len / kPageSize;
     }

@@ -52,6 +52,10 @@ struct ImportOptions {
   std::string peer_token;                        // empty: peers unauthenticated
   absl::Duration rpc_timeout = absl::Seconds(2);   // every peer gRPC call
   absl::Duration fetch_timeout = absl::Milliseconds(1500);
+  // How long cached pages stay usable after the exporter was last heard
+  // from (coherence.h: the lease). Shorter than every exporter's sync
+  // timeout (default 5 s), longer than their heartbeat interval.
+  absl::Duration lease = absl::Seconds(2);
 };
 
 // Transport choice for one peer link: the local transports (names, in
@@ -117,6 +121,8 @@ class ImportTable final : public transport::ImportBackend {
   void RefreshRegion(ImportEntry& imp, transport::PeerChannel* ch, uint64_t export_id);
   std::shared_ptr<ImportEntry> Find(const std::string& name) const;
   v1::ImportInfo InfoOf(ImportEntry& imp) const;
+  // Renews the lease of an import (under its mu) and publishes it to clients.
+  void RenewLocked(ImportEntry& imp);
   void Publish(ImportEntry& imp, uint64_t first, uint64_t n, uint64_t seq, source::ChangeKind kind,
                uint64_t detected_ns);
 

@@ -127,6 +127,9 @@ struct CacheHeader {
   // of another length) or removed it: holders open the import again.
   std::atomic<uint32_t> retired;
   uint32_t pad;
+  // Cached pages may be used only while CLOCK_MONOTONIC is below this
+  // (nanoseconds): the importer's lease on the exporter (coherence.h).
+  std::atomic<int64_t> lease_until_ns;
 };
 inline constexpr uint64_t kWordsOffset = kPageSize;  // the words follow the header page
 

@@ -211,6 +211,12 @@ void SharedCache::SetSeq(uint64_t import_id, uint64_t seq) {
   if (it != files_.end()) it->second->header->seq.store(seq, std::memory_order_release);
 }
 
+void SharedCache::SetLease(uint64_t import_id, int64_t until_ns) {
+  absl::MutexLock l(&mu_);
+  auto it = files_.find(import_id);
+  if (it != files_.end()) it->second->header->lease_until_ns.store(until_ns, std::memory_order_release);
+}
+
 uint64_t SharedCache::CountImport(uint64_t import_id) const {
   absl::MutexLock l(&mu_);
   uint64_t n = 0;

@@ -61,6 +61,8 @@ class SharedCache {
   uint64_t DropImport(uint64_t import_id);
   // Publishes the import's newest applied invalidation sequence to clients.
   void SetSeq(uint64_t import_id, uint64_t seq);
+  // Publishes the import's lease (CLOCK_MONOTONIC ns) to clients.
+  void SetLease(uint64_t import_id, int64_t until_ns);
   uint64_t CountImport(uint64_t import_id) const;
   uint64_t size() const;
   uint64_t capacity() const { return capacity_; }

@@ -28,6 +28,11 @@ struct InvalRecord {
   uint64_t detected_ns = 0;
 };
 
+// An InvalRecord with this export id is a heartbeat: the exporter is still
+// sending on the channel (it renews the importer's lease; no export has
+// this id). Sent with kind kWrite, no pages and sequence 0.
+inline constexpr uint64_t kHeartbeatExportId = 0;
+
 // Exporter side: one connected importer that receives invalidations.
 class Subscriber {
  public:

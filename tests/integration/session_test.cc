@@ -160,10 +160,12 @@ class RawSession {
 class Sessions : public ::testing::Test {
  protected:
   void SetUp() override {
-    auto a = Daemon::Start({.node = "A", .dir = dir_.path(), .transport = "tcp"});
+    // A short lease, so that the lease test need not wait long.
+    const std::vector<std::string> lease = {"--lease-ms", "600", "--heartbeat-ms", "100"};
+    auto a = Daemon::Start({.node = "A", .dir = dir_.path(), .extra = lease, .transport = "tcp"});
     ASSERT_TRUE(a.ok()) << a.status();
     a_ = std::move(*a);
-    auto b = Daemon::Start({.node = "B", .dir = dir_.path(), .transport = "tcp"});
+    auto b = Daemon::Start({.node = "B", .dir = dir_.path(), .extra = lease, .transport = "tcp"});
     ASSERT_TRUE(b.ok()) << b.status();
     b_ = std::move(*b);
     cb_ = b_->Connect();
@@ -444,6 +446,30 @@ TEST_F(Sessions, InvalidatedPagesAreNotServedFromTheSharedCache) {
   for (uint64_t p = 0; p < kPages; ++p) {
     ASSERT_TRUE(PageHasVersion(buf.data() + p * kPage, (7ull << 32) | p)) << "page " << p;
   }
+}
+
+TEST_F(Sessions, CachedPagesAreNotServedPastTheLease) {
+  ExpectWhole(*cb_, false);
+  std::vector<uint8_t> buf(kPage);
+  auto r = cb_->Read("m", 0, absl::MakeSpan(buf));
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->pages_from_cache, 1u);
+  // The exporter's daemon stops: no heartbeats, no invalidations. Once the
+  // lease ran out, the importer may have been dropped without knowing it.
+  a_->process().Signal(SIGSTOP);
+  ::usleep(900 * 1000);
+  r = cb_->Read("m", 0, absl::MakeSpan(buf));
+  EXPECT_FALSE(r.ok() && r->pages_from_cache > 0) << "served from the cache past the lease";
+  a_->process().Signal(SIGCONT);
+  // Heard from again: the cache (not dropped) serves again.
+  bool cached = false;
+  for (int i = 0; i < 50 && !cached; ++i) {
+    ::usleep(50 * 1000);
+    r = cb_->Read("m", 0, absl::MakeSpan(buf));
+    cached = r.ok() && r->pages_from_cache == 1;
+  }
+  EXPECT_TRUE(cached);
+  ASSERT_TRUE(PageHasVersion(buf.data(), 1));
 }
 
 }  // namespace

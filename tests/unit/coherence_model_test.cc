@@ -494,6 +494,26 @@ TEST(ImportCoherence, AFetchFromAnEarlierSubscriptionNeverInstalls) {
   EXPECT_FALSE(c.MayInstall(c.BeginFetch(), 3));
 }
 
+TEST(ImportCoherence, TheCacheServesOnlyWithinTheLeaseOfALiveSubscription) {
+  ImportCoherence c;
+  const uint64_t e = c.BeginSubscribe();
+  c.Renew(1000, 500);
+  EXPECT_FALSE(c.CacheUsable(1100)) << "not live yet";
+  ASSERT_TRUE(c.CompleteSubscribe(e, 3));
+  c.Renew(1000, 500);
+  EXPECT_TRUE(c.CacheUsable(1499));
+  EXPECT_FALSE(c.CacheUsable(1500)) << "the exporter may have given up on us";
+  c.Renew(2000, 500);
+  EXPECT_TRUE(c.CacheUsable(2100)) << "heard from again";
+  c.OnDisconnect();
+  EXPECT_FALSE(c.CacheUsable(2100));
+  const uint64_t e2 = c.BeginSubscribe();
+  ASSERT_TRUE(c.CompleteSubscribe(e2, 3));
+  c.Renew(3000, 500);
+  c.MarkGone();
+  EXPECT_FALSE(c.CacheUsable(3100));
+}
+
 TEST(ExportCoherence, ServingAnotherVersionIsAChange) {
   ExportCoherence e;
   const uint64_t s = e.BeginServe();
