@@ -62,12 +62,14 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Create(DaemonOptions opts) {
                                               &d->counters_, io);
   d->executor_ = std::make_unique<Executor>(8, 64);
   d->scrubber_ = std::thread([p = d.get()] { p->ScrubLoop(); });
+  d->heartbeat_ = std::thread([p = d.get()] { p->HeartbeatLoop(); });
   return d;
 }
 
 Daemon::~Daemon() {
   stop_.Notify();
   if (scrubber_.joinable()) scrubber_.join();
+  if (heartbeat_.joinable()) heartbeat_.join();
   executor_.reset();
   for (transport::Transport* t : transport_list_) t->Stop();  // empty if Create() failed early
   imports_.reset();
@@ -91,14 +93,12 @@ std::string Daemon::export_paths() const {
 }
 
 void Daemon::ScrubLoop() {
-  absl::Time heartbeat_at = absl::Now();
-  while (!stop_.WaitForNotificationWithTimeout(opts_.scrub_interval)) {
-    exports_->Scrub();
-    if (absl::Now() >= heartbeat_at) {
-      exports_->Heartbeat();
-      heartbeat_at = absl::Now() + opts_.heartbeat_interval;
-    }
-  }
+  while (!stop_.WaitForNotificationWithTimeout(opts_.scrub_interval)) exports_->Scrub();
+}
+
+// Its own thread: a slow scrub must not let importers' leases run out.
+void Daemon::HeartbeatLoop() {
+  while (!stop_.WaitForNotificationWithTimeout(opts_.heartbeat_interval)) exports_->Heartbeat();
 }
 
 }  // namespace svm::core

@@ -71,6 +71,7 @@ class Daemon {
  private:
   explicit Daemon(DaemonOptions opts) : opts_(std::move(opts)) {}
   void ScrubLoop();
+  void HeartbeatLoop();
 
   DaemonOptions opts_;
   absl::Time started_ = absl::Now();
@@ -90,6 +91,7 @@ class Daemon {
   std::unique_ptr<Executor> executor_;
   absl::Notification stop_;
   std::thread scrubber_;
+  std::thread heartbeat_;
 };
 
 }  // namespace svm::core
