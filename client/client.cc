@@ -92,6 +92,33 @@ class GrpcWatch final : public WatchStream {
   absl::Status end_status_ ABSL_GUARDED_BY(mu_);
 };
 
+class MappingImpl final : public Mapping {
+ public:
+  MappingImpl(internal::Session* session, std::shared_ptr<internal::MappedRange> r)
+      : session_(session), r_(std::move(r)) {}
+  ~MappingImpl() override { session_->UnmapRange(r_); }
+  const uint8_t* data() const override { return r_->base; }
+  size_t size() const override { return r_->view->len; }
+  absl::Status Prefetch(uint64_t offset, uint64_t len) override {
+    if (offset > size() || len > size() - offset) {
+      return absl::OutOfRangeError(absl::StrFormat("prefetch of %u bytes at %u is past the end (%u bytes)",
+                                                   len, offset, size()));
+    }
+    if (len == 0) return absl::OkStatus();
+    const uint64_t first = offset / kPageSize;
+    const uint64_t last = (offset + len - 1) / kPageSize;
+    auto st = session_->FetchPages(*r_->view, first, last - first + 1);
+    if (st.ok()) r_->fetched.fetch_add(last - first + 1, std::memory_order_relaxed);
+    return st;
+  }
+  uint64_t faults() const override { return r_->faults.load(std::memory_order_relaxed); }
+  uint64_t pages_fetched() const override { return r_->fetched.load(std::memory_order_relaxed); }
+
+ private:
+  internal::Session* const session_;
+  std::shared_ptr<internal::MappedRange> r_;
+};
+
 class GrpcClient final : public Client {
  public:
   explicit GrpcClient(std::shared_ptr<grpc::Channel> ch) : stub_(v1::Control::NewStub(ch)) {}
@@ -252,6 +279,14 @@ class GrpcClient final : public Client {
       out.emplace_back(res[i]);
     }
     return out;
+  }
+
+  absl::StatusOr<std::unique_ptr<Mapping>> Map(const std::string& name, MapOptions opts) override {
+    auto v = session_->Open(name);
+    if (!v.ok()) return v.status();
+    auto r = session_->MapRange(*v, opts.readahead_pages);
+    if (!r.ok()) return r.status();
+    return std::unique_ptr<Mapping>(std::make_unique<MappingImpl>(session_.get(), std::move(*r)));
   }
 
   absl::StatusOr<std::unique_ptr<WatchStream>> Watch(const std::string& name) override {

@@ -1,6 +1,11 @@
 #include "client/session.h"
 
 #include <fcntl.h>
+#include <linux/userfaultfd.h>
+#include <signal.h>
+#include <sys/eventfd.h>
+#include <sys/ioctl.h>
+#include <sys/syscall.h>
 #include <poll.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
@@ -61,6 +66,7 @@ absl::Status Receive(int sock, void* buf, size_t cap, uint32_t want, int* fds, i
 }  // namespace
 
 View::~View() {
+  if (data_fd >= 0) ::close(data_fd);
   if (data != nullptr) ::munmap(const_cast<uint8_t*>(data), data_map);
   if (header != nullptr) ::munmap(const_cast<abi::CacheHeader*>(header), words_map);
 }
@@ -125,6 +131,27 @@ absl::StatusOr<std::unique_ptr<Session>> Session::Connect(const std::string& pat
 }
 
 Session::~Session() {
+  if (pager_.joinable()) {
+    const uint64_t one = 1;
+    (void)!::write(pager_stop_, &one, sizeof(one));
+    pager_.join();
+  }
+  {
+    absl::MutexLock l(&ranges_mu_);
+    for (auto& [b, r] : ranges_) {
+      uffdio_range range{reinterpret_cast<uintptr_t>(r->base), r->len};
+      ::ioctl(uffd_, UFFDIO_UNREGISTER, &range);
+      if (r->base != r->view->data) ::munmap(const_cast<uint8_t*>(r->base), r->len);
+    }
+    ranges_.clear();
+  }
+  {
+    absl::MutexLock l(&open_mu_);
+    views_.clear();
+  }
+  for (int fd : {uffd_, pager_stop_}) {
+    if (fd >= 0) ::close(fd);
+  }
   if (mem_ != nullptr) ::munmap(mem_, mem_size_);
   for (int fd : {sock_, sq_bell_, cq_bell_}) {
     if (fd >= 0) ::close(fd);
@@ -135,6 +162,16 @@ absl::StatusOr<std::shared_ptr<View>> Session::Open(const std::string& name) {
   absl::MutexLock l(&open_mu_);
   auto it = views_.find(name);
   if (it != views_.end() && !it->second->retired()) return it->second;
+  if (it != views_.end()) {
+    // Retired: its own mapping stops faulting through the pager.
+    std::shared_ptr<MappedRange> own;
+    {
+      absl::MutexLock rl(&ranges_mu_);
+      auto r = ranges_.find(reinterpret_cast<uintptr_t>(it->second->data));
+      if (r != ranges_.end()) own = r->second;
+    }
+    if (own) UnmapRange(own);
+  }
   abi::OpenMsg m{};
   if (name.empty() || name.size() > abi::kMaxName) return absl::InvalidArgumentError("bad name");
   m.h.type = abi::kOpen;
@@ -165,9 +202,16 @@ absl::StatusOr<std::shared_ptr<View>> Session::Open(const std::string& name) {
     const uint64_t pages = (ok.len + abi::kPageSize - 1) / abi::kPageSize;
     v->data_map = pages * abi::kPageSize;
     v->words_map = abi::WordsFileSize(pages);
-    void* d = v->data_map ? ::mmap(nullptr, v->data_map, PROT_READ, MAP_SHARED, fds[0], 0) : nullptr;
+    // MAP_PRIVATE, read only: the pages are the shared cache's own (nothing
+    // is ever written through it, so nothing is copied), and userfaultfd
+    // accepts a private mapping of a read-only descriptor (VM_MAYWRITE).
+    void* d = v->data_map ? ::mmap(nullptr, v->data_map, PROT_READ, MAP_PRIVATE, fds[0], 0) : nullptr;
     void* w = ::mmap(nullptr, v->words_map, PROT_READ, MAP_SHARED, fds[1], 0);
-    CloseFds(fds, nfds);
+    v->data_fd = fds[0];
+    CloseFds(fds + 1, nfds - 1);
+    // A child must not touch the cache through these mappings: it would
+    // fault holes in as zero pages, outside svmd's bookkeeping.
+    if (d != MAP_FAILED && d != nullptr) ::madvise(d, v->data_map, MADV_DONTFORK);
     if (d == MAP_FAILED || w == MAP_FAILED) {
       if (d != MAP_FAILED && d != nullptr) ::munmap(d, v->data_map);
       if (w != MAP_FAILED) ::munmap(w, v->words_map);
@@ -176,6 +220,17 @@ absl::StatusOr<std::shared_ptr<View>> Session::Open(const std::string& name) {
     v->data = static_cast<const uint8_t*>(d);
     v->header = static_cast<const abi::CacheHeader*>(w);
     v->words = reinterpret_cast<const std::atomic<uint64_t>*>(static_cast<const uint8_t*>(w) + abi::kWordsOffset);
+    // The view's own mapping faults through the pager too: a copy that
+    // races a punch then fetches the page instead of faulting a zero page
+    // into the shared cache. Without userfaultfd, reads still work (the
+    // version words reject such a copy); Map() does not.
+    if (v->data != nullptr && StartPager().ok()) {
+      auto r = std::make_shared<MappedRange>();
+      r->view = v;
+      r->base = v->data;
+      r->len = v->data_map;
+      if (auto st = Register(r); !st.ok()) return st;
+    }
   } else {
     CloseFds(fds, nfds);
   }
@@ -346,6 +401,157 @@ std::vector<Session::Result> Session::Run(absl::Span<const Op> ops) {
     }
   }
   return results;
+}
+
+absl::Status Session::StartPager() {
+  if (uffd_ >= 0) return absl::OkStatus();
+  // User-mode faults only where the kernel has the flag (unprivileged use).
+  int fd = static_cast<int>(::syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK | UFFD_USER_MODE_ONLY));
+  if (fd < 0) fd = static_cast<int>(::syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK));
+  if (fd < 0) return Errno(errno, "userfaultfd");
+  uffdio_api api{};
+  api.api = UFFD_API;
+  api.features = UFFD_FEATURE_MISSING_SHMEM | UFFD_FEATURE_THREAD_ID;
+  if (::ioctl(fd, UFFDIO_API, &api) != 0) {
+    ::close(fd);
+    return Errno(errno, "userfaultfd features");
+  }
+  pager_stop_ = ::eventfd(0, EFD_CLOEXEC);
+  uffd_ = fd;
+  pager_ = std::thread([this] { PagerLoop(); });
+  return absl::OkStatus();
+}
+
+absl::Status Session::Register(const std::shared_ptr<MappedRange>& r) {
+  uffdio_register reg{};
+  reg.range.start = reinterpret_cast<uintptr_t>(r->base);
+  reg.range.len = r->len;
+  reg.mode = UFFDIO_REGISTER_MODE_MISSING;
+  if (::ioctl(uffd_, UFFDIO_REGISTER, &reg) != 0) return Errno(errno, "register the mapping for faults");
+  absl::MutexLock l(&ranges_mu_);
+  ranges_[reinterpret_cast<uintptr_t>(r->base)] = r;
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::shared_ptr<MappedRange>> Session::MapRange(std::shared_ptr<View> view,
+                                                               size_t readahead) {
+  if (view->kind != abi::kImport) {
+    return absl::FailedPreconditionError("only imports can be mapped (read a local export instead)");
+  }
+  {
+    absl::MutexLock l(&open_mu_);
+    if (auto st = StartPager(); !st.ok()) {
+      return absl::FailedPreconditionError(absl::StrCat("Map() needs userfaultfd: ", st.message()));
+    }
+  }
+  if (view->data_map == 0) return absl::FailedPreconditionError("the import is empty");
+  void* m = ::mmap(nullptr, view->data_map, PROT_READ, MAP_PRIVATE, view->data_fd, 0);
+  if (m == MAP_FAILED) return Errno(errno, "map the import");
+  ::madvise(m, view->data_map, MADV_DONTFORK);
+  auto r = std::make_shared<MappedRange>();
+  r->view = std::move(view);
+  r->base = static_cast<const uint8_t*>(m);
+  r->len = r->view->data_map;
+  r->readahead = readahead;
+  if (auto st = Register(r); !st.ok()) {
+    ::munmap(m, r->len);
+    return st;
+  }
+  return r;
+}
+
+void Session::UnmapRange(const std::shared_ptr<MappedRange>& r) {
+  {
+    absl::MutexLock l(&ranges_mu_);
+    ranges_.erase(reinterpret_cast<uintptr_t>(r->base));
+  }
+  uffdio_range range{reinterpret_cast<uintptr_t>(r->base), r->len};
+  ::ioctl(uffd_, UFFDIO_UNREGISTER, &range);
+  if (r->base != r->view->data) ::munmap(const_cast<uint8_t*>(r->base), r->len);
+}
+
+absl::Status Session::FetchPages(const View& view, uint64_t first, uint64_t n) {
+  const uint64_t pages = view.data_map / abi::kPageSize;
+  if (first >= pages) return absl::OutOfRangeError("past the end of the import");
+  n = std::min(n, pages - first);
+  // The bytes land in scratch (svmd installs the pages in the cache, which
+  // is what the caller wants); at most 16 requests at once.
+  constexpr uint64_t kBatch = 16;
+  std::vector<uint8_t> scratch(std::min(n * abi::kPageSize, kBatch * slot_size_));
+  uint64_t off = first * abi::kPageSize;
+  const uint64_t end = std::min((first + n) * abi::kPageSize, view.len);
+  while (off < end) {
+    std::vector<Op> ops;
+    for (uint64_t k = 0; k < kBatch && off < end; ++k) {
+      Op op;
+      op.handle = view.handle;
+      op.offset = off;
+      op.len = std::min(slot_size_, end - off);
+      op.dst = scratch.data() + k * slot_size_;
+      ops.push_back(op);
+      off += op.len;
+    }
+    for (const Result& r : Run(ops)) {
+      if (!r.status.ok()) return r.status;
+    }
+  }
+  return absl::OkStatus();
+}
+
+void Session::PagerLoop() {
+  for (;;) {
+    pollfd p[2] = {{uffd_, POLLIN, 0}, {pager_stop_, POLLIN, 0}};
+    if (::poll(p, 2, -1) < 0) {
+      if (errno == EINTR) continue;
+      return;
+    }
+    if (p[1].revents != 0) return;
+    uffd_msg msgs[16];
+    ssize_t n = ::read(uffd_, msgs, sizeof(msgs));
+    if (n <= 0) continue;
+    for (size_t i = 0; i < static_cast<size_t>(n) / sizeof(uffd_msg); ++i) {
+      if (msgs[i].event != UFFD_EVENT_PAGEFAULT) continue;
+      OnFault(msgs[i].arg.pagefault.address, msgs[i].arg.pagefault.feat.ptid);
+    }
+  }
+}
+
+void Session::OnFault(uint64_t addr, uint32_t tid) {
+  const uint64_t page_addr = addr & ~(abi::kPageSize - 1);
+  std::shared_ptr<MappedRange> r;
+  {
+    absl::MutexLock l(&ranges_mu_);
+    auto it = ranges_.upper_bound(static_cast<uintptr_t>(addr));
+    if (it != ranges_.begin()) {
+      --it;
+      if (addr < it->first + it->second->len) r = it->second;
+    }
+  }
+  if (r) {
+    const uint64_t p = (page_addr - reinterpret_cast<uintptr_t>(r->base)) / abi::kPageSize;
+    // Sequential: the fault lands in or right after the last window.
+    uint64_t n = 1;
+    if (r->readahead > 0 && p >= r->last_page && p <= r->window_end) n += r->readahead;
+    r->last_page = p;
+    r->window_end = p + n;
+    r->faults.fetch_add(1, std::memory_order_relaxed);
+    absl::Status st;
+    for (int attempt = 0; attempt < 3; ++attempt) {
+      st = FetchPages(*r->view, p, n);
+      if (!absl::IsUnavailable(st) && !absl::IsDeadlineExceeded(st)) break;
+      ::usleep(50 * 1000);
+    }
+    if (st.ok()) {
+      r->fetched.fetch_add(n, std::memory_order_relaxed);
+    } else {
+      // As for a page past the end of a truncated file.
+      ::syscall(SYS_tgkill, ::getpid(), static_cast<pid_t>(tid), SIGBUS);
+    }
+  }
+  // The thread retries: the page is there, or it faults again (a fetch that
+  // raced an invalidation was not installed), or takes its SIGBUS.
+  uffdio_range wake{page_addr, abi::kPageSize};
+  ::ioctl(uffd_, UFFDIO_WAKE, &wake);
 }
 
 }  // namespace svm::internal

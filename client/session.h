@@ -10,6 +10,7 @@
 #include <map>
 #include <memory>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
@@ -29,10 +30,26 @@ struct View {
   const session::abi::CacheHeader* header = nullptr;
   const std::atomic<uint64_t>* words = nullptr;
   size_t data_map = 0, words_map = 0;
+  int data_fd = -1;  // the cache's pages, read-only (Map() maps it again)
   ~View();
   bool retired() const {
     return header != nullptr && header->retired.load(std::memory_order_acquire) != 0;
   }
+};
+
+// A mapping of an import's cache that faults through the session's
+// userfaultfd: Map()'s, and each View's own (so that no access of a hole,
+// even a racing one, puts a zero page into the shared cache).
+struct MappedRange {
+  std::shared_ptr<View> view;
+  const uint8_t* base = nullptr;
+  size_t len = 0;
+  size_t readahead = 0;
+  std::atomic<uint64_t> faults{0};
+  std::atomic<uint64_t> fetched{0};
+  // The fault thread's read-ahead state.
+  uint64_t last_page = 0;
+  uint64_t window_end = 0;
 };
 
 class Session {
@@ -63,8 +80,21 @@ class Session {
   std::vector<Result> Run(absl::Span<const Op> ops);
   uint64_t chunk() const { return slot_size_; }
 
+  // Maps view's cache again (read-only) and registers it for faults;
+  // UnmapRange undoes it.
+  absl::StatusOr<std::shared_ptr<MappedRange>> MapRange(std::shared_ptr<View> view, size_t readahead);
+  void UnmapRange(const std::shared_ptr<MappedRange>& r);
+  // Makes svmd install pages [first, first + n) of the view's import in its
+  // cache (what a fault and Prefetch do).
+  absl::Status FetchPages(const View& view, uint64_t first, uint64_t n);
+
  private:
   Session() = default;
+  // The fault thread: serves the userfaultfd of every MappedRange.
+  absl::Status StartPager() ABSL_EXCLUSIVE_LOCKS_REQUIRED(open_mu_);
+  absl::Status Register(const std::shared_ptr<MappedRange>& r);
+  void PagerLoop();
+  void OnFault(uint64_t addr, uint32_t tid);
   enum class SlotState { kFree, kBusy, kDone };
   struct Slot {
     SlotState state = SlotState::kFree;
@@ -90,6 +120,13 @@ class Session {
 
   absl::Mutex open_mu_;  // serialises messages on the socket
   std::map<std::string, std::shared_ptr<View>> views_ ABSL_GUARDED_BY(open_mu_);
+
+  // userfaultfd and its thread, started with the first import opened.
+  int uffd_ = -1;
+  int pager_stop_ = -1;  // eventfd
+  std::thread pager_;
+  absl::Mutex ranges_mu_;
+  std::map<uintptr_t, std::shared_ptr<MappedRange>> ranges_ ABSL_GUARDED_BY(ranges_mu_);  // by base
 
   absl::Mutex mu_;  // guards the rings' own indices and the slots
   absl::CondVar cv_;

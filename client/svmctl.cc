@@ -1,8 +1,10 @@
 // svmctl: the operator CLI for svmd. See `svmctl --help`.
 #include <fcntl.h>
+#include <signal.h>
 #include <unistd.h>
 
 #include <cstdio>
+#include <cstring>
 #include <string>
 #include <vector>
 
@@ -64,6 +66,11 @@ const std::vector<Command>& Commands() {
        "Read LEN bytes (at most 4 GiB) at OFF (default 0) of the import or export NAME:\n"
        "raw bytes to stdout, or to FILE with a summary on stderr. --fresh bypasses the\n"
        "importer's cache.\n"},
+      {"map", {"name", "offset", "len", "out"}, {}, {"name", "len"}, {"offset", "len"},
+       "map --name NAME --len LEN [--offset OFF] [--out FILE]",
+       "Map the import NAME (Client::Map) and copy LEN bytes at OFF (default 0) out of\n"
+       "the mapping: raw bytes to stdout, or to FILE with a summary (faults, pages\n"
+       "fetched) on stderr. A page that cannot be had ends it with SIGBUS: exit 1.\n"},
       {"watch", {"name", "count", "timeout"}, {"verbose"}, {"name"}, {"count", "timeout"},
        "watch --name NAME [--count N] [--timeout SECONDS] [--verbose]",
        "Print one line per invalidation of NAME received after the watch is registered\n"
@@ -124,7 +131,7 @@ absl::Status CheckArguments(const Command& c, const svm::Args& a) {
     uint64_t pid = *a.GetU64("pid", 0);
     if (pid == 0 || pid > INT32_MAX) return absl::InvalidArgumentError("--pid must be a process id");
   }
-  if (cmd == "read") {
+  if (cmd == "read" || cmd == "map") {
     uint64_t len = *a.GetU64("len", 0);
     if (len == 0) return absl::InvalidArgumentError("--len must be > 0");
     if (len > (1ull << 32)) return absl::InvalidArgumentError("--len above 4 GiB");
@@ -270,6 +277,42 @@ int Run(const svm::Args& a) {
       std::fprintf(stderr, "read %llu bytes (seq %llu, %llu pages cached, %llu fetched)\n",
                    (unsigned long long)r->len, (unsigned long long)r->seq,
                    (unsigned long long)r->pages_from_cache, (unsigned long long)r->pages_fetched);
+    }
+    return 0;
+  }
+  if (cmd == "map") {
+    auto name = a.Require("name");
+    auto off = a.GetU64("offset", 0);
+    auto len = a.GetU64("len", std::nullopt);
+    for (const absl::Status& s : {name.status(), off.status(), len.status()}) {
+      if (!s.ok()) return Fail(s);
+    }
+    auto m = c.Map(*name);
+    if (!m.ok()) return Fail(m.status());
+    if (*off > (*m)->size() || *len > (*m)->size() - *off) {
+      return Fail(absl::OutOfRangeError(absl::StrFormat("%u bytes at %u are past the end of '%s' (%u bytes)",
+                                                        *len, *off, *name, (*m)->size())));
+    }
+    struct sigaction sa {};
+    sa.sa_handler = [](int) {
+      static const char kMsg[] = "svmctl: SIGBUS: a page of the mapping cannot be had (export gone?)\n";
+      (void)!::write(STDERR_FILENO, kMsg, sizeof(kMsg) - 1);
+      ::_exit(1);
+    };
+    ::sigaction(SIGBUS, &sa, nullptr);
+    std::vector<uint8_t> buf(*len);
+    std::memcpy(buf.data(), (*m)->data() + *off, *len);
+    int fd = STDOUT_FILENO;
+    svm::UniqueFd out;
+    if (a.Has("out")) {
+      out.Reset(::open(a.Get("out").c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644));
+      if (!out.valid()) return Fail(svm::ErrnoStatus(errno, absl::StrCat("open ", a.Get("out"))));
+      fd = out.get();
+    }
+    if (auto st = svm::WriteFull(fd, buf.data(), buf.size()); !st.ok()) return Fail(st);
+    if (a.Has("out")) {
+      std::fprintf(stderr, "mapped %llu bytes (%llu faults, %llu pages fetched)\n", (unsigned long long)*len,
+                   (unsigned long long)(*m)->faults(), (unsigned long long)(*m)->pages_fetched());
     }
     return 0;
   }

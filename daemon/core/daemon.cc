@@ -98,7 +98,10 @@ void Daemon::ScrubLoop() {
 
 // Its own thread: a slow scrub must not let importers' leases run out.
 void Daemon::HeartbeatLoop() {
-  while (!stop_.WaitForNotificationWithTimeout(opts_.heartbeat_interval)) exports_->Heartbeat();
+  while (!stop_.WaitForNotificationWithTimeout(opts_.heartbeat_interval)) {
+    exports_->Heartbeat();
+    imports_->ExpireLeases();
+  }
 }
 
 }  // namespace svm::core

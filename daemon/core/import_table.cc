@@ -474,6 +474,24 @@ Executor* ImportTable::ReadExecutor(const std::string& name) const {
   return imp ? &imp->link->reads : nullptr;
 }
 
+void ImportTable::ExpireLeases() {
+  std::vector<std::shared_ptr<struct ImportEntry>> all;
+  {
+    absl::MutexLock l(&mu_);
+    for (auto& [n, i] : imports_) all.push_back(i);
+  }
+  const int64_t now = static_cast<int64_t>(source::MonotonicNs());
+  for (auto& imp : all) {
+    absl::MutexLock l(&imp->mu);
+    if (imp->coh.state() != coherence::ImportState::kLive || imp->coh.CacheUsable(now)) continue;
+    if (cache_->DropImport(imp->id) > 0) {
+      counters_->Add("leases_expired");
+      spdlog::warn("import '{}': nothing heard from {} within the lease; cache dropped", imp->name,
+                   imp->link->peer);
+    }
+  }
+}
+
 uint32_t ImportTable::peers() const {
   std::vector<std::shared_ptr<Link>> links;
   {

@@ -85,6 +85,9 @@ class ImportTable final : public transport::ImportBackend {
   absl::StatusOr<session::CacheFiles> OpenCache(const std::string& name) const;
   // Forwards Sync to the exporting daemon.
   absl::StatusOr<v1::SyncResponse> Sync(const std::string& name);
+  // Drops the cached pages of imports whose lease ran out: mapped imports
+  // (Client::Map) read pages without asking, so their pages must go.
+  void ExpireLeases();
   // Peer links whose data connection is up.
   uint32_t peers() const;
   // The executor reads of import `name` run on (its peer link's), or null

@@ -461,7 +461,8 @@ TEST_F(Sessions, CachedPagesAreNotServedPastTheLease) {
   r = cb_->Read("m", 0, absl::MakeSpan(buf));
   EXPECT_FALSE(r.ok() && r->pages_from_cache > 0) << "served from the cache past the lease";
   a_->process().Signal(SIGCONT);
-  // Heard from again: the cache (not dropped) serves again.
+  // Heard from again (the cache was dropped when the lease ran out): it
+  // fills and serves again.
   bool cached = false;
   for (int i = 0; i < 50 && !cached; ++i) {
     ::usleep(50 * 1000);
@@ -470,6 +471,75 @@ TEST_F(Sessions, CachedPagesAreNotServedPastTheLease) {
   }
   EXPECT_TRUE(cached);
   ASSERT_TRUE(PageHasVersion(buf.data(), 1));
+}
+
+TEST_F(Sessions, AMappedImportFaultsInWithReadAheadAndMatches) {
+  MapOptions o;
+  o.readahead_pages = 15;
+  auto m = cb_->Map("m", o);
+  ASSERT_TRUE(m.ok()) << m.status();
+  ASSERT_EQ((*m)->size(), kPages * kPage);
+  for (uint64_t p = 0; p < kPages; ++p) {
+    ASSERT_TRUE(PageHasVersion((*m)->data() + p * kPage, p + 1)) << "page " << p;
+  }
+  // Sequential: the first fault fetches one page, the next ones 16 each.
+  EXPECT_LE((*m)->faults(), 6u);
+  EXPECT_GE((*m)->pages_fetched(), kPages);
+  // Cached now: a second mapping of the same import does not fault.
+  auto m2 = cb_->Map("m");
+  ASSERT_TRUE(m2.ok());
+  for (uint64_t p = 0; p < kPages; ++p) ASSERT_TRUE(PageHasVersion((*m2)->data() + p * kPage, p + 1));
+  EXPECT_EQ((*m2)->faults(), 0u);
+}
+
+TEST_F(Sessions, AnInvalidationMakesMappedPagesFaultAgainWithNewContent) {
+  auto m = cb_->Map("m");
+  ASSERT_TRUE(m.ok()) << m.status();
+  auto other = b_->Connect();  // a second client maps it too
+  auto m2 = other->Map("m");
+  ASSERT_TRUE(m2.ok()) << m2.status();
+  ASSERT_TRUE(PageHasVersion((*m)->data(), 1));
+  ASSERT_TRUE(PageHasVersion((*m2)->data() + kPage, 2));
+  const uint64_t faults = (*m)->faults();
+  auto rep = exporter_->Command("stamp 9");
+  ASSERT_TRUE(rep.ok() && absl::StartsWith(*rep, "ok"));
+  ASSERT_TRUE(cb_->Sync("m").ok());
+  // Sync returned: every importer dropped the old pages, so no mapping shows them.
+  EXPECT_TRUE(PageHasVersion((*m)->data(), 9ull << 32)) << "a mapping showed an invalidated page";
+  EXPECT_TRUE(PageHasVersion((*m2)->data() + kPage, (9ull << 32) | 1));
+  EXPECT_GT((*m)->faults(), faults);
+}
+
+TEST_F(Sessions, PrefetchFaultsARangeInAhead) {
+  auto m = cb_->Map("m");
+  ASSERT_TRUE(m.ok()) << m.status();
+  ASSERT_TRUE((*m)->Prefetch(0, kPages * kPage).ok());
+  EXPECT_FALSE((*m)->Prefetch(kPage, kPages * kPage).ok());
+  for (uint64_t p = 0; p < kPages; ++p) ASSERT_TRUE(PageHasVersion((*m)->data() + p * kPage, p + 1));
+  EXPECT_EQ((*m)->faults(), 0u);
+  EXPECT_EQ((*m)->pages_fetched(), kPages);
+}
+
+TEST_F(Sessions, MappingALocalExportIsRefused) {
+  auto ca = a_->Connect();
+  auto m = ca->Map("m");
+  EXPECT_TRUE(absl::IsFailedPrecondition(m.status())) << m.status();
+}
+
+TEST_F(Sessions, SvmctlMapPrintsBytesAndAGoneExportRaisesSigbus) {
+  auto ok = RunCommand({SvmctlPath(), "--daemon", b_->control(), "map", "--name", "m", "--offset",
+                        std::to_string(3 * kPage), "--len", std::to_string(kPage)});
+  ASSERT_EQ(ok.exit_code, 0) << ok.err;
+  ASSERT_EQ(ok.out.size(), kPage);
+  EXPECT_TRUE(PageHasVersion(reinterpret_cast<const uint8_t*>(ok.out.data()), 4));
+  // The exporting process exits: a page not cached cannot be had.
+  exporter_->process().Signal(SIGKILL);
+  exporter_.reset();
+  ::usleep(300 * 1000);
+  auto gone = RunCommand({SvmctlPath(), "--daemon", b_->control(), "map", "--name", "m", "--offset",
+                          std::to_string(10 * kPage), "--len", std::to_string(kPage)});
+  EXPECT_EQ(gone.exit_code, 1) << gone.err;
+  EXPECT_NE(gone.err.find("SIGBUS"), std::string::npos) << gone.err;
 }
 
 }  // namespace

@@ -80,6 +80,32 @@ class ExportableMemory {
   int fd_ = -1;
 };
 
+struct MapOptions {
+  // Pages fetched per fault beyond the one touched, when faults run
+  // sequentially (the first fault of a run fetches one page).
+  size_t readahead_pages = 16;
+};
+
+// A read-only mapping of an import in this process (Client::Map). Pages
+// come from the importer's shared cache; a missing page faults to svmd,
+// which fetches it through the coherence core and installs it. An
+// invalidation removes the page from every mapping (the next access faults
+// again), so an access never sees a page version that was invalidated
+// before the access began. A page that cannot be had (the exporting process
+// exited, the range is not mapped there) raises SIGBUS in the accessing
+// thread, as a truncated file mapping would. Unmapped on destruction.
+class Mapping {
+ public:
+  virtual ~Mapping() = default;
+  virtual const uint8_t* data() const = 0;
+  virtual size_t size() const = 0;
+  // Faults [offset, offset + len) in ahead of use, in one batch.
+  virtual absl::Status Prefetch(uint64_t offset, uint64_t len) = 0;
+  // Faults taken and pages fetched by them (read-ahead included).
+  virtual uint64_t faults() const = 0;
+  virtual uint64_t pages_fetched() const = 0;
+};
+
 class Client {
  public:
   // target: "unix:/run/svm/svmd.sock". Opens a session (the data plane)
@@ -112,6 +138,9 @@ class Client {
   // Several reads at once: every missing range of every op is in flight
   // together. One result per op, in order.
   virtual std::vector<absl::StatusOr<ReadResult>> ReadV(absl::Span<const ReadOp> ops) = 0;
+  // Maps import `name` read-only into this process (see Mapping).
+  virtual absl::StatusOr<std::unique_ptr<Mapping>> Map(const std::string& name,
+                                                      MapOptions opts = {}) = 0;
   virtual absl::StatusOr<std::unique_ptr<WatchStream>> Watch(const std::string& name) = 0;
   virtual absl::StatusOr<v1::SyncResponse> Sync(const std::string& name) = 0;
   virtual absl::StatusOr<v1::StatusResponse> Status() = 0;
