@@ -289,13 +289,26 @@ int Convergence::Round(int round, const StormShape& shape) {
       imports = node.imports;
     }
     for (const ImportRec& imp : imports) {
-      for (const bool fresh : {false, true}) {
+      // Through a mapping (what is cached, faulting in the rest), through
+      // the cache, and fresh.
+      for (const char* how : {"mapped", "cached", "fresh"}) {
         ++total;
-        const char* how = fresh ? "fresh" : "cached";
+        const bool fresh = std::string(how) == "fresh";
         std::string buf(kPages * kPage, '\0');
-        ReadOptions o;
-        o.fresh = fresh;
-        auto r = c->Read(imp.name, 0, absl::MakeSpan(reinterpret_cast<uint8_t*>(buf.data()), buf.size()), o);
+        absl::StatusOr<ReadResult> r;
+        if (std::string(how) == "mapped") {
+          auto m = c->Map(imp.name);
+          if (m.ok()) {
+            std::memcpy(buf.data(), (*m)->data(), buf.size());
+            r = ReadResult{buf.size(), 0, 0, (*m)->pages_fetched()};
+          } else {
+            r = m.status();
+          }
+        } else {
+          ReadOptions o;
+          o.fresh = fresh;
+          r = c->Read(imp.name, 0, absl::MakeSpan(reinterpret_cast<uint8_t*>(buf.data()), buf.size()), o);
+        }
         const std::string which = absl::StrFormat(
             "round %d: node %c import %s (imported %.1f s into the %.0f s storm): %s read",
             round, "BCD"[k], imp.name, imp.imported_at, absl::ToDoubleSeconds(shape.storm), how);
