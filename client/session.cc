@@ -327,7 +327,7 @@ std::vector<Session::Result> Session::Run(absl::Span<const Op> ops) {
       abi::Sqe e{};
       e.user_data = static_cast<uint64_t>(s);
       e.opcode = abi::kOpRead;
-      e.flags = op.fresh ? abi::kFresh : 0;
+      e.flags = op.fresh ? abi::kFresh : op.fill ? abi::kFill : 0;
       e.handle = op.handle;
       e.offset = op.offset;
       e.len = std::min(op.len, slot_size_);
@@ -487,6 +487,7 @@ absl::Status Session::FetchPages(const View& view, uint64_t first, uint64_t n) {
       op.handle = view.handle;
       op.offset = off;
       op.len = std::min(slot_size_, end - off);
+      op.fill = true;
       op.dst = scratch.data() + k * slot_size_;
       ops.push_back(op);
       off += op.len;

@@ -67,6 +67,7 @@ class Session {
     uint64_t offset = 0;
     uint64_t len = 0;
     bool fresh = false;
+    bool fill = false;  // the pages must land in the shared cache
     uint8_t* dst = nullptr;
   };
   struct Result {

@@ -544,7 +544,7 @@ std::vector<v1::ImportInfo> ImportTable::List() const {
 }
 
 absl::StatusOr<v1::ReadResponse> ImportTable::Read(const std::string& name, uint64_t offset,
-                                                   absl::Span<uint8_t> dst, bool fresh) {
+                                                   absl::Span<uint8_t> dst, bool fresh, bool fill) {
   auto imp = Find(name);
   if (!imp) return absl::NotFoundError(absl::StrCat("no export or import named '", name, "'"));
   bool attached;
@@ -589,7 +589,7 @@ absl::StatusOr<v1::ReadResponse> ImportTable::Read(const std::string& name, uint
   const uint64_t first = offset / kPageSize;
   const uint64_t last = (offset + dst.size() - 1) / kPageSize;
   const uint64_t n = last - first + 1;
-  if (zc && !dst.empty()) {
+  if (zc && !dst.empty() && !fill) {
     // Zero-copy: one-sided READs of the exporter's live pages, straight into
     // dst. Never cached: a cached copy could not follow the exporter's
     // stores without its CPU hashing what was read (the staged path's Sync

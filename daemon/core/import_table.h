@@ -78,9 +78,11 @@ class ImportTable final : public transport::ImportBackend {
   std::vector<v1::ImportInfo> List() const;
   bool Has(const std::string& name) const;
   // Reads dst.size() bytes at offset of the import, from the cache where
-  // valid, fetching the rest. fresh: neither use nor fill the cache.
+  // valid, fetching the rest. fresh: neither use nor fill the cache. fill:
+  // the pages must end up in the cache (the staged path even where the
+  // exporter offers zero-copy READs, which are never cached).
   absl::StatusOr<v1::ReadResponse> Read(const std::string& name, uint64_t offset,
-                                        absl::Span<uint8_t> dst, bool fresh);
+                                        absl::Span<uint8_t> dst, bool fresh, bool fill = false);
   // The shared cache of import `name`, read-only, for a local client.
   absl::StatusOr<session::CacheFiles> OpenCache(const std::string& name) const;
   // Forwards Sync to the exporting daemon.

@@ -42,15 +42,15 @@ class DaemonBackend final : public session::Backend {
     return absl::NotFoundError(absl::StrCat("no export or import named '", name, "'"));
   }
 
-  void Read(const std::string& name, uint64_t offset, absl::Span<uint8_t> dst, bool fresh,
+  void Read(const std::string& name, uint64_t offset, absl::Span<uint8_t> dst, bool fresh, bool fill,
             std::function<void(absl::StatusOr<session::ReadDone>)> done) override {
     Executor* ex = d_->imports().ReadExecutor(name);
     if (ex == nullptr) ex = &d_->executor();
     // The task outlives neither the daemon nor its executors, but may
     // outlive this backend: it captures the daemon.
-    ex->Submit([d = d_, name, offset, dst, fresh, done = std::move(done)] {
+    ex->Submit([d = d_, name, offset, dst, fresh, fill, done = std::move(done)] {
       if (d->imports().Has(name)) {
-        auto r = d->imports().Read(name, offset, dst, fresh);
+        auto r = d->imports().Read(name, offset, dst, fresh, fill);
         if (!r.ok()) return done(r.status());
         return done(session::ReadDone{r->seq(), r->pages_from_cache(), r->pages_fetched()});
       }

@@ -88,6 +88,9 @@ enum Opcode : uint16_t {
 };
 enum SqeFlags : uint16_t {
   kFresh = 1,  // neither use nor fill the importer's cache
+  // The pages must land in the shared cache (a fault of a mapping, a
+  // prefetch): the staged path, even where zero-copy READs are offered.
+  kFill = 2,
 };
 
 struct Sqe {

@@ -425,7 +425,7 @@ bool Server::Drain(Session& s, bool* ok) {
     auto self = live_.at(s.id);
     uint8_t* dst = s.data + r->data_offset;
     const uint64_t len = r->len;
-    backend_->Read(s.handles[r->handle].name, r->offset, absl::MakeSpan(dst, len), r->fresh,
+    backend_->Read(s.handles[r->handle].name, r->offset, absl::MakeSpan(dst, len), r->fresh, r->fill,
                    [self, dst, len, user_data = e.user_data](absl::StatusOr<ReadDone> done) {
                      abi::Cqe c{};
                      c.user_data = user_data;

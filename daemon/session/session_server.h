@@ -60,8 +60,9 @@ class Backend {
   virtual absl::StatusOr<Opened> Open(const std::string& name, const PeerCred& who) = 0;
   // Reads [offset, offset + dst.size()) of name into dst, off the caller's
   // thread; calls done exactly once, from any thread.
+  // fill: the pages must end up in the import's shared cache (no zero-copy).
   virtual void Read(const std::string& name, uint64_t offset, absl::Span<uint8_t> dst, bool fresh,
-                    std::function<void(absl::StatusOr<ReadDone>)> done) = 0;
+                    bool fill, std::function<void(absl::StatusOr<ReadDone>)> done) = 0;
 };
 
 struct ServerOptions {

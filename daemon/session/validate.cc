@@ -16,7 +16,7 @@ absl::StatusOr<ReadRequest> ParseSqe(const abi::Sqe& e, const SqeLimits& lim) {
   if (e.opcode != abi::kOpRead) {
     return absl::InvalidArgumentError(absl::StrFormat("unknown opcode %u", e.opcode));
   }
-  if ((e.flags & ~abi::kFresh) != 0) {
+  if ((e.flags & ~(abi::kFresh | abi::kFill)) != 0 || (e.flags & abi::kFresh && e.flags & abi::kFill)) {
     return absl::InvalidArgumentError(absl::StrFormat("unknown flags 0x%x", e.flags));
   }
   if (e.handle >= lim.handle_len.size()) {
@@ -41,6 +41,7 @@ absl::StatusOr<ReadRequest> ParseSqe(const abi::Sqe& e, const SqeLimits& lim) {
   r.len = e.len;
   r.data_offset = e.data_offset;
   r.fresh = (e.flags & abi::kFresh) != 0;
+  r.fill = (e.flags & abi::kFill) != 0;
   return r;
 }
 

@@ -22,6 +22,7 @@ struct ReadRequest {
   uint64_t len = 0;
   uint64_t data_offset = 0;
   bool fresh = false;
+  bool fill = false;
   bool nop = false;
 };
 
