@@ -1,6 +1,7 @@
 #include "svm/client.h"
 
 #include <grpcpp/grpcpp.h>
+#include <sys/mman.h>
 #include <sys/prctl.h>
 #include <time.h>
 #include <unistd.h>
@@ -108,8 +109,14 @@ class MappingImpl final : public Mapping {
     const uint64_t first = offset / kPageSize;
     const uint64_t last = (offset + len - 1) / kPageSize;
     auto st = session_->FetchPages(*r_->view, first, last - first + 1);
-    if (st.ok()) r_->fetched.fetch_add(last - first + 1, std::memory_order_relaxed);
-    return st;
+    if (!st.ok()) return st;
+    r_->fetched.fetch_add(last - first + 1, std::memory_order_relaxed);
+    // Map what svmd installed into this mapping's page tables now, so the
+    // first pass over it takes no minor faults (a page dropped meanwhile
+    // faults through the pager as usual).
+    ::madvise(const_cast<uint8_t*>(r_->base) + first * kPageSize, (last - first + 1) * kPageSize,
+              MADV_POPULATE_READ);
+    return absl::OkStatus();
   }
   uint64_t faults() const override { return r_->faults.load(std::memory_order_relaxed); }
   uint64_t pages_fetched() const override { return r_->fetched.load(std::memory_order_relaxed); }
@@ -184,6 +191,45 @@ class GrpcClient final : public Client {
 
   absl::StatusOr<ReadResult> Read(const std::string& name, uint64_t offset, absl::Span<uint8_t> dst,
                                   ReadOptions opts) override {
+    // The common case first, without allocating: every page cached.
+    if (!opts.fresh && !dst.empty()) {
+      // The view this thread used last, without a lock or a reference count.
+      thread_local struct {
+        uint64_t session = 0;
+        std::string name;
+        std::shared_ptr<internal::View> view;
+      } last;
+      if (last.session != session_->id() || last.name != name || last.view->retired()) {
+        auto v = session_->Open(name);
+        if (v.ok()) last = {session_->id(), name, *v};
+      }
+      const internal::View* v = last.session == session_->id() && last.name == name ? last.view.get() : nullptr;
+      if (v != nullptr && v->kind == session::abi::kImport && offset <= v->len &&
+          dst.size() <= v->len - offset &&
+          MonotonicNs() < v->header->lease_until_ns.load(std::memory_order_acquire)) {
+        const internal::View& view = *v;
+        const uint64_t seq = view.header->seq.load(std::memory_order_acquire);
+        const uint64_t end = offset + dst.size();
+        ReadResult res;
+        bool all = true;
+        for (uint64_t p = offset / kPageSize; p * kPageSize < end; ++p) {
+          const uint64_t a = std::max(offset, p * kPageSize);
+          const uint64_t b = std::min(end, (p + 1) * kPageSize);
+          uint64_t version;
+          if (!session::abi::TryCopyPage(&view.words[p], view.data + a, dst.data() + (a - offset), b - a,
+                                         &version)) {
+            all = false;
+            break;
+          }
+          ++res.pages_from_cache;
+        }
+        if (all) {
+          res.len = dst.size();
+          res.seq = seq;
+          return res;
+        }
+      }
+    }
     ReadOp op{name, offset, dst, opts};
     return std::move(ReadV(absl::MakeConstSpan(&op, 1))[0]);
   }

@@ -72,7 +72,9 @@ View::~View() {
 }
 
 absl::StatusOr<std::unique_ptr<Session>> Session::Connect(const std::string& path) {
+  static std::atomic<uint64_t> next_id{1};
   std::unique_ptr<Session> s(new Session());
+  s->id_ = next_id.fetch_add(1);
   s->sock_ = ::socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
   if (s->sock_ < 0) return Errno(errno, "socket");
   sockaddr_un sun{};

@@ -80,6 +80,8 @@ class Session {
   // copies each one's bytes to its dst. Safe to call from several threads.
   std::vector<Result> Run(absl::Span<const Op> ops);
   uint64_t chunk() const { return slot_size_; }
+  // Unique over the process's sessions (never reused).
+  uint64_t id() const { return id_; }
 
   // Maps view's cache again (read-only) and registers it for faults;
   // UnmapRange undoes it.
@@ -108,6 +110,7 @@ class Session {
   void WaitFor(const std::function<bool()>& pred) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void Submit(const session::abi::Sqe& e) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
+  uint64_t id_ = 0;
   int sock_ = -1;
   int sq_bell_ = -1;
   int cq_bell_ = -1;
