@@ -167,6 +167,18 @@ std::string KindName(svm::v1::InvalidationKind k) {
   return n;
 }
 
+// The bytes of read and map: to --out FILE, else to stdout.
+absl::Status WriteOut(const svm::Args& a, const std::vector<uint8_t>& buf) {
+  int fd = STDOUT_FILENO;
+  svm::UniqueFd out;
+  if (a.Has("out")) {
+    out.Reset(::open(a.Get("out").c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644));
+    if (!out.valid()) return svm::ErrnoStatus(errno, absl::StrCat("open ", a.Get("out")));
+    fd = out.get();
+  }
+  return svm::WriteFull(fd, buf.data(), buf.size());
+}
+
 int Run(const svm::Args& a) {
   if (a.Has("version")) {
     std::printf("svmctl %s\n", SVM_VERSION);
@@ -265,14 +277,7 @@ int Run(const svm::Args& a) {
     ro.fresh = a.Has("fresh");
     auto r = c.Read(*name, *off, absl::MakeSpan(buf), ro);
     if (!r.ok()) return Fail(r.status());
-    int fd = STDOUT_FILENO;
-    svm::UniqueFd out;
-    if (a.Has("out")) {
-      out.Reset(::open(a.Get("out").c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644));
-      if (!out.valid()) return Fail(svm::ErrnoStatus(errno, absl::StrCat("open ", a.Get("out"))));
-      fd = out.get();
-    }
-    if (auto st = svm::WriteFull(fd, buf.data(), buf.size()); !st.ok()) return Fail(st);
+    if (auto st = WriteOut(a, buf); !st.ok()) return Fail(st);
     if (a.Has("out")) {
       std::fprintf(stderr, "read %llu bytes (seq %llu, %llu pages cached, %llu fetched)\n",
                    (unsigned long long)r->len, (unsigned long long)r->seq,
@@ -302,14 +307,7 @@ int Run(const svm::Args& a) {
     ::sigaction(SIGBUS, &sa, nullptr);
     std::vector<uint8_t> buf(*len);
     std::memcpy(buf.data(), (*m)->data() + *off, *len);
-    int fd = STDOUT_FILENO;
-    svm::UniqueFd out;
-    if (a.Has("out")) {
-      out.Reset(::open(a.Get("out").c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644));
-      if (!out.valid()) return Fail(svm::ErrnoStatus(errno, absl::StrCat("open ", a.Get("out"))));
-      fd = out.get();
-    }
-    if (auto st = svm::WriteFull(fd, buf.data(), buf.size()); !st.ok()) return Fail(st);
+    if (auto st = WriteOut(a, buf); !st.ok()) return Fail(st);
     if (a.Has("out")) {
       std::fprintf(stderr, "mapped %llu bytes (%llu faults, %llu pages fetched)\n", (unsigned long long)*len,
                    (unsigned long long)(*m)->faults(), (unsigned long long)(*m)->pages_fetched());
