@@ -1,5 +1,6 @@
 #include "tests/integration/harness.h"
 
+#include <algorithm>
 #include <fcntl.h>
 #include <grp.h>
 #include <infiniband/verbs.h>
@@ -10,6 +11,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <filesystem>
@@ -313,6 +315,13 @@ absl::Status Daemon::Restart() {
   argv.push_back(std::to_string(absl::ToInt64Milliseconds(Scaled(absl::Seconds(2)))));
   argv.push_back("--fetch-timeout-ms");
   argv.push_back(std::to_string(absl::ToInt64Milliseconds(Scaled(absl::Milliseconds(1500)))));
+  // Under emulation (SVM_TEST_SLOW) a heartbeat can be seconds late: a
+  // longer lease (still below the default 5 s sync timeout) and more
+  // frequent heartbeats keep caches usable, unless the test chose.
+  if (Scaled(absl::Seconds(1)) > absl::Seconds(1) &&
+      std::find(opts_.extra.begin(), opts_.extra.end(), "--lease-ms") == opts_.extra.end()) {
+    for (const char* f : {"--lease-ms", "4000", "--heartbeat-ms", "250"}) argv.push_back(f);
+  }
   for (auto& e : opts_.extra) argv.push_back(e);
   Subprocess::Options so;
   so.argv = argv;
