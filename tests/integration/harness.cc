@@ -1,6 +1,5 @@
 #include "tests/integration/harness.h"
 
-#include <algorithm>
 #include <fcntl.h>
 #include <grp.h>
 #include <infiniband/verbs.h>
