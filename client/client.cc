@@ -6,8 +6,6 @@
 #include <time.h>
 #include <unistd.h>
 
-#include <deque>
-#include <thread>
 
 #include "absl/base/thread_annotations.h"
 #include "absl/strings/match.h"
@@ -34,63 +32,31 @@ absl::Status FromGrpc(const grpc::Status& s) {
   return absl::Status(static_cast<absl::StatusCode>(s.error_code()), s.error_message());
 }
 
-class GrpcWatch final : public WatchStream {
+// A watch through the session's event ring.
+class SessionWatch final : public WatchStream {
  public:
-  GrpcWatch(v1::Control::Stub* stub, const std::string& name) {
-    v1::WatchRequest req;
-    req.set_name(name);
-    reader_ = stub->Watch(&ctx_, req);
-  }
-  ~GrpcWatch() override {
-    ctx_.TryCancel();
-    if (thread_.joinable()) thread_.join();
-  }
-
-  // Blocks until the daemon registered the watch (or refused it).
-  absl::Status Start() {
-    reader_->WaitForInitialMetadata();
-    thread_ = std::thread([this] { Loop(); });
-    // A refused watch ends at once; give it the chance to say why.
-    absl::MutexLock l(&mu_);
-    mu_.AwaitWithTimeout(absl::Condition(&ended_), absl::Milliseconds(20));
-    if (ended_ && !end_status_.ok() && queue_.empty()) return end_status_;
-    return absl::OkStatus();
-  }
+  SessionWatch(internal::Session* session, uint32_t id, std::string name)
+      : session_(session), id_(id), name_(std::move(name)) {}
+  ~SessionWatch() override { session_->ForgetWatch(id_); }
 
   absl::StatusOr<v1::Invalidation> Next(absl::Duration timeout) override {
-    absl::MutexLock l(&mu_);
-    auto ready = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return !queue_.empty() || ended_; };
-    if (!mu_.AwaitWithTimeout(absl::Condition(&ready), timeout)) {
-      return absl::DeadlineExceededError("no invalidation within the timeout");
-    }
-    if (!queue_.empty()) {
-      v1::Invalidation ev = std::move(queue_.front());
-      queue_.pop_front();
-      return ev;
-    }
-    return end_status_.ok() ? absl::CancelledError("watch ended") : end_status_;
+    auto e = session_->NextEvent(id_, timeout);
+    if (!e.ok()) return e.status();
+    v1::Invalidation ev;
+    ev.set_name(name_);
+    ev.set_first_page(e->first_page);
+    ev.set_npages(e->npages);
+    ev.set_seq(e->seq);
+    ev.set_kind(static_cast<v1::InvalidationKind>(e->kind));
+    ev.set_detected_ns(e->detected_ns);
+    ev.set_received_ns(e->received_ns);
+    return ev;
   }
 
  private:
-  void Loop() {
-    v1::Invalidation ev;
-    while (reader_->Read(&ev)) {
-      absl::MutexLock l(&mu_);
-      queue_.push_back(ev);
-    }
-    grpc::Status st = reader_->Finish();
-    absl::MutexLock l(&mu_);
-    end_status_ = FromGrpc(st);
-    ended_ = true;
-  }
-
-  grpc::ClientContext ctx_;
-  std::unique_ptr<grpc::ClientReader<v1::Invalidation>> reader_;
-  std::thread thread_;
-  absl::Mutex mu_;
-  std::deque<v1::Invalidation> queue_ ABSL_GUARDED_BY(mu_);
-  bool ended_ ABSL_GUARDED_BY(mu_) = false;
-  absl::Status end_status_ ABSL_GUARDED_BY(mu_);
+  internal::Session* const session_;
+  const uint32_t id_;
+  const std::string name_;
 };
 
 class MappingImpl final : public Mapping {
@@ -336,9 +302,9 @@ class GrpcClient final : public Client {
   }
 
   absl::StatusOr<std::unique_ptr<WatchStream>> Watch(const std::string& name) override {
-    auto w = std::make_unique<GrpcWatch>(stub_.get(), name);
-    if (auto st = w->Start(); !st.ok()) return st;
-    return std::unique_ptr<WatchStream>(std::move(w));
+    auto id = session_->Watch(name);
+    if (!id.ok()) return id.status();
+    return std::unique_ptr<WatchStream>(std::make_unique<SessionWatch>(session_.get(), *id, name));
   }
 
   absl::StatusOr<v1::SyncResponse> Sync(const std::string& name) override {

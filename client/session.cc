@@ -99,7 +99,7 @@ absl::StatusOr<std::unique_ptr<Session>> Session::Connect(const std::string& pat
   if (auto st = Receive(s->sock_, buf, sizeof(buf), abi::kHelloOk, fds, &nfds, &len); !st.ok()) {
     return st;
   }
-  if (nfds != 3 || len != sizeof(abi::HelloOkMsg)) {
+  if (nfds != 4 || len != sizeof(abi::HelloOkMsg)) {
     CloseFds(fds, nfds);
     return absl::InternalError("svmd's session answer is malformed");
   }
@@ -107,6 +107,8 @@ absl::StatusOr<std::unique_ptr<Session>> Session::Connect(const std::string& pat
   std::memcpy(&ok, buf, sizeof(ok));
   s->sq_bell_ = fds[1];
   s->cq_bell_ = fds[2];
+  s->ev_bell_ = fds[3];
+  ::fcntl(s->ev_bell_, F_SETFL, ::fcntl(s->ev_bell_, F_GETFL) | O_NONBLOCK);
   ::fcntl(s->cq_bell_, F_SETFL, ::fcntl(s->cq_bell_, F_GETFL) | O_NONBLOCK);
   void* m = ::mmap(nullptr, ok.memory_size, PROT_READ | PROT_WRITE, MAP_SHARED, fds[0], 0);
   ::close(fds[0]);
@@ -117,12 +119,15 @@ absl::StatusOr<std::unique_ptr<Session>> Session::Connect(const std::string& pat
   const abi::SessionHeader& h = *s->hdr_;
   if (h.magic != abi::kMagic || h.size != ok.memory_size || h.data_offset + h.data_size > h.size ||
       h.sq_offset + uint64_t{h.sq_entries} * sizeof(abi::Sqe) > h.size ||
-      h.cq_offset + uint64_t{h.cq_entries} * sizeof(abi::Cqe) > h.size) {
+      h.cq_offset + uint64_t{h.cq_entries} * sizeof(abi::Cqe) > h.size ||
+      h.ev_offset + uint64_t{h.ev_entries} * sizeof(abi::Event) > h.size || h.ev_entries == 0 ||
+      (h.ev_entries & (h.ev_entries - 1)) != 0) {
     return absl::InternalError("svmd's session memory is malformed");
   }
   s->sq_ = reinterpret_cast<abi::Sqe*>(s->mem_ + h.sq_offset);
   s->cq_ = reinterpret_cast<const abi::Cqe*>(s->mem_ + h.cq_offset);
   s->data_ = s->mem_ + h.data_offset;
+  s->ev_ = reinterpret_cast<const abi::Event*>(s->mem_ + h.ev_offset);
   s->slot_size_ = std::min<uint64_t>(kSlotSize, h.data_size);
   // Never more requests in flight than either ring holds.
   const uint64_t slots =
@@ -151,7 +156,7 @@ Session::~Session() {
     absl::MutexLock l(&open_mu_);
     views_.clear();
   }
-  for (int fd : {uffd_, pager_stop_}) {
+  for (int fd : {uffd_, pager_stop_, ev_bell_}) {
     if (fd >= 0) ::close(fd);
   }
   if (mem_ != nullptr) ::munmap(mem_, mem_size_);
@@ -403,6 +408,85 @@ std::vector<Session::Result> Session::Run(absl::Span<const Op> ops) {
     }
   }
   return results;
+}
+
+absl::StatusOr<uint32_t> Session::Watch(const std::string& name) {
+  absl::MutexLock l(&open_mu_);
+  abi::OpenMsg m{};
+  if (name.empty() || name.size() > abi::kMaxName) return absl::InvalidArgumentError("bad name");
+  m.h.type = abi::kWatch;
+  m.name_len = static_cast<uint32_t>(name.size());
+  std::memcpy(m.name, name.data(), name.size());
+  m.h.len = static_cast<uint32_t>(offsetof(abi::OpenMsg, name) + name.size());
+  if (int err = abi::SendMsg(sock_, &m, m.h.len, nullptr, 0); err != 0) return Errno(err, "svmd session");
+  alignas(8) char buf[abi::kMaxMsg];
+  int fds[4];
+  int nfds = 0;
+  size_t len = 0;
+  if (auto st = Receive(sock_, buf, sizeof(buf), abi::kOpenOk, fds, &nfds, &len); !st.ok()) return st;
+  CloseFds(fds, nfds);
+  abi::OpenOkMsg ok;
+  if (len != sizeof(ok)) return absl::InternalError("svmd's watch answer is malformed");
+  std::memcpy(&ok, buf, sizeof(ok));
+  absl::MutexLock el(&ev_mu_);
+  ev_queues_[ok.handle];  // events that already arrived are kept
+  return ok.handle;
+}
+
+void Session::DrainEventsLocked() {
+  const uint32_t tail = hdr_->ev.tail.load(std::memory_order_acquire);
+  if (tail == ev_head_) return;
+  while (ev_head_ != tail) {
+    const abi::Event e = ev_[ev_head_ & (hdr_->ev_entries - 1)];
+    ++ev_head_;
+    if (ev_forgotten_.count(e.watch) == 0) ev_queues_[e.watch].push_back(e);
+  }
+  hdr_->ev.head.store(ev_head_, std::memory_order_release);
+  ev_cv_.SignalAll();
+}
+
+absl::StatusOr<abi::Event> Session::NextEvent(uint32_t watch, absl::Duration timeout) {
+  const absl::Time deadline = absl::Now() + timeout;
+  absl::MutexLock l(&ev_mu_);
+  for (;;) {
+    DrainEventsLocked();
+    auto& q = ev_queues_[watch];
+    if (!q.empty()) {
+      abi::Event e = q.front();
+      q.pop_front();
+      return e;
+    }
+    if (ev_broken_) return absl::UnavailableError("svmd closed the session");
+    const absl::Time now = absl::Now();
+    if (now >= deadline) return absl::DeadlineExceededError("no invalidation within the timeout");
+    if (ev_sleeping_) {
+      ev_cv_.WaitWithDeadline(&ev_mu_, deadline);
+      continue;
+    }
+    // This thread sleeps on the doorbell; the others on ev_cv_.
+    ev_sleeping_ = true;
+    hdr_->ev.need_wakeup.store(1, std::memory_order_seq_cst);
+    if (hdr_->ev.tail.load(std::memory_order_acquire) == ev_head_) {
+      ev_mu_.Unlock();
+      pollfd p[2] = {{ev_bell_, POLLIN, 0}, {sock_, POLLIN | POLLRDHUP, 0}};
+      const int ms = static_cast<int>(std::min<int64_t>(
+          absl::ToInt64Milliseconds(absl::Ceil(deadline - now, absl::Milliseconds(1))), INT32_MAX));
+      int n = ::poll(p, 2, ms);
+      uint64_t v;
+      if (n > 0 && (p[0].revents & POLLIN)) (void)!::read(ev_bell_, &v, sizeof(v));
+      const bool gone = n > 0 && (p[1].revents & (POLLHUP | POLLRDHUP | POLLERR));
+      ev_mu_.Lock();
+      if (gone) ev_broken_ = true;
+    }
+    ev_sleeping_ = false;
+    ev_cv_.SignalAll();
+  }
+}
+
+void Session::ForgetWatch(uint32_t watch) {
+  absl::MutexLock l(&ev_mu_);
+  ev_forgotten_.insert(watch);
+  ev_queues_.erase(watch);
 }
 
 absl::Status Session::StartPager() {

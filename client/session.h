@@ -6,6 +6,8 @@
 
 #include <atomic>
 #include <cstdint>
+#include <deque>
+#include <set>
 #include <functional>
 #include <map>
 #include <memory>
@@ -16,6 +18,7 @@
 #include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
 #include "absl/types/span.h"
 #include "daemon/session/abi.h"
 
@@ -87,6 +90,14 @@ class Session {
   // UnmapRange undoes it.
   absl::StatusOr<std::shared_ptr<MappedRange>> MapRange(std::shared_ptr<View> view, size_t readahead);
   void UnmapRange(const std::shared_ptr<MappedRange>& r);
+  // Registers a watch of name (events from now on); its id.
+  absl::StatusOr<uint32_t> Watch(const std::string& name);
+  // The watch's next event; DEADLINE_EXCEEDED after timeout, UNAVAILABLE
+  // when svmd closed the session.
+  absl::StatusOr<session::abi::Event> NextEvent(uint32_t watch, absl::Duration timeout);
+  // Events of the watch are dropped from now on.
+  void ForgetWatch(uint32_t watch);
+
   // Makes svmd install pages [first, first + n) of the view's import in its
   // cache (what a fault and Prefetch do).
   absl::Status FetchPages(const View& view, uint64_t first, uint64_t n);
@@ -112,6 +123,16 @@ class Session {
 
   uint64_t id_ = 0;
   int sock_ = -1;
+  int ev_bell_ = -1;
+  const session::abi::Event* ev_ = nullptr;
+  absl::Mutex ev_mu_;  // the event ring's head and the per-watch queues
+  absl::CondVar ev_cv_;
+  uint32_t ev_head_ ABSL_GUARDED_BY(ev_mu_) = 0;
+  bool ev_sleeping_ ABSL_GUARDED_BY(ev_mu_) = false;  // a thread waits on the doorbell
+  bool ev_broken_ ABSL_GUARDED_BY(ev_mu_) = false;
+  std::map<uint32_t, std::deque<session::abi::Event>> ev_queues_ ABSL_GUARDED_BY(ev_mu_);
+  std::set<uint32_t> ev_forgotten_ ABSL_GUARDED_BY(ev_mu_);
+  void DrainEventsLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(ev_mu_);
   int sq_bell_ = -1;
   int cq_bell_ = -1;
   uint8_t* mem_ = nullptr;

@@ -721,6 +721,7 @@ void ImportTable::Publish(ImportEntry& imp, uint64_t first, uint64_t n, uint64_t
   ev.set_seq(seq);
   ev.set_kind(static_cast<v1::InvalidationKind>(kind));
   ev.set_detected_ns(detected_ns);
+  ev.set_received_ns(source::MonotonicNs());
   hub_->Publish(ev);
 }
 

@@ -60,6 +60,25 @@ class DaemonBackend final : public session::Backend {
     });
   }
 
+  absl::StatusOr<uint64_t> Watch(const std::string& name,
+                                 std::function<void(const session::abi::Event&)> cb) override {
+    if (!d_->imports().Has(name) && !d_->exports().Has(name)) {
+      return absl::NotFoundError(absl::StrCat("no export or import named '", name, "'"));
+    }
+    return d_->hub().Add(name, [cb = std::move(cb)](const v1::Invalidation& ev) {
+      session::abi::Event e{};
+      e.kind = static_cast<uint32_t>(ev.kind());
+      e.first_page = ev.first_page();
+      e.npages = ev.npages();
+      e.seq = ev.seq();
+      e.detected_ns = ev.detected_ns();
+      e.received_ns = ev.received_ns();
+      cb(e);
+    });
+  }
+
+  void Unwatch(uint64_t id) override { d_->hub().Remove(id); }
+
  private:
   core::Daemon* const d_;
 };

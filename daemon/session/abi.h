@@ -75,10 +75,28 @@ struct SessionHeader {
   uint64_t data_offset;  // of the data area
   uint64_t data_size;
   uint64_t size;  // of the whole memory
-  uint64_t reserved[3];
+  uint64_t ev_offset;    // of the Event array
+  uint32_t ev_entries;   // a power of two
+  uint32_t pad;
+  // Events svmd could not put in a full event ring (each watch that lost
+  // one gets a whole-range overflow event when there is room again).
+  std::atomic<uint64_t> ev_lost;
   RingIndex sq;
   RingIndex cq;
+  RingIndex ev;  // svmd produces, the client consumes; its own doorbell
 };
+
+// An invalidation for a watch (kWatch), in the event ring.
+struct Event {
+  uint32_t watch;  // the id kWatchOk returned
+  uint32_t kind;   // source::ChangeKind
+  uint64_t first_page;
+  uint64_t npages;  // 0: the whole range
+  uint64_t seq;
+  uint64_t detected_ns;
+  uint64_t received_ns;  // when this node's svmd received it (0: an export's own event)
+};
+static_assert(sizeof(Event) == 48);
 
 enum Opcode : uint16_t {
   kOpNop = 0,
@@ -156,11 +174,14 @@ inline bool TryCopyPage(const std::atomic<uint64_t>* word, const uint8_t* src, u
 // ---- messages on the session socket ------------------------------------------
 
 enum MsgType : uint32_t {
-  kHello = 1,   // client -> svmd; answer kHelloOk + fds {memory, sq doorbell, cq doorbell}
+  kHello = 1,   // client -> svmd; answer kHelloOk + fds {memory, sq, cq and event doorbells}
   kOpen = 2,    // client -> svmd; answer kOpenOk (+ fds {data, words} for an import)
   kError = 3,   // svmd -> client: the request failed; text in the message
   kHelloOk = 4,
   kOpenOk = 5,
+  // client -> svmd (an OpenMsg): every invalidation of the name from now on
+  // goes to the event ring; answer kOpenOk with handle = the watch's id.
+  kWatch = 6,
 };
 
 inline constexpr size_t kMaxName = 255;

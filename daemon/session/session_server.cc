@@ -16,6 +16,7 @@
 #include "absl/time/clock.h"
 #include "common/log.h"
 #include "daemon/session/validate.h"
+#include "daemon/source/mirror_source.h"
 
 namespace svm::session {
 
@@ -46,9 +47,60 @@ struct Server::Session {
   abi::SessionHeader* hdr = nullptr;
   abi::Sqe* sq = nullptr;
   abi::Cqe* cq = nullptr;
+  abi::Event* ev = nullptr;
   uint8_t* data = nullptr;
   UniqueFd sq_bell;  // the client rings; svmd waits on it edge-triggered
   UniqueFd cq_bell;  // svmd rings
+  UniqueFd ev_bell;  // svmd rings: events
+
+  // Watches (the server's thread): their ids in the backend.
+  std::vector<uint64_t> watches;
+
+  // The event ring: filled by the backend's callbacks.
+  absl::Mutex ev_mu;
+  uint32_t ev_tail ABSL_GUARDED_BY(ev_mu) = 0;
+  bool ev_closed ABSL_GUARDED_BY(ev_mu) = false;
+  // Watches that lost events to a full ring, with the newest lost sequence:
+  // each gets one whole-range overflow event when there is room.
+  std::map<uint32_t, uint64_t> ev_lost ABSL_GUARDED_BY(ev_mu);
+
+  void PushEvent(const abi::Event& e) {
+    {
+      absl::MutexLock l(&ev_mu);
+      if (ev_closed) return;
+      const uint32_t entries = hdr->ev_entries;
+      auto room = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(ev_mu) {
+        return ev_tail - hdr->ev.head.load(std::memory_order_acquire) < entries;
+      };
+      auto put = [&](const abi::Event& x) ABSL_EXCLUSIVE_LOCKS_REQUIRED(ev_mu) {
+        ev[ev_tail & (entries - 1)] = x;
+        ++ev_tail;
+        hdr->ev.tail.store(ev_tail, std::memory_order_release);
+      };
+      for (auto it = ev_lost.begin(); it != ev_lost.end() && room();) {
+        abi::Event o{};
+        o.watch = it->first;
+        o.kind = static_cast<uint32_t>(source::ChangeKind::kOverflow);
+        o.seq = it->second;
+        o.detected_ns = source::MonotonicNs();
+        put(o);
+        it = ev_lost.erase(it);
+      }
+      if (ev_lost.count(e.watch) == 0 && room()) {
+        put(e);
+      } else {
+        uint64_t& seq = ev_lost[e.watch];
+        seq = std::max(seq, e.seq);
+        hdr->ev_lost.fetch_add(1, std::memory_order_relaxed);
+      }
+    }
+    std::atomic_thread_fence(std::memory_order_seq_cst);
+    if (hdr->ev.need_wakeup.load(std::memory_order_relaxed) != 0 && hdr->ev.need_wakeup.exchange(0) != 0) {
+      const uint64_t one = 1;
+      ssize_t n = ::write(ev_bell.get(), &one, sizeof(one));
+      (void)n;
+    }
+  }
 
   // The server's thread only.
   uint32_t sq_head = 0;  // svmd's own copy; the shared one is only published
@@ -213,11 +265,9 @@ void Server::Loop() {
     for (int i = 0; i < n; ++i) {
       const uint64_t tag = events[i].data.u64;
       if (tag == kTagStop) {
-        for (auto& [id, s] : live_) {
-          absl::MutexLock l(&s->cq_mu);
-          s->closed = true;
-        }
-        live_.clear();
+        std::vector<uint64_t> ids;
+        for (auto& [id, s] : live_) ids.push_back(id);
+        for (uint64_t id : ids) Close(id);
         return;
       }
       if (tag == kTagListen) {
@@ -274,7 +324,13 @@ void Server::Close(uint64_t id) {
     absl::MutexLock l(&s.cq_mu);
     s.closed = true;
   }
-  // Reads in flight hold the session until they finish.
+  // After Unwatch returns no callback runs: nothing refers to the session
+  // but reads in flight, which hold it until they finish.
+  for (uint64_t w : s.watches) backend_->Unwatch(w);
+  {
+    absl::MutexLock l(&s.ev_mu);
+    s.ev_closed = true;
+  }
   live_.erase(it);
   absl::MutexLock l(&mu_);
   count_ = live_.size();
@@ -301,6 +357,8 @@ bool Server::OnSocket(Session& s) {
     } else if (!s.hello_done) {
       SendError(s, absl::FailedPreconditionError("hello first"));
       ok = false;
+    } else if (m->type == abi::kWatch) {
+      ok = OnWatch(s, m->name);
     } else {
       ok = OnOpen(s, m->name);
     }
@@ -322,7 +380,8 @@ bool Server::SendError(Session& s, const absl::Status& st) {
 bool Server::OnHello(Session& s) {
   const uint64_t sq_off = AlignUp(sizeof(abi::SessionHeader), 4096);
   const uint64_t cq_off = AlignUp(sq_off + uint64_t{opts_.sq_entries} * sizeof(abi::Sqe), 4096);
-  const uint64_t data_off = AlignUp(cq_off + uint64_t{opts_.cq_entries} * sizeof(abi::Cqe), 4096);
+  const uint64_t ev_off = AlignUp(cq_off + uint64_t{opts_.cq_entries} * sizeof(abi::Cqe), 4096);
+  const uint64_t data_off = AlignUp(ev_off + uint64_t{opts_.ev_entries} * sizeof(abi::Event), 4096);
   const uint64_t size = data_off + opts_.data_size;
   UniqueFd mfd(::memfd_create("svm-session", MFD_CLOEXEC | MFD_ALLOW_SEALING));
   if (!mfd.valid() || ::ftruncate(mfd.get(), static_cast<off_t>(size)) != 0 ||
@@ -342,15 +401,19 @@ bool Server::OnHello(Session& s) {
   s.hdr->sq_offset = sq_off;
   s.hdr->cq_offset = cq_off;
   s.hdr->data_offset = data_off;
+  s.hdr->ev_offset = ev_off;
+  s.hdr->ev_entries = opts_.ev_entries;
   s.hdr->data_size = opts_.data_size;
   s.hdr->size = size;
   s.sq = reinterpret_cast<abi::Sqe*>(s.mem + sq_off);
   s.cq = reinterpret_cast<abi::Cqe*>(s.mem + cq_off);
+  s.ev = reinterpret_cast<abi::Event*>(s.mem + ev_off);
   s.data = s.mem + data_off;
   s.limits.data_size = opts_.data_size;
   s.sq_bell = UniqueFd(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
   s.cq_bell = UniqueFd(::eventfd(0, EFD_CLOEXEC));
-  if (!s.sq_bell.valid() || !s.cq_bell.valid()) {
+  s.ev_bell = UniqueFd(::eventfd(0, EFD_CLOEXEC));
+  if (!s.sq_bell.valid() || !s.cq_bell.valid() || !s.ev_bell.valid()) {
     return SendError(s, ErrnoStatus(errno, "session doorbells")) && false;
   }
   epoll_event ev{};
@@ -362,8 +425,8 @@ bool Server::OnHello(Session& s) {
   ok.h.len = sizeof(ok);
   ok.version = abi::kVersion;
   ok.memory_size = size;
-  const int fds[3] = {s.memfd.get(), s.sq_bell.get(), s.cq_bell.get()};
-  if (abi::SendMsg(s.sock.get(), &ok, sizeof(ok), fds, 3) != 0) return false;
+  const int fds[4] = {s.memfd.get(), s.sq_bell.get(), s.cq_bell.get(), s.ev_bell.get()};
+  if (abi::SendMsg(s.sock.get(), &ok, sizeof(ok), fds, 4) != 0) return false;
   s.hello_done = true;
   return true;
 }
@@ -386,6 +449,27 @@ bool Server::OnOpen(Session& s, const std::string& name) {
   const int fds[2] = {o->data.get(), o->words.get()};
   const int nfds = o->kind == abi::kImport ? 2 : 0;
   return abi::SendMsg(s.sock.get(), &ok, sizeof(ok), fds, nfds) == 0;
+}
+
+bool Server::OnWatch(Session& s, const std::string& name) {
+  if (s.watches.size() >= opts_.max_watches) {
+    return SendError(s, absl::ResourceExhaustedError(
+                            absl::StrCat("a session may hold ", opts_.max_watches, " watches")));
+  }
+  const uint32_t watch = static_cast<uint32_t>(s.watches.size());
+  Session* target = &s;  // Close() unwatches before the session can go
+  auto id = backend_->Watch(name, [target, watch](const abi::Event& e) {
+    abi::Event x = e;
+    x.watch = watch;
+    target->PushEvent(x);
+  });
+  if (!id.ok()) return SendError(s, id.status());
+  s.watches.push_back(*id);
+  abi::OpenOkMsg ok{};
+  ok.h.type = abi::kOpenOk;
+  ok.h.len = sizeof(ok);
+  ok.handle = watch;
+  return abi::SendMsg(s.sock.get(), &ok, sizeof(ok), nullptr, 0) == 0;
 }
 
 bool Server::Drain(Session& s, bool* ok) {

@@ -63,6 +63,11 @@ class Backend {
   // fill: the pages must end up in the import's shared cache (no zero-copy).
   virtual void Read(const std::string& name, uint64_t offset, absl::Span<uint8_t> dst, bool fresh,
                     bool fill, std::function<void(absl::StatusOr<ReadDone>)> done) = 0;
+  // Calls cb (which must not block) with every invalidation of name from
+  // now until Unwatch(returned id) returns.
+  virtual absl::StatusOr<uint64_t> Watch(const std::string& name,
+                                         std::function<void(const abi::Event&)> cb) = 0;
+  virtual void Unwatch(uint64_t id) = 0;
 };
 
 struct ServerOptions {
@@ -70,6 +75,8 @@ struct ServerOptions {
   mode_t mode = 0660;
   uint32_t sq_entries = 128;
   uint32_t cq_entries = 256;
+  uint32_t ev_entries = 1024;
+  uint32_t max_watches = 256;  // per session
   uint64_t data_size = 16ull << 20;
   uint32_t max_sessions = 1024;
   uint32_t max_handles = 4096;  // per session
@@ -95,6 +102,7 @@ class Server {
   bool OnSocket(Session& s);
   bool OnHello(Session& s);
   bool OnOpen(Session& s, const std::string& name);
+  bool OnWatch(Session& s, const std::string& name);
   bool SendError(Session& s, const absl::Status& st);
   // Takes entries from the session's ring; true when it took any. false in
   // *ok: the client broke the ring (close the session).

@@ -66,7 +66,8 @@ absl::StatusOr<ClientMsg> ParseClientMsg(const void* buf, size_t len) {
       m.type = abi::kHello;
       return m;
     }
-    case abi::kOpen: {
+    case abi::kOpen:
+    case abi::kWatch: {
       abi::OpenMsg open;
       constexpr size_t kFixed = offsetof(abi::OpenMsg, name);
       if (len < kFixed || len > sizeof(open)) return absl::InvalidArgumentError("open of the wrong size");
@@ -75,7 +76,7 @@ absl::StatusOr<ClientMsg> ParseClientMsg(const void* buf, size_t len) {
       if (open.name_len == 0 || open.name_len > abi::kMaxName || kFixed + open.name_len != len) {
         return absl::InvalidArgumentError("open: bad name length");
       }
-      m.type = abi::kOpen;
+      m.type = static_cast<abi::MsgType>(h.type);
       m.name.assign(open.name, open.name_len);
       return m;
     }

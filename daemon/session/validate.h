@@ -41,7 +41,7 @@ absl::StatusOr<ReadRequest> ParseSqe(const abi::Sqe& e, const SqeLimits& lim);
 // A message from the client on the session socket.
 struct ClientMsg {
   abi::MsgType type;
-  std::string name;  // kOpen
+  std::string name;  // kOpen, kWatch
 };
 absl::StatusOr<ClientMsg> ParseClientMsg(const void* buf, size_t len);
 

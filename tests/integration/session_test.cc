@@ -81,7 +81,8 @@ class RawSession {
     alignas(8) char buf[abi::kMaxMsg];
     int fds[4], nfds = 0;
     ssize_t n = abi::RecvMsg(sock_, buf, sizeof(buf), fds, &nfds);
-    if (n != sizeof(abi::HelloOkMsg) || nfds != 3) return false;
+    if (n != sizeof(abi::HelloOkMsg) || nfds != 4) return false;
+    ::close(fds[3]);  // the event doorbell: unused here
     abi::HelloOkMsg ok;
     std::memcpy(&ok, buf, sizeof(ok));
     size_t size = ok.memory_size;
