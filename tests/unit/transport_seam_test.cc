@@ -958,6 +958,74 @@ TEST_P(TcpWireTest, MalformedFetchClosesTheConnection) {
 
 INSTANTIATE_TEST_SUITE_P(Tcp, TcpWireTest, ::testing::Values(kTcp), KindName);
 
+// ----------------------------------------- rdma's in-band HELLO, natively
+
+std::vector<uint8_t> HelloPayload(uint64_t addr, uint64_t len, uint32_t rkey, uint32_t pad,
+                                  const std::string& token) {
+  RdmaHelloPayload p{addr, len, rkey, pad};
+  std::vector<uint8_t> out(sizeof(p) + token.size());
+  std::memcpy(out.data(), &p, sizeof(p));
+  std::memcpy(out.data() + sizeof(p), token.data(), token.size());
+  return out;
+}
+
+TEST(RdmaHelloTest, RoundTripsThroughTheFrameBuilder) {
+  const RdmaHello in{0x7f0012340000, 8 << 20, 0xabcd, std::string(16, '\x5a')};
+  auto frame = MakeRdmaHello(in, 512);
+  ASSERT_TRUE(frame.ok()) << frame.status();
+  auto m = SplitMessage(absl::MakeConstSpan(*frame), 512);
+  ASSERT_TRUE(m.ok()) << m.status();
+  EXPECT_EQ(m->header.type, static_cast<uint8_t>(FrameType::kHello));
+  auto out = ParseRdmaHello(m->payload);
+  ASSERT_TRUE(out.ok()) << out.status();
+  EXPECT_EQ(out->area_addr, in.area_addr);
+  EXPECT_EQ(out->area_len, in.area_len);
+  EXPECT_EQ(out->rkey, in.rkey);
+  EXPECT_EQ(out->token, in.token);
+}
+
+TEST(RdmaHelloTest, MalformedHellosAreRefusedWithAnError) {
+  const std::string tok(16, 't');
+  struct Case {
+    const char* what;
+    std::vector<uint8_t> payload;
+  };
+  const std::vector<uint8_t> good = HelloPayload(4096, 4096, 1, 0, tok);
+  for (const Case& c : std::vector<Case>{
+           {"empty", {}},
+           {"keepalive-sized", std::vector<uint8_t>(good.begin(), good.begin() + 23)},
+           {"no token", HelloPayload(4096, 4096, 1, 0, "")},
+           {"token too long", HelloPayload(4096, 4096, 1, 0, std::string(kMaxTokenBytes + 1, 't'))},
+           {"non-zero padding", HelloPayload(4096, 4096, 1, 7, tok)},
+           {"empty area", HelloPayload(4096, 0, 1, 0, tok)},
+           {"area wraps", HelloPayload(UINT64_MAX - 4095, 8192, 1, 0, tok)},
+       }) {
+    auto h = ParseRdmaHello(absl::MakeConstSpan(c.payload));
+    EXPECT_TRUE(absl::IsDataLoss(h.status())) << c.what << ": " << h.status();
+  }
+  EXPECT_TRUE(ParseRdmaHello(absl::MakeConstSpan(good)).ok());
+  // The builder refuses what the parser would, and never cuts a token.
+  EXPECT_FALSE(MakeRdmaHello(RdmaHello{4096, 0, 1, tok}, 512).ok());
+  EXPECT_FALSE(MakeRdmaHello(RdmaHello{4096, 4096, 1, ""}, 512).ok());
+  EXPECT_FALSE(MakeRdmaHello(RdmaHello{4096, 4096, 1, tok}, sizeof(FrameHeader) + 30).ok());
+}
+
+TEST(RdmaHelloTest, MessagesAreSplitOnlyWhenWhole) {
+  auto frame = MakeRdmaHello(RdmaHello{4096, 4096, 1, "tok"}, 512);
+  ASSERT_TRUE(frame.ok());
+  std::vector<uint8_t> bytes = *frame;
+  EXPECT_TRUE(SplitMessage(absl::MakeConstSpan(bytes), 512).ok());
+  EXPECT_TRUE(absl::IsDataLoss(SplitMessage(absl::MakeConstSpan(bytes), 40).status()));
+  EXPECT_TRUE(absl::IsDataLoss(
+      SplitMessage(absl::MakeConstSpan(bytes).subspan(0, bytes.size() - 1), 512).status()));
+  EXPECT_TRUE(absl::IsDataLoss(SplitMessage(absl::MakeConstSpan(bytes).subspan(0, 31), 512).status()));
+  bytes.push_back(0);
+  EXPECT_TRUE(absl::IsDataLoss(SplitMessage(absl::MakeConstSpan(bytes), 512).status()));
+  bytes.pop_back();
+  bytes[0] ^= 1;  // magic
+  EXPECT_TRUE(absl::IsDataLoss(SplitMessage(absl::MakeConstSpan(bytes), 512).status()));
+}
+
 // ------------------------------------- rdma only: queue pairs, zero copy
 
 using RdmaOnlyTest = TransportTest;
@@ -1028,6 +1096,7 @@ TEST_P(RdmaOnlyTest, RegisteredRegionIsReadOneSidedAndDroppedByInvalidations) {
   region->reset();
   munmap(mem, kLen);
 }
+
 
 INSTANTIATE_TEST_SUITE_P(Rdma, RdmaOnlyTest, ::testing::Values(kRdma), KindName);
 

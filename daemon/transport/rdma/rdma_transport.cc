@@ -71,15 +71,6 @@ constexpr absl::Duration kBeginLifetime = absl::Seconds(30);
 enum WrKind : uint64_t { kWrRecv = 1, kWrSend = 2, kWrWrite = 3, kWrRead = 4 };
 uint64_t WrId(WrKind k, uint64_t i) { return (uint64_t{k} << 56) | i; }
 
-// HELLO payload from the importer: where its receive area is, then the token.
-struct RdmaHello {
-  uint64_t area_addr;
-  uint64_t area_len;
-  uint32_t rkey;
-  uint32_t pad;
-};
-static_assert(sizeof(RdmaHello) == 24);
-
 // FETCH payload: the tcp one plus the offset in the importer's receive area
 // the pages are to be written to.
 struct RdmaFetch {
@@ -358,12 +349,9 @@ absl::Status Conn::OnCompletion(const ibv_wc& wc) {
       const size_t len = std::min<size_t>(wc.byte_len, kMsgSize);
       std::memcpy(msg, recv_mem_.get() + idx * kMsgSize, len);
       if (auto st = qp_->PostRecv(wc.wr_id, *recv_mr_, idx * kMsgSize, kMsgSize); !st.ok()) return st;
-      FrameHeader h;
-      if (len < sizeof(h)) return absl::DataLossError(absl::StrFormat("%u-byte message", len));
-      std::memcpy(&h, msg, sizeof(h));
-      if (auto st = ValidateHeader(h); !st.ok()) return st;
-      if (h.payload_len != len - sizeof(h)) return absl::DataLossError("message length mismatch");
-      return OnMessage(h, msg + sizeof(h), len - sizeof(h));
+      auto m = SplitMessage(absl::MakeConstSpan(msg, len), kMsgSize);
+      if (!m.ok()) return m.status();
+      return OnMessage(m->header, m->payload.data(), m->payload.size());
     }
     case kWrSend:
       --send_inflight_;
@@ -809,19 +797,17 @@ void ServerConn::Run(ThreadCount* threads) {
 absl::Status ServerConn::OnMessage(const FrameHeader& h, const uint8_t* payload, size_t len) {
   const auto type = static_cast<FrameType>(h.type);
   if (!established_) {
-    if (type != FrameType::kHello || len < sizeof(RdmaHello)) {
-      return absl::PermissionDeniedError("first message is not HELLO");
-    }
-    RdmaHello hello;
-    std::memcpy(&hello, payload, sizeof(hello));
-    std::string token(reinterpret_cast<const char*>(payload) + sizeof(hello), len - sizeof(hello));
-    if (token != session_token_ || !transport_->sessions().Claim(token, shared_from_this()).ok()) {
+    if (type != FrameType::kHello) return absl::PermissionDeniedError("first message is not HELLO");
+    auto hello = ParseRdmaHello(absl::MakeConstSpan(payload, len));
+    if (!hello.ok()) return hello.status();
+    if (hello->token != session_token_ ||
+        !transport_->sessions().Claim(hello->token, shared_from_this()).ok()) {
       return absl::PermissionDeniedError("HELLO with an unknown or used session token");
     }
-    token_ = token;
-    area_addr_ = hello.area_addr;
-    area_len_ = hello.area_len;
-    area_rkey_ = hello.rkey;
+    token_ = hello->token;
+    area_addr_ = hello->area_addr;
+    area_len_ = hello->area_len;
+    area_rkey_ = hello->rkey;
     established_ = true;
     spdlog::info("rdma data connection from {} established", node_);
     Enqueue(OutItem{MakeMsg(FrameType::kHello, 0, nullptr, 0)});
@@ -904,11 +890,12 @@ absl::Status ClientConn::Start(const Endpoint& remote, ImportBackend* backend,
   backend_ = backend;
   peer_name_ = absl::StrCat(peer_host, ":", liveness_port);
   if (auto st = ConnectQp(remote); !st.ok()) return st;
-  RdmaHello hello{data_mr_->addr(), data_mr_->length(), data_mr_->rkey(), 0};
+  auto hello = MakeRdmaHello(
+      RdmaHello{data_mr_->addr(), data_mr_->length(), data_mr_->rkey(), token}, kMsgSize);
+  if (!hello.ok()) return hello.status();
   {
     absl::MutexLock l(&mu_);
-    EnqueueLocked(
-        OutItem{MakeMsg(FrameType::kHello, 0, &hello, sizeof(hello), token.data(), token.size())});
+    EnqueueLocked(OutItem{*std::move(hello)});
     thread_ = std::thread([this] { Loop(); });
     auto ready = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return established_ || closed_; };
     mu_.AwaitWithTimeout(absl::Condition(&ready), kHelloTimeout);
