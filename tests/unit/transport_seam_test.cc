@@ -27,9 +27,11 @@
 #include <thread>
 #include <vector>
 
+#include "absl/cleanup/cleanup.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
+#include "absl/synchronization/notification.h"
 #include "absl/time/clock.h"
 #include "common/fd.h"
 #include "common/net.h"
@@ -1097,6 +1099,47 @@ TEST_P(RdmaOnlyTest, RegisteredRegionIsReadOneSidedAndDroppedByInvalidations) {
   munmap(mem, kLen);
 }
 
+// The exporter copies pages off the completion path: while one copy is
+// stuck in the backend (a page fault in the exporting process, here a hook
+// that waits to be released), the same connection still answers a second
+// FETCH and delivers an invalidation and its acknowledgement; the stuck
+// fetch then completes with its own bytes.
+TEST_P(RdmaOnlyTest, ASlowCopyDoesNotStallTheConnection) {
+  std::shared_ptr<Subscriber> sub;
+  PeerChannel* ch = Open("n", &sub);
+  ASSERT_NE(ch, nullptr);
+  ASSERT_NE(sub, nullptr);
+  absl::Notification entered, release;
+  // Released on every path, so a failure cannot leave the copy blocked.
+  absl::Cleanup unblock = [&] {
+    if (!release.HasBeenNotified()) release.Notify();
+  };
+  exp_.OnNextFetch([&] {
+    entered.Notify();
+    release.WaitForNotificationWithTimeout(Scaled(absl::Seconds(20)));
+  });
+  std::vector<uint8_t> slow_pages;
+  auto slow = std::async(std::launch::async, [&] {
+    return Fetch(ch, 1, 0, 2, &slow_pages, true, Scaled(absl::Seconds(20)));
+  });
+  ASSERT_TRUE(entered.WaitForNotificationWithTimeout(Scaled(absl::Seconds(5))));
+
+  std::vector<uint8_t> pages;
+  auto fast = Fetch(ch, 2, 5, 3, &pages, true, Scaled(absl::Seconds(5)));
+  ASSERT_TRUE(fast.ok()) << "a second fetch waited for the blocked copy: " << fast.status();
+  EXPECT_TRUE(PagesAre(pages, 2, 5));
+  ASSERT_TRUE(sub->PushInvalidation({3, 0, 1, 9, ChangeKind::kUnmap, 0}));
+  EXPECT_TRUE(imp_.WaitInvals(1)) << "an invalidation waited for the blocked copy";
+  EXPECT_TRUE(exp_.WaitAcks(1)) << "an acknowledgement waited for the blocked copy";
+  EXPECT_EQ(slow.wait_for(std::chrono::seconds(0)), std::future_status::timeout)
+      << "the blocked fetch was answered before its copy finished";
+
+  release.Notify();
+  auto r = slow.get();
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_TRUE(PagesAre(slow_pages, 1, 0));
+  EXPECT_TRUE(ch->alive());
+}
 
 INSTANTIATE_TEST_SUITE_P(Rdma, RdmaOnlyTest, ::testing::Values(kRdma), KindName);
 
