@@ -20,6 +20,7 @@
 #include <atomic>
 #include <chrono>
 #include <cstring>
+#include <filesystem>
 #include <functional>
 #include <future>
 #include <map>
@@ -1139,6 +1140,43 @@ TEST_P(RdmaOnlyTest, ASlowCopyDoesNotStallTheConnection) {
   ASSERT_TRUE(r.ok()) << r.status();
   EXPECT_TRUE(PagesAre(slow_pages, 1, 0));
   EXPECT_TRUE(ch->alive());
+}
+
+// Threads do not grow with connections: one completion context (CQ and
+// thread) per device serves every queue pair on it, and it also watches
+// the liveness sockets. Opening 8 more connections, each used, adds at most
+// a couple of threads (transient ones of the liveness listener), where a
+// thread per connection side would add 16 or more.
+TEST_P(RdmaOnlyTest, ManyConnectionsShareOneCompletionThread) {
+  auto threads = [] {
+    int n = 0;
+    for (auto& e : std::filesystem::directory_iterator("/proc/self/task")) n += e.exists() ? 1 : 0;
+    return n;
+  };
+  // Warm up: the contexts, the copy worker, the listener exist.
+  PeerChannel* first = Open("warm");
+  ASSERT_NE(first, nullptr);
+  ASSERT_TRUE(Fetch(first, 1, 0, 1).ok());
+  absl::SleepFor(Scaled(absl::Milliseconds(200)));
+  const int before = threads();
+  std::vector<PeerChannel*> chs;
+  for (int i = 0; i < 8; ++i) {
+    PeerChannel* ch = Open(absl::StrCat("n", i));
+    ASSERT_NE(ch, nullptr);
+    std::vector<uint8_t> got;
+    ASSERT_TRUE(Fetch(ch, 2, i, 1, &got).ok());
+    EXPECT_TRUE(PagesAre(got, 2, i));
+    chs.push_back(ch);
+  }
+  // The listener's threads hand their socket over and end.
+  int after = threads();
+  for (absl::Time end = absl::Now() + Scaled(absl::Seconds(2)); after > before + 2 && absl::Now() < end;) {
+    absl::SleepFor(absl::Milliseconds(20));
+    after = threads();
+  }
+  std::printf("# threads: %d before 8 more connections, %d after\n", before, after);
+  EXPECT_LE(after, before + 2);
+  for (PeerChannel* ch : chs) EXPECT_TRUE(ch->alive());
 }
 
 INSTANTIATE_TEST_SUITE_P(Rdma, RdmaOnlyTest, ::testing::Values(kRdma), KindName);

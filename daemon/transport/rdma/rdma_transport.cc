@@ -211,6 +211,21 @@ class CompletionContext {
   }
   // Serves conn from now on (its QP is on this context's CQ).
   void Add(std::shared_ptr<Conn> conn);
+  // The thread also sleeps on fd (a connection's liveness socket) and calls
+  // the connection's OnLivenessEvent when it is readable or hung up, until
+  // Unwatch (the context's thread, once the connection is closed). The fd
+  // stays open while the connection is registered.
+  void Watch(uint64_t conn_id, int fd) {
+    {
+      absl::MutexLock l(&mu_);
+      locked_.watched[conn_id] = fd;
+    }
+    Wake(conn_id);
+  }
+  void Unwatch(uint64_t conn_id) {
+    absl::MutexLock l(&mu_);
+    locked_.watched.erase(conn_id);
+  }
   // Any thread: the connection is serviced on the next round.
   void Wake(uint64_t conn_id) {
     {
@@ -238,6 +253,7 @@ class CompletionContext {
   struct Locked {
     std::map<uint64_t, std::shared_ptr<Conn>> conns;  // by connection id
     std::vector<uint64_t> ready;                     // ids to service
+    std::map<uint64_t, int> watched;                 // liveness sockets by id
     int reserved = 0;                                // CQ entries promised
     bool stopping = false;
   };
@@ -348,6 +364,10 @@ class Conn : public std::enable_shared_from_this<Conn> {
   // Keepalive, deadlines, and the steps of a close. True once finished
   // (OnClosed ran): the context then drops the connection.
   bool Service(absl::Time now);
+  // The context's thread: the liveness socket is readable or hung up. It
+  // carries nothing after the HELLO: EOF, an error or unexpected bytes
+  // close the connection.
+  void OnLivenessEvent();
   // Any thread: closes the connection for why (no-op once closed).
   void Fail(absl::Status why) {
     absl::MutexLock l(&mu_);
@@ -373,10 +393,9 @@ class Conn : public std::enable_shared_from_this<Conn> {
   }
   bool EnqueueLocked(WorkItem item) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void CloseLocked(absl::Status why) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  // Blocks until the liveness socket ends (EOF, error, or unexpected bytes:
-  // it carries nothing after the HELLO) or the connection closes, then
-  // closes the connection.
-  void WatchLiveness();
+  // Attaches the liveness socket, watched by the context from now on.
+  // False when one is attached already.
+  bool SetLiveness(UniqueFd fd);
   void Wake() { ctx_->Wake(conn_id_); }
 
   // Role hooks, all on the context's thread.
@@ -446,8 +465,20 @@ void CompletionContext::Add(std::shared_ptr<Conn> conn) {
 void CompletionContext::Loop() {
   ibv_wc wcs[32];
   absl::Time next_sweep = absl::Now() + kSweep;
+  std::vector<pollfd> fds;
+  std::vector<uint64_t> fd_conns;  // the connection of fds[i + 1]
   for (;;) {
-    auto n = poller_->Harvest(wcs, 32, wake_fd_.get(), std::max(absl::ZeroDuration(), next_sweep - absl::Now()));
+    fds.assign(1, pollfd{wake_fd_.get(), POLLIN, 0});
+    fd_conns.clear();
+    {
+      absl::MutexLock l(&mu_);
+      for (auto& [id, fd] : locked_.watched) {
+        fds.push_back(pollfd{fd, POLLIN | POLLRDHUP, 0});
+        fd_conns.push_back(id);
+      }
+    }
+    auto n = poller_->Harvest(wcs, 32, absl::MakeSpan(fds),
+                              std::max(absl::ZeroDuration(), next_sweep - absl::Now()));
     uint64_t drained;
     (void)!::read(wake_fd_.get(), &drained, sizeof(drained));
     std::vector<std::shared_ptr<Conn>> touched;
@@ -478,6 +509,13 @@ void CompletionContext::Loop() {
       }
     }
     for (uint64_t id : ready) touch(Find(id));
+    for (size_t i = 0; i < fd_conns.size(); ++i) {
+      if (fds[i + 1].revents == 0) continue;
+      if (auto c = Find(fd_conns[i])) {
+        c->OnLivenessEvent();
+        touch(std::move(c));
+      }
+    }
     const absl::Time now = absl::Now();
     if (now >= next_sweep) {
       next_sweep = now + kSweep;
@@ -586,18 +624,27 @@ void Conn::CloseLocked(absl::Status why) {
   if (ctx_ != nullptr) Wake();
 }
 
-void Conn::WatchLiveness() {
-  int fd;
-  {
-    absl::MutexLock l(&mu_);
-    fd = locked_.liveness.get();
+bool Conn::SetLiveness(UniqueFd fd) {
+  absl::MutexLock l(&mu_);
+  if (locked_.liveness.valid()) return false;
+  locked_.liveness = std::move(fd);
+  if (locked_.closed) {
+    ::shutdown(locked_.liveness.get(), SHUT_RDWR);
+    return true;
   }
+  ctx_->Watch(conn_id_, locked_.liveness.get());
+  return true;
+}
+
+void Conn::OnLivenessEvent() {
+  absl::MutexLock l(&mu_);
+  if (locked_.closed || !locked_.liveness.valid()) return;
   char b[64];
   ssize_t n;
   do {
-    n = ::recv(fd, b, sizeof(b), 0);
+    n = ::recv(locked_.liveness.get(), b, sizeof(b), MSG_DONTWAIT);
   } while (n < 0 && errno == EINTR);
-  absl::MutexLock l(&mu_);
+  if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return;
   CloseLocked(absl::UnavailableError(n > 0 ? "unexpected bytes on the liveness connection"
                                            : "the peer closed the liveness connection"));
 }
@@ -695,6 +742,7 @@ bool Conn::Service(absl::Time now) {
     ibv_qp_attr a{};
     a.qp_state = IBV_QPS_ERR;
     (void)ibv_modify_qp(qp_->qp(), &a, IBV_QP_STATE);
+    ctx_->Unwatch(conn_id_);  // shut down by the close: always readable now
     state = ConnState::kClosing;
   }
   if (state == ConnState::kClosing) {
@@ -771,17 +819,11 @@ class ServerConn final : public Conn, public Subscriber {
     absl::MutexLock l(&mu_);
     CloseLocked(absl::CancelledError("closed by this daemon"));
   }
-  // The importer's liveness socket arrived: watch it on the calling thread
-  // until it or the connection ends. False when one is already attached.
+  // The importer's liveness socket arrived: the context watches it until it
+  // or the connection ends. False when one is already attached.
   bool AttachLiveness(UniqueFd fd) {
-    {
-      absl::MutexLock l(&mu_);
-      if (locked_.liveness.valid()) return false;
-      locked_.liveness = std::move(fd);
-      if (locked_.closed) ::shutdown(locked_.liveness.get(), SHUT_RDWR);
-    }
+    if (!SetLiveness(std::move(fd))) return false;
     has_liveness_ = true;
-    WatchLiveness();
     return true;
   }
 
@@ -845,9 +887,6 @@ enum class SlotState {
 class ClientConn final : public Conn {
  public:
   ClientConn(std::shared_ptr<Nic> nic, uint64_t id) : Conn(std::move(nic), id) {}
-  ~ClientConn() override {
-    if (liveness_thread_.joinable()) liveness_thread_.join();
-  }
 
   absl::Status Prepare() {
     absl::Status st = Init(kSlots * kSlotBytes, Access::kRemoteReadWrite);
@@ -902,7 +941,6 @@ class ClientConn final : public Conn {
   }
 
   ImportBackend* backend_ = nullptr;
-  std::thread liveness_thread_;
   std::atomic<bool> hello_seen_{false};
 
   // Zero-copy: per export id, the exporter's registered region and its
@@ -1129,8 +1167,8 @@ class RdmaTransport final : public Transport {
     absl::Time expires;
   };
 
-  // A liveness socket: HELLO with a claimed token, then watched until it or
-  // its connection ends. Anything else is closed.
+  // A liveness socket: HELLO with a claimed token, then handed to its
+  // connection (its completion context watches it). Anything else is closed.
   void ServeLiveness(UniqueFd fd);
   uint64_t NextConnId() {
     absl::MutexLock l(&mu_);
@@ -1357,10 +1395,7 @@ absl::Status ClientConn::Start(const Endpoint& remote, ImportBackend* backend, P
                                                ": liveness connection: ", fd.status().message()));
   }
   std::move(detach).Cancel();
-  absl::MutexLock l(&mu_);
-  locked_.liveness = std::move(*fd);
-  if (locked_.closed) ::shutdown(locked_.liveness.get(), SHUT_RDWR);
-  liveness_thread_ = std::thread([this] { WatchLiveness(); });
+  SetLiveness(std::move(*fd));
   return absl::OkStatus();
 }
 

@@ -25,8 +25,9 @@
 //
 // Threads: a completion context per device (one CQ, its channel and one
 // thread; more contexts once a CQ's budget is reserved) serves many
-// connections. Its thread sleeps on the channel and an eventfd
-// (Poller::Harvest), so idle connections cost no CPU; it dispatches
+// connections. Its thread sleeps on the channel, an eventfd and the
+// connections' liveness sockets (Poller::Harvest), so idle connections cost
+// no CPU and threads do not grow with connections. It dispatches
 // completions (receives, window updates, WRITE/READ completions), runs the
 // importer's OnInvalidation and the exporter's OnAck, and closes
 // connections. Work is posted by whichever thread queues it (a caller, a
