@@ -178,7 +178,8 @@ struct Nic {
 // ------------------------------------------------------ completion context
 // One CQ, its completion channel and one thread, serving many connections
 // of a device (UCX's uct iface progress, SPDK's poll group): the thread
-// sleeps on the channel and an eventfd (Poller::Harvest), dispatches each
+// sleeps on the channel, an eventfd and the connections' liveness sockets
+// (Poller::Harvest), dispatches each
 // completion to its connection by the connection id in its wr_id, and
 // services the connections that asked for it (Wake) plus, every kSweep, all
 // of them (keepalives, deadlines). It only dispatches: work that may block
@@ -936,6 +937,10 @@ class ClientConn final : public Conn {
   void OnClosed(const absl::Status& why) override;
   void FlushAcksLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void SetSlot(uint32_t slot, SlotState st) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    // A slot is freed once, by the caller that took it, and never after
+    // it was abandoned.
+    SVM_CHECK(st != SlotState::kFree || (clocked_.slots[slot] != SlotState::kFree &&
+                                         clocked_.slots[slot] != SlotState::kAbandoned));
     clocked_.slots[slot] = st;
     if (st == SlotState::kFree) clocked_.free_slots.push_back(slot);
   }
