@@ -630,6 +630,33 @@ TEST_P(TransportTest, AckIsSentOnlyAfterTheImporterDroppedThePages) {
   EXPECT_TRUE(exp_.WaitAcks(1));
 }
 
+// An importer whose OnInvalidation is slow holds up its own connection
+// (responses behind the invalidation wait for it, as on the wire) and the
+// acknowledgement, nothing else: a fetch on another connection of the same
+// importer transport is answered meanwhile (rdma: connections share a
+// completion thread, which therefore must not run the callback).
+TEST_P(TransportTest, ASlowInvalidationCallbackStallsOnlyItsConnection) {
+  std::shared_ptr<Subscriber> sub_a;
+  PeerChannel* a = Open("a", &sub_a);
+  PeerChannel* b = Open("b");
+  ASSERT_NE(a, nullptr);
+  ASSERT_NE(b, nullptr);
+  ASSERT_NE(sub_a, nullptr);
+  imp_.Block();
+  ASSERT_TRUE(sub_a->PushInvalidation({3, 0, 1, 1, ChangeKind::kRemap, 0}));
+  ASSERT_TRUE(imp_.WaitInvals(1));
+  std::vector<uint8_t> pages;
+  // Unscaled: answered in milliseconds even under TCG, and shorter than
+  // the fake backend's own bound on a blocked callback (10 s).
+  auto rb = Fetch(b, 2, 4, 2, &pages, true, absl::Seconds(5));
+  ASSERT_TRUE(rb.ok()) << "another connection waited for OnInvalidation: " << rb.status();
+  EXPECT_TRUE(PagesAre(pages, 2, 4));
+  EXPECT_TRUE(exp_.acks().empty()) << "acknowledged while OnInvalidation was still running";
+  imp_.Release();
+  EXPECT_TRUE(exp_.WaitAcks(1));
+  EXPECT_TRUE(Fetch(a, 2, 7, 1).ok());
+}
+
 TEST_P(TransportTest, InvalidationsGoOnlyToTheirConnection) {
   std::shared_ptr<Subscriber> sub_a, sub_b;
   PeerChannel* a = Open("a", &sub_a);

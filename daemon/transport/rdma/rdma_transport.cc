@@ -73,6 +73,9 @@ constexpr absl::Duration kBeginLifetime = absl::Seconds(30);
 // Copy workers (all exporter connections of a transport share them): a copy
 // blocked in the backend takes one; the pool grows up to this many.
 constexpr int kCopyWorkers = 16;
+// Importer side: the workers that run ImportBackend::OnInvalidation, one
+// task per connection at a time (see DeliveryWorkers).
+constexpr int kDeliveryWorkers = 16;
 // A completion context serves connections while the CQ entries they can
 // have outstanding (receive queue + send queue) fit this budget; its CQ has
 // twice as many, for the flushed completions of connections being closed.
@@ -153,6 +156,15 @@ absl::StatusOr<MemPtr> MapMemory(size_t len) {
 
 class Conn;
 class CompletionContext;
+
+// Importer side: invalidations are handed to the backend off the completion
+// thread (which other connections share). Process-wide and never destroyed:
+// an importer's channel may outlive its transport, and a task may drop the
+// last reference to its connection.
+Executor& DeliveryWorkers() {
+  static Executor* const workers = new Executor(1, kDeliveryWorkers);
+  return *workers;
+}
 
 // The device and protection domain every connection uses, and the
 // completion contexts serving its connections; shared so a connection
@@ -911,9 +923,9 @@ class ClientConn final : public Conn {
     absl::MutexLock l(&mu_);
     CloseLocked(absl::CancelledError("closed by this daemon"));
   }
-  // Closes the connection and waits until the backend was told; on the
-  // context's own thread (the channel destroyed from a callback) it only
-  // stops further callbacks.
+  // Closes the connection and waits until the backend was told; from a
+  // callback (the channel destroyed on the context's thread or a delivery
+  // worker) it only stops further callbacks.
   void CloseAndWait();
   // data_mr_ is set before the connection is handed out and never changes.
   const char* path() const { return data_mr_->mode() == Mode::kOdp ? "staged/odp" : "staged/pinned"; }
@@ -934,8 +946,28 @@ class ClientConn final : public Conn {
   absl::Status OnMessage(const FrameHeader& h, absl::Span<const uint8_t> payload) override;
   void OnReadDone(uint32_t slot) override;
   bool established() const override { return hello_seen_; }
+  // Closed: the backend hears OnChannelClosed after the last OnInvalidation.
+  bool Quiesced() override {
+    absl::MutexLock l(&mu_);
+    return !clocked_.delivering;
+  }
   void OnClosed(const absl::Status& why) override;
   void FlushAcksLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // On a delivery worker: hands the queued deliveries to the backend in
+  // order until none is left or the connection closed.
+  void Deliver();
+  struct FetchResult {
+    uint64_t id = 0;
+    absl::Status status;
+    uint64_t seq = 0;
+  };
+  void CompleteLocked(const FetchResult& r) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    auto it = clocked_.pending.find(r.id);
+    if (it == clocked_.pending.end()) return;  // the caller gave up (timed out)
+    it->second->status = r.status;
+    it->second->seq = r.seq;
+    it->second->done = true;
+  }
   void SetSlot(uint32_t slot, SlotState st) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     // A slot is freed once, by the caller that took it, and never after
     // it was abandoned.
@@ -964,6 +996,15 @@ class ClientConn final : public Conn {
     uint64_t export_id, seq;
     std::optional<uint64_t> drain_epoch;  // READs of epochs up to it must complete
   };
+  // What the delivery worker hands on, in arrival order: an invalidation
+  // (to the backend), or a FETCH response that arrived behind one
+  // (completed only once the invalidation before it was delivered, as on
+  // the wire).
+  struct InvalDelivery {
+    InvalRecord rec;
+    std::optional<uint64_t> drain_epoch;
+  };
+  using Delivery = std::variant<InvalDelivery, FetchResult>;
   // Shared by callers (Fetch, ReadRegion, SetRegion) and the context's
   // thread, under mu_.
   struct Locked {
@@ -977,6 +1018,9 @@ class ClientConn final : public Conn {
     uint64_t next_id = 1;
     std::map<uint64_t, ZcRegion> zc;
     std::deque<HeldAck> held_acks;
+    std::deque<Delivery> deliveries;  // not handed on yet
+    bool delivering = false;          // a delivery task runs...
+    std::thread::id delivery_thread;  // ...on this thread
   };
   Locked clocked_ ABSL_GUARDED_BY(mu_);
 };
@@ -1407,7 +1451,8 @@ absl::Status ClientConn::Start(const Endpoint& remote, ImportBackend* backend, P
 void ClientConn::CloseAndWait() {
   absl::MutexLock l(&mu_);
   CloseLocked(absl::CancelledError("closed by this daemon"));
-  if (ctx_ == nullptr || ctx_->OnThread()) {
+  if (ctx_ == nullptr || ctx_->OnThread() ||
+      clocked_.delivery_thread == std::this_thread::get_id()) {
     clocked_.channel = nullptr;
     return;
   }
@@ -1495,19 +1540,22 @@ absl::Status ClientConn::OnMessage(const FrameHeader& h, absl::Span<const uint8_
       FetchRespPayload r;
       std::memcpy(&r, payload.data(), sizeof(r));
       const size_t tail = payload.size() - sizeof(r);
-      absl::MutexLock l(&mu_);
-      auto it = clocked_.pending.find(h.id);
-      if (it == clocked_.pending.end()) return absl::OkStatus();  // the caller gave up (timed out)
-      Pending* p = it->second;
+      FetchResult res;
+      res.id = h.id;
       if (r.code != 0) {
-        p->status = FetchErrorStatus(
+        res.status = FetchErrorStatus(
             r, absl::string_view(reinterpret_cast<const char*>(payload.data()) + sizeof(r), tail));
       } else if (tail != 0) {
-        p->status = absl::DataLossError("FETCH_RESP with unexpected bytes");
+        res.status = absl::DataLossError("FETCH_RESP with unexpected bytes");
       } else {
-        p->seq = r.seq;
+        res.seq = r.seq;
       }
-      p->done = true;
+      absl::MutexLock l(&mu_);
+      if (clocked_.delivering) {
+        clocked_.deliveries.push_back(std::move(res));  // behind an invalidation
+      } else {
+        CompleteLocked(res);
+      }
       return absl::OkStatus();
     }
     case FrameType::kInval: {
@@ -1515,29 +1563,57 @@ absl::Status ClientConn::OnMessage(const FrameHeader& h, absl::Span<const uint8_
       InvalPayload p;
       std::memcpy(&p, payload.data(), sizeof(p));
       const InvalRecord rec = FromInvalPayload(p);
-      std::optional<uint64_t> drain;
-      PeerChannel* channel;
-      {
-        absl::MutexLock l(&mu_);
-        if (rec.kind != source::ChangeKind::kWrite) {
-          // Anything but a store may have replaced or withdrawn the
-          // exporter's registration: no READ is issued with it from now on,
-          // and the acknowledgement waits for the ones in flight.
-          ZcRegion& z = clocked_.zc[rec.export_id];
-          const uint64_t epoch = z.state.Drop(rec.seq);
-          if (!z.state.Drained(epoch)) drain = epoch;
-        }
-        channel = clocked_.channel;
-      }
-      // The channel is cleared only on this thread (CloseAndWait here).
-      if (channel != nullptr) backend_->OnInvalidation(channel, rec);
       absl::MutexLock l(&mu_);
-      clocked_.held_acks.push_back(HeldAck{p.export_id, p.seq, drain});
-      FlushAcksLocked();
+      std::optional<uint64_t> drain;
+      if (rec.kind != source::ChangeKind::kWrite) {
+        // Anything but a store may have replaced or withdrawn the exporter's
+        // registration: no READ is issued with it from now on (before the
+        // invalidation is delivered), and the acknowledgement waits for the
+        // ones in flight.
+        ZcRegion& z = clocked_.zc[rec.export_id];
+        const uint64_t epoch = z.state.Drop(rec.seq);
+        if (!z.state.Drained(epoch)) drain = epoch;
+      }
+      clocked_.deliveries.push_back(InvalDelivery{rec, drain});
+      if (!clocked_.delivering) {
+        clocked_.delivering = true;
+        DeliveryWorkers().Submit(
+            [self = std::static_pointer_cast<ClientConn>(shared_from_this())] { self->Deliver(); });
+      }
       return absl::OkStatus();
     }
     default:
       return absl::DataLossError(absl::StrFormat("unexpected message type %u", h.type));
+  }
+}
+
+void ClientConn::Deliver() {
+  absl::MutexLock l(&mu_);
+  Locked& c = clocked_;
+  c.delivery_thread = std::this_thread::get_id();
+  for (;;) {
+    if (c.deliveries.empty() || locked_.closed) {
+      // Once closed nothing more is delivered: OnChannelClosed follows, and
+      // the pending fetches fail.
+      c.deliveries.clear();
+      c.delivering = false;
+      c.delivery_thread = std::thread::id();
+      if (locked_.closed) Wake();  // the close may finish now
+      return;
+    }
+    Delivery d = std::move(c.deliveries.front());
+    c.deliveries.pop_front();
+    if (auto* r = std::get_if<FetchResult>(&d)) {
+      CompleteLocked(*r);
+      continue;
+    }
+    const InvalDelivery& inv = std::get<InvalDelivery>(d);
+    PeerChannel* channel = c.channel;
+    mu_.Unlock();
+    if (channel != nullptr) backend_->OnInvalidation(channel, inv.rec);
+    mu_.Lock();
+    c.held_acks.push_back(HeldAck{inv.rec.export_id, inv.rec.seq, inv.drain_epoch});
+    FlushAcksLocked();
   }
 }
 

@@ -29,8 +29,10 @@
 // connections' liveness sockets (Poller::Harvest), so idle connections cost
 // no CPU and threads do not grow with connections. It dispatches
 // completions (receives, window updates, WRITE/READ completions), runs the
-// importer's OnInvalidation and the exporter's OnAck, and closes
-// connections. Work is posted by whichever thread queues it (a caller, a
+// exporter's OnAck, and closes connections. The importer's OnInvalidation
+// runs on a delivery worker, one task per connection at a time, in arrival
+// order (a FETCH response behind an invalidation completes after it was
+// delivered): a slow callback holds up its own connection only. Work is posted by whichever thread queues it (a caller, a
 // copy worker, the context), under the connection's mutex.
 #ifndef SVM_DAEMON_TRANSPORT_RDMA_RDMA_TRANSPORT_H_
 #define SVM_DAEMON_TRANSPORT_RDMA_RDMA_TRANSPORT_H_
