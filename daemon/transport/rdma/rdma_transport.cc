@@ -917,7 +917,16 @@ class ClientConn final : public Conn {
                                  bool track, absl::Span<uint8_t> dst, absl::Duration timeout);
   bool alive() const {
     absl::MutexLock l(&mu_);
-    return !locked_.closed;
+    if (locked_.closed) return false;
+    // The exporter's close may be waiting on the liveness socket before the
+    // completion thread has seen it (e.g. this process was stopped and has
+    // just resumed): a caller deciding whether to serve cached pages looks.
+    if (locked_.liveness.valid()) {
+      char b;
+      const ssize_t n = ::recv(locked_.liveness.get(), &b, 1, MSG_PEEK | MSG_DONTWAIT);
+      if (n >= 0 || (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)) return false;
+    }
+    return true;
   }
   void Close() {
     absl::MutexLock l(&mu_);
