@@ -5,8 +5,10 @@
 //
 // Lifetimes: a Device outlives every PD, Poller, Qp and Registration created
 // from it; a PD outlives the Qps and Registrations that use it; a Poller (its
-// CQ) outlives the Qps attached to it. Nothing here is thread-safe: each object
-// is owned by one thread (the data-plane thread that will drive it).
+// CQ) outlives the Qps attached to it. Nothing here is thread-safe: callers
+// serialize each object's use (the rdma transport polls a Poller and posts a
+// QP's receives on its completion context's thread, and posts a QP's sends
+// under its connection's mutex from whichever thread queues work).
 #ifndef SVM_DAEMON_TRANSPORT_RDMA_VERBS_H_
 #define SVM_DAEMON_TRANSPORT_RDMA_VERBS_H_
 
