@@ -86,6 +86,58 @@ absl::Status CheckFetchPages(uint32_t npages, uint32_t max_pages) {
   return absl::OkStatus();
 }
 
+absl::StatusOr<std::vector<uint8_t>> MakeRdmaHello(const RdmaHello& hello, size_t max_frame) {
+  const RdmaHelloPayload p{hello.area_addr, hello.area_len, hello.rkey, 0};
+  if (sizeof(FrameHeader) + sizeof(p) + hello.token.size() > max_frame) {
+    return absl::InvalidArgumentError("rdma HELLO does not fit one message");
+  }
+  auto frame = MakeFrame(FrameType::kHello, 0, &p, sizeof(p), hello.token.data(),
+                         hello.token.size(), max_frame);
+  // What we send must pass our own parser.
+  if (auto back = ParseRdmaHello(absl::MakeConstSpan(frame).subspan(sizeof(FrameHeader)));
+      !back.ok()) {
+    return absl::InvalidArgumentError(back.status().message());
+  }
+  return frame;
+}
+
+absl::StatusOr<RdmaHello> ParseRdmaHello(absl::Span<const uint8_t> payload) {
+  RdmaHelloPayload p;
+  if (payload.size() < sizeof(p)) {
+    return absl::DataLossError(absl::StrFormat("rdma HELLO of %u bytes", payload.size()));
+  }
+  std::memcpy(&p, payload.data(), sizeof(p));
+  const size_t token_len = payload.size() - sizeof(p);
+  if (p.pad != 0) return absl::DataLossError("rdma HELLO with non-zero padding");
+  if (p.area_len == 0 || p.area_addr + p.area_len < p.area_addr) {
+    return absl::DataLossError(absl::StrFormat("rdma HELLO with a receive area of %u bytes at 0x%x",
+                                               p.area_len, p.area_addr));
+  }
+  if (token_len == 0 || token_len > kMaxTokenBytes) {
+    return absl::DataLossError(absl::StrFormat("rdma HELLO with a %u-byte token", token_len));
+  }
+  RdmaHello h;
+  h.area_addr = p.area_addr;
+  h.area_len = p.area_len;
+  h.rkey = p.rkey;
+  h.token.assign(reinterpret_cast<const char*>(payload.data()) + sizeof(p), token_len);
+  return h;
+}
+
+absl::StatusOr<Message> SplitMessage(absl::Span<const uint8_t> msg, size_t max_msg) {
+  Message m;
+  if (msg.size() < sizeof(m.header) || msg.size() > max_msg) {
+    return absl::DataLossError(absl::StrFormat("%u-byte message", msg.size()));
+  }
+  std::memcpy(&m.header, msg.data(), sizeof(m.header));
+  if (auto st = ValidateHeader(m.header); !st.ok()) return st;
+  if (m.header.payload_len != msg.size() - sizeof(m.header)) {
+    return absl::DataLossError("message length mismatch");
+  }
+  m.payload = msg.subspan(sizeof(m.header));
+  return m;
+}
+
 InvalPayload ToInvalPayload(const InvalRecord& r) {
   return InvalPayload{r.export_id, r.first_page, r.npages, r.seq, static_cast<uint32_t>(r.kind), 0,
                       r.detected_ns};

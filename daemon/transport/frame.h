@@ -3,7 +3,8 @@
 // header, then a payload of header.payload_len bytes. All integers little-endian (the
 // daemons run on x86_64 and aarch64; both are little-endian).
 //
-//   HELLO      importer -> exporter  first frame: session token
+//   HELLO      importer -> exporter  first frame: session token (rdma: the
+//                                    receive area first, RdmaHelloPayload)
 //   FETCH      importer -> exporter  pages of an export (id = request id)
 //   FETCH_RESP exporter -> importer  status, seq at read time, page bytes
 //   INVAL      exporter -> importer  pages invalidated, with their seq
@@ -20,6 +21,7 @@
 
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
+#include "absl/types/span.h"
 #include "daemon/transport/transport.h"
 
 namespace svm::transport {
@@ -95,6 +97,29 @@ struct InvalAckPayload {
   uint64_t seq;
 };
 
+// Session tokens in a HELLO: 1 to kMaxTokenBytes bytes (SessionRegistry
+// issues 16).
+inline constexpr size_t kMaxTokenBytes = 64;
+
+// rdma: the importer's HELLO, the first SEND on a new queue pair. The tcp
+// HELLO's token follows this fixed part; it tells the exporter where to
+// RDMA-WRITE the pages of FETCH responses (its registered receive area).
+struct RdmaHelloPayload {
+  uint64_t area_addr;
+  uint64_t area_len;
+  uint32_t rkey;
+  uint32_t pad;  // must be 0
+};
+static_assert(sizeof(RdmaHelloPayload) == 24);
+
+// An RdmaHelloPayload and its token, decoded.
+struct RdmaHello {
+  uint64_t area_addr = 0;
+  uint64_t area_len = 0;
+  uint32_t rkey = 0;
+  std::string token;
+};
+
 // ------------------------------------------------- building and reading
 // The one frame builder of both transports.
 
@@ -119,6 +144,25 @@ absl::Status FetchErrorStatus(const FetchRespPayload& r, absl::string_view msg);
 // The exporter's check of a FETCH before its backend sees it:
 // INVALID_ARGUMENT unless 1 <= npages <= max_pages.
 absl::Status CheckFetchPages(uint32_t npages, uint32_t max_pages);
+
+// The rdma HELLO frame; INVALID_ARGUMENT when hello is not one
+// ParseRdmaHello accepts or the frame would not fit max_frame (a token is
+// never cut).
+absl::StatusOr<std::vector<uint8_t>> MakeRdmaHello(const RdmaHello& hello, size_t max_frame);
+
+// The payload of an rdma HELLO, from a peer not yet authenticated: DATA_LOSS
+// unless it holds the fixed part with pad 0, a non-empty area that does not
+// wrap around the address space, and a token of 1 to kMaxTokenBytes bytes.
+absl::StatusOr<RdmaHello> ParseRdmaHello(absl::Span<const uint8_t> payload);
+
+// rdma: one received message (one SEND, at most max_msg bytes) split into
+// its header (ValidateHeader passed) and its payload, which must be exactly
+// header.payload_len bytes. DATA_LOSS otherwise.
+struct Message {
+  FrameHeader header;
+  absl::Span<const uint8_t> payload;  // points into the bytes given
+};
+absl::StatusOr<Message> SplitMessage(absl::Span<const uint8_t> msg, size_t max_msg);
 
 InvalPayload ToInvalPayload(const InvalRecord& r);
 InvalRecord FromInvalPayload(const InvalPayload& p);

@@ -15,6 +15,7 @@
 #include <map>
 #include <optional>
 #include <thread>
+#include <variant>
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
@@ -23,6 +24,7 @@
 #include "absl/strings/str_format.h"
 #include "absl/synchronization/mutex.h"
 #include "common/check.h"
+#include "common/executor.h"
 #include "common/fd.h"
 #include "common/log.h"
 #include "common/net.h"
@@ -68,17 +70,30 @@ constexpr absl::Duration kKeepalive = absl::Seconds(1);
 constexpr absl::Duration kLivenessHelloTimeout = absl::Seconds(2);
 constexpr absl::Duration kBeginLifetime = absl::Seconds(30);
 
-enum WrKind : uint64_t { kWrRecv = 1, kWrSend = 2, kWrWrite = 3, kWrRead = 4 };
-uint64_t WrId(WrKind k, uint64_t i) { return (uint64_t{k} << 56) | i; }
+// Copy workers (all exporter connections of a transport share them): a copy
+// blocked in the backend takes one; the pool grows up to this many.
+constexpr int kCopyWorkers = 16;
+// Importer side: the workers that run ImportBackend::OnInvalidation, one
+// task per connection at a time (see DeliveryWorkers).
+constexpr int kDeliveryWorkers = 16;
+// A completion context serves connections while the CQ entries they can
+// have outstanding (receive queue + send queue) fit this budget; its CQ has
+// twice as many, for the flushed completions of connections being closed.
+constexpr int kContextCqBudget = 4096;
+// The completion context's sweep: keepalives, handshake deadlines.
+constexpr absl::Duration kSweep = absl::Milliseconds(250);
 
-// HELLO payload from the importer: where its receive area is, then the token.
-struct RdmaHello {
-  uint64_t area_addr;
-  uint64_t area_len;
-  uint32_t rkey;
-  uint32_t pad;
-};
-static_assert(sizeof(RdmaHello) == 24);
+// Work request ids: kind (8 bits) | connection id (32 bits) | index (24
+// bits). Completions are dispatched by the connection id, never by QP
+// number: a closed connection's flushed completions may still sit in the
+// shared CQ when its QP number is reused.
+enum WrKind : uint64_t { kWrRecv = 1, kWrSend = 2, kWrWrite = 3, kWrRead = 4 };
+uint64_t WrId(WrKind k, uint64_t conn, uint64_t i) {
+  return (uint64_t{k} << 56) | ((conn & 0xffffffffu) << 24) | (i & 0xffffff);
+}
+uint64_t WrKindOf(uint64_t wr_id) { return wr_id >> 56; }
+uint64_t WrConnOf(uint64_t wr_id) { return (wr_id >> 24) & 0xffffffffu; }
+uint64_t WrIndexOf(uint64_t wr_id) { return wr_id & 0xffffff; }
 
 // FETCH payload: the tcp one plus the offset in the importer's receive area
 // the pages are to be written to.
@@ -139,136 +154,409 @@ absl::StatusOr<MemPtr> MapMemory(size_t len) {
   return MemPtr(static_cast<uint8_t*>(p), Unmap{len});
 }
 
-// The device and protection domain every connection uses; shared so a
-// connection outliving the transport keeps them alive.
+class Conn;
+class CompletionContext;
+
+// Importer side: invalidations are handed to the backend off the completion
+// thread (which other connections share). Process-wide and never destroyed:
+// an importer's channel may outlive its transport, and a task may drop the
+// last reference to its connection.
+Executor& DeliveryWorkers() {
+  static Executor* const workers = new Executor(1, kDeliveryWorkers);
+  return *workers;
+}
+
+// The device and protection domain every connection uses, and the
+// completion contexts serving its connections; shared so a connection
+// outliving the transport keeps them alive. Declaration order is teardown
+// order reversed: contexts (their CQs) go first, then the PD, then the
+// device. Every registered connection holds a reference, so the contexts
+// are empty by then.
 struct Nic {
+  ~Nic();
+  // A context with room for a connection that can have cqe completions
+  // outstanding (reserved until Release); a new one when all are full.
+  absl::StatusOr<CompletionContext*> AcquireContext(int cqe);
+
   std::unique_ptr<Device> device;
   PdPtr pd;  // released before the device is closed
   // Data buffers: kAuto (ODP when the device passed the data check), kOdp
   // (checked usable at start-up) or kPinned (--rdma-registration pinned).
   Mode data_mode = Mode::kAuto;
+  absl::Mutex contexts_mu;  // guards contexts (not what they serve)
+  std::vector<std::unique_ptr<CompletionContext>> contexts ABSL_GUARDED_BY(contexts_mu);
 };
 
-// One side of a data connection: the queue pair, its buffers and the thread
-// that drives it. Verbs objects are touched only by that thread once it runs
-// (and by the creating thread before). Other threads queue messages and wake
-// it through an eventfd.
-class Conn {
+// ------------------------------------------------------ completion context
+// One CQ, its completion channel and one thread, serving many connections
+// of a device (UCX's uct iface progress, SPDK's poll group): the thread
+// sleeps on the channel, an eventfd and the connections' liveness sockets
+// (Poller::Harvest), dispatches each
+// completion to its connection by the connection id in its wr_id, and
+// services the connections that asked for it (Wake) plus, every kSweep, all
+// of them (keepalives, deadlines). It only dispatches: work that may block
+// (an exporter's page copy) runs on workers, and posting is done by
+// whichever thread queues the work (under the connection's mutex).
+//
+// Lifetimes: a registered connection is held (shared_ptr) until its close
+// has finished (Conn::Service returned true); it holds the Nic, which owns
+// the context, so a context outlives every connection on it. The last
+// reference to the Nic may be dropped on a context's own thread (a finished
+// connection released there): the context's destructor then detaches the
+// thread, and the loop returns without touching the context again.
+class CompletionContext {
  public:
-  virtual ~Conn() = default;
-  const Endpoint& local() const { return qp_->local(); }
+  static absl::StatusOr<std::unique_ptr<CompletionContext>> Create(const Device& dev, int budget);
+  ~CompletionContext();
 
- protected:
-  explicit Conn(std::shared_ptr<Nic> nic) : nic_(std::move(nic)) {}
-
-  // Buffers, registrations, CQ and QP (RESET). data_len: the importer's
-  // receive area or the exporter's staging buffers.
-  absl::Status Init(size_t data_len, Access data_access);
-  // RTR/RTS towards remote, then the receives are posted (not allowed in RESET).
-  absl::Status ConnectQp(const Endpoint& remote);
-  // Runs until the connection closes; calls OnClosed() last.
-  void Loop();
-
-  // Queues a message (or a WRITE or READ) behind everything queued; false
-  // once closed.
-  struct OutItem {
-    std::vector<uint8_t> msg;  // a SEND when not empty
-    uint32_t staging = 0;      // a WRITE of staging buffer `staging`...
-    size_t len = 0;
-    uint64_t remote_addr = 0;  // ...to here
-    uint32_t rkey = 0;
-    bool read = false;         // a READ from there into slot `staging` instead
-  };
-  bool Enqueue(OutItem item) {
+  Poller& poller() { return *poller_; }
+  bool OnThread() const { return std::this_thread::get_id() == thread_.get_id(); }
+  // Reserves room for cqe outstanding completions; false when full.
+  bool TryReserve(int cqe) {
     absl::MutexLock l(&mu_);
-    return EnqueueLocked(std::move(item));
-  }
-  bool EnqueueLocked(OutItem item) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    if (closed_) return false;
-    out_.push_back(std::move(item));
-    if (out_.size() > kMaxQueued) {
-      spdlog::warn("rdma data connection to {} has {} messages unsent; dropping it", peer_name_,
-                   out_.size());
-      CloseLocked(absl::ResourceExhaustedError("too many unsent messages"));
-      return false;
-    }
-    Wake();
+    if (locked_.reserved + cqe > budget_) return false;
+    locked_.reserved += cqe;
     return true;
   }
-  void CloseLocked(absl::Status why) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    if (closed_) return;
-    closed_ = true;
-    close_reason_ = std::move(why);
-    // The peer sees EOF on the liveness socket (the fd is closed only with
-    // this object, so the number cannot be reused under the watcher).
-    if (liveness_.valid()) ::shutdown(liveness_.get(), SHUT_RDWR);
-    Wake();
+  void Release(int cqe) {
+    absl::MutexLock l(&mu_);
+    locked_.reserved -= cqe;
   }
-  // Blocks until the liveness socket ends (EOF, error, or unexpected bytes:
-  // it carries nothing after the HELLO) or the connection closes, then
-  // closes the connection.
-  void WatchLiveness() {
-    int fd;
+  // Serves conn from now on (its QP is on this context's CQ).
+  void Add(std::shared_ptr<Conn> conn);
+  // The thread also sleeps on fd (a connection's liveness socket) and calls
+  // the connection's OnLivenessEvent when it is readable or hung up, until
+  // Unwatch (the context's thread, once the connection is closed). The fd
+  // stays open while the connection is registered.
+  void Watch(uint64_t conn_id, int fd) {
     {
       absl::MutexLock l(&mu_);
-      fd = liveness_.get();
+      locked_.watched[conn_id] = fd;
     }
-    char b[64];
-    ssize_t n;
-    do {
-      n = ::recv(fd, b, sizeof(b), 0);
-    } while (n < 0 && errno == EINTR);
-    absl::MutexLock l(&mu_);
-    CloseLocked(absl::UnavailableError(n > 0 ? "unexpected bytes on the liveness connection"
-                                             : "the peer closed the liveness connection"));
+    Wake(conn_id);
   }
-  void Wake() {
+  void Unwatch(uint64_t conn_id) {
+    absl::MutexLock l(&mu_);
+    locked_.watched.erase(conn_id);
+  }
+  // Any thread: the connection is serviced on the next round.
+  void Wake(uint64_t conn_id) {
+    {
+      absl::MutexLock l(&mu_);
+      locked_.ready.push_back(conn_id);
+    }
     uint64_t one = 1;
     (void)!::write(wake_fd_.get(), &one, sizeof(one));
   }
 
-  // Role hooks, all on the connection thread.
-  virtual absl::Status OnMessage(const FrameHeader& h, const uint8_t* payload, size_t len) = 0;
+ private:
+  CompletionContext() = default;
+  void Loop();
+  std::shared_ptr<Conn> Find(uint64_t id) {
+    absl::MutexLock l(&mu_);
+    auto it = locked_.conns.find(id);
+    return it == locked_.conns.end() ? nullptr : it->second;
+  }
+
+  int budget_ = 0;  // CQ entries connections may reserve; set by Create
+  std::unique_ptr<Poller> poller_;
+  UniqueFd wake_fd_;
+  absl::Mutex mu_;
+  // Shared with the threads that add and wake connections.
+  struct Locked {
+    std::map<uint64_t, std::shared_ptr<Conn>> conns;  // by connection id
+    std::vector<uint64_t> ready;                     // ids to service
+    std::map<uint64_t, int> watched;                 // liveness sockets by id
+    int reserved = 0;                                // CQ entries promised
+    bool stopping = false;
+  };
+  Locked locked_ ABSL_GUARDED_BY(mu_);
+  // The thread's only: set while it releases connections (see above).
+  bool* destroyed_ = nullptr;
+  std::thread thread_;  // last: started once everything above exists
+};
+
+absl::StatusOr<std::unique_ptr<CompletionContext>> CompletionContext::Create(const Device& dev,
+                                                                             int budget) {
+  auto ctx = std::unique_ptr<CompletionContext>(new CompletionContext());
+  int efd = ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+  if (efd < 0) return ErrnoStatus(errno, "eventfd");
+  ctx->wake_fd_.Reset(efd);
+  // Twice the budget, within what the device allows.
+  int cqe = 2 * budget;
+  if (dev.caps().max_cqe > 0) cqe = std::min(cqe, dev.caps().max_cqe);
+  ctx->budget_ = cqe / 2;
+  auto poller = Poller::Create(dev, cqe);
+  if (!poller.ok()) return poller.status();
+  ctx->poller_ = std::move(*poller);
+  ctx->thread_ = std::thread([c = ctx.get()] { c->Loop(); });
+  return ctx;
+}
+
+CompletionContext::~CompletionContext() {
+  if (OnThread()) {
+    // Released by the last connection on this very thread: see Loop.
+    *destroyed_ = true;
+    thread_.detach();
+    return;
+  }
+  {
+    absl::MutexLock l(&mu_);
+    locked_.stopping = true;
+  }
+  uint64_t one = 1;
+  (void)!::write(wake_fd_.get(), &one, sizeof(one));
+  if (thread_.joinable()) thread_.join();
+}
+
+absl::StatusOr<CompletionContext*> Nic::AcquireContext(int cqe) {
+  absl::MutexLock l(&contexts_mu);
+  for (auto& c : contexts) {
+    if (c->TryReserve(cqe)) return c.get();
+  }
+  auto c = CompletionContext::Create(*device, kContextCqBudget);
+  if (!c.ok()) return c.status();
+  if (!(*c)->TryReserve(cqe)) return absl::ResourceExhaustedError("connection too large for a CQ");
+  contexts.push_back(std::move(*c));
+  SPDLOG_DEBUG("rdma completion context {} on {}", contexts.size(), device->name());
+  return contexts.back().get();
+}
+
+Nic::~Nic() {
+  std::vector<std::unique_ptr<CompletionContext>> c;
+  {
+    absl::MutexLock l(&contexts_mu);
+    c.swap(contexts);
+  }
+  c.clear();  // joins their threads (or detaches the calling one)
+}
+
+// ------------------------------------------------------------- work items
+// What a connection posts on its send queue, in the order queued.
+struct SendMsg {  // a SEND of one message (header + payload)
+  std::vector<uint8_t> bytes;
+};
+struct WriteData {  // exporter: an RDMA WRITE of a staging buffer into the importer's area
+  uint32_t staging = 0;
+  size_t len = 0;
+  uint64_t remote_addr = 0;
+  uint32_t rkey = 0;
+};
+struct ReadData {  // importer: an RDMA READ of the exporter's region into a slot
+  uint32_t slot = 0;
+  size_t len = 0;
+  uint64_t remote_addr = 0;
+  uint32_t rkey = 0;
+};
+using WorkItem = std::variant<SendMsg, WriteData, ReadData>;
+
+// A connection's life as its completion context sees it.
+enum class ConnState {
+  kOpen,      // serving; any thread may queue work and close it
+  kClosing,   // closed: QP in ERR (nothing more is sent or accepted); waiting
+              // for work still outside (exporter copies) before the backend
+              // is told (the context's thread moves it on)
+  kFinished,  // OnClosed ran; the context drops the connection
+};
+
+// One side of a data connection: the queue pair and its buffers, served by
+// a completion context's thread. Its verbs objects are created by the
+// creating thread; then receives are posted only by the context's thread,
+// and the send queue by whichever thread queues work, under mu_.
+class Conn : public std::enable_shared_from_this<Conn> {
+ public:
+  virtual ~Conn() {
+    if (ctx_ != nullptr) ctx_->Release(cqe_);
+  }
+  const Endpoint& local() const { return qp_->local(); }
+  uint64_t id() const { return conn_id_; }
+
+  // --- the context's thread only
+  // One completion of this connection's QP.
+  absl::Status OnCompletion(const ibv_wc& wc);
+  // Keepalive, deadlines, and the steps of a close. True once finished
+  // (OnClosed ran): the context then drops the connection.
+  bool Service(absl::Time now);
+  // The context's thread: the liveness socket is readable or hung up. It
+  // carries nothing after the HELLO: EOF, an error or unexpected bytes
+  // close the connection.
+  void OnLivenessEvent();
+  // Any thread: closes the connection for why (no-op once closed).
+  void Fail(absl::Status why) {
+    absl::MutexLock l(&mu_);
+    CloseLocked(std::move(why));
+  }
+
+ protected:
+  Conn(std::shared_ptr<Nic> nic, uint64_t conn_id) : nic_(std::move(nic)), conn_id_(conn_id) {}
+
+  // Buffers, registrations, a completion context and the QP (RESET).
+  // data_len: the importer's receive area or the exporter's staging buffers.
+  absl::Status Init(size_t data_len, Access data_access);
+  // RTR/RTS towards remote, then the receives are posted; work queued from
+  // now on is posted. The context serves the connection after Attach().
+  absl::Status ConnectQp(const Endpoint& remote);
+  void Attach() { ctx_->Add(shared_from_this()); }
+
+  // Queues work behind everything queued and posts what the send window
+  // allows; false once closed.
+  bool Enqueue(WorkItem item) {
+    absl::MutexLock l(&mu_);
+    return EnqueueLocked(std::move(item));
+  }
+  bool EnqueueLocked(WorkItem item) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void CloseLocked(absl::Status why) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Attaches the liveness socket, watched by the context from now on.
+  // False when one is attached already.
+  bool SetLiveness(UniqueFd fd);
+  void Wake() { ctx_->Wake(conn_id_); }
+
+  // Role hooks, all on the context's thread.
+  virtual absl::Status OnMessage(const FrameHeader& h, absl::Span<const uint8_t> payload) = 0;
   virtual void OnWriteDone(uint32_t /*staging*/) {}
   virtual void OnReadDone(uint32_t /*slot*/) {}
-  // After each batch of completions (deadlines, deferred work).
-  virtual absl::Status Tick() { return absl::OkStatus(); }
+  // Each time the connection is serviced while open (deadlines, deferred work).
+  virtual absl::Status Tick(absl::Time /*now*/) { return absl::OkStatus(); }
+  // Keepalives are sent only once established.
   virtual bool established() const = 0;
-  // The connection is closed (QP in ERR): last call of the thread.
+  // Closed: may the backend be told now? (exporter: no copy outstanding)
+  virtual bool Quiesced() { return true; }
+  // The connection is closed (QP in ERR): the last call.
   virtual void OnClosed(const absl::Status& why) = 0;
 
-  std::shared_ptr<Nic> nic_;
+  const std::shared_ptr<Nic> nic_;  // first: released last
+  const uint64_t conn_id_;
   std::string peer_name_ = "?";
-  UniqueFd wake_fd_;
+  CompletionContext* ctx_ = nullptr;  // owned by nic_
+  int cqe_ = 0;                       // reserved on ctx_
   // Memory before its registrations, registrations before the QP: the
-  // reverse is teardown order (QP, CQ, MRs, memory).
+  // reverse is teardown order (QP, MRs, memory).
   MemPtr recv_mem_{nullptr, Unmap{0}};
   MemPtr send_mem_{nullptr, Unmap{0}};
   MemPtr data_mem_{nullptr, Unmap{0}};
   std::optional<Registration> recv_mr_, send_mr_, data_mr_;
-  std::unique_ptr<Poller> poller_;
   std::unique_ptr<Qp> qp_;
 
-  mutable absl::Mutex mu_;  // guards out_, closed_, close_reason_ and the subclasses' shared state
-  std::deque<OutItem> out_ ABSL_GUARDED_BY(mu_);
-  UniqueFd liveness_ ABSL_GUARDED_BY(mu_);  // set once, closed with the object
-  bool closed_ ABSL_GUARDED_BY(mu_) = false;
-  absl::Status close_reason_ ABSL_GUARDED_BY(mu_);
+  // LOCKING: mu_ guards locked_ and the subclasses' Locked parts; it is
+  // taken by the context's thread, callers (Fetch, PushInvalidation) and
+  // copy workers. Never held while calling a backend; the context's own
+  // mutex may be taken under it (Wake), never the other way round.
+  mutable absl::Mutex mu_;
+  struct Locked {
+    std::deque<WorkItem> out;  // queued, not posted yet
+    bool qp_ready = false;     // connected: queued work may be posted
+    bool closed = false;
+    absl::Status close_reason;
+    UniqueFd liveness;  // set once, closed with the object
+    // The send window: SENDs posted and not completed, and the next send
+    // buffer (sequence modulo kSendWindow).
+    uint32_t send_inflight = 0;
+    uint64_t send_seq = 0;
+    absl::Time last_send = absl::Now();
+  };
+  Locked locked_ ABSL_GUARDED_BY(mu_);
 
  private:
-  absl::Status Flush() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  absl::Status OnCompletion(const ibv_wc& wc);
+  absl::Status FlushLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
-  // Connection thread only.
-  uint32_t send_inflight_ = 0;
-  uint64_t send_seq_ = 0;
-  absl::Time last_send_ = absl::Now();
+  // The context's thread only.
+  struct CtxOwned {
+    ConnState state = ConnState::kOpen;
+  };
+  CtxOwned ctx_owned_;
 };
 
+void CompletionContext::Add(std::shared_ptr<Conn> conn) {
+  const uint64_t id = conn->id();
+  {
+    absl::MutexLock l(&mu_);
+    locked_.conns[id] = std::move(conn);
+  }
+  Wake(id);
+}
+
+void CompletionContext::Loop() {
+  ibv_wc wcs[32];
+  absl::Time next_sweep = absl::Now() + kSweep;
+  std::vector<pollfd> fds;
+  std::vector<uint64_t> fd_conns;  // the connection of fds[i + 1]
+  for (;;) {
+    fds.assign(1, pollfd{wake_fd_.get(), POLLIN, 0});
+    fd_conns.clear();
+    {
+      absl::MutexLock l(&mu_);
+      for (auto& [id, fd] : locked_.watched) {
+        fds.push_back(pollfd{fd, POLLIN | POLLRDHUP, 0});
+        fd_conns.push_back(id);
+      }
+    }
+    auto n = poller_->Harvest(wcs, 32, absl::MakeSpan(fds),
+                              std::max(absl::ZeroDuration(), next_sweep - absl::Now()));
+    uint64_t drained;
+    (void)!::read(wake_fd_.get(), &drained, sizeof(drained));
+    std::vector<std::shared_ptr<Conn>> touched;
+    auto touch = [&](std::shared_ptr<Conn> c) {
+      if (c && std::find(touched.begin(), touched.end(), c) == touched.end()) touched.push_back(std::move(c));
+    };
+    std::vector<uint64_t> ready;
+    {
+      absl::MutexLock l(&mu_);
+      if (locked_.stopping) return;
+      ready.swap(locked_.ready);
+    }
+    if (!n.ok()) {
+      // The CQ itself failed: every connection on it is lost.
+      spdlog::error("rdma completion queue: {}", n.status().message());
+      absl::MutexLock l(&mu_);
+      for (auto& [id, c] : locked_.conns) ready.push_back(id);
+    }
+    for (int i = 0; n.ok() && i < *n; ++i) {
+      std::shared_ptr<Conn> c = Find(WrConnOf(wcs[i].wr_id));
+      if (c == nullptr) continue;  // flushed after its connection finished
+      if (absl::Status st = c->OnCompletion(wcs[i]); !st.ok()) c->Fail(st);
+      touch(std::move(c));
+    }
+    if (!n.ok()) {
+      for (uint64_t id : ready) {
+        if (auto c = Find(id)) c->Fail(n.status());
+      }
+    }
+    for (uint64_t id : ready) touch(Find(id));
+    for (size_t i = 0; i < fd_conns.size(); ++i) {
+      if (fds[i + 1].revents == 0) continue;
+      if (auto c = Find(fd_conns[i])) {
+        c->OnLivenessEvent();
+        touch(std::move(c));
+      }
+    }
+    const absl::Time now = absl::Now();
+    if (now >= next_sweep) {
+      next_sweep = now + kSweep;
+      absl::MutexLock l(&mu_);
+      for (auto& [id, c] : locked_.conns) {
+        if (std::find(touched.begin(), touched.end(), c) == touched.end()) touched.push_back(c);
+      }
+    }
+    std::vector<uint64_t> finished;
+    for (auto& c : touched) {
+      if (c->Service(now)) finished.push_back(c->id());
+    }
+    if (!finished.empty()) {
+      absl::MutexLock l(&mu_);
+      for (uint64_t id : finished) locked_.conns.erase(id);
+    }
+    // Releasing connections may release the Nic and with it this context.
+    bool destroyed = false;
+    destroyed_ = &destroyed;
+    touched.clear();
+    if (destroyed) return;
+    destroyed_ = nullptr;
+  }
+}
+
+// ---------------------------------------------------------------- Conn
+
 absl::Status Conn::Init(size_t data_len, Access data_access) {
-  int efd = ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
-  if (efd < 0) return ErrnoStatus(errno, "eventfd");
-  wake_fd_.Reset(efd);
   const Device& dev = *nic_->device;
   auto recv = MapMemory(kRecvDepth * kMsgSize);
   if (!recv.ok()) return recv.status();
@@ -292,13 +580,15 @@ absl::Status Conn::Init(size_t data_len, Access data_access) {
   auto dmr = rdma::Register(dev, nic_->pd.get(), data_mem_.get(), data_len, data_access, nic_->data_mode);
   if (!dmr.ok()) return dmr.status();
   data_mr_.emplace(std::move(*dmr));
-  auto poller = Poller::Create(dev, static_cast<int>(kRecvDepth + kSendWindow + kStaging + 16));
-  if (!poller.ok()) return poller.status();
-  poller_ = std::move(*poller);
   rdma::QpCaps caps;
   caps.max_send_wr = kSendWindow + kStaging + kSlots + 4;
   caps.max_recv_wr = kRecvDepth;
-  auto qp = Qp::Create(dev, nic_->pd.get(), *poller_, caps);
+  const int cqe = static_cast<int>(caps.max_send_wr + caps.max_recv_wr);
+  auto ctx = nic_->AcquireContext(cqe);
+  if (!ctx.ok()) return ctx.status();
+  ctx_ = *ctx;
+  cqe_ = cqe;
+  auto qp = Qp::Create(dev, nic_->pd.get(), ctx_->poller(), caps);
   if (!qp.ok()) return qp.status();
   qp_ = std::move(*qp);
   return absl::OkStatus();
@@ -307,48 +597,114 @@ absl::Status Conn::Init(size_t data_len, Access data_access) {
 absl::Status Conn::ConnectQp(const Endpoint& remote) {
   if (auto st = qp_->Connect(remote); !st.ok()) return st;
   for (uint32_t i = 0; i < kRecvDepth; ++i) {
-    if (auto st = qp_->PostRecv(WrId(kWrRecv, i), *recv_mr_, i * kMsgSize, kMsgSize); !st.ok()) {
+    if (auto st = qp_->PostRecv(WrId(kWrRecv, conn_id_, i), *recv_mr_, i * kMsgSize, kMsgSize);
+        !st.ok()) {
       return st;
     }
   }
+  absl::MutexLock l(&mu_);
+  locked_.qp_ready = true;
+  if (auto st = FlushLocked(); !st.ok()) return st;
   return absl::OkStatus();
 }
 
-absl::Status Conn::Flush() {
-  while (!out_.empty()) {
-    OutItem& it = out_.front();
-    if (it.read) {
-      if (auto st = qp_->PostRead(WrId(kWrRead, it.staging), *data_mr_, it.staging * kSlotBytes,
-                                  it.len, it.remote_addr, it.rkey);
+bool Conn::EnqueueLocked(WorkItem item) {
+  Locked& s = locked_;
+  if (s.closed) return false;
+  s.out.push_back(std::move(item));
+  if (s.out.size() > kMaxQueued) {
+    spdlog::warn("rdma data connection to {} has {} messages unsent; dropping it", peer_name_,
+                 s.out.size());
+    CloseLocked(absl::ResourceExhaustedError("too many unsent messages"));
+    return false;
+  }
+  if (auto st = FlushLocked(); !st.ok()) {
+    CloseLocked(st);
+    return false;
+  }
+  return true;
+}
+
+void Conn::CloseLocked(absl::Status why) {
+  Locked& s = locked_;
+  if (s.closed) return;
+  s.closed = true;
+  s.close_reason = std::move(why);
+  s.out.clear();
+  // The peer sees EOF on the liveness socket (the fd is closed only with
+  // this object, so the number cannot be reused under the watcher).
+  if (s.liveness.valid()) ::shutdown(s.liveness.get(), SHUT_RDWR);
+  if (ctx_ != nullptr) Wake();
+}
+
+bool Conn::SetLiveness(UniqueFd fd) {
+  absl::MutexLock l(&mu_);
+  if (locked_.liveness.valid()) return false;
+  locked_.liveness = std::move(fd);
+  if (locked_.closed) {
+    ::shutdown(locked_.liveness.get(), SHUT_RDWR);
+    return true;
+  }
+  ctx_->Watch(conn_id_, locked_.liveness.get());
+  return true;
+}
+
+void Conn::OnLivenessEvent() {
+  absl::MutexLock l(&mu_);
+  if (locked_.closed || !locked_.liveness.valid()) return;
+  char b[64];
+  ssize_t n;
+  do {
+    n = ::recv(locked_.liveness.get(), b, sizeof(b), MSG_DONTWAIT);
+  } while (n < 0 && errno == EINTR);
+  if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return;
+  CloseLocked(absl::UnavailableError(n > 0 ? "unexpected bytes on the liveness connection"
+                                           : "the peer closed the liveness connection"));
+}
+
+absl::Status Conn::FlushLocked() {
+  Locked& s = locked_;
+  if (!s.qp_ready || s.closed) return absl::OkStatus();
+  // Posts one item: false when it has to wait (the send window is full).
+  auto post = [&](WorkItem& item) -> absl::StatusOr<bool> {
+    if (auto* m = std::get_if<SendMsg>(&item)) {
+      if (s.send_inflight >= kSendWindow) return false;
+      const size_t slot = s.send_seq % kSendWindow;
+      std::memcpy(send_mem_.get() + slot * kMsgSize, m->bytes.data(), m->bytes.size());
+      if (auto st = qp_->PostSend(WrId(kWrSend, conn_id_, slot), *send_mr_, slot * kMsgSize,
+                                  m->bytes.size());
           !st.ok()) {
         return st;
       }
-    } else if (it.msg.empty()) {
-      if (auto st = qp_->PostWrite(WrId(kWrWrite, it.staging), *data_mr_, it.staging * kSlotBytes,
-                                   it.len, it.remote_addr, it.rkey);
-          !st.ok()) {
-        return st;
-      }
-    } else {
-      if (send_inflight_ >= kSendWindow) return absl::OkStatus();
-      const size_t slot = send_seq_ % kSendWindow;
-      std::memcpy(send_mem_.get() + slot * kMsgSize, it.msg.data(), it.msg.size());
-      if (auto st = qp_->PostSend(WrId(kWrSend, slot), *send_mr_, slot * kMsgSize, it.msg.size());
-          !st.ok()) {
-        return st;
-      }
-      ++send_seq_;
-      ++send_inflight_;
-      last_send_ = absl::Now();
+      ++s.send_seq;
+      ++s.send_inflight;
+      s.last_send = absl::Now();
+      return true;
     }
-    out_.pop_front();
+    if (auto* w = std::get_if<WriteData>(&item)) {
+      absl::Status st = qp_->PostWrite(WrId(kWrWrite, conn_id_, w->staging), *data_mr_,
+                                       w->staging * kSlotBytes, w->len, w->remote_addr, w->rkey);
+      if (!st.ok()) return st;
+      return true;
+    }
+    auto& r = std::get<ReadData>(item);
+    absl::Status st = qp_->PostRead(WrId(kWrRead, conn_id_, r.slot), *data_mr_, r.slot * kSlotBytes,
+                                    r.len, r.remote_addr, r.rkey);
+    if (!st.ok()) return st;
+    return true;
+  };
+  while (!s.out.empty()) {
+    absl::StatusOr<bool> posted = post(s.out.front());
+    if (!posted.ok()) return posted.status();
+    if (!*posted) break;
+    s.out.pop_front();
   }
   return absl::OkStatus();
 }
 
 absl::Status Conn::OnCompletion(const ibv_wc& wc) {
-  const uint64_t kind = wc.wr_id >> 56;
-  const uint64_t idx = wc.wr_id & ((uint64_t{1} << 56) - 1);
+  const uint64_t kind = WrKindOf(wc.wr_id);
+  const uint64_t idx = WrIndexOf(wc.wr_id);
   if (wc.status != IBV_WC_SUCCESS) {
     return absl::UnavailableError(absl::StrCat("rdma completion ", rdma::DescribeCompletion(wc)));
   }
@@ -358,16 +714,15 @@ absl::Status Conn::OnCompletion(const ibv_wc& wc) {
       const size_t len = std::min<size_t>(wc.byte_len, kMsgSize);
       std::memcpy(msg, recv_mem_.get() + idx * kMsgSize, len);
       if (auto st = qp_->PostRecv(wc.wr_id, *recv_mr_, idx * kMsgSize, kMsgSize); !st.ok()) return st;
-      FrameHeader h;
-      if (len < sizeof(h)) return absl::DataLossError(absl::StrFormat("%u-byte message", len));
-      std::memcpy(&h, msg, sizeof(h));
-      if (auto st = ValidateHeader(h); !st.ok()) return st;
-      if (h.payload_len != len - sizeof(h)) return absl::DataLossError("message length mismatch");
-      return OnMessage(h, msg + sizeof(h), len - sizeof(h));
+      auto m = SplitMessage(absl::MakeConstSpan(msg, len), kMsgSize);
+      if (!m.ok()) return m.status();
+      return OnMessage(m->header, m->payload);
     }
-    case kWrSend:
-      --send_inflight_;
-      return absl::OkStatus();
+    case kWrSend: {
+      absl::MutexLock l(&mu_);
+      --locked_.send_inflight;
+      return FlushLocked();  // the window opened
+    }
     case kWrWrite:
       OnWriteDone(static_cast<uint32_t>(idx));
       return absl::OkStatus();
@@ -378,60 +733,72 @@ absl::Status Conn::OnCompletion(const ibv_wc& wc) {
   return absl::InternalError(absl::StrFormat("completion with unknown wr_id 0x%x", wc.wr_id));
 }
 
-void Conn::Loop() {
-  absl::Status why;
-  ibv_wc wcs[32];
-  for (;;) {
+bool Conn::Service(absl::Time now) {
+  ConnState& state = ctx_owned_.state;
+  if (state == ConnState::kOpen) {
+    bool closed;
     {
       absl::MutexLock l(&mu_);
-      if (!closed_ && established() && out_.empty() && absl::Now() - last_send_ >= kKeepalive) {
-        out_.push_back(OutItem{MakeMsg(FrameType::kHello, 0, nullptr, 0)});
+      Locked& s = locked_;
+      if (!s.closed && established() && s.out.empty() && now - s.last_send >= kKeepalive) {
+        EnqueueLocked(SendMsg{MakeMsg(FrameType::kHello, 0, nullptr, 0)});
       }
-      if (closed_) break;
-      if (auto st = Flush(); !st.ok()) {
-        CloseLocked(st);
-        break;
-      }
+      closed = s.closed;
     }
-    auto n = poller_->Harvest(wcs, 32, wake_fd_.get(), kKeepalive);
-    uint64_t drained;
-    (void)!::read(wake_fd_.get(), &drained, sizeof(drained));
-    absl::Status st = n.status();
-    for (int i = 0; st.ok() && i < *n; ++i) st = OnCompletion(wcs[i]);
-    if (st.ok()) st = Tick();
-    if (!st.ok()) {
+    if (!closed) {
+      absl::Status st = Tick(now);
+      if (st.ok()) return false;
+      Fail(st);
+    }
+    // In ERR the QP neither sends nor accepts anything more (a late WRITE
+    // into our buffers is refused); outstanding work is flushed.
+    ibv_qp_attr a{};
+    a.qp_state = IBV_QPS_ERR;
+    (void)ibv_modify_qp(qp_->qp(), &a, IBV_QP_STATE);
+    ctx_->Unwatch(conn_id_);  // shut down by the close: always readable now
+    state = ConnState::kClosing;
+  }
+  if (state == ConnState::kClosing) {
+    if (!Quiesced()) return false;  // woken again when it is
+    absl::Status why;
+    {
       absl::MutexLock l(&mu_);
-      CloseLocked(st);
+      why = locked_.close_reason;
     }
+    state = ConnState::kFinished;
+    OnClosed(why);
   }
-  {
-    absl::MutexLock l(&mu_);
-    why = close_reason_;
-    out_.clear();
-  }
-  // In ERR the QP neither sends nor accepts anything more (a late WRITE
-  // into our buffers is refused); outstanding work is flushed.
-  ibv_qp_attr a{};
-  a.qp_state = IBV_QPS_ERR;
-  (void)ibv_modify_qp(qp_->qp(), &a, IBV_QP_STATE);
-  OnClosed(why);
+  return true;
 }
 
 class RdmaTransport;
 
 // ---------------------------------------------------------------- exporter
-// States: awaiting HELLO (only a HELLO with this session's token is
-// accepted; it and the liveness socket must arrive within 2 x kHelloTimeout)
-// -> serving (FETCH, INVAL_ACK, keepalives)
-// -> closed (QP in ERR, backend told).
-class ServerConn final : public Conn, public Subscriber, public std::enable_shared_from_this<ServerConn> {
+// Connection states: awaiting HELLO (only a HELLO with this session's token
+// is accepted; it and the liveness socket must arrive within 2 x
+// kHelloTimeout) -> serving (FETCH, INVAL_ACK, keepalives) -> closed (QP in
+// ERR; the backend is told once no copy is outstanding).
+//
+// A FETCH being served, by staging buffer (SPDK's request states).
+enum class RequestState {
+  kFree,     // the staging buffer holds nothing: the next queued FETCH may
+             // take it (the context's thread)
+  kCopying,  // a copy worker fills it through ExportBackend::ServeFetch,
+             // outside every lock; the worker then queues the WRITE and the
+             // response (-> kWriting) or an error response (-> kFree)
+  kWriting,  // its RDMA WRITE, and the FETCH_RESP behind it, are queued or
+             // posted; the WRITE's completion frees it (the context's thread)
+};
+
+class ServerConn final : public Conn, public Subscriber {
  public:
   ServerConn(std::shared_ptr<Nic> nic, RdmaTransport* t, uint64_t id, ExportBackend* backend,
-             std::string node, std::string token)
-      : Conn(std::move(nic)),
+             Executor* copiers, ThreadCount* threads, std::string node, std::string token)
+      : Conn(std::move(nic), id),
         transport_(t),
-        id_(id),
         backend_(backend),
+        copiers_(copiers),
+        threads_(threads),
         node_(std::move(node)),
         session_token_(std::move(token)) {
     peer_name_ = node_;
@@ -441,109 +808,139 @@ class ServerConn final : public Conn, public Subscriber, public std::enable_shar
     if (auto st = Init(kStaging * kSlotBytes, Access::kLocal); !st.ok()) return st;
     return ConnectQp(importer);
   }
-  void Run(ThreadCount* threads);
+  // The context serves it from now on; counted in threads until finished.
+  void Run() {
+    threads_->Inc();
+    Attach();
+  }
 
-  uint64_t id() const override { return id_; }
+  uint64_t id() const override { return Conn::id(); }
   const std::string& node() const override { return node_; }
   bool PushInvalidation(const InvalRecord& r) override {
     const InvalPayload p = ToInvalPayload(r);
     absl::MutexLock l(&mu_);
-    if (closed_) return false;
+    if (locked_.closed) return false;
     // A storm collapses into the INVAL still waiting at the tail.
-    if (!out_.empty() && !out_.back().read && MergeInvalFrame(out_.back().msg, p)) return true;
-    return EnqueueLocked(OutItem{MakeMsg(FrameType::kInval, 0, &p, sizeof(p))});
+    if (!locked_.out.empty()) {
+      if (auto* m = std::get_if<SendMsg>(&locked_.out.back()); m && MergeInvalFrame(m->bytes, p)) {
+        return true;
+      }
+    }
+    return EnqueueLocked(SendMsg{MakeMsg(FrameType::kInval, 0, &p, sizeof(p))});
   }
   void Close() override {
     absl::MutexLock l(&mu_);
     CloseLocked(absl::CancelledError("closed by this daemon"));
   }
-  // The importer's liveness socket arrived: watch it on the calling thread
-  // until it or the connection ends. False when one is already attached.
+  // The importer's liveness socket arrived: the context watches it until it
+  // or the connection ends. False when one is already attached.
   bool AttachLiveness(UniqueFd fd) {
-    {
-      absl::MutexLock l(&mu_);
-      if (liveness_.valid()) return false;
-      liveness_ = std::move(fd);
-      if (closed_) ::shutdown(liveness_.get(), SHUT_RDWR);
-    }
+    if (!SetLiveness(std::move(fd))) return false;
     has_liveness_ = true;
-    WatchLiveness();
     return true;
   }
 
  private:
-  absl::Status OnMessage(const FrameHeader& h, const uint8_t* payload, size_t len) override;
-  void OnWriteDone(uint32_t staging) override { staging_busy_[staging] = false; }
-  absl::Status Tick() override;
-  bool established() const override { return established_; }
+  absl::Status OnMessage(const FrameHeader& h, absl::Span<const uint8_t> payload) override;
+  void OnWriteDone(uint32_t staging) override;
+  absl::Status Tick(absl::Time now) override;
+  bool established() const override { return owned_.established; }
+  bool Quiesced() override {
+    absl::MutexLock l(&mu_);
+    return slocked_.copies == 0;
+  }
   void OnClosed(const absl::Status& why) override;
-  absl::Status Serve(uint64_t id, const RdmaFetch& f);
+  // Hands queued FETCHes to copy workers while staging buffers are free.
+  absl::Status StartFetches();
+  // On a copy worker.
+  void Copy(uint32_t staging, uint64_t id, const RdmaFetch& f);
+  std::shared_ptr<ServerConn> self() { return std::static_pointer_cast<ServerConn>(shared_from_this()); }
 
   RdmaTransport* const transport_;
-  const uint64_t id_;
   ExportBackend* const backend_;
+  Executor* const copiers_;  // the transport's; outlives every copy (Stop waits for them)
+  ThreadCount* const threads_;
   const std::string node_;
   // The token PrepareSession returned with this queue pair: the only one its
   // HELLO may present.
   const std::string session_token_;
   const absl::Time hello_deadline_ = absl::Now() + kHelloTimeout;
   std::atomic<bool> has_liveness_{false};
-  // Connection thread only.
-  bool established_ = false;
-  std::string token_;  // set by the HELLO that claimed it
-  uint64_t area_addr_ = 0, area_len_ = 0;
-  uint32_t area_rkey_ = 0;
-  bool staging_busy_[kStaging] = {};
-  std::deque<std::pair<uint64_t, RdmaFetch>> fetches_;  // waiting for a staging buffer
+
+  // The context's thread only.
+  struct Owned {
+    bool established = false;
+    std::string token;  // set by the HELLO that claimed it
+    uint64_t area_addr = 0, area_len = 0;
+    uint32_t area_rkey = 0;
+    std::deque<std::pair<uint64_t, RdmaFetch>> fetches;  // waiting for a staging buffer
+  };
+  Owned owned_;
+  // Shared with the copy workers, under mu_.
+  struct Locked {
+    RequestState staging[kStaging] = {};  // all kFree
+    int copies = 0;                       // staging buffers in kCopying
+  };
+  Locked slocked_ ABSL_GUARDED_BY(mu_);
 };
 
 // ---------------------------------------------------------------- importer
-class ClientConn final : public Conn, public PeerChannel {
+// A slot of the receive area (SPDK's request states, importer side).
+enum class SlotState {
+  kFree,       // on the free list; a Fetch or ReadRegion may take it (under mu_)
+  kFetching,   // a FETCH naming it was queued; the exporter WRITEs its pages
+               // here and then answers (the context's thread completes it)
+  kReading,    // a one-sided READ into it was queued; its completion
+               // completes it (the context's thread)
+  kDone,       // completed: the caller copies the bytes out, then frees it
+  kAbandoned,  // the caller gave up (timeout): never reused, since a late
+               // WRITE may still land; the connection is closed
+};
+
+class ClientConn final : public Conn {
  public:
-  explicit ClientConn(std::shared_ptr<Nic> nic)
-      : Conn(std::move(nic)), PeerChannel(Capabilities{.one_sided = true}) {}
-  ~ClientConn() override {
-    Close();
-    if (liveness_thread_.joinable()) liveness_thread_.join();
-    // The last reference can be dropped by a callback on the thread itself.
-    if (thread_.joinable()) {
-      if (thread_.get_id() == std::this_thread::get_id()) {
-        thread_.detach();
-      } else {
-        thread_.join();
-      }
-    }
-  }
+  ClientConn(std::shared_ptr<Nic> nic, uint64_t id) : Conn(std::move(nic), id) {}
 
   absl::Status Prepare() {
     absl::Status st = Init(kSlots * kSlotBytes, Access::kRemoteReadWrite);
     absl::MutexLock l(&mu_);
-    for (uint32_t i = 0; i < kSlots; ++i) free_slots_.push_back(kSlots - 1 - i);
+    for (uint32_t i = 0; i < kSlots; ++i) clocked_.free_slots.push_back(kSlots - 1 - i);
     return st;
   }
-  // Connects the QP, starts the thread, exchanges HELLOs, then opens the
-  // liveness socket to peer_host:liveness_port.
-  absl::Status Start(const Endpoint& remote, ImportBackend* backend, const std::string& peer_host,
-                     uint16_t liveness_port, const std::string& token);
+  // Connects the QP, attaches to the context, exchanges HELLOs, then opens
+  // the liveness socket to peer_host:liveness_port. channel: what the
+  // backend's callbacks name.
+  absl::Status Start(const Endpoint& remote, ImportBackend* backend, PeerChannel* channel,
+                     const std::string& peer_host, uint16_t liveness_port, const std::string& token);
 
   absl::StatusOr<uint64_t> Fetch(uint64_t export_id, uint64_t first_page, uint32_t npages,
-                                 bool track, absl::Span<uint8_t> dst,
-                                 absl::Duration timeout) override;
-  bool alive() const override {
+                                 bool track, absl::Span<uint8_t> dst, absl::Duration timeout);
+  bool alive() const {
     absl::MutexLock l(&mu_);
-    return !closed_;
+    if (locked_.closed) return false;
+    // The exporter's close may be waiting on the liveness socket before the
+    // completion thread has seen it (e.g. this process was stopped and has
+    // just resumed): a caller deciding whether to serve cached pages looks.
+    if (locked_.liveness.valid()) {
+      char b;
+      const ssize_t n = ::recv(locked_.liveness.get(), &b, 1, MSG_PEEK | MSG_DONTWAIT);
+      if (n >= 0 || (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)) return false;
+    }
+    return true;
   }
-  void Close() override {
+  void Close() {
     absl::MutexLock l(&mu_);
     CloseLocked(absl::CancelledError("closed by this daemon"));
   }
+  // Closes the connection and waits until the backend was told; from a
+  // callback (the channel destroyed on the context's thread or a delivery
+  // worker) it only stops further callbacks.
+  void CloseAndWait();
   // data_mr_ is set before the connection is handed out and never changes.
-  const char* path() const override {
-    return data_mr_->mode() == Mode::kOdp ? "staged/odp" : "staged/pinned";
-  }
-  bool SetRegion(uint64_t export_id, const RemoteRegion& r, uint64_t seq) override;
+  const char* path() const { return data_mr_->mode() == Mode::kOdp ? "staged/odp" : "staged/pinned"; }
+  bool SetRegion(uint64_t export_id, const RemoteRegion& r, uint64_t seq);
   absl::Status ReadRegion(uint64_t export_id, uint64_t offset, absl::Span<uint8_t> dst,
-                          absl::Duration timeout) override;
+                          absl::Duration timeout);
 
  private:
   struct Pending {
@@ -555,20 +952,43 @@ class ClientConn final : public Conn, public PeerChannel {
   absl::StatusOr<uint64_t> FetchChunk(uint64_t export_id, uint64_t first_page, uint32_t npages,
                                       bool track, absl::Span<uint8_t> dst, absl::Time deadline,
                                       absl::Duration timeout);
-  absl::Status OnMessage(const FrameHeader& h, const uint8_t* payload, size_t len) override;
+  absl::Status OnMessage(const FrameHeader& h, absl::Span<const uint8_t> payload) override;
   void OnReadDone(uint32_t slot) override;
   bool established() const override { return hello_seen_; }
+  // Closed: the backend hears OnChannelClosed after the last OnInvalidation.
+  bool Quiesced() override {
+    absl::MutexLock l(&mu_);
+    return !clocked_.delivering;
+  }
   void OnClosed(const absl::Status& why) override;
+  void FlushAcksLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // On a delivery worker: hands the queued deliveries to the backend in
+  // order until none is left or the connection closed.
+  void Deliver();
+  struct FetchResult {
+    uint64_t id = 0;
+    absl::Status status;
+    uint64_t seq = 0;
+  };
+  void CompleteLocked(const FetchResult& r) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    auto it = clocked_.pending.find(r.id);
+    if (it == clocked_.pending.end()) return;  // the caller gave up (timed out)
+    it->second->status = r.status;
+    it->second->seq = r.seq;
+    it->second->done = true;
+  }
+  void SetSlot(uint32_t slot, SlotState st) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    // A slot is freed once, by the caller that took it, and never after
+    // it was abandoned.
+    SVM_CHECK(st != SlotState::kFree || (clocked_.slots[slot] != SlotState::kFree &&
+                                         clocked_.slots[slot] != SlotState::kAbandoned));
+    clocked_.slots[slot] = st;
+    if (st == SlotState::kFree) clocked_.free_slots.push_back(slot);
+  }
 
   ImportBackend* backend_ = nullptr;
-  std::thread thread_;
-  std::thread liveness_thread_;
   std::atomic<bool> hello_seen_{false};
-  // Guarded by mu_ (Conn's).
-  bool established_ ABSL_GUARDED_BY(mu_) = false;
-  std::vector<uint32_t> free_slots_ ABSL_GUARDED_BY(mu_);
-  std::map<uint64_t, Pending*> pending_ ABSL_GUARDED_BY(mu_);
-  uint64_t next_id_ ABSL_GUARDED_BY(mu_) = 1;
+
   // Zero-copy: per export id, the exporter's registered region and its
   // state (epoch, READs in flight, the newest dropping invalidation: a
   // region described before it is stale).
@@ -576,7 +996,6 @@ class ClientConn final : public Conn, public PeerChannel {
     coherence::ZeroCopyRegionState state;
     RemoteRegion remote;
   };
-  std::map<uint64_t, ZcRegion> zc_ ABSL_GUARDED_BY(mu_);
   // Acknowledgements not sent yet, in arrival order: one that dropped a
   // region waits until the READs issued against it completed (rule 5: the
   // exporter deregisters the old region once every importer acknowledged);
@@ -586,10 +1005,61 @@ class ClientConn final : public Conn, public PeerChannel {
     uint64_t export_id, seq;
     std::optional<uint64_t> drain_epoch;  // READs of epochs up to it must complete
   };
-  std::deque<HeldAck> held_acks_ ABSL_GUARDED_BY(mu_);
-  void FlushAcksLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  // READs in flight by slot.
-  std::map<uint32_t, Pending*> reads_ ABSL_GUARDED_BY(mu_);
+  // What the delivery worker hands on, in arrival order: an invalidation
+  // (to the backend), or a FETCH response that arrived behind one
+  // (completed only once the invalidation before it was delivered, as on
+  // the wire).
+  struct InvalDelivery {
+    InvalRecord rec;
+    std::optional<uint64_t> drain_epoch;
+  };
+  using Delivery = std::variant<InvalDelivery, FetchResult>;
+  // Shared by callers (Fetch, ReadRegion, SetRegion) and the context's
+  // thread, under mu_.
+  struct Locked {
+    PeerChannel* channel = nullptr;  // null: no more backend callbacks
+    bool established = false;        // the exporter answered the HELLO
+    bool finished = false;           // OnClosed ran
+    SlotState slots[kSlots] = {};
+    std::vector<uint32_t> free_slots;
+    std::map<uint64_t, Pending*> pending;  // FETCHes by request id
+    std::map<uint32_t, Pending*> reads;    // READs by slot
+    uint64_t next_id = 1;
+    std::map<uint64_t, ZcRegion> zc;
+    std::deque<HeldAck> held_acks;
+    std::deque<Delivery> deliveries;  // not handed on yet
+    bool delivering = false;          // a delivery task runs...
+    std::thread::id delivery_thread;  // ...on this thread
+  };
+  Locked clocked_ ABSL_GUARDED_BY(mu_);
+};
+
+// What the importer's daemon holds: closes the connection when destroyed
+// (OnChannelClosed has run by then, unless destroyed from a callback).
+class RdmaChannel final : public PeerChannel {
+ public:
+  explicit RdmaChannel(std::shared_ptr<ClientConn> conn)
+      : PeerChannel(Capabilities{.one_sided = true}), conn_(std::move(conn)) {}
+  ~RdmaChannel() override { conn_->CloseAndWait(); }
+
+  absl::StatusOr<uint64_t> Fetch(uint64_t export_id, uint64_t first_page, uint32_t npages,
+                                 bool track, absl::Span<uint8_t> dst,
+                                 absl::Duration timeout) override {
+    return conn_->Fetch(export_id, first_page, npages, track, dst, timeout);
+  }
+  bool alive() const override { return conn_->alive(); }
+  void Close() override { conn_->Close(); }
+  const char* path() const override { return conn_->path(); }
+  bool SetRegion(uint64_t export_id, const RemoteRegion& r, uint64_t seq) override {
+    return conn_->SetRegion(export_id, r, seq);
+  }
+  absl::Status ReadRegion(uint64_t export_id, uint64_t offset, absl::Span<uint8_t> dst,
+                          absl::Duration timeout) override {
+    return conn_->ReadRegion(export_id, offset, dst, timeout);
+  }
+
+ private:
+  const std::shared_ptr<ClientConn> conn_;
 };
 
 // A zero-copy region: the export's object as mapped by this daemon,
@@ -642,7 +1112,7 @@ class RdmaTransport final : public Transport {
   std::optional<DeviceStatus> device_status() const override;
 
   absl::StatusOr<std::string> BeginConnect() override {
-    auto conn = std::make_unique<ClientConn>(nic_);
+    auto conn = std::make_shared<ClientConn>(nic_, NextConnId());
     if (auto st = conn->Prepare(); !st.ok()) return st;
     std::string bytes = EncodeEndpoint(conn->local(), 0);
     absl::MutexLock l(&mu_);
@@ -656,7 +1126,7 @@ class RdmaTransport final : public Transport {
   }
 
   void AbortConnect(const std::string& begin) override {
-    std::unique_ptr<ClientConn> conn;  // destroyed outside the lock
+    std::shared_ptr<ClientConn> conn;  // destroyed outside the lock
     absl::MutexLock l(&mu_);
     if (auto it = begun_.find(begin); it != begun_.end()) {
       conn = std::move(it->second.conn);
@@ -675,11 +1145,8 @@ class RdmaTransport final : public Transport {
     if (stopped_ || !listener_) return absl::UnavailableError("not serving");
     auto token = sessions_.Issue(node);
     if (!token.ok()) return token.status();
-    std::shared_ptr<ServerConn> conn;
-    {
-      absl::MutexLock l(&mu_);
-      conn = std::make_shared<ServerConn>(nic_, this, next_conn_id_++, backend_, node, *token);
-    }
+    auto conn = std::make_shared<ServerConn>(nic_, this, NextConnId(), backend_, &copiers_, &threads_,
+                                             node, *token);
     if (auto st = conn->Setup(*remote); !st.ok()) {
       spdlog::warn("rdma data connection for {}: {}", node, st.message());
       sessions_.Forget(*token);
@@ -690,7 +1157,7 @@ class RdmaTransport final : public Transport {
       conns_[conn->id()] = conn;
     }
     SessionOffer offer{*token, EncodeEndpoint(conn->local(), listener_->port())};
-    conn->Run(&threads_);
+    conn->Run();
     return offer;
   }
 
@@ -709,7 +1176,7 @@ class RdmaTransport final : public Transport {
                                                        const SessionOffer& offer,
                                                        ImportBackend* backend,
                                                        const std::string& begin) override {
-    std::unique_ptr<ClientConn> conn;
+    std::shared_ptr<ClientConn> conn;
     {
       absl::MutexLock l(&mu_);
       auto it = begun_.find(begin);
@@ -727,11 +1194,13 @@ class RdmaTransport final : public Transport {
                                        remote.status().message()));
     }
     if (port == 0 || port > 65535) return absl::InvalidArgumentError("rdma setup without a liveness port");
-    if (auto st = conn->Start(*remote, backend, peer_host, static_cast<uint16_t>(port), offer.token);
+    auto channel = std::make_unique<RdmaChannel>(conn);
+    if (auto st = conn->Start(*remote, backend, channel.get(), peer_host, static_cast<uint16_t>(port),
+                              offer.token);
         !st.ok()) {
       return st;
     }
-    return conn;
+    return channel;
   }
 
   void Stop() override {
@@ -744,18 +1213,25 @@ class RdmaTransport final : public Transport {
       begun_.clear();
     }
     for (auto& c : conns) c->Close();
+    conns.clear();
+    // Every exporter connection has finished (its copies returned, the
+    // backend told) and every liveness thread ended.
     threads_.WaitZero();
   }
 
  private:
   struct Begun {
-    std::unique_ptr<ClientConn> conn;
+    std::shared_ptr<ClientConn> conn;
     absl::Time expires;
   };
 
-  // A liveness socket: HELLO with a claimed token, then watched until it or
-  // its connection ends. Anything else is closed.
+  // A liveness socket: HELLO with a claimed token, then handed to its
+  // connection (its completion context watches it). Anything else is closed.
   void ServeLiveness(UniqueFd fd);
+  uint64_t NextConnId() {
+    absl::MutexLock l(&mu_);
+    return next_conn_id_++;
+  }
 
   std::shared_ptr<Nic> nic_;
   ExportBackend* backend_ = nullptr;
@@ -766,6 +1242,9 @@ class RdmaTransport final : public Transport {
   std::map<uint64_t, std::shared_ptr<ServerConn>> conns_ ABSL_GUARDED_BY(mu_);
   std::map<std::string, Begun> begun_ ABSL_GUARDED_BY(mu_);
   uint64_t next_conn_id_ ABSL_GUARDED_BY(mu_) = 1;
+  // Page copies of FETCHes, off the completion contexts' threads. Joined
+  // (after Stop waited for every copy) before the members above go.
+  Executor copiers_{1, kCopyWorkers};
   std::unique_ptr<Listener> listener_;  // last: stopped (joined) first
 };
 
@@ -775,7 +1254,7 @@ void RdmaTransport::ServeLiveness(UniqueFd fd) {
   ::setsockopt(fd.get(), SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
   FrameHeader h;
   std::vector<uint8_t> payload;
-  absl::Status st = ReadFrame(fd.get(), &h, &payload, /*max_payload=*/64);
+  absl::Status st = ReadFrame(fd.get(), &h, &payload, /*max_payload=*/kMaxTokenBytes);
   if (st.ok() && h.type != static_cast<uint8_t>(FrameType::kHello)) {
     st = absl::PermissionDeniedError("first frame is not a HELLO with a token");
   }
@@ -797,51 +1276,41 @@ void RdmaTransport::ServeLiveness(UniqueFd fd) {
   }
 }
 
-void ServerConn::Run(ThreadCount* threads) {
-  threads->Inc();
-  std::thread([self = shared_from_this(), threads]() mutable {
-    self->Loop();
-    self.reset();
-    threads->Dec();
-  }).detach();
-}
-
-absl::Status ServerConn::OnMessage(const FrameHeader& h, const uint8_t* payload, size_t len) {
+absl::Status ServerConn::OnMessage(const FrameHeader& h, absl::Span<const uint8_t> payload) {
   const auto type = static_cast<FrameType>(h.type);
-  if (!established_) {
-    if (type != FrameType::kHello || len < sizeof(RdmaHello)) {
-      return absl::PermissionDeniedError("first message is not HELLO");
-    }
-    RdmaHello hello;
-    std::memcpy(&hello, payload, sizeof(hello));
-    std::string token(reinterpret_cast<const char*>(payload) + sizeof(hello), len - sizeof(hello));
-    if (token != session_token_ || !transport_->sessions().Claim(token, shared_from_this()).ok()) {
+  Owned& o = owned_;
+  if (!o.established) {
+    if (type != FrameType::kHello) return absl::PermissionDeniedError("first message is not HELLO");
+    auto hello = ParseRdmaHello(payload);
+    if (!hello.ok()) return hello.status();
+    if (hello->token != session_token_ ||
+        !transport_->sessions().Claim(hello->token, self()).ok()) {
       return absl::PermissionDeniedError("HELLO with an unknown or used session token");
     }
-    token_ = token;
-    area_addr_ = hello.area_addr;
-    area_len_ = hello.area_len;
-    area_rkey_ = hello.rkey;
-    established_ = true;
+    o.token = hello->token;
+    o.area_addr = hello->area_addr;
+    o.area_len = hello->area_len;
+    o.area_rkey = hello->rkey;
+    o.established = true;
     spdlog::info("rdma data connection from {} established", node_);
-    Enqueue(OutItem{MakeMsg(FrameType::kHello, 0, nullptr, 0)});
+    Enqueue(SendMsg{MakeMsg(FrameType::kHello, 0, nullptr, 0)});
     return absl::OkStatus();
   }
   switch (type) {
     case FrameType::kHello:  // keepalive
       return absl::OkStatus();
     case FrameType::kFetch: {
-      if (len != sizeof(RdmaFetch)) return absl::DataLossError("malformed FETCH");
+      if (payload.size() != sizeof(RdmaFetch)) return absl::DataLossError("malformed FETCH");
       RdmaFetch f;
-      std::memcpy(&f, payload, sizeof(f));
-      fetches_.emplace_back(h.id, f);
-      return absl::OkStatus();
+      std::memcpy(&f, payload.data(), sizeof(f));
+      o.fetches.emplace_back(h.id, f);
+      return StartFetches();
     }
     case FrameType::kInvalAck: {
-      if (len != sizeof(InvalAckPayload)) return absl::DataLossError("malformed INVAL_ACK");
+      if (payload.size() != sizeof(InvalAckPayload)) return absl::DataLossError("malformed INVAL_ACK");
       InvalAckPayload a;
-      std::memcpy(&a, payload, sizeof(a));
-      backend_->OnAck(id_, a.export_id, a.seq);
+      std::memcpy(&a, payload.data(), sizeof(a));
+      backend_->OnAck(id(), a.export_id, a.seq);
       return absl::OkStatus();
     }
     default:
@@ -849,41 +1318,79 @@ absl::Status ServerConn::OnMessage(const FrameHeader& h, const uint8_t* payload,
   }
 }
 
-absl::Status ServerConn::Tick() {
-  if (!has_liveness_ && absl::Now() > hello_deadline_ + kHelloTimeout) {
-    return absl::DeadlineExceededError(established_ ? "no liveness connection from the importer"
-                                                    : "no HELLO from the importer");
-  }
-  while (!fetches_.empty()) {
+absl::Status ServerConn::StartFetches() {
+  Owned& o = owned_;
+  while (!o.fetches.empty()) {
     uint32_t s = 0;
-    while (s < kStaging && staging_busy_[s]) ++s;
-    if (s == kStaging) break;
-    auto [id, f] = fetches_.front();
-    fetches_.pop_front();
+    {
+      absl::MutexLock l(&mu_);
+      if (locked_.closed) return absl::OkStatus();
+      while (s < kStaging && slocked_.staging[s] != RequestState::kFree) ++s;
+      if (s == kStaging) return absl::OkStatus();  // a WRITE completion or a copy frees one
+    }
+    auto [id, f] = o.fetches.front();
+    o.fetches.pop_front();
     const size_t bytes = static_cast<size_t>(f.f.npages) * kPage;
     if (auto bad = CheckFetchPages(f.f.npages, kSlotPages); !bad.ok()) {
-      Enqueue(OutItem{MakeFetchError(id, bad, kMsgSize)});
+      Enqueue(SendMsg{MakeFetchError(id, bad, kMsgSize)});
       continue;
     }
-    if (f.offset > area_len_ || bytes > area_len_ - f.offset) {
+    if (f.offset > o.area_len || bytes > o.area_len - f.offset) {
       return absl::DataLossError("FETCH names a target outside the importer's area");
     }
-    auto seq = backend_->ServeFetch(f.f.export_id, f.f.first_page, f.f.npages,
-                                    (f.f.flags & kFetchNoCache) == 0,
-                                    absl::MakeSpan(data_mem_.get() + s * kSlotBytes, bytes));
-    if (seq.ok()) {
-      FetchRespPayload r{};
-      r.seq = *seq;
-      staging_busy_[s] = true;
-      // The WRITE is queued before the response: RC lands it first.
+    {
       absl::MutexLock l(&mu_);
-      EnqueueLocked(OutItem{{}, s, bytes, area_addr_ + f.offset, area_rkey_});
-      EnqueueLocked(OutItem{MakeMsg(FrameType::kFetchResp, id, &r, sizeof(r))});
-    } else {
-      Enqueue(OutItem{MakeFetchError(id, seq.status(), kMsgSize)});
+      slocked_.staging[s] = RequestState::kCopying;
+      ++slocked_.copies;
     }
+    copiers_->Submit([self = self(), s, id, f] { self->Copy(s, id, f); });
   }
   return absl::OkStatus();
+}
+
+void ServerConn::Copy(uint32_t s, uint64_t id, const RdmaFetch& f) {
+  const size_t bytes = static_cast<size_t>(f.f.npages) * kPage;
+  // The area was read by the context's thread before this was submitted
+  // and never changes after the HELLO.
+  const uint64_t remote = owned_.area_addr + f.offset;
+  const uint32_t rkey = owned_.area_rkey;
+  auto seq = backend_->ServeFetch(f.f.export_id, f.f.first_page, f.f.npages,
+                                  (f.f.flags & kFetchNoCache) == 0,
+                                  absl::MakeSpan(data_mem_.get() + s * kSlotBytes, bytes));
+  absl::MutexLock l(&mu_);
+  --slocked_.copies;
+  if (seq.ok()) {
+    FetchRespPayload r{};
+    r.seq = *seq;
+    slocked_.staging[s] = RequestState::kWriting;
+    // The WRITE is queued before the response: RC lands it first.
+    EnqueueLocked(WriteData{s, bytes, remote, rkey});
+    EnqueueLocked(SendMsg{MakeMsg(FrameType::kFetchResp, id, &r, sizeof(r))});
+  } else {
+    slocked_.staging[s] = RequestState::kFree;
+    EnqueueLocked(SendMsg{MakeFetchError(id, seq.status(), kMsgSize)});
+    Wake();  // a queued FETCH may take the buffer
+  }
+  if (locked_.closed) Wake();  // the close may finish now
+}
+
+void ServerConn::OnWriteDone(uint32_t staging) {
+  {
+    absl::MutexLock l(&mu_);
+    slocked_.staging[staging] = RequestState::kFree;
+  }
+  if (auto st = StartFetches(); !st.ok()) {
+    absl::MutexLock l(&mu_);
+    CloseLocked(st);
+  }
+}
+
+absl::Status ServerConn::Tick(absl::Time now) {
+  if (!has_liveness_ && now > hello_deadline_ + kHelloTimeout) {
+    return absl::DeadlineExceededError(owned_.established ? "no liveness connection from the importer"
+                                                          : "no HELLO from the importer");
+  }
+  return StartFetches();  // a buffer freed by a failed copy
 }
 
 void ServerConn::OnClosed(const absl::Status& why) {
@@ -893,28 +1400,45 @@ void ServerConn::OnClosed(const absl::Status& why) {
     spdlog::warn("rdma data connection from {} closed: {}", node_, why.message());
   }
   // Unreachable by its token first, then the backend forgets it.
-  if (!token_.empty()) transport_->sessions().Forget(token_);
-  backend_->OnSubscriberClosed(id_);
-  transport_->Unregister(id_);
+  if (!owned_.token.empty()) transport_->sessions().Forget(owned_.token);
+  backend_->OnSubscriberClosed(id());
+  transport_->Unregister(id());
+  threads_->Dec();  // last: Stop may return and the transport go
 }
 
-absl::Status ClientConn::Start(const Endpoint& remote, ImportBackend* backend,
+absl::Status ClientConn::Start(const Endpoint& remote, ImportBackend* backend, PeerChannel* channel,
                                const std::string& peer_host, uint16_t liveness_port,
                                const std::string& token) {
   backend_ = backend;
   peer_name_ = absl::StrCat(peer_host, ":", liveness_port);
-  if (auto st = ConnectQp(remote); !st.ok()) return st;
-  RdmaHello hello{data_mr_->addr(), data_mr_->length(), data_mr_->rkey(), 0};
   {
     absl::MutexLock l(&mu_);
-    EnqueueLocked(
-        OutItem{MakeMsg(FrameType::kHello, 0, &hello, sizeof(hello), token.data(), token.size())});
-    thread_ = std::thread([this] { Loop(); });
-    auto ready = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return established_ || closed_; };
+    clocked_.channel = channel;
+  }
+  // Destroying a connection that did not start tells nobody.
+  absl::Cleanup detach = [this] {
+    absl::MutexLock l(&mu_);
+    clocked_.channel = nullptr;
+    CloseLocked(absl::UnavailableError("handshake failed"));
+  };
+  if (auto st = ConnectQp(remote); !st.ok()) return st;
+  auto hello = MakeRdmaHello(
+      RdmaHello{data_mr_->addr(), data_mr_->length(), data_mr_->rkey(), token}, kMsgSize);
+  if (!hello.ok()) {
+    // A token no exporter issued (e.g. empty): refused as the exporter would.
+    return absl::UnavailableError(absl::StrCat("rdma data connection to ", peer_name_,
+                                               " refused: ", hello.status().message()));
+  }
+  Attach();
+  {
+    absl::MutexLock l(&mu_);
+    EnqueueLocked(SendMsg{*std::move(hello)});
+    auto ready = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+      return clocked_.established || locked_.closed;
+    };
     mu_.AwaitWithTimeout(absl::Condition(&ready), kHelloTimeout);
-    if (!established_ || closed_) {
-      std::string why = closed_ ? std::string(close_reason_.message()) : "no HELLO";
-      CloseLocked(absl::UnavailableError("handshake failed"));
+    if (!clocked_.established || locked_.closed) {
+      std::string why = locked_.closed ? std::string(locked_.close_reason.message()) : "no HELLO";
       return absl::UnavailableError(
           absl::StrCat("rdma data connection to ", peer_name_, " refused: ", why));
     }
@@ -924,16 +1448,25 @@ absl::Status ClientConn::Start(const Endpoint& remote, ImportBackend* backend,
     auto frame = MakeFrame(FrameType::kHello, 0, token.data(), token.size());
     if (auto st = WriteFull(fd->get(), frame.data(), frame.size()); !st.ok()) fd = st;
   }
-  absl::MutexLock l(&mu_);
   if (!fd.ok()) {
-    CloseLocked(absl::UnavailableError("no liveness connection"));
     return absl::UnavailableError(absl::StrCat("rdma data connection to ", peer_name_,
                                                ": liveness connection: ", fd.status().message()));
   }
-  liveness_ = std::move(*fd);
-  if (closed_) ::shutdown(liveness_.get(), SHUT_RDWR);
-  liveness_thread_ = std::thread([this] { WatchLiveness(); });
+  std::move(detach).Cancel();
+  SetLiveness(std::move(*fd));
   return absl::OkStatus();
+}
+
+void ClientConn::CloseAndWait() {
+  absl::MutexLock l(&mu_);
+  CloseLocked(absl::CancelledError("closed by this daemon"));
+  if (ctx_ == nullptr || ctx_->OnThread() ||
+      clocked_.delivery_thread == std::this_thread::get_id()) {
+    clocked_.channel = nullptr;
+    return;
+  }
+  mu_.Await(absl::Condition(
+      +[](Locked* c) { return c->finished || c->channel == nullptr; }, &clocked_));
 }
 
 absl::StatusOr<uint64_t> ClientConn::Fetch(uint64_t export_id, uint64_t first_page, uint32_t npages,
@@ -962,27 +1495,28 @@ absl::StatusOr<uint64_t> ClientConn::FetchChunk(uint64_t export_id, uint64_t fir
   Pending p;
   uint64_t id = 0;
   absl::MutexLock l(&mu_);
+  Locked& c = clocked_;
   auto slot_or_closed = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    return closed_ || !free_slots_.empty();
+    return locked_.closed || !clocked_.free_slots.empty();
   };
   bool ok = mu_.AwaitWithDeadline(absl::Condition(&slot_or_closed), deadline);
-  if (closed_) {
+  if (locked_.closed) {
     return absl::UnavailableError(absl::StrCat("data connection to ", peer_name_, " is closed"));
   }
   if (ok) {
-    p.slot = free_slots_.back();
-    free_slots_.pop_back();
-    id = next_id_++;
-    pending_[id] = &p;
+    p.slot = c.free_slots.back();
+    c.free_slots.pop_back();
+    c.slots[p.slot] = SlotState::kFetching;
+    id = c.next_id++;
+    c.pending[id] = &p;
     RdmaFetch f{{export_id, first_page, npages, track ? 0u : kFetchNoCache},
                 static_cast<uint64_t>(p.slot) * kSlotBytes};
-    EnqueueLocked(OutItem{MakeMsg(FrameType::kFetch, id, &f, sizeof(f))});
+    EnqueueLocked(SendMsg{MakeMsg(FrameType::kFetch, id, &f, sizeof(f))});
     ok = mu_.AwaitWithDeadline(absl::Condition(&p.done), deadline);
-    pending_.erase(id);
+    c.pending.erase(id);
   }
   if (!ok) {
-    // The slot is not returned: a late WRITE may still land in it until the
-    // connection (closed now) is gone.
+    if (id != 0) c.slots[p.slot] = SlotState::kAbandoned;
     spdlog::warn("peer {} did not answer a fetch within {}; closing the rdma data connection",
                  peer_name_, absl::FormatDuration(timeout));
     CloseLocked(absl::UnavailableError("fetch timed out"));
@@ -990,64 +1524,71 @@ absl::StatusOr<uint64_t> ClientConn::FetchChunk(uint64_t export_id, uint64_t fir
         absl::StrCat("peer ", peer_name_, " did not answer within ", absl::FormatDuration(timeout)));
   }
   if (!p.status.ok()) {
-    free_slots_.push_back(p.slot);
+    SetSlot(p.slot, SlotState::kFree);
     return p.status;
   }
   // The data landed before the response that completed p.
+  c.slots[p.slot] = SlotState::kDone;
   mu_.Unlock();
   std::memcpy(dst.data(), data_mem_.get() + static_cast<size_t>(p.slot) * kSlotBytes, dst.size());
   mu_.Lock();
-  free_slots_.push_back(p.slot);
+  SetSlot(p.slot, SlotState::kFree);
   return p.seq;
 }
 
-absl::Status ClientConn::OnMessage(const FrameHeader& h, const uint8_t* payload, size_t len) {
+absl::Status ClientConn::OnMessage(const FrameHeader& h, absl::Span<const uint8_t> payload) {
   switch (static_cast<FrameType>(h.type)) {
     case FrameType::kHello: {
       absl::MutexLock l(&mu_);
-      established_ = true;  // the exporter's answer, later keepalives
+      clocked_.established = true;  // the exporter's answer, later keepalives
       hello_seen_ = true;
       return absl::OkStatus();
     }
     case FrameType::kFetchResp: {
-      if (len < sizeof(FetchRespPayload)) return absl::DataLossError("malformed FETCH_RESP");
+      if (payload.size() < sizeof(FetchRespPayload)) return absl::DataLossError("malformed FETCH_RESP");
       FetchRespPayload r;
-      std::memcpy(&r, payload, sizeof(r));
-      const size_t tail = len - sizeof(r);
-      absl::MutexLock l(&mu_);
-      auto it = pending_.find(h.id);
-      if (it == pending_.end()) return absl::OkStatus();  // the caller gave up (timed out)
-      Pending* p = it->second;
+      std::memcpy(&r, payload.data(), sizeof(r));
+      const size_t tail = payload.size() - sizeof(r);
+      FetchResult res;
+      res.id = h.id;
       if (r.code != 0) {
-        p->status =
-            FetchErrorStatus(r, absl::string_view(reinterpret_cast<const char*>(payload) + sizeof(r), tail));
+        res.status = FetchErrorStatus(
+            r, absl::string_view(reinterpret_cast<const char*>(payload.data()) + sizeof(r), tail));
       } else if (tail != 0) {
-        p->status = absl::DataLossError("FETCH_RESP with unexpected bytes");
+        res.status = absl::DataLossError("FETCH_RESP with unexpected bytes");
       } else {
-        p->seq = r.seq;
+        res.seq = r.seq;
       }
-      p->done = true;
+      absl::MutexLock l(&mu_);
+      if (clocked_.delivering) {
+        clocked_.deliveries.push_back(std::move(res));  // behind an invalidation
+      } else {
+        CompleteLocked(res);
+      }
       return absl::OkStatus();
     }
     case FrameType::kInval: {
-      if (len != sizeof(InvalPayload)) return absl::DataLossError("malformed INVAL");
+      if (payload.size() != sizeof(InvalPayload)) return absl::DataLossError("malformed INVAL");
       InvalPayload p;
-      std::memcpy(&p, payload, sizeof(p));
+      std::memcpy(&p, payload.data(), sizeof(p));
       const InvalRecord rec = FromInvalPayload(p);
+      absl::MutexLock l(&mu_);
       std::optional<uint64_t> drain;
       if (rec.kind != source::ChangeKind::kWrite) {
         // Anything but a store may have replaced or withdrawn the exporter's
-        // registration: no READ is issued with it from now on, and the
-        // acknowledgement waits for the ones in flight.
-        absl::MutexLock l(&mu_);
-        ZcRegion& z = zc_[rec.export_id];
+        // registration: no READ is issued with it from now on (before the
+        // invalidation is delivered), and the acknowledgement waits for the
+        // ones in flight.
+        ZcRegion& z = clocked_.zc[rec.export_id];
         const uint64_t epoch = z.state.Drop(rec.seq);
         if (!z.state.Drained(epoch)) drain = epoch;
       }
-      backend_->OnInvalidation(this, rec);
-      absl::MutexLock l(&mu_);
-      held_acks_.push_back(HeldAck{p.export_id, p.seq, drain});
-      FlushAcksLocked();
+      clocked_.deliveries.push_back(InvalDelivery{rec, drain});
+      if (!clocked_.delivering) {
+        clocked_.delivering = true;
+        DeliveryWorkers().Submit(
+            [self = std::static_pointer_cast<ClientConn>(shared_from_this())] { self->Deliver(); });
+      }
       return absl::OkStatus();
     }
     default:
@@ -1055,19 +1596,50 @@ absl::Status ClientConn::OnMessage(const FrameHeader& h, const uint8_t* payload,
   }
 }
 
+void ClientConn::Deliver() {
+  absl::MutexLock l(&mu_);
+  Locked& c = clocked_;
+  c.delivery_thread = std::this_thread::get_id();
+  for (;;) {
+    if (c.deliveries.empty() || locked_.closed) {
+      // Once closed nothing more is delivered: OnChannelClosed follows, and
+      // the pending fetches fail.
+      c.deliveries.clear();
+      c.delivering = false;
+      c.delivery_thread = std::thread::id();
+      if (locked_.closed) Wake();  // the close may finish now
+      return;
+    }
+    Delivery d = std::move(c.deliveries.front());
+    c.deliveries.pop_front();
+    if (auto* r = std::get_if<FetchResult>(&d)) {
+      CompleteLocked(*r);
+      continue;
+    }
+    const InvalDelivery& inv = std::get<InvalDelivery>(d);
+    PeerChannel* channel = c.channel;
+    mu_.Unlock();
+    if (channel != nullptr) backend_->OnInvalidation(channel, inv.rec);
+    mu_.Lock();
+    c.held_acks.push_back(HeldAck{inv.rec.export_id, inv.rec.seq, inv.drain_epoch});
+    FlushAcksLocked();
+  }
+}
+
 void ClientConn::FlushAcksLocked() {
-  while (!held_acks_.empty()) {
-    const HeldAck& a = held_acks_.front();
-    if (a.drain_epoch && !zc_[a.export_id].state.Drained(*a.drain_epoch)) break;
+  Locked& c = clocked_;
+  while (!c.held_acks.empty()) {
+    const HeldAck& a = c.held_acks.front();
+    if (a.drain_epoch && !c.zc[a.export_id].state.Drained(*a.drain_epoch)) break;
     InvalAckPayload ack{a.export_id, a.seq};
-    EnqueueLocked(OutItem{MakeMsg(FrameType::kInvalAck, 0, &ack, sizeof(ack))});
-    held_acks_.pop_front();
+    EnqueueLocked(SendMsg{MakeMsg(FrameType::kInvalAck, 0, &ack, sizeof(ack))});
+    c.held_acks.pop_front();
   }
 }
 
 bool ClientConn::SetRegion(uint64_t export_id, const RemoteRegion& r, uint64_t seq) {
   absl::MutexLock l(&mu_);
-  ZcRegion& z = zc_[export_id];
+  ZcRegion& z = clocked_.zc[export_id];
   if (!z.state.Offer(seq)) return false;
   z.remote = r;
   return true;
@@ -1088,8 +1660,9 @@ absl::Status ClientConn::ReadRegion(uint64_t export_id, uint64_t offset, absl::S
   std::deque<Chunk> inflight;
   size_t issued = 0;
   absl::MutexLock l(&mu_);
-  auto it = zc_.find(export_id);
-  if (it == zc_.end() || it->second.state.state() != coherence::RegionState::kUsable) {
+  Locked& c = clocked_;
+  auto it = c.zc.find(export_id);
+  if (it == c.zc.end() || it->second.state.state() != coherence::RegionState::kUsable) {
     return absl::FailedPreconditionError("no zero-copy region for this export");
   }
   ZcRegion& z = it->second;
@@ -1107,15 +1680,23 @@ absl::Status ClientConn::ReadRegion(uint64_t export_id, uint64_t offset, absl::S
   };
   auto closed_msg = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     return absl::UnavailableError(absl::StrCat("data connection to ", peer_name_, " is closed: ",
-                                               close_reason_.message()));
+                                               locked_.close_reason.message()));
+  };
+  // Slots of READs that will never be waited for: abandoned (closed) or
+  // timed out.
+  auto abandon = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    for (auto& ch : inflight) {
+      c.reads.erase(ch.p.slot);
+      c.slots[ch.p.slot] = SlotState::kAbandoned;
+    }
   };
   const uint64_t begin = offset / kPage * kPage;
   const uint64_t end = std::min<uint64_t>(r.len, (offset + dst.size() + kPage - 1) / kPage * kPage);
   const uint64_t total = dst.empty() ? 0 : end - begin;
   bool replaced = false;
   while ((issued < total && !replaced) || !inflight.empty()) {
-    if (closed_) {
-      for (auto& c : inflight) reads_.erase(c.p.slot);
+    if (locked_.closed) {
+      abandon();
       return closed_msg();
     }
     // The region was dropped by an invalidation: nothing more is issued
@@ -1124,45 +1705,41 @@ absl::Status ClientConn::ReadRegion(uint64_t export_id, uint64_t offset, absl::S
     replaced = replaced || z.state.state() != coherence::RegionState::kUsable ||
                z.state.epoch() != epoch;
     // Issue as many as there are free slots.
-    while (issued < total && !replaced && !free_slots_.empty()) {
-      Chunk& c = inflight.emplace_back();
-      c.p.slot = free_slots_.back();
-      free_slots_.pop_back();
-      c.at = begin + issued;
-      c.len = std::min<uint64_t>(kSlotBytes, total - issued);
-      reads_[c.p.slot] = &c.p;
-      OutItem item;
-      item.staging = c.p.slot;
-      item.len = c.len;
-      item.remote_addr = r.addr + c.at;
-      item.rkey = r.rkey;
-      item.read = true;
-      EnqueueLocked(std::move(item));
-      issued += c.len;
+    while (issued < total && !replaced && !c.free_slots.empty()) {
+      Chunk& ch = inflight.emplace_back();
+      ch.p.slot = c.free_slots.back();
+      c.free_slots.pop_back();
+      c.slots[ch.p.slot] = SlotState::kReading;
+      ch.at = begin + issued;
+      ch.len = std::min<uint64_t>(kSlotBytes, total - issued);
+      c.reads[ch.p.slot] = &ch.p;
+      EnqueueLocked(ReadData{ch.p.slot, ch.len, r.addr + ch.at, r.rkey});
+      issued += ch.len;
     }
     auto progress = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-      return closed_ || (!inflight.empty() && inflight.front().p.done) ||
-             (inflight.empty() && !free_slots_.empty());
+      return locked_.closed || (!inflight.empty() && inflight.front().p.done) ||
+             (inflight.empty() && !c.free_slots.empty());
     };
     if (!mu_.AwaitWithDeadline(absl::Condition(&progress), deadline)) {
-      for (auto& c : inflight) reads_.erase(c.p.slot);
+      abandon();
       spdlog::warn("peer {} did not complete a zero-copy read within {}; closing the rdma data connection",
                    peer_name_, absl::FormatDuration(timeout));
       CloseLocked(absl::UnavailableError("zero-copy read timed out"));
       return absl::UnavailableError(absl::StrCat("peer ", peer_name_, " did not complete a read within ",
                                                  absl::FormatDuration(timeout)));
     }
-    if (closed_ || inflight.empty() || !inflight.front().p.done) continue;
-    Chunk& c = inflight.front();
-    reads_.erase(c.p.slot);
-    // The part of [c.at, c.at + c.len) the caller asked for.
-    const uint64_t from = std::max(c.at, offset);
-    const uint64_t to = std::min(c.at + c.len, offset + dst.size());
+    if (locked_.closed || inflight.empty() || !inflight.front().p.done) continue;
+    Chunk& ch = inflight.front();
+    c.reads.erase(ch.p.slot);
+    c.slots[ch.p.slot] = SlotState::kDone;
+    // The part of [ch.at, ch.at + ch.len) the caller asked for.
+    const uint64_t from = std::max(ch.at, offset);
+    const uint64_t to = std::min(ch.at + ch.len, offset + dst.size());
     mu_.Unlock();
     std::memcpy(dst.data() + (from - offset),
-                data_mem_.get() + static_cast<size_t>(c.p.slot) * kSlotBytes + (from - c.at), to - from);
+                data_mem_.get() + static_cast<size_t>(ch.p.slot) * kSlotBytes + (from - ch.at), to - from);
     mu_.Lock();
-    free_slots_.push_back(c.p.slot);
+    SetSlot(ch.p.slot, SlotState::kFree);
     inflight.pop_front();
   }
   if (replaced && issued < total) {
@@ -1173,20 +1750,27 @@ absl::Status ClientConn::ReadRegion(uint64_t export_id, uint64_t offset, absl::S
 
 void ClientConn::OnReadDone(uint32_t slot) {
   absl::MutexLock l(&mu_);
-  if (auto it = reads_.find(slot); it != reads_.end()) it->second->done = true;
+  if (auto it = clocked_.reads.find(slot); it != clocked_.reads.end()) it->second->done = true;
 }
 
 void ClientConn::OnClosed(const absl::Status& why) {
+  PeerChannel* channel;
   {
     absl::MutexLock l(&mu_);
-    for (auto& [id, p] : pending_) {
+    for (auto& [id, p] : clocked_.pending) {
       p->status = absl::UnavailableError(absl::StrCat("connection to ", peer_name_, " lost"));
       p->done = true;
     }
+    channel = clocked_.channel;
   }
   spdlog::info("rdma data connection to {} closed: {}", peer_name_, why.message());
-  if (!hello_seen_) return;  // never handed out: nobody to tell
-  backend_->OnChannelClosed(this, absl::IsUnavailable(why) ? why : absl::UnavailableError(why.message()));
+  // Never handed out, or destroyed from a callback: nobody to tell.
+  if (hello_seen_ && channel != nullptr) {
+    backend_->OnChannelClosed(channel,
+                              absl::IsUnavailable(why) ? why : absl::UnavailableError(why.message()));
+  }
+  absl::MutexLock l(&mu_);
+  clocked_.finished = true;
 }
 
 std::optional<DeviceStatus> RdmaTransport::device_status() const {

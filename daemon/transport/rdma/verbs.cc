@@ -551,7 +551,9 @@ absl::StatusOr<ibv_wc> Poller::WaitFor(uint64_t wr_id, absl::Duration timeout) {
   }
 }
 
-absl::StatusOr<int> Poller::Harvest(ibv_wc* out, int max, int wake_fd, absl::Duration timeout) {
+absl::StatusOr<int> Poller::Harvest(ibv_wc* out, int max, absl::Span<pollfd> fds,
+                                    absl::Duration timeout) {
+  for (pollfd& p : fds) p.revents = 0;
   int got = 0;
   for (auto it = pending_.begin(); it != pending_.end() && got < max;) {
     out[got++] = it->second;
@@ -573,12 +575,18 @@ absl::StatusOr<int> Poller::Harvest(ibv_wc* out, int max, int wake_fd, absl::Dur
   if (absl::Status st = Arm(); !st.ok()) return st;
   if (absl::StatusOr<int> n = poll_cq(); !n.ok() || *n > 0) return n;
   const absl::Duration left = std::max(absl::ZeroDuration(), deadline - absl::Now());
-  pollfd pfd[2] = {{channel_->fd, POLLIN, 0}, {wake_fd, POLLIN, 0}};
+  std::vector<pollfd> pfd;
+  pfd.reserve(fds.size() + 1);
+  pfd.push_back({channel_->fd, POLLIN, 0});
+  pfd.insert(pfd.end(), fds.begin(), fds.end());
   ++sleeps_;
-  int rc = poll(pfd, wake_fd >= 0 ? 2 : 1,
+  int rc = poll(pfd.data(), pfd.size(),
                 static_cast<int>(absl::ToInt64Milliseconds(left + absl::Milliseconds(1) -
                                                            absl::Nanoseconds(1))));
   if (rc < 0 && errno != EINTR) return absl::ErrnoToStatus(errno, "poll completion channel");
+  if (rc > 0) {
+    for (size_t i = 0; i < fds.size(); ++i) fds[i].revents = pfd[i + 1].revents;
+  }
   if (rc > 0 && (pfd[0].revents & POLLIN) != 0) {
     if (absl::Status st = ConsumeEvent(); !st.ok()) return st;
   }

@@ -5,12 +5,15 @@
 //
 // Lifetimes: a Device outlives every PD, Poller, Qp and Registration created
 // from it; a PD outlives the Qps and Registrations that use it; a Poller (its
-// CQ) outlives the Qps attached to it. Nothing here is thread-safe: each object
-// is owned by one thread (the data-plane thread that will drive it).
+// CQ) outlives the Qps attached to it. Nothing here is thread-safe: callers
+// serialize each object's use (the rdma transport polls a Poller and posts a
+// QP's receives on its completion context's thread, and posts a QP's sends
+// under its connection's mutex from whichever thread queues work).
 #ifndef SVM_DAEMON_TRANSPORT_RDMA_VERBS_H_
 #define SVM_DAEMON_TRANSPORT_RDMA_VERBS_H_
 
 #include <infiniband/verbs.h>
+#include <poll.h>
 
 #include <array>
 #include <cstddef>
@@ -25,6 +28,7 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "absl/time/time.h"
+#include "absl/types/span.h"
 
 namespace svm::transport::rdma {
 
@@ -200,12 +204,13 @@ class Poller {
   // it did not arrive within `timeout`, INTERNAL if the CQ or channel fails.
   absl::StatusOr<ibv_wc> WaitFor(uint64_t wr_id, absl::Duration timeout);
 
-  // For a thread that drives a whole connection (any wr_id): stores up to
+  // For a thread that drives whole connections (any wr_id): stores up to
   // `max` completions in `out`, first those WaitFor() kept. With none ready it
   // spins for `spin`, then arms the CQ and sleeps on the channel and on
-  // `wake_fd` (ignored when < 0) for at most `timeout`. 0 means woken by
-  // wake_fd or timed out (the caller drains wake_fd).
-  absl::StatusOr<int> Harvest(ibv_wc* out, int max, int wake_fd, absl::Duration timeout);
+  // `fds` (the caller's events; revents are set, cleared first; entries
+  // with fd < 0 are ignored) for at most `timeout`. 0 means woken by one of
+  // fds or timed out (the caller drains or handles them).
+  absl::StatusOr<int> Harvest(ibv_wc* out, int max, absl::Span<pollfd> fds, absl::Duration timeout);
 
   // How many times WaitFor went to sleep on the channel (tests, metrics).
   uint64_t sleeps() const { return sleeps_; }
