@@ -93,7 +93,10 @@ struct MapOptions {
 // again), so an access never sees a page version that was invalidated
 // before the access began. A page that cannot be had (the exporting process
 // exited, the range is not mapped there) raises SIGBUS in the accessing
-// thread, as a truncated file mapping would. Unmapped on destruction.
+// thread, as a truncated file mapping would. Unmapped on destruction;
+// destroy every Mapping before the Client it came from. Map() needs
+// userfaultfd(2) (unprivileged on Linux 5.11 and later) and an importer
+// cache (svmd --cache-mb > 0).
 class Mapping {
  public:
   virtual ~Mapping() = default;
