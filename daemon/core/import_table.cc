@@ -586,6 +586,10 @@ absl::StatusOr<v1::ReadResponse> ImportTable::Read(const std::string& name, uint
     return absl::OutOfRangeError(absl::StrFormat(
         "read of %u bytes at offset %u is past the end of '%s' (%u bytes)", dst.size(), offset, name, len));
   }
+  if (fill && cache_->capacity() == 0) {
+    // A mapping's fault would never be satisfied.
+    return absl::FailedPreconditionError("this importer keeps no cache (--cache-mb 0): nothing can be mapped");
+  }
   const uint64_t first = offset / kPageSize;
   const uint64_t last = (offset + dst.size() - 1) / kPageSize;
   const uint64_t n = last - first + 1;

@@ -543,5 +543,21 @@ TEST_F(Sessions, SvmctlMapPrintsBytesAndAGoneExportRaisesSigbus) {
   EXPECT_NE(gone.err.find("SIGBUS"), std::string::npos) << gone.err;
 }
 
+TEST(SessionsWithoutACache, AFaultFailsWithSigbusInsteadOfSpinning) {
+  TempDir dir;
+  auto a = Daemon::Start({.node = "A", .dir = dir.path(), .transport = "tcp"});
+  ASSERT_TRUE(a.ok()) << a.status();
+  auto b = Daemon::Start({.node = "B", .dir = dir.path(), .extra = {"--cache-mb", "0"}, .transport = "tcp"});
+  ASSERT_TRUE(b.ok()) << b.status();
+  auto e = Exporter::Start({.daemon = a->get(), .name = "m", .pages = 4,
+                            .log_path = absl::StrCat(dir.path(), "/exporter.log")});
+  ASSERT_TRUE(e.ok()) << e.status();
+  ASSERT_TRUE((*b)->Connect()->Import((*a)->peer(), "m").ok());
+  auto r = RunCommand({SvmctlPath(), "--daemon", (*b)->control(), "map", "--name", "m", "--len", "4096"},
+                      absl::Seconds(10));
+  EXPECT_EQ(r.exit_code, 1) << r.err;
+  EXPECT_NE(r.err.find("SIGBUS"), std::string::npos) << r.err;
+}
+
 }  // namespace
 }  // namespace svm::testing
