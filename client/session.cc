@@ -179,24 +179,10 @@ absl::StatusOr<std::shared_ptr<View>> Session::Open(const std::string& name) {
     }
     if (own) UnmapRange(own);
   }
-  abi::OpenMsg m{};
-  if (name.empty() || name.size() > abi::kMaxName) return absl::InvalidArgumentError("bad name");
-  m.h.type = abi::kOpen;
-  m.name_len = static_cast<uint32_t>(name.size());
-  std::memcpy(m.name, name.data(), name.size());
-  m.h.len = static_cast<uint32_t>(offsetof(abi::OpenMsg, name) + name.size());
-  if (int err = abi::SendMsg(sock_, &m, m.h.len, nullptr, 0); err != 0) return Errno(err, "svmd session");
-  alignas(8) char buf[abi::kMaxMsg];
   int fds[4];
   int nfds = 0;
-  size_t len = 0;
-  if (auto st = Receive(sock_, buf, sizeof(buf), abi::kOpenOk, fds, &nfds, &len); !st.ok()) return st;
   abi::OpenOkMsg ok;
-  if (len != sizeof(ok)) {
-    CloseFds(fds, nfds);
-    return absl::InternalError("svmd's open answer is malformed");
-  }
-  std::memcpy(&ok, buf, sizeof(ok));
+  if (auto st = Ask(abi::kOpen, name, &ok, fds, &nfds); !st.ok()) return st;
   auto v = std::make_shared<View>();
   v->handle = ok.handle;
   v->kind = static_cast<abi::HandleKind>(ok.kind);
@@ -410,24 +396,34 @@ std::vector<Session::Result> Session::Run(absl::Span<const Op> ops) {
   return results;
 }
 
-absl::StatusOr<uint32_t> Session::Watch(const std::string& name) {
-  absl::MutexLock l(&open_mu_);
+absl::Status Session::Ask(uint32_t type, const std::string& name, abi::OpenOkMsg* ok, int* fds,
+                          int* nfds) {
   abi::OpenMsg m{};
   if (name.empty() || name.size() > abi::kMaxName) return absl::InvalidArgumentError("bad name");
-  m.h.type = abi::kWatch;
+  m.h.type = type;
   m.name_len = static_cast<uint32_t>(name.size());
   std::memcpy(m.name, name.data(), name.size());
   m.h.len = static_cast<uint32_t>(offsetof(abi::OpenMsg, name) + name.size());
   if (int err = abi::SendMsg(sock_, &m, m.h.len, nullptr, 0); err != 0) return Errno(err, "svmd session");
   alignas(8) char buf[abi::kMaxMsg];
+  size_t len = 0;
+  if (auto st = Receive(sock_, buf, sizeof(buf), abi::kOpenOk, fds, nfds, &len); !st.ok()) return st;
+  if (len != sizeof(*ok)) {
+    CloseFds(fds, *nfds);
+    *nfds = 0;
+    return absl::InternalError("svmd's answer is malformed");
+  }
+  std::memcpy(ok, buf, sizeof(*ok));
+  return absl::OkStatus();
+}
+
+absl::StatusOr<uint32_t> Session::Watch(const std::string& name) {
+  absl::MutexLock l(&open_mu_);
   int fds[4];
   int nfds = 0;
-  size_t len = 0;
-  if (auto st = Receive(sock_, buf, sizeof(buf), abi::kOpenOk, fds, &nfds, &len); !st.ok()) return st;
-  CloseFds(fds, nfds);
   abi::OpenOkMsg ok;
-  if (len != sizeof(ok)) return absl::InternalError("svmd's watch answer is malformed");
-  std::memcpy(&ok, buf, sizeof(ok));
+  if (auto st = Ask(abi::kWatch, name, &ok, fds, &nfds); !st.ok()) return st;
+  CloseFds(fds, nfds);
   absl::MutexLock el(&ev_mu_);
   ev_queues_[ok.handle];  // events that already arrived are kept
   return ok.handle;

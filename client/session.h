@@ -104,6 +104,10 @@ class Session {
 
  private:
   Session() = default;
+  // Sends a kOpen or kWatch for name and takes the kOpenOk answer (and its
+  // descriptors, up to 4).
+  absl::Status Ask(uint32_t type, const std::string& name, session::abi::OpenOkMsg* ok, int* fds, int* nfds)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(open_mu_);
   // The fault thread: serves the userfaultfd of every MappedRange.
   absl::Status StartPager() ABSL_EXCLUSIVE_LOCKS_REQUIRED(open_mu_);
   absl::Status Register(const std::shared_ptr<MappedRange>& r);
