@@ -664,7 +664,10 @@ absl::StatusOr<v1::ReadResponse> ImportTable::Read(const std::string& name, uint
       return seq.status();
     }
     min_seq = std::min(min_seq, *seq);
-    if (!fresh) {
+    // An import the exporter offers zero-copy READs for is not cached (its
+    // reads keep coming here and return to the READs once the region is
+    // back), unless the pages must land in the cache (a mapping's fault).
+    if (!fresh && (fill || !zc)) {
       absl::MutexLock l(&imp->mu);
       if (imp->channel == ch && imp->coh.MayInstall(ticket, *seq)) {
         for (uint64_t k = i; k < j; ++k) {
