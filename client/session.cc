@@ -213,17 +213,10 @@ absl::StatusOr<std::shared_ptr<View>> Session::Open(const std::string& name) {
     v->data = static_cast<const uint8_t*>(d);
     v->header = static_cast<const abi::CacheHeader*>(w);
     v->words = reinterpret_cast<const std::atomic<uint64_t>*>(static_cast<const uint8_t*>(w) + abi::kWordsOffset);
-    // The view's own mapping faults through the pager too: a copy that
-    // races a punch then fetches the page instead of faulting a zero page
-    // into the shared cache. Without userfaultfd, reads still work (the
-    // version words reject such a copy); Map() does not.
-    if (v->data != nullptr && StartPager().ok()) {
-      auto r = std::make_shared<MappedRange>();
-      r->view = v;
-      r->base = v->data;
-      r->len = v->data_map;
-      if (auto st = Register(r); !st.ok()) return st;
-    }
+    // The view's own mapping does not fault through the pager: a Read must
+    // never take SIGBUS. A copy that races a punch faults a zero page into
+    // the shared cache; the version word rejects the copy, and svmd punches
+    // such strays out again (SharedCache::PunchStrays).
   } else {
     CloseFds(fds, nfds);
   }

@@ -475,6 +475,7 @@ Executor* ImportTable::ReadExecutor(const std::string& name) const {
 }
 
 void ImportTable::ExpireLeases() {
+  cache_->PunchStrays();
   std::vector<std::shared_ptr<struct ImportEntry>> all;
   {
     absl::MutexLock l(&mu_);

@@ -211,6 +211,29 @@ void SharedCache::SetSeq(uint64_t import_id, uint64_t seq) {
   if (it != files_.end()) it->second->header->seq.store(seq, std::memory_order_release);
 }
 
+void SharedCache::PunchStrays() {
+  absl::MutexLock l(&mu_);
+  for (auto& [id, f] : files_) {
+    const off_t size = static_cast<off_t>(f->pages * kPageSize);
+    off_t pos = 0;
+    while (pos < size) {
+      const off_t data = ::lseek(f->data.get(), pos, SEEK_DATA);
+      if (data < 0 || data >= size) break;
+      off_t hole = ::lseek(f->data.get(), data, SEEK_HOLE);
+      if (hole < 0 || hole > size) hole = size;
+      for (uint64_t p = static_cast<uint64_t>(data) / kPageSize; p * kPageSize < static_cast<uint64_t>(hole);
+           ++p) {
+        if (f->word[p].load(std::memory_order_relaxed) != 0) continue;
+        if (::fallocate(f->data.get(), FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                        static_cast<off_t>(p * kPageSize), static_cast<off_t>(kPageSize)) == 0) {
+          ++strays_;
+        }
+      }
+      pos = hole;
+    }
+  }
+}
+
 void SharedCache::SetLease(uint64_t import_id, int64_t until_ns) {
   absl::MutexLock l(&mu_);
   auto it = files_.find(import_id);

@@ -61,6 +61,10 @@ class SharedCache {
   uint64_t DropImport(uint64_t import_id);
   // Publishes the import's newest applied invalidation sequence to clients.
   void SetSeq(uint64_t import_id, uint64_t seq);
+  // Punches out pages that are in a cache file but not cached: zero pages
+  // a client's read faulted in when it raced a punch. Until then a mapping
+  // (Client::Map) of that page shows zeros instead of faulting.
+  void PunchStrays();
   // Publishes the import's lease (CLOCK_MONOTONIC ns) to clients.
   void SetLease(uint64_t import_id, int64_t until_ns);
   uint64_t CountImport(uint64_t import_id) const;
@@ -98,6 +102,13 @@ class SharedCache {
   // The cached pages and their recency; front: most recently used.
   std::map<Key, std::list<Key>::iterator> pages_ ABSL_GUARDED_BY(mu_);
   std::list<Key> lru_ ABSL_GUARDED_BY(mu_);
+  uint64_t strays_ ABSL_GUARDED_BY(mu_) = 0;
+
+ public:
+  uint64_t strays() const {
+    absl::MutexLock l(&mu_);
+    return strays_;
+  }
 };
 
 }  // namespace svm::session

@@ -327,6 +327,26 @@ TEST(SharedCacheClient, ResetEmptiesAndAnotherLengthRetires) {
   EXPECT_FALSE(c.OpenForClient(1).ok());
 }
 
+TEST(SharedCacheClient, StrayPagesAClientFaultedInArePunchedOut) {
+  TestCache c(100);
+  c.Insert(1, 0, PageOf(7));
+  auto f = c.OpenForClient(1);
+  ASSERT_TRUE(f.ok());
+  // A read of a hole through a private mapping allocates a zero page in
+  // the shared file (what a copy that raced a punch does).
+  auto* m = static_cast<const volatile uint8_t*>(
+      ::mmap(nullptr, kImportPages * kPageSize, PROT_READ, MAP_PRIVATE, f->data.get(), 0));
+  ASSERT_NE(m, MAP_FAILED);
+  (void)m[5 * kPageSize];
+  ClientView v(std::move(*f));
+  EXPECT_EQ(v.resident(), 2 * kPageSize);
+  c.PunchStrays();
+  EXPECT_EQ(v.resident(), kPageSize) << "the stray page is still there";
+  EXPECT_EQ(c.strays(), 1u);
+  EXPECT_EQ(v.Fill(0), 7) << "a cached page is not a stray";
+  ::munmap(const_cast<uint8_t*>(m), kImportPages * kPageSize);
+}
+
 TEST(SharedCacheClient, ClientFilesAreReadOnly) {
   TestCache c(100);
   auto f = c.OpenForClient(1);
