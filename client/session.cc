@@ -169,16 +169,6 @@ absl::StatusOr<std::shared_ptr<View>> Session::Open(const std::string& name) {
   absl::MutexLock l(&open_mu_);
   auto it = views_.find(name);
   if (it != views_.end() && !it->second->retired()) return it->second;
-  if (it != views_.end()) {
-    // Retired: its own mapping stops faulting through the pager.
-    std::shared_ptr<MappedRange> own;
-    {
-      absl::MutexLock rl(&ranges_mu_);
-      auto r = ranges_.find(reinterpret_cast<uintptr_t>(it->second->data));
-      if (r != ranges_.end()) own = r->second;
-    }
-    if (own) UnmapRange(own);
-  }
   int fds[4];
   int nfds = 0;
   abi::OpenOkMsg ok;

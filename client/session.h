@@ -40,9 +40,9 @@ struct View {
   }
 };
 
-// A mapping of an import's cache that faults through the session's
-// userfaultfd: Map()'s, and each View's own (so that no access of a hole,
-// even a racing one, puts a zero page into the shared cache).
+// A mapping of an import's cache made by Map(): it faults through the
+// session's userfaultfd. (A view's own mapping, which Read copies from,
+// does not: a Read never takes SIGBUS.)
 struct MappedRange {
   std::shared_ptr<View> view;
   const uint8_t* base = nullptr;
