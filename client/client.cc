@@ -32,6 +32,37 @@ absl::Status FromGrpc(const grpc::Status& s) {
   return absl::Status(static_cast<absl::StatusCode>(s.error_code()), s.error_message());
 }
 
+// Whether the import's cache may serve: the importer's lease on the exporter
+// holds (an importer the exporter gave up on must not serve it).
+bool CacheServes(const internal::View& v) {
+  return v.kind == session::abi::kImport &&
+         MonotonicNs() < v.header->lease_until_ns.load(std::memory_order_acquire);
+}
+
+// Copies the cached pages of [offset, offset + dst.size()) into dst and
+// counts them in *hits. Byte ranges of pages not cached are appended to
+// *missing (merged when adjacent); without missing, it stops at the first
+// such page and returns false.
+bool CopyCached(const internal::View& v, uint64_t offset, absl::Span<uint8_t> dst, uint64_t* hits,
+                std::vector<std::pair<uint64_t, uint64_t>>* missing) {
+  const uint64_t end = offset + dst.size();
+  for (uint64_t p = offset / kPageSize; p * kPageSize < end; ++p) {
+    const uint64_t a = std::max(offset, p * kPageSize);
+    const uint64_t b = std::min(end, (p + 1) * kPageSize);
+    uint64_t version;
+    if (session::abi::TryCopyPage(&v.words[p], v.data + a, dst.data() + (a - offset), b - a, &version)) {
+      ++*hits;
+    } else if (missing == nullptr) {
+      return false;
+    } else if (!missing->empty() && missing->back().second == a) {
+      missing->back().second = b;
+    } else {
+      missing->emplace_back(a, b);
+    }
+  }
+  return true;
+}
+
 // A watch through the session's event ring.
 class SessionWatch final : public WatchStream {
  public:
@@ -170,26 +201,10 @@ class GrpcClient final : public Client {
         if (v.ok()) last = {session_->id(), name, *v};
       }
       const internal::View* v = last.session == session_->id() && last.name == name ? last.view.get() : nullptr;
-      if (v != nullptr && v->kind == session::abi::kImport && offset <= v->len &&
-          dst.size() <= v->len - offset &&
-          MonotonicNs() < v->header->lease_until_ns.load(std::memory_order_acquire)) {
-        const internal::View& view = *v;
-        const uint64_t seq = view.header->seq.load(std::memory_order_acquire);
-        const uint64_t end = offset + dst.size();
+      if (v != nullptr && offset <= v->len && dst.size() <= v->len - offset && CacheServes(*v)) {
         ReadResult res;
-        bool all = true;
-        for (uint64_t p = offset / kPageSize; p * kPageSize < end; ++p) {
-          const uint64_t a = std::max(offset, p * kPageSize);
-          const uint64_t b = std::min(end, (p + 1) * kPageSize);
-          uint64_t version;
-          if (!session::abi::TryCopyPage(&view.words[p], view.data + a, dst.data() + (a - offset), b - a,
-                                         &version)) {
-            all = false;
-            break;
-          }
-          ++res.pages_from_cache;
-        }
-        if (all) {
+        const uint64_t seq = v->header->seq.load(std::memory_order_acquire);
+        if (CopyCached(*v, offset, dst, &res.pages_from_cache, nullptr)) {
           res.len = dst.size();
           res.seq = seq;
           return res;
@@ -231,27 +246,10 @@ class GrpcClient final : public Client {
       // Byte ranges [first, last) that must come from svmd.
       std::vector<std::pair<uint64_t, uint64_t>> missing;
       const internal::View& view = **v;
-      // The cache serves only while the importer's lease on the exporter
-      // holds (an importer the exporter gave up on must not serve it).
-      if (view.kind == session::abi::kImport && !op.opts.fresh &&
-          MonotonicNs() < view.header->lease_until_ns.load(std::memory_order_acquire)) {
+      if (!op.opts.fresh && CacheServes(view)) {
         const uint64_t seq = view.header->seq.load(std::memory_order_acquire);
-        bool hit = false;
-        for (uint64_t p = op.offset / kPageSize; p * kPageSize < end; ++p) {
-          const uint64_t a = std::max(op.offset, p * kPageSize);
-          const uint64_t b = std::min(end, (p + 1) * kPageSize);
-          uint64_t version;
-          if (session::abi::TryCopyPage(&view.words[p], view.data + a, op.dst.data() + (a - op.offset),
-                                        b - a, &version)) {
-            ++res[i].pages_from_cache;
-            hit = true;
-          } else if (!missing.empty() && missing.back().second == a) {
-            missing.back().second = b;
-          } else {
-            missing.emplace_back(a, b);
-          }
-        }
-        if (hit) res[i].seq = seq;
+        CopyCached(view, op.offset, op.dst, &res[i].pages_from_cache, &missing);
+        if (res[i].pages_from_cache > 0) res[i].seq = seq;
       } else {
         missing.emplace_back(op.offset, end);
       }

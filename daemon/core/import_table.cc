@@ -570,6 +570,7 @@ absl::StatusOr<v1::ReadResponse> ImportTable::Read(const std::string& name, uint
   bool zc;
   absl::Time zc_refresh_at;
   coherence::FetchTicket ticket;
+  bool cache_usable;
   {
     absl::MutexLock l(&imp->mu);
     if (imp->channel == nullptr) {
@@ -582,6 +583,7 @@ absl::StatusOr<v1::ReadResponse> ImportTable::Read(const std::string& name, uint
     ticket = imp->coh.BeginFetch();
     zc = imp->zc_offered;
     zc_refresh_at = imp->zc_refresh_at;
+    cache_usable = imp->coh.CacheUsable(static_cast<int64_t>(source::MonotonicNs()));
   }
   if (offset > len || dst.size() > len - offset) {
     return absl::OutOfRangeError(absl::StrFormat(
@@ -624,11 +626,6 @@ absl::StatusOr<v1::ReadResponse> ImportTable::Read(const std::string& name, uint
   std::vector<bool> have(n, false);
   v1::ReadResponse resp;
   uint64_t min_seq = UINT64_MAX;
-  bool cache_usable;
-  {
-    absl::MutexLock l(&imp->mu);
-    cache_usable = imp->coh.CacheUsable(static_cast<int64_t>(source::MonotonicNs()));
-  }
   if (!fresh && !cache_usable) counters_->Add("reads_past_lease");
   if (!fresh && cache_usable) {
     for (uint64_t i = 0; i < n; ++i) {

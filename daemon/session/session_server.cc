@@ -122,17 +122,15 @@ struct Server::Session {
     if (mem != nullptr) ::munmap(mem, mem_size);
   }
 
-  // Whether one more entry may be taken: what is in flight plus what sits
-  // in the completion ring unreaped stays within the ring's size, so a
-  // client that does not drain stops being served.
-  bool HasRoom() {
+  // Takes one more entry in flight if what is in flight plus what sits in
+  // the completion ring unreaped stays within the ring's size, so a client
+  // that does not drain stops being served. One lock per entry.
+  bool TryTake() {
     absl::MutexLock l(&cq_mu);
     const uint32_t used = std::min(cq_tail - hdr->cq.head.load(std::memory_order_acquire), hdr->cq_entries);
-    return inflight + used < hdr->cq_entries;
-  }
-  void Took() {
-    absl::MutexLock l(&cq_mu);
+    if (inflight + used >= hdr->cq_entries) return false;
     ++inflight;
+    return true;
   }
   // Posts a completion (or keeps it until the client makes room) and rings
   // the client when it sleeps.
@@ -483,13 +481,12 @@ bool Server::Drain(Session& s, bool* ok) {
   }
   bool took = false;
   for (uint32_t budget = kDrainBudget; budget > 0 && s.sq_head != tail; --budget) {
-    if (!s.HasRoom()) break;  // the client must drain completions first
+    if (!s.TryTake()) break;  // the client must drain completions first
     abi::Sqe e;
     std::memcpy(&e, &s.sq[s.sq_head & (entries - 1)], sizeof(e));  // read once
     ++s.sq_head;
     s.hdr->sq.head.store(s.sq_head, std::memory_order_release);
     took = true;
-    s.Took();
     auto r = ParseSqe(e, s.limits);
     abi::Cqe c{};
     c.user_data = e.user_data;
