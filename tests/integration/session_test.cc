@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <cstring>
 #include <random>
 #include <thread>
 #include <vector>
@@ -519,6 +520,97 @@ TEST_F(Sessions, PrefetchFaultsARangeInAhead) {
   for (uint64_t p = 0; p < kPages; ++p) ASSERT_TRUE(PageHasVersion((*m)->data() + p * kPage, p + 1));
   EXPECT_EQ((*m)->faults(), 0u);
   EXPECT_EQ((*m)->pages_fetched(), kPages);
+}
+
+TEST_F(Sessions, ManyThreadsFaultingAtOnceEachGetTheirPages) {
+  MapOptions o;
+  o.readahead_pages = 0;  // one page per fault: the faults are many and concurrent
+  auto m = cb_->Map("m", o);
+  ASSERT_TRUE(m.ok()) << m.status();
+  constexpr int kThreads = 8;
+  std::atomic<int> bad{0};
+  std::vector<std::thread> ts;
+  for (int t = 0; t < kThreads; ++t) {
+    ts.emplace_back([&, t] {
+      for (uint64_t p = t; p < kPages; p += kThreads) {
+        if (!PageHasVersion((*m)->data() + p * kPage, p + 1)) bad.fetch_add(1);
+      }
+    });
+  }
+  for (auto& t : ts) t.join();
+  EXPECT_EQ(bad.load(), 0);
+  EXPECT_GE((*m)->pages_fetched(), kPages);
+}
+
+TEST_F(Sessions, ASystemCallOnAMappedPageNotYetFetchedFaultsItIn) {
+  // As root the pager handles kernel-mode faults too: write(2) from a page
+  // not fetched yet fetches it instead of failing with EFAULT.
+  auto m = cb_->Map("m");
+  ASSERT_TRUE(m.ok()) << m.status();
+  int p[2];
+  ASSERT_EQ(::pipe(p), 0);
+  const ssize_t n = ::write(p[1], (*m)->data() + 5 * kPage, kPage);
+  const int err = errno;
+  ASSERT_EQ(n, static_cast<ssize_t>(kPage)) << std::strerror(err);
+  std::vector<uint8_t> got(kPage);
+  ASSERT_EQ(::read(p[0], got.data(), kPage), static_cast<ssize_t>(kPage));
+  EXPECT_TRUE(PageHasVersion(got.data(), 6));
+  ::close(p[0]);
+  ::close(p[1]);
+}
+
+TEST_F(Sessions, UnmappingWhileAFaultIsInFlightNeitherHangsNorSignals) {
+  auto m = cb_->Map("m");
+  ASSERT_TRUE(m.ok()) << m.status();
+  // The exporter's daemon stops answering: the fault stays in flight.
+  a_->process().Signal(SIGSTOP);
+  int p[2];
+  ASSERT_EQ(::pipe(p), 0);
+  std::atomic<ssize_t> wrote{-2};
+  std::atomic<int> err{0};
+  std::atomic<bool> release{false};
+  const uint8_t* page = (*m)->data() + 7 * kPage;
+  // A system call, so that losing the mapping is an EFAULT, not a SIGSEGV.
+  // The thread lives on after it: a stray SIGBUS aimed at it would kill
+  // this process.
+  std::thread t([&] {
+    ssize_t n = ::write(p[1], page, kPage);
+    err = errno;
+    wrote = n;
+    while (!release.load()) ::usleep(10 * 1000);
+  });
+  ::usleep(300 * 1000);
+  EXPECT_EQ(wrote.load(), -2) << "the fault did not wait for the stopped exporter";
+  const absl::Time before = absl::Now();
+  m->reset();  // unmapped with the fault in flight
+  const absl::Duration unmap = absl::Now() - before;
+  for (int i = 0; i < 100 && wrote.load() == -2; ++i) ::usleep(10 * 1000);
+  EXPECT_LT(unmap, absl::Seconds(1));
+  EXPECT_EQ(wrote.load(), -1);
+  EXPECT_EQ(err.load(), EFAULT);
+  // The pager gives the fault up (the fetch times out, three tries) without
+  // signalling the thread.
+  ::usleep(6 * 1000 * 1000);
+  release = true;
+  t.join();
+  a_->process().Signal(SIGCONT);
+  ::close(p[0]);
+  ::close(p[1]);
+  // The session still maps and faults.
+  bool ok = false;
+  for (int i = 0; i < 50 && !ok; ++i) {
+    auto again = cb_->Map("m");
+    ASSERT_TRUE(again.ok()) << again.status();
+    std::vector<uint8_t> got(kPage);
+    int q[2];
+    ASSERT_EQ(::pipe(q), 0);
+    ok = ::write(q[1], (*again)->data() + 7 * kPage, kPage) == static_cast<ssize_t>(kPage) &&
+         ::read(q[0], got.data(), kPage) == static_cast<ssize_t>(kPage) && PageHasVersion(got.data(), 8);
+    ::close(q[0]);
+    ::close(q[1]);
+    if (!ok) ::usleep(100 * 1000);
+  }
+  EXPECT_TRUE(ok);
 }
 
 TEST_F(Sessions, MappingALocalExportIsRefused) {
