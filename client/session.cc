@@ -528,18 +528,35 @@ absl::Status Session::StartPager() {
   // vm.unprivileged_userfaultfd = 1); otherwise user-mode faults only, and
   // a system call that touches a page not yet fetched fails with EFAULT
   // (docs: Prefetch first).
+  bool user_mode_only = false;
   int fd = static_cast<int>(::syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK));
   if (fd < 0 && errno == EPERM) {
+    user_mode_only = true;
     fd = static_cast<int>(::syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK | UFFD_USER_MODE_ONLY));
   }
   if (fd < 0) return Errno(errno, "userfaultfd");
+  // Minor faults (a page present in the cache file but not yet mapped
+  // here) let the pager check the page's version word before the page is
+  // mapped: a page some Read faulted in while it was being punched (a
+  // stray, all zeros, version 0) is then fetched instead of shown.
   uffdio_api api{};
   api.api = UFFD_API;
-  api.features = UFFD_FEATURE_MISSING_SHMEM | UFFD_FEATURE_THREAD_ID;
+  api.features = UFFD_FEATURE_MISSING_SHMEM | UFFD_FEATURE_THREAD_ID | UFFD_FEATURE_MINOR_SHMEM;
   if (::ioctl(fd, UFFDIO_API, &api) != 0) {
+    // Kernels before 5.14: no minor faults on shmem. The API handshake is
+    // one-shot per descriptor, so start again.
     ::close(fd);
-    return Errno(errno, "userfaultfd features");
+    fd = static_cast<int>(::syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK | (user_mode_only ? UFFD_USER_MODE_ONLY : 0)));
+    if (fd < 0) return Errno(errno, "userfaultfd");
+    api = uffdio_api{};
+    api.api = UFFD_API;
+    api.features = UFFD_FEATURE_MISSING_SHMEM | UFFD_FEATURE_THREAD_ID;
+    if (::ioctl(fd, UFFDIO_API, &api) != 0) {
+      ::close(fd);
+      return Errno(errno, "userfaultfd features");
+    }
   }
+  minor_faults_ = (api.features & UFFD_FEATURE_MINOR_SHMEM) != 0;
   pager_stop_ = ::eventfd(0, EFD_CLOEXEC);
   uffd_ = fd;
   pager_ = std::thread([this] { PagerLoop(); });
@@ -550,7 +567,7 @@ absl::Status Session::Register(const std::shared_ptr<MappedRange>& r) {
   uffdio_register reg{};
   reg.range.start = reinterpret_cast<uintptr_t>(r->base);
   reg.range.len = r->len;
-  reg.mode = UFFDIO_REGISTER_MODE_MISSING;
+  reg.mode = UFFDIO_REGISTER_MODE_MISSING | (minor_faults_ ? UFFDIO_REGISTER_MODE_MINOR : 0);
   if (::ioctl(uffd_, UFFDIO_REGISTER, &reg) != 0) return Errno(errno, "register the mapping for faults");
   absl::MutexLock l(&ranges_mu_);
   ranges_[reinterpret_cast<uintptr_t>(r->base)] = r;
@@ -644,10 +661,53 @@ void Session::PagerLoop() {
     std::vector<Fault> faults;
     for (size_t i = 0; i < static_cast<size_t>(n) / sizeof(uffd_msg); ++i) {
       if (msgs[i].event != UFFD_EVENT_PAGEFAULT) continue;
-      faults.push_back(ResolveFault(msgs[i].arg.pagefault.address, msgs[i].arg.pagefault.feat.ptid));
+      const auto& pf = msgs[i].arg.pagefault;
+      if ((pf.flags & UFFD_PAGEFAULT_FLAG_MINOR) != 0 && MapIfCurrent(pf.address)) continue;
+      faults.push_back(ResolveFault(pf.address, pf.feat.ptid));
     }
     ServeFaults(faults);
   }
+}
+
+bool Session::MapIfCurrent(uint64_t addr) {
+  std::shared_ptr<MappedRange> r;
+  {
+    absl::MutexLock l(&ranges_mu_);
+    auto it = ranges_.upper_bound(static_cast<uintptr_t>(addr));
+    if (it == ranges_.begin()) return false;
+    --it;
+    if (addr >= it->first + it->second->len) return false;
+    r = it->second;
+  }
+  const uintptr_t base = reinterpret_cast<uintptr_t>(r->base);
+  const uint64_t first = (addr - base) / abi::kPageSize;
+  const uint64_t pages = r->len / abi::kPageSize;
+  // The page and the current pages after it (up to the read-ahead), in one
+  // call. A page whose word is 0 is not (or no longer) installed: it is
+  // fetched like a missing one.
+  if (r->view->words[first].load(std::memory_order_acquire) == 0) return false;
+  uint64_t n = 1;
+  const uint64_t limit = std::min<uint64_t>(pages, first + 1 + std::max<size_t>(r->readahead, 15));
+  while (first + n < limit && r->view->words[first + n].load(std::memory_order_acquire) != 0) ++n;
+  uffdio_continue c{};
+  c.range.start = base + first * abi::kPageSize;
+  c.range.len = n * abi::kPageSize;
+  if (::ioctl(uffd_, UFFDIO_CONTINUE, &c) == 0 || c.mapped > 0) {
+    // The faulting page is the first one: mapped (and its thread woken).
+    // A punch after this point unmaps it again.
+    if (c.mapped <= 0 || static_cast<uint64_t>(c.mapped) < n * abi::kPageSize) {
+      uffdio_range wake{c.range.start, abi::kPageSize};
+      ::ioctl(uffd_, UFFDIO_WAKE, &wake);
+    }
+    return true;
+  }
+  if (errno == EEXIST) {
+    // Another thread's fault mapped it meanwhile.
+    uffdio_range wake{c.range.start, abi::kPageSize};
+    ::ioctl(uffd_, UFFDIO_WAKE, &wake);
+    return true;
+  }
+  return false;  // gone meanwhile (punched): fetch it
 }
 
 Session::Fault Session::ResolveFault(uint64_t addr, uint32_t tid) {
@@ -714,8 +774,11 @@ void Session::ServeFaults(std::vector<Fault>& faults) {
         ::syscall(SYS_tgkill, ::getpid(), static_cast<pid_t>(f.tid), SIGBUS);
       }
     }
-    // The thread retries: the page is there, or it faults again (a fetch
-    // that raced an invalidation was not installed), or takes its SIGBUS.
+    // Installed: mapped now (with minor faults; it saves the thread a
+    // second fault). Otherwise the thread retries: the page is there, or it
+    // faults again (a fetch that raced an invalidation was not installed),
+    // or takes its SIGBUS.
+    if (f.range && f.status.ok() && minor_faults_ && MapIfCurrent(f.page_addr)) continue;
     uffdio_range wake{f.page_addr, abi::kPageSize};
     ::ioctl(uffd_, UFFDIO_WAKE, &wake);
   }

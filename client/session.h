@@ -128,6 +128,10 @@ class Session {
     bool done = false;
   };
   Fault ResolveFault(uint64_t addr, uint32_t tid);
+  // A minor fault (the page is in the cache file): maps it, and the
+  // current pages after it, when its version word says it is installed;
+  // false: serve it as a missing page.
+  bool MapIfCurrent(uint64_t addr);
   // Fetches every fault's pages in one batch, then signals or wakes each.
   void ServeFaults(std::vector<Fault>& faults);
   // The kFill ops that install pages [first, first + n) of view's import.
@@ -175,6 +179,7 @@ class Session {
 
   // userfaultfd and its thread, started with the first import opened.
   int uffd_ = -1;
+  bool minor_faults_ = false;  // the kernel reports minor faults on shmem
   int pager_stop_ = -1;  // eventfd
   std::thread pager_;
   absl::Mutex ranges_mu_;

@@ -113,6 +113,21 @@ class RawSession {
     if (len) *len = ok.len;
     return static_cast<int>(ok.handle);
   }
+  // The import's cache file (read-only), as svmd hands it out; -1.
+  int OpenCacheFile(const std::string& name) {
+    abi::OpenMsg m{};
+    m.h.type = abi::kOpen;
+    m.name_len = static_cast<uint32_t>(name.size());
+    std::memcpy(m.name, name.data(), name.size());
+    m.h.len = static_cast<uint32_t>(offsetof(abi::OpenMsg, name) + name.size());
+    if (abi::SendMsg(sock_, &m, m.h.len, nullptr, 0) != 0) return -1;
+    alignas(8) char buf[abi::kMaxMsg];
+    int fds[4], nfds = 0;
+    ssize_t n = abi::RecvMsg(sock_, buf, sizeof(buf), fds, &nfds);
+    for (int i = 1; i < nfds; ++i) ::close(fds[i]);
+    if (n != sizeof(abi::OpenOkMsg) || nfds < 1) return -1;
+    return fds[0];
+  }
   // Puts e on the ring if there is room; rings the doorbell.
   bool TrySubmit(const abi::Sqe& e) {
     const uint32_t head = hdr_->sq.head.load(std::memory_order_acquire);
@@ -611,6 +626,30 @@ TEST_F(Sessions, UnmappingWhileAFaultIsInFlightNeitherHangsNorSignals) {
     if (!ok) ::usleep(100 * 1000);
   }
   EXPECT_TRUE(ok);
+}
+
+TEST_F(Sessions, AStrayZeroPageInTheCacheFileIsNeverShownByAMapping) {
+  // What a Read that races a punch leaves behind: a page faulted into the
+  // cache file (all zeros) while its version word is 0. A client's own
+  // mapping of the file does that when it touches a page not installed.
+  auto raw = RawSession::Connect(session_socket_);
+  ASSERT_TRUE(raw && raw->Hello());
+  const int fd = raw->OpenCacheFile("m");
+  ASSERT_GE(fd, 0);
+  void* v = ::mmap(nullptr, kPages * kPage, PROT_READ, MAP_PRIVATE, fd, 0);
+  ASSERT_NE(v, MAP_FAILED);
+  volatile uint8_t touch = static_cast<const uint8_t*>(v)[10 * kPage];  // the stray
+  (void)touch;
+  ::munmap(v, kPages * kPage);
+  ::close(fd);
+  // A mapping shows the page's content, not the stray's zeros: the pager
+  // sees version 0 and fetches it.
+  MapOptions o;
+  o.readahead_pages = 0;
+  auto m = cb_->Map("m", o);
+  ASSERT_TRUE(m.ok()) << m.status();
+  EXPECT_TRUE(PageHasVersion((*m)->data() + 10 * kPage, 11)) << "the mapping showed a stray page";
+  EXPECT_TRUE(PageHasVersion((*m)->data() + 11 * kPage, 12));
 }
 
 TEST_F(Sessions, MappingALocalExportIsRefused) {
