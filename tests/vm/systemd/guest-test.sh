@@ -55,6 +55,10 @@ if [[ $phase == install ]]; then
 	check "the module is DKMS's, in /lib/modules/$kver/updates/dkms" \
 		test "$ko" = "/lib/modules/$kver/updates/dkms/svm_shim.ko"
 	check "its vermagic names $kver" grep -q "^$kver " <<<"$(modinfo -k "$kver" -F vermagic svm_shim 2>/dev/null)"
+	ver=$(dpkg-query -W -f='${Version}' svm)
+	check "one version everywhere: package $ver, $(svmd --version), $(svmctl --version), DKMS svm_shim/$ver" \
+		test "$(svmd --version)|$(svmctl --version)|$(dpkg-query -W -f='${Version}' svm-dkms)" = "svmd $ver|svmctl $ver|$ver" -a \
+		-n "$(grep "^svm_shim/$ver, $kver" <<<"$st")"
 	check "the postinst created group svm" getent group svm
 	check "the postinst enabled svmd.service" test "$(systemctl is-enabled svmd)" = enabled
 	check "the postinst started svmd.service (active)" test "$(systemctl is-active svmd)" = active
