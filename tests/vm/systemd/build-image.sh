@@ -15,7 +15,7 @@
 # installed or changed (debootstrap and apt run inside the new root).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
-cache= env_file= debs=
+cache='' env_file='' debs=''
 while (($#)); do
 	case "$1" in
 	--cache) cache=$2; shift 2 ;;
@@ -37,8 +37,8 @@ mapfile -t kernel_debs < <(ls "$kdebs"/linux-{image,headers,kbuild}-*.deb 2>/dev
 # Runtime dependencies of the svm packages, alternatives resolved to the first.
 deps=()
 for p in svm svm-dkms; do
-	d=$(ls "$debs/${p}"_*.deb 2>/dev/null | head -1)
-	[[ -n $d ]] || die "no $p .deb in $debs"
+	d=$(printf '%s\n' "$debs/${p}"_*.deb | head -1)
+	[[ -f $d ]] || die "no $p .deb in $debs"
 	mapfile -t -O ${#deps[@]} deps < <(dpkg-deb -f "$d" Depends |
 		sed 's/([^)]*)//g; s/|[^,]*//g' | tr ',' '\n' | tr -d ' ' | sed '/^$/d')
 done
@@ -81,12 +81,12 @@ printf '#!/bin/sh\nexit 101\n' >"$root/usr/sbin/policy-rc.d"
 chmod +x "$root/usr/sbin/policy-rc.d"
 mkdir -p "$root/tmp/kdebs"
 cp "${kernel_debs[@]}" "$root/tmp/kdebs/"
-log "apt: the kernel and its headers, dkms, ${deps[*]}"
+mapfile -t in_root_debs < <(cd "$root/tmp/kdebs" && printf '/tmp/kdebs/%s\n' *.deb)
+log "apt: the kernel and its headers, ${deps[*]}"
 in_root() { chroot "$root" env DEBIAN_FRONTEND=noninteractive PATH=/usr/sbin:/usr/bin:/sbin:/bin "$@"; }
 {
 	in_root apt-get -q update &&
-		in_root apt-get -q install -y --no-install-recommends dkms "${deps[@]}" \
-			$(cd "$root/tmp/kdebs" && printf '/tmp/kdebs/%s ' *.deb) &&
+		in_root apt-get -q install -y --no-install-recommends dkms "${deps[@]}" "${in_root_debs[@]}" &&
 		in_root apt-get clean
 } >>"$blog" 2>&1 || { tail -40 "$blog" >&2; die "apt in the image failed"; }
 rm -rf "$root/tmp/kdebs" "$root/usr/sbin/policy-rc.d" "$root"/var/lib/apt/lists/*_dists_*

@@ -169,7 +169,7 @@ check "stop: inactive" test "$(systemctl is-active svmd)" = inactive
 check "stop: Result=success" test "$(prop Result)" = success
 check "stop: svmd exited with status 0 (ExecMainStatus $(prop ExecMainStatus))" test "$(prop ExecMainStatus)" = 0
 stop_journal=$(journalctl -u svmd --since "$since" --no-pager -o cat)
-echo "$stop_journal" | sed 's/^/  stop: /'
+sed 's/^/  stop: /' <<<"$stop_journal"
 check "stop: nothing was killed" not_in 'timed out\|Killing\|SIGKILL' "$stop_journal"
 check "stop: the control socket is gone" test ! -e /run/svm/svmd.sock
 

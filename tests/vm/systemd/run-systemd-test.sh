@@ -18,7 +18,7 @@
 # 126 when a guest dmesg shows a kernel problem (and the checks passed).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
-kernel= cache= debs= logdir= tmo=900
+kernel='' cache='' debs='' logdir='' tmo=900
 while (($#)); do
 	case "$1" in
 	--kernel) kernel=$2; shift 2 ;;
