@@ -29,9 +29,11 @@
 // Per link: Link::mu guards the link's state, its data channel and its
 // queue of reads. None of them is held across a peer call, a fetch or a
 // completion callback (waiters run after the lock is released), and none
-// is held while another is taken except ImportEntry::mu before
-// SharedCache's own lock. A PeerChannel's last reference is never dropped
-// under a lock (its destruction joins a reader that calls back in).
+// is held while another is taken, except ImportEntry::mu before
+// SharedCache's own lock and, in the destructor only, mu_ before Link::mu
+// and ImportEntry::mu. A PeerChannel's last reference is not dropped under
+// these locks (its destruction joins a reader that calls back in), except
+// by that reader itself in OnChannelClosed (the transport detaches it).
 #ifndef SVM_DAEMON_CORE_IMPORT_TABLE_H_
 #define SVM_DAEMON_CORE_IMPORT_TABLE_H_
 
@@ -39,10 +41,9 @@
 #include <functional>
 #include <map>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
-
-#include <optional>
 
 #include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
