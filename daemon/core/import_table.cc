@@ -62,10 +62,13 @@ enum class LinkState {
 
 // How long a link that failed stays down before the next attempt.
 constexpr absl::Duration kLinkBackoff = absl::Milliseconds(500);
-// The worker pool for the data plane's blocking work, and how many of its
-// threads one link's reads may hold at a time.
+// The worker pool for reads' blocking work, how many of its threads one
+// link's reads may hold at a time, and the threads for data connections'
+// blocking steps (apart, so reads stuck on some peers never delay another
+// peer's link setup).
 constexpr int kWorkers = 16;
 constexpr int kLinkWorkers = 4;
+constexpr int kConnectors = 4;
 
 // What a connected link hands its callers.
 struct ImportTable::Connected {
@@ -170,7 +173,8 @@ ImportTable::ImportTable(std::vector<transport::Transport*> transports, WatchHub
       cache_(cache),
       counters_(counters),
       opts_(std::move(opts)),
-      workers_(1, kWorkers) {
+      workers_(1, kWorkers),
+      connectors_(0, kConnectors) {
   SVM_CHECK(!transports_.empty());
 }
 
@@ -193,7 +197,8 @@ ImportTable::~ImportTable() {
   }
   // Every channel is closed and its reader joined while the table is still
   // whole: readers call back into it (OnChannelClosed) on their way out.
-  // The workers (destroyed next) see closed channels and finish promptly.
+  // The connectors and workers (destroyed next) see closed channels and
+  // finish promptly.
   std::vector<std::shared_ptr<transport::PeerChannel>> channels;
   {
     absl::MutexLock l(&mu_);
@@ -316,7 +321,7 @@ void ImportTable::Connect(const std::shared_ptr<Link>& link, ConnectDone done) {
     }
   }
   // Its last reference may join its reader: not on this caller's thread.
-  if (old != nullptr) workers_.Submit([old = std::move(old)] {});
+  if (old != nullptr) connectors_.Submit([old = std::move(old)] {});
   if (!start) {
     done(std::move(now));
     return;
@@ -360,7 +365,7 @@ void ImportTable::OnHello(const std::shared_ptr<Link>& link, absl::StatusOr<v1::
                          "");
   }
   // BeginConnect may create a queue pair: not on a gRPC thread.
-  workers_.Submit([this, link, attempt] { SetupNext(link, attempt); });
+  connectors_.Submit([this, link, attempt] { SetupNext(link, attempt); });
 }
 
 void ImportTable::SetupNext(const std::shared_ptr<Link>& link, std::shared_ptr<ConnectAttempt> attempt) {
@@ -379,7 +384,7 @@ void ImportTable::SetupNext(const std::shared_ptr<Link>& link, std::shared_ptr<C
           [this, link, attempt, begin = *begin](absl::StatusOr<v1::SetupDataResponse> setup) {
             // The data connection blocks (a TCP connect, a queue pair's
             // bring-up): on a worker.
-            workers_.Submit([this, link, attempt, begin, setup = std::move(setup)] {
+            connectors_.Submit([this, link, attempt, begin, setup = std::move(setup)] {
               ConnectData(link, attempt, begin, setup);
             });
           }));

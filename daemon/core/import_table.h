@@ -18,11 +18,12 @@
 // instead of waiting for its Hello. An import's attachment (DescribeExport,
 // Subscribe) is a chain of completions too; readers of a detached import
 // wait for the one attachment in flight as continuations, not as threads.
-// What still blocks a thread is the data plane (a transport's Fetch,
-// ReadRegion and Connect): it runs on the table's worker pool (at most
-// kWorkers threads), each link at most kLinkWorkers at a time, the rest of
-// a link's reads queued behind them, so a peer that does not answer holds
-// up a bounded share of the pool for at most the fetch timeout.
+// What still blocks a thread is the data plane: a transport's Fetch and
+// ReadRegion run on the table's worker pool (at most kWorkers threads),
+// each link's reads at most kLinkWorkers at a time, the rest of a link's
+// reads queued behind them, so a peer that does not answer holds up a
+// bounded share of the pool for at most the fetch timeout; a transport's
+// BeginConnect and Connect run on a few connector threads of their own.
 //
 // LOCKING: mu_ guards the maps; calls_mu_ the calls in flight. Per import:
 // mu guards the import's state, the attachment in flight and its waiters.
@@ -197,9 +198,13 @@ class ImportTable final : public transport::ImportBackend {
   std::vector<std::shared_ptr<PendingCall>> calls_ ABSL_GUARDED_BY(calls_mu_);
   bool stopping_ ABSL_GUARDED_BY(calls_mu_) = false;
 
-  // The data plane's blocking work (fetches, READs, data connections).
-  // Declared last: destroyed first, while everything its tasks use exists.
+  // The data plane's blocking work: reads' fetches and READs (workers_,
+  // RunOnLink), data connections' BeginConnect and Connect and the release
+  // of replaced ones (connectors_). Declared last: destroyed first, while
+  // everything their tasks use exists; connectors_ before workers_, which
+  // its tasks may queue reads on.
   Executor workers_;
+  Executor connectors_;
 };
 
 }  // namespace svm::core
