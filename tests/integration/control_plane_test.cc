@@ -4,6 +4,7 @@
 // healthy peer's import, promptly; the stuck reads fail with UNAVAILABLE
 // within the peer timeout. Natively only (the bounds are wall-clock).
 #include <signal.h>
+#include <sys/wait.h>
 
 #include <atomic>
 #include <cstdlib>
@@ -261,6 +262,57 @@ TEST(ControlPlane, CallsStuckOnAStoppedPeerHoldNoThreads) {
     EXPECT_TRUE(absl::IsUnavailable(o.status)) << o.status;
     EXPECT_LT(o.took, stuck_bound) << o.status;
   }
+  c->process().Signal(SIGCONT);
+}
+
+// Every outstanding call completes when the importer shuts down: with
+// reads and imports waiting for a stopped peer, SIGTERM ends svmd cleanly
+// (exit 0) within the peer timeout, and every caller gets an answer.
+TEST(ControlPlane, ShutdownWithCallsOutstandingToAStoppedPeerIsClean) {
+  if (TestTransport() == "rdma") GTEST_SKIP() << "tcp on the host only";
+  constexpr int kCalls = 16;
+  TempDir dir;
+  auto start = [&](const std::string& node) {
+    auto d = Daemon::Start({.node = node, .dir = dir.path(), .transport = "tcp"});
+    EXPECT_TRUE(d.ok()) << d.status();
+    return d.ok() ? std::move(*d) : nullptr;
+  };
+  auto c = start("C"), b = start("B");
+  ASSERT_TRUE(b && c);
+  auto stuck = Exporter::Start({.daemon = c.get(), .name = "stuck", .pages = 4, .fill = 'S',
+                                .log_path = absl::StrCat(dir.path(), "/exporter-stuck.log")});
+  ASSERT_TRUE(stuck.ok()) << stuck.status();
+  auto cb = b->Connect();
+  ASSERT_NE(cb, nullptr);
+  ASSERT_TRUE(cb->Import(c->peer(), "stuck").ok());
+  ASSERT_TRUE(ReadBytes(*cb, "stuck", 0, kPage).ok());
+  ASSERT_TRUE(c->process().Stop(absl::Seconds(5)).ok());
+  std::atomic<int> answered{0};
+  std::vector<std::thread> threads;
+  for (int i = 0; i < kCalls; ++i) {
+    threads.emplace_back([&] {
+      std::string buf(kPage, '\0');
+      ReadOptions fresh;
+      fresh.fresh = true;
+      (void)cb->Read("stuck", 0, absl::MakeSpan(reinterpret_cast<uint8_t*>(buf.data()), kPage), fresh);
+      ++answered;
+    });
+    threads.emplace_back([&, i] {
+      (void)cb->Import(c->peer(), "stuck", absl::StrCat("stuck-", i));
+      ++answered;
+    });
+  }
+  absl::SleepFor(absl::Milliseconds(300));
+  b->process().Signal(SIGTERM);
+  auto st = b->process().Wait(Scaled(absl::Seconds(5)));
+  EXPECT_TRUE(st.ok()) << "svmd did not exit: " << st.status();
+  if (st.ok()) {
+    EXPECT_TRUE(WIFEXITED(*st) && WEXITSTATUS(*st) == 0) << *st;
+  } else {
+    b->Kill();  // so that the callers get their answers
+  }
+  for (auto& t : threads) t.join();
+  EXPECT_EQ(answered.load(), 2 * kCalls);
   c->process().Signal(SIGCONT);
 }
 
