@@ -42,47 +42,88 @@ std::vector<std::string> CommonTransports(const std::vector<std::string>& local,
   return out;
 }
 
-// A peer link's state (Link::state, under info_mu).
+// A peer link's state (Link::state, under Link::mu). Only the completions of
+// the link's own calls and OnChannelClosed move it; nobody waits in it.
 enum class LinkState {
-  // Never connected: the first caller connects, the others wait for it
-  // (Link::mu).
+  // Never connected: the first caller starts an attempt; the callers after
+  // it wait for its outcome (continuations in Link::waiters, not threads).
   kIdle,
-  // A caller is (re)connecting: Hello, SetupData, the data connection.
-  // Others wait when the link never was up; when it was, they fail fast.
+  // An attempt is in flight: Hello, then per transport BeginConnect,
+  // SetupData and the data connection. Callers wait for it when the link
+  // never was up; when it was, they fail fast (UNAVAILABLE, "reconnecting").
   kConnecting,
-  // The data connection is up.
+  // The data connection is up (Link::data).
   kUp,
   // The last attempt failed or the data connection was lost: callers fail
-  // fast until retry_at; then the next caller tries again.
+  // fast with the last error until retry_at; then the next caller starts
+  // an attempt.
   kDown,
 };
 
 // How long a link that failed stays down before the next attempt.
 constexpr absl::Duration kLinkBackoff = absl::Milliseconds(500);
+// The worker pool for reads' blocking work, how many of its threads one
+// link's reads may hold at a time, and the threads for data connections'
+// blocking steps (apart, so reads stuck on some peers never delay another
+// peer's link setup).
+constexpr int kWorkers = 16;
+constexpr int kLinkWorkers = 4;
+constexpr int kConnectors = 4;
+
+// What a connected link hands its callers.
+struct ImportTable::Connected {
+  std::shared_ptr<transport::PeerChannel> channel;
+  std::string token;  // the data session's, for Subscribe
+};
+
+// One connection attempt past Hello: the transports both ends run, in
+// preference order, and why the ones tried so far failed.
+struct ImportTable::ConnectAttempt {
+  std::vector<transport::Transport*> candidates;
+  size_t next = 0;  // the one being tried
+  std::string fallback_reason;
+};
+
+// A peer call in flight (CallPeer), cancelled when the table goes.
+struct ImportTable::PendingCall {
+  virtual ~PendingCall() = default;
+  grpc::ClientContext ctx;
+};
+
+// One read, from the caller to its done.
+struct ImportTable::ReadOp {
+  std::shared_ptr<ImportEntry> imp;
+  uint64_t offset = 0;
+  absl::Span<uint8_t> dst;
+  bool fresh = false, fill = false;
+  ReadDone done;
+};
 
 struct ImportTable::Link {
   std::string peer;  // HOST:PORT as given
   std::string host;
   std::shared_ptr<grpc::Channel> channel;
   std::unique_ptr<v1::Peer::Stub> stub;
-  // Reads of this link's imports (grows with blocked reads, up to 32).
-  Executor reads{1, 32};
 
-  absl::Mutex mu;  // guards the data channel; serialises (re)connection
+  // Guards everything below; held only briefly (never across a call), so
+  // listing imports does not wait for a connection attempt.
+  absl::Mutex mu;
+  LinkState state ABSL_GUARDED_BY(mu) = LinkState::kIdle;
+  bool was_up ABSL_GUARDED_BY(mu) = false;
+  absl::Time retry_at ABSL_GUARDED_BY(mu);
+  absl::Status last_error ABSL_GUARDED_BY(mu);
+  // The data connection of the last successful attempt; moved out (and
+  // released on a worker) when the next attempt starts.
   std::shared_ptr<transport::PeerChannel> data ABSL_GUARDED_BY(mu);
   std::string token ABSL_GUARDED_BY(mu);
-  uint64_t generation ABSL_GUARDED_BY(mu) = 0;
-
-  // What InfoOf shows; held only briefly (never across a call), so listing
-  // imports does not wait for a connection attempt.
-  absl::Mutex info_mu;
-  std::string path ABSL_GUARDED_BY(info_mu);             // the last data connection's
-  std::string fallback_reason ABSL_GUARDED_BY(info_mu);  // why rdma was not used, if it failed
-  LinkState state ABSL_GUARDED_BY(info_mu) = LinkState::kIdle;
-  bool was_up ABSL_GUARDED_BY(info_mu) = false;
-  absl::Time retry_at ABSL_GUARDED_BY(info_mu);
-  absl::Status last_error ABSL_GUARDED_BY(info_mu);
-  const transport::PeerChannel* up_channel ABSL_GUARDED_BY(info_mu) = nullptr;
+  std::string path ABSL_GUARDED_BY(mu);             // the last data connection's
+  std::string fallback_reason ABSL_GUARDED_BY(mu);  // why rdma was not used, if it failed
+  // kConnecting: the callers waiting for the attempt's outcome.
+  std::vector<ConnectDone> waiters ABSL_GUARDED_BY(mu);
+  // Reads of this link's imports running on the worker pool (at most
+  // kLinkWorkers), and those waiting for one of them to finish.
+  int running ABSL_GUARDED_BY(mu) = 0;
+  std::deque<std::function<void()>> queued ABSL_GUARDED_BY(mu);
 };
 
 // The import's state machine is coherence::ImportCoherence (kDetached ->
@@ -94,10 +135,11 @@ struct ImportTable::ImportEntry {
   std::string name, remote_name;
   std::shared_ptr<Link> link;
 
-  // Serialises (re)attachment: concurrent readers of a detached import wait
-  // for one subscription instead of racing their own. Taken before mu.
-  absl::Mutex attach_mu;
   absl::Mutex mu;  // guards everything below; taken by invalidations
+  // An attachment is in flight; concurrent readers of a detached import
+  // wait for it (attach_waiters) instead of racing their own subscription.
+  bool attaching ABSL_GUARDED_BY(mu) = false;
+  std::vector<AttachDone> attach_waiters ABSL_GUARDED_BY(mu);
   uint64_t export_id ABSL_GUARDED_BY(mu) = 0;
   uint64_t len ABSL_GUARDED_BY(mu) = 0;
   // The channel invalidations of the import arrive on: set before the
@@ -119,6 +161,9 @@ transport::RemoteRegion RegionOf(const v1::ExportDescriptor& d) {
   return transport::RemoteRegion{d.zero_copy().addr(), d.len(), d.zero_copy().rkey(),
                                  d.zero_copy().registration() == "odp"};
 }
+
+using Async = v1::Peer::Stub::async_interface;
+using Callback = std::function<void(grpc::Status)>;
 }  // namespace
 
 ImportTable::ImportTable(std::vector<transport::Transport*> transports, WatchHub* hub,
@@ -127,13 +172,33 @@ ImportTable::ImportTable(std::vector<transport::Transport*> transports, WatchHub
       hub_(hub),
       cache_(cache),
       counters_(counters),
-      opts_(std::move(opts)) {
+      opts_(std::move(opts)),
+      workers_(1, kWorkers),
+      connectors_(0, kConnectors) {
   SVM_CHECK(!transports_.empty());
 }
 
 ImportTable::~ImportTable() {
+  // No peer call starts from now on (CallPeer answers CANCELLED); those in
+  // flight are cancelled and their completions, which may queue work,
+  // awaited.
+  std::vector<std::shared_ptr<PendingCall>> calls;
+  {
+    absl::MutexLock l(&calls_mu_);
+    stopping_ = true;
+    calls = calls_;
+  }
+  for (auto& c : calls) c->ctx.TryCancel();
+  calls.clear();
+  {
+    absl::MutexLock l(&calls_mu_);
+    calls_mu_.Await(absl::Condition(
+        +[](std::vector<std::shared_ptr<PendingCall>>* v) { return v->empty(); }, &calls_));
+  }
   // Every channel is closed and its reader joined while the table is still
   // whole: readers call back into it (OnChannelClosed) on their way out.
+  // The connectors and workers (destroyed next) see closed channels and
+  // finish promptly.
   std::vector<std::shared_ptr<transport::PeerChannel>> channels;
   {
     absl::MutexLock l(&mu_);
@@ -147,12 +212,42 @@ ImportTable::~ImportTable() {
     }
   }
   for (auto& ch : channels) ch->Close();
-  channels.clear();  // the last references: joins the readers
+  channels.clear();  // joins the readers, unless a worker still holds one
 }
 
-void ImportTable::PrepareCall(grpc::ClientContext* ctx, absl::Duration timeout) const {
-  ctx->set_deadline(std::chrono::system_clock::now() + absl::ToChronoMilliseconds(timeout));
-  if (!opts_.peer_token.empty()) ctx->AddMetadata("svm-peer-token", opts_.peer_token);
+template <typename Resp, typename Req, typename Start>
+void ImportTable::CallPeer(Link& link, absl::Duration timeout, const Req& req, std::string what,
+                           Start start, std::function<void(absl::StatusOr<Resp>)> done) {
+  struct Call final : PendingCall {
+    Req req;
+    Resp resp;
+  };
+  auto call = std::make_shared<Call>();
+  call->req = req;
+  call->ctx.set_deadline(std::chrono::system_clock::now() + absl::ToChronoMilliseconds(timeout));
+  if (!opts_.peer_token.empty()) call->ctx.AddMetadata("svm-peer-token", opts_.peer_token);
+  bool stopping;
+  {
+    absl::MutexLock l(&calls_mu_);
+    stopping = stopping_;
+    if (!stopping) calls_.push_back(call);
+  }
+  if (stopping) {
+    done(absl::CancelledError(absl::StrCat(what, ": this daemon is stopping")));
+    return;
+  }
+  // gRPC may run the callback before start returns: nothing is locked here.
+  start(link.stub->async(), &call->ctx, &call->req, &call->resp,
+        [this, call, what = std::move(what), done = std::move(done)](grpc::Status s) {
+          absl::Status st = FromGrpc(s, what);
+          if (st.ok()) {
+            done(std::move(call->resp));
+          } else {
+            done(std::move(st));
+          }
+          absl::MutexLock l(&calls_mu_);
+          calls_.erase(std::find(calls_.begin(), calls_.end(), call));
+        });
 }
 
 std::shared_ptr<ImportTable::Link> ImportTable::GetLink(const std::string& peer) {
@@ -176,283 +271,395 @@ std::shared_ptr<ImportTable::Link> ImportTable::GetLink(const std::string& peer)
   return link;
 }
 
-absl::Status ImportTable::Gate(Link& link) {
-  absl::MutexLock il(&link.info_mu);
-  switch (link.state) {
-    case LinkState::kIdle:
-    case LinkState::kUp:
-      return absl::OkStatus();
-    case LinkState::kConnecting:
-      if (!link.was_up) return absl::OkStatus();
-      return absl::UnavailableError(absl::StrCat("peer ", link.peer, ": reconnecting (",
-                                                 link.last_error.message(), ")"));
-    case LinkState::kDown:
-      if (absl::Now() >= link.retry_at) return absl::OkStatus();
-      // The last attempt's answer, with its code (RESOURCE_EXHAUSTED for a
-      // memory limit stays that), until the next attempt.
-      return absl::Status(
-          link.last_error.code(),
-          absl::StrCat(link.last_error.message(), " (next attempt in ",
-                       absl::FormatDuration(absl::Trunc(link.retry_at - absl::Now(), absl::Milliseconds(1))),
-                       ")"));
+void ImportTable::Connect(const std::shared_ptr<Link>& link, ConnectDone done) {
+  absl::StatusOr<Connected> now = absl::UnknownError("not decided");
+  bool start = false;
+  std::shared_ptr<transport::PeerChannel> old;
+  {
+    absl::MutexLock l(&link->mu);
+    switch (link->state) {
+      case LinkState::kUp:
+        if (link->data != nullptr && link->data->alive()) {
+          now = Connected{link->data, link->token};
+        } else {
+          // Lost, and its reader has not reported it yet.
+          start = true;
+          link->last_error =
+              absl::UnavailableError(absl::StrCat("peer ", link->peer, ": data connection lost"));
+        }
+        break;
+      case LinkState::kIdle:
+        start = true;
+        break;
+      case LinkState::kConnecting:
+        if (!link->was_up) {
+          link->waiters.push_back(std::move(done));
+          return;
+        }
+        now = absl::UnavailableError(absl::StrCat("peer ", link->peer, ": reconnecting (",
+                                                  link->last_error.message(), ")"));
+        break;
+      case LinkState::kDown:
+        if (absl::Now() >= link->retry_at) {
+          start = true;
+          break;
+        }
+        // The last attempt's answer, with its code (RESOURCE_EXHAUSTED for
+        // a memory limit stays that), until the next attempt.
+        now = absl::Status(
+            link->last_error.code(),
+            absl::StrCat(link->last_error.message(), " (next attempt in ",
+                         absl::FormatDuration(absl::Trunc(link->retry_at - absl::Now(),
+                                                          absl::Milliseconds(1))),
+                         ")"));
+        break;
+    }
+    if (start) {
+      link->state = LinkState::kConnecting;
+      link->waiters.push_back(std::move(done));
+      old = std::move(link->data);
+    }
   }
-  return absl::OkStatus();
+  // Its last reference may join its reader: not on this caller's thread.
+  if (old != nullptr) connectors_.Submit([old = std::move(old)] {});
+  if (!start) {
+    done(std::move(now));
+    return;
+  }
+  v1::HelloRequest req;
+  req.set_node(opts_.node);
+  req.set_protocol_version(kProtocolVersion);
+  CallPeer<v1::HelloResponse>(
+      *link, opts_.rpc_timeout, req, absl::StrCat("peer ", link->peer),
+      [](Async* a, grpc::ClientContext* c, const v1::HelloRequest* rq, v1::HelloResponse* rs,
+         Callback cb) { a->Hello(c, rq, rs, std::move(cb)); },
+      std::function<void(absl::StatusOr<v1::HelloResponse>)>(
+          [this, link](absl::StatusOr<v1::HelloResponse> r) { OnHello(link, std::move(r)); }));
 }
 
-absl::StatusOr<std::shared_ptr<transport::PeerChannel>> ImportTable::Connect(Link& link, uint64_t* generation) {
-  if (auto st = Gate(link); !st.ok()) return st;
-  absl::MutexLock l(&link.mu);
-  if (link.data && link.data->alive()) {
-    *generation = link.generation;
-    return link.data;
+void ImportTable::OnHello(const std::shared_ptr<Link>& link, absl::StatusOr<v1::HelloResponse> hello) {
+  if (!hello.ok()) return FinishConnect(link, hello.status(), "");
+  if (hello->protocol_version() != kProtocolVersion) {
+    return FinishConnect(link,
+                         absl::FailedPreconditionError(absl::StrFormat(
+                             "peer %s speaks protocol %u, this daemon %u", link->peer,
+                             hello->protocol_version(), kProtocolVersion)),
+                         "");
   }
-  // Waited for another caller's attempt that failed meanwhile: its answer.
-  if (auto st = Gate(link); !st.ok()) return st;
-  {
-    absl::MutexLock il(&link.info_mu);
-    link.state = LinkState::kConnecting;
-    link.up_channel = nullptr;
-  }
-  auto ch = ConnectLocked(link, generation);
-  absl::MutexLock il(&link.info_mu);
-  if (ch.ok()) {
-    link.state = LinkState::kUp;
-    link.was_up = true;
-    link.up_channel = ch->get();
-  } else {
-    link.state = LinkState::kDown;
-    link.retry_at = absl::Now() + kLinkBackoff;
-    link.last_error = ch.status();
-  }
-  return ch;
-}
-
-absl::StatusOr<std::shared_ptr<transport::PeerChannel>> ImportTable::ConnectLocked(Link& link,
-                                                                                   uint64_t* generation) {
-  // The old channel's reader has finished or is finishing; its callbacks
-  // take no lock that is held here, so joining it is safe.
-  link.data.reset();
-  std::vector<std::string> peer_transports;
-  {
-    grpc::ClientContext ctx;
-    PrepareCall(&ctx, opts_.rpc_timeout);
-    v1::HelloRequest req;
-    req.set_node(opts_.node);
-    req.set_protocol_version(kProtocolVersion);
-    v1::HelloResponse resp;
-    if (auto st = FromGrpc(link.stub->Hello(&ctx, req, &resp), absl::StrCat("peer ", link.peer));
-        !st.ok()) {
-      return st;
-    }
-    if (resp.protocol_version() != kProtocolVersion) {
-      return absl::FailedPreconditionError(absl::StrFormat(
-          "peer %s speaks protocol %u, this daemon %u", link.peer, resp.protocol_version(),
-          kProtocolVersion));
-    }
-    peer_transports.assign(resp.transports().begin(), resp.transports().end());
-  }
+  const std::vector<std::string> peer_transports(hello->transports().begin(),
+                                                 hello->transports().end());
   std::vector<std::string> local;
   for (transport::Transport* t : transports_) local.push_back(t->name());
-  const std::vector<std::string> candidates = CommonTransports(local, peer_transports);
-  if (candidates.empty()) {
-    return absl::FailedPreconditionError(absl::StrFormat(
-        "no common transport with peer %s: this node runs %s, the peer offers %s", link.peer,
-        absl::StrJoin(local, ","), absl::StrJoin(peer_transports, ",")));
-  }
-  std::string fallback_reason;
-  for (size_t i = 0; i < candidates.size(); ++i) {
-    transport::Transport* t = nullptr;
-    for (transport::Transport* c : transports_) {
-      if (candidates[i] == c->name()) t = c;
+  auto attempt = std::make_shared<ConnectAttempt>();
+  for (const std::string& name : CommonTransports(local, peer_transports)) {
+    for (transport::Transport* t : transports_) {
+      if (name == t->name()) attempt->candidates.push_back(t);
     }
-    std::string token;
-    auto ch = ConnectWith(link, *t, &token);
-    if (!ch.ok()) {
-      if (i + 1 == candidates.size()) {
-        if (fallback_reason.empty()) return ch.status();
-        return absl::Status(ch.status().code(),
-                            absl::StrCat(ch.status().message(), " (after ", candidates[0],
-                                         " failed: ", fallback_reason, ")"));
-      }
-      // Only rdma comes before another transport today.
-      fallback_reason = std::string(ch.status().message());
-      spdlog::warn("{} data connection to {} cannot be set up, falling back to {}: {}",
-                   candidates[i], link.peer, candidates[i + 1], fallback_reason);
-      counters_->Add(absl::StrCat(candidates[i], "_fallbacks"));
-      continue;
-    }
-    link.data = std::move(*ch);
-    link.token = std::move(token);
-    break;
   }
-  ++link.generation;
-  *generation = link.generation;
-  {
-    absl::MutexLock il(&link.info_mu);
-    link.path = link.data->path();
-    link.fallback_reason = fallback_reason;
+  if (attempt->candidates.empty()) {
+    return FinishConnect(link,
+                         absl::FailedPreconditionError(absl::StrFormat(
+                             "no common transport with peer %s: this node runs %s, the peer offers %s",
+                             link->peer, absl::StrJoin(local, ","),
+                             absl::StrJoin(peer_transports, ","))),
+                         "");
   }
-  counters_->Add("data_connections_opened");
-  spdlog::info("data connection to {} open ({})", link.peer, link.data->path());
-  return link.data;
+  // BeginConnect may create a queue pair: not on a gRPC thread.
+  connectors_.Submit([this, link, attempt] { SetupNext(link, attempt); });
 }
 
-absl::StatusOr<std::unique_ptr<transport::PeerChannel>> ImportTable::ConnectWith(
-    Link& link, transport::Transport& t, std::string* token) {
+void ImportTable::SetupNext(const std::shared_ptr<Link>& link, std::shared_ptr<ConnectAttempt> attempt) {
+  transport::Transport& t = *attempt->candidates[attempt->next];
   auto begin = t.BeginConnect();
-  if (!begin.ok()) return begin.status();
-  grpc::ClientContext ctx;
-  PrepareCall(&ctx, opts_.rpc_timeout);
+  if (!begin.ok()) return NextOrFail(link, std::move(attempt), begin.status());
   v1::SetupDataRequest req;
   req.set_node(opts_.node);
   req.set_transport(std::string(t.name()));
   req.set_importer_endpoint(*begin);
-  v1::SetupDataResponse setup;
-  if (auto st = FromGrpc(link.stub->SetupData(&ctx, req, &setup), absl::StrCat("peer ", link.peer));
-      !st.ok()) {
-    t.AbortConnect(*begin);  // release its queue pair and buffers now
-    return st;
-  }
-  transport::SessionOffer offer{setup.session_token(), setup.endpoint()};
-  auto ch = t.Connect(link.host, offer, this, *begin);
-  if (!ch.ok()) return ch.status();
-  *token = std::move(offer.token);
-  return ch;
+  CallPeer<v1::SetupDataResponse>(
+      *link, opts_.rpc_timeout, req, absl::StrCat("peer ", link->peer),
+      [](Async* a, grpc::ClientContext* c, const v1::SetupDataRequest* rq, v1::SetupDataResponse* rs,
+         Callback cb) { a->SetupData(c, rq, rs, std::move(cb)); },
+      std::function<void(absl::StatusOr<v1::SetupDataResponse>)>(
+          [this, link, attempt, begin = *begin](absl::StatusOr<v1::SetupDataResponse> setup) {
+            // The data connection blocks (a TCP connect, a queue pair's
+            // bring-up): on a worker.
+            connectors_.Submit([this, link, attempt, begin, setup = std::move(setup)] {
+              ConnectData(link, attempt, begin, setup);
+            });
+          }));
 }
 
-absl::Status ImportTable::Attach(ImportEntry& imp) {
-  absl::MutexLock al(&imp.attach_mu);
+void ImportTable::ConnectData(const std::shared_ptr<Link>& link, std::shared_ptr<ConnectAttempt> attempt,
+                              std::string begin, absl::StatusOr<v1::SetupDataResponse> setup) {
+  transport::Transport& t = *attempt->candidates[attempt->next];
+  if (!setup.ok()) {
+    t.AbortConnect(begin);  // release its queue pair and buffers now
+    return NextOrFail(link, std::move(attempt), setup.status());
+  }
+  transport::SessionOffer offer{setup->session_token(), setup->endpoint()};
+  auto ch = t.Connect(link->host, offer, this, begin);
+  if (!ch.ok()) return NextOrFail(link, std::move(attempt), ch.status());
+  FinishConnect(link, Connected{std::shared_ptr<transport::PeerChannel>(std::move(*ch)), offer.token},
+                attempt->fallback_reason);
+}
+
+void ImportTable::NextOrFail(const std::shared_ptr<Link>& link, std::shared_ptr<ConnectAttempt> attempt,
+                             absl::Status why) {
+  const std::string name = attempt->candidates[attempt->next]->name();
+  if (attempt->next + 1 == attempt->candidates.size()) {
+    if (attempt->fallback_reason.empty()) return FinishConnect(link, why, "");
+    return FinishConnect(link,
+                         absl::Status(why.code(), absl::StrCat(why.message(), " (after ",
+                                                               attempt->candidates[0]->name(),
+                                                               " failed: ", attempt->fallback_reason,
+                                                               ")")),
+                         "");
+  }
+  // Only rdma comes before another transport today.
+  attempt->fallback_reason = std::string(why.message());
+  ++attempt->next;
+  spdlog::warn("{} data connection to {} cannot be set up, falling back to {}: {}", name, link->peer,
+               attempt->candidates[attempt->next]->name(), attempt->fallback_reason);
+  counters_->Add(absl::StrCat(name, "_fallbacks"));
+  SetupNext(link, std::move(attempt));
+}
+
+void ImportTable::FinishConnect(const std::shared_ptr<Link>& link, absl::StatusOr<Connected> result,
+                                const std::string& fallback_reason) {
+  std::vector<ConnectDone> waiters;
   {
-    absl::MutexLock l(&imp.mu);
-    // Another reader attached it while this one waited.
-    if (imp.coh.state() == coherence::ImportState::kLive && imp.channel != nullptr &&
-        imp.channel->alive()) {
-      return absl::OkStatus();
+    absl::MutexLock l(&link->mu);
+    if (result.ok()) {
+      link->state = LinkState::kUp;
+      link->was_up = true;
+      link->data = result->channel;
+      link->token = result->token;
+      link->path = link->data->path();
+      link->fallback_reason = fallback_reason;
+    } else {
+      link->state = LinkState::kDown;
+      link->retry_at = absl::Now() + kLinkBackoff;
+      link->last_error = result.status();
+    }
+    waiters.swap(link->waiters);
+  }
+  if (result.ok()) {
+    counters_->Add("data_connections_opened");
+    spdlog::info("data connection to {} open ({})", link->peer, result->channel->path());
+  }
+  for (auto& w : waiters) w(result);
+}
+
+void ImportTable::Attach(const std::shared_ptr<ImportEntry>& imp, AttachDone done) {
+  bool attached;
+  {
+    absl::MutexLock l(&imp->mu);
+    // Attached meanwhile (by another reader).
+    attached = imp->coh.state() == coherence::ImportState::kLive && imp->channel != nullptr &&
+               imp->channel->alive();
+    if (!attached) {
+      imp->attach_waiters.push_back(std::move(done));
+      if (imp->attaching) return;
+      imp->attaching = true;
     }
   }
-  uint64_t gen = 0;
-  auto ch = Connect(*imp.link, &gen);
-  if (!ch.ok()) return ch.status();
-  std::string token;
-  {
-    absl::MutexLock l(&imp.link->mu);
-    token = imp.link->token;
+  if (attached) {
+    done(absl::OkStatus());
+    return;
   }
-  v1::ExportDescriptor desc;
-  {
-    grpc::ClientContext ctx;
-    PrepareCall(&ctx, opts_.rpc_timeout);
+  Connect(imp->link, [this, imp](absl::StatusOr<Connected> c) {
+    if (!c.ok()) return FinishAttach(*imp, c.status());
     v1::DescribeExportRequest req;
-    req.set_name(imp.remote_name);
-    auto st = FromGrpc(imp.link->stub->DescribeExport(&ctx, req, &desc),
-                       absl::StrCat("peer ", imp.link->peer));
-    if (!st.ok()) return st;
-  }
+    req.set_name(imp->remote_name);
+    CallPeer<v1::ExportDescriptor>(
+        *imp->link, opts_.rpc_timeout, req, absl::StrCat("peer ", imp->link->peer),
+        [](Async* a, grpc::ClientContext* ctx, const v1::DescribeExportRequest* rq,
+           v1::ExportDescriptor* rs, Callback cb) { a->DescribeExport(ctx, rq, rs, std::move(cb)); },
+        std::function<void(absl::StatusOr<v1::ExportDescriptor>)>(
+            [this, imp, c = *c](absl::StatusOr<v1::ExportDescriptor> desc) {
+              if (!desc.ok()) return FinishAttach(*imp, desc.status());
+              Subscribe(imp, c, *desc);
+            }));
+  });
+}
+
+void ImportTable::Subscribe(const std::shared_ptr<ImportEntry>& imp, const Connected& c,
+                            const v1::ExportDescriptor& desc) {
   if (desc.page_size() != kPageSize) {
-    return absl::FailedPreconditionError(
-        absl::StrFormat("export '%s' has %u-byte pages; this node uses %u", imp.remote_name,
-                        desc.page_size(), kPageSize));
+    return FinishAttach(*imp, absl::FailedPreconditionError(absl::StrFormat(
+                                  "export '%s' has %u-byte pages; this node uses %u",
+                                  imp->remote_name, desc.page_size(), kPageSize)));
   }
   // The subscribing window opens before the request leaves: the exporter
   // may push an invalidation before its answer arrives, and that one must
   // be applied (OnInvalidation matches the channel and the export id).
-  uint64_t epoch;
+  uint64_t epoch = 0;
+  absl::Status reset;
+  std::shared_ptr<transport::PeerChannel> old;  // released unlocked
   {
-    absl::MutexLock l(&imp.mu);
+    absl::MutexLock l(&imp->mu);
     // Whatever was cached belongs to an earlier connection or export.
-    if (auto st = cache_->Reset(imp.id, desc.len()); !st.ok()) return st;
-    if (imp.export_id != desc.export_id()) imp.zc_offered = false;  // another export by that name
-    imp.export_id = desc.export_id();
-    imp.len = desc.len();
-    imp.channel = *ch;
-    epoch = imp.coh.BeginSubscribe();
-    imp.zc_registration.clear();
-    imp.zc_refresh_at = absl::InfinitePast();
-  }
-  v1::SubscribeResponse sub;
-  absl::Status st;
-  {
-    grpc::ClientContext ctx;
-    PrepareCall(&ctx, opts_.rpc_timeout);
-    v1::SubscribeRequest req;
-    req.set_session_token(token);
-    req.set_export_id(desc.export_id());
-    st = FromGrpc(imp.link->stub->Subscribe(&ctx, req, &sub), absl::StrCat("peer ", imp.link->peer));
-  }
-  absl::MutexLock l(&imp.mu);
-  if (!st.ok()) {
-    if (imp.coh.epoch() == epoch) {
-      imp.coh.OnDisconnect();
-      cache_->DropImport(imp.id);
+    reset = cache_->Reset(imp->id, desc.len());
+    if (reset.ok()) {
+      if (imp->export_id != desc.export_id()) imp->zc_offered = false;  // another export by that name
+      imp->export_id = desc.export_id();
+      imp->len = desc.len();
+      old = std::move(imp->channel);
+      imp->channel = c.channel;
+      epoch = imp->coh.BeginSubscribe();
+      imp->zc_registration.clear();
+      imp->zc_refresh_at = absl::InfinitePast();
     }
-    return st;
   }
-  if (!imp.coh.CompleteSubscribe(epoch, sub.seq())) {
-    // The channel was lost (or the export ended) while subscribing.
-    return absl::UnavailableError(absl::StrCat("peer ", imp.link->peer,
-                                               ": the subscription to '", imp.remote_name,
-                                               "' was overtaken by ", imp.gone_reason.empty()
-                                                   ? "the loss of the data connection"
-                                                   : imp.gone_reason));
-  }
-  imp.gone_reason.clear();
-  cache_->SetSeq(imp.id, imp.coh.max_seq());
-  RenewLocked(imp);
-  // Sticky for the export: a region withdrawn at this moment (the object
-  // being truncated, say) may come back; the import keeps asking.
-  imp.zc_offered = (imp.zc_offered || desc.has_zero_copy()) && (*ch)->one_sided();
-  // A region described before the subscription may have been replaced by
-  // an invalidation this import never received: only one described at the
-  // subscription's own sequence is used; otherwise the first read asks again.
-  if (desc.has_zero_copy() && desc.seq() == sub.seq() &&
-      (*ch)->SetRegion(desc.export_id(), RegionOf(desc), desc.seq())) {
-    imp.zc_registration = desc.zero_copy().registration();
-  }
-  return absl::OkStatus();
+  if (!reset.ok()) return FinishAttach(*imp, reset);
+  v1::SubscribeRequest req;
+  req.set_session_token(c.token);
+  req.set_export_id(desc.export_id());
+  CallPeer<v1::SubscribeResponse>(
+      *imp->link, opts_.rpc_timeout, req, absl::StrCat("peer ", imp->link->peer),
+      [](Async* a, grpc::ClientContext* ctx, const v1::SubscribeRequest* rq, v1::SubscribeResponse* rs,
+         Callback cb) { a->Subscribe(ctx, rq, rs, std::move(cb)); },
+      std::function<void(absl::StatusOr<v1::SubscribeResponse>)>(
+          [this, imp, c, desc, epoch](absl::StatusOr<v1::SubscribeResponse> sub) {
+            absl::Status st;
+            {
+              absl::MutexLock l(&imp->mu);
+              if (!sub.ok()) {
+                if (imp->coh.epoch() == epoch) {
+                  imp->coh.OnDisconnect();
+                  cache_->DropImport(imp->id);
+                }
+                st = sub.status();
+              } else if (!imp->coh.CompleteSubscribe(epoch, sub->seq())) {
+                // The channel was lost (or the export ended) while subscribing.
+                st = absl::UnavailableError(absl::StrCat(
+                    "peer ", imp->link->peer, ": the subscription to '", imp->remote_name,
+                    "' was overtaken by ",
+                    imp->gone_reason.empty() ? "the loss of the data connection" : imp->gone_reason));
+              } else {
+                imp->gone_reason.clear();
+                cache_->SetSeq(imp->id, imp->coh.max_seq());
+                RenewLocked(*imp);
+                // Sticky for the export: a region withdrawn at this moment (the
+                // object being truncated, say) may come back; the import keeps asking.
+                imp->zc_offered = (imp->zc_offered || desc.has_zero_copy()) && c.channel->one_sided();
+                // A region described before the subscription may have been
+                // replaced by an invalidation this import never received: only
+                // one described at the subscription's own sequence is used;
+                // otherwise the first read asks again.
+                if (desc.has_zero_copy() && desc.seq() == sub->seq() &&
+                    c.channel->SetRegion(desc.export_id(), RegionOf(desc), desc.seq())) {
+                  imp->zc_registration = desc.zero_copy().registration();
+                }
+              }
+            }
+            FinishAttach(*imp, st);
+          }));
 }
 
-void ImportTable::RefreshRegion(ImportEntry& imp, transport::PeerChannel* ch, uint64_t export_id) {
+void ImportTable::FinishAttach(ImportEntry& imp, const absl::Status& st) {
+  std::vector<AttachDone> waiters;
   {
     absl::MutexLock l(&imp.mu);
-    imp.zc_refresh_at = absl::Now() + absl::Seconds(1);
+    imp.attaching = false;
+    waiters.swap(imp.attach_waiters);
   }
-  grpc::ClientContext ctx;
-  PrepareCall(&ctx, opts_.rpc_timeout);
-  v1::DescribeExportRequest req;
-  req.set_name(imp.remote_name);
-  v1::ExportDescriptor desc;
-  if (!FromGrpc(imp.link->stub->DescribeExport(&ctx, req, &desc), "").ok()) return;
-  counters_->Add("zero_copy_refreshes");
-  if (desc.export_id() != export_id || !desc.has_zero_copy()) return;
-  absl::MutexLock l(&imp.mu);
-  if (imp.channel.get() == ch && ch->SetRegion(export_id, RegionOf(desc), desc.seq())) {
-    imp.zc_registration = desc.zero_copy().registration();
-  }
+  for (auto& w : waiters) w(st);
 }
 
-absl::StatusOr<v1::ImportInfo> ImportTable::Import(const std::string& peer, const std::string& name,
-                                                   const std::string& as) {
+void ImportTable::RunOnLink(const std::shared_ptr<Link>& link, std::function<void()> task) {
+  {
+    absl::MutexLock l(&link->mu);
+    if (link->running >= kLinkWorkers) {
+      link->queued.push_back(std::move(task));
+      return;
+    }
+    ++link->running;
+  }
+  workers_.Submit([this, link, task = std::move(task)] { RunLinkTask(link, task); });
+}
+
+void ImportTable::RunLinkTask(const std::shared_ptr<Link>& link, std::function<void()> task) {
+  task();
+  std::function<void()> next;
+  {
+    absl::MutexLock l(&link->mu);
+    if (link->queued.empty()) {
+      --link->running;
+      return;
+    }
+    next = std::move(link->queued.front());
+    link->queued.pop_front();
+  }
+  // Behind whatever other links queued meanwhile.
+  workers_.Submit([this, link, next = std::move(next)] { RunLinkTask(link, next); });
+}
+
+void ImportTable::RefreshRegion(const std::shared_ptr<ImportEntry>& imp, std::function<void()> then) {
+  std::shared_ptr<transport::PeerChannel> ch;
+  uint64_t export_id;
+  {
+    absl::MutexLock l(&imp->mu);
+    imp->zc_refresh_at = absl::Now() + absl::Seconds(1);
+    ch = imp->channel;
+    export_id = imp->export_id;
+  }
+  v1::DescribeExportRequest req;
+  req.set_name(imp->remote_name);
+  CallPeer<v1::ExportDescriptor>(
+      *imp->link, opts_.rpc_timeout, req, absl::StrCat("peer ", imp->link->peer),
+      [](Async* a, grpc::ClientContext* ctx, const v1::DescribeExportRequest* rq, v1::ExportDescriptor* rs,
+         Callback cb) { a->DescribeExport(ctx, rq, rs, std::move(cb)); },
+      std::function<void(absl::StatusOr<v1::ExportDescriptor>)>(
+          [this, imp, ch, export_id, then = std::move(then)](absl::StatusOr<v1::ExportDescriptor> desc) {
+            if (desc.ok()) {
+              counters_->Add("zero_copy_refreshes");
+              if (ch != nullptr && desc->export_id() == export_id && desc->has_zero_copy()) {
+                absl::MutexLock l(&imp->mu);
+                if (imp->channel == ch && ch->SetRegion(export_id, RegionOf(*desc), desc->seq())) {
+                  imp->zc_registration = desc->zero_copy().registration();
+                }
+              }
+            }
+            then();
+          }));
+}
+
+void ImportTable::Import(const std::string& peer, const std::string& name, const std::string& as,
+                         ImportDone done) {
   const std::string local = as.empty() ? name : as;
   auto imp = std::make_shared<struct ImportEntry>();
   imp->name = local;
   imp->remote_name = name;
   imp->link = GetLink(peer);
+  bool exists;
   {
     absl::MutexLock l(&mu_);
-    if (imports_.count(local)) {
-      return absl::AlreadyExistsError(absl::StrCat("an import named '", local, "' exists"));
+    exists = imports_.count(local) > 0;
+    if (!exists) {
+      imp->id = next_import_id_++;
+      imports_[local] = imp;  // reserve the name while attaching
     }
-    imp->id = next_import_id_++;
-    imports_[local] = imp;  // reserve the name while attaching
   }
-  if (auto st = Attach(*imp); !st.ok()) {
-    absl::MutexLock l(&mu_);
-    imports_.erase(local);
-    return st;
+  if (exists) {
+    done(absl::AlreadyExistsError(absl::StrCat("an import named '", local, "' exists")));
+    return;
   }
-  counters_->Add("imports_created");
-  spdlog::info("imported '{}' from {} as '{}'", name, peer, local);
-  return InfoOf(*imp);
+  Attach(imp, [this, imp, peer, done = std::move(done)](absl::Status st) {
+    if (!st.ok()) {
+      {
+        absl::MutexLock l(&mu_);
+        auto it = imports_.find(imp->name);
+        if (it != imports_.end() && it->second == imp) imports_.erase(it);
+      }
+      done(std::move(st));
+      return;
+    }
+    counters_->Add("imports_created");
+    spdlog::info("imported '{}' from {} as '{}'", imp->remote_name, peer, imp->name);
+    done(InfoOf(*imp));
+  });
 }
 
 std::shared_ptr<ImportTable::ImportEntry> ImportTable::Find(const std::string& name) const {
@@ -467,11 +674,6 @@ absl::StatusOr<session::CacheFiles> ImportTable::OpenCache(const std::string& na
   auto imp = Find(name);
   if (!imp) return absl::NotFoundError(absl::StrCat("no import named '", name, "'"));
   return cache_->OpenForClient(imp->id);
-}
-
-Executor* ImportTable::ReadExecutor(const std::string& name) const {
-  auto imp = Find(name);
-  return imp ? &imp->link->reads : nullptr;
 }
 
 void ImportTable::ExpireLeases() {
@@ -501,7 +703,7 @@ uint32_t ImportTable::peers() const {
   }
   uint32_t up = 0;
   for (auto& link : links) {
-    absl::MutexLock il(&link->info_mu);
+    absl::MutexLock il(&link->mu);
     up += link->state == LinkState::kUp;
   }
   return up;
@@ -514,7 +716,7 @@ v1::ImportInfo ImportTable::InfoOf(ImportEntry& imp) const {
   i.set_peer(imp.link->peer);
   i.set_page_size(kPageSize);
   {
-    absl::MutexLock il(&imp.link->info_mu);
+    absl::MutexLock il(&imp.link->mu);
     i.set_path(imp.link->path);
     i.set_fallback_reason(imp.link->fallback_reason);
   }
@@ -544,27 +746,51 @@ std::vector<v1::ImportInfo> ImportTable::List() const {
   return out;
 }
 
-absl::StatusOr<v1::ReadResponse> ImportTable::Read(const std::string& name, uint64_t offset,
-                                                   absl::Span<uint8_t> dst, bool fresh, bool fill) {
+void ImportTable::Read(const std::string& name, uint64_t offset, absl::Span<uint8_t> dst, bool fresh,
+                       bool fill, ReadDone done) {
   auto imp = Find(name);
-  if (!imp) return absl::NotFoundError(absl::StrCat("no export or import named '", name, "'"));
+  if (!imp) {
+    done(absl::NotFoundError(absl::StrCat("no export or import named '", name, "'")));
+    return;
+  }
+  auto op = std::make_shared<ReadOp>(ReadOp{imp, offset, dst, fresh, fill, std::move(done)});
   bool attached;
   {
     absl::MutexLock l(&imp->mu);
     attached = imp->coh.state() == coherence::ImportState::kLive && imp->channel != nullptr &&
                imp->channel->alive();
   }
-  if (!attached) {
-    if (auto st = Attach(*imp); !st.ok()) {
-      absl::MutexLock l(&imp->mu);
-      if (imp->coh.state() == coherence::ImportState::kGone &&
+  if (attached) return RunRead(op, /*may_refresh=*/true);
+  Attach(imp, [this, op](absl::Status st) {
+    if (st.ok()) return RunRead(op, /*may_refresh=*/true);
+    {
+      absl::MutexLock l(&op->imp->mu);
+      if (op->imp->coh.state() == coherence::ImportState::kGone &&
           (absl::IsNotFound(st) || absl::IsFailedPrecondition(st))) {
-        return absl::FailedPreconditionError(
-            absl::StrCat("export '", imp->remote_name, "' gone: ", imp->gone_reason));
+        st = absl::FailedPreconditionError(
+            absl::StrCat("export '", op->imp->remote_name, "' gone: ", op->imp->gone_reason));
       }
-      return st;
     }
-  }
+    op->done(std::move(st));
+  });
+}
+
+void ImportTable::RunRead(std::shared_ptr<ReadOp> op, bool may_refresh) {
+  auto link = op->imp->link;
+  RunOnLink(link, [this, op = std::move(op), may_refresh] {
+    auto r = ReadAttached(*op->imp, op->offset, op->dst, op->fresh, op->fill, may_refresh);
+    if (r.has_value()) return op->done(std::move(*r));
+    // The zero-copy region must be asked for first: the read starts over
+    // when the answer is in, on a worker again.
+    RefreshRegion(op->imp, [this, op] { RunRead(op, /*may_refresh=*/false); });
+  });
+}
+
+std::optional<absl::StatusOr<v1::ReadResponse>> ImportTable::ReadAttached(
+    ImportEntry& imp_ref, uint64_t offset, absl::Span<uint8_t> dst, bool fresh, bool fill,
+    bool may_refresh) {
+  ImportEntry* imp = &imp_ref;
+  const std::string& name = imp->name;
   std::shared_ptr<transport::PeerChannel> ch;
   uint64_t export_id, len, seq_before;
   bool zc;
@@ -602,9 +828,8 @@ absl::StatusOr<v1::ReadResponse> ImportTable::Read(const std::string& name, uint
     // stores without its CPU hashing what was read (the staged path's Sync
     // bookkeeping), and the read is as cheap as a fetch.
     absl::Status st = ch->ReadRegion(export_id, offset, dst, opts_.fetch_timeout);
-    if (absl::IsFailedPrecondition(st) && absl::Now() >= zc_refresh_at) {
-      RefreshRegion(*imp, ch.get(), export_id);
-      st = ch->ReadRegion(export_id, offset, dst, opts_.fetch_timeout);
+    if (absl::IsFailedPrecondition(st) && may_refresh && absl::Now() >= zc_refresh_at) {
+      return std::nullopt;  // RefreshRegion, then again
     }
     if (st.ok()) {
       v1::ReadResponse resp;
@@ -692,24 +917,28 @@ absl::StatusOr<v1::ReadResponse> ImportTable::Read(const std::string& name, uint
   return resp;
 }
 
-absl::StatusOr<v1::SyncResponse> ImportTable::Sync(const std::string& name) {
+void ImportTable::Sync(const std::string& name, SyncDone done) {
   auto imp = Find(name);
-  if (!imp) return absl::NotFoundError(absl::StrCat("no export or import named '", name, "'"));
-  grpc::ClientContext ctx;
-  // The exporter waits up to its sync timeout for acknowledgements.
-  PrepareCall(&ctx, absl::Seconds(10));
+  if (!imp) {
+    done(absl::NotFoundError(absl::StrCat("no export or import named '", name, "'")));
+    return;
+  }
   v1::PeerSyncRequest req;
   req.set_name(imp->remote_name);
-  v1::PeerSyncResponse presp;
-  if (auto st = FromGrpc(imp->link->stub->Sync(&ctx, req, &presp), absl::StrCat("peer ", imp->link->peer));
-      !st.ok()) {
-    return st;
-  }
-  v1::SyncResponse r;
-  r.set_pages_invalidated(presp.pages_invalidated());
-  r.set_seq(presp.seq());
-  r.set_subscribers_acked(presp.subscribers_acked());
-  return r;
+  // The exporter waits up to its sync timeout for acknowledgements.
+  CallPeer<v1::PeerSyncResponse>(
+      *imp->link, absl::Seconds(10), req, absl::StrCat("peer ", imp->link->peer),
+      [](Async* a, grpc::ClientContext* ctx, const v1::PeerSyncRequest* rq, v1::PeerSyncResponse* rs,
+         Callback cb) { a->Sync(ctx, rq, rs, std::move(cb)); },
+      std::function<void(absl::StatusOr<v1::PeerSyncResponse>)>(
+          [done = std::move(done)](absl::StatusOr<v1::PeerSyncResponse> presp) {
+            if (!presp.ok()) return done(presp.status());
+            v1::SyncResponse r;
+            r.set_pages_invalidated(presp->pages_invalidated());
+            r.set_seq(presp->seq());
+            r.set_subscribers_acked(presp->subscribers_acked());
+            done(std::move(r));
+          }));
 }
 
 void ImportTable::RenewLocked(ImportEntry& imp) {
@@ -778,11 +1007,10 @@ void ImportTable::OnChannelClosed(transport::PeerChannel* ch, const absl::Status
     for (auto& [p, link] : links_) links.push_back(link);
   }
   for (auto& link : links) {
-    absl::MutexLock il(&link->info_mu);
-    if (link->up_channel != ch) continue;
+    absl::MutexLock il(&link->mu);
+    if (link->state != LinkState::kUp || link->data.get() != ch) continue;
     // Declared lost: callers fail fast for a back-off instead of each
     // waiting for a Hello to a peer that may not answer.
-    link->up_channel = nullptr;
     link->state = LinkState::kDown;
     link->retry_at = absl::Now() + kLinkBackoff;
     link->last_error = absl::UnavailableError(

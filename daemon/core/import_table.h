@@ -10,25 +10,39 @@
 // the reader but never kept. An import is live for invalidations from the
 // moment its subscription is sent, before it is acknowledged.
 //
-// Peer links are state machines (LinkState in import_table.cc): a link that
-// lost its data connection or failed to connect fails reads fast for a
-// short back-off, and while one caller reconnects it the others fail fast
-// instead of queueing behind its Hello. Reads of a link's imports run on
-// the link's own executor, so a peer that does not answer holds up nobody
-// else's reads.
+// Peer links are state machines (LinkState in import_table.cc) driven by
+// the completions of asynchronous gRPC calls (the callback API): no thread
+// waits for a peer's answer and no lock is held across a call. A link that
+// lost its data connection or failed to connect fails callers fast for a
+// short back-off, and while one attempt reconnects it the others fail fast
+// instead of waiting for its Hello. An import's attachment (DescribeExport,
+// Subscribe) is a chain of completions too; readers of a detached import
+// wait for the one attachment in flight as continuations, not as threads.
+// What still blocks a thread is the data plane: a transport's Fetch and
+// ReadRegion run on the table's worker pool (at most kWorkers threads),
+// each link's reads at most kLinkWorkers at a time, the rest of a link's
+// reads queued behind them, so a peer that does not answer holds up a
+// bounded share of the pool for at most the fetch timeout; a transport's
+// BeginConnect and Connect run on a few connector threads of their own.
 //
-// LOCKING: mu_ guards the maps. Per import: attach_mu serialises
-// attachment (held across peer RPCs; only readers of that import wait on
-// it), mu guards the import's state (never held across a call). Per link:
-// Link::mu serialises (re)connection (held across Hello/SetupData),
-// Link::info_mu guards what listing shows and the link's state. Order: attach_mu, then
-// Link::mu, then ImportEntry::mu, then SharedCache's own lock; mu_ is taken
-// alone (its holders copy what they need and release it).
+// LOCKING: mu_ guards the maps; calls_mu_ the calls in flight. Per import:
+// mu guards the import's state, the attachment in flight and its waiters.
+// Per link: Link::mu guards the link's state, its data channel and its
+// queue of reads. None of them is held across a peer call, a fetch or a
+// completion callback (waiters run after the lock is released), and none
+// is held while another is taken, except ImportEntry::mu before
+// SharedCache's own lock and, in the destructor only, mu_ before Link::mu
+// and ImportEntry::mu. A PeerChannel's last reference is not dropped under
+// these locks (its destruction joins a reader that calls back in), except
+// by that reader itself in OnChannelClosed (the transport detaches it).
 #ifndef SVM_DAEMON_CORE_IMPORT_TABLE_H_
 #define SVM_DAEMON_CORE_IMPORT_TABLE_H_
 
+#include <deque>
+#include <functional>
 #include <map>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -73,28 +87,33 @@ class ImportTable final : public transport::ImportBackend {
               Counters* counters, ImportOptions opts);
   ~ImportTable() override;
 
-  absl::StatusOr<v1::ImportInfo> Import(const std::string& peer, const std::string& name,
-                                        const std::string& as);
+  // The calls below are asynchronous: done runs exactly once, on a gRPC
+  // completion thread, a worker of this table or, for an answer known at
+  // once, the caller's thread before the call returns. done must not block.
+  using ImportDone = std::function<void(absl::StatusOr<v1::ImportInfo>)>;
+  using ReadDone = std::function<void(absl::StatusOr<v1::ReadResponse>)>;
+  using SyncDone = std::function<void(absl::StatusOr<v1::SyncResponse>)>;
+
+  void Import(const std::string& peer, const std::string& name, const std::string& as,
+              ImportDone done);
   std::vector<v1::ImportInfo> List() const;
   bool Has(const std::string& name) const;
   // Reads dst.size() bytes at offset of the import, from the cache where
-  // valid, fetching the rest. fresh: neither use nor fill the cache. fill:
-  // the pages must end up in the cache (the staged path even where the
-  // exporter offers zero-copy READs, which are never cached).
-  absl::StatusOr<v1::ReadResponse> Read(const std::string& name, uint64_t offset,
-                                        absl::Span<uint8_t> dst, bool fresh, bool fill = false);
+  // valid, fetching the rest; dst must stay valid until done ran. fresh:
+  // neither use nor fill the cache. fill: the pages must end up in the
+  // cache (the staged path even where the exporter offers zero-copy READs,
+  // which are never cached).
+  void Read(const std::string& name, uint64_t offset, absl::Span<uint8_t> dst, bool fresh,
+            bool fill, ReadDone done);
   // The shared cache of import `name`, read-only, for a local client.
   absl::StatusOr<session::CacheFiles> OpenCache(const std::string& name) const;
   // Forwards Sync to the exporting daemon.
-  absl::StatusOr<v1::SyncResponse> Sync(const std::string& name);
+  void Sync(const std::string& name, SyncDone done);
   // Drops the cached pages of imports whose lease ran out: mapped imports
   // (Client::Map) read pages without asking, so their pages must go.
   void ExpireLeases();
   // Peer links whose data connection is up.
   uint32_t peers() const;
-  // The executor reads of import `name` run on (its peer link's), or null
-  // when there is no such import.
-  Executor* ReadExecutor(const std::string& name) const;
 
   void OnInvalidation(transport::PeerChannel* ch, const transport::InvalRecord& r) override;
   void OnChannelClosed(transport::PeerChannel* ch, const absl::Status& why) override;
@@ -102,28 +121,61 @@ class ImportTable final : public transport::ImportBackend {
  private:
   struct Link;
   struct ImportEntry;
-  // Deadline and authentication of every peer call.
-  void PrepareCall(grpc::ClientContext* ctx, absl::Duration timeout) const;
+  struct Connected;
+  struct ConnectAttempt;
+  struct PendingCall;
+  struct ReadOp;
+  using ConnectDone = std::function<void(absl::StatusOr<Connected>)>;
+  using AttachDone = std::function<void(absl::Status)>;
+
+  // Starts one asynchronous peer call (deadline and authentication set
+  // here): start(stub->async(), ctx, req, resp, callback) issues it, done
+  // gets the response or the error (DEADLINE_EXCEEDED as UNAVAILABLE,
+  // prefixed with what). Once the table is being destroyed, done gets
+  // CANCELLED at once.
+  template <typename Resp, typename Req, typename Start>
+  void CallPeer(Link& link, absl::Duration timeout, const Req& req, std::string what, Start start,
+                std::function<void(absl::StatusOr<Resp>)> done);
   std::shared_ptr<Link> GetLink(const std::string& peer);
-  // Whether a caller may try to (re)connect the link now; UNAVAILABLE with
-  // the reason while the link is down or being reconnected.
-  absl::Status Gate(Link& link);
-  // Makes sure the link has a live data channel; returns it (and its generation).
-  // Tries the transports both ends run in preference order; a failed rdma
-  // setup is logged, counted (rdma_fallbacks) and falls back to tcp.
-  absl::StatusOr<std::shared_ptr<transport::PeerChannel>> Connect(Link& link, uint64_t* generation);
-  // The attempt itself, under Link::mu.
-  absl::StatusOr<std::shared_ptr<transport::PeerChannel>> ConnectLocked(Link& link,
-                                                                        uint64_t* generation);
-  // BeginConnect, SetupData, Connect on one transport; sets *token.
-  absl::StatusOr<std::unique_ptr<transport::PeerChannel>> ConnectWith(Link& link,
-                                                                      transport::Transport& t,
-                                                                      std::string* token);
-  // (Re)attaches an import: describe by name, subscribe on the current channel.
-  absl::Status Attach(ImportEntry& imp);
-  // Zero-copy: asks the exporter for the export's current region and hands
-  // it to the channel.
-  void RefreshRegion(ImportEntry& imp, transport::PeerChannel* ch, uint64_t export_id);
+  // Hands done the link's live data channel, or starts an attempt to
+  // (re)connect it (Hello, then SetupData and the data connection on each
+  // transport both ends run, in preference order; a failed rdma setup is
+  // logged, counted (rdma_fallbacks) and falls back to tcp), or fails fast
+  // while the link is down or being reconnected.
+  void Connect(const std::shared_ptr<Link>& link, ConnectDone done);
+  void OnHello(const std::shared_ptr<Link>& link, absl::StatusOr<v1::HelloResponse> hello);
+  // BeginConnect and SetupData on the attempt's current transport (on a worker).
+  void SetupNext(const std::shared_ptr<Link>& link, std::shared_ptr<ConnectAttempt> attempt);
+  // The transport's Connect after SetupData answered (on a worker).
+  void ConnectData(const std::shared_ptr<Link>& link, std::shared_ptr<ConnectAttempt> attempt,
+                   std::string begin, absl::StatusOr<v1::SetupDataResponse> setup);
+  // The attempt failed on its current transport: the next one, or the end.
+  void NextOrFail(const std::shared_ptr<Link>& link, std::shared_ptr<ConnectAttempt> attempt,
+                  absl::Status why);
+  void FinishConnect(const std::shared_ptr<Link>& link, absl::StatusOr<Connected> result,
+                     const std::string& fallback_reason);
+  // (Re)attaches an import: describe by name, subscribe on the link's
+  // current channel. Concurrent callers wait for the one in flight.
+  void Attach(const std::shared_ptr<ImportEntry>& imp, AttachDone done);
+  void Subscribe(const std::shared_ptr<ImportEntry>& imp, const Connected& c,
+                 const v1::ExportDescriptor& desc);
+  void FinishAttach(ImportEntry& imp, const absl::Status& st);
+  // Runs a read's data-plane part on the worker pool, at most kLinkWorkers
+  // of the link's at a time (the rest wait in the link's queue).
+  void RunOnLink(const std::shared_ptr<Link>& link, std::function<void()> task);
+  void RunLinkTask(const std::shared_ptr<Link>& link, std::function<void()> task);
+  // A read of an attached import: ReadAttached on a worker (RunOnLink),
+  // after a RefreshRegion when it asks for one.
+  void RunRead(std::shared_ptr<ReadOp> op, bool may_refresh);
+  // The part of a read after the import is attached, on a worker. Returns
+  // nothing when the zero-copy region must be asked for first
+  // (RefreshRegion, then again with may_refresh false).
+  std::optional<absl::StatusOr<v1::ReadResponse>> ReadAttached(ImportEntry& imp, uint64_t offset,
+                                                               absl::Span<uint8_t> dst, bool fresh,
+                                                               bool fill, bool may_refresh);
+  // Zero-copy: asks the exporter for the export's current region, hands it
+  // to the channel, then runs then.
+  void RefreshRegion(const std::shared_ptr<ImportEntry>& imp, std::function<void()> then);
   std::shared_ptr<ImportEntry> Find(const std::string& name) const;
   v1::ImportInfo InfoOf(ImportEntry& imp) const;
   // Renews the lease of an import (under its mu) and publishes it to clients.
@@ -141,6 +193,18 @@ class ImportTable final : public transport::ImportBackend {
   std::map<std::string, std::shared_ptr<Link>> links_ ABSL_GUARDED_BY(mu_);
   std::map<std::string, std::shared_ptr<ImportEntry>> imports_ ABSL_GUARDED_BY(mu_);
   uint64_t next_import_id_ ABSL_GUARDED_BY(mu_) = 1;
+
+  absl::Mutex calls_mu_;  // guards the peer calls in flight
+  std::vector<std::shared_ptr<PendingCall>> calls_ ABSL_GUARDED_BY(calls_mu_);
+  bool stopping_ ABSL_GUARDED_BY(calls_mu_) = false;
+
+  // The data plane's blocking work: reads' fetches and READs (workers_,
+  // RunOnLink), data connections' BeginConnect and Connect and the release
+  // of replaced ones (connectors_). Declared last: destroyed first, while
+  // everything their tasks use exists; connectors_ before workers_, which
+  // its tasks may queue reads on.
+  Executor workers_;
+  Executor connectors_;
 };
 
 }  // namespace svm::core

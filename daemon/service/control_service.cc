@@ -115,9 +115,7 @@ class ControlService final : public v1::Control::CallbackService {
   grpc::ServerUnaryReactor* Export(grpc::CallbackServerContext* ctx, const v1::ExportRequest* req,
                                    v1::ExportResponse* resp) override {
     auto cred = clients_->Lookup(ctx->peer());
-    // Reads of an import run on its peer link's executor: a peer that does
-    // not answer holds up reads of its own imports only.
-    return Async(ctx, d_->imports().ReadExecutor(req->name()), [=, this]() -> absl::Status {
+    return Async(ctx, [=, this]() -> absl::Status {
       if (!cred.ok()) return cred.status();
       if (auto st = ValidateName(req->name()); !st.ok()) return st;
       if (req->len() == 0) return absl::InvalidArgumentError("len must be > 0");
@@ -167,7 +165,10 @@ class ControlService final : public v1::Control::CallbackService {
 
   grpc::ServerUnaryReactor* Import(grpc::CallbackServerContext* ctx, const v1::ImportRequest* req,
                                    v1::ImportResponse* resp) override {
-    return Async(ctx, [=, this]() -> absl::Status {
+    // Asynchronous: the peer calls run on gRPC's callback API and this
+    // call finishes from their completion, holding no thread meanwhile.
+    auto* r = ctx->DefaultReactor();
+    absl::Status st = [&]() -> absl::Status {
       if (auto st = ValidateName(req->name()); !st.ok()) return st;
       if (!req->as().empty()) {
         if (auto st = ValidateName(req->as()); !st.ok()) return st;
@@ -180,11 +181,22 @@ class ControlService final : public v1::Control::CallbackService {
         return absl::AlreadyExistsError(
             absl::StrCat("'", local, "' names a local export; import it under another name (--as)"));
       }
-      auto info = d_->imports().Import(req->peer(), req->name(), req->as());
-      if (!info.ok()) return info.status();
-      *resp->mutable_info() = *info;
       return absl::OkStatus();
-    });
+    }();
+    if (!st.ok()) {
+      r->Finish(ToGrpc(st));
+      return r;
+    }
+    d_->imports().Import(req->peer(), req->name(), req->as(),
+                         [r, resp](absl::StatusOr<v1::ImportInfo> info) {
+                           if (!info.ok()) {
+                             spdlog::debug("control call failed: {}", info.status().ToString());
+                             return r->Finish(ToGrpc(info.status()));
+                           }
+                           *resp->mutable_info() = std::move(*info);
+                           r->Finish(grpc::Status::OK);
+                         });
+    return r;
   }
 
   grpc::ServerUnaryReactor* ListImports(grpc::CallbackServerContext* ctx,
@@ -198,36 +210,49 @@ class ControlService final : public v1::Control::CallbackService {
 
   grpc::ServerUnaryReactor* Read(grpc::CallbackServerContext* ctx, const v1::ReadRequest* req,
                                  v1::ReadResponse* resp) override {
-    // Reads of an import run on its peer link's executor: a peer that does
-    // not answer holds up reads of its own imports only.
-    return Async(ctx, d_->imports().ReadExecutor(req->name()), [=, this]() -> absl::Status {
-      if (auto st = ValidateName(req->name()); !st.ok()) return st;
-      if (req->len() == 0) return absl::InvalidArgumentError("len must be > 0");
-      if (req->len() > kMaxReadBytes) {
-        return absl::InvalidArgumentError(
-            absl::StrFormat("len %u is above the %u-byte limit of one read", req->len(), kMaxReadBytes));
-      }
-      if (req->offset() + req->len() < req->offset()) {
-        return absl::OutOfRangeError("offset + len overflows");
-      }
-      std::string* buf = resp->mutable_data();
-      buf->resize(req->len());
-      auto dst = absl::MakeSpan(reinterpret_cast<uint8_t*>(buf->data()), buf->size());
-      if (d_->imports().Has(req->name())) {
-        auto r = d_->imports().Read(req->name(), req->offset(), dst, req->fresh());
-        if (!r.ok()) return r.status();
-        resp->set_len(r->len());
-        resp->set_seq(r->seq());
-        resp->set_pages_from_cache(r->pages_from_cache());
-        resp->set_pages_fetched(r->pages_fetched());
-      } else {
+    absl::Status st = ValidateName(req->name());
+    if (st.ok() && req->len() == 0) st = absl::InvalidArgumentError("len must be > 0");
+    if (st.ok() && req->len() > kMaxReadBytes) {
+      st = absl::InvalidArgumentError(
+          absl::StrFormat("len %u is above the %u-byte limit of one read", req->len(), kMaxReadBytes));
+    }
+    if (st.ok() && req->offset() + req->len() < req->offset()) {
+      st = absl::OutOfRangeError("offset + len overflows");
+    }
+    if (!st.ok()) {
+      auto* r = ctx->DefaultReactor();
+      r->Finish(ToGrpc(st));
+      return r;
+    }
+    std::string* buf = resp->mutable_data();
+    buf->resize(req->len());
+    auto dst = absl::MakeSpan(reinterpret_cast<uint8_t*>(buf->data()), buf->size());
+    if (!d_->imports().Has(req->name())) {
+      return Async(ctx, [=, this]() -> absl::Status {
         auto seq = d_->exports().ReadLocal(req->name(), req->offset(), dst);
         if (!seq.ok()) return seq.status();
-        resp->set_len(buf->size());
+        resp->set_len(dst.size());
         resp->set_seq(*seq);
-      }
-      return absl::OkStatus();
-    });
+        return absl::OkStatus();
+      });
+    }
+    // Asynchronous: the import's peer link runs it (a peer that does not
+    // answer holds up reads of its own imports only) and this call
+    // finishes from its completion.
+    auto* r = ctx->DefaultReactor();
+    d_->imports().Read(req->name(), req->offset(), dst, req->fresh(), /*fill=*/false,
+                       [r, resp](absl::StatusOr<v1::ReadResponse> rr) {
+                         if (!rr.ok()) {
+                           spdlog::debug("control call failed: {}", rr.status().ToString());
+                           return r->Finish(ToGrpc(rr.status()));
+                         }
+                         resp->set_len(rr->len());
+                         resp->set_seq(rr->seq());
+                         resp->set_pages_from_cache(rr->pages_from_cache());
+                         resp->set_pages_fetched(rr->pages_fetched());
+                         r->Finish(grpc::Status::OK);
+                       });
+    return r;
   }
 
   grpc::ServerWriteReactor<v1::Invalidation>* Watch(grpc::CallbackServerContext* ctx,
@@ -250,10 +275,23 @@ class ControlService final : public v1::Control::CallbackService {
 
   grpc::ServerUnaryReactor* Sync(grpc::CallbackServerContext* ctx, const v1::SyncRequest* req,
                                  v1::SyncResponse* resp) override {
+    if (auto st = ValidateName(req->name()); !st.ok() || !d_->exports().Has(req->name())) {
+      // An import's: forwarded to its exporter asynchronously.
+      auto* r = ctx->DefaultReactor();
+      if (!st.ok()) {
+        r->Finish(ToGrpc(st));
+        return r;
+      }
+      d_->imports().Sync(req->name(), [r, resp](absl::StatusOr<v1::SyncResponse> sr) {
+        if (!sr.ok()) return r->Finish(ToGrpc(sr.status()));
+        *resp = std::move(*sr);
+        r->Finish(grpc::Status::OK);
+      });
+      return r;
+    }
+    // The exporter waits for its subscribers' acknowledgements: on the executor.
     return Async(ctx, [=, this]() -> absl::Status {
-      if (auto st = ValidateName(req->name()); !st.ok()) return st;
-      auto r = d_->exports().Has(req->name()) ? d_->exports().Sync(req->name())
-                                              : d_->imports().Sync(req->name());
+      auto r = d_->exports().Sync(req->name());
       if (!r.ok()) return r.status();
       *resp = *r;
       return absl::OkStatus();

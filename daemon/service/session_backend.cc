@@ -1,6 +1,7 @@
 // The sessions' view of the daemon: opening an import's shared cache or a
-// local export, and reads run on the executor the gRPC Read used (an
-// import's peer link's, so a stuck peer holds up only its own imports).
+// local export, and reads (an import's asynchronously, on its peer link, so
+// a stuck peer holds up only its own imports; a local export's on the
+// daemon's executor).
 #include "daemon/service/session_backend.h"
 
 #include "absl/strings/match.h"
@@ -44,16 +45,17 @@ class DaemonBackend final : public session::Backend {
 
   void Read(const std::string& name, uint64_t offset, absl::Span<uint8_t> dst, bool fresh, bool fill,
             std::function<void(absl::StatusOr<session::ReadDone>)> done) override {
-    Executor* ex = d_->imports().ReadExecutor(name);
-    if (ex == nullptr) ex = &d_->executor();
-    // The task outlives neither the daemon nor its executors, but may
-    // outlive this backend: it captures the daemon.
-    ex->Submit([d = d_, name, offset, dst, fresh, fill, done = std::move(done)] {
-      if (d->imports().Has(name)) {
-        auto r = d->imports().Read(name, offset, dst, fresh, fill);
-        if (!r.ok()) return done(r.status());
-        return done(session::ReadDone{r->seq(), r->pages_from_cache(), r->pages_fetched()});
-      }
+    if (d_->imports().Has(name)) {
+      // Asynchronous: the import's peer link runs it.
+      d_->imports().Read(name, offset, dst, fresh, fill,
+                         [done = std::move(done)](absl::StatusOr<v1::ReadResponse> r) {
+                           if (!r.ok()) return done(r.status());
+                           done(session::ReadDone{r->seq(), r->pages_from_cache(), r->pages_fetched()});
+                         });
+      return;
+    }
+    // A local export's pages, read from its process: on the daemon's executor.
+    d_->executor().Submit([d = d_, name, offset, dst, done = std::move(done)] {
       auto seq = d->exports().ReadLocal(name, offset, dst);
       if (!seq.ok()) return done(seq.status());
       done(session::ReadDone{*seq, 0, 0});

@@ -4,11 +4,15 @@
 // healthy peer's import, promptly; the stuck reads fail with UNAVAILABLE
 // within the peer timeout. Natively only (the bounds are wall-clock).
 #include <signal.h>
+#include <sys/wait.h>
 
 #include <atomic>
+#include <cstdlib>
+#include <fstream>
 #include <thread>
 #include <vector>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
 #include "gtest/gtest.h"
@@ -157,6 +161,159 @@ TEST(ControlPlane, AStoppedPeerDelaysNeitherControlCallsNorReadsOfAHealthyPeer) 
   }
   ASSERT_TRUE(rec.ok()) << rec.status();
   EXPECT_EQ(*rec, std::string(kPage, 'S'));
+}
+
+// svmd's thread count (/proc/PID/status).
+int ThreadsOf(pid_t pid) {
+  std::ifstream in(absl::StrCat("/proc/", pid, "/status"));
+  std::string line;
+  while (std::getline(in, line)) {
+    if (absl::StartsWith(line, "Threads:")) return std::atoi(line.c_str() + 8);
+  }
+  return -1;
+}
+
+// Peer calls are asynchronous: reads and imports waiting for a peer that
+// does not answer hold no thread of the importer (its thread count stays
+// near its baseline however many are outstanding), and the setup of a link
+// to another peer (Hello, SetupData, DescribeExport, Subscribe) does not
+// queue behind them.
+TEST(ControlPlane, CallsStuckOnAStoppedPeerHoldNoThreads) {
+  if (TestTransport() == "rdma") GTEST_SKIP() << "wall-clock bounds: tcp on the host only";
+  constexpr int kStuck = 64;
+  constexpr int kClients = 8;
+  TempDir dir;
+  auto start = [&](const std::string& node) {
+    auto d = Daemon::Start({.node = node, .dir = dir.path(), .transport = "tcp"});
+    EXPECT_TRUE(d.ok()) << d.status();
+    return d.ok() ? std::move(*d) : nullptr;
+  };
+  auto a = start("A"), c = start("C"), b = start("B");
+  ASSERT_TRUE(a && b && c);
+  auto other = Exporter::Start({.daemon = a.get(), .name = "other", .pages = 4, .fill = 'O',
+                                .log_path = absl::StrCat(dir.path(), "/exporter-other.log")});
+  auto stuck = Exporter::Start({.daemon = c.get(), .name = "stuck", .pages = 4, .fill = 'S',
+                                .log_path = absl::StrCat(dir.path(), "/exporter-stuck.log")});
+  ASSERT_TRUE(other.ok()) << other.status();
+  ASSERT_TRUE(stuck.ok()) << stuck.status();
+  auto cb = b->Connect();
+  ASSERT_NE(cb, nullptr);
+  ASSERT_TRUE(cb->Import(c->peer(), "stuck").ok());
+  ASSERT_TRUE(ReadBytes(*cb, "stuck", 0, kPage).ok());
+  std::vector<std::unique_ptr<Client>> clients;
+  for (int i = 0; i < kClients; ++i) {
+    clients.push_back(b->Connect());
+    ASSERT_NE(clients.back(), nullptr);
+    ASSERT_TRUE(clients.back()->Status().ok());
+  }
+  absl::SleepFor(absl::Milliseconds(200));
+  const int baseline = ThreadsOf(b->process().pid());
+  ASSERT_GT(baseline, 0);
+
+  ASSERT_TRUE(c->process().Stop(absl::Seconds(5)).ok());
+  absl::Mutex mu;
+  std::vector<Outcome> reads, imports;
+  std::vector<std::thread> threads;
+  for (int i = 0; i < kStuck; ++i) {
+    Client* cl = clients[i % kClients].get();
+    threads.emplace_back([&, cl] {
+      std::string buf(kPage, '\0');
+      ReadOptions fresh;
+      fresh.fresh = true;
+      const absl::Time t0 = absl::Now();
+      absl::Status st =
+          cl->Read("stuck", 0, absl::MakeSpan(reinterpret_cast<uint8_t*>(buf.data()), kPage), fresh)
+              .status();
+      absl::MutexLock l(&mu);
+      reads.push_back({st, absl::Now() - t0});
+    });
+    threads.emplace_back([&, cl, i] {
+      const absl::Time t0 = absl::Now();
+      absl::Status st = cl->Import(c->peer(), "stuck", absl::StrCat("stuck-", i)).status();
+      absl::MutexLock l(&mu);
+      imports.push_back({st, absl::Now() - t0});
+    });
+  }
+  absl::SleepFor(absl::Milliseconds(300));
+  const int during = ThreadsOf(b->process().pid());
+  // A link to a peer never contacted before: Hello and the rest of the
+  // setup, while every call above still waits for the stopped peer.
+  const absl::Time t0 = absl::Now();
+  auto imported = cb->Import(a->peer(), "other");
+  const absl::Duration import_took = absl::Now() - t0;
+  ASSERT_TRUE(imported.ok()) << imported.status();
+  auto r = ReadBytes(*cb, "other", 0, kPage, /*fresh=*/true);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(*r, std::string(kPage, 'O'));
+  for (auto& t : threads) t.join();
+  std::printf("svmd threads: %d before, %d with %d reads and %d imports outstanding; "
+              "an import from another peer took %.1f ms\n",
+              baseline, during, kStuck, kStuck, absl::ToDoubleMilliseconds(import_took));
+  EXPECT_LE(during, baseline + 8) << "the importer grew threads for calls stuck on a peer";
+  EXPECT_LT(import_took, absl::Milliseconds(500));
+  const absl::Duration stuck_bound = absl::Milliseconds(2000) + absl::Milliseconds(300);
+  ASSERT_EQ(reads.size(), static_cast<size_t>(kStuck));
+  ASSERT_EQ(imports.size(), static_cast<size_t>(kStuck));
+  for (const Outcome& o : reads) {
+    EXPECT_TRUE(absl::IsUnavailable(o.status)) << o.status;
+    EXPECT_LT(o.took, stuck_bound) << o.status;
+  }
+  for (const Outcome& o : imports) {
+    EXPECT_TRUE(absl::IsUnavailable(o.status)) << o.status;
+    EXPECT_LT(o.took, stuck_bound) << o.status;
+  }
+  c->process().Signal(SIGCONT);
+}
+
+// Every outstanding call completes when the importer shuts down: with
+// reads and imports waiting for a stopped peer, SIGTERM ends svmd cleanly
+// (exit 0) within the peer timeout, and every caller gets an answer.
+TEST(ControlPlane, ShutdownWithCallsOutstandingToAStoppedPeerIsClean) {
+  if (TestTransport() == "rdma") GTEST_SKIP() << "tcp on the host only";
+  constexpr int kCalls = 16;
+  TempDir dir;
+  auto start = [&](const std::string& node) {
+    auto d = Daemon::Start({.node = node, .dir = dir.path(), .transport = "tcp"});
+    EXPECT_TRUE(d.ok()) << d.status();
+    return d.ok() ? std::move(*d) : nullptr;
+  };
+  auto c = start("C"), b = start("B");
+  ASSERT_TRUE(b && c);
+  auto stuck = Exporter::Start({.daemon = c.get(), .name = "stuck", .pages = 4, .fill = 'S',
+                                .log_path = absl::StrCat(dir.path(), "/exporter-stuck.log")});
+  ASSERT_TRUE(stuck.ok()) << stuck.status();
+  auto cb = b->Connect();
+  ASSERT_NE(cb, nullptr);
+  ASSERT_TRUE(cb->Import(c->peer(), "stuck").ok());
+  ASSERT_TRUE(ReadBytes(*cb, "stuck", 0, kPage).ok());
+  ASSERT_TRUE(c->process().Stop(absl::Seconds(5)).ok());
+  std::atomic<int> answered{0};
+  std::vector<std::thread> threads;
+  for (int i = 0; i < kCalls; ++i) {
+    threads.emplace_back([&] {
+      std::string buf(kPage, '\0');
+      ReadOptions fresh;
+      fresh.fresh = true;
+      (void)cb->Read("stuck", 0, absl::MakeSpan(reinterpret_cast<uint8_t*>(buf.data()), kPage), fresh);
+      ++answered;
+    });
+    threads.emplace_back([&, i] {
+      (void)cb->Import(c->peer(), "stuck", absl::StrCat("stuck-", i));
+      ++answered;
+    });
+  }
+  absl::SleepFor(absl::Milliseconds(300));
+  b->process().Signal(SIGTERM);
+  auto st = b->process().Wait(Scaled(absl::Seconds(5)));
+  EXPECT_TRUE(st.ok()) << "svmd did not exit: " << st.status();
+  if (st.ok()) {
+    EXPECT_TRUE(WIFEXITED(*st) && WEXITSTATUS(*st) == 0) << *st;
+  } else {
+    b->Kill();  // so that the callers get their answers
+  }
+  for (auto& t : threads) t.join();
+  EXPECT_EQ(answered.load(), 2 * kCalls);
+  c->process().Signal(SIGCONT);
 }
 
 }  // namespace
