@@ -408,10 +408,10 @@ int main(int argc, char** argv) {
     // The packaged default: the service must start on a fresh install,
     // where no certificates or token exist yet (docs/operations.md,
     // "Configure" and "Securing peers").
-    spdlog::warn("peer tls is OFF and peer authentication is OFF (no --tls-cert/--tls-key/--tls-ca, "
-                 "no --peer-token-file): peer traffic is unencrypted and any host that reaches {} "
-                 "can read every export of this node that has no access list; use --tls-* on every "
-                 "node unless peers are confined to a trusted network",
+    spdlog::warn("peer authentication is OFF and peer traffic is unencrypted (no --tls-cert/--tls-key/"
+                 "--tls-ca, no --peer-token-file): any host that reaches {} can read every export "
+                 "of this node that has no access list; use --tls-* on every node unless peers are "
+                 "confined to a trusted network",
                  (*server)->peer_address());
   } else {
     spdlog::warn("peer tls is OFF (no --tls-cert/--tls-key/--tls-ca): peer traffic, the token and "

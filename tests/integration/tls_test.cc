@@ -221,8 +221,10 @@ TEST_F(Tls, DaemonWithoutTlsIsRefusedAndWarned) {
   auto n = Daemon::Start({.node = "plain", .dir = dir_.path()});
   ASSERT_TRUE(n.ok()) << n.status();
   // Without TLS flags svmd says so, once.
-  EXPECT_EQ(CountLines(Log("plain"), "peer tls is OFF"), 1);
-  EXPECT_EQ(CountLines(ALog(), "peer tls is OFF"), 0);
+  EXPECT_EQ(CountLines(Log("plain"),
+                       "warning [svmd] peer authentication is OFF and peer traffic is unencrypted"),
+            1);
+  EXPECT_EQ(CountLines(ALog(), "unencrypted"), 0);
   RunResult r = RunCommand({SvmctlPath(), "--daemon", (*n)->control(), "import", "--peer",
                             a_->peer(), "--name", "secret"});
   EXPECT_EQ(r.exit_code, 1);
