@@ -190,7 +190,7 @@ class GrpcClient final : public Client {
   absl::StatusOr<ReadResult> Read(const std::string& name, uint64_t offset, absl::Span<uint8_t> dst,
                                   ReadOptions opts) override {
     // The common case first, without allocating: every page cached.
-    if (!opts.fresh && !dst.empty()) {
+    if (!opts.fresh && !dst.empty() && !session_->forked()) {
       // The view this thread used last, without a lock or a reference count.
       thread_local struct {
         uint64_t session = 0;
@@ -340,8 +340,6 @@ absl::StatusOr<std::unique_ptr<Client>> Client::Connect(const std::string& targe
   auto client = std::make_unique<GrpcClient>(ch);
   auto status = client->Status();
   if (!status.ok()) return status.status();
-  // Let the daemon read (exports) and write (Read buffers) this process's
-  // memory even under Yama's restricted ptrace scope.
   if (status->session_socket().empty()) {
     return absl::FailedPreconditionError(
         absl::StrCat("svmd at ", target, " offers no session socket (it is older than this libsvm)"));

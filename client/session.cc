@@ -7,6 +7,7 @@
 #include <sys/ioctl.h>
 #include <sys/syscall.h>
 #include <poll.h>
+#include <pthread.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/un.h>
@@ -29,6 +30,11 @@ namespace {
 constexpr uint64_t kSlotSize = 256 << 10;
 // How long a waiting thread polls the completion ring before it sleeps.
 constexpr absl::Duration kSpin = absl::Microseconds(30);
+
+// Counts forks in this process's children: a session belongs to the
+// process that connected it.
+std::atomic<uint64_t> g_forks{0};
+void CountFork() { g_forks.fetch_add(1, std::memory_order_relaxed); }
 
 absl::Status Errno(int err, const std::string& what) {
   return absl::UnavailableError(absl::StrCat(what, ": ", std::strerror(err)));
@@ -73,8 +79,11 @@ View::~View() {
 
 absl::StatusOr<std::unique_ptr<Session>> Session::Connect(const std::string& path) {
   static std::atomic<uint64_t> next_id{1};
+  static const int atfork = ::pthread_atfork(nullptr, nullptr, CountFork);
+  (void)atfork;
   std::unique_ptr<Session> s(new Session());
   s->id_ = next_id.fetch_add(1);
+  s->forks_ = g_forks.load(std::memory_order_relaxed);
   s->sock_ = ::socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
   if (s->sock_ < 0) return Errno(errno, "socket");
   sockaddr_un sun{};
@@ -113,6 +122,8 @@ absl::StatusOr<std::unique_ptr<Session>> Session::Connect(const std::string& pat
   void* m = ::mmap(nullptr, ok.memory_size, PROT_READ | PROT_WRITE, MAP_SHARED, fds[0], 0);
   ::close(fds[0]);
   if (m == MAP_FAILED) return Errno(errno, "map the session memory");
+  // A child that touched the rings would corrupt its parent's session.
+  ::madvise(m, ok.memory_size, MADV_DONTFORK);
   s->mem_ = static_cast<uint8_t*>(m);
   s->mem_size_ = ok.memory_size;
   s->hdr_ = reinterpret_cast<abi::SessionHeader*>(s->mem_);
@@ -137,7 +148,26 @@ absl::StatusOr<std::unique_ptr<Session>> Session::Connect(const std::string& pat
   return s;
 }
 
+bool Session::forked() const { return g_forks.load(std::memory_order_relaxed) != forks_; }
+
+absl::Status Session::ForkedError() {
+  return absl::FailedPreconditionError(
+      "this svm client was connected by the parent process; connect again after fork()");
+}
+
 Session::~Session() {
+  if (forked()) {
+    // A forked child's copy: the threads and mappings are the parent's.
+    // Close the descriptors only (the parent's session is untouched).
+    if (pager_.joinable()) pager_.detach();
+    for (int fd : {uffd_, pager_stop_, ev_bell_, sock_, sq_bell_, cq_bell_}) {
+      if (fd >= 0) ::close(fd);
+    }
+    absl::MutexLock l(&open_mu_);
+    for (auto& [name, v] : views_) v->data = nullptr, v->header = nullptr;  // not mapped here
+    views_.clear();
+    return;
+  }
   if (pager_.joinable()) {
     const uint64_t one = 1;
     (void)!::write(pager_stop_, &one, sizeof(one));
@@ -166,6 +196,7 @@ Session::~Session() {
 }
 
 absl::StatusOr<std::shared_ptr<View>> Session::Open(const std::string& name) {
+  if (forked()) return ForkedError();
   absl::MutexLock l(&open_mu_);
   auto it = views_.find(name);
   if (it != views_.end() && !it->second->retired()) return it->second;
@@ -283,6 +314,10 @@ void Session::WaitFor(const std::function<bool()>& pred) {
 
 std::vector<Session::Result> Session::Run(absl::Span<const Op> ops) {
   std::vector<Result> results(ops.size());
+  if (forked()) {
+    for (Result& r : results) r.status = ForkedError();
+    return results;
+  }
   std::vector<int> slot_of(ops.size(), -1);
   std::vector<size_t> mine;  // ops in flight
   size_t next = 0, done = 0;
@@ -359,7 +394,7 @@ std::vector<Session::Result> Session::Run(absl::Span<const Op> ops) {
       // The slot stays this thread's until it is freed: copy without the lock.
       mu_.Unlock();
       if (c.status == 0) {
-        std::memcpy(ops[i].dst, src, std::min(ops[i].len, slot_size_));
+        if (ops[i].dst != nullptr) std::memcpy(ops[i].dst, src, std::min(ops[i].len, slot_size_));
         r.seq = c.seq;
         r.pages_from_cache = c.pages_from_cache;
         r.pages_fetched = c.pages_fetched;
@@ -401,6 +436,7 @@ absl::Status Session::Ask(uint32_t type, const std::string& name, abi::OpenOkMsg
 }
 
 absl::StatusOr<uint32_t> Session::Watch(const std::string& name) {
+  if (forked()) return ForkedError();
   absl::MutexLock l(&open_mu_);
   int fds[4];
   int nfds = 0;
@@ -409,6 +445,7 @@ absl::StatusOr<uint32_t> Session::Watch(const std::string& name) {
   CloseFds(fds, nfds);
   absl::MutexLock el(&ev_mu_);
   ev_queues_[ok.handle];  // events that already arrived are kept
+  ev_next_id_ = std::max(ev_next_id_, ok.handle + 1);
   return ok.handle;
 }
 
@@ -418,18 +455,25 @@ void Session::DrainEventsLocked() {
   while (ev_head_ != tail) {
     const abi::Event e = ev_[ev_head_ & (hdr_->ev_entries - 1)];
     ++ev_head_;
-    if (ev_forgotten_.count(e.watch) == 0) ev_queues_[e.watch].push_back(e);
+    if (auto it = ev_queues_.find(e.watch); it != ev_queues_.end()) {
+      it->second.push_back(e);
+    } else if (e.watch >= ev_next_id_) {
+      ev_queues_[e.watch].push_back(e);  // its Watch() is reading the answer
+    }
   }
   hdr_->ev.head.store(ev_head_, std::memory_order_release);
   ev_cv_.SignalAll();
 }
 
 absl::StatusOr<abi::Event> Session::NextEvent(uint32_t watch, absl::Duration timeout) {
+  if (forked()) return ForkedError();
   const absl::Time deadline = absl::Now() + timeout;
   absl::MutexLock l(&ev_mu_);
   for (;;) {
     DrainEventsLocked();
-    auto& q = ev_queues_[watch];
+    auto it = ev_queues_.find(watch);
+    if (it == ev_queues_.end()) return absl::FailedPreconditionError("the watch has ended");
+    auto& q = it->second;
     if (!q.empty()) {
       abi::Event e = q.front();
       q.pop_front();
@@ -463,24 +507,56 @@ absl::StatusOr<abi::Event> Session::NextEvent(uint32_t watch, absl::Duration tim
 }
 
 void Session::ForgetWatch(uint32_t watch) {
-  absl::MutexLock l(&ev_mu_);
-  ev_forgotten_.insert(watch);
-  ev_queues_.erase(watch);
+  if (forked()) return;
+  {
+    absl::MutexLock l(&ev_mu_);
+    ev_queues_.erase(watch);
+  }
+  abi::UnwatchMsg m{};
+  m.h.type = abi::kUnwatch;
+  m.h.len = sizeof(m);
+  m.watch = watch;
+  absl::MutexLock l(&open_mu_);
+  // No answer; a failure means svmd is gone, which ends the watch too.
+  (void)abi::SendMsg(sock_, &m, sizeof(m), nullptr, 0);
 }
 
 absl::Status Session::StartPager() {
   if (uffd_ >= 0) return absl::OkStatus();
-  // User-mode faults only where the kernel has the flag (unprivileged use).
-  int fd = static_cast<int>(::syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK | UFFD_USER_MODE_ONLY));
-  if (fd < 0) fd = static_cast<int>(::syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK));
+  // Kernel-mode faults too (a mapped page handed to write(2) or send(2))
+  // where the process may handle them (CAP_SYS_PTRACE, or
+  // vm.unprivileged_userfaultfd = 1); otherwise user-mode faults only, and
+  // a system call that touches a page not yet fetched fails with EFAULT
+  // (docs: Prefetch first).
+  bool user_mode_only = false;
+  int fd = static_cast<int>(::syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK));
+  if (fd < 0 && errno == EPERM) {
+    user_mode_only = true;
+    fd = static_cast<int>(::syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK | UFFD_USER_MODE_ONLY));
+  }
   if (fd < 0) return Errno(errno, "userfaultfd");
+  // Minor faults (a page present in the cache file but not yet mapped
+  // here) let the pager check the page's version word before the page is
+  // mapped: a page some Read faulted in while it was being punched (a
+  // stray, all zeros, version 0) is then fetched instead of shown.
   uffdio_api api{};
   api.api = UFFD_API;
-  api.features = UFFD_FEATURE_MISSING_SHMEM | UFFD_FEATURE_THREAD_ID;
+  api.features = UFFD_FEATURE_MISSING_SHMEM | UFFD_FEATURE_THREAD_ID | UFFD_FEATURE_MINOR_SHMEM;
   if (::ioctl(fd, UFFDIO_API, &api) != 0) {
+    // Kernels before 5.14: no minor faults on shmem. The API handshake is
+    // one-shot per descriptor, so start again.
     ::close(fd);
-    return Errno(errno, "userfaultfd features");
+    fd = static_cast<int>(::syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK | (user_mode_only ? UFFD_USER_MODE_ONLY : 0)));
+    if (fd < 0) return Errno(errno, "userfaultfd");
+    api = uffdio_api{};
+    api.api = UFFD_API;
+    api.features = UFFD_FEATURE_MISSING_SHMEM | UFFD_FEATURE_THREAD_ID;
+    if (::ioctl(fd, UFFDIO_API, &api) != 0) {
+      ::close(fd);
+      return Errno(errno, "userfaultfd features");
+    }
   }
+  minor_faults_ = (api.features & UFFD_FEATURE_MINOR_SHMEM) != 0;
   pager_stop_ = ::eventfd(0, EFD_CLOEXEC);
   uffd_ = fd;
   pager_ = std::thread([this] { PagerLoop(); });
@@ -491,7 +567,7 @@ absl::Status Session::Register(const std::shared_ptr<MappedRange>& r) {
   uffdio_register reg{};
   reg.range.start = reinterpret_cast<uintptr_t>(r->base);
   reg.range.len = r->len;
-  reg.mode = UFFDIO_REGISTER_MODE_MISSING;
+  reg.mode = UFFDIO_REGISTER_MODE_MISSING | (minor_faults_ ? UFFDIO_REGISTER_MODE_MINOR : 0);
   if (::ioctl(uffd_, UFFDIO_REGISTER, &reg) != 0) return Errno(errno, "register the mapping for faults");
   absl::MutexLock l(&ranges_mu_);
   ranges_[reinterpret_cast<uintptr_t>(r->base)] = r;
@@ -500,6 +576,7 @@ absl::Status Session::Register(const std::shared_ptr<MappedRange>& r) {
 
 absl::StatusOr<std::shared_ptr<MappedRange>> Session::MapRange(std::shared_ptr<View> view,
                                                                size_t readahead) {
+  if (forked()) return ForkedError();
   if (view->kind != abi::kImport) {
     return absl::FailedPreconditionError("only imports can be mapped (read a local export instead)");
   }
@@ -526,6 +603,7 @@ absl::StatusOr<std::shared_ptr<MappedRange>> Session::MapRange(std::shared_ptr<V
 }
 
 void Session::UnmapRange(const std::shared_ptr<MappedRange>& r) {
+  if (forked()) return;  // the mapping is the parent's (not inherited)
   {
     absl::MutexLock l(&ranges_mu_);
     ranges_.erase(reinterpret_cast<uintptr_t>(r->base));
@@ -535,29 +613,32 @@ void Session::UnmapRange(const std::shared_ptr<MappedRange>& r) {
   if (r->base != r->view->data) ::munmap(const_cast<uint8_t*>(r->base), r->len);
 }
 
-absl::Status Session::FetchPages(const View& view, uint64_t first, uint64_t n) {
+void Session::AppendFillOps(const View& view, uint64_t first, uint64_t n, std::vector<Op>* ops) const {
   const uint64_t pages = view.data_map / abi::kPageSize;
-  if (first >= pages) return absl::OutOfRangeError("past the end of the import");
+  if (first >= pages) return;
   n = std::min(n, pages - first);
-  // The bytes land in scratch (svmd installs the pages in the cache, which
-  // is what the caller wants); at most 16 requests at once.
-  constexpr uint64_t kBatch = 16;
-  std::vector<uint8_t> scratch(std::min(n * abi::kPageSize, kBatch * slot_size_));
   uint64_t off = first * abi::kPageSize;
   const uint64_t end = std::min((first + n) * abi::kPageSize, view.len);
   while (off < end) {
-    std::vector<Op> ops;
-    for (uint64_t k = 0; k < kBatch && off < end; ++k) {
-      Op op;
-      op.handle = view.handle;
-      op.offset = off;
-      op.len = std::min(slot_size_, end - off);
-      op.fill = true;
-      op.dst = scratch.data() + k * slot_size_;
-      ops.push_back(op);
-      off += op.len;
-    }
-    for (const Result& r : Run(ops)) {
+    Op op;
+    op.handle = view.handle;
+    op.offset = off;
+    op.len = std::min(slot_size_, end - off);
+    op.fill = true;
+    ops->push_back(op);
+    off += op.len;
+  }
+}
+
+absl::Status Session::FetchPages(const View& view, uint64_t first, uint64_t n) {
+  if (first >= view.data_map / abi::kPageSize) return absl::OutOfRangeError("past the end of the import");
+  std::vector<Op> all;
+  AppendFillOps(view, first, n, &all);
+  // No dst: svmd installs the pages in the cache, which is what the caller
+  // wants. At most 16 requests at once.
+  constexpr size_t kBatch = 16;
+  for (size_t i = 0; i < all.size(); i += kBatch) {
+    for (const Result& r : Run(absl::MakeConstSpan(all).subspan(i, kBatch))) {
       if (!r.status.ok()) return r.status;
     }
   }
@@ -572,52 +653,135 @@ void Session::PagerLoop() {
       return;
     }
     if (p[1].revents != 0) return;
-    uffd_msg msgs[16];
+    // Every fault that is waiting is served in one batch: their fetches are
+    // in flight together.
+    uffd_msg msgs[64];
     ssize_t n = ::read(uffd_, msgs, sizeof(msgs));
     if (n <= 0) continue;
+    std::vector<Fault> faults;
     for (size_t i = 0; i < static_cast<size_t>(n) / sizeof(uffd_msg); ++i) {
       if (msgs[i].event != UFFD_EVENT_PAGEFAULT) continue;
-      OnFault(msgs[i].arg.pagefault.address, msgs[i].arg.pagefault.feat.ptid);
+      const auto& pf = msgs[i].arg.pagefault;
+      if ((pf.flags & UFFD_PAGEFAULT_FLAG_MINOR) != 0 && MapIfCurrent(pf.address)) continue;
+      faults.push_back(ResolveFault(pf.address, pf.feat.ptid));
     }
+    ServeFaults(faults);
   }
 }
 
-void Session::OnFault(uint64_t addr, uint32_t tid) {
-  const uint64_t page_addr = addr & ~(abi::kPageSize - 1);
+bool Session::MapIfCurrent(uint64_t addr) {
   std::shared_ptr<MappedRange> r;
   {
     absl::MutexLock l(&ranges_mu_);
     auto it = ranges_.upper_bound(static_cast<uintptr_t>(addr));
-    if (it != ranges_.begin()) {
-      --it;
-      if (addr < it->first + it->second->len) r = it->second;
-    }
+    if (it == ranges_.begin()) return false;
+    --it;
+    if (addr >= it->first + it->second->len) return false;
+    r = it->second;
   }
-  if (r) {
-    const uint64_t p = (page_addr - reinterpret_cast<uintptr_t>(r->base)) / abi::kPageSize;
-    // Sequential: the fault lands in or right after the last window.
-    uint64_t n = 1;
-    if (r->readahead > 0 && p >= r->last_page && p <= r->window_end) n += r->readahead;
-    r->last_page = p;
-    r->window_end = p + n;
-    r->faults.fetch_add(1, std::memory_order_relaxed);
-    absl::Status st;
-    for (int attempt = 0; attempt < 3; ++attempt) {
-      st = FetchPages(*r->view, p, n);
-      if (!absl::IsUnavailable(st) && !absl::IsDeadlineExceeded(st)) break;
-      ::usleep(50 * 1000);
+  const uintptr_t base = reinterpret_cast<uintptr_t>(r->base);
+  const uint64_t first = (addr - base) / abi::kPageSize;
+  const uint64_t pages = r->len / abi::kPageSize;
+  // The page and the current pages after it (up to the read-ahead), in one
+  // call. A page whose word is 0 is not (or no longer) installed: it is
+  // fetched like a missing one.
+  if (r->view->words[first].load(std::memory_order_acquire) == 0) return false;
+  uint64_t n = 1;
+  const uint64_t limit = std::min<uint64_t>(pages, first + 1 + std::max<size_t>(r->readahead, 15));
+  while (first + n < limit && r->view->words[first + n].load(std::memory_order_acquire) != 0) ++n;
+  uffdio_continue c{};
+  c.range.start = base + first * abi::kPageSize;
+  c.range.len = n * abi::kPageSize;
+  if (::ioctl(uffd_, UFFDIO_CONTINUE, &c) == 0 || c.mapped > 0) {
+    // The faulting page is the first one: mapped (and its thread woken).
+    // A punch after this point unmaps it again.
+    if (c.mapped <= 0 || static_cast<uint64_t>(c.mapped) < n * abi::kPageSize) {
+      uffdio_range wake{c.range.start, abi::kPageSize};
+      ::ioctl(uffd_, UFFDIO_WAKE, &wake);
     }
-    if (st.ok()) {
-      r->fetched.fetch_add(n, std::memory_order_relaxed);
-    } else {
-      // As for a page past the end of a truncated file.
-      ::syscall(SYS_tgkill, ::getpid(), static_cast<pid_t>(tid), SIGBUS);
-    }
+    return true;
   }
-  // The thread retries: the page is there, or it faults again (a fetch that
-  // raced an invalidation was not installed), or takes its SIGBUS.
-  uffdio_range wake{page_addr, abi::kPageSize};
-  ::ioctl(uffd_, UFFDIO_WAKE, &wake);
+  if (errno == EEXIST) {
+    // Another thread's fault mapped it meanwhile.
+    uffdio_range wake{c.range.start, abi::kPageSize};
+    ::ioctl(uffd_, UFFDIO_WAKE, &wake);
+    return true;
+  }
+  return false;  // gone meanwhile (punched): fetch it
+}
+
+Session::Fault Session::ResolveFault(uint64_t addr, uint32_t tid) {
+  Fault f;
+  f.page_addr = addr & ~(abi::kPageSize - 1);
+  f.tid = tid;
+  absl::MutexLock l(&ranges_mu_);
+  auto it = ranges_.upper_bound(static_cast<uintptr_t>(addr));
+  if (it == ranges_.begin()) return f;
+  --it;
+  if (addr >= it->first + it->second->len) return f;
+  f.range = it->second;
+  MappedRange& r = *f.range;
+  f.page = (f.page_addr - reinterpret_cast<uintptr_t>(r.base)) / abi::kPageSize;
+  // Sequential: the fault lands in or right after the last window.
+  f.npages = 1;
+  if (r.readahead > 0 && f.page >= r.last_page && f.page <= r.window_end) f.npages += r.readahead;
+  r.last_page = f.page;
+  r.window_end = f.page + f.npages;
+  r.faults.fetch_add(1, std::memory_order_relaxed);
+  return f;
+}
+
+void Session::ServeFaults(std::vector<Fault>& faults) {
+  // A fault's fetch that failed for want of the peer is tried again twice.
+  for (int attempt = 0; attempt < 3; ++attempt) {
+    std::vector<Op> ops;
+    std::vector<size_t> owner;  // ops[i] serves faults[owner[i]]
+    for (size_t k = 0; k < faults.size(); ++k) {
+      Fault& f = faults[k];
+      if (!f.range || f.done) continue;
+      f.status = absl::OkStatus();
+      AppendFillOps(*f.range->view, f.page, f.npages, &ops);
+      owner.resize(ops.size(), k);
+    }
+    if (ops.empty()) break;
+    const std::vector<Result> res = Run(ops);  // no dst: only the install matters
+    for (size_t i = 0; i < ops.size(); ++i) {
+      if (!res[i].status.ok() && faults[owner[i]].status.ok()) faults[owner[i]].status = res[i].status;
+    }
+    bool again = false;
+    for (Fault& f : faults) {
+      if (!f.range || f.done) continue;
+      const bool transient = absl::IsUnavailable(f.status) || absl::IsDeadlineExceeded(f.status);
+      if (f.status.ok() || !transient || attempt == 2) {
+        f.done = true;
+      } else {
+        again = true;
+      }
+    }
+    if (!again) break;
+    ::usleep(50 * 1000);
+  }
+  for (const Fault& f : faults) {
+    if (f.range && f.status.ok()) f.range->fetched.fetch_add(f.npages, std::memory_order_relaxed);
+    if (f.range && !f.status.ok()) {
+      // As for a page past the end of a truncated file; but only while the
+      // mapping is still there (UnmapRange takes it out under ranges_mu_
+      // before unregistering it, which wakes its faulting threads to meet
+      // no mapping: EFAULT or SIGSEGV, as for any unmapped address).
+      absl::MutexLock l(&ranges_mu_);
+      auto it = ranges_.find(reinterpret_cast<uintptr_t>(f.range->base));
+      if (it != ranges_.end() && it->second == f.range) {
+        ::syscall(SYS_tgkill, ::getpid(), static_cast<pid_t>(f.tid), SIGBUS);
+      }
+    }
+    // Installed: mapped now (with minor faults; it saves the thread a
+    // second fault). Otherwise the thread retries: the page is there, or it
+    // faults again (a fetch that raced an invalidation was not installed),
+    // or takes its SIGBUS.
+    if (f.range && f.status.ok() && minor_faults_ && MapIfCurrent(f.page_addr)) continue;
+    uffdio_range wake{f.page_addr, abi::kPageSize};
+    ::ioctl(uffd_, UFFDIO_WAKE, &wake);
+  }
 }
 
 }  // namespace svm::internal

@@ -71,7 +71,7 @@ class Session {
     uint64_t len = 0;
     bool fresh = false;
     bool fill = false;  // the pages must land in the shared cache
-    uint8_t* dst = nullptr;
+    uint8_t* dst = nullptr;  // null: the bytes are not wanted (a fill)
   };
   struct Result {
     absl::Status status;
@@ -85,6 +85,11 @@ class Session {
   uint64_t chunk() const { return slot_size_; }
   // Unique over the process's sessions (never reused).
   uint64_t id() const { return id_; }
+  // True in a child forked after Connect: every call fails with
+  // ForkedError() (the rings and mappings are the parent's; they are not
+  // inherited).
+  bool forked() const;
+  static absl::Status ForkedError();
 
   // Maps view's cache again (read-only) and registers it for faults;
   // UnmapRange undoes it.
@@ -95,7 +100,8 @@ class Session {
   // The watch's next event; DEADLINE_EXCEEDED after timeout, UNAVAILABLE
   // when svmd closed the session.
   absl::StatusOr<session::abi::Event> NextEvent(uint32_t watch, absl::Duration timeout);
-  // Events of the watch are dropped from now on.
+  // Ends the watch: svmd stops sending its events, and those already sent
+  // are dropped.
   void ForgetWatch(uint32_t watch);
 
   // Makes svmd install pages [first, first + n) of the view's import in its
@@ -112,7 +118,24 @@ class Session {
   absl::Status StartPager() ABSL_EXCLUSIVE_LOCKS_REQUIRED(open_mu_);
   absl::Status Register(const std::shared_ptr<MappedRange>& r);
   void PagerLoop();
-  void OnFault(uint64_t addr, uint32_t tid);
+  // A fault read from the userfaultfd, and what serving it took.
+  struct Fault {
+    uint64_t page_addr = 0;
+    uint32_t tid = 0;
+    std::shared_ptr<MappedRange> range;  // null: not a live mapping (just wake)
+    uint64_t page = 0, npages = 0;      // the pages to fetch (read-ahead included)
+    absl::Status status;
+    bool done = false;
+  };
+  Fault ResolveFault(uint64_t addr, uint32_t tid);
+  // A minor fault (the page is in the cache file): maps it, and the
+  // current pages after it, when its version word says it is installed;
+  // false: serve it as a missing page.
+  bool MapIfCurrent(uint64_t addr);
+  // Fetches every fault's pages in one batch, then signals or wakes each.
+  void ServeFaults(std::vector<Fault>& faults);
+  // The kFill ops that install pages [first, first + n) of view's import.
+  void AppendFillOps(const View& view, uint64_t first, uint64_t n, std::vector<Op>* ops) const;
   enum class SlotState { kFree, kBusy, kDone };
   struct Slot {
     SlotState state = SlotState::kFree;
@@ -126,6 +149,7 @@ class Session {
   void Submit(const session::abi::Sqe& e) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   uint64_t id_ = 0;
+  uint64_t forks_ = 0;  // the fork count when connected
   int sock_ = -1;
   int ev_bell_ = -1;
   const session::abi::Event* ev_ = nullptr;
@@ -135,7 +159,10 @@ class Session {
   bool ev_sleeping_ ABSL_GUARDED_BY(ev_mu_) = false;  // a thread waits on the doorbell
   bool ev_broken_ ABSL_GUARDED_BY(ev_mu_) = false;
   std::map<uint32_t, std::deque<session::abi::Event>> ev_queues_ ABSL_GUARDED_BY(ev_mu_);
-  std::set<uint32_t> ev_forgotten_ ABSL_GUARDED_BY(ev_mu_);
+  // Watch ids count up from 0 and are never reused: an event whose watch
+  // has no queue is kept only when its id is not answered yet (a Watch in
+  // progress); otherwise its watch was forgotten.
+  uint32_t ev_next_id_ ABSL_GUARDED_BY(ev_mu_) = 0;
   void DrainEventsLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(ev_mu_);
   int sq_bell_ = -1;
   int cq_bell_ = -1;
@@ -152,6 +179,7 @@ class Session {
 
   // userfaultfd and its thread, started with the first import opened.
   int uffd_ = -1;
+  bool minor_faults_ = false;  // the kernel reports minor faults on shmem
   int pager_stop_ = -1;  // eventfd
   std::thread pager_;
   absl::Mutex ranges_mu_;

@@ -29,6 +29,7 @@ constexpr char kUsage[] = R"(usage: svmctl [--daemon unix:PATH] COMMAND [options
   unexport --name NAME
   import   --peer HOST:PORT --name NAME [--as LOCAL] [--json]
   read     --name NAME --len LEN [--offset OFF] [--out FILE] [--fresh]   raw bytes to stdout by default
+  map      --name NAME --len LEN [--offset OFF] [--out FILE]   bytes read through a mapping (Client::Map)
   watch    --name NAME [--count N] [--timeout SECONDS] [--verbose]     one line per invalidation:
                                                  NAME FIRST_PAGE NPAGES SEQ (--verbose adds the KIND)
   sync     --name NAME [--json]

@@ -182,6 +182,10 @@ enum MsgType : uint32_t {
   // client -> svmd (an OpenMsg): every invalidation of the name from now on
   // goes to the event ring; answer kOpenOk with handle = the watch's id.
   kWatch = 6,
+  // client -> svmd (an UnwatchMsg): the watch ends; no answer. Events of it
+  // already in the event ring stay there (the client drops them). Watch ids
+  // are never reused within a session.
+  kUnwatch = 7,
 };
 
 inline constexpr size_t kMaxName = 255;
@@ -209,6 +213,12 @@ struct OpenMsg {
   MsgHeader h;
   uint32_t name_len;
   char name[kMaxName];
+};
+
+struct UnwatchMsg {
+  MsgHeader h;
+  uint32_t watch;
+  uint32_t pad;  // zero
 };
 
 enum HandleKind : uint32_t { kImport = 1, kExport = 2 };

@@ -53,8 +53,10 @@ struct Server::Session {
   UniqueFd cq_bell;  // svmd rings
   UniqueFd ev_bell;  // svmd rings: events
 
-  // Watches (the server's thread): their ids in the backend.
-  std::vector<uint64_t> watches;
+  // Watches (the server's thread): the session's watch id -> the backend's.
+  // Session ids count up and are never reused.
+  std::map<uint32_t, uint64_t> watches;
+  uint32_t next_watch = 0;
 
   // The event ring: filled by the backend's callbacks.
   absl::Mutex ev_mu;
@@ -324,7 +326,7 @@ void Server::Close(uint64_t id) {
   }
   // After Unwatch returns no callback runs: nothing refers to the session
   // but reads in flight, which hold it until they finish.
-  for (uint64_t w : s.watches) backend_->Unwatch(w);
+  for (const auto& [id, w] : s.watches) backend_->Unwatch(w);
   {
     absl::MutexLock l(&s.ev_mu);
     s.ev_closed = true;
@@ -357,6 +359,8 @@ bool Server::OnSocket(Session& s) {
       ok = false;
     } else if (m->type == abi::kWatch) {
       ok = OnWatch(s, m->name);
+    } else if (m->type == abi::kUnwatch) {
+      OnUnwatch(s, m->watch);
     } else {
       ok = OnOpen(s, m->name);
     }
@@ -454,7 +458,11 @@ bool Server::OnWatch(Session& s, const std::string& name) {
     return SendError(s, absl::ResourceExhaustedError(
                             absl::StrCat("a session may hold ", opts_.max_watches, " watches")));
   }
-  const uint32_t watch = static_cast<uint32_t>(s.watches.size());
+  if (s.next_watch == UINT32_MAX) {
+    return SendError(s, absl::ResourceExhaustedError("the session has used up its watch ids"));
+  }
+  // Ids are consumed only by watches that exist: the client knows the next.
+  const uint32_t watch = s.next_watch;
   Session* target = &s;  // Close() unwatches before the session can go
   auto id = backend_->Watch(name, [target, watch](const abi::Event& e) {
     abi::Event x = e;
@@ -462,12 +470,23 @@ bool Server::OnWatch(Session& s, const std::string& name) {
     target->PushEvent(x);
   });
   if (!id.ok()) return SendError(s, id.status());
-  s.watches.push_back(*id);
+  s.watches[watch] = *id;
+  ++s.next_watch;
   abi::OpenOkMsg ok{};
   ok.h.type = abi::kOpenOk;
   ok.h.len = sizeof(ok);
   ok.handle = watch;
   return abi::SendMsg(s.sock.get(), &ok, sizeof(ok), nullptr, 0) == 0;
+}
+
+void Server::OnUnwatch(Session& s, uint32_t watch) {
+  auto it = s.watches.find(watch);
+  if (it == s.watches.end()) return;  // already gone, or never was: nothing to undo
+  // After Unwatch returns no callback of this watch runs.
+  backend_->Unwatch(it->second);
+  s.watches.erase(it);
+  absl::MutexLock l(&s.ev_mu);
+  s.ev_lost.erase(watch);
 }
 
 bool Server::Drain(Session& s, bool* ok) {

@@ -103,6 +103,7 @@ class Server {
   bool OnHello(Session& s);
   bool OnOpen(Session& s, const std::string& name);
   bool OnWatch(Session& s, const std::string& name);
+  void OnUnwatch(Session& s, uint32_t watch);
   bool SendError(Session& s, const absl::Status& st);
   // Takes entries from the session's ring; true when it took any. false in
   // *ok: the client broke the ring (close the session).

@@ -80,6 +80,15 @@ absl::StatusOr<ClientMsg> ParseClientMsg(const void* buf, size_t len) {
       m.name.assign(open.name, open.name_len);
       return m;
     }
+    case abi::kUnwatch: {
+      abi::UnwatchMsg u;
+      if (len != sizeof(u)) return absl::InvalidArgumentError("unwatch of the wrong size");
+      std::memcpy(&u, buf, sizeof(u));
+      if (u.pad != 0) return absl::InvalidArgumentError("unwatch: padding not zero");
+      m.type = abi::kUnwatch;
+      m.watch = u.watch;
+      return m;
+    }
     default:
       return absl::InvalidArgumentError(absl::StrFormat("unknown message type %u", h.type));
   }

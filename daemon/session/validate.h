@@ -42,6 +42,7 @@ absl::StatusOr<ReadRequest> ParseSqe(const abi::Sqe& e, const SqeLimits& lim);
 struct ClientMsg {
   abi::MsgType type;
   std::string name;  // kOpen, kWatch
+  uint32_t watch = 0;  // kUnwatch
 };
 absl::StatusOr<ClientMsg> ParseClientMsg(const void* buf, size_t len);
 

@@ -39,6 +39,7 @@
 #include <time.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -231,7 +232,8 @@ int main(int argc, char** argv) {
 
   std::unique_ptr<Exporter> ex;
   std::string data_path = "?";
-  if (tests.count("lat") > 0 || tests.count("bw") > 0 || tests.count("client") > 0) {
+  if (tests.count("lat") > 0 || tests.count("bw") > 0 || tests.count("client") > 0 ||
+      tests.count("threads") > 0 || tests.count("memory") > 0) {
     auto e = Exporter::Start({.daemon = da->get(), .name = "bench", .pages = export_bytes / 4096, .fill = 7,
                               .backing = memory == "memfd" ? "memfd" : "anon"});
     if (!e.ok()) {
@@ -518,6 +520,131 @@ int main(int argc, char** argv) {
     PrintLatRow(json, &json_rows, "client", 4096, "first-touch", touches, fault, "4 KiB fresh read", fresh_us);
     targets.push_back({"4 KiB first-touch fault vs fresh read", fault.typical / fresh_us,
                        fault.typical / fresh_us <= 1.3, "<= 1.3"});
+  }
+
+  if (tests.count("threads") > 0 && ex) {
+    // 8 client threads sharing one Client (one session) against one thread:
+    // aggregate operations per second, cached and fresh 4 KiB reads. The
+    // reference is the same client with one thread, in the same run.
+    if (!json) {
+      std::printf("\n# 8 client threads, one session (time per read, aggregate over the threads)\n");
+      PrintLatHeader("#bytes");
+    }
+    const uint64_t pages = export_bytes / 4096;
+    auto run = [&](int threads, bool fresh_reads, uint64_t per_thread) {
+      std::vector<std::thread> ts;
+      std::atomic<uint64_t> errors{0};
+      const double t0 = NowUs();
+      for (int k = 0; k < threads; ++k) {
+        ts.emplace_back([&, k] {
+          std::vector<uint8_t> b(4096);
+          svm::ReadOptions o;
+          o.fresh = fresh_reads;
+          for (uint64_t i = 0; i < per_thread; ++i) {
+            const uint64_t page = (k * 131 + i * 7) % pages;
+            if (!cb->Read("bench", page * 4096, absl::MakeSpan(b), o).ok()) errors.fetch_add(1);
+          }
+        });
+      }
+      for (auto& t : ts) t.join();
+      const double us = NowUs() - t0;
+      if (errors.load() > 0) std::fprintf(stderr, "svm-read-bench: %llu reads failed\n",
+                                          (unsigned long long)errors.load());
+      return us / static_cast<double>(threads * per_thread);  // usec per read, aggregate
+    };
+    // Every page cached first.
+    {
+      std::vector<uint8_t> whole(std::min<uint64_t>(export_bytes, 1 << 20));
+      for (uint64_t off = 0; off < export_bytes; off += whole.size()) {
+        const uint64_t n = std::min<uint64_t>(whole.size(), export_bytes - off);
+        (void)cb->Read("bench", off, absl::MakeSpan(whole.data(), n));
+      }
+    }
+    for (bool fresh_reads : {false, true}) {
+      const uint64_t n = fresh_reads ? std::max<uint64_t>(iters / 4, 50) : iters * 20;
+      std::vector<double> one, eight;
+      for (int rep = 0; rep < 5; ++rep) {
+        one.push_back(run(1, fresh_reads, n));
+        eight.push_back(run(8, fresh_reads, n / 8 + 1));
+      }
+      const Stats s8 = Summarize(eight);
+      const double s1 = Summarize(one).typical;
+      PrintLatRow(json, &json_rows, "threads", 4096, fresh_reads ? "fresh/8-threads" : "cached/8-threads",
+                  n * 5, s8, "the same, 1 thread", s1);
+    }
+  }
+
+  if (tests.count("memory") > 0 && ex) {
+    // What svmd spends beside the cached bytes themselves: its own memory
+    // (VmRSS minus what it maps of shared memory) per GiB cached, and per
+    // client session (svmd's own memory and the session's shared memory).
+    auto rss_kb = [](pid_t pid, const char* key) -> uint64_t {
+      std::FILE* f = std::fopen(absl::StrCat("/proc/", pid, "/status").c_str(), "r");
+      if (f == nullptr) return 0;
+      char line[256];
+      uint64_t v = 0;
+      while (std::fgets(line, sizeof(line), f)) {
+        if (std::strncmp(line, key, std::strlen(key)) == 0) v = std::strtoull(line + std::strlen(key), nullptr, 10);
+      }
+      std::fclose(f);
+      return v;
+    };
+    auto shmem_kb = []() -> uint64_t {
+      std::FILE* f = std::fopen("/proc/meminfo", "r");
+      char line[256];
+      uint64_t v = 0;
+      while (f && std::fgets(line, sizeof(line), f)) {
+        if (std::strncmp(line, "Shmem:", 6) == 0) v = std::strtoull(line + 6, nullptr, 10);
+      }
+      if (f) std::fclose(f);
+      return v;
+    };
+    const pid_t pb = (*db)->process().pid();
+    // A second import of the same export, so its cache starts empty.
+    auto imp2 = cb->Import((*da)->peer(), "bench", "bench2");
+    if (!imp2.ok()) {
+      std::fprintf(stderr, "svm-read-bench: import: %s\n", imp2.status().ToString().c_str());
+      return 1;
+    }
+    const uint64_t anon0 = rss_kb(pb, "RssAnon:"), shm0 = shmem_kb();
+    {
+      std::vector<uint8_t> whole(1 << 20);
+      for (uint64_t off = 0; off < export_bytes; off += whole.size()) {
+        const uint64_t n = std::min<uint64_t>(whole.size(), export_bytes - off);
+        (void)cb->Read("bench2", off, absl::MakeSpan(whole.data(), n));
+      }
+    }
+    const uint64_t anon1 = rss_kb(pb, "RssAnon:"), shm1 = shmem_kb();
+    const double gib = static_cast<double>(export_bytes) / (1ull << 30);
+    const double own_per_gib = (static_cast<double>(anon1) - anon0) / 1024 / gib;
+    const double cache_per_gib = (static_cast<double>(shm1) - shm0) / 1024 / gib;
+    // Sessions: 16 clients connected, each with one read done.
+    const uint64_t anon2 = rss_kb(pb, "RssAnon:"), shm2 = shmem_kb();
+    std::vector<std::unique_ptr<svm::Client>> clients;
+    for (int i = 0; i < 16; ++i) {
+      clients.push_back((*db)->Connect());
+      std::vector<uint8_t> b(4096);
+      if (clients.back()) (void)clients.back()->Read("bench2", 0, absl::MakeSpan(b));
+    }
+    const uint64_t anon3 = rss_kb(pb, "RssAnon:"), shm3 = shmem_kb();
+    clients.clear();
+    const double per_session_own = (static_cast<double>(anon3) - anon2) / 16;
+    const double per_session_shm = (static_cast<double>(shm3) - shm2) / 16;
+    if (json) {
+      absl::StrAppend(&json_rows, json_rows.empty() ? "" : ",\n",
+                      absl::StrFormat("  {\"test\":\"memory\",\"cached_mib\":%u,\"svmd_own_mib_per_gib\":%.1f,"
+                                      "\"shared_cache_mib_per_gib\":%.1f,\"svmd_own_kib_per_session\":%.0f,"
+                                      "\"shared_kib_per_session\":%.0f}",
+                                      export_bytes >> 20, own_per_gib, cache_per_gib, per_session_own,
+                                      per_session_shm));
+    } else {
+      std::printf("\n# memory (svmd of the importer; %llu MiB cached)\n",
+                  (unsigned long long)(export_bytes >> 20));
+      std::printf("# svmd's own memory per GiB cached: %.1f MiB; shared cache per GiB cached: %.1f MiB "
+                  "(the pages, their version words)\n", own_per_gib, cache_per_gib);
+      std::printf("# per session: svmd's own %.0f KiB, shared memory %.0f KiB (rings and the used part "
+                  "of the data area)\n", per_session_own, per_session_shm);
+    }
   }
 
   if (tests.count("inval") > 0) {

@@ -21,6 +21,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     if (m.ok() && m->type == sabi::kOpen && (m->name.empty() || m->name.size() > sabi::kMaxName)) {
       std::abort();
     }
+    if (m.ok() && m->type == sabi::kUnwatch && size != sizeof(sabi::UnwatchMsg)) std::abort();
     return 0;
   }
   // An entry, then the session's limits: data area size and handle lengths.

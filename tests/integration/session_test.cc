@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <cstring>
 #include <random>
 #include <thread>
 #include <vector>
@@ -111,6 +112,21 @@ class RawSession {
     std::memcpy(&ok, buf, sizeof(ok));
     if (len) *len = ok.len;
     return static_cast<int>(ok.handle);
+  }
+  // The import's cache file (read-only), as svmd hands it out; -1.
+  int OpenCacheFile(const std::string& name) {
+    abi::OpenMsg m{};
+    m.h.type = abi::kOpen;
+    m.name_len = static_cast<uint32_t>(name.size());
+    std::memcpy(m.name, name.data(), name.size());
+    m.h.len = static_cast<uint32_t>(offsetof(abi::OpenMsg, name) + name.size());
+    if (abi::SendMsg(sock_, &m, m.h.len, nullptr, 0) != 0) return -1;
+    alignas(8) char buf[abi::kMaxMsg];
+    int fds[4], nfds = 0;
+    ssize_t n = abi::RecvMsg(sock_, buf, sizeof(buf), fds, &nfds);
+    for (int i = 1; i < nfds; ++i) ::close(fds[i]);
+    if (n != sizeof(abi::OpenOkMsg) || nfds < 1) return -1;
+    return fds[0];
   }
   // Puts e on the ring if there is room; rings the doorbell.
   bool TrySubmit(const abi::Sqe& e) {
@@ -519,6 +535,121 @@ TEST_F(Sessions, PrefetchFaultsARangeInAhead) {
   for (uint64_t p = 0; p < kPages; ++p) ASSERT_TRUE(PageHasVersion((*m)->data() + p * kPage, p + 1));
   EXPECT_EQ((*m)->faults(), 0u);
   EXPECT_EQ((*m)->pages_fetched(), kPages);
+}
+
+TEST_F(Sessions, ManyThreadsFaultingAtOnceEachGetTheirPages) {
+  MapOptions o;
+  o.readahead_pages = 0;  // one page per fault: the faults are many and concurrent
+  auto m = cb_->Map("m", o);
+  ASSERT_TRUE(m.ok()) << m.status();
+  constexpr int kThreads = 8;
+  std::atomic<int> bad{0};
+  std::vector<std::thread> ts;
+  for (int t = 0; t < kThreads; ++t) {
+    ts.emplace_back([&, t] {
+      for (uint64_t p = t; p < kPages; p += kThreads) {
+        if (!PageHasVersion((*m)->data() + p * kPage, p + 1)) bad.fetch_add(1);
+      }
+    });
+  }
+  for (auto& t : ts) t.join();
+  EXPECT_EQ(bad.load(), 0);
+  EXPECT_GE((*m)->pages_fetched(), kPages);
+}
+
+TEST_F(Sessions, ASystemCallOnAMappedPageNotYetFetchedFaultsItIn) {
+  // As root the pager handles kernel-mode faults too: write(2) from a page
+  // not fetched yet fetches it instead of failing with EFAULT.
+  auto m = cb_->Map("m");
+  ASSERT_TRUE(m.ok()) << m.status();
+  int p[2];
+  ASSERT_EQ(::pipe(p), 0);
+  const ssize_t n = ::write(p[1], (*m)->data() + 5 * kPage, kPage);
+  const int err = errno;
+  ASSERT_EQ(n, static_cast<ssize_t>(kPage)) << std::strerror(err);
+  std::vector<uint8_t> got(kPage);
+  ASSERT_EQ(::read(p[0], got.data(), kPage), static_cast<ssize_t>(kPage));
+  EXPECT_TRUE(PageHasVersion(got.data(), 6));
+  ::close(p[0]);
+  ::close(p[1]);
+}
+
+TEST_F(Sessions, UnmappingWhileAFaultIsInFlightNeitherHangsNorSignals) {
+  auto m = cb_->Map("m");
+  ASSERT_TRUE(m.ok()) << m.status();
+  // The exporter's daemon stops answering: the fault stays in flight.
+  a_->process().Signal(SIGSTOP);
+  int p[2];
+  ASSERT_EQ(::pipe(p), 0);
+  std::atomic<ssize_t> wrote{-2};
+  std::atomic<int> err{0};
+  std::atomic<bool> release{false};
+  const uint8_t* page = (*m)->data() + 7 * kPage;
+  // A system call, so that losing the mapping is an EFAULT, not a SIGSEGV.
+  // The thread lives on after it: a stray SIGBUS aimed at it would kill
+  // this process.
+  std::thread t([&] {
+    ssize_t n = ::write(p[1], page, kPage);
+    err = errno;
+    wrote = n;
+    while (!release.load()) ::usleep(10 * 1000);
+  });
+  ::usleep(300 * 1000);
+  EXPECT_EQ(wrote.load(), -2) << "the fault did not wait for the stopped exporter";
+  const absl::Time before = absl::Now();
+  m->reset();  // unmapped with the fault in flight
+  const absl::Duration unmap = absl::Now() - before;
+  for (int i = 0; i < 100 && wrote.load() == -2; ++i) ::usleep(10 * 1000);
+  EXPECT_LT(unmap, absl::Seconds(1));
+  EXPECT_EQ(wrote.load(), -1);
+  EXPECT_EQ(err.load(), EFAULT);
+  // The pager gives the fault up (the fetch times out, three tries) without
+  // signalling the thread.
+  ::usleep(6 * 1000 * 1000);
+  release = true;
+  t.join();
+  a_->process().Signal(SIGCONT);
+  ::close(p[0]);
+  ::close(p[1]);
+  // The session still maps and faults.
+  bool ok = false;
+  for (int i = 0; i < 50 && !ok; ++i) {
+    auto again = cb_->Map("m");
+    ASSERT_TRUE(again.ok()) << again.status();
+    std::vector<uint8_t> got(kPage);
+    int q[2];
+    ASSERT_EQ(::pipe(q), 0);
+    ok = ::write(q[1], (*again)->data() + 7 * kPage, kPage) == static_cast<ssize_t>(kPage) &&
+         ::read(q[0], got.data(), kPage) == static_cast<ssize_t>(kPage) && PageHasVersion(got.data(), 8);
+    ::close(q[0]);
+    ::close(q[1]);
+    if (!ok) ::usleep(100 * 1000);
+  }
+  EXPECT_TRUE(ok);
+}
+
+TEST_F(Sessions, AStrayZeroPageInTheCacheFileIsNeverShownByAMapping) {
+  // What a Read that races a punch leaves behind: a page faulted into the
+  // cache file (all zeros) while its version word is 0. A client's own
+  // mapping of the file does that when it touches a page not installed.
+  auto raw = RawSession::Connect(session_socket_);
+  ASSERT_TRUE(raw && raw->Hello());
+  const int fd = raw->OpenCacheFile("m");
+  ASSERT_GE(fd, 0);
+  void* v = ::mmap(nullptr, kPages * kPage, PROT_READ, MAP_PRIVATE, fd, 0);
+  ASSERT_NE(v, MAP_FAILED);
+  volatile uint8_t touch = static_cast<const uint8_t*>(v)[10 * kPage];  // the stray
+  (void)touch;
+  ::munmap(v, kPages * kPage);
+  ::close(fd);
+  // A mapping shows the page's content, not the stray's zeros: the pager
+  // sees version 0 and fetches it.
+  MapOptions o;
+  o.readahead_pages = 0;
+  auto m = cb_->Map("m", o);
+  ASSERT_TRUE(m.ok()) << m.status();
+  EXPECT_TRUE(PageHasVersion((*m)->data() + 10 * kPage, 11)) << "the mapping showed a stray page";
+  EXPECT_TRUE(PageHasVersion((*m)->data() + 11 * kPage, 12));
 }
 
 TEST_F(Sessions, MappingALocalExportIsRefused) {

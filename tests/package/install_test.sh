@@ -44,7 +44,7 @@ install_to "$R" /usr
 for f in usr/sbin/svmd usr/bin/svmctl usr/lib/systemd/system/svmd.service etc/default/svmd \
          usr/lib/sysusers.d/svm.conf usr/lib/tmpfiles.d/svm.conf usr/lib/modules-load.d/svm.conf \
          usr/lib/udev/rules.d/99-svm-shim.rules usr/share/man/man8/svmd.8.gz usr/share/man/man8/svmctl.8.gz \
-         usr/share/doc/svm/operations.md usr/include/svm/client.h usr/include/svm/v1/control.pb.h \
+         usr/share/doc/svm/operations.md usr/include/svm/client.h usr/include/svm/svm.h usr/include/svm/v1/control.pb.h \
          "usr/src/svm_shim-$version/dkms.conf" "usr/src/svm_shim-$version/svm_shim.c"; do
   [[ -e $R/$f ]] || fail "not installed: /$f"
 done
@@ -93,8 +93,8 @@ mkdir -p "$work/pc"
 make -C "$work/pc" -f "$src/examples/third-party/Makefile" VPATH="$src/examples/third-party" \
   >"$work/pc.log" 2>&1 || { cat "$work/pc.log" >&2; fail "build example (pkg-config)"; }
 
-step "both examples run (no daemon: UNAVAILABLE, exit 1)"
-for exe in "$work/cmake/svm_hello" "$work/pc/svm_hello"; do
+step "the examples (C++ and C API) run (no daemon: UNAVAILABLE, exit 1)"
+for exe in "$work/cmake/svm_hello" "$work/pc/svm_hello" "$work/cmake/svm_hello_c" "$work/pc/svm_hello_c"; do
   set +e; out=$("$exe" "unix:$work/no.sock" 2>&1); rc=$?; set -e
   [[ $rc == 1 && $out == *UNAVAILABLE* ]] || fail "$exe: exit $rc: $out"
 done

@@ -1,0 +1,216 @@
+// The session server (daemon/session/session_server.h) against libsvm's own
+// end of the session (client/session.h), with a fake backend: watches that
+// end, the event ring when the client does not drain it, a forked child.
+#include <sys/mman.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cstring>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
+#include "client/session.h"
+#include "daemon/session/session_server.h"
+#include "daemon/source/mirror_source.h"
+#include "gtest/gtest.h"
+
+namespace svm::session {
+namespace {
+
+using internal::Session;
+
+// An export "exp" of 64 KiB whose bytes are (offset % 251); watches of any
+// name; every watch's callback is kept so the test can send events.
+class FakeBackend : public Backend {
+ public:
+  absl::StatusOr<Opened> Open(const std::string& name, const PeerCred&) override {
+    if (name != "exp") return absl::NotFoundError(name);
+    Opened o;
+    o.kind = abi::kExport;
+    o.len = 64 << 10;
+    return o;
+  }
+  void Read(const std::string&, uint64_t offset, absl::Span<uint8_t> dst, bool, bool,
+            std::function<void(absl::StatusOr<ReadDone>)> done) override {
+    for (size_t i = 0; i < dst.size(); ++i) dst[i] = static_cast<uint8_t>((offset + i) % 251);
+    done(ReadDone{1, 0, dst.size() / 4096});
+  }
+  absl::StatusOr<uint64_t> Watch(const std::string&, std::function<void(const abi::Event&)> cb) override {
+    absl::MutexLock l(&mu_);
+    const uint64_t id = next_++;
+    cbs_[id] = std::move(cb);
+    return id;
+  }
+  void Unwatch(uint64_t id) override {
+    absl::MutexLock l(&mu_);
+    cbs_.erase(id);
+    ++unwatched_;
+  }
+  // Sends an event with seq to every live watch; how many got it.
+  int Send(uint64_t seq) {
+    absl::MutexLock l(&mu_);
+    abi::Event e{};
+    e.seq = seq;
+    e.first_page = seq;
+    e.npages = 1;
+    e.kind = static_cast<uint32_t>(source::ChangeKind::kUnmap);
+    for (auto& [id, cb] : cbs_) cb(e);
+    return static_cast<int>(cbs_.size());
+  }
+  int live() {
+    absl::MutexLock l(&mu_);
+    return static_cast<int>(cbs_.size());
+  }
+  int unwatched() {
+    absl::MutexLock l(&mu_);
+    return unwatched_;
+  }
+
+ private:
+  absl::Mutex mu_;
+  uint64_t next_ ABSL_GUARDED_BY(mu_) = 100;
+  std::map<uint64_t, std::function<void(const abi::Event&)>> cbs_ ABSL_GUARDED_BY(mu_);
+  int unwatched_ ABSL_GUARDED_BY(mu_) = 0;
+};
+
+class SessionServerTest : public ::testing::Test {
+ protected:
+  void StartServer(ServerOptions o) {
+    o.path = absl::StrCat(::testing::TempDir(), "/svm-session-", ::getpid(), ".sock");
+    auto s = Server::Start(&backend_, o);
+    ASSERT_TRUE(s.ok()) << s.status();
+    server_ = std::move(*s);
+    auto c = Session::Connect(o.path);
+    ASSERT_TRUE(c.ok()) << c.status();
+    client_ = std::move(*c);
+  }
+  // Waits until the server's thread has taken what the client sent.
+  bool Eventually(const std::function<bool()>& pred) {
+    for (int i = 0; i < 2000; ++i) {
+      if (pred()) return true;
+      ::usleep(1000);
+    }
+    return pred();
+  }
+
+  FakeBackend backend_;
+  std::unique_ptr<Server> server_;
+  std::unique_ptr<Session> client_;
+};
+
+TEST_F(SessionServerTest, EndedWatchesGiveTheirPlaceBackAndStopTheirEvents) {
+  ServerOptions o;
+  o.max_watches = 4;
+  StartServer(o);
+  // Five times the limit, one at a time: each ended watch frees its place.
+  for (int i = 0; i < 20; ++i) {
+    auto w = client_->Watch("exp");
+    ASSERT_TRUE(w.ok()) << "watch " << i << ": " << w.status();
+    client_->ForgetWatch(*w);
+  }
+  ASSERT_TRUE(Eventually([&] { return backend_.unwatched() == 20; })) << backend_.unwatched();
+  EXPECT_EQ(backend_.live(), 0);
+
+  auto w = client_->Watch("exp");
+  ASSERT_TRUE(w.ok()) << w.status();
+  EXPECT_EQ(backend_.Send(7), 1);
+  auto e = client_->NextEvent(*w, absl::Seconds(5));
+  ASSERT_TRUE(e.ok()) << e.status();
+  EXPECT_EQ(e->seq, 7u);
+  EXPECT_EQ(e->watch, *w);
+  // An ended watch answers no more.
+  client_->ForgetWatch(*w);
+  EXPECT_EQ(client_->NextEvent(*w, absl::Milliseconds(10)).status().code(),
+            absl::StatusCode::kFailedPrecondition);
+}
+
+TEST_F(SessionServerTest, AFullEventRingBecomesOneOverflowEventPerWatchWithTheNewestLostSequence) {
+  ServerOptions o;
+  o.ev_entries = 16;
+  StartServer(o);
+  auto a = client_->Watch("exp");
+  ASSERT_TRUE(a.ok()) << a.status();
+  // 20 events for a alone (16 fit), then b starts and loses its first.
+  for (uint64_t s = 1; s <= 20; ++s) ASSERT_EQ(backend_.Send(s), 1);
+  auto b = client_->Watch("exp");
+  ASSERT_TRUE(b.ok()) << b.status();
+  ASSERT_EQ(backend_.Send(21), 2);
+
+  // Nothing was drained yet: a's first 16 are there, then room comes back as
+  // the client drains, and each watch gets one overflow event on the next
+  // push.
+  std::vector<uint64_t> seen_a;
+  for (int i = 0; i < 16; ++i) {
+    auto e = client_->NextEvent(*a, absl::Seconds(5));
+    ASSERT_TRUE(e.ok()) << e.status();
+    ASSERT_NE(e->kind, static_cast<uint32_t>(source::ChangeKind::kOverflow));
+    seen_a.push_back(e->seq);
+  }
+  EXPECT_EQ(seen_a.front(), 1u);
+  EXPECT_EQ(seen_a.back(), 16u);
+  ASSERT_EQ(backend_.Send(22), 2);  // the ring has room again: the overflows go first
+
+  auto oa = client_->NextEvent(*a, absl::Seconds(5));
+  ASSERT_TRUE(oa.ok()) << oa.status();
+  EXPECT_EQ(oa->kind, static_cast<uint32_t>(source::ChangeKind::kOverflow));
+  EXPECT_EQ(oa->seq, 21u);  // the newest a lost (17..21)
+  auto na = client_->NextEvent(*a, absl::Seconds(5));
+  ASSERT_TRUE(na.ok()) << na.status();
+  EXPECT_EQ(na->seq, 22u);
+
+  auto ob = client_->NextEvent(*b, absl::Seconds(5));
+  ASSERT_TRUE(ob.ok()) << ob.status();
+  EXPECT_EQ(ob->kind, static_cast<uint32_t>(source::ChangeKind::kOverflow));
+  EXPECT_EQ(ob->seq, 21u);
+  auto nb = client_->NextEvent(*b, absl::Seconds(5));
+  ASSERT_TRUE(nb.ok()) << nb.status();
+  EXPECT_EQ(nb->seq, 22u);
+  EXPECT_EQ(client_->NextEvent(*a, absl::Milliseconds(20)).status().code(),
+            absl::StatusCode::kDeadlineExceeded);
+}
+
+TEST_F(SessionServerTest, AForkedChildCannotUseItsParentsSessionAndTheParentKeepsIt) {
+  StartServer(ServerOptions{});
+  auto v = client_->Open("exp");
+  ASSERT_TRUE(v.ok()) << v.status();
+  std::vector<uint8_t> buf(4096);
+  Session::Op op;
+  op.handle = (*v)->handle;
+  op.offset = 4096;
+  op.len = buf.size();
+  op.dst = buf.data();
+  ASSERT_TRUE(client_->Run({op})[0].status.ok());
+
+  const pid_t child = ::fork();
+  ASSERT_GE(child, 0);
+  if (child == 0) {
+    // Exit codes say which check failed.
+    if (!client_->forked()) ::_exit(10);
+    auto r = client_->Run({op});
+    if (r[0].status.code() != absl::StatusCode::kFailedPrecondition) ::_exit(11);
+    if (client_->Open("exp").status().code() != absl::StatusCode::kFailedPrecondition) ::_exit(12);
+    if (client_->Watch("exp").status().code() != absl::StatusCode::kFailedPrecondition) ::_exit(13);
+    client_.reset();  // the child's copy closes its descriptors only
+    ::_exit(0);
+  }
+  int status = 0;
+  ASSERT_EQ(::waitpid(child, &status, 0), child);
+  ASSERT_TRUE(WIFEXITED(status)) << status;
+  EXPECT_EQ(WEXITSTATUS(status), 0);
+
+  // The parent's session is untouched.
+  EXPECT_FALSE(client_->forked());
+  std::fill(buf.begin(), buf.end(), 0);
+  auto r = client_->Run({op});
+  ASSERT_TRUE(r[0].status.ok()) << r[0].status;
+  for (size_t i = 0; i < buf.size(); ++i) ASSERT_EQ(buf[i], (4096 + i) % 251) << i;
+  EXPECT_EQ(server_->sessions(), 1u);
+}
+
+}  // namespace
+}  // namespace svm::session
