@@ -76,6 +76,22 @@ int svm_export(svm_client* c, const char* name, const void* addr, size_t len) {
   });
 }
 
+int svm_export_allow(svm_client* c, const char* name, const void* addr, size_t len,
+                     const char* const* allow, size_t nallow) {
+  if (c == nullptr || name == nullptr || (allow == nullptr && nallow != 0)) {
+    return FailArg("svm_export_allow: client, name and allow (when nallow > 0) are required");
+  }
+  return Guard([&] {
+    svm::ExportOptions o;
+    for (size_t i = 0; i < nallow; ++i) {
+      if (allow[i] == nullptr) return FailArg("svm_export_allow: a NULL identity");
+      o.allow.emplace_back(allow[i]);
+    }
+    auto r = c->c->Export(name, addr, len, o);
+    return r.ok() ? 0 : Fail(r.status());
+  });
+}
+
 int svm_export_pid(svm_client* c, const char* name, pid_t pid, uint64_t addr, uint64_t len) {
   if (c == nullptr || name == nullptr) return FailArg("svm_export_pid: client and name are required");
   return Guard([&] {

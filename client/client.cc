@@ -134,18 +134,19 @@ class GrpcClient final : public Client {
     return absl::OkStatus();
   }
 
-  absl::StatusOr<v1::ExportInfo> Export(const std::string& name, const void* addr,
-                                        size_t len) override {
-    return ExportPid(name, 0, reinterpret_cast<uint64_t>(addr), len);
+  absl::StatusOr<v1::ExportInfo> Export(const std::string& name, const void* addr, size_t len,
+                                        const ExportOptions& opts) override {
+    return ExportPid(name, 0, reinterpret_cast<uint64_t>(addr), len, opts);
   }
 
   absl::StatusOr<v1::ExportInfo> ExportPid(const std::string& name, pid_t pid, uint64_t addr,
-                                           uint64_t len) override {
+                                           uint64_t len, const ExportOptions& opts) override {
     v1::ExportRequest req;
     req.set_name(name);
     req.set_pid(pid);
     req.set_addr(addr);
     req.set_len(len);
+    for (const std::string& id : opts.allow) req.add_allow(id);
     v1::ExportResponse resp;
     grpc::ClientContext ctx;
     if (auto st = FromGrpc(stub_->Export(&ctx, req, &resp)); !st.ok()) return st;

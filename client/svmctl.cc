@@ -13,6 +13,8 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
 #include "absl/time/clock.h"
 #include "common/args.h"
 #include "common/fd.h"
@@ -52,10 +54,14 @@ struct Command {
 
 const std::vector<Command>& Commands() {
   static const std::vector<Command> kCommands = {
-      {"export", {"pid", "addr", "len", "name"}, {"json"}, {"pid", "addr", "len", "name"},
-       {"pid", "addr", "len"}, "export --pid PID --addr ADDR --len LEN --name NAME [--json]",
+      {"export", {"pid", "addr", "len", "name", "allow"}, {"json"}, {"pid", "addr", "len", "name"},
+       {"pid", "addr", "len"},
+       "export --pid PID --addr ADDR --len LEN --name NAME [--allow ID[,ID...]] [--json]",
        "Export LEN bytes at ADDR of process PID as NAME. You must be allowed to\n"
-       "ptrace PID (same uid and gids and PID dumpable, or CAP_SYS_PTRACE).\n"},
+       "ptrace PID (same uid and gids and PID dumpable, or CAP_SYS_PTRACE).\n"
+       "--allow: only peers whose TLS certificate names one of these identities (a DNS\n"
+       "or URI subject alternative name, or the common name) may import it; others get\n"
+       "PERMISSION_DENIED. Without it, every peer the daemon authenticates may.\n"},
       {"unexport", {"name"}, {}, {"name"}, {}, "unexport --name NAME",
        "Withdraw the export NAME; importers are told it is gone.\n"},
       {"import", {"peer", "name", "as"}, {"json"}, {"peer", "name"}, {},
@@ -131,6 +137,11 @@ absl::Status CheckArguments(const Command& c, const svm::Args& a) {
   if (cmd == "export") {
     uint64_t pid = *a.GetU64("pid", 0);
     if (pid == 0 || pid > INT32_MAX) return absl::InvalidArgumentError("--pid must be a process id");
+    if (a.Has("allow")) {
+      for (absl::string_view id : absl::StrSplit(a.Get("allow"), ',')) {
+        if (id.empty()) return absl::InvalidArgumentError("--allow: an empty identity");
+      }
+    }
   }
   if (cmd == "read" || cmd == "map") {
     uint64_t len = *a.GetU64("len", 0);
@@ -229,7 +240,9 @@ int Run(const svm::Args& a) {
       if (!s.ok()) return Fail(s);
     }
     if (*pid == 0 || *pid > INT32_MAX) return Fail(absl::InvalidArgumentError("--pid must be a process id"));
-    auto info = c.ExportPid(*name, static_cast<pid_t>(*pid), *addr, *len);
+    svm::ExportOptions eo;
+    if (a.Has("allow")) eo.allow = absl::StrSplit(a.Get("allow"), ',');
+    auto info = c.ExportPid(*name, static_cast<pid_t>(*pid), *addr, *len, eo);
     if (!info.ok()) return Fail(info.status());
     if (json) {
       std::printf("%s", Json(*info).c_str());
@@ -365,13 +378,14 @@ int Run(const svm::Args& a) {
       std::printf("%s", Json(r).c_str());
       return 0;
     }
-    std::printf("%-20s %8s %18s %12s %-7s %-18s %8s %5s %s\n", "NAME", "PID", "ADDR", "LEN",
-                "SOURCE", "PATHS", "SEQ", "SUBS", "STATE");
+    std::printf("%-20s %8s %18s %12s %-7s %-18s %8s %5s %-5s %s\n", "NAME", "PID", "ADDR", "LEN",
+                "SOURCE", "PATHS", "SEQ", "SUBS", "STATE", "ALLOW");
     for (auto& e : *l) {
-      std::printf("%-20s %8d %#18llx %12llu %-7s %-18s %8llu %5u %s\n", e.name().c_str(), e.pid(),
+      const std::string allow = e.allow().empty() ? "*" : absl::StrJoin(e.allow(), ",");
+      std::printf("%-20s %8d %#18llx %12llu %-7s %-18s %8llu %5u %-5s %s\n", e.name().c_str(), e.pid(),
                   (unsigned long long)e.addr(), (unsigned long long)e.len(), e.source().c_str(),
                   e.path().c_str(), (unsigned long long)e.seq(), e.subscribers(),
-                  e.gone() ? "gone" : "live");
+                  e.gone() ? "gone" : "live", allow.c_str());
     }
     return 0;
   }
@@ -433,7 +447,7 @@ int Run(const svm::Args& a) {
 
 int main(int argc, char** argv) {
   auto a = svm::Args::Parse(argc, argv,
-                            {"daemon", "pid", "addr", "len", "name", "peer", "as", "offset", "out",
+                            {"daemon", "allow", "pid", "addr", "len", "name", "peer", "as", "offset", "out",
                              "count", "timeout"},
                             {"fresh", "json", "help", "verbose", "version"});
   if (!a.ok()) return UsageError(std::string(a.status().message()), nullptr);

@@ -22,6 +22,7 @@
 #include "daemon/systemd/journal.h"
 #include "daemon/systemd/watchdog.h"
 #include "daemon/service/server.h"
+#include "daemon/service/tls.h"
 #include "spdlog/sinks/stdout_color_sinks.h"
 #include "common/log.h"
 
@@ -42,6 +43,11 @@ constexpr char kUsage[] = R"(usage: svmd [options]
                                has rc read odp and passes the odp data check, else pinned;
                                odp: do not start without usable odp)
   --peer-token-file PATH       pre-shared token peers must present (default: none, unauthenticated)
+  --tls-cert PATH              mutual TLS on the peer port (all three or none): this node's
+  --tls-key PATH               certificate and key, and the CA peers' certificates must chain
+  --tls-ca PATH                to (PEM). A peer's identity is its certificate's DNS/URI subject
+                               alternative names (or CN); re-read on SIGHUP. Default: none,
+                               peers unauthenticated and unencrypted
   --cache-mb N                 importer mirror cache size (default 256)
   --poll-interval-ms N         procfs source: pagemap poll interval (default 10)
   --scrub-interval-ms N        content scrub of remotely held pages (default 50)
@@ -65,7 +71,8 @@ constexpr char kUsage[] = R"(usage: svmd [options]
   --flagfile PATH              read options from PATH, one "--flag value" a line (# comments);
                                options on the command line override it; SIGHUP re-reads it
   --version                    print the version and exit
-SIGHUP reloads: the log level (from --flagfile) and the peer token file are re-read;
+SIGHUP reloads: the log level (from --flagfile) and the peer token file are re-read, and
+the TLS certificate, key and CA files (new handshakes use them once they verify);
 imports, exports and peer links stay up.
 Exit status: 0 after a clean shutdown (SIGTERM, SIGINT), 1 when svmd cannot start or
 serve, 2 for a usage error (the message names the flag).
@@ -199,7 +206,7 @@ const std::set<std::string> kValueFlags = {
     "rdma-registration", "peer-token-file", "cache-mb", "poll-interval-ms", "scrub-interval-ms",
     "sync-timeout-ms", "fetch-timeout-ms", "socket-mode", "socket-group", "log-level",
     "metrics-listen", "fault-fetch-delay-ms", "fault-subscribe-inval-ms", "peer-timeout-ms",
-    "lease-ms", "heartbeat-ms", "flagfile"};
+    "lease-ms", "heartbeat-ms", "flagfile", "tls-cert", "tls-key", "tls-ca"};
 const std::set<std::string> kBoolFlags = {"help", "version"};
 
 // The words of a flagfile: each line "--flag value" or "--flag=value"
@@ -248,7 +255,8 @@ absl::StatusOr<svm::Args> ParseArgs(int argc, char** argv) {
 // SIGHUP: applies what can change while svmd runs (the log level), checks
 // the peer token file, and names every other option that changed as
 // needing a restart. Nothing is torn down: imports and links stay up.
-void Reload(int argc, char** argv, const svm::Args& running, const std::string& running_token) {
+void Reload(int argc, char** argv, const svm::Args& running, const std::string& running_token,
+            svm::service::PeerTls* tls) {
   svm::systemd::Notify("RELOADING=1");
   absl::Cleanup ready = [] { svm::systemd::Notify("READY=1"); };
   auto now = ParseArgs(argc, argv);
@@ -272,6 +280,15 @@ void Reload(int argc, char** argv, const svm::Args& running, const std::string& 
     } else if (*token != running_token) {
       spdlog::warn("reload: the peer token changed; it takes effect when svmd restarts "
                    "(imports and peer links keep the current one)");
+    }
+  }
+  if (tls != nullptr) {
+    auto served = tls->Reload();
+    if (!served.ok()) {
+      spdlog::error("reload: {}; svmd keeps its current certificates ({})", served.status().message(),
+                    tls->Describe());
+    } else {
+      spdlog::warn("reload: peer tls certificate {}", *served);
     }
   }
   for (const std::string& key : kValueFlags) {
@@ -321,9 +338,26 @@ int main(int argc, char** argv) {
   spdlog::set_default_logger(logger);
   svm::systemd::SetLogPattern();  // "<N>" priorities when stderr is the journal
   spdlog::set_level(*level);
+  svm::service::RouteGrpcLogs();
 
   auto opts = ParseOptions(*args);
   if (!opts.ok()) return usage_error(opts.status());
+  // Mutual TLS on the peer port: all three files or none.
+  std::unique_ptr<svm::service::PeerTls> tls;
+  {
+    const int given = args->Has("tls-cert") + args->Has("tls-key") + args->Has("tls-ca");
+    if (given != 0 && given != 3) {
+      return usage_error(absl::InvalidArgumentError("--tls-cert, --tls-key and --tls-ca go together"));
+    }
+    if (given == 3) {
+      auto t = svm::service::PeerTls::Create(
+          {.cert = args->Get("tls-cert"), .key = args->Get("tls-key"), .ca = args->Get("tls-ca")});
+      if (!t.ok()) return usage_error(t.status());
+      tls = std::move(*t);
+      so.peer_credentials = tls->ServerCredentials();
+      opts->import.peer_credentials = tls->ChannelCredentials();
+    }
+  }
   std::optional<svm::HostPort> metrics_listen;
   if (args->Has("metrics-listen")) {
     auto hp = HostPortArg(*args, "metrics-listen", "");
@@ -368,13 +402,22 @@ int main(int argc, char** argv) {
   spdlog::info("svmd {} node {} ready: control unix:{}, peers {}, data {} (transport {}), source {}",
                SVM_VERSION, opts->node, opts->control, (*server)->peer_address(), data,
                opts->transport, (*daemon)->source_name());
-  if (opts->peer_token.empty()) {
+  if (tls) {
+    spdlog::info("peers: mutual tls, {}", tls->Describe());
+  } else if (opts->peer_token.empty()) {
     // The packaged default: the service must start on a fresh install,
-    // where no token exists yet (docs/operations.md, "Configure").
-    spdlog::warn("peer authentication is OFF (no --peer-token-file): any host that reaches {} can "
-                 "list and read every export of this node; set a pre-shared token on every node "
-                 "unless peers are confined to a trusted network",
+    // where no certificates or token exist yet (docs/operations.md,
+    // "Configure" and "Securing peers").
+    spdlog::warn("peer authentication is OFF and peer traffic is unencrypted (no --tls-cert/--tls-key/"
+                 "--tls-ca, no --peer-token-file): any host that reaches {} can read every export "
+                 "of this node that has no access list; use --tls-* on every node unless peers are "
+                 "confined to a trusted network",
                  (*server)->peer_address());
+  } else {
+    spdlog::warn("peer tls is OFF (no --tls-cert/--tls-key/--tls-ca): peer traffic, the token and "
+                 "rkeys travel unencrypted, peers prove no identity (exports with an access list "
+                 "are refused to every peer); use --tls-* on every node unless peers are confined "
+                 "to a trusted network");
   }
   svm::core::Daemon* d = daemon->get();
   auto summary = [d] {
@@ -407,7 +450,7 @@ int main(int argc, char** argv) {
   int sig = 0;
   while (sigwait(&sigs, &sig) == 0 && sig == SIGHUP) {
     spdlog::info("SIGHUP: reloading");
-    Reload(argc, argv, *args, opts->peer_token);
+    Reload(argc, argv, *args, opts->peer_token, tls.get());
   }
   spdlog::info("signal {}: shutting down", sig);
   svm::systemd::Notify("STOPPING=1");

@@ -14,6 +14,7 @@ pkgs=(
   dpkg-dev file lintian systemd man-db
   clang libclang-rt-14-dev
   prometheus-cpp-dev prometheus curl
+  libssl-dev openssl   # peer TLS checks; scripts/make-test-ca.sh (tls_test)
 )
 # The VM tier needs these on top (kernels are downloaded, never installed).
 if [[ "${SVM_WITH_VM:-0}" == "1" ]]; then

@@ -4,6 +4,7 @@
 #include <cerrno>
 #include <cstring>
 
+#include "absl/algorithm/container.h"
 #include "absl/hash/hash.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
@@ -52,8 +53,11 @@ struct ExportTable::ZeroCopy {
 };
 
 struct ExportTable::ExportEntry {
+  // Random, never 0 (kHeartbeatExportId): a fetch names the export by it,
+  // and only DescribeExport, behind the access list, reveals it.
   uint64_t id = 0;
   std::string name;
+  std::vector<std::string> allow;  // peer identities; empty: any peer
   pid_t pid = 0;
   uint64_t addr = 0, len = 0, npages = 0;
   uid_t owner = 0;
@@ -83,10 +87,23 @@ struct ExportTable::ExportEntry {
 
 ExportTable::ExportTable(source::MirrorSource* source, WatchHub* hub, Counters* counters,
                          ExportLimits limits, std::string path)
-    : source_(source), hub_(hub), counters_(counters), limits_(limits), path_(std::move(path)) {
-  // Ids from an earlier run of this daemon must not name new exports.
-  next_id_ = (RandomU64() << 32) | 1;
+    : source_(source), hub_(hub), counters_(counters), limits_(limits), path_(std::move(path)) {}
+
+namespace {
+
+// Whether a peer proving the identities peer may see an export with this
+// access list. An empty peer (no TLS) passes only an empty list.
+absl::Status CheckAllowed(const std::vector<std::string>& allow, absl::Span<const std::string> peer) {
+  if (allow.empty()) return absl::OkStatus();
+  for (const std::string& id : peer) {
+    if (absl::c_linear_search(allow, id)) return absl::OkStatus();
+  }
+  return absl::PermissionDeniedError(
+      peer.empty() ? "the export has an access list and this peer proved no identity (no TLS)"
+                   : "the export is not shared with this peer");
 }
+
+}  // namespace
 
 void ExportTable::EnableZeroCopy(transport::Transport* t) {
   zero_copy_ = t;
@@ -149,13 +166,15 @@ v1::ExportInfo ExportTable::InfoOf(ExportEntry& e) const {
                             i.path()));
   }
   i.set_seq(e.coh.seq());
+  for (const std::string& a : e.allow) i.add_allow(a);
   i.set_subscribers(static_cast<uint32_t>(e.subs.size()));
   i.set_gone(e.gone);
   return i;
 }
 
 absl::StatusOr<v1::ExportInfo> ExportTable::Export(const std::string& name, pid_t pid,
-                                                   uint64_t addr, uint64_t len, uid_t owner) {
+                                                   uint64_t addr, uint64_t len, uid_t owner,
+                                                   std::vector<std::string> allow) {
   std::shared_ptr<struct ExportEntry> replaced;
   {
     absl::MutexLock l(&mu_);
@@ -193,6 +212,7 @@ absl::StatusOr<v1::ExportInfo> ExportTable::Export(const std::string& name, pid_
   e->len = len;
   e->npages = len / kPageSize;
   e->owner = owner;
+  e->allow = std::move(allow);
   std::weak_ptr<struct ExportEntry> weak = e;
   auto range = source_->Attach(pid, addr, len, [this, weak](const Change& c) {
     if (auto ex = weak.lock()) Invalidate(*ex, c);
@@ -213,7 +233,12 @@ absl::StatusOr<v1::ExportInfo> ExportTable::Export(const std::string& name, pid_
       by_id_.erase(replaced->id);
       draining_[replaced->id] = replaced;  // until its retired registrations are released
     }
-    e->id = next_id_++;
+    // Ids from an earlier run of this daemon, and withdrawn ones, must not
+    // name new exports.
+    do {
+      e->id = RandomU64();
+    } while (e->id == transport::kHeartbeatExportId || by_id_.contains(e->id) ||
+             draining_.contains(e->id));
     by_name_[name] = e;
     by_id_[e->id] = e;
   }
@@ -267,9 +292,17 @@ std::vector<v1::ExportInfo> ExportTable::List() const {
   return out;
 }
 
-absl::StatusOr<v1::ExportDescriptor> ExportTable::Describe(const std::string& name) const {
+absl::Status ExportTable::Allowed(const std::string& name, absl::Span<const std::string> peer) const {
   auto e = Find(name);
   if (!e) return absl::NotFoundError(absl::StrCat("no export named '", name, "'"));
+  return CheckAllowed(e->allow, peer);
+}
+
+absl::StatusOr<v1::ExportDescriptor> ExportTable::Describe(const std::string& name,
+                                                           absl::Span<const std::string> peer) const {
+  auto e = Find(name);
+  if (!e) return absl::NotFoundError(absl::StrCat("no export named '", name, "'"));
+  if (auto st = CheckAllowed(e->allow, peer); !st.ok()) return st;
   v1::ExportDescriptor d;
   d.set_export_id(e->id);
   d.set_name(e->name);
@@ -369,9 +402,11 @@ std::vector<std::unique_ptr<ExportTable::ZeroCopy>> ExportTable::TakeReleasable(
 }
 
 absl::StatusOr<uint64_t> ExportTable::Subscribe(uint64_t export_id,
-                                                std::shared_ptr<transport::Subscriber> sub) {
+                                                std::shared_ptr<transport::Subscriber> sub,
+                                                absl::Span<const std::string> peer) {
   auto e = FindId(export_id);
   if (!e) return absl::NotFoundError("no such export (it was withdrawn)");
+  if (auto st = CheckAllowed(e->allow, peer); !st.ok()) return st;
   uint64_t seq;
   {
     absl::MutexLock l(&e->mu);

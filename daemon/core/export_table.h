@@ -76,15 +76,23 @@ class ExportTable final : public transport::ExportBackend {
               std::string path);
   ~ExportTable() override;
 
-  // The caller checked the requester's right to the memory.
+  // The caller checked the requester's right to the memory. allow: the
+  // peer identities that may import it (empty: every authenticated peer).
   absl::StatusOr<v1::ExportInfo> Export(const std::string& name, pid_t pid, uint64_t addr,
-                                        uint64_t len, uid_t owner);
+                                        uint64_t len, uid_t owner,
+                                        std::vector<std::string> allow = {});
   absl::Status Unexport(const std::string& name);
   std::vector<v1::ExportInfo> List() const;
   bool Has(const std::string& name) const;
-  absl::StatusOr<v1::ExportDescriptor> Describe(const std::string& name) const;
+  // Access lists: peer is the identities a peer proved (empty: none). An
+  // export with a list is refused with PERMISSION_DENIED, revealing nothing
+  // of it, unless one of them is on the list.
+  absl::Status Allowed(const std::string& name, absl::Span<const std::string> peer) const;
+  absl::StatusOr<v1::ExportDescriptor> Describe(const std::string& name,
+                                                absl::Span<const std::string> peer = {}) const;
   // Adds an importer's data connection; returns the seq it starts from.
-  absl::StatusOr<uint64_t> Subscribe(uint64_t export_id, std::shared_ptr<transport::Subscriber> sub);
+  absl::StatusOr<uint64_t> Subscribe(uint64_t export_id, std::shared_ptr<transport::Subscriber> sub,
+                                     absl::Span<const std::string> peer = {});
   absl::StatusOr<v1::SyncResponse> Sync(const std::string& name);
   // Reads an export on the exporting node itself; returns the seq.
   absl::StatusOr<uint64_t> ReadLocal(const std::string& name, uint64_t offset, absl::Span<uint8_t> dst);
@@ -151,12 +159,11 @@ class ExportTable final : public transport::ExportBackend {
   bool stop_work_ ABSL_GUARDED_BY(work_mu_) = false;
   std::thread worker_;  // started by EnableZeroCopy
 
-  mutable absl::Mutex mu_;  // guards the maps and next_id_; never held across a source call
+  mutable absl::Mutex mu_;  // guards the maps; never held across a source call
   std::map<std::string, std::shared_ptr<ExportEntry>> by_name_ ABSL_GUARDED_BY(mu_);
   std::map<uint64_t, std::shared_ptr<ExportEntry>> by_id_ ABSL_GUARDED_BY(mu_);
   // Withdrawn exports whose retired registrations are not released yet.
   std::map<uint64_t, std::shared_ptr<ExportEntry>> draining_ ABSL_GUARDED_BY(mu_);
-  uint64_t next_id_ ABSL_GUARDED_BY(mu_) = 1;
 };
 
 }  // namespace svm::core

@@ -265,7 +265,8 @@ std::shared_ptr<ImportTable::Link> ImportTable::GetLink(const std::string& peer)
     // is bounded by its own deadline anyway.)
     args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, 100);
     args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 1000);
-    link->channel = grpc::CreateCustomChannel(peer, grpc::InsecureChannelCredentials(), args);
+    link->channel = grpc::CreateCustomChannel(
+        peer, opts_.peer_credentials ? opts_.peer_credentials : grpc::InsecureChannelCredentials(), args);
     link->stub = v1::Peer::NewStub(link->channel);
   }
   return link;

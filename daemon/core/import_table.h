@@ -46,6 +46,8 @@
 #include <string>
 #include <vector>
 
+#include <grpcpp/security/credentials.h>
+
 #include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
@@ -64,6 +66,9 @@ namespace svm::core {
 struct ImportOptions {
   std::string node;
   std::string peer_token;                        // empty: peers unauthenticated
+  // Credentials of channels to peers (mutual TLS: service::PeerTls); null:
+  // plain TCP.
+  std::shared_ptr<grpc::ChannelCredentials> peer_credentials;
   absl::Duration rpc_timeout = absl::Seconds(2);   // every peer gRPC call
   absl::Duration fetch_timeout = absl::Milliseconds(1500);
   // How long cached pages stay usable after the exporter was last heard

@@ -3,6 +3,9 @@
 // daemon's executor and finishes the reactor from there.
 #include <deque>
 
+#include "absl/algorithm/container.h"
+#include "absl/strings/escaping.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "daemon/service/access.h"
@@ -107,7 +110,42 @@ class WatchReactor final : public grpc::ServerWriteReactor<v1::Invalidation> {
   bool finished_ ABSL_GUARDED_BY(mu_) = false;
 };
 
+// An export's access list: identities as certificates carry them (DNS
+// names, URIs, common names): printable, no spaces or commas (svmctl's
+// separator), bounded.
+absl::Status ValidateAllow(const google::protobuf::RepeatedPtrField<std::string>& allow) {
+  constexpr int kMaxEntries = 64;
+  constexpr size_t kMaxLen = 255;
+  if (allow.size() > kMaxEntries) {
+    return absl::InvalidArgumentError(absl::StrFormat("allow: at most %d identities", kMaxEntries));
+  }
+  for (const std::string& id : allow) {
+    const bool printable = absl::c_all_of(id, [](char ch) { return ch > ' ' && ch < 0x7f && ch != ','; });
+    if (id.empty() || id.size() > kMaxLen || !printable) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "allow: '", absl::CHexEscape(id.substr(0, kMaxLen)),
+          "' is not an identity (1-255 printable characters, no spaces or commas)"));
+    }
+  }
+  return absl::OkStatus();
+}
+
 class ControlService final : public v1::Control::CallbackService {
+  // A peer that cannot be connected to may be refusing this node's TLS (or
+  // its lack of it): the gRPC message says only "Socket closed" then.
+  absl::Status WithTlsHint(const absl::Status& st) const {
+    if (!absl::IsUnavailable(st) || !absl::StrContains(st.message(), "failed to connect")) return st;
+    return absl::Status(
+        st.code(),
+        absl::StrCat(st.message(),
+                     d_->options().import.peer_credentials
+                         ? " (this node connects with TLS: if the peer is up, it must run with "
+                           "--tls-* and each certificate must verify against the other node's "
+                           "--tls-ca; the peer's log names a refused handshake)"
+                         : " (this node connects without TLS: a peer running with --tls-* "
+                           "refuses it)"));
+  }
+
  public:
   ControlService(core::Daemon* d, ClientRegistry* clients, std::string* peer_address)
       : d_(d), clients_(clients), peer_address_(peer_address) {}
@@ -129,8 +167,10 @@ class ControlService final : public v1::Control::CallbackService {
       }
       if (req->pid() < 0) return absl::InvalidArgumentError("pid must be >= 0");
       const pid_t pid = req->pid() == 0 ? cred->pid : req->pid();
+      if (auto st = ValidateAllow(req->allow()); !st.ok()) return st;
       if (auto st = CheckMayExport(*cred, pid); !st.ok()) return st;
-      auto info = d_->exports().Export(req->name(), pid, req->addr(), req->len(), cred->uid);
+      auto info = d_->exports().Export(req->name(), pid, req->addr(), req->len(), cred->uid,
+                                       {req->allow().begin(), req->allow().end()});
       if (!info.ok()) return info.status();
       *resp->mutable_info() = *info;
       return absl::OkStatus();
@@ -188,10 +228,11 @@ class ControlService final : public v1::Control::CallbackService {
       return r;
     }
     d_->imports().Import(req->peer(), req->name(), req->as(),
-                         [r, resp](absl::StatusOr<v1::ImportInfo> info) {
+                         [this, r, resp](absl::StatusOr<v1::ImportInfo> info) {
                            if (!info.ok()) {
-                             spdlog::debug("control call failed: {}", info.status().ToString());
-                             return r->Finish(ToGrpc(info.status()));
+                             const absl::Status why = WithTlsHint(info.status());
+                             spdlog::debug("control call failed: {}", why.ToString());
+                             return r->Finish(ToGrpc(why));
                            }
                            *resp->mutable_info() = std::move(*info);
                            r->Finish(grpc::Status::OK);

@@ -1,8 +1,17 @@
-// Peer service: other svmd daemons. Every call is authenticated with the
-// pre-shared token (when one is configured) before anything is revealed.
+// Peer service: other svmd daemons. Every call is authenticated before
+// anything is revealed: mutual TLS (the peer server refuses a handshake
+// without a certificate the CA signed) gives the caller's identities
+// (PeerNames), and the pre-shared token is checked when one is configured.
+// Exports with an access list are described, subscribed to and synced only
+// for identities on it; any other caller gets PERMISSION_DENIED and nothing
+// about the export (no size, path, id or rkey). Fetches on data connections
+// name an export by its id, a random 64-bit number only DescribeExport
+// reveals (ExportTable).
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "daemon/service/server.h"
+#include "daemon/service/tls.h"
+#include "daemon/transport/session_registry.h"
 #include "common/log.h"
 #include "svm/v1/peer.grpc.pb.h"
 
@@ -18,7 +27,7 @@ class PeerService final : public v1::Peer::CallbackService {
 
   grpc::ServerUnaryReactor* Hello(grpc::CallbackServerContext* ctx, const v1::HelloRequest* req,
                                   v1::HelloResponse* resp) override {
-    return Now(ctx, [&]() -> absl::Status {
+    return Now(ctx, [&](const Caller&) -> absl::Status {
       resp->set_node(d_->options().node);
       resp->set_protocol_version(kProtocolVersion);
       // Preference order: the importer takes the first one it also runs.
@@ -31,9 +40,9 @@ class PeerService final : public v1::Peer::CallbackService {
   grpc::ServerUnaryReactor* DescribeExport(grpc::CallbackServerContext* ctx,
                                            const v1::DescribeExportRequest* req,
                                            v1::ExportDescriptor* resp) override {
-    return Now(ctx, [&]() -> absl::Status {
-      auto d = d_->exports().Describe(req->name());
-      if (!d.ok()) return d.status();
+    return Now(ctx, [&](const Caller& c) -> absl::Status {
+      auto d = d_->exports().Describe(req->name(), c.names);
+      if (!d.ok()) return Refused(c, req->name(), d.status());
       *resp = *d;
       return absl::OkStatus();
     });
@@ -46,8 +55,8 @@ class PeerService final : public v1::Peer::CallbackService {
                                       const v1::SetupDataRequest* req,
                                       v1::SetupDataResponse* resp) override {
     auto* r = ctx->DefaultReactor();
-    if (auto st = Authenticate(ctx); !st.ok()) {
-      r->Finish(ToGrpc(st));
+    if (auto c = Authenticate(ctx); !c.ok()) {
+      r->Finish(ToGrpc(c.status()));
       return r;
     }
     d_->executor().Submit([this, r, req, resp] { r->Finish(ToGrpc(PrepareSession(*req, resp))); });
@@ -57,15 +66,15 @@ class PeerService final : public v1::Peer::CallbackService {
   grpc::ServerUnaryReactor* Subscribe(grpc::CallbackServerContext* ctx,
                                       const v1::SubscribeRequest* req,
                                       v1::SubscribeResponse* resp) override {
-    return Now(ctx, [&]() -> absl::Status {
+    return Now(ctx, [&](const Caller& c) -> absl::Status {
       // Tokens are random: at most one transport knows this one.
       std::shared_ptr<transport::Subscriber> sub;
       for (transport::Transport* t : d_->transports()) {
         if ((sub = t->FindSubscriber(req->session_token())) != nullptr) break;
       }
       if (!sub) return absl::FailedPreconditionError("no data connection for this session");
-      auto seq = d_->exports().Subscribe(req->export_id(), sub);
-      if (!seq.ok()) return seq.status();
+      auto seq = d_->exports().Subscribe(req->export_id(), sub, c.names);
+      if (!seq.ok()) return Refused(c, absl::StrCat("id ", req->export_id()), seq.status());
       resp->set_seq(*seq);
       return absl::OkStatus();
     });
@@ -74,7 +83,10 @@ class PeerService final : public v1::Peer::CallbackService {
   grpc::ServerUnaryReactor* Sync(grpc::CallbackServerContext* ctx, const v1::PeerSyncRequest* req,
                                  v1::PeerSyncResponse* resp) override {
     auto* r = ctx->DefaultReactor();
-    if (auto st = Authenticate(ctx); !st.ok()) {
+    auto c = Authenticate(ctx);
+    absl::Status st = c.status();
+    if (st.ok()) st = Refused(*c, req->name(), d_->exports().Allowed(req->name(), c->names));
+    if (!st.ok()) {
       r->Finish(ToGrpc(st));
       return r;
     }
@@ -109,23 +121,42 @@ class PeerService final : public v1::Peer::CallbackService {
     return absl::OkStatus();
   }
 
-  absl::Status Authenticate(grpc::CallbackServerContext* ctx) const {
+  // Who called: the identities its certificate proves (empty without TLS)
+  // and its address, for the log.
+  struct Caller {
+    std::vector<std::string> names;
+    std::string peer;
+  };
+
+  absl::StatusOr<Caller> Authenticate(grpc::CallbackServerContext* ctx) const {
+    Caller c{PeerNames(*ctx->auth_context()), ctx->peer()};
     const std::string& want = d_->options().peer_token;
-    if (want.empty()) return absl::OkStatus();
+    if (want.empty()) return c;
     const auto& md = ctx->client_metadata();
     auto it = md.find("svm-peer-token");
-    if (it == md.end() || std::string_view(it->second.data(), it->second.size()) != want) {
+    if (it == md.end() || !transport::TokensEqual({it->second.data(), it->second.size()}, want)) {
       spdlog::warn("peer {} failed authentication", ctx->peer());
       return absl::UnauthenticatedError("peer token missing or wrong");
     }
-    return absl::OkStatus();
+    return c;
+  }
+
+  // A refusal by an export's access list is logged here, once per call,
+  // where it is decided; other errors pass through.
+  static absl::Status Refused(const Caller& c, const std::string& what, absl::Status st) {
+    if (st.code() == absl::StatusCode::kPermissionDenied) {
+      spdlog::warn("peer {} ({}) refused export {}: {}", c.peer,
+                   c.names.empty() ? "unauthenticated" : absl::StrJoin(c.names, ","),
+                   absl::StrCat("'", what, "'"), st.message());
+    }
+    return st;
   }
 
   template <typename F>
   grpc::ServerUnaryReactor* Now(grpc::CallbackServerContext* ctx, F fn) {
     auto* r = ctx->DefaultReactor();
-    absl::Status st = Authenticate(ctx);
-    if (st.ok()) st = fn();
+    auto c = Authenticate(ctx);
+    absl::Status st = c.ok() ? fn(*c) : c.status();
     r->Finish(ToGrpc(st));
     return r;
   }

@@ -55,7 +55,9 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(core::Daemon* daemon, Serv
                                        ? absl::StrCat("[", o.peer_listen.host, "]")
                                        : o.peer_listen.host,
                                    ":", o.peer_listen.port),
-                      grpc::InsecureServerCredentials(), &port);
+                      opts.peer_credentials ? opts.peer_credentials
+                                            : grpc::InsecureServerCredentials(),
+                      &port);
   pb.RegisterService(s->peer_service_.get());
   s->peer_server_ = pb.BuildAndStart();
   if (!s->peer_server_ || port == 0) {

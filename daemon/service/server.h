@@ -42,6 +42,9 @@ grpc::Status ToGrpc(const absl::Status& s);
 struct ServerOptions {
   mode_t socket_mode = 0660;
   std::string socket_group = "svm";  // applied when the group exists
+  // The peer port's credentials (PeerTls::ServerCredentials); null: plain
+  // TCP, peers unauthenticated and unencrypted.
+  std::shared_ptr<grpc::ServerCredentials> peer_credentials;
 };
 
 class Server {

@@ -1,8 +1,23 @@
 #include "daemon/transport/session_registry.h"
 
+#include <openssl/crypto.h>
+
 #include "common/random.h"
 
 namespace svm::transport {
+
+bool TokensEqual(std::string_view presented, std::string_view issued) {
+  if (presented.size() != issued.size() || issued.empty()) return false;
+  return CRYPTO_memcmp(presented.data(), issued.data(), issued.size()) == 0;
+}
+
+SessionRegistry::Entry* SessionRegistry::Match(const std::string& token) {
+  Entry* found = nullptr;
+  for (auto& [issued, e] : tokens_) {
+    if (TokensEqual(token, issued)) found = &e;
+  }
+  return found;
+}
 
 absl::StatusOr<std::string> SessionRegistry::Issue(const std::string& node) {
   for (;;) {
@@ -26,20 +41,20 @@ absl::StatusOr<std::string> SessionRegistry::Issue(const std::string& node) {
 absl::StatusOr<std::string> SessionRegistry::Claim(const std::string& token,
                                                    std::shared_ptr<Subscriber> conn) {
   absl::MutexLock l(&mu_);
-  auto it = tokens_.find(token);
-  if (it == tokens_.end() || it->second.claimed || it->second.expires < now_()) {
+  Entry* e = Match(token);
+  if (e == nullptr || e->claimed || e->expires < now_()) {
     return absl::PermissionDeniedError("unknown, expired or used session token");
   }
-  it->second.claimed = true;
-  it->second.conn = std::move(conn);
-  return it->second.node;
+  e->claimed = true;
+  e->conn = std::move(conn);
+  return e->node;
 }
 
 std::shared_ptr<Subscriber> SessionRegistry::Find(const std::string& token) {
   absl::MutexLock l(&mu_);
-  auto it = tokens_.find(token);
-  if (it == tokens_.end()) return nullptr;
-  return it->second.conn.lock();
+  Entry* e = Match(token);
+  if (e == nullptr) return nullptr;
+  return e->conn.lock();
 }
 
 void SessionRegistry::Forget(const std::string& token) {

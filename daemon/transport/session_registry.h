@@ -10,6 +10,10 @@
 // died: it lives until the connection Forget()s it. The registry holds
 // connections weakly; a connection keeps itself alive.
 //
+// Tokens are secrets: every comparison with a presented token takes the
+// same time whatever its content (TokensEqual; lookups compare against every
+// entry instead of searching an ordered map).
+//
 // LOCKING: mu_ guards the table; nothing is called under it.
 #ifndef SVM_DAEMON_TRANSPORT_SESSION_REGISTRY_H_
 #define SVM_DAEMON_TRANSPORT_SESSION_REGISTRY_H_
@@ -18,6 +22,7 @@
 #include <map>
 #include <memory>
 #include <string>
+#include <string_view>
 
 #include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
@@ -27,6 +32,10 @@
 #include "daemon/transport/transport.h"
 
 namespace svm::transport {
+
+// Whether a presented token equals an issued one, in time that depends only
+// on the lengths (CRYPTO_memcmp), never on where the bytes first differ.
+bool TokensEqual(std::string_view presented, std::string_view issued);
 
 class SessionRegistry {
  public:
@@ -59,6 +68,11 @@ class SessionRegistry {
   size_t size();
 
  private:
+  struct Entry;
+  // The entry whose token equals token, compared with every entry in
+  // constant time; nullptr if none.
+  Entry* Match(const std::string& token) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+
   struct Entry {
     std::string node;
     absl::Time expires;  // unclaimed only

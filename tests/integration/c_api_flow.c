@@ -60,6 +60,15 @@ int svm_c_flow(const char* target_a, const char* target_b, const char* peer_a, c
   CHECK(18, svm_watch_next(w, 10, &inv) == SVM_DEADLINE_EXCEEDED);
   CHECK(19, strcmp(svm_code_name(SVM_UNAVAILABLE), "UNAVAILABLE") == 0);
   CHECK(20, svm_unexport(a, "c") == SVM_OK);
+  {
+    /* An access list: these daemons run without TLS, so no peer proves an
+     * identity and the listed export is refused to every peer. */
+    const char* allow[] = {"node-z"};
+    const char* bad[] = {"not an id"};
+    CHECK(21, svm_export_allow(a, "c-bad", mem, PAGE, bad, 1) == SVM_INVALID_ARGUMENT);
+    CHECK(22, svm_export_allow(a, "c-list", mem, PAGE, allow, 1) == SVM_OK);
+    CHECK(23, svm_import(b, peer_a, "c-list", NULL, &len) == SVM_PERMISSION_DENIED);
+  }
   step = 0;
 out:
   svm_unmap(m);

@@ -502,6 +502,42 @@ TEST_F(ExportTableTest, SubscribeReturnsCurrentSeqAndChecksTheExport) {
             absl::StatusCode::kNotFound);
 }
 
+// An export with an access list is described, subscribed to and allowed
+// only for a peer proving an identity on it; everyone else gets
+// PERMISSION_DENIED and no descriptor.
+TEST_F(ExportTableTest, AccessListRefusesPeersNotOnIt) {
+  auto info = table_->Export("a", kPid, kBase, 2 * kPageSize, 1000, {"node-b", "spiffe://x/y"});
+  ASSERT_TRUE(info.ok()) << info.status();
+  EXPECT_EQ(std::vector<std::string>(info->allow().begin(), info->allow().end()),
+            (std::vector<std::string>{"node-b", "spiffe://x/y"}));
+  ASSERT_TRUE(Export("open", 4, 1).ok());
+  const std::vector<std::string> b = {"other", "node-b"}, c = {"node-c"}, none;
+  for (const auto& who : {c, none}) {
+    EXPECT_EQ(table_->Describe("a", who).status().code(), absl::StatusCode::kPermissionDenied);
+    EXPECT_EQ(table_->Allowed("a", who).code(), absl::StatusCode::kPermissionDenied);
+    EXPECT_TRUE(table_->Describe("open", who).ok());  // no list: any peer
+  }
+  auto d = table_->Describe("a", b);
+  ASSERT_TRUE(d.ok()) << d.status();
+  EXPECT_TRUE(table_->Allowed("a", b).ok());
+  EXPECT_EQ(table_->Allowed("missing", b).code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(table_->Subscribe(d->export_id(), std::make_shared<FakeSubscriber>(1), c).status().code(),
+            absl::StatusCode::kPermissionDenied);
+  EXPECT_EQ(table_->List()[0].subscribers(), 0u);  // the refused one was not added
+  EXPECT_TRUE(table_->Subscribe(d->export_id(), std::make_shared<FakeSubscriber>(2), b).ok());
+}
+
+// Fetches name an export by its id: ids are random, not a counter another
+// export's id would give away.
+TEST_F(ExportTableTest, ExportIdsAreUnguessable) {
+  ASSERT_TRUE(Export("a", 0, 1).ok());
+  ASSERT_TRUE(Export("b", 1, 1).ok());
+  const uint64_t a = IdOf("a"), b = IdOf("b");
+  EXPECT_NE(a, 0u);
+  EXPECT_NE(b, 0u);
+  EXPECT_GT(a > b ? a - b : b - a, 1u << 20);
+}
+
 TEST_F(ExportTableTest, ClosedSubscriberIsDropped) {
   ASSERT_TRUE(Export("a", 0, 2).ok());
   auto s1 = Subscribe("a", 1);

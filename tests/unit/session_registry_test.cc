@@ -104,6 +104,32 @@ TEST_F(SessionRegistryTest, UnknownTokensAreRefused) {
   EXPECT_TRUE(reg_.Claim(*t, c).ok()) << "a refused forgery burned the real token";
 }
 
+// The constant-time comparison every token check goes through (both
+// transports' HELLO, the rdma liveness socket, Subscribe): equal only when
+// every byte and the length are; an empty issued token matches nothing.
+TEST(TokensEqual, EveryByteAndTheLengthCount) {
+  const std::string t = "0123456789abcdef";
+  EXPECT_TRUE(TokensEqual(t, t));
+  for (size_t i = 0; i < t.size(); ++i) {
+    std::string f = t;
+    f[i] ^= 0x40;
+    EXPECT_FALSE(TokensEqual(f, t)) << i;
+  }
+  EXPECT_FALSE(TokensEqual(t.substr(0, 15), t));
+  EXPECT_FALSE(TokensEqual(t + "x", t));
+  EXPECT_FALSE(TokensEqual("", ""));
+  EXPECT_FALSE(TokensEqual(std::string("\0", 1), std::string()));
+}
+
+TEST_F(SessionRegistryTest, ATokenIsFoundAmongMany) {
+  std::vector<std::string> tokens;
+  for (int i = 0; i < 50; ++i) tokens.push_back(*reg_.Issue("n"));
+  auto c = std::make_shared<FakeConn>(1);
+  ASSERT_TRUE(reg_.Claim(tokens[37], c).ok());
+  EXPECT_EQ(reg_.Find(tokens[37]), c);
+  EXPECT_EQ(reg_.Find(tokens[36]), nullptr);  // issued, unclaimed
+}
+
 TEST_F(SessionRegistryTest, UnclaimedTokensExpire) {
   auto t = reg_.Issue("n");
   ASSERT_TRUE(t.ok());

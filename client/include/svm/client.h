@@ -109,6 +109,14 @@ class Mapping {
   virtual uint64_t pages_fetched() const = 0;
 };
 
+struct ExportOptions {
+  // The peer identities (TLS certificate DNS/URI subject alternative name,
+  // or common name) that may import the export; empty: every peer the
+  // daemon authenticates. Others get PERMISSION_DENIED and learn nothing of
+  // the export (not its size, not an rkey).
+  std::vector<std::string> allow;
+};
+
 class Client {
  public:
   // target: "unix:/run/svm/svmd.sock". Opens a session (the data plane)
@@ -120,10 +128,11 @@ class Client {
 
   // Exports [addr, addr + len) of this process.
   virtual absl::StatusOr<v1::ExportInfo> Export(const std::string& name, const void* addr,
-                                                size_t len) = 0;
+                                                size_t len, const ExportOptions& opts = {}) = 0;
   // Exports memory of another process; the caller must be allowed to ptrace it.
   virtual absl::StatusOr<v1::ExportInfo> ExportPid(const std::string& name, pid_t pid,
-                                                   uint64_t addr, uint64_t len) = 0;
+                                                   uint64_t addr, uint64_t len,
+                                                   const ExportOptions& opts = {}) = 0;
   virtual absl::Status Unexport(const std::string& name) = 0;
   virtual absl::StatusOr<std::vector<v1::ExportInfo>> ListExports() = 0;
 

@@ -63,6 +63,12 @@ void svm_disconnect(svm_client* c);
 int svm_export(svm_client* c, const char* name, const void* addr, size_t len);
 /* Exports memory of another process (the caller must be allowed to ptrace it). */
 int svm_export_pid(svm_client* c, const char* name, pid_t pid, uint64_t addr, uint64_t len);
+/* svm_export with an access list: only peers whose TLS certificate names one
+ * of the nallow identities in allow (a DNS or URI subject alternative name,
+ * or the common name) may import it; others get SVM_PERMISSION_DENIED and
+ * learn nothing of it. nallow 0: every authenticated peer. */
+int svm_export_allow(svm_client* c, const char* name, const void* addr, size_t len,
+                     const char* const* allow, size_t nallow);
 int svm_unexport(svm_client* c, const char* name);
 /* Imports export name of the daemon at peer ("HOST:PORT") as as_name
  * (NULL or "": name). *len_out (may be NULL) receives its length. */

@@ -1283,7 +1283,7 @@ absl::Status ServerConn::OnMessage(const FrameHeader& h, absl::Span<const uint8_
     if (type != FrameType::kHello) return absl::PermissionDeniedError("first message is not HELLO");
     auto hello = ParseRdmaHello(payload);
     if (!hello.ok()) return hello.status();
-    if (hello->token != session_token_ ||
+    if (!TokensEqual(hello->token, session_token_) ||
         !transport_->sessions().Claim(hello->token, self()).ok()) {
       return absl::PermissionDeniedError("HELLO with an unknown or used session token");
     }

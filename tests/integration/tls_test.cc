@@ -1,0 +1,314 @@
+// Peers prove who they are: svmd's peer port with mutual TLS
+// (--tls-cert/--tls-key/--tls-ca) and per-export access lists (--allow),
+// with real daemons and certificates made by scripts/make-test-ca.sh.
+//
+// Each refused peer must fail with a clear status, learn nothing of the
+// export (no descriptor: no size, no id, no rkey), and be logged once by the
+// exporter. Some peers are this test itself, calling the exporter's Peer
+// service with real gRPC and the certificate under test (svmd refuses to
+// start with an expired certificate or one its CA did not sign, so it
+// cannot play those peers); the others are real importing daemons.
+#include <grpcpp/grpcpp.h>
+#include <grpcpp/security/tls_certificate_provider.h>
+#include <grpcpp/security/tls_credentials_options.h>
+#include <gtest/gtest.h>
+#include <signal.h>
+
+#include <fstream>
+#include <sstream>
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
+#include "svm/v1/peer.grpc.pb.h"
+#include "tests/integration/harness.h"
+
+namespace svm::testing {
+namespace {
+
+std::string Slurp(const std::string& path) {
+  std::ifstream in(path);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+// Lines of the file that contain needle.
+int CountLines(const std::string& path, const std::string& needle) {
+  int n = 0;
+  for (absl::string_view l : absl::StrSplit(Slurp(path), '\n')) n += absl::StrContains(l, needle);
+  return n;
+}
+
+bool WaitForLog(const std::string& path, const std::string& needle, absl::Duration timeout) {
+  const absl::Time deadline = absl::Now() + Scaled(timeout);
+  while (absl::Now() < deadline) {
+    if (CountLines(path, needle) > 0) return true;
+    absl::SleepFor(absl::Milliseconds(50));
+  }
+  return false;
+}
+
+class Tls : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    ca_ = absl::StrCat(dir_.path(), "/pki");
+    // node-a exports; node-b is on the secret export's list, node-c is not;
+    // node-old expired; node-x comes from another CA.
+    ASSERT_EQ(MakeCa({"node-a", "node-b", "node-c"}), 0);
+    ASSERT_EQ(MakeCa({"--expired", "node-old"}), 0);
+    ASSERT_EQ(MakeCa({"--ca", "evil-ca", "node-x"}), 0);
+    auto a = Daemon::Start({.node = "node-a", .dir = dir_.path(), .extra = TlsFlags("node-a")});
+    ASSERT_TRUE(a.ok()) << a.status();
+    a_ = std::move(*a);
+    auto e = Exporter::Start({.daemon = a_.get(), .name = "open", .pages = 4});
+    ASSERT_TRUE(e.ok()) << e.status();
+    exporter_ = std::move(*e);
+    // The same memory again, for node-b only.
+    RunResult r = RunCommand({SvmctlPath(), "--daemon", a_->control(), "export", "--pid",
+                              std::to_string(exporter_->pid()), "--addr",
+                              std::to_string(exporter_->addr()), "--len",
+                              std::to_string(exporter_->len()), "--name", "secret", "--allow",
+                              "node-b,spiffe://example/other"});
+    ASSERT_EQ(r.exit_code, 0) << r.err;
+  }
+
+  // scripts/make-test-ca.sh [--ca NAME] [--expired] ca_ NODE...
+  int MakeCa(const std::vector<std::string>& args) {
+    std::vector<std::string> argv = {MAKE_TEST_CA_PATH};
+    std::vector<std::string> nodes;
+    for (size_t i = 0; i < args.size(); ++i) {
+      if (args[i] == "--ca") {
+        argv.push_back(args[i]);
+        argv.push_back(args[++i]);
+      } else if (args[i] == "--expired") {
+        argv.push_back(args[i]);
+      } else {
+        nodes.push_back(args[i]);
+      }
+    }
+    argv.push_back(ca_);
+    argv.insert(argv.end(), nodes.begin(), nodes.end());
+    RunResult r = RunCommand(argv, absl::Seconds(60));
+    EXPECT_EQ(r.exit_code, 0) << r.err;
+    return r.exit_code;
+  }
+
+  std::vector<std::string> TlsFlags(const std::string& node, const std::string& ca = "ca") const {
+    return {"--tls-cert", absl::StrCat(ca_, "/", node, ".pem"), "--tls-key",
+            absl::StrCat(ca_, "/", node, ".key"), "--tls-ca", absl::StrCat(ca_, "/", ca, ".pem")};
+  }
+
+  std::string Log(const std::string& node) const {
+    return absl::StrCat(dir_.path(), "/", node, ".log");
+  }
+  std::string ALog() const { return Log("node-a"); }
+
+  // A Peer stub on the exporter presenting node's certificate ("" none),
+  // trusting the test CA.
+  std::unique_ptr<v1::Peer::Stub> PeerAs(const std::string& node) {
+    std::vector<grpc::experimental::IdentityKeyCertPair> pairs;
+    if (!node.empty()) {
+      pairs.push_back({Slurp(absl::StrCat(ca_, "/", node, ".key")),
+                       Slurp(absl::StrCat(ca_, "/", node, ".pem"))});
+    }
+    auto provider = std::make_shared<grpc::experimental::StaticDataCertificateProvider>(
+        Slurp(absl::StrCat(ca_, "/ca.pem")), pairs);
+    grpc::experimental::TlsChannelCredentialsOptions o;
+    o.set_certificate_provider(provider);
+    o.watch_root_certs();
+    if (!node.empty()) o.watch_identity_key_cert_pairs();
+    return v1::Peer::NewStub(grpc::CreateChannel(a_->peer(), grpc::experimental::TlsCredentials(o)));
+  }
+
+  // DescribeExport as node; the descriptor is returned whatever the status,
+  // so that a test can check it holds nothing.
+  grpc::Status Describe(const std::string& node, const std::string& name, v1::ExportDescriptor* d) {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(absl::ToChronoTime(absl::Now() + Scaled(absl::Seconds(5))));
+    v1::DescribeExportRequest req;
+    req.set_name(name);
+    return PeerAs(node)->DescribeExport(&ctx, req, d);
+  }
+
+  static void ExpectEmpty(const v1::ExportDescriptor& d) {
+    EXPECT_EQ(d.ByteSizeLong(), 0u) << d.DebugString();
+    EXPECT_EQ(d.len(), 0u);
+    EXPECT_EQ(d.export_id(), 0u);
+    EXPECT_FALSE(d.has_zero_copy());
+  }
+
+  // A refused handshake: UNAVAILABLE, nothing learned, and the exporter's
+  // log says so exactly once (however often gRPC retried), and never
+  // described or subscribed anything.
+  void ExpectHandshakeRefused(const std::string& node, const std::string& reason) {
+    v1::ExportDescriptor d;
+    grpc::Status st = Describe(node, "secret", &d);
+    EXPECT_EQ(st.error_code(), grpc::StatusCode::UNAVAILABLE) << st.error_message();
+    ExpectEmpty(d);
+    ASSERT_TRUE(WaitForLog(ALog(), reason, absl::Seconds(5))) << Slurp(ALog());
+    st = Describe(node, "open", &d);  // again, and to an export without a list
+    EXPECT_EQ(st.error_code(), grpc::StatusCode::UNAVAILABLE) << st.error_message();
+    ExpectEmpty(d);
+    absl::SleepFor(absl::Milliseconds(300));
+    EXPECT_EQ(CountLines(ALog(), "tls handshake with a peer failed"), 1) << Slurp(ALog());
+    EXPECT_EQ(CountLines(ALog(), reason), 1) << Slurp(ALog());
+    EXPECT_EQ(CountLines(ALog(), "subscribed to"), 0);
+    EXPECT_EQ(CountLines(ALog(), "data connection from"), 0);
+  }
+
+  TempDir dir_;
+  std::string ca_;
+  std::unique_ptr<Daemon> a_;
+  std::unique_ptr<Exporter> exporter_;
+};
+
+TEST_F(Tls, TwoDaemonsImportAndReadAndKeepWorkingAcrossACertificateReload) {
+  auto b = Daemon::Start({.node = "node-b", .dir = dir_.path(), .extra = TlsFlags("node-b")});
+  ASSERT_TRUE(b.ok()) << b.status();
+  auto cb = (*b)->Connect();
+  auto ca = a_->Connect();
+  ASSERT_TRUE(cb->Import(a_->peer(), "secret").ok());
+  auto want = ReadBytes(*ca, "secret", 0, exporter_->len());
+  ASSERT_TRUE(want.ok()) << want.status();
+  auto got = ReadBytes(*cb, "secret", 0, exporter_->len(), /*fresh=*/true);
+  ASSERT_TRUE(got.ok()) << got.status();
+  EXPECT_EQ(*got, *want);
+  EXPECT_TRUE(WaitForLog(ALog(), "node node-b subscribed to 'secret'", absl::Seconds(5)));
+
+  // New keys and certificates for both nodes, from the same CA; SIGHUP.
+  const std::string old_a = Slurp(absl::StrCat(ca_, "/node-a.pem"));
+  ASSERT_EQ(MakeCa({"node-a", "node-b"}), 0);
+  const std::string new_a = Slurp(absl::StrCat(ca_, "/node-a.pem"));
+  ASSERT_NE(old_a, new_a);
+  a_->process().Signal(SIGHUP);
+  (*b)->process().Signal(SIGHUP);
+  ASSERT_TRUE(WaitForLog(ALog(), "reload: peer tls certificate", absl::Seconds(10))) << Slurp(ALog());
+  ASSERT_TRUE(WaitForLog(Log("node-b"), "reload: peer tls certificate", absl::Seconds(10)));
+  // The exporter's port serves the new certificate to new handshakes.
+  bool served = false;
+  const absl::Time deadline = absl::Now() + Scaled(absl::Seconds(10));
+  while (!served && absl::Now() < deadline) {
+    RunResult r = RunCommand({"/bin/sh", "-c",
+                              absl::StrCat("openssl s_client -connect ", a_->peer(), " -cert ", ca_,
+                                           "/node-c.pem -key ", ca_, "/node-c.key </dev/null 2>/dev/null"
+                                           " | openssl x509")});
+    served = r.exit_code == 0 && r.out == new_a;
+    if (!served) absl::SleepFor(absl::Milliseconds(200));
+  }
+  EXPECT_TRUE(served) << "the exporter still serves its old certificate";
+  // The established link keeps working, and a new daemon with node-b's new
+  // certificate imports (new handshakes on both sides).
+  got = ReadBytes(*cb, "secret", 0, exporter_->len(), /*fresh=*/true);
+  ASSERT_TRUE(got.ok()) << got.status();
+  EXPECT_EQ(*got, *want);
+  auto b2 = Daemon::Start({.node = "node-b2", .dir = dir_.path(), .extra = TlsFlags("node-b")});
+  ASSERT_TRUE(b2.ok()) << b2.status();
+  auto cb2 = (*b2)->Connect();
+  ASSERT_TRUE(cb2->Import(a_->peer(), "secret").ok());
+  got = ReadBytes(*cb2, "secret", 0, exporter_->len(), /*fresh=*/true);
+  ASSERT_TRUE(got.ok()) << got.status();
+  EXPECT_EQ(*got, *want);
+  EXPECT_EQ(CountLines(ALog(), "tls handshake with a peer failed"), 0) << Slurp(ALog());
+}
+
+TEST_F(Tls, PeerWithoutCertificateIsRefused) {
+  ExpectHandshakeRefused("", "peer did not return a certificate");
+}
+
+TEST_F(Tls, DaemonWithoutTlsIsRefusedAndWarned) {
+  auto n = Daemon::Start({.node = "plain", .dir = dir_.path()});
+  ASSERT_TRUE(n.ok()) << n.status();
+  // Without TLS flags svmd says so, once.
+  EXPECT_EQ(CountLines(Log("plain"),
+                       "warning [svmd] peer authentication is OFF and peer traffic is unencrypted"),
+            1);
+  EXPECT_EQ(CountLines(ALog(), "unencrypted"), 0);
+  RunResult r = RunCommand({SvmctlPath(), "--daemon", (*n)->control(), "import", "--peer",
+                            a_->peer(), "--name", "secret"});
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_TRUE(absl::StrContains(r.err, "UNAVAILABLE")) << r.err;
+  EXPECT_TRUE(absl::StrContains(r.err, "without TLS")) << r.err;
+  r = RunCommand({SvmctlPath(), "--daemon", (*n)->control(), "imports", "--json"});
+  EXPECT_FALSE(absl::StrContains(r.out, "secret")) << r.out;
+  EXPECT_FALSE(absl::StrContains(r.out, std::to_string(exporter_->len()))) << r.out;
+  ASSERT_TRUE(WaitForLog(ALog(), "tls handshake with a peer failed", absl::Seconds(5)));
+  absl::SleepFor(Scaled(absl::Seconds(2)));  // gRPC retries the connection meanwhile
+  EXPECT_EQ(CountLines(ALog(), "tls handshake with a peer failed"), 1) << Slurp(ALog());
+  EXPECT_EQ(CountLines(ALog(), "subscribed to"), 0);
+}
+
+TEST_F(Tls, CertificateFromAnotherCaIsRefused) {
+  ExpectHandshakeRefused("node-x", "certificate verify failed");
+}
+
+TEST_F(Tls, ExpiredCertificateIsRefused) {
+  ExpectHandshakeRefused("node-old", "certificate verify failed");
+}
+
+TEST_F(Tls, PeerNotOnTheAccessListLearnsNothing) {
+  v1::ExportDescriptor d;
+  grpc::Status st = Describe("node-c", "secret", &d);
+  EXPECT_EQ(st.error_code(), grpc::StatusCode::PERMISSION_DENIED) << st.error_message();
+  ExpectEmpty(d);
+  EXPECT_FALSE(absl::StrContains(st.error_message(), std::to_string(exporter_->len())));
+  EXPECT_EQ(CountLines(ALog(), "(node-c) refused export 'secret'"), 1) << Slurp(ALog());
+  // The same peer sees an export without a list (its channel is fine), and
+  // cannot Sync the listed one.
+  st = Describe("node-c", "open", &d);
+  EXPECT_TRUE(st.ok()) << st.error_message();
+  EXPECT_EQ(d.len(), exporter_->len());
+  {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(absl::ToChronoTime(absl::Now() + Scaled(absl::Seconds(5))));
+    v1::PeerSyncRequest req;
+    req.set_name("secret");
+    v1::PeerSyncResponse resp;
+    EXPECT_EQ(PeerAs("node-c")->Sync(&ctx, req, &resp).error_code(),
+              grpc::StatusCode::PERMISSION_DENIED);
+  }
+  // A real importing daemon with node-c's certificate.
+  auto c = Daemon::Start({.node = "node-c", .dir = dir_.path(), .extra = TlsFlags("node-c")});
+  ASSERT_TRUE(c.ok()) << c.status();
+  RunResult r = RunCommand({SvmctlPath(), "--daemon", (*c)->control(), "import", "--peer",
+                            a_->peer(), "--name", "secret"});
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_TRUE(absl::StrContains(r.err, "PERMISSION_DENIED")) << r.err;
+  r = RunCommand({SvmctlPath(), "--daemon", (*c)->control(), "imports", "--json"});
+  EXPECT_FALSE(absl::StrContains(r.out, "secret")) << r.out;
+  EXPECT_EQ(CountLines(ALog(), "(node-c) refused export 'secret'"), 3) << Slurp(ALog());
+  EXPECT_EQ(CountLines(ALog(), "subscribed to"), 0);
+  // node-b, on the list, imports.
+  auto b = Daemon::Start({.node = "node-b", .dir = dir_.path(), .extra = TlsFlags("node-b")});
+  ASSERT_TRUE(b.ok()) << b.status();
+  auto cb = (*b)->Connect();
+  auto info = cb->Import(a_->peer(), "secret");
+  ASSERT_TRUE(info.ok()) << info.status();
+  EXPECT_EQ(info->len(), exporter_->len());
+}
+
+// svmd does not start with TLS files that cannot work: an expired
+// certificate, a key of another certificate, a certificate its CA did not
+// sign, or only some of the three flags (exit 2, the message names the flag).
+TEST_F(Tls, UnusableTlsFilesStopTheDaemonAtStart) {
+  const std::string p = ca_ + "/";
+  const std::vector<std::pair<std::vector<std::string>, std::string>> cases = {
+      {TlsFlags("node-old"), "--tls-cert"},
+      {{"--tls-cert", p + "node-b.pem", "--tls-key", p + "node-c.key", "--tls-ca", p + "ca.pem"},
+       "--tls-key"},
+      {TlsFlags("node-x"), "--tls-cert"},
+      {{"--tls-cert", p + "node-b.pem", "--tls-key", p + "node-b.key"}, "--tls-ca"},
+  };
+  for (const auto& [flags, named] : cases) {
+    std::vector<std::string> argv = {SvmdPath(), "--control", "unix:" + dir_.path() + "/bad.sock",
+                                     "--peer-listen", "127.0.0.1:0", "--source", TestSource()};
+    argv.insert(argv.end(), flags.begin(), flags.end());
+    RunResult r = RunCommand(argv, absl::Seconds(20));
+    EXPECT_EQ(r.exit_code, 2) << absl::StrJoin(flags, " ") << ": " << r.err;
+    EXPECT_TRUE(absl::StrContains(r.err, named)) << r.err;
+  }
+}
+
+}  // namespace
+}  // namespace svm::testing
