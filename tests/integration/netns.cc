@@ -5,6 +5,7 @@
 
 #include <atomic>
 #include <cerrno>
+#include <fstream>
 
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
@@ -19,6 +20,7 @@ namespace {
 
 constexpr char kIp[] = "/usr/sbin/ip";
 constexpr char kTc[] = "/usr/sbin/tc";
+constexpr char kNft[] = "/usr/sbin/nft";
 constexpr char kNsPrefix[] = "svmnet-";
 constexpr char kBridgePrefix[] = "svb";
 
@@ -64,6 +66,7 @@ std::string Fabric::Unsupported() {
   if (geteuid() != 0) return "network namespaces need root";
   if (access(kIp, X_OK) != 0) return absl::StrCat(kIp, " (iproute2) is not installed");
   if (access(kTc, X_OK) != 0) return absl::StrCat(kTc, " (iproute2) is not installed");
+  if (access(kNft, X_OK) != 0) return absl::StrCat(kNft, " (nftables) is not installed");
   return "";
 }
 
@@ -107,25 +110,52 @@ absl::StatusOr<Fabric::Node> Fabric::AddNode() {
 }
 
 absl::Status Fabric::Netem(const Node& node, const std::vector<std::string>& args) {
-  const std::vector<std::vector<std::string>> ends = {
-      {kTc, "qdisc"}, {kTc, "-n", node.netns, "qdisc"}};
-  for (size_t i = 0; i < ends.size(); ++i) {
-    std::vector<std::string> cmd = ends[i];
-    const std::string dev = i == 0 ? node.host_veth : "eth0";
-    if (args.empty()) {
-      for (const char* a : {"del", "dev"}) cmd.push_back(a);
-      cmd.push_back(dev);
-      cmd.push_back("root");
-      (void)Run(cmd);  // nothing to delete is fine
-      continue;
-    }
-    for (const char* a : {"replace", "dev"}) cmd.push_back(a);
-    cmd.push_back(dev);
-    for (const char* a : {"root", "netem"}) cmd.push_back(a);
+  for (std::vector<std::string> cmd : {std::vector<std::string>{kTc, "qdisc", "replace", "dev", node.host_veth},
+                                       std::vector<std::string>{kTc, "-n", node.netns, "qdisc", "replace", "dev", "eth0"}}) {
+    cmd.push_back("root");
+    cmd.push_back("netem");
     cmd.insert(cmd.end(), args.begin(), args.end());
     if (auto st = Run(cmd); !st.ok()) return st;
   }
   return absl::OkStatus();
+}
+
+absl::Status Fabric::Drop(const Node& node, int percent) {
+  (void)Run({kIp, "netns", "exec", node.netns, kNft, "delete", "table", "inet", "svmfault"});
+  if (percent <= 0) return absl::OkStatus();
+  const std::string verdict =
+      percent >= 100 ? "drop" : absl::StrCat("numgen random mod 100 < ", percent, " drop");
+  const std::string rules = absl::StrCat(
+      "table inet svmfault {\n"
+      "  chain in { type filter hook input priority 0; policy accept; iifname \"eth0\" ", verdict, "; }\n"
+      "  chain out { type filter hook output priority 0; policy accept; oifname \"eth0\" ", verdict, "; }\n"
+      "}\n");
+  std::string path = absl::StrCat("/tmp/svm-nft-", node.netns, ".nft");
+  {
+    std::ofstream out(path);
+    out << rules;
+  }
+  absl::Status st = Run({kIp, "netns", "exec", node.netns, kNft, "-f", path});
+  unlink(path.c_str());
+  return st;
+}
+
+absl::Status Fabric::Heal(const Node& node) {
+  (void)Run({kTc, "qdisc", "del", "dev", node.host_veth, "root"});  // nothing to delete is fine
+  (void)Run({kTc, "-n", node.netns, "qdisc", "del", "dev", "eth0", "root"});
+  return Drop(node, 0);
+}
+
+std::string Fabric::NetemUnsupported() {
+  if (std::string why = Unsupported(); !why.empty()) return why;
+  const std::string dev = absl::StrFormat("svp%06x", getpid());
+  if (!Run({kIp, "link", "add", dev, "type", "veth", "peer", "name", dev + "p"}).ok()) {
+    return "cannot create a veth to probe netem";
+  }
+  RunResult r = RunCommand({kTc, "qdisc", "add", "dev", dev, "root", "netem", "delay", "1ms"});
+  (void)Run({kIp, "link", "del", dev});
+  if (r.exit_code == 0) return "";
+  return absl::StrCat("this kernel has no netem qdisc (CONFIG_NET_SCH_NETEM): ", r.err);
 }
 
 absl::StatusOr<std::unique_ptr<NetCluster>> NetCluster::Start(

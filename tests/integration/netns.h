@@ -7,8 +7,10 @@
 // the root namespace, so fabrics of tests running in parallel never share a
 // route; every name carries the test process's pid and a sequence number.
 //
-// Faults: Netem() puts a `tc netem` qdisc on both ends of a node's veth (its
-// traffic to and from everyone), Partition() drops everything on it.
+// Faults on a node's link (its traffic to and from everyone): Drop() and
+// Partition() drop packets with nftables in its namespace, Netem() puts a
+// `tc netem` qdisc on both ends of its veth (delay, jitter, reordering),
+// Heal() removes both.
 //
 // Lifetime: the destructor deletes the namespaces (their veths go with them)
 // and the bridge; start daemons after the fabric so they die first. Create()
@@ -33,18 +35,25 @@ class Fabric {
     std::string addr;       // its address, for Daemon::Options::host
     std::string host_veth;  // the veth end on the bridge (root namespace)
   };
-  // Why the fabric cannot be built here (not root, no `ip`), or OK. Tests
+  // Why the fabric cannot be built here (not root, no `ip`, `tc` or `nft`), or "". Tests
   // skip on a non-empty answer; as root with iproute2 they must run.
   static std::string Unsupported();
   static absl::StatusOr<std::unique_ptr<Fabric>> Create();
   ~Fabric();
 
   absl::StatusOr<Node> AddNode();
-  // `tc qdisc replace ... netem ARGS` on both ends of node's veth; empty
-  // args removes the qdiscs.
+  // Drops percent % of the node's packets on its eth0, in both directions
+  // (nftables in its namespace: `numgen random`); 100 is a partition.
+  absl::Status Drop(const Node& node, int percent);
+  absl::Status Partition(const Node& node) { return Drop(node, 100); }
+  // `tc qdisc replace ... netem ARGS` on both ends of node's veth (delay,
+  // jitter, reordering); needs sch_netem in the kernel (NetemUnsupported).
   absl::Status Netem(const Node& node, const std::vector<std::string>& args);
-  absl::Status Partition(const Node& node) { return Netem(node, {"loss", "100%"}); }
-  absl::Status Heal(const Node& node) { return Netem(node, {}); }
+  // Removes every fault from node's link.
+  absl::Status Heal(const Node& node);
+  // Why this kernel cannot run netem ("" when it can): some (the CI host's)
+  // are built without CONFIG_NET_SCH_NETEM.
+  static std::string NetemUnsupported();
 
  private:
   Fabric() = default;
