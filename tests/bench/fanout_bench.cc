@@ -9,10 +9,10 @@
 //             page at a time (munmap + mmap); latency from the event's
 //             detected_ns (the exporter's CLOCK_MONOTONIC, the same clock
 //             here) to its arrival at the LAST importer's Watch;
-//   cpu       the exporting svmd's CPU time (utime + stime, /proc/PID/stat)
-//             over the inval phase, less its idle rate (measured for 1 s
-//             before: the procfs poller), divided by the invalidations it
-//             sent (clock ticks of 10 ms: use enough --rounds);
+//   cpu       the exporting svmd's CPU time (all its threads,
+//             /proc/PID/task/*/schedstat) over the inval phase divided by
+//             the invalidations it sent (its procfs poller's share
+//             included; its idle rate, measured for 1 s before, beside it);
 //   sync      every importer holds the whole export; the exporter stores a
 //             new stamp into every page and calls Sync: Sync's completion time.
 // Each row is printed beside the N = 1 row of the same run (the reference)
@@ -22,6 +22,8 @@
 //   svm-fanout-bench [--importers 1,2,4,8,16] [--pages 64] [--rounds 2]
 //                    [--sync-iterations 30] [--read-seconds 2]
 // Needs root (network namespaces) and iproute2.
+#include <dirent.h>
+
 #include <algorithm>
 #include <atomic>
 #include <cstdio>
@@ -53,17 +55,22 @@ using svm::testing::TempDir;
 
 constexpr uint64_t kPage = 4096;
 
-// utime + stime of pid, in seconds.
+// CPU time of every thread of pid, in seconds: the sum of the first field
+// of /proc/PID/task/*/schedstat (nanoseconds on the CPU; utime + stime in
+// /proc/PID/stat count 10 ms ticks, too coarse for one invalidation).
 double CpuSeconds(pid_t pid) {
-  std::ifstream in(absl::StrCat("/proc/", pid, "/stat"));
-  std::string stat((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-  const size_t paren = stat.rfind(')');
-  if (paren == std::string::npos) return 0;
-  std::vector<std::string> f = absl::StrSplit(stat.substr(paren + 2), ' ');
-  // After "PID (COMM) ": state is field 0, utime field 11, stime field 12.
-  uint64_t ut = 0, st = 0;
-  if (f.size() < 13 || !absl::SimpleAtoi(f[11], &ut) || !absl::SimpleAtoi(f[12], &st)) return 0;
-  return static_cast<double>(ut + st) / static_cast<double>(sysconf(_SC_CLK_TCK));
+  uint64_t ns = 0;
+  const std::string tasks = absl::StrCat("/proc/", pid, "/task");
+  DIR* d = opendir(tasks.c_str());
+  if (d == nullptr) return 0;
+  while (dirent* e = readdir(d)) {
+    if (e->d_name[0] == '.') continue;
+    std::ifstream in(absl::StrCat(tasks, "/", e->d_name, "/schedstat"));
+    uint64_t run = 0;
+    if (in >> run) ns += run;
+  }
+  closedir(d);
+  return static_cast<double>(ns) / 1e9;
 }
 
 struct Row {
@@ -71,6 +78,7 @@ struct Row {
   Stats inval_us;        // detected -> last importer's event
   Stats sync_us;         // Sync's completion
   double cpu_us = 0;     // exporting svmd CPU per invalidation sent
+  double idle_pct = 0;   // its CPU use while idle, % of one core
   double read_min = 0;   // MB/sec of the slowest importer
   double read_median = 0;
 };
@@ -149,12 +157,16 @@ absl::StatusOr<Row> Measure(int n, uint64_t pages, int rounds, int sync_iters, d
     std::vector<double> last;
     double cpu = 0, busy_s = 0;
     uint64_t sent = 0;
-    // The exporting svmd's idle CPU rate (its procfs poller, heartbeats),
-    // subtracted below: what remains is the cost of the invalidations.
+    // The exporting svmd's idle CPU rate (its procfs poller, scrubs of the
+    // held pages, heartbeats), printed beside the cost per invalidation,
+    // which includes the poller's share of the phase.
     if (auto st = read_all(); !st.ok()) return st;
+    drain();
     const double idle0 = CpuSeconds(c.exporter->process().pid());
+    const absl::Time idle_t0 = absl::Now();
     absl::SleepFor(absl::Seconds(1));
-    const double idle_rate = CpuSeconds(c.exporter->process().pid()) - idle0;
+    const double idle_rate = (CpuSeconds(c.exporter->process().pid()) - idle0) /
+                             absl::ToDoubleSeconds(absl::Now() - idle_t0);
     for (int r = 0; r < rounds; ++r) {
       if (auto st = read_all(); !st.ok()) return st;
       drain();
@@ -178,7 +190,9 @@ absl::StatusOr<Row> Measure(int n, uint64_t pages, int rounds, int sync_iters, d
       sent += svm::testing::Counter(**a, "invalidations_sent") - sent0;
     }
     row.inval_us = Summarize(last);
-    row.cpu_us = sent == 0 ? 0 : std::max(0.0, cpu - idle_rate * busy_s) * 1e6 / static_cast<double>(sent);
+    (void)busy_s;
+    row.cpu_us = sent == 0 ? 0 : cpu * 1e6 / static_cast<double>(sent);
+    row.idle_pct = idle_rate * 100;
   }
 
   // sync: a new stamp in every held page, then Sync.
@@ -253,9 +267,11 @@ int main(int argc, char** argv) {
                 r.sync_us.min, r.sync_us.typical, r.sync_us.p99, ref.sync_us.typical,
                 r.sync_us.typical / ref.sync_us.typical);
   }
-  std::printf("\n%-11s %-30s %-18s %-8s\n", "#importers", "exporter CPU/inval[usec]", "ref[usec]", "ratio");
+  std::printf("\n%-11s %-30s %-18s %-8s %-20s\n", "#importers", "exporter CPU/inval[usec]", "ref[usec]",
+              "ratio", "exporter idle[%cpu]");
   for (const Row& r : rows) {
-    std::printf("%-11d %-30.1f %-18.1f %-8.2f\n", r.n, r.cpu_us, ref.cpu_us, r.cpu_us / ref.cpu_us);
+    std::printf("%-11d %-30.1f %-18.1f %-8.2f %-20.1f\n", r.n, r.cpu_us, ref.cpu_us, r.cpu_us / ref.cpu_us,
+                r.idle_pct);
   }
   std::printf("\n%-11s %-22s %-22s %-12s %-20s %-8s\n", "#importers", "read min[MB/sec]",
               "read median[MB/sec]", "min/median", "ref median[MB/sec]", "ratio");

@@ -95,7 +95,9 @@ class Daemon {
   Subprocess& process() { return *proc_; }
   // SIGKILL and reap.
   void Kill();
-  // Starts again with the same ports, node name and socket.
+  // Starts again with the same ports, node name and socket. Call it (and
+  // Start) from a thread that outlives the daemon: the child's
+  // PR_SET_PDEATHSIG fires when the forking thread exits.
   absl::Status Restart();
 
  private:

@@ -52,6 +52,8 @@ struct Fault {
   bool partition = false;           // 5 s of dropping everything in the middle of the run
 };
 
+void PrintTo(const Fault& f, std::ostream* os) { *os << f.name; }
+
 int FdCount(pid_t pid) {
   int n = 0;
   DIR* d = opendir(absl::StrCat("/proc/", pid, "/fd").c_str());
