@@ -10,7 +10,7 @@ pkgs=(
   libspdlog-dev libfmt-dev libabsl-dev
   libibverbs-dev rdma-core ibverbs-utils ibverbs-providers
   libsystemd-dev libgtest-dev libgmock-dev googletest
-  iproute2 procps python3
+  iproute2 nftables procps python3
   dpkg-dev file lintian systemd man-db
   clang libclang-rt-14-dev
   prometheus-cpp-dev prometheus curl

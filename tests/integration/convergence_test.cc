@@ -34,12 +34,13 @@
 #include "absl/strings/str_split.h"
 #include "absl/synchronization/mutex.h"
 #include "gtest/gtest.h"
+#include "tests/integration/convergence.h"
 #include "tests/integration/harness.h"
 
 namespace svm::testing {
 namespace {
 
-constexpr uint64_t kPage = 4096;
+constexpr uint64_t kPage = kStampPage;
 constexpr uint64_t kPages = 64;
 
 // One round's shape. Natively a round takes about 15 s; under TCG emulation
@@ -69,52 +70,6 @@ StormShape Shape() {
           .pause_us = 1000};
 }
 
-// The version stamped into every word of a page, or nullopt when its words
-// differ (a torn read: never acceptable after the storm).
-std::optional<uint64_t> StampOf(const char* page) {
-  uint64_t first;
-  std::memcpy(&first, page, 8);
-  for (uint64_t w = 1; w < kPage / 8; ++w) {
-    uint64_t v;
-    std::memcpy(&v, page + w * 8, 8);
-    if (v != first) return std::nullopt;
-  }
-  return first;
-}
-
-std::string Describe(const std::optional<uint64_t>& v) {
-  return v ? absl::StrCat("version ", *v) : "a torn page";
-}
-
-// svm-exporter's `dump` reply: "ok V0 V1 ...".
-absl::StatusOr<std::vector<uint64_t>> ParseDump(const std::string& reply) {
-  std::vector<std::string> words = absl::StrSplit(reply, ' ', absl::SkipEmpty());
-  if (words.size() != kPages + 1 || words[0] != "ok") {
-    return absl::InternalError(absl::StrCat("exporter's dump: ", reply));
-  }
-  std::vector<uint64_t> versions(kPages);
-  for (uint64_t p = 0; p < kPages; ++p) {
-    if (!absl::SimpleAtoi(words[p + 1], &versions[p])) {
-      return absl::InternalError(absl::StrCat("exporter's page ", p, " is ", words[p + 1],
-                                              " after the storm: ", reply));
-    }
-  }
-  return versions;
-}
-
-// The pages of buf that differ from expected, described; empty when none.
-std::vector<std::string> WrongPages(const std::string& buf, const std::vector<uint64_t>& expected) {
-  std::vector<std::string> wrong;
-  for (uint64_t p = 0; p < kPages; ++p) {
-    const auto got = StampOf(buf.data() + p * kPage);
-    if (got != expected[p]) {
-      wrong.push_back(absl::StrCat("page ", p, ": expected version ", expected[p], ", read ",
-                                   Describe(got)));
-    }
-  }
-  return wrong;
-}
-
 struct ImportRec {
   std::string name;           // local name on its node
   double imported_at = 0;     // seconds into the storm
@@ -125,13 +80,6 @@ struct Node {
   absl::Mutex mu;
   std::vector<ImportRec> imports ABSL_GUARDED_BY(mu);
 };
-
-uint64_t Counter(Client& c, const std::string& name) {
-  auto st = c.Status();
-  if (!st.ok()) return 0;
-  auto it = st->counters().find(name);
-  return it == st->counters().end() ? 0 : it->second;
-}
 
 // Parameters: the data transport ("tcp", "rdma"; rdma skips without an
 // active RDMA port). The mirror source is $SVM_TEST_SOURCE (procfs, or the
@@ -261,22 +209,9 @@ int Convergence::Round(int round, const StormShape& shape) {
 
   // What importers must converge to: the exporter's own view of its pages,
   // checked against what its daemon reads locally.
-  auto dump = (*e)->Command("dump");
-  EXPECT_TRUE(dump.ok()) << dump.status();
-  if (!dump.ok()) return 1;
-  auto expected = ParseDump(*dump);
+  auto expected = ExporterPages(**e, **a, "storm", kPages);
   EXPECT_TRUE(expected.ok()) << expected.status();
   if (!expected.ok()) return 1;
-  {
-    auto ca = (*a)->Connect();
-    auto local = ca ? ReadBytes(*ca, "storm", 0, kPages * kPage)
-                    : absl::StatusOr<std::string>(absl::UnavailableError("no client"));
-    EXPECT_TRUE(local.ok()) << local.status();
-    if (!local.ok()) return 1;
-    const auto wrong = WrongPages(*local, *expected);
-    EXPECT_TRUE(wrong.empty()) << "the exporting daemon's local read disagrees with the process: "
-                               << absl::StrJoin(wrong, "; ");
-  }
 
   int bad = 0, total = 0;
   for (size_t k = 0; k < nodes.size(); ++k) {
@@ -291,38 +226,12 @@ int Convergence::Round(int round, const StormShape& shape) {
     for (const ImportRec& imp : imports) {
       // Through a mapping (what is cached, faulting in the rest), through
       // the cache, and fresh.
-      for (const char* how : {"mapped", "cached", "fresh"}) {
-        ++total;
-        const bool fresh = std::string(how) == "fresh";
-        std::string buf(kPages * kPage, '\0');
-        absl::StatusOr<ReadResult> r;
-        if (std::string(how) == "mapped") {
-          auto m = c->Map(imp.name);
-          if (m.ok()) {
-            std::memcpy(buf.data(), (*m)->data(), buf.size());
-            r = ReadResult{buf.size(), 0, 0, (*m)->pages_fetched()};
-          } else {
-            r = m.status();
-          }
-        } else {
-          ReadOptions o;
-          o.fresh = fresh;
-          r = c->Read(imp.name, 0, absl::MakeSpan(reinterpret_cast<uint8_t*>(buf.data()), buf.size()), o);
-        }
-        const std::string which = absl::StrFormat(
-            "round %d: node %c import %s (imported %.1f s into the %.0f s storm): %s read",
-            round, "BCD"[k], imp.name, imp.imported_at, absl::ToDoubleSeconds(shape.storm), how);
-        if (!r.ok()) {
-          ++bad;
-          ADD_FAILURE() << which << " failed after the drain: " << r.status();
-          continue;
-        }
-        const auto wrong = WrongPages(buf, *expected);
-        if (wrong.empty()) continue;
+      total += 3;
+      for (const std::string& d : Diverging(*c, imp.name, *expected, {"mapped", "cached", "fresh"})) {
         ++bad;
-        ADD_FAILURE() << which << " (" << r->pages_from_cache << " pages from cache, "
-                      << r->pages_fetched << " fetched) differs from the exporter's memory in "
-                      << wrong.size() << " of " << kPages << " pages: " << absl::StrJoin(wrong, "; ");
+        ADD_FAILURE() << absl::StrFormat(
+            "round %d: node %c import %s (imported %.1f s into the %.0f s storm): ", round, "BCD"[k],
+            imp.name, imp.imported_at, absl::ToDoubleSeconds(shape.storm)) << d;
       }
     }
     std::printf("convergence: round %d: node %c: %zu imports, %llu fetches not cached (raced an "

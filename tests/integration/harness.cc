@@ -4,6 +4,7 @@
 #include <grp.h>
 #include <infiniband/verbs.h>
 #include <poll.h>
+#include <sched.h>
 #include <signal.h>
 #include <sys/prctl.h>
 #include <sys/stat.h>
@@ -107,6 +108,7 @@ absl::StatusOr<std::unique_ptr<Subprocess>> Subprocess::Start(const Options& opt
   std::vector<char*> argv;
   for (auto& a : opts.argv) argv.push_back(const_cast<char*>(a.c_str()));
   argv.push_back(nullptr);
+  const std::string ns_path = "/run/netns/" + opts.netns;  // no allocation after fork
   pid_t pid = fork();
   if (pid < 0) return absl::InternalError(absl::StrCat("fork: ", std::strerror(errno)));
   if (pid == 0) {
@@ -117,6 +119,11 @@ absl::StatusOr<std::unique_ptr<Subprocess>> Subprocess::Start(const Options& opt
     dup2(log, 2);
     setpgid(0, 0);
     prctl(PR_SET_PDEATHSIG, SIGKILL);  // never outlive a crashed test
+    if (!opts.netns.empty()) {
+      int fd = open(ns_path.c_str(), O_RDONLY | O_CLOEXEC);
+      if (fd < 0 || setns(fd, CLONE_NEWNET) != 0) _exit(125);
+      close(fd);
+    }
     if (opts.gid != static_cast<gid_t>(-1)) {
       if (setgroups(0, nullptr) != 0 || setgid(opts.gid) != 0) _exit(126);
     }
@@ -297,8 +304,8 @@ absl::Status Daemon::Restart() {
   }
   const std::vector<std::string> svmd = {SvmdPath(),
                                          "--control", control_,
-                                         "--peer-listen", absl::StrCat("127.0.0.1:", opts_.peer_port),
-                                         "--data-listen", absl::StrCat("127.0.0.1:", opts_.data_port),
+                                         "--peer-listen", absl::StrCat(opts_.host, ":", opts_.peer_port),
+                                         "--data-listen", absl::StrCat(opts_.host, ":", opts_.data_port),
                                          "--node", opts_.node,
                                          "--socket-mode", "0666",
                                          "--log-level", "debug"};
@@ -325,6 +332,7 @@ absl::Status Daemon::Restart() {
   Subprocess::Options so;
   so.argv = argv;
   so.log_path = absl::StrCat(opts_.dir, "/", opts_.node, ".log");
+  so.netns = opts_.netns;
   auto p = Subprocess::Start(so);
   if (!p.ok()) return p.status();
   proc_ = std::move(*p);

@@ -24,6 +24,7 @@ class Subprocess {
     std::string log_path;
     uid_t uid = static_cast<uid_t>(-1);  // drop to this uid/gid when set
     gid_t gid = static_cast<gid_t>(-1);
+    std::string netns;  // run in this network namespace (ip netns name) when set
   };
   static absl::StatusOr<std::unique_ptr<Subprocess>> Start(const Options& opts);
   ~Subprocess();
@@ -79,18 +80,24 @@ class Daemon {
     // --transport for svmd; Start fails when `svmctl status` names another.
     // Empty: $SVM_TEST_TRANSPORT (TestTransport()), else svmd's default.
     std::string transport;
+    // A network namespace (Fabric::Node::netns) to run svmd in, and the
+    // address its peer and data ports listen on there.
+    std::string netns;
+    std::string host = "127.0.0.1";
   };
   static absl::StatusOr<std::unique_ptr<Daemon>> Start(const Options& opts);
 
   const std::string& control() const { return control_; }  // "unix:PATH"
-  const std::string& peer() const { return peer_; }        // "127.0.0.1:PORT"
+  const std::string& peer() const { return peer_; }        // "HOST:PORT"
   uint16_t peer_port() const;
   uint16_t data_port() const;
   std::unique_ptr<Client> Connect();
   Subprocess& process() { return *proc_; }
   // SIGKILL and reap.
   void Kill();
-  // Starts again with the same ports, node name and socket.
+  // Starts again with the same ports, node name and socket. Call it (and
+  // Start) from a thread that outlives the daemon: the child's
+  // PR_SET_PDEATHSIG fires when the forking thread exits.
   absl::Status Restart();
 
  private:
