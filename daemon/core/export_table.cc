@@ -26,15 +26,24 @@ uint64_t HashPage(const uint8_t* p) {
   return absl::HashOf(std::string_view(reinterpret_cast<const char*>(p), kPageSize));
 }
 
-// A withdrawn zero-copy export is tried again this often.
+// A withdrawn zero-copy export is tried again at most this often, and
+// only after the source reported a change of the exporter's mapping.
 constexpr absl::Duration kZeroCopyRetry = absl::Seconds(1);
+
+// A change that may mean the range maps something else now (a CPU write
+// does not).
+bool MappingMayHaveChanged(ChangeKind k) { return k != ChangeKind::kWrite; }
 
 }  // namespace
 
 // The exporter's zero-copy region of one export (ExportEntry::zc_state).
 enum class ExportTable::ZcState {
   // No region: the range is not shareable, or the region was withdrawn
-  // (zc_reason says why; tried again every kZeroCopyRetry when zc_retry).
+  // (zc_reason says why). A withdrawn region (zc_retry) is tried again only
+  // after the source reports a change of the exporter's mapping
+  // (zc_changed), at most every kZeroCopyRetry: like a CPU access, svmd
+  // never re-opens an object on its own after it was withdrawn (its device
+  // may be gone).
   kNone,
   // Registered and valid: offered in the export's descriptor.
   kUsable,
@@ -77,8 +86,9 @@ struct ExportTable::ExportEntry {
   std::map<uint64_t, std::unique_ptr<ZeroCopy>> retired ABSL_GUARDED_BY(mu);
   uint64_t next_retire_id ABSL_GUARDED_BY(mu) = 1;
   std::string zc_reason ABSL_GUARDED_BY(mu);   // why there is none
-  bool zc_retry ABSL_GUARDED_BY(mu) = false;  // withdrawn: try again at zc_retry_at
-  absl::Time zc_retry_at ABSL_GUARDED_BY(mu);
+  bool zc_retry ABSL_GUARDED_BY(mu) = false;    // withdrawn: try again after a change
+  bool zc_changed ABSL_GUARDED_BY(mu) = false;  // the mapping changed since the last try
+  absl::Time zc_retry_at ABSL_GUARDED_BY(mu);   // not before
 };
 
 ExportTable::ExportTable(source::MirrorSource* source, WatchHub* hub, Counters* counters,
@@ -296,6 +306,7 @@ void ExportTable::TryZeroCopy(ExportEntry& e) {
     absl::MutexLock l(&e.mu);
     if (e.gone || e.removed || e.zc_state != ZcState::kNone) return;
     seq = e.coh.seq();
+    e.zc_changed = false;  // a change from now on is seen by the next try
   }
   // Mapping and (pinned) registration can take a while: no lock held.
   auto z = std::make_unique<ZeroCopy>();
@@ -321,6 +332,7 @@ void ExportTable::TryZeroCopy(ExportEntry& e) {
     z->mapping.reset();
     if (!absl::StrContains(st.message(), std::strerror(EFAULT))) break;
   }
+  counters_->Add("zero_copy_opens");
   absl::MutexLock l(&e.mu);
   if (!st.ok()) {
     if (e.zc_reason != st.message()) {
@@ -335,7 +347,7 @@ void ExportTable::TryZeroCopy(ExportEntry& e) {
     return;
   }
   if (e.gone || e.removed || e.coh.seq() != seq) {
-    e.zc_retry = true;  // changed meanwhile: validate again later
+    e.zc_retry = true;  // changed meanwhile (zc_changed is set): validate again later
     e.zc_retry_at = absl::Now();
     return;
   }
@@ -396,6 +408,7 @@ void ExportTable::Invalidate(ExportEntry& e, const Change& c) {
     if (c.kind == ChangeKind::kExit) e.gone = true;
     std::unique_ptr<ZeroCopy> replaced;
     bool work = false;
+    if (MappingMayHaveChanged(c.kind)) e.zc_changed = true;
     if (e.zc && c.kind != ChangeKind::kWrite) {
       // Importers drop the region when this invalidation reaches them and
       // describe the export again; it is offered again only once it is
@@ -700,6 +713,7 @@ void ExportTable::Revalidate(ExportEntry& e) {
     counters_->Add("zero_copy_withdrawals");
     e.zc_reason = std::string(st.message());
     e.zc_retry = true;
+    e.zc_changed = false;  // the check saw every change up to seq
     e.zc_retry_at = absl::Now() + kZeroCopyRetry;
     e.zc_repin.reset();
     e.zc_state = ZcState::kNone;
@@ -714,7 +728,7 @@ void ExportTable::Scrub() {
   // Zero-copy upkeep: release retired registrations whose holders all
   // acknowledged or left (outside the locks: deregistering takes time),
   // disconnect subscribers that hold one for too long without
-  // acknowledging, try withdrawn exports again.
+  // acknowledging, try withdrawn exports whose mapping changed again.
   std::vector<std::unique_ptr<ZeroCopy>> released;
   std::vector<std::shared_ptr<transport::Subscriber>> stuck;
   std::vector<std::shared_ptr<struct ExportEntry>> all, retry, draining;
@@ -723,7 +737,8 @@ void ExportTable::Scrub() {
     for (auto& [id, e] : by_id_) {
       all.push_back(e);
       absl::MutexLock el(&e->mu);
-      if (e->zc_retry && e->zc_state == ZcState::kNone && !e->gone && absl::Now() >= e->zc_retry_at) {
+      if (e->zc_retry && e->zc_changed && e->zc_state == ZcState::kNone && !e->gone &&
+          absl::Now() >= e->zc_retry_at) {
         retry.push_back(e);
       }
     }

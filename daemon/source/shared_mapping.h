@@ -11,7 +11,9 @@
 // mapping.) The mapping follows the object, not the exporting process's page
 // tables, so the export table re-validates it whenever the process's range
 // changes (Validate) and withdraws it when the range no longer maps the same
-// object at the same offset.
+// object at the same offset, or the object is a device that is no longer
+// bound to its driver (device-dax disabled). Validate never opens the
+// object; Open opens it only after that check.
 #ifndef SVM_DAEMON_SOURCE_SHARED_MAPPING_H_
 #define SVM_DAEMON_SOURCE_SHARED_MAPPING_H_
 
