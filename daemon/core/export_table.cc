@@ -30,6 +30,11 @@ uint64_t HashPage(const uint8_t* p) {
 // only after the source reported a change of the exporter's mapping.
 constexpr absl::Duration kZeroCopyRetry = absl::Seconds(1);
 
+// Why a pinned registration never covers DAX memory (SharedMapping::dax).
+constexpr char kDaxPinRule[] =
+    "the kernel refuses FOLL_LONGTERM pins of fsdax, and device-dax frees its pages at unbind "
+    "without waiting for pins; only an ODP registration may cover it";
+
 // A change that may mean the range maps something else now (a CPU write
 // does not).
 bool MappingMayHaveChanged(ChangeKind k) { return k != ChangeKind::kWrite; }
@@ -323,9 +328,24 @@ void ExportTable::TryZeroCopy(ExportEntry& e) {
     shareable = true;
     z->mapping = std::move(*m);
     auto r = t->RegisterRegion(z->mapping->data(), e.len);
+    if (r.ok() && !(*r)->remote().odp && z->mapping->dax()) {
+      // Released at once, while the device is certainly still there.
+      r->reset();
+      st = absl::FailedPreconditionError(absl::StrCat(
+          z->mapping->object(), " is DAX memory, which must not be pinned long-term: ", kDaxPinRule));
+      z->mapping.reset();
+      break;
+    }
     if (r.ok()) {
       z->region = std::move(*r);
       st = absl::OkStatus();
+      break;
+    }
+    if (z->mapping->dax()) {
+      st = absl::FailedPreconditionError(absl::StrCat(
+          z->mapping->object(), " is DAX memory, which must not be pinned long-term (a pinned "
+          "registration failed: ", r.status().message(), "): ", kDaxPinRule));
+      z->mapping.reset();
       break;
     }
     st = r.status();

@@ -16,6 +16,7 @@
 #include <fstream>
 #include <string>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 
@@ -42,7 +43,25 @@ struct Located {
   UniqueFd fd;  // only when opened
   struct stat st {};
   uint64_t offset = 0;  // of addr in the object
+  bool dax = false;     // device-dax, or a file in DAX state (fsdax)
 };
+
+// Whether the object's pages are device (ZONE_DEVICE) memory: a character
+// device on the dax bus, or a file the kernel reports in DAX state.
+bool IsDax(const std::string& link, const struct stat& st) {
+  if (S_ISCHR(st.st_mode)) {
+    char subsystem[PATH_MAX];
+    const std::string p = absl::StrFormat("/sys/dev/char/%u:%u/subsystem", major(st.st_rdev),
+                                          minor(st.st_rdev));
+    const ssize_t n = ::readlink(p.c_str(), subsystem, sizeof(subsystem) - 1);
+    if (n <= 0) return false;
+    subsystem[n] = '\0';
+    return absl::EndsWith(subsystem, "/bus/dax");
+  }
+  struct statx sx {};
+  return ::statx(AT_FDCWD, link.c_str(), 0, STATX_BASIC_STATS, &sx) == 0 &&
+         (sx.stx_attributes_mask & STATX_ATTR_DAX) != 0 && (sx.stx_attributes & STATX_ATTR_DAX) != 0;
+}
 
 // OK when the object can be mapped again: a device file must still exist
 // and, when it sits on a bus, be bound to its driver. An unbound device
@@ -92,6 +111,7 @@ absl::StatusOr<Located> Locate(pid_t pid, uint64_t addr, uint64_t len, bool open
         absl::StrCat("stat ", link, ": ", std::strerror(errno), needs(errno)));
   }
   if (auto st = CheckLive(l.st); !st.ok()) return st;
+  l.dax = IsDax(link, l.st);
   l.offset = l.vma.offset + (addr - l.vma.start);
   if (S_ISREG(l.st.st_mode) &&
       static_cast<uint64_t>(l.st.st_size) < l.offset + len) {
@@ -134,6 +154,7 @@ absl::StatusOr<std::unique_ptr<SharedMapping>> SharedMapping::Open(pid_t pid, ui
   m->dev_ = l->st.st_dev;
   m->ino_ = l->st.st_ino;
   m->object_ = l->vma.path.empty() ? "(unnamed)" : l->vma.path;
+  m->dax_ = l->dax;
   m->fd_ = std::move(l->fd);
   return m;
 }
