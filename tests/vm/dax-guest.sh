@@ -4,9 +4,11 @@
 #
 #   dax-guest.sh TOOLS_DIR DAX_TEST [--expect-odp]
 #
+# $SVM_DAX_TRANSPORTS: the transports of the svmd runs (default "tcp rdma").
+#
 # 1. device-dax: namespace0.0 as devdax (2 MiB alignment) -> /dev/daxN.M;
 #    dax_tests (shim: order, reads, unbind), then dax_test DevDax.* through
-#    svmd over tcp and over rdma (rxe0).
+#    svmd over tcp and over rdma (rxe0), or $SVM_DAX_TRANSPORTS.
 # 2. fsdax: namespace0.0 reconfigured as fsdax -> /dev/pmemN, ext4 mounted
 #    -o dax; dax_tests (shim: order, reads, truncate, punch hole), then
 #    dax_test FsDax.* over tcp and rdma (truncate + unmount teardown).
@@ -44,7 +46,7 @@ shim() {
 # dax_test through svmd with the shim source, once per transport.
 e2e() {
 	local filter=$1 t
-	for t in tcp rdma; do
+	for t in ${SVM_DAX_TRANSPORTS:-tcp rdma}; do
 		if [[ $t == rdma && $SVM_VM_RXE != rxe0* ]]; then
 			fail "no rxe0 for the rdma run: $SVM_VM_RXE"
 			continue
