@@ -27,15 +27,29 @@ uint64_t HashPage(const uint8_t* p) {
   return absl::HashOf(std::string_view(reinterpret_cast<const char*>(p), kPageSize));
 }
 
-// A withdrawn zero-copy export is tried again this often.
+// A withdrawn zero-copy export is tried again at most this often, and
+// only after the source reported a change of the exporter's mapping.
 constexpr absl::Duration kZeroCopyRetry = absl::Seconds(1);
+
+// Why a pinned registration never covers DAX memory (SharedMapping::dax).
+constexpr char kDaxPinRule[] =
+    "the kernel refuses FOLL_LONGTERM pins of fsdax, and device-dax frees its pages at unbind "
+    "without waiting for pins; only an ODP registration may cover it";
+
+// A change that may mean the range maps something else now (a CPU write
+// does not).
+bool MappingMayHaveChanged(ChangeKind k) { return k != ChangeKind::kWrite; }
 
 }  // namespace
 
 // The exporter's zero-copy region of one export (ExportEntry::zc_state).
 enum class ExportTable::ZcState {
   // No region: the range is not shareable, or the region was withdrawn
-  // (zc_reason says why; tried again every kZeroCopyRetry when zc_retry).
+  // (zc_reason says why). A withdrawn region (zc_retry) is tried again only
+  // after the source reports a change of the exporter's mapping
+  // (zc_changed), at most every kZeroCopyRetry: like a CPU access, svmd
+  // never re-opens an object on its own after it was withdrawn (its device
+  // may be gone).
   kNone,
   // Registered and valid: offered in the export's descriptor.
   kUsable,
@@ -81,8 +95,9 @@ struct ExportTable::ExportEntry {
   std::map<uint64_t, std::unique_ptr<ZeroCopy>> retired ABSL_GUARDED_BY(mu);
   uint64_t next_retire_id ABSL_GUARDED_BY(mu) = 1;
   std::string zc_reason ABSL_GUARDED_BY(mu);   // why there is none
-  bool zc_retry ABSL_GUARDED_BY(mu) = false;  // withdrawn: try again at zc_retry_at
-  absl::Time zc_retry_at ABSL_GUARDED_BY(mu);
+  bool zc_retry ABSL_GUARDED_BY(mu) = false;    // withdrawn: try again after a change
+  bool zc_changed ABSL_GUARDED_BY(mu) = false;  // the mapping changed since the last try
+  absl::Time zc_retry_at ABSL_GUARDED_BY(mu);   // not before
 };
 
 ExportTable::ExportTable(source::MirrorSource* source, WatchHub* hub, Counters* counters,
@@ -329,6 +344,7 @@ void ExportTable::TryZeroCopy(ExportEntry& e) {
     absl::MutexLock l(&e.mu);
     if (e.gone || e.removed || e.zc_state != ZcState::kNone) return;
     seq = e.coh.seq();
+    e.zc_changed = false;  // a change from now on is seen by the next try
   }
   // Mapping and (pinned) registration can take a while: no lock held.
   auto z = std::make_unique<ZeroCopy>();
@@ -345,15 +361,31 @@ void ExportTable::TryZeroCopy(ExportEntry& e) {
     shareable = true;
     z->mapping = std::move(*m);
     auto r = t->RegisterRegion(z->mapping->data(), e.len);
+    if (r.ok() && !(*r)->remote().odp && z->mapping->dax()) {
+      // Released at once, while the device is certainly still there.
+      r->reset();
+      st = absl::FailedPreconditionError(absl::StrCat(
+          z->mapping->object(), " is DAX memory, which must not be pinned long-term: ", kDaxPinRule));
+      z->mapping.reset();
+      break;
+    }
     if (r.ok()) {
       z->region = std::move(*r);
       st = absl::OkStatus();
+      break;
+    }
+    if (z->mapping->dax()) {
+      st = absl::FailedPreconditionError(absl::StrCat(
+          z->mapping->object(), " is DAX memory, which must not be pinned long-term (a pinned "
+          "registration failed: ", r.status().message(), "): ", kDaxPinRule));
+      z->mapping.reset();
       break;
     }
     st = r.status();
     z->mapping.reset();
     if (!absl::StrContains(st.message(), std::strerror(EFAULT))) break;
   }
+  counters_->Add("zero_copy_opens");
   absl::MutexLock l(&e.mu);
   if (!st.ok()) {
     if (e.zc_reason != st.message()) {
@@ -368,7 +400,7 @@ void ExportTable::TryZeroCopy(ExportEntry& e) {
     return;
   }
   if (e.gone || e.removed || e.coh.seq() != seq) {
-    e.zc_retry = true;  // changed meanwhile: validate again later
+    e.zc_retry = true;  // changed meanwhile (zc_changed is set): validate again later
     e.zc_retry_at = absl::Now();
     return;
   }
@@ -431,6 +463,7 @@ void ExportTable::Invalidate(ExportEntry& e, const Change& c) {
     if (c.kind == ChangeKind::kExit) e.gone = true;
     std::unique_ptr<ZeroCopy> replaced;
     bool work = false;
+    if (MappingMayHaveChanged(c.kind)) e.zc_changed = true;
     if (e.zc && c.kind != ChangeKind::kWrite) {
       // Importers drop the region when this invalidation reaches them and
       // describe the export again; it is offered again only once it is
@@ -735,6 +768,7 @@ void ExportTable::Revalidate(ExportEntry& e) {
     counters_->Add("zero_copy_withdrawals");
     e.zc_reason = std::string(st.message());
     e.zc_retry = true;
+    e.zc_changed = false;  // the check saw every change up to seq
     e.zc_retry_at = absl::Now() + kZeroCopyRetry;
     e.zc_repin.reset();
     e.zc_state = ZcState::kNone;
@@ -749,7 +783,7 @@ void ExportTable::Scrub() {
   // Zero-copy upkeep: release retired registrations whose holders all
   // acknowledged or left (outside the locks: deregistering takes time),
   // disconnect subscribers that hold one for too long without
-  // acknowledging, try withdrawn exports again.
+  // acknowledging, try withdrawn exports whose mapping changed again.
   std::vector<std::unique_ptr<ZeroCopy>> released;
   std::vector<std::shared_ptr<transport::Subscriber>> stuck;
   std::vector<std::shared_ptr<struct ExportEntry>> all, retry, draining;
@@ -758,7 +792,8 @@ void ExportTable::Scrub() {
     for (auto& [id, e] : by_id_) {
       all.push_back(e);
       absl::MutexLock el(&e->mu);
-      if (e->zc_retry && e->zc_state == ZcState::kNone && !e->gone && absl::Now() >= e->zc_retry_at) {
+      if (e->zc_retry && e->zc_changed && e->zc_state == ZcState::kNone && !e->gone &&
+          absl::Now() >= e->zc_retry_at) {
         retry.push_back(e);
       }
     }

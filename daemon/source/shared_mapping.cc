@@ -4,15 +4,19 @@
 #include "common/proc_parse.h"
 
 #include <fcntl.h>
+#include <unistd.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/sysmacros.h>
 
+#include <climits>
 #include <cinttypes>
 #include <cstdio>
 #include <cstring>
 #include <fstream>
 #include <string>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 
@@ -36,13 +40,57 @@ absl::StatusOr<MapsLine> FindVma(pid_t pid, uint64_t addr) {
 
 struct Located {
   MapsLine vma;
-  UniqueFd fd;
+  UniqueFd fd;  // only when opened
   struct stat st {};
   uint64_t offset = 0;  // of addr in the object
+  bool dax = false;     // device-dax, or a file in DAX state (fsdax)
 };
 
-// The object mapped at [addr, addr + len) of pid, opened through map_files.
-absl::StatusOr<Located> Locate(pid_t pid, uint64_t addr, uint64_t len, bool writable) {
+// Whether the object's pages are device (ZONE_DEVICE) memory: a character
+// device on the dax bus, or a file the kernel reports in DAX state.
+bool IsDax(const std::string& link, const struct stat& st) {
+  if (S_ISCHR(st.st_mode)) {
+    char subsystem[PATH_MAX];
+    const std::string p = absl::StrFormat("/sys/dev/char/%u:%u/subsystem", major(st.st_rdev),
+                                          minor(st.st_rdev));
+    const ssize_t n = ::readlink(p.c_str(), subsystem, sizeof(subsystem) - 1);
+    if (n <= 0) return false;
+    subsystem[n] = '\0';
+    return absl::EndsWith(subsystem, "/bus/dax");
+  }
+  struct statx sx {};
+  return ::statx(AT_FDCWD, link.c_str(), 0, STATX_BASIC_STATS, &sx) == 0 &&
+         (sx.stx_attributes_mask & STATX_ATTR_DAX) != 0 && (sx.stx_attributes & STATX_ATTR_DAX) != 0;
+}
+
+// OK when the object can be mapped again: a device file must still exist
+// and, when it sits on a bus, be bound to its driver. An unbound device
+// (device-dax after `daxctl disable-device`) is torn down; a fresh open and
+// mmap of it is exactly what a CPU access never does, and some kernels do
+// not survive it (6.1's device_dax check_vma).
+absl::Status CheckLive(const struct stat& st) {
+  if (!S_ISCHR(st.st_mode)) return absl::OkStatus();
+  const unsigned maj = major(st.st_rdev), min = minor(st.st_rdev);
+  const std::string dev = absl::StrFormat("/sys/dev/char/%u:%u", maj, min);
+  char subsystem[PATH_MAX];
+  const ssize_t n = ::readlink((dev + "/subsystem").c_str(), subsystem, sizeof(subsystem) - 1);
+  if (n < 0) {
+    return absl::FailedPreconditionError(
+        absl::StrFormat("device %u:%u is gone (%s)", maj, min, std::strerror(errno)));
+  }
+  subsystem[n] = '\0';
+  struct stat ds {};
+  if (std::strstr(subsystem, "/bus/") != nullptr && ::stat((dev + "/driver").c_str(), &ds) != 0) {
+    return absl::FailedPreconditionError(
+        absl::StrFormat("device %u:%u has no driver bound (disabled)", maj, min));
+  }
+  return absl::OkStatus();
+}
+
+// The object mapped at [addr, addr + len) of pid, found through map_files
+// (stat follows the link without opening the object); opened only when
+// open is set, and only when it is live.
+absl::StatusOr<Located> Locate(pid_t pid, uint64_t addr, uint64_t len, bool open, bool writable) {
   auto vma = FindVma(pid, addr);
   if (!vma.ok()) return vma.status();
   Located l;
@@ -55,21 +103,34 @@ absl::StatusOr<Located> Locate(pid_t pid, uint64_t addr, uint64_t len, bool writ
   if (l.vma.inode == 0) return absl::FailedPreconditionError("not backed by a file-like object");
   const std::string link =
       absl::StrFormat("/proc/%d/map_files/%x-%x", pid, l.vma.start, l.vma.end);
-  int fd = ::open(link.c_str(), (writable ? O_RDWR : O_RDONLY) | O_CLOEXEC);
-  if (fd < 0) {
+  auto needs = [](int err) {
+    return err == EPERM ? " (needs CAP_SYS_ADMIN or CAP_CHECKPOINT_RESTORE)" : "";
+  };
+  if (::stat(link.c_str(), &l.st) != 0) {
     return absl::FailedPreconditionError(
-        absl::StrCat("open ", link, ": ", std::strerror(errno),
-                     errno == EPERM ? " (needs CAP_SYS_ADMIN or CAP_CHECKPOINT_RESTORE)" : ""));
+        absl::StrCat("stat ", link, ": ", std::strerror(errno), needs(errno)));
   }
-  l.fd.Reset(fd);
-  if (::fstat(fd, &l.st) != 0) {
-    return absl::FailedPreconditionError(absl::StrCat("fstat ", link, ": ", std::strerror(errno)));
-  }
+  if (auto st = CheckLive(l.st); !st.ok()) return st;
+  l.dax = IsDax(link, l.st);
   l.offset = l.vma.offset + (addr - l.vma.start);
   if (S_ISREG(l.st.st_mode) &&
       static_cast<uint64_t>(l.st.st_size) < l.offset + len) {
     return absl::FailedPreconditionError(absl::StrFormat(
         "the object is %u bytes, shorter than the export needs (%u)", l.st.st_size, l.offset + len));
+  }
+  if (!open) return l;
+  int fd = ::open(link.c_str(), (writable ? O_RDWR : O_RDONLY) | O_CLOEXEC);
+  if (fd < 0) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("open ", link, ": ", std::strerror(errno), needs(errno)));
+  }
+  l.fd.Reset(fd);
+  struct stat opened {};
+  if (::fstat(fd, &opened) != 0) {
+    return absl::FailedPreconditionError(absl::StrCat("fstat ", link, ": ", std::strerror(errno)));
+  }
+  if (opened.st_dev != l.st.st_dev || opened.st_ino != l.st.st_ino) {
+    return absl::FailedPreconditionError("the range was remapped while it was opened");
   }
   return l;
 }
@@ -78,7 +139,7 @@ absl::StatusOr<Located> Locate(pid_t pid, uint64_t addr, uint64_t len, bool writ
 
 absl::StatusOr<std::unique_ptr<SharedMapping>> SharedMapping::Open(pid_t pid, uint64_t addr,
                                                                    uint64_t len, bool writable) {
-  auto l = Locate(pid, addr, len, writable);
+  auto l = Locate(pid, addr, len, /*open=*/true, writable);
   if (!l.ok()) return l.status();
   std::unique_ptr<SharedMapping> m(new SharedMapping());
   void* p = ::mmap(nullptr, len, writable ? PROT_READ | PROT_WRITE : PROT_READ, MAP_SHARED,
@@ -93,6 +154,7 @@ absl::StatusOr<std::unique_ptr<SharedMapping>> SharedMapping::Open(pid_t pid, ui
   m->dev_ = l->st.st_dev;
   m->ino_ = l->st.st_ino;
   m->object_ = l->vma.path.empty() ? "(unnamed)" : l->vma.path;
+  m->dax_ = l->dax;
   m->fd_ = std::move(l->fd);
   return m;
 }
@@ -102,7 +164,7 @@ SharedMapping::~SharedMapping() {
 }
 
 absl::Status SharedMapping::Validate(pid_t pid, uint64_t addr) const {
-  auto l = Locate(pid, addr, len_, /*writable=*/false);
+  auto l = Locate(pid, addr, len_, /*open=*/false, /*writable=*/false);
   if (!l.ok()) return l.status();
   if (l->st.st_dev != dev_ || l->st.st_ino != ino_) {
     return absl::FailedPreconditionError("the range maps another object now");

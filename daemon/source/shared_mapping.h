@@ -11,7 +11,9 @@
 // mapping.) The mapping follows the object, not the exporting process's page
 // tables, so the export table re-validates it whenever the process's range
 // changes (Validate) and withdraws it when the range no longer maps the same
-// object at the same offset.
+// object at the same offset, or the object is a device that is no longer
+// bound to its driver (device-dax disabled). Validate never opens the
+// object; Open opens it only after that check.
 #ifndef SVM_DAEMON_SOURCE_SHARED_MAPPING_H_
 #define SVM_DAEMON_SOURCE_SHARED_MAPPING_H_
 
@@ -40,6 +42,12 @@ class SharedMapping {
   uint64_t len() const { return len_; }
   // The object as /proc/PID/maps names it, e.g. "/memfd:buf (deleted)".
   const std::string& object() const { return object_; }
+  // Device memory (ZONE_DEVICE): device-dax, or a file on a filesystem
+  // mounted -o dax. Such pages must not be pinned long-term: the kernel
+  // forbids it for fsdax (FOLL_LONGTERM), and device-dax frees its pages at
+  // unbind without waiting for pins (6.1: unpinning afterwards oopses), so
+  // only an ODP registration (no pins; follows mmu notifiers) may cover it.
+  bool dax() const { return dax_; }
 
   // OK when pid's range still maps this object at the same offset, readable
   // and shared, and the object is still long enough; else why not.
@@ -55,6 +63,7 @@ class SharedMapping {
   dev_t dev_ = 0;
   ino_t ino_ = 0;
   std::string object_;
+  bool dax_ = false;
 };
 
 }  // namespace svm::source

@@ -1203,6 +1203,40 @@ TEST_P(ZeroCopyTableTest, ASubscriberThatLeavesReleasesWhatItHeld) {
   EXPECT_EQ(transport_.live.load(), 0);
 }
 
+// A withdrawn region is not re-opened on a timer: only after the source
+// reports that the exporter's mapping changed (a CPU access never re-opens
+// a mapping whose object went away; device-dax after disable-device is
+// such an object). A write is no mapping change.
+TEST_P(ZeroCopyTableTest, AWithdrawnRegionIsOpenedAgainOnlyAfterAMappingChange) {
+  ASSERT_TRUE(Export().ok());
+  ASSERT_NE(OfferedRkey(), 0u);
+  void* anon = mmap(mem_, 4 * kPageSize, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED,
+                    -1, 0);
+  ASSERT_EQ(anon, mem_);
+  Fire(ChangeKind::kRemap);
+  const absl::Time until = absl::Now() + absl::Seconds(2);
+  while (counters_.Snapshot()["zero_copy_withdrawals"] == 0 && absl::Now() < until) {
+    absl::SleepFor(absl::Milliseconds(1));
+  }
+  ASSERT_EQ(counters_.Snapshot()["zero_copy_withdrawals"], 1u);
+  const uint64_t opens = counters_.Snapshot()["zero_copy_opens"];
+  // The object is back at the same place, but nothing said so.
+  void* again = mmap(mem_, 4 * kPageSize, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, fd_, 0);
+  ASSERT_EQ(again, mem_);
+  absl::SleepFor(absl::Milliseconds(1100));  // past the retry interval
+  table_->Scrub();
+  table_->Scrub();
+  EXPECT_EQ(counters_.Snapshot()["zero_copy_opens"], opens) << "re-opened without a source event";
+  Fire(ChangeKind::kWrite);
+  table_->Scrub();
+  EXPECT_EQ(counters_.Snapshot()["zero_copy_opens"], opens) << "a write is no mapping change";
+  EXPECT_EQ(OfferedRkey(absl::ZeroDuration()), 0u);
+  Fire(ChangeKind::kRemap);
+  table_->Scrub();
+  EXPECT_EQ(counters_.Snapshot()["zero_copy_opens"], opens + 1);
+  EXPECT_NE(OfferedRkey(), 0u) << "offered again after the change";
+}
+
 INSTANTIATE_TEST_SUITE_P(Registration, ZeroCopyTableTest, ::testing::Values(false, true),
                          [](const auto& info) { return info.param ? "odp" : "pinned"; });
 

@@ -6,7 +6,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 out=$1
 mkdir -p "$out"
 cflags=(-O2 -g -Wall -Wextra -Werror -pthread -I"$here/../../driver-shim/include/uapi")
-for t in shim_tests shim_fuzz bench_shim; do
+for t in shim_tests shim_fuzz bench_shim dax_tests; do
 	[[ -f $here/$t.c ]] || continue
 	gcc "${cflags[@]}" -o "$out/$t" "$here/$t.c"
 done

@@ -12,6 +12,7 @@
 #     --no-module      do not load svm_shim (the caller loads it)
 #     --timeout SEC    kill the guest after SEC seconds (default 1200)
 #     --mem MB         guest memory, split over two NUMA nodes (default 2048)
+#     --append ARGS    more kernel parameters (e.g. memmap=512M!2G: emulated pmem)
 #
 # Inside the guest: SVM_VM_KERNEL, SVM_VM_KVER, SVM_VM_MODROOT (for
 # `modprobe -d`), SVM_VM_MODULE (path of svm_shim.ko), SVM_VM_SCRATCH (a
@@ -27,6 +28,7 @@ logdir=
 load_module=1
 tmo=1200
 mem=2048
+append=
 while (($#)); do
 	case "$1" in
 	--kernel) kernel=$2; shift 2 ;;
@@ -35,6 +37,7 @@ while (($#)); do
 	--no-module) load_module=0; shift ;;
 	--timeout) tmo=$2; shift 2 ;;
 	--mem) mem=$2; shift 2 ;;
+	--append) append=$2; shift 2 ;;
 	--) shift; break ;;
 	*) echo "run-vm: unknown argument $1" >&2; exit 125 ;;
 	esac
@@ -115,7 +118,7 @@ timeout --foreground -k 10 "$tmo" qemu-system-x86_64 \
 	-numa node,nodeid=0,cpus=0,memdev=m0 \
 	-numa node,nodeid=1,cpus=1,memdev=m1 \
 	-kernel "$VMLINUZ" -initrd "$initrd" \
-	-append "console=ttyS0 loglevel=4 panic=-1 svm.run=$logdir" \
+	-append "console=ttyS0 loglevel=4 panic=-1 svm.run=$logdir${append:+ $append}" \
 	-virtfs local,path=/,mount_tag=hostroot,security_model=none,multidevs=remap \
 	-display none -monitor none -serial stdio -nic none -no-reboot \
 	</dev/null 2>&1 | tee "$logdir/console.log" || qrc=${PIPESTATUS[0]}
