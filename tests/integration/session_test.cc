@@ -97,24 +97,22 @@ class RawSession {
   }
   // The handle of name, or -1.
   int Open(const std::string& name, uint64_t* len = nullptr) {
-    abi::OpenMsg m{};
-    m.h.type = abi::kOpen;
-    m.name_len = static_cast<uint32_t>(name.size());
-    std::memcpy(m.name, name.data(), name.size());
-    m.h.len = static_cast<uint32_t>(offsetof(abi::OpenMsg, name) + name.size());
-    if (abi::SendMsg(sock_, &m, m.h.len, nullptr, 0) != 0) return -1;
-    alignas(8) char buf[abi::kMaxMsg];
-    int fds[4], nfds = 0;
-    ssize_t n = abi::RecvMsg(sock_, buf, sizeof(buf), fds, &nfds);
-    for (int i = 0; i < nfds; ++i) ::close(fds[i]);
-    if (n != sizeof(abi::OpenOkMsg)) return -1;
-    abi::OpenOkMsg ok;
-    std::memcpy(&ok, buf, sizeof(ok));
-    if (len) *len = ok.len;
-    return static_cast<int>(ok.handle);
+    int cache_fd = -1;
+    const int h = OpenWithCache(name, len, &cache_fd);
+    if (cache_fd >= 0) ::close(cache_fd);
+    return h;
   }
   // The import's cache file (read-only), as svmd hands it out; -1.
   int OpenCacheFile(const std::string& name) {
+    int cache_fd = -1;
+    if (OpenWithCache(name, nullptr, &cache_fd) < 0 && cache_fd >= 0) {
+      ::close(cache_fd);
+      return -1;
+    }
+    return cache_fd;
+  }
+  // Sends kOpen; the handle or -1, and the cache file in *cache_fd (-1 if none).
+  int OpenWithCache(const std::string& name, uint64_t* len, int* cache_fd) {
     abi::OpenMsg m{};
     m.h.type = abi::kOpen;
     m.name_len = static_cast<uint32_t>(name.size());
@@ -125,8 +123,12 @@ class RawSession {
     int fds[4], nfds = 0;
     ssize_t n = abi::RecvMsg(sock_, buf, sizeof(buf), fds, &nfds);
     for (int i = 1; i < nfds; ++i) ::close(fds[i]);
-    if (n != sizeof(abi::OpenOkMsg) || nfds < 1) return -1;
-    return fds[0];
+    *cache_fd = nfds > 0 ? fds[0] : -1;
+    if (n != sizeof(abi::OpenOkMsg)) return -1;
+    abi::OpenOkMsg ok;
+    std::memcpy(&ok, buf, sizeof(ok));
+    if (len) *len = ok.len;
+    return static_cast<int>(ok.handle);
   }
   // Puts e on the ring if there is room; rings the doorbell.
   bool TrySubmit(const abi::Sqe& e) {
