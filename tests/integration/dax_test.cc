@@ -69,24 +69,6 @@ std::string Mismatch(const std::string& data, uint64_t off, uint64_t seed) {
 
 int Shell(const std::string& cmd) { return std::system(cmd.c_str()); }
 
-absl::StatusOr<v1::ExportInfo> ExportOf(Client& c, const std::string& name) {
-  auto l = c.ListExports();
-  if (!l.ok()) return l.status();
-  for (auto& e : *l) {
-    if (e.name() == name) return e;
-  }
-  return absl::NotFoundError(name);
-}
-
-absl::StatusOr<v1::ImportInfo> ImportOf(Client& c, const std::string& name) {
-  auto l = c.ListImports();
-  if (!l.ok()) return l.status();
-  for (auto& i : *l) {
-    if (i.name() == name) return i;
-  }
-  return absl::NotFoundError(name);
-}
-
 // Whether the export must be read zero-copy on this transport and kernel:
 // only with ODP (7.x). A pinned registration (6.1) of DAX memory is refused
 // (SharedMapping::dax) and the export is staged.

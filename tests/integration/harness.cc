@@ -441,4 +441,22 @@ absl::StatusOr<v1::Invalidation> WaitForPage(WatchStream& w, uint64_t page, absl
   }
 }
 
+absl::StatusOr<v1::ExportInfo> ExportOf(Client& c, const std::string& name) {
+  auto l = c.ListExports();
+  if (!l.ok()) return l.status();
+  for (auto& e : *l) {
+    if (e.name() == name) return e;
+  }
+  return absl::NotFoundError(name);
+}
+
+absl::StatusOr<v1::ImportInfo> ImportOf(Client& c, const std::string& name) {
+  auto l = c.ListImports();
+  if (!l.ok()) return l.status();
+  for (auto& i : *l) {
+    if (i.name() == name) return i;
+  }
+  return absl::NotFoundError(name);
+}
+
 }  // namespace svm::testing

@@ -173,6 +173,10 @@ absl::StatusOr<std::string> ReadBytes(Client& c, const std::string& name, uint64
 // Waits for the next invalidation covering page (npages 0 counts as the whole range).
 absl::StatusOr<v1::Invalidation> WaitForPage(WatchStream& w, uint64_t page, absl::Duration timeout);
 
+// The listing of export / import `name` on c's daemon; NOT_FOUND without one.
+absl::StatusOr<v1::ExportInfo> ExportOf(Client& c, const std::string& name);
+absl::StatusOr<v1::ImportInfo> ImportOf(Client& c, const std::string& name);
+
 }  // namespace svm::testing
 
 // In SetUp (or a test body) of a suite parameterized over the transport:

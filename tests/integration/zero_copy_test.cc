@@ -35,24 +35,6 @@ std::string ExpectedRegistration() {
   return std::string(e) == "1" ? "odp" : "pinned";
 }
 
-absl::StatusOr<v1::ImportInfo> ImportOf(Client& c, const std::string& name) {
-  auto l = c.ListImports();
-  if (!l.ok()) return l.status();
-  for (auto& i : *l) {
-    if (i.name() == name) return i;
-  }
-  return absl::NotFoundError(name);
-}
-
-absl::StatusOr<v1::ExportInfo> ExportOf(Client& c, const std::string& name) {
-  auto l = c.ListExports();
-  if (!l.ok()) return l.status();
-  for (auto& e : *l) {
-    if (e.name() == name) return e;
-  }
-  return absl::NotFoundError(name);
-}
-
 // The version a page holds: svm-exporter's `stamp V` writes V << 32 | page
 // into every word; 0 for a zero page; -1 when the page is neither (torn
 // pages are possible only while a stamp is in progress, so callers that
