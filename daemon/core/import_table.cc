@@ -59,6 +59,10 @@ enum class LinkState {
 
 // How long a link that failed stays down before the next attempt.
 constexpr absl::Duration kLinkBackoff = absl::Milliseconds(500);
+// A read's missing pages are fetched in pieces of at most this many pages,
+// all in flight at once (PeerChannel::FetchV): 1 MiB is 8 pieces, one per
+// rdma receive slot.
+constexpr uint64_t kPipelinePages = 32;
 
 struct ImportTable::Link {
   std::string peer;  // HOST:PORT as given
@@ -622,28 +626,43 @@ absl::StatusOr<v1::ReadResponse> ImportTable::Read(const std::string& name, uint
     }
     // No region right now (withdrawn or being replaced): the staged path.
   }
-  std::vector<uint8_t> buf(n * kPageSize);
+  // Whole pages land straight in dst; a read that starts or ends inside a
+  // page goes through a buffer of whole pages.
+  const bool aligned = offset % kPageSize == 0 && dst.size() % kPageSize == 0;
+  std::vector<uint8_t> bounce(aligned ? 0 : n * kPageSize);
+  uint8_t* const buf = aligned ? dst.data() : bounce.data();
   std::vector<bool> have(n, false);
   v1::ReadResponse resp;
   uint64_t min_seq = UINT64_MAX;
   if (!fresh && !cache_usable) counters_->Add("reads_past_lease");
   if (!fresh && cache_usable) {
     for (uint64_t i = 0; i < n; ++i) {
-      have[i] = cache_->Lookup(imp->id, first + i, absl::MakeSpan(buf.data() + i * kPageSize, kPageSize));
+      have[i] = cache_->Lookup(imp->id, first + i, absl::MakeSpan(buf + i * kPageSize, kPageSize));
     }
   }
-  uint64_t i = 0;
-  while (i < n) {
+  // Every missing run, in pieces of at most kPipelinePages, is on the wire
+  // at once: the exporter copies one piece while the one before travels.
+  std::vector<transport::FetchOp> ops;
+  for (uint64_t i = 0; i < n;) {
     if (have[i]) {
       resp.set_pages_from_cache(resp.pages_from_cache() + 1);
       ++i;
       continue;
     }
     uint64_t j = i + 1;
-    while (j < n && !have[j] && j - i < transport::kMaxFetchPages) ++j;
-    auto span = absl::MakeSpan(buf.data() + i * kPageSize, (j - i) * kPageSize);
-    auto seq = ch->Fetch(export_id, first + i, static_cast<uint32_t>(j - i), !fresh, span,
-                         opts_.fetch_timeout);
+    while (j < n && !have[j] && j - i < kPipelinePages) ++j;
+    transport::FetchOp op;
+    op.export_id = export_id;
+    op.first_page = first + i;
+    op.npages = static_cast<uint32_t>(j - i);
+    op.track = !fresh;
+    op.dst = absl::MakeSpan(buf + i * kPageSize, (j - i) * kPageSize);
+    ops.push_back(op);
+    i = j;
+  }
+  if (!ops.empty()) ch->FetchV(absl::MakeSpan(ops), opts_.fetch_timeout);
+  for (const transport::FetchOp& op : ops) {
+    const auto& seq = op.result;
     if (!seq.ok()) {
       if (absl::IsNotFound(seq.status())) {
         // Withdrawn on the exporter: reattach by name on the next read.
@@ -668,18 +687,16 @@ absl::StatusOr<v1::ReadResponse> ImportTable::Read(const std::string& name, uint
     if (!fresh && (fill || !zc)) {
       absl::MutexLock l(&imp->mu);
       if (imp->channel == ch && imp->coh.MayInstall(ticket, *seq)) {
-        for (uint64_t k = i; k < j; ++k) {
-          cache_->Insert(imp->id, first + k,
-                         absl::MakeConstSpan(buf.data() + k * kPageSize, kPageSize));
+        for (uint32_t k = 0; k < op.npages; ++k) {
+          cache_->Insert(imp->id, op.first_page + k, absl::MakeConstSpan(op.dst.data() + k * kPageSize, kPageSize));
         }
       } else {
         counters_->Add("fetches_not_cached_raced");
       }
     }
-    resp.set_pages_fetched(resp.pages_fetched() + (j - i));
-    i = j;
+    resp.set_pages_fetched(resp.pages_fetched() + op.npages);
   }
-  std::memcpy(dst.data(), buf.data() + (offset - first * kPageSize), dst.size());
+  if (!aligned) std::memcpy(dst.data(), buf + (offset - first * kPageSize), dst.size());
   resp.set_len(dst.size());
   if (min_seq == UINT64_MAX) {
     absl::MutexLock l(&imp->mu);
