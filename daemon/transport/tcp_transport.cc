@@ -82,6 +82,9 @@ class ServerConn final : public Subscriber, public std::enable_shared_from_this<
  private:
   bool Enqueue(std::vector<uint8_t> frame) {
     absl::MutexLock l(&mu_);
+    return EnqueueLocked(std::move(frame));
+  }
+  bool EnqueueLocked(std::vector<uint8_t> frame) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     if (closed_) return false;
     queued_bytes_ += frame.size();
     out_.push_back(std::move(frame));
@@ -91,6 +94,27 @@ class ServerConn final : public Subscriber, public std::enable_shared_from_this<
       return false;
     }
     return true;
+  }
+  // A response: written by the calling thread (the reader) when nothing is
+  // queued or being written, saving the hop to the writer thread; queued
+  // otherwise, so the order on the connection stays the order of calls.
+  void SendOrEnqueue(std::vector<uint8_t> frame) {
+    {
+      absl::MutexLock l(&mu_);
+      if (closed_) return;
+      if (!out_.empty() || writing_) {
+        EnqueueLocked(std::move(frame));
+        return;
+      }
+      writing_ = true;
+    }
+    absl::Status st = WriteFull(fd_.get(), frame.data(), frame.size());
+    absl::MutexLock l(&mu_);
+    writing_ = false;
+    if (!st.ok()) {
+      spdlog::warn("data connection to {}: {}", node_, st.message());
+      CloseLocked();
+    }
   }
   void CloseLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     if (closed_) return;
@@ -111,6 +135,9 @@ class ServerConn final : public Subscriber, public std::enable_shared_from_this<
   std::deque<std::vector<uint8_t>> out_ ABSL_GUARDED_BY(mu_);
   size_t queued_bytes_ ABSL_GUARDED_BY(mu_) = 0;
   bool closed_ ABSL_GUARDED_BY(mu_) = false;
+  // A thread is writing a frame to the socket (the writer, or the reader
+  // answering directly); the other waits.
+  bool writing_ ABSL_GUARDED_BY(mu_) = false;
 };
 
 // ---------------------------------------------------------------- importer
@@ -325,7 +352,6 @@ void ServerConn::ReaderLoop() {
     SetTimeouts(fd, absl::Seconds(5), absl::ZeroDuration());
     spdlog::info("data connection from {} established", node_);
   }
-  std::vector<uint8_t> pages;
   while (st.ok()) {
     st = ReadFrame(fd, &h, &payload);
     if (!st.ok()) break;
@@ -341,18 +367,26 @@ void ServerConn::ReaderLoop() {
         if (auto bad = CheckFetchPages(f.npages, kMaxFetchPages); !bad.ok()) {
           frame = MakeFetchError(h.id, bad);
         } else {
-          pages.resize(static_cast<size_t>(f.npages) * kPage);
+          // The pages are copied once, into the frame that is sent.
+          FetchRespPayload r{};
+          frame = MakeFrame(FrameType::kFetchResp, h.id, &r, sizeof(r));
+          const size_t at = frame.size();
+          const size_t bytes = static_cast<size_t>(f.npages) * kPage;
+          frame.resize(at + bytes);
           auto seq = backend_->ServeFetch(f.export_id, f.first_page, f.npages,
-                                          (f.flags & kFetchNoCache) == 0, absl::MakeSpan(pages));
+                                          (f.flags & kFetchNoCache) == 0, absl::MakeSpan(frame).subspan(at));
           if (seq.ok()) {
-            FetchRespPayload r{};
+            FrameHeader fh;
+            std::memcpy(&fh, frame.data(), sizeof(fh));
+            fh.payload_len = static_cast<uint32_t>(sizeof(r) + bytes);
+            std::memcpy(frame.data(), &fh, sizeof(fh));
             r.seq = *seq;
-            frame = MakeFrame(FrameType::kFetchResp, h.id, &r, sizeof(r), pages.data(), pages.size());
+            std::memcpy(frame.data() + sizeof(fh), &r, sizeof(r));
           } else {
             frame = MakeFetchError(h.id, seq.status());
           }
         }
-        Enqueue(std::move(frame));
+        SendOrEnqueue(std::move(frame));
         break;
       }
       case FrameType::kInvalAck: {
@@ -387,16 +421,22 @@ void ServerConn::WriterLoop() {
     {
       absl::MutexLock l(&mu_);
       mu_.Await(absl::Condition(
-          +[](ServerConn* c) ABSL_EXCLUSIVE_LOCKS_REQUIRED(c->mu_) { return c->closed_ || !c->out_.empty(); },
+          +[](ServerConn* c) ABSL_EXCLUSIVE_LOCKS_REQUIRED(c->mu_) {
+            return c->closed_ || (!c->out_.empty() && !c->writing_);
+          },
           this));
       if (closed_) return;
       frame = std::move(out_.front());
       out_.pop_front();
       queued_bytes_ -= frame.size();
+      writing_ = true;
     }
-    if (auto st = WriteFull(fd_.get(), frame.data(), frame.size()); !st.ok()) {
+    absl::Status st = WriteFull(fd_.get(), frame.data(), frame.size());
+    absl::MutexLock l(&mu_);
+    writing_ = false;
+    if (!st.ok()) {
       spdlog::warn("data connection to {}: {}", node_, st.message());
-      Close();
+      CloseLocked();
       return;
     }
   }
