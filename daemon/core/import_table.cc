@@ -59,10 +59,7 @@ enum class LinkState {
 
 // How long a link that failed stays down before the next attempt.
 constexpr absl::Duration kLinkBackoff = absl::Milliseconds(500);
-// A read's missing pages are fetched in pieces of at most this many pages,
-// all in flight at once (PeerChannel::FetchV): 1 MiB is 8 pieces, one per
-// rdma receive slot.
-constexpr uint64_t kPipelinePages = 32;
+
 
 struct ImportTable::Link {
   std::string peer;  // HOST:PORT as given
@@ -640,8 +637,9 @@ absl::StatusOr<v1::ReadResponse> ImportTable::Read(const std::string& name, uint
       have[i] = cache_->Lookup(imp->id, first + i, absl::MakeSpan(buf + i * kPageSize, kPageSize));
     }
   }
-  // Every missing run, in pieces of at most kPipelinePages, is on the wire
-  // at once: the exporter copies one piece while the one before travels.
+  // Every missing run, in pieces of at most the channel's piece size, is on
+  // the wire at once: the exporter copies one piece while another travels.
+  const uint64_t piece = std::clamp<uint64_t>(ch->capabilities().fetch_piece_pages, 1, transport::kMaxFetchPages);
   std::vector<transport::FetchOp> ops;
   for (uint64_t i = 0; i < n;) {
     if (have[i]) {
@@ -650,7 +648,7 @@ absl::StatusOr<v1::ReadResponse> ImportTable::Read(const std::string& name, uint
       continue;
     }
     uint64_t j = i + 1;
-    while (j < n && !have[j] && j - i < kPipelinePages) ++j;
+    while (j < n && !have[j] && j - i < piece) ++j;
     transport::FetchOp op;
     op.export_id = export_id;
     op.first_page = first + i;

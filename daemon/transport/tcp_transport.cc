@@ -3,6 +3,7 @@
 // also has a writer thread so that invalidations can be queued without
 // blocking the thread that detected them.
 #include <netinet/in.h>
+#include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -96,13 +97,17 @@ class ServerConn final : public Subscriber, public std::enable_shared_from_this<
     return true;
   }
   // A response: written by the calling thread (the reader) when nothing is
-  // queued or being written, saving the hop to the writer thread; queued
-  // otherwise, so the order on the connection stays the order of calls.
+  // queued or being written and no further request is waiting to be read,
+  // saving the hop to the writer thread; queued otherwise (the writer sends
+  // it while the reader copies the next one), so the order on the
+  // connection stays the order of calls.
   void SendOrEnqueue(std::vector<uint8_t> frame) {
+    int waiting = 0;
+    if (::ioctl(fd_.get(), FIONREAD, &waiting) != 0) waiting = 1;
     {
       absl::MutexLock l(&mu_);
       if (closed_) return;
-      if (!out_.empty() || writing_) {
+      if (!out_.empty() || writing_ || waiting > 0) {
         EnqueueLocked(std::move(frame));
         return;
       }
@@ -577,13 +582,7 @@ void ClientConn::ReaderLoop() {
   while (st.ok()) {
     // The header first: a FETCH_RESP's pages are received into the
     // fetch's buffer, everything else is read whole.
-    st = ReadFull(fd_.get(), &h, sizeof(h));
-    if (!st.ok()) break;
-    st = ValidateHeader(h);
-    if (st.ok() && h.payload_len > kMaxPayload) {
-      st = absl::DataLossError(absl::StrFormat("frame payload of %u bytes (at most %u here)", h.payload_len,
-                                               kMaxPayload));
-    }
+    st = ReadFrameHeader(fd_.get(), &h);
     if (!st.ok()) break;
     if (static_cast<FrameType>(h.type) == FrameType::kFetchResp) {
       st = ReceiveFetchResp(h);

@@ -70,6 +70,11 @@ struct Capabilities {
   // (Transport::RegisterRegion) and its channels read the exporter's regions
   // with one-sided READs (PeerChannel::SetRegion/ReadRegion). rdma only.
   bool one_sided = false;
+  // The pieces a read's missing pages are cut into, all in flight at once
+  // (PeerChannel::FetchV): small enough that the exporter copies one while
+  // another travels, large enough that per-request costs stay small. tcp:
+  // 128 KiB; rdma: one receive slot (1 MiB, its own unit of pipelining).
+  uint32_t fetch_piece_pages = 32;
 };
 
 // Exporter -> importer: what PrepareSession offers for one data connection,

@@ -1043,7 +1043,7 @@ class ClientConn final : public Conn {
 class RdmaChannel final : public PeerChannel {
  public:
   explicit RdmaChannel(std::shared_ptr<ClientConn> conn)
-      : PeerChannel(Capabilities{.one_sided = true}), conn_(std::move(conn)) {}
+      : PeerChannel(Capabilities{.one_sided = true, .fetch_piece_pages = kSlotPages}), conn_(std::move(conn)) {}
   ~RdmaChannel() override { conn_->CloseAndWait(); }
 
   absl::StatusOr<uint64_t> Fetch(uint64_t export_id, uint64_t first_page, uint32_t npages,

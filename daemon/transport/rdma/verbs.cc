@@ -373,6 +373,7 @@ absl::Status Device::VerifyOdp() {
   if (absl::Status adv = Prefetch(pd->get(), *r_odp_dst, /*write=*/true, /*flush=*/true); adv.ok()) {
     caps_.advise_mr = Capabilities::AdviseMr::kSupported;
     caps_.advise_mr_detail.clear();
+    spdlog::info("{}: odp pages are prefetched (ibv_advise_mr)", name_);
   } else {
     caps_.advise_mr = Capabilities::AdviseMr::kUnsupported;
     caps_.advise_mr_detail = std::string(adv.message());
