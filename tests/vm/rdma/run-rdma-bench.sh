@@ -56,7 +56,7 @@ if [[ ${1:-} == --in-guest ]]; then
 	}
 	run "$bench/svm-read-bench" "${common[@]}" --source shim --memory private --tests lat,bw \
 		--ucx --ucx-api uct --ucx-tls rc_verbs "${lat[@]}"
-	run "$bench/svm-read-bench" "${common[@]}" --source shim --memory memfd --tests lat,bw,client "${lat[@]}"
+	run "$bench/svm-read-bench" "${common[@]}" --source shim --memory memfd --tests lat,bw "${lat[@]}"
 	run "$bench/svm-read-bench" "${common[@]}" --source shim --tests inval "${inval[@]}"
 	run "$bench/svm-read-bench" "${common[@]}" --source procfs --tests inval "${inval[@]}"
 	run "$bench/svm-rdma-reg-bench" --device rxe0 "${reg[@]}"
