@@ -60,7 +60,6 @@ enum class LinkState {
 // How long a link that failed stays down before the next attempt.
 constexpr absl::Duration kLinkBackoff = absl::Milliseconds(500);
 
-
 struct ImportTable::Link {
   std::string peer;  // HOST:PORT as given
   std::string host;
@@ -623,11 +622,18 @@ absl::StatusOr<v1::ReadResponse> ImportTable::Read(const std::string& name, uint
     }
     // No region right now (withdrawn or being replaced): the staged path.
   }
-  // Whole pages land straight in dst; a read that starts or ends inside a
-  // page goes through a buffer of whole pages.
-  const bool aligned = offset % kPageSize == 0 && dst.size() % kPageSize == 0;
-  std::vector<uint8_t> bounce(aligned ? 0 : n * kPageSize);
-  uint8_t* const buf = aligned ? dst.data() : bounce.data();
+  // An import the exporter offers zero-copy READs for is not cached (its
+  // reads keep coming here and return to the READs once the region is
+  // back), unless the pages must land in the cache (a mapping's fault).
+  const bool install = !fresh && (fill || !zc);
+  // Whole pages of a read that installs nothing land straight in dst. What
+  // is installed comes from svmd's own buffer: dst may be a session's data
+  // area, which its client can write while svmd reads it, and the shared
+  // cache serves every client of the import. A read that starts or ends
+  // inside a page goes through the buffer too.
+  const bool direct = !install && offset % kPageSize == 0 && dst.size() % kPageSize == 0;
+  std::vector<uint8_t> bounce(direct ? 0 : n * kPageSize);
+  uint8_t* const buf = direct ? dst.data() : bounce.data();
   std::vector<bool> have(n, false);
   v1::ReadResponse resp;
   uint64_t min_seq = UINT64_MAX;
@@ -679,10 +685,7 @@ absl::StatusOr<v1::ReadResponse> ImportTable::Read(const std::string& name, uint
       return seq.status();
     }
     min_seq = std::min(min_seq, *seq);
-    // An import the exporter offers zero-copy READs for is not cached (its
-    // reads keep coming here and return to the READs once the region is
-    // back), unless the pages must land in the cache (a mapping's fault).
-    if (!fresh && (fill || !zc)) {
+    if (install) {
       absl::MutexLock l(&imp->mu);
       if (imp->channel == ch && imp->coh.MayInstall(ticket, *seq)) {
         for (uint32_t k = 0; k < op.npages; ++k) {
@@ -694,7 +697,7 @@ absl::StatusOr<v1::ReadResponse> ImportTable::Read(const std::string& name, uint
     }
     resp.set_pages_fetched(resp.pages_fetched() + op.npages);
   }
-  if (!aligned) std::memcpy(dst.data(), buf + (offset - first * kPageSize), dst.size());
+  if (!direct) std::memcpy(dst.data(), buf + (offset - first * kPageSize), dst.size());
   resp.set_len(dst.size());
   if (min_seq == UINT64_MAX) {
     absl::MutexLock l(&imp->mu);
