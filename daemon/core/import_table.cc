@@ -848,28 +848,51 @@ std::optional<absl::StatusOr<v1::ReadResponse>> ImportTable::ReadAttached(
     }
     // No region right now (withdrawn or being replaced): the staged path.
   }
-  std::vector<uint8_t> buf(n * kPageSize);
+  // An import the exporter offers zero-copy READs for is not cached (its
+  // reads keep coming here and return to the READs once the region is
+  // back), unless the pages must land in the cache (a mapping's fault).
+  const bool install = !fresh && (fill || !zc);
+  // Whole pages of a read that installs nothing land straight in dst. What
+  // is installed comes from svmd's own buffer: dst may be a session's data
+  // area, which its client can write while svmd reads it, and the shared
+  // cache serves every client of the import. A read that starts or ends
+  // inside a page goes through the buffer too.
+  const bool direct = !install && offset % kPageSize == 0 && dst.size() % kPageSize == 0;
+  std::vector<uint8_t> bounce(direct ? 0 : n * kPageSize);
+  uint8_t* const buf = direct ? dst.data() : bounce.data();
   std::vector<bool> have(n, false);
   v1::ReadResponse resp;
   uint64_t min_seq = UINT64_MAX;
   if (!fresh && !cache_usable) counters_->Add("reads_past_lease");
   if (!fresh && cache_usable) {
     for (uint64_t i = 0; i < n; ++i) {
-      have[i] = cache_->Lookup(imp->id, first + i, absl::MakeSpan(buf.data() + i * kPageSize, kPageSize));
+      have[i] = cache_->Lookup(imp->id, first + i, absl::MakeSpan(buf + i * kPageSize, kPageSize));
     }
   }
-  uint64_t i = 0;
-  while (i < n) {
+  // Every missing run, in pieces of at most the channel's piece size, is on
+  // the wire at once: the exporter copies one piece while another travels.
+  const uint64_t piece = std::clamp<uint64_t>(ch->capabilities().fetch_piece_pages, 1, transport::kMaxFetchPages);
+  std::vector<transport::FetchOp> ops;
+  for (uint64_t i = 0; i < n;) {
     if (have[i]) {
       resp.set_pages_from_cache(resp.pages_from_cache() + 1);
       ++i;
       continue;
     }
     uint64_t j = i + 1;
-    while (j < n && !have[j] && j - i < transport::kMaxFetchPages) ++j;
-    auto span = absl::MakeSpan(buf.data() + i * kPageSize, (j - i) * kPageSize);
-    auto seq = ch->Fetch(export_id, first + i, static_cast<uint32_t>(j - i), !fresh, span,
-                         opts_.fetch_timeout);
+    while (j < n && !have[j] && j - i < piece) ++j;
+    transport::FetchOp op;
+    op.export_id = export_id;
+    op.first_page = first + i;
+    op.npages = static_cast<uint32_t>(j - i);
+    op.track = !fresh;
+    op.dst = absl::MakeSpan(buf + i * kPageSize, (j - i) * kPageSize);
+    ops.push_back(op);
+    i = j;
+  }
+  if (!ops.empty()) ch->FetchV(absl::MakeSpan(ops), opts_.fetch_timeout);
+  for (const transport::FetchOp& op : ops) {
+    const auto& seq = op.result;
     if (!seq.ok()) {
       if (absl::IsNotFound(seq.status())) {
         // Withdrawn on the exporter: reattach by name on the next read.
@@ -888,24 +911,19 @@ std::optional<absl::StatusOr<v1::ReadResponse>> ImportTable::ReadAttached(
       return seq.status();
     }
     min_seq = std::min(min_seq, *seq);
-    // An import the exporter offers zero-copy READs for is not cached (its
-    // reads keep coming here and return to the READs once the region is
-    // back), unless the pages must land in the cache (a mapping's fault).
-    if (!fresh && (fill || !zc)) {
+    if (install) {
       absl::MutexLock l(&imp->mu);
       if (imp->channel == ch && imp->coh.MayInstall(ticket, *seq)) {
-        for (uint64_t k = i; k < j; ++k) {
-          cache_->Insert(imp->id, first + k,
-                         absl::MakeConstSpan(buf.data() + k * kPageSize, kPageSize));
+        for (uint32_t k = 0; k < op.npages; ++k) {
+          cache_->Insert(imp->id, op.first_page + k, absl::MakeConstSpan(op.dst.data() + k * kPageSize, kPageSize));
         }
       } else {
         counters_->Add("fetches_not_cached_raced");
       }
     }
-    resp.set_pages_fetched(resp.pages_fetched() + (j - i));
-    i = j;
+    resp.set_pages_fetched(resp.pages_fetched() + op.npages);
   }
-  std::memcpy(dst.data(), buf.data() + (offset - first * kPageSize), dst.size());
+  if (!direct) std::memcpy(dst.data(), buf + (offset - first * kPageSize), dst.size());
   resp.set_len(dst.size());
   if (min_seq == UINT64_MAX) {
     absl::MutexLock l(&imp->mu);

@@ -148,13 +148,18 @@ InvalRecord FromInvalPayload(const InvalPayload& p) {
                      static_cast<source::ChangeKind>(p.kind), p.detected_ns};
 }
 
-absl::Status ReadFrame(int fd, FrameHeader* h, std::vector<uint8_t>* payload, uint32_t max_payload) {
+absl::Status ReadFrameHeader(int fd, FrameHeader* h, uint32_t max_payload) {
   if (auto st = ReadFull(fd, h, sizeof(*h)); !st.ok()) return st;
   if (auto st = ValidateHeader(*h); !st.ok()) return st;
   if (h->payload_len > max_payload) {
     return absl::DataLossError(
         absl::StrFormat("frame payload of %u bytes (at most %u here)", h->payload_len, max_payload));
   }
+  return absl::OkStatus();
+}
+
+absl::Status ReadFrame(int fd, FrameHeader* h, std::vector<uint8_t>* payload, uint32_t max_payload) {
+  if (auto st = ReadFrameHeader(fd, h, max_payload); !st.ok()) return st;
   payload->resize(h->payload_len);
   if (h->payload_len == 0) return absl::OkStatus();
   auto st = ReadFull(fd, payload->data(), h->payload_len);

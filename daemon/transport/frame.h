@@ -172,6 +172,10 @@ InvalRecord FromInvalPayload(const InvalPayload& p);
 // on a clean EOF before the header, DATA_LOSS on one inside the frame.
 absl::Status ReadFrame(int fd, FrameHeader* h, std::vector<uint8_t>* payload,
                        uint32_t max_payload = kMaxPayload);
+// ReadFrame's first half: the header alone, checked the same way; the
+// caller reads exactly h->payload_len bytes next (the tcp importer receives
+// a FETCH_RESP's pages straight into the fetch's buffer).
+absl::Status ReadFrameHeader(int fd, FrameHeader* h, uint32_t max_payload = kMaxPayload);
 
 }  // namespace svm::transport
 

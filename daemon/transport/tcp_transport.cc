@@ -3,6 +3,7 @@
 // also has a writer thread so that invalidations can be queued without
 // blocking the thread that detected them.
 #include <netinet/in.h>
+#include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -82,6 +83,9 @@ class ServerConn final : public Subscriber, public std::enable_shared_from_this<
  private:
   bool Enqueue(std::vector<uint8_t> frame) {
     absl::MutexLock l(&mu_);
+    return EnqueueLocked(std::move(frame));
+  }
+  bool EnqueueLocked(std::vector<uint8_t> frame) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     if (closed_) return false;
     queued_bytes_ += frame.size();
     out_.push_back(std::move(frame));
@@ -91,6 +95,31 @@ class ServerConn final : public Subscriber, public std::enable_shared_from_this<
       return false;
     }
     return true;
+  }
+  // A response: written by the calling thread (the reader) when nothing is
+  // queued or being written and no further request is waiting to be read,
+  // saving the hop to the writer thread; queued otherwise (the writer sends
+  // it while the reader copies the next one), so the order on the
+  // connection stays the order of calls.
+  void SendOrEnqueue(std::vector<uint8_t> frame) {
+    int waiting = 0;
+    if (::ioctl(fd_.get(), FIONREAD, &waiting) != 0) waiting = 1;
+    {
+      absl::MutexLock l(&mu_);
+      if (closed_) return;
+      if (!out_.empty() || writing_ || waiting > 0) {
+        EnqueueLocked(std::move(frame));
+        return;
+      }
+      writing_ = true;
+    }
+    absl::Status st = WriteFull(fd_.get(), frame.data(), frame.size());
+    absl::MutexLock l(&mu_);
+    writing_ = false;
+    if (!st.ok()) {
+      spdlog::warn("data connection to {}: {}", node_, st.message());
+      CloseLocked();
+    }
   }
   void CloseLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     if (closed_) return;
@@ -111,6 +140,9 @@ class ServerConn final : public Subscriber, public std::enable_shared_from_this<
   std::deque<std::vector<uint8_t>> out_ ABSL_GUARDED_BY(mu_);
   size_t queued_bytes_ ABSL_GUARDED_BY(mu_) = 0;
   bool closed_ ABSL_GUARDED_BY(mu_) = false;
+  // A thread is writing a frame to the socket (the writer, or the reader
+  // answering directly); the other waits.
+  bool writing_ ABSL_GUARDED_BY(mu_) = false;
 };
 
 // ---------------------------------------------------------------- importer
@@ -135,7 +167,12 @@ class ClientConn final : public PeerChannel {
 
   absl::StatusOr<uint64_t> Fetch(uint64_t export_id, uint64_t first_page, uint32_t npages,
                                  bool track, absl::Span<uint8_t> dst,
-                                 absl::Duration timeout) override;
+                                 absl::Duration timeout) override {
+    FetchOp op{export_id, first_page, npages, track, dst};
+    FetchV(absl::MakeSpan(&op, 1), timeout);
+    return op.result;
+  }
+  void FetchV(absl::Span<FetchOp> ops, absl::Duration timeout) override;
   bool alive() const override {
     absl::MutexLock l(&mu_);
     return !closed_;
@@ -148,13 +185,21 @@ class ClientConn final : public PeerChannel {
   const char* path() const override { return "tcp"; }
 
  private:
+  // One FETCH on the wire, owned by the FetchV that sent it.
   struct Pending {
     absl::Span<uint8_t> dst;
+    // The reader is receiving the response's pages straight into dst
+    // (without mu_): the caller that gave up waits for it to stop before
+    // dst may go away.
+    bool receiving = false;
     bool done = false;
     absl::Status status;
     uint64_t seq = 0;
   };
   void ReaderLoop();
+  // A FETCH_RESP whose header was read: its pages go straight into the
+  // waiting fetch's dst. Returns a connection-ending error only.
+  absl::Status ReceiveFetchResp(const FrameHeader& h);
   absl::Status Send(const std::vector<uint8_t>& frame) {
     absl::MutexLock l(&send_mu_);
     return WriteFull(fd_.get(), frame.data(), frame.size());
@@ -167,6 +212,7 @@ class ClientConn final : public PeerChannel {
   absl::Mutex send_mu_;  // serialises whole frames on the socket
   mutable absl::Mutex mu_;  // guards pending_, next_id_, closed_
   std::map<uint64_t, Pending*> pending_ ABSL_GUARDED_BY(mu_);
+  std::vector<uint8_t> discard_;  // the reader's: bytes nobody waits for
   uint64_t next_id_ ABSL_GUARDED_BY(mu_) = 1;
   bool closed_ ABSL_GUARDED_BY(mu_) = false;
 };
@@ -311,7 +357,6 @@ void ServerConn::ReaderLoop() {
     SetTimeouts(fd, absl::Seconds(5), absl::ZeroDuration());
     spdlog::info("data connection from {} established", node_);
   }
-  std::vector<uint8_t> pages;
   while (st.ok()) {
     st = ReadFrame(fd, &h, &payload);
     if (!st.ok()) break;
@@ -327,18 +372,26 @@ void ServerConn::ReaderLoop() {
         if (auto bad = CheckFetchPages(f.npages, kMaxFetchPages); !bad.ok()) {
           frame = MakeFetchError(h.id, bad);
         } else {
-          pages.resize(static_cast<size_t>(f.npages) * kPage);
+          // The pages are copied once, into the frame that is sent.
+          FetchRespPayload r{};
+          frame = MakeFrame(FrameType::kFetchResp, h.id, &r, sizeof(r));
+          const size_t at = frame.size();
+          const size_t bytes = static_cast<size_t>(f.npages) * kPage;
+          frame.resize(at + bytes);
           auto seq = backend_->ServeFetch(f.export_id, f.first_page, f.npages,
-                                          (f.flags & kFetchNoCache) == 0, absl::MakeSpan(pages));
+                                          (f.flags & kFetchNoCache) == 0, absl::MakeSpan(frame).subspan(at));
           if (seq.ok()) {
-            FetchRespPayload r{};
+            FrameHeader fh;
+            std::memcpy(&fh, frame.data(), sizeof(fh));
+            fh.payload_len = static_cast<uint32_t>(sizeof(r) + bytes);
+            std::memcpy(frame.data(), &fh, sizeof(fh));
             r.seq = *seq;
-            frame = MakeFrame(FrameType::kFetchResp, h.id, &r, sizeof(r), pages.data(), pages.size());
+            std::memcpy(frame.data() + sizeof(fh), &r, sizeof(r));
           } else {
             frame = MakeFetchError(h.id, seq.status());
           }
         }
-        Enqueue(std::move(frame));
+        SendOrEnqueue(std::move(frame));
         break;
       }
       case FrameType::kInvalAck: {
@@ -373,16 +426,22 @@ void ServerConn::WriterLoop() {
     {
       absl::MutexLock l(&mu_);
       mu_.Await(absl::Condition(
-          +[](ServerConn* c) ABSL_EXCLUSIVE_LOCKS_REQUIRED(c->mu_) { return c->closed_ || !c->out_.empty(); },
+          +[](ServerConn* c) ABSL_EXCLUSIVE_LOCKS_REQUIRED(c->mu_) {
+            return c->closed_ || (!c->out_.empty() && !c->writing_);
+          },
           this));
       if (closed_) return;
       frame = std::move(out_.front());
       out_.pop_front();
       queued_bytes_ -= frame.size();
+      writing_ = true;
     }
-    if (auto st = WriteFull(fd_.get(), frame.data(), frame.size()); !st.ok()) {
+    absl::Status st = WriteFull(fd_.get(), frame.data(), frame.size());
+    absl::MutexLock l(&mu_);
+    writing_ = false;
+    if (!st.ok()) {
       spdlog::warn("data connection to {}: {}", node_, st.message());
-      Close();
+      CloseLocked();
       return;
     }
   }
@@ -403,40 +462,117 @@ absl::Status ClientConn::Handshake(const std::string& token) {
   return absl::OkStatus();
 }
 
-absl::StatusOr<uint64_t> ClientConn::Fetch(uint64_t export_id, uint64_t first_page,
-                                           uint32_t npages, bool track, absl::Span<uint8_t> dst,
-                                           absl::Duration timeout) {
-  SVM_CHECK(dst.size() == static_cast<size_t>(npages) * kPage);
-  Pending p;
-  p.dst = dst;
-  uint64_t id;
+void ClientConn::FetchV(absl::Span<FetchOp> ops, absl::Duration timeout) {
+  const absl::Time deadline = absl::Now() + timeout;
+  std::vector<Pending> ps(ops.size());
+  std::vector<uint64_t> ids(ops.size(), 0);
+  std::vector<uint8_t> frames;  // every FETCH, sent with one write
   {
     absl::MutexLock l(&mu_);
-    if (closed_) return absl::UnavailableError(absl::StrCat("data connection to ", peer_, " is closed"));
-    id = next_id_++;
-    pending_[id] = &p;
+    if (closed_) {
+      for (FetchOp& op : ops) {
+        op.result = absl::UnavailableError(absl::StrCat("data connection to ", peer_, " is closed"));
+      }
+      return;
+    }
+    for (size_t i = 0; i < ops.size(); ++i) {
+      SVM_CHECK(ops[i].dst.size() == static_cast<size_t>(ops[i].npages) * kPage);
+      ps[i].dst = ops[i].dst;
+      ids[i] = next_id_++;
+      pending_[ids[i]] = &ps[i];
+      FetchPayload f{ops[i].export_id, ops[i].first_page, ops[i].npages,
+                     ops[i].track ? 0u : kFetchNoCache};
+      auto frame = MakeFrame(FrameType::kFetch, ids[i], &f, sizeof(f));
+      frames.insert(frames.end(), frame.begin(), frame.end());
+    }
   }
-  FetchPayload f{export_id, first_page, npages, track ? 0u : kFetchNoCache};
-  if (auto st = Send(MakeFrame(FrameType::kFetch, id, &f, sizeof(f))); !st.ok()) {
-    Close();
-    absl::MutexLock l(&mu_);
-    pending_.erase(id);
-    return absl::UnavailableError(absl::StrCat("send to ", peer_, ": ", st.message()));
-  }
+  absl::Status sent = Send(frames);
+  if (!sent.ok()) Close();
   absl::MutexLock l(&mu_);
-  bool done = mu_.AwaitWithTimeout(absl::Condition(&p.done), timeout);
-  pending_.erase(id);
-  if (!done) {
+  auto all_done = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    for (const Pending& p : ps) {
+      if (!p.done) return false;
+    }
+    return true;
+  };
+  bool done = sent.ok() && mu_.AwaitWithDeadline(absl::Condition(&all_done), deadline);
+  if (!done && sent.ok()) {
     mu_.Unlock();
     spdlog::warn("peer {} did not answer a fetch within {}; closing the data connection", peer_,
                  absl::FormatDuration(timeout));
     Close();
     mu_.Lock();
-    return absl::UnavailableError(
-        absl::StrCat("peer ", peer_, " did not answer within ", absl::FormatDuration(timeout)));
   }
-  if (!p.status.ok()) return p.status;
-  return p.seq;
+  // Closed: the reader stops receiving into any dst at once (the socket is
+  // shut down); none may be written once this returns.
+  auto quiet = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    for (const Pending& p : ps) {
+      if (p.receiving) return false;
+    }
+    return true;
+  };
+  mu_.Await(absl::Condition(&quiet));
+  for (size_t i = 0; i < ops.size(); ++i) {
+    pending_.erase(ids[i]);
+    const Pending& p = ps[i];
+    if (!sent.ok()) {
+      ops[i].result = absl::UnavailableError(absl::StrCat("send to ", peer_, ": ", sent.message()));
+    } else if (!p.done) {
+      ops[i].result = absl::UnavailableError(
+          absl::StrCat("peer ", peer_, " did not answer within ", absl::FormatDuration(timeout)));
+    } else if (!p.status.ok()) {
+      ops[i].result = p.status;
+    } else {
+      ops[i].result = p.seq;
+    }
+  }
+}
+
+absl::Status ClientConn::ReceiveFetchResp(const FrameHeader& h) {
+  const int fd = fd_.get();
+  if (h.payload_len < sizeof(FetchRespPayload)) return absl::DataLossError("malformed FETCH_RESP");
+  FetchRespPayload r;
+  auto mid_frame = [](absl::Status st) {
+    return absl::IsOutOfRange(st) ? absl::DataLossError("connection closed mid-frame") : st;
+  };
+  if (auto st = ReadFull(fd, &r, sizeof(r)); !st.ok()) return mid_frame(st);
+  const size_t tail = h.payload_len - sizeof(r);
+  Pending* p = nullptr;
+  {
+    absl::MutexLock l(&mu_);
+    auto it = pending_.find(h.id);
+    if (it != pending_.end() && !it->second->done) p = it->second;
+    if (p != nullptr && r.code == 0 && tail == p->dst.size()) {
+      p->receiving = true;
+      mu_.Unlock();
+      // The pages land in the caller's buffer with no copy in between.
+      absl::Status st = ReadFull(fd, p->dst.data(), tail);
+      mu_.Lock();
+      p->receiving = false;
+      if (!st.ok()) return mid_frame(st);
+      p->seq = r.seq;
+      p->done = true;
+      return absl::OkStatus();
+    }
+  }
+  // Nobody waits for these bytes (the caller gave up), or they are an
+  // error's text, or a size nobody asked for.
+  discard_.resize(tail);
+  if (tail > 0) {
+    if (auto st = ReadFull(fd, discard_.data(), tail); !st.ok()) return mid_frame(st);
+  }
+  absl::MutexLock l(&mu_);
+  auto it = pending_.find(h.id);
+  if (it == pending_.end() || it->second->done) return absl::OkStatus();
+  p = it->second;
+  if (r.code != 0) {
+    p->status = FetchErrorStatus(r, absl::string_view(reinterpret_cast<const char*>(discard_.data()), tail));
+  } else {
+    p->status = absl::DataLossError(
+        absl::StrFormat("FETCH_RESP carries %u bytes, %u expected", tail, p->dst.size()));
+  }
+  p->done = true;
+  return absl::OkStatus();
 }
 
 void ClientConn::ReaderLoop() {
@@ -444,34 +580,21 @@ void ClientConn::ReaderLoop() {
   std::vector<uint8_t> payload;
   absl::Status st;
   while (st.ok()) {
-    st = ReadFrame(fd_.get(), &h, &payload);
+    // The header first: a FETCH_RESP's pages are received into the
+    // fetch's buffer, everything else is read whole.
+    st = ReadFrameHeader(fd_.get(), &h);
     if (!st.ok()) break;
+    if (static_cast<FrameType>(h.type) == FrameType::kFetchResp) {
+      st = ReceiveFetchResp(h);
+      continue;
+    }
+    payload.resize(h.payload_len);
+    if (h.payload_len > 0) {
+      st = ReadFull(fd_.get(), payload.data(), h.payload_len);
+      if (absl::IsOutOfRange(st)) st = absl::DataLossError("connection closed mid-frame");
+      if (!st.ok()) break;
+    }
     switch (static_cast<FrameType>(h.type)) {
-      case FrameType::kFetchResp: {
-        if (payload.size() < sizeof(FetchRespPayload)) {
-          st = absl::DataLossError("malformed FETCH_RESP");
-          break;
-        }
-        FetchRespPayload r;
-        std::memcpy(&r, payload.data(), sizeof(r));
-        const size_t tail = payload.size() - sizeof(r);
-        absl::MutexLock l(&mu_);
-        auto it = pending_.find(h.id);
-        if (it == pending_.end()) break;  // the caller gave up (timed out)
-        Pending* p = it->second;
-        if (r.code != 0) {
-          p->status = FetchErrorStatus(
-              r, absl::string_view(reinterpret_cast<const char*>(payload.data()) + sizeof(r), tail));
-        } else if (tail != p->dst.size()) {
-          p->status = absl::DataLossError(
-              absl::StrFormat("FETCH_RESP carries %u bytes, %u expected", tail, p->dst.size()));
-        } else {
-          std::memcpy(p->dst.data(), payload.data() + sizeof(r), tail);
-          p->seq = r.seq;
-        }
-        p->done = true;
-        break;
-      }
       case FrameType::kInval: {
         if (payload.size() != sizeof(InvalPayload)) {
           st = absl::DataLossError("malformed INVAL");

@@ -5,6 +5,7 @@
 #ifndef SVM_DAEMON_TRANSPORT_TRANSPORT_H_
 #define SVM_DAEMON_TRANSPORT_TRANSPORT_H_
 
+#include <algorithm>
 #include <cstdint>
 #include <memory>
 #include <optional>
@@ -69,6 +70,11 @@ struct Capabilities {
   // (Transport::RegisterRegion) and its channels read the exporter's regions
   // with one-sided READs (PeerChannel::SetRegion/ReadRegion). rdma only.
   bool one_sided = false;
+  // The pieces a read's missing pages are cut into, all in flight at once
+  // (PeerChannel::FetchV): small enough that the exporter copies one while
+  // another travels, large enough that per-request costs stay small. tcp:
+  // 128 KiB; rdma: one receive slot (1 MiB, its own unit of pipelining).
+  uint32_t fetch_piece_pages = 32;
 };
 
 // Exporter -> importer: what PrepareSession offers for one data connection,
@@ -108,6 +114,17 @@ class ImportBackend {
   virtual void OnChannelClosed(PeerChannel* ch, const absl::Status& why) = 0;
 };
 
+// One fetch of a batch (PeerChannel::FetchV).
+struct FetchOp {
+  uint64_t export_id = 0;
+  uint64_t first_page = 0;
+  uint32_t npages = 0;     // 1 to kMaxFetchPages (frame.h)
+  bool track = false;      // the importer will cache the pages
+  absl::Span<uint8_t> dst;  // npages * page size bytes; written only while FetchV runs
+  // Set by FetchV: the exporter's sequence at read time, or why not.
+  absl::StatusOr<uint64_t> result = absl::UnknownError("not fetched");
+};
+
 // Importer side: one data connection to an exporter daemon.
 class PeerChannel {
  public:
@@ -119,6 +136,21 @@ class PeerChannel {
   virtual absl::StatusOr<uint64_t> Fetch(uint64_t export_id, uint64_t first_page, uint32_t npages,
                                          bool track, absl::Span<uint8_t> dst,
                                          absl::Duration timeout) = 0;
+  // Pipelined fetches: every op is on the wire at once (tcp: all of them;
+  // rdma: as many as the connection has receive slots, the next issued as
+  // one completes), each lands in its own dst, and FetchV returns when
+  // every op has its result. The exporter serves them in order, so its
+  // copy of one overlaps the transfer of the one before. A lost connection
+  // or the timeout (for the whole batch) fails every op that had not
+  // completed with UNAVAILABLE, and the connection is then closed. No dst
+  // is written after FetchV returns. The default issues them one by one.
+  virtual void FetchV(absl::Span<FetchOp> ops, absl::Duration timeout) {
+    const absl::Time deadline = absl::Now() + timeout;
+    for (FetchOp& op : ops) {
+      op.result = Fetch(op.export_id, op.first_page, op.npages, op.track, op.dst,
+                        std::max(deadline - absl::Now(), absl::ZeroDuration()));
+    }
+  }
   virtual bool alive() const = 0;
   virtual void Close() = 0;
   virtual const char* path() const = 0;

@@ -165,6 +165,45 @@ TEST_P(TwoNodes, CacheServesRepeatedReadsAndFreshBypassesIt) {
   EXPECT_EQ(r3->pages_fetched, 2u);
 }
 
+// A read's missing pages travel in pieces, all in flight at once
+// (PeerChannel::FetchV), each landing in its own place: reads that start
+// and end inside a page, span several pieces and skip cached pages return
+// every byte where it belongs, fresh and cached.
+TEST_P(TwoNodes, PipelinedReadsReturnEveryPageInItsPlace) {
+  constexpr uint64_t kN = 200;  // page p is stamped p + 1 in every 8-byte word
+  auto e = StartExporter("pipe", kN);
+  ASSERT_NE(e, nullptr);
+  ASSERT_TRUE(cb_->Import(a_->peer(), "pipe").ok());
+  auto check = [](const std::vector<uint8_t>& buf, uint64_t offset) {
+    for (size_t i = 0; i < buf.size(); ++i) {
+      const uint64_t at = offset + i;
+      const uint8_t want = static_cast<uint8_t>((at / kPage + 1) >> (8 * (at % 8)));
+      if (buf[i] != want) {
+        ADD_FAILURE() << "byte " << at << " (page " << at / kPage << ") is " << int{buf[i]} << ", want "
+                      << int{want};
+        return;
+      }
+    }
+  };
+  auto read = [&](uint64_t offset, uint64_t len, bool fresh) {
+    std::vector<uint8_t> buf(len, 0xee);
+    ReadOptions o;
+    o.fresh = fresh;
+    auto r = cb_->Read("pipe", offset, absl::MakeSpan(buf), o);
+    EXPECT_TRUE(r.ok()) << r.status();
+    if (r.ok()) check(buf, offset);
+    return r;
+  };
+  // Scattered cached pages: around the pieces' boundaries.
+  for (uint64_t p : {3, 31, 32, 33, 64, 100, 199}) ASSERT_TRUE(read(p * kPage, kPage, false).ok());
+  EXPECT_TRUE(read(100, kN * kPage - 150, false).ok());  // unaligned, across everything
+  auto whole = read(0, kN * kPage, true);
+  ASSERT_TRUE(whole.ok());
+  EXPECT_EQ(whole->pages_fetched, kN);
+  EXPECT_TRUE(read(kPage - 1, 33 * kPage + 2, true).ok());  // one byte of page 0 to two of page 34
+  EXPECT_TRUE(read(5 * kPage, 97 * kPage, true).ok());
+}
+
 TEST_P(TwoNodes, RemapInvalidatesAndRereadSeesNewContent) {
   auto e = ExportAndImport("remap", 8, 'A');
   ASSERT_NE(e, nullptr);

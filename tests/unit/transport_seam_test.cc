@@ -11,6 +11,7 @@
 // instead under SVM_EXPECT_RDMA=1; with SVM_TEST_TRANSPORT set only that
 // transport runs. Behaviour only one transport has lives in the suites at
 // the end (tcp's wire format on a raw socket; rdma's one-sided reads).
+#include <netinet/in.h>
 #include <sys/mman.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
@@ -863,6 +864,76 @@ TEST_P(TransportTest, IdleConnectionCostsNoCpu) {
   EXPECT_TRUE(ch->alive());
 }
 
+// A read's missing pages travel as one batch (ImportTable::Read): pieces
+// of every size around the rdma slot (256 pages) and the tcp frame limit,
+// each landing in its own buffer, with its own sequence.
+TEST_P(TransportTest, FetchVReturnsEveryOpsOwnPages) {
+  PeerChannel* ch = Open("n");
+  ASSERT_NE(ch, nullptr);
+  exp_.SetSeq(77);
+  const std::vector<uint32_t> sizes = {1, 31, 32, 33, 255, 256, 257, kMaxFetchPages, 2};
+  std::vector<std::vector<uint8_t>> bufs;
+  std::vector<FetchOp> ops;
+  uint64_t pages = 0;
+  for (size_t i = 0; i < sizes.size(); ++i) bufs.emplace_back(sizes[i] * kPageSize, 0xee);
+  for (size_t i = 0; i < sizes.size(); ++i) {
+    FetchOp op;
+    op.export_id = 20 + i % 3;
+    op.first_page = 5 * i;
+    op.npages = sizes[i];
+    op.track = i % 2 == 0;
+    op.dst = absl::MakeSpan(bufs[i]);
+    ops.push_back(op);
+    pages += sizes[i];
+  }
+  ch->FetchV(absl::MakeSpan(ops), Scaled(absl::Seconds(20)));
+  for (size_t i = 0; i < ops.size(); ++i) {
+    ASSERT_TRUE(ops[i].result.ok()) << i << ": " << ops[i].result.status();
+    EXPECT_EQ(*ops[i].result, 77u);
+    EXPECT_TRUE(PagesAre(bufs[i], ops[i].export_id, ops[i].first_page)) << "op " << i;
+  }
+  uint64_t served = 0;
+  for (const auto& c : exp_.calls()) served += c.npages;
+  EXPECT_EQ(served, pages) << "every page asked for once";
+  EXPECT_TRUE(ch->alive());
+}
+
+// The connection is lost with many fetches of one batch on the wire (the
+// peer closed it, or died): every one of them fails at once with
+// UNAVAILABLE, none waits for the timeout.
+TEST_P(TransportTest, FetchVFailsEveryOpInFlightWhenTheConnectionIsLost) {
+  std::shared_ptr<Subscriber> sub;
+  PeerChannel* ch = Open("n", &sub);
+  ASSERT_NE(ch, nullptr);
+  ASSERT_NE(sub, nullptr);
+  exp_.Block();
+  constexpr int kOps = 6;  // fewer than rdma's slots: all on the wire
+  std::vector<std::vector<uint8_t>> bufs(kOps, std::vector<uint8_t>(2 * kPageSize));
+  std::vector<FetchOp> ops(kOps);
+  for (int i = 0; i < kOps; ++i) {
+    ops[i].export_id = 1;
+    ops[i].first_page = 2 * i;
+    ops[i].npages = 2;
+    ops[i].track = true;
+    ops[i].dst = absl::MakeSpan(bufs[i]);
+  }
+  auto pending = std::async(std::launch::async,
+                            [&] { ch->FetchV(absl::MakeSpan(ops), Scaled(absl::Seconds(20))); });
+  ASSERT_TRUE(exp_.WaitBlocked(1));
+  const absl::Time start = absl::Now();
+  sub->Close();
+  ASSERT_EQ(pending.wait_for(absl::ToChronoSeconds(Scaled(absl::Seconds(3)))), std::future_status::ready)
+      << "a batch outlived its connection";
+  pending.get();
+  EXPECT_LT(absl::Now() - start, Scaled(absl::Seconds(3)));
+  for (int i = 0; i < kOps; ++i) {
+    EXPECT_EQ(ops[i].result.status().code(), absl::StatusCode::kUnavailable) << i << ": " << ops[i].result.status();
+  }
+  EXPECT_FALSE(ch->alive());
+  exp_.Release();
+  EXPECT_TRUE(imp_.WaitClosed(ch).ok());
+}
+
 INSTANTIATE_TEST_SUITE_P(Tcp, TransportTest, ::testing::Values(kTcp), KindName);
 INSTANTIATE_TEST_SUITE_P(Rdma, TransportTest, ::testing::Values(kRdma), KindName);
 
@@ -984,6 +1055,118 @@ TEST_P(TcpWireTest, MalformedFetchClosesTheConnection) {
   ASSERT_TRUE(WriteFull(raw.get(), f.data(), f.size()).ok());
   EXPECT_TRUE(PeerClosed(raw.get()));
   EXPECT_TRUE(exp_.calls().empty());
+}
+
+// A fake exporter on a raw socket: the importer's end of the wire, seen
+// from the exporter's side.
+class RawExporter {
+ public:
+  RawExporter() {
+    listen_.Reset(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
+    sockaddr_in a{};
+    a.sin_family = AF_INET;
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    EXPECT_EQ(::bind(listen_.get(), reinterpret_cast<sockaddr*>(&a), sizeof(a)), 0);
+    EXPECT_EQ(::listen(listen_.get(), 4), 0);
+    socklen_t len = sizeof(a);
+    ::getsockname(listen_.get(), reinterpret_cast<sockaddr*>(&a), &len);
+    port_ = ntohs(a.sin_port);
+  }
+  SessionOffer Offer() const {
+    v1::TcpEndpoint e;
+    e.set_port(port_);
+    return SessionOffer{"raw-token", PackEndpoint(e)};
+  }
+  // Accepts the importer and answers its HELLO.
+  bool Accept() {
+    conn_.Reset(::accept4(listen_.get(), nullptr, nullptr, SOCK_CLOEXEC));
+    if (!conn_.valid()) return false;
+    timeval tv{3, 0};
+    ::setsockopt(conn_.get(), SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+    FrameHeader h;
+    std::vector<uint8_t> payload;
+    if (!ReadFrame(conn_.get(), &h, &payload).ok() || h.type != static_cast<uint8_t>(FrameType::kHello)) {
+      return false;
+    }
+    auto hello = MakeFrame(FrameType::kHello, 0, nullptr, 0);
+    return WriteFull(conn_.get(), hello.data(), hello.size()).ok();
+  }
+  int fd() const { return conn_.get(); }
+  void Drop() { conn_.Reset(); }
+
+ private:
+  UniqueFd listen_;
+  UniqueFd conn_;
+  uint16_t port_ = 0;
+};
+
+// Every FETCH of a batch is on the wire before the first answer (the
+// exporter reads them all without answering one), and answers that come
+// back in another order still land in their own buffers.
+TEST_P(TcpWireTest, FetchVPutsEveryFetchOnTheWireBeforeAnyAnswer) {
+  RawExporter raw;
+  auto connecting = std::async(std::launch::async,
+                               [&] { return importer_->Connect("127.0.0.1", raw.Offer(), &imp_, ""); });
+  ASSERT_TRUE(raw.Accept());
+  auto ch = connecting.get();
+  ASSERT_TRUE(ch.ok()) << ch.status();
+  constexpr int kOps = 5;
+  std::vector<std::vector<uint8_t>> bufs(kOps);
+  std::vector<FetchOp> ops(kOps);
+  for (int i = 0; i < kOps; ++i) {
+    bufs[i].assign((i + 1) * kPageSize, 0);
+    ops[i].export_id = 3;
+    ops[i].first_page = 10 * i;
+    ops[i].npages = i + 1;
+    ops[i].dst = absl::MakeSpan(bufs[i]);
+  }
+  auto batch = std::async(std::launch::async, [&] { (*ch)->FetchV(absl::MakeSpan(ops), Scaled(absl::Seconds(10))); });
+  std::vector<std::pair<uint64_t, FetchPayload>> fetches;
+  for (int i = 0; i < kOps; ++i) {
+    FrameHeader h;
+    std::vector<uint8_t> payload;
+    // A batch sent one fetch at a time never shows the second one here.
+    ASSERT_TRUE(ReadFrame(raw.fd(), &h, &payload).ok()) << "FETCH " << i << " of the batch never arrived";
+    ASSERT_EQ(h.type, static_cast<uint8_t>(FrameType::kFetch));
+    ASSERT_EQ(payload.size(), sizeof(FetchPayload));
+    FetchPayload f;
+    std::memcpy(&f, payload.data(), sizeof(f));
+    fetches.emplace_back(h.id, f);
+  }
+  for (auto it = fetches.rbegin(); it != fetches.rend(); ++it) {
+    const FetchPayload& f = it->second;
+    std::vector<uint8_t> pages(f.npages * kPageSize);
+    for (uint32_t k = 0; k < f.npages; ++k) {
+      std::memset(pages.data() + k * kPageSize, FillOf(f.export_id, f.first_page + k), kPageSize);
+    }
+    FetchRespPayload r{};
+    r.seq = 100 + f.first_page;
+    auto frame = MakeFrame(FrameType::kFetchResp, it->first, &r, sizeof(r), pages.data(), pages.size());
+    ASSERT_TRUE(WriteFull(raw.fd(), frame.data(), frame.size()).ok());
+  }
+  batch.get();
+  for (int i = 0; i < kOps; ++i) {
+    ASSERT_TRUE(ops[i].result.ok()) << i << ": " << ops[i].result.status();
+    EXPECT_EQ(*ops[i].result, 100u + ops[i].first_page);
+    EXPECT_TRUE(PagesAre(bufs[i], 3, ops[i].first_page)) << "op " << i;
+  }
+
+  // A second batch, and the exporter dies with all of it unanswered.
+  for (auto& op : ops) op.result = absl::UnknownError("not fetched");
+  auto doomed = std::async(std::launch::async, [&] { (*ch)->FetchV(absl::MakeSpan(ops), Scaled(absl::Seconds(10))); });
+  for (int i = 0; i < kOps; ++i) {
+    FrameHeader h;
+    std::vector<uint8_t> payload;
+    ASSERT_TRUE(ReadFrame(raw.fd(), &h, &payload).ok());
+  }
+  const absl::Time start = absl::Now();
+  raw.Drop();
+  doomed.get();
+  EXPECT_LT(absl::Now() - start, Scaled(absl::Seconds(2)));
+  for (int i = 0; i < kOps; ++i) {
+    EXPECT_EQ(ops[i].result.status().code(), absl::StatusCode::kUnavailable) << ops[i].result.status();
+  }
+  EXPECT_TRUE(imp_.WaitClosed(ch->get()).ok());
 }
 
 INSTANTIATE_TEST_SUITE_P(Tcp, TcpWireTest, ::testing::Values(kTcp), KindName);

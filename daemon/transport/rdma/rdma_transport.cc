@@ -12,6 +12,7 @@
 #include <atomic>
 #include <cstring>
 #include <deque>
+#include <list>
 #include <map>
 #include <optional>
 #include <thread>
@@ -580,6 +581,13 @@ absl::Status Conn::Init(size_t data_len, Access data_access) {
   auto dmr = rdma::Register(dev, nic_->pd.get(), data_mem_.get(), data_len, data_access, nic_->data_mode);
   if (!dmr.ok()) return dmr.status();
   data_mr_.emplace(std::move(*dmr));
+  if (data_mr_->mode() == Mode::kOdp && dev.caps().advise_mr == rdma::Capabilities::AdviseMr::kSupported) {
+    // The buffer is written by the peer (receive area) or read by the NIC
+    // (staging): map it now, not on the first fetch.
+    if (auto st = rdma::Prefetch(nic_->pd.get(), *data_mr_, /*write=*/true, /*flush=*/true); !st.ok()) {
+      spdlog::debug("prefetch of a data buffer: {}", st.message());
+    }
+  }
   rdma::QpCaps caps;
   caps.max_send_wr = kSendWindow + kStaging + kSlots + 4;
   caps.max_recv_wr = kRecvDepth;
@@ -913,8 +921,7 @@ class ClientConn final : public Conn {
   absl::Status Start(const Endpoint& remote, ImportBackend* backend, PeerChannel* channel,
                      const std::string& peer_host, uint16_t liveness_port, const std::string& token);
 
-  absl::StatusOr<uint64_t> Fetch(uint64_t export_id, uint64_t first_page, uint32_t npages,
-                                 bool track, absl::Span<uint8_t> dst, absl::Duration timeout);
+  void FetchV(absl::Span<FetchOp> ops, absl::Duration timeout);
   bool alive() const {
     absl::MutexLock l(&mu_);
     if (locked_.closed) return false;
@@ -949,9 +956,6 @@ class ClientConn final : public Conn {
     absl::Status status;
     uint64_t seq = 0;
   };
-  absl::StatusOr<uint64_t> FetchChunk(uint64_t export_id, uint64_t first_page, uint32_t npages,
-                                      bool track, absl::Span<uint8_t> dst, absl::Time deadline,
-                                      absl::Duration timeout);
   absl::Status OnMessage(const FrameHeader& h, absl::Span<const uint8_t> payload) override;
   void OnReadDone(uint32_t slot) override;
   bool established() const override { return hello_seen_; }
@@ -1039,14 +1043,17 @@ class ClientConn final : public Conn {
 class RdmaChannel final : public PeerChannel {
  public:
   explicit RdmaChannel(std::shared_ptr<ClientConn> conn)
-      : PeerChannel(Capabilities{.one_sided = true}), conn_(std::move(conn)) {}
+      : PeerChannel(Capabilities{.one_sided = true, .fetch_piece_pages = kSlotPages}), conn_(std::move(conn)) {}
   ~RdmaChannel() override { conn_->CloseAndWait(); }
 
   absl::StatusOr<uint64_t> Fetch(uint64_t export_id, uint64_t first_page, uint32_t npages,
                                  bool track, absl::Span<uint8_t> dst,
                                  absl::Duration timeout) override {
-    return conn_->Fetch(export_id, first_page, npages, track, dst, timeout);
+    FetchOp op{export_id, first_page, npages, track, dst};
+    conn_->FetchV(absl::MakeSpan(&op, 1), timeout);
+    return op.result;
   }
+  void FetchV(absl::Span<FetchOp> ops, absl::Duration timeout) override { conn_->FetchV(ops, timeout); }
   bool alive() const override { return conn_->alive(); }
   void Close() override { conn_->Close(); }
   const char* path() const override { return conn_->path(); }
@@ -1106,6 +1113,14 @@ class RdmaTransport final : public Transport {
     auto reg = rdma::Register(*nic_->device, nic_->pd.get(), addr, len, Access::kRemoteReadOnly,
                               nic_->data_mode);
     if (!reg.ok()) return reg.status();
+    if (reg->mode() == Mode::kOdp &&
+        nic_->device->caps().advise_mr == rdma::Capabilities::AdviseMr::kSupported) {
+      // Importers' first READs need not fault the pages into the NIC's
+      // tables; in the background (a large export is not waited for).
+      if (auto st = rdma::Prefetch(nic_->pd.get(), *reg, /*write=*/false, /*flush=*/false); !st.ok()) {
+        spdlog::debug("prefetch of a zero-copy region: {}", st.message());
+      }
+    }
     return std::unique_ptr<RegisteredRegion>(new Region(nic_, std::move(*reg)));
   }
 
@@ -1469,71 +1484,130 @@ void ClientConn::CloseAndWait() {
       +[](Locked* c) { return c->finished || c->channel == nullptr; }, &clocked_));
 }
 
-absl::StatusOr<uint64_t> ClientConn::Fetch(uint64_t export_id, uint64_t first_page, uint32_t npages,
-                                           bool track, absl::Span<uint8_t> dst,
-                                           absl::Duration timeout) {
-  SVM_CHECK(dst.size() == static_cast<size_t>(npages) * kPage);
+// Staged fetches, pipelined: every op is split into slot-sized FETCHes,
+// as many in flight as there are free slots (the exporter's copy of one
+// overlaps the WRITE of another); each is copied out as it completes and
+// its slot reused for the next. An op takes the oldest sequence of its
+// parts (caching stays conservative).
+void ClientConn::FetchV(absl::Span<FetchOp> ops, absl::Duration timeout) {
   const absl::Time deadline = absl::Now() + timeout;
-  uint64_t min_seq = UINT64_MAX;
-  uint32_t done = 0;
-  do {
-    const uint32_t n = std::min(kSlotPages, npages - done);
-    auto seq = FetchChunk(export_id, first_page + done, n, track,
-                          dst.subspan(static_cast<size_t>(done) * kPage, static_cast<size_t>(n) * kPage),
-                          deadline, timeout);
-    if (!seq.ok()) return seq.status();
-    // Split fetches report the oldest sequence: caching stays conservative.
-    min_seq = std::min(min_seq, *seq);
-    done += n;
-  } while (done < npages);
-  return min_seq;
-}
-
-absl::StatusOr<uint64_t> ClientConn::FetchChunk(uint64_t export_id, uint64_t first_page,
-                                                uint32_t npages, bool track, absl::Span<uint8_t> dst,
-                                                absl::Time deadline, absl::Duration timeout) {
-  Pending p;
-  uint64_t id = 0;
+  struct Chunk {
+    Pending p;
+    uint64_t id = 0;
+    size_t op = 0;
+    uint32_t at = 0, n = 0;  // pages [at, at + n) of the op
+  };
+  std::list<Chunk> inflight;  // stable addresses: pending points into it
+  std::vector<uint64_t> min_seq(ops.size(), UINT64_MAX);
+  std::vector<bool> failed(ops.size(), false);
+  size_t next_op = 0;
+  uint32_t next_at = 0;
   absl::MutexLock l(&mu_);
   Locked& c = clocked_;
-  auto slot_or_closed = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    return locked_.closed || !clocked_.free_slots.empty();
+  std::vector<uint32_t> outstanding(ops.size(), 0);  // chunks in flight per op
+  // Every op not complete fails with st; their slots will never be waited
+  // for (a late WRITE may still land, so they are not reused).
+  auto fail_rest = [&](const absl::Status& st) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    for (Chunk& ch : inflight) {
+      c.pending.erase(ch.id);
+      c.slots[ch.p.slot] = SlotState::kAbandoned;
+    }
+    inflight.clear();
+    for (size_t i = 0; i < ops.size(); ++i) {
+      const bool complete = i < next_op && outstanding[i] == 0;
+      if (!failed[i] && !complete) {
+        failed[i] = true;
+        ops[i].result = st;
+      }
+    }
   };
-  bool ok = mu_.AwaitWithDeadline(absl::Condition(&slot_or_closed), deadline);
-  if (locked_.closed) {
-    return absl::UnavailableError(absl::StrCat("data connection to ", peer_name_, " is closed"));
+  auto finish = [&] {
+    for (size_t i = 0; i < ops.size(); ++i) {
+      if (!failed[i]) ops[i].result = min_seq[i];
+    }
+  };
+  for (;;) {
+    if (locked_.closed) {
+      fail_rest(absl::UnavailableError(absl::StrCat("data connection to ", peer_name_, " is closed")));
+      return finish();
+    }
+    while (next_op < ops.size() && !c.free_slots.empty()) {
+      FetchOp& op = ops[next_op];
+      SVM_CHECK(op.dst.size() == static_cast<size_t>(op.npages) * kPage);
+      if (failed[next_op] || op.npages == 0) {
+        if (!failed[next_op]) op.result = absl::InvalidArgumentError("a fetch of no pages");
+        failed[next_op] = true;
+        ++next_op;
+        next_at = 0;
+        continue;
+      }
+      Chunk& ch = inflight.emplace_back();
+      ch.op = next_op;
+      ch.at = next_at;
+      ch.n = std::min(kSlotPages, op.npages - next_at);
+      ch.p.slot = c.free_slots.back();
+      c.free_slots.pop_back();
+      c.slots[ch.p.slot] = SlotState::kFetching;
+      ch.id = c.next_id++;
+      c.pending[ch.id] = &ch.p;
+      ++outstanding[ch.op];
+      RdmaFetch f{{op.export_id, op.first_page + ch.at, ch.n, op.track ? 0u : kFetchNoCache},
+                  static_cast<uint64_t>(ch.p.slot) * kSlotBytes};
+      EnqueueLocked(SendMsg{MakeMsg(FrameType::kFetch, ch.id, &f, sizeof(f))});
+      next_at += ch.n;
+      if (next_at == op.npages) {
+        ++next_op;
+        next_at = 0;
+      }
+    }
+    if (inflight.empty() && next_op == ops.size()) break;
+    auto progress = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+      if (locked_.closed) return true;
+      for (const Chunk& ch : inflight) {
+        if (ch.p.done) return true;
+      }
+      return inflight.empty() && !c.free_slots.empty();
+    };
+    if (!mu_.AwaitWithDeadline(absl::Condition(&progress), deadline)) {
+      spdlog::warn("peer {} did not answer a fetch within {}; closing the rdma data connection",
+                   peer_name_, absl::FormatDuration(timeout));
+      const absl::Status st = absl::UnavailableError(
+          absl::StrCat("peer ", peer_name_, " did not answer within ", absl::FormatDuration(timeout)));
+      fail_rest(st);
+      CloseLocked(absl::UnavailableError("fetch timed out"));
+      return finish();
+    }
+    if (locked_.closed) continue;
+    for (auto it = inflight.begin(); it != inflight.end();) {
+      Chunk& ch = *it;
+      if (!ch.p.done) {
+        ++it;
+        continue;
+      }
+      c.pending.erase(ch.id);
+      --outstanding[ch.op];
+      if (!ch.p.status.ok()) {
+        SetSlot(ch.p.slot, SlotState::kFree);
+        if (!failed[ch.op]) ops[ch.op].result = ch.p.status;
+        failed[ch.op] = true;
+        it = inflight.erase(it);
+        continue;
+      }
+      // The data landed before the response that completed the chunk.
+      c.slots[ch.p.slot] = SlotState::kDone;
+      mu_.Unlock();
+      if (!failed[ch.op]) {
+        std::memcpy(ops[ch.op].dst.data() + static_cast<size_t>(ch.at) * kPage,
+                    data_mem_.get() + static_cast<size_t>(ch.p.slot) * kSlotBytes,
+                    static_cast<size_t>(ch.n) * kPage);
+      }
+      mu_.Lock();
+      SetSlot(ch.p.slot, SlotState::kFree);
+      min_seq[ch.op] = std::min(min_seq[ch.op], ch.p.seq);
+      it = inflight.erase(it);
+    }
   }
-  if (ok) {
-    p.slot = c.free_slots.back();
-    c.free_slots.pop_back();
-    c.slots[p.slot] = SlotState::kFetching;
-    id = c.next_id++;
-    c.pending[id] = &p;
-    RdmaFetch f{{export_id, first_page, npages, track ? 0u : kFetchNoCache},
-                static_cast<uint64_t>(p.slot) * kSlotBytes};
-    EnqueueLocked(SendMsg{MakeMsg(FrameType::kFetch, id, &f, sizeof(f))});
-    ok = mu_.AwaitWithDeadline(absl::Condition(&p.done), deadline);
-    c.pending.erase(id);
-  }
-  if (!ok) {
-    if (id != 0) c.slots[p.slot] = SlotState::kAbandoned;
-    spdlog::warn("peer {} did not answer a fetch within {}; closing the rdma data connection",
-                 peer_name_, absl::FormatDuration(timeout));
-    CloseLocked(absl::UnavailableError("fetch timed out"));
-    return absl::UnavailableError(
-        absl::StrCat("peer ", peer_name_, " did not answer within ", absl::FormatDuration(timeout)));
-  }
-  if (!p.status.ok()) {
-    SetSlot(p.slot, SlotState::kFree);
-    return p.status;
-  }
-  // The data landed before the response that completed p.
-  c.slots[p.slot] = SlotState::kDone;
-  mu_.Unlock();
-  std::memcpy(dst.data(), data_mem_.get() + static_cast<size_t>(p.slot) * kSlotBytes, dst.size());
-  mu_.Lock();
-  SetSlot(p.slot, SlotState::kFree);
-  return p.seq;
+  finish();
 }
 
 absl::Status ClientConn::OnMessage(const FrameHeader& h, absl::Span<const uint8_t> payload) {

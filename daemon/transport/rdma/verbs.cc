@@ -222,6 +222,10 @@ std::string Capabilities::ToString() const {
   if (odp_check == OdpCheck::kFailed) {
     absl::StrAppend(&odp_text, " data check FAILED, not used (", odp_check_detail, ")");
   }
+  if (advise_mr == AdviseMr::kSupported) absl::StrAppend(&odp_text, ", prefetch (advise_mr) yes");
+  if (advise_mr == AdviseMr::kUnsupported) {
+    absl::StrAppend(&odp_text, ", prefetch (advise_mr) no: ", advise_mr_detail);
+  }
   return absl::StrFormat("odp %s, max_mr %u, qp_wr %d, sge %d, rd_atom %d, cqe %d", odp_text,
                          max_mr_size, max_qp_wr, max_sge, max_qp_rd_atom, max_cqe);
 }
@@ -364,6 +368,18 @@ absl::Status Device::VerifyOdp() {
   for (const auto* r : {&r_odp_src, &r_pin_dst, &r_pin_src, &r_odp_dst}) {
     if (!r->ok()) return r->status();
   }
+  // Whether the device prefetches ODP pages on request: the write
+  // destination is advised before the WRITE below lands in it.
+  if (absl::Status adv = Prefetch(pd->get(), *r_odp_dst, /*write=*/true, /*flush=*/true); adv.ok()) {
+    caps_.advise_mr = Capabilities::AdviseMr::kSupported;
+    caps_.advise_mr_detail.clear();
+    spdlog::info("{}: odp pages are prefetched (ibv_advise_mr)", name_);
+  } else {
+    caps_.advise_mr = Capabilities::AdviseMr::kUnsupported;
+    caps_.advise_mr_detail = std::string(adv.message());
+    spdlog::info("{}: odp pages cannot be prefetched ({}); they fault in on first access", name_,
+                 adv.message());
+  }
   auto run = [&](uint64_t wr_id) -> absl::Status {
     absl::StatusOr<ibv_wc> wc = (*poller)->WaitFor(wr_id, absl::Seconds(10));
     if (!wc.ok()) return wc.status();
@@ -443,6 +459,30 @@ absl::StatusOr<Registration> Register(const Device& device, ibv_pd* pd, void* ad
     return absl::ErrnoToStatus(err, what);
   }
   return Registration(std::move(mr), mode);
+}
+
+absl::Status Prefetch(ibv_pd* pd, const Registration& reg, bool write, bool flush) {
+  if (reg.mode() != Mode::kOdp) return absl::FailedPreconditionError("prefetch: not an odp registration");
+  // One SGE covers less than 4 GiB: advise in pieces.
+  constexpr size_t kPiece = size_t{1} << 30;
+  for (size_t done = 0; done < reg.length(); done += kPiece) {
+    ibv_sge sge{};
+    sge.addr = reg.addr() + done;
+    sge.length = static_cast<uint32_t>(std::min(kPiece, reg.length() - done));
+    sge.lkey = reg.lkey();
+    const int rc = ibv_advise_mr(pd, write ? IBV_ADVISE_MR_ADVICE_PREFETCH_WRITE : IBV_ADVISE_MR_ADVICE_PREFETCH,
+                                 flush ? IBV_ADVISE_MR_FLAG_FLUSH : 0, &sge, 1);
+    if (rc == 0) continue;
+    // Returns an errno value (rdma-core), or -1 with errno from older providers.
+    const int err = rc > 0 ? rc : errno;
+    const std::string what = absl::StrFormat("ibv_advise_mr(%s) of %s", write ? "prefetch write" : "prefetch",
+                                             Bytes(sge.length));
+    if (err == EOPNOTSUPP || err == ENOSYS || err == ENOTSUP) {
+      return absl::UnimplementedError(absl::StrCat(what, ": ", std::strerror(err)));
+    }
+    return absl::ErrnoToStatus(err, what);
+  }
+  return absl::OkStatus();
 }
 
 // --- Poller -----------------------------------------------------------------

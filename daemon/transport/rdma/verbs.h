@@ -73,6 +73,12 @@ struct Capabilities {
   enum class OdpCheck { kNotRun, kPassed, kFailed };
   OdpCheck odp_check = OdpCheck::kNotRun;
   std::string odp_check_detail;  // why it failed
+  // ibv_advise_mr(PREFETCH) on an ODP registration, probed by VerifyOdp()
+  // (rxe did not implement it before Linux 6.15; older kernels answer
+  // EOPNOTSUPP). Unsupported: ODP pages fault in on first access instead.
+  enum class AdviseMr { kNotProbed, kSupported, kUnsupported };
+  AdviseMr advise_mr = AdviseMr::kNotProbed;
+  std::string advise_mr_detail;  // why it is unsupported
 
   // True when ODP registrations can serve the data paths (remote RDMA READ)
   // and the data check, if run, did not fail.
@@ -178,6 +184,14 @@ class Registration {
 // RESOURCE_EXHAUSTED naming LimitMEMLOCK= instead of ibv_reg_mr's ENOMEM.
 absl::StatusOr<Registration> Register(const Device& device, ibv_pd* pd, void* addr, size_t len,
                                       Access access, Mode mode = Mode::kAuto);
+
+// Asks the device to map the pages of an ODP registration now
+// (ibv_advise_mr, IBV_ADVISE_MR_ADVICE_PREFETCH or PREFETCH_WRITE), so
+// that the first remote access does not take a page fault in the NIC.
+// flush: return only once the pages are mapped; else best effort, in the
+// background. UNIMPLEMENTED when the device or kernel does not support it
+// (EOPNOTSUPP, ENOSYS), FAILED_PRECONDITION for a pinned registration.
+absl::Status Prefetch(ibv_pd* pd, const Registration& reg, bool write, bool flush);
 
 // The pinned-memory budget check on its own (exposed for tests and status):
 // OK, or RESOURCE_EXHAUSTED with the explanation.

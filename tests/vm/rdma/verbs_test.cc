@@ -264,6 +264,42 @@ TEST_F(DeviceTest, OdpDataCheckDecidesAutoMode) {
   }
 }
 
+// ibv_advise_mr: the ODP check probes it and says which way it went;
+// where it works, a prefetch of an ODP registration succeeds and the data
+// paths use it; a pinned registration is never advised.
+TEST_F(DeviceTest, OdpPrefetchIsProbedAndUsedOnlyWhereSupported) {
+  Mapping m = Mapping::Anonymous(kMiB);
+  ASSERT_NE(m.data(), nullptr);
+  absl::StatusOr<Registration> pinned =
+      Register(*device_, pd_.get(), m.data(), m.size(), Access::kRemoteRead, Mode::kPinned);
+  ASSERT_TRUE(pinned.ok()) << pinned.status();
+  EXPECT_EQ(Prefetch(pd_.get(), *pinned, false, true).code(), absl::StatusCode::kFailedPrecondition);
+  const absl::Status st = device_->VerifyOdp();
+  const Capabilities& c = device_->caps();
+  std::printf("advise_mr: %s\ncaps: %s\n",
+              c.advise_mr == Capabilities::AdviseMr::kSupported     ? "supported"
+              : c.advise_mr == Capabilities::AdviseMr::kUnsupported ? "unsupported"
+                                                                    : "not probed",
+              c.ToString().c_str());
+  if (!c.odp || !c.odp_rc_read) {
+    EXPECT_EQ(c.advise_mr, Capabilities::AdviseMr::kNotProbed);
+    return;
+  }
+  ASSERT_NE(c.advise_mr, Capabilities::AdviseMr::kNotProbed) << "VerifyOdp must probe ibv_advise_mr";
+  absl::StatusOr<Registration> odp =
+      Register(*device_, pd_.get(), m.data(), m.size(), Access::kRemoteReadWrite, Mode::kOdp);
+  ASSERT_TRUE(odp.ok()) << odp.status();
+  const absl::Status adv = Prefetch(pd_.get(), *odp, true, true);
+  if (c.advise_mr == Capabilities::AdviseMr::kSupported) {
+    EXPECT_TRUE(adv.ok()) << adv;
+    EXPECT_TRUE(absl::StrContains(c.ToString(), "prefetch (advise_mr) yes")) << c.ToString();
+  } else {
+    EXPECT_EQ(adv.code(), absl::StatusCode::kUnimplemented) << adv;
+    EXPECT_TRUE(absl::StrContains(c.ToString(), "prefetch (advise_mr) no")) << c.ToString();
+  }
+  (void)st;
+}
+
 TEST_F(DeviceTest, IdlePollerSleeps) {
   absl::StatusOr<std::unique_ptr<Poller>> p = Poller::Create(*device_, 64);
   ASSERT_TRUE(p.ok()) << p.status();
