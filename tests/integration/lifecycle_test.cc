@@ -1,0 +1,384 @@
+// Process faults and lifecycles (issue "Security and fault tolerance",
+// section "Faults", "Processes"): a daemon SIGKILLed and restarted on the
+// exporting and on the importing node, an exporting daemon stopped for
+// longer than the peer timeout, and many export/unexport cycles. Every test
+// ends with the convergence check (tests/integration/convergence.h: after
+// the fault heals and invalidations drain, every importer's reads equal the
+// exporter's memory) and checks that the daemons' fd and thread counts, and
+// their resident memory within a bound, return to their baseline.
+#include <dirent.h>
+#include <signal.h>
+#include <unistd.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
+#include <map>
+#include <string>
+
+#include "absl/strings/ascii.h"
+#include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "absl/strings/strip.h"
+#include "gtest/gtest.h"
+#include "tests/integration/convergence.h"
+#include "tests/integration/harness.h"
+
+namespace svm::testing {
+namespace {
+
+constexpr uint64_t kPage = kStampPage;
+constexpr uint64_t kPages = 16;
+
+// What a process holds, from /proc.
+struct Footprint {
+  int fds = -1;
+  int threads = -1;      // all of them
+  int own_threads = -1;  // svm's ("svmd"; gRPC names its threads, and its pools come and go)
+  int64_t rss_kib = -1;
+  std::string thread_names;  // for the failure message
+
+  std::string ToString() const {
+    return absl::StrCat(fds, " fds, ", threads, " threads (", thread_names, "), ", rss_kib,
+                        " KiB resident");
+  }
+};
+
+Footprint FootprintOf(pid_t pid) {
+  Footprint f;
+  f.fds = 0;
+  const std::string fd_dir = absl::StrCat("/proc/", pid, "/fd");
+  if (DIR* d = ::opendir(fd_dir.c_str())) {
+    while (const dirent* e = ::readdir(d)) {
+      if (e->d_name[0] != '.') ++f.fds;
+    }
+    ::closedir(d);
+    --f.fds;  // the directory stream's own fd
+  }
+  std::ifstream status(absl::StrCat("/proc/", pid, "/status"));
+  for (std::string line; std::getline(status, line);) {
+    auto value = [&](const char* key) -> int64_t {
+      int64_t v = -1;
+      (void)absl::SimpleAtoi(absl::StripAsciiWhitespace(absl::StripSuffix(
+                                 line.substr(std::strlen(key)), "kB")),
+                             &v);
+      return v;
+    };
+    if (absl::StartsWith(line, "Threads:")) f.threads = static_cast<int>(value("Threads:"));
+    if (absl::StartsWith(line, "VmRSS:")) f.rss_kib = value("VmRSS:");
+  }
+  std::map<std::string, int> names;
+  const std::string task_dir = absl::StrCat("/proc/", pid, "/task");
+  if (DIR* d = ::opendir(task_dir.c_str())) {
+    while (const dirent* e = ::readdir(d)) {
+      if (e->d_name[0] == '.') continue;
+      std::ifstream comm(absl::StrCat(task_dir, "/", e->d_name, "/comm"));
+      std::string name;
+      std::getline(comm, name);
+      ++names[name];
+      if (name == "svmd") f.own_threads = (f.own_threads < 0 ? 0 : f.own_threads) + 1;
+    }
+    ::closedir(d);
+  }
+  for (const auto& [name, n] : names) {
+    absl::StrAppend(&f.thread_names, f.thread_names.empty() ? "" : " ", name, "x", n);
+  }
+  return f;
+}
+
+// gRPC's own thread pools (timer manager, event engine) start and retire
+// threads by themselves. svm's executors grow by a thread when a task finds
+// every thread busy (common/executor.h), up to a bound, and keep it: a
+// thread or two more after a fault is that, a leak grows with every round.
+constexpr int kGrpcThreadSlack = 4;
+constexpr int kOwnThreadSlack = 2;
+
+// Waits until pid's fds and threads are back at the baseline (or below:
+// a peer that is gone holds nothing) and its resident memory within
+// slack_kib of it; returns what it saw last, with a failure when the wait
+// ran out. Connections of a dead peer close asynchronously (TCP reset,
+// gRPC's transport), hence the wait; a leak never comes back, so the
+// deadline only bounds how long a failure takes.
+Footprint ExpectBackToBaseline(const char* who, pid_t pid, const Footprint& baseline,
+                               int64_t slack_kib) {
+  const absl::Time deadline = absl::Now() + Scaled(absl::Seconds(10));
+  Footprint now;
+  do {
+    now = FootprintOf(pid);
+    if (now.fds <= baseline.fds && now.own_threads <= baseline.own_threads + kOwnThreadSlack &&
+        now.threads <= baseline.threads + kGrpcThreadSlack &&
+        now.rss_kib <= baseline.rss_kib + slack_kib) {
+      return now;
+    }
+    absl::SleepFor(absl::Milliseconds(100));
+  } while (absl::Now() < deadline);
+  if (std::getenv("SVM_TEST_STACKS_ON_LEAK") != nullptr) {  // what the extra threads do
+    RunResult bt = RunCommand({"gdb", "-p", std::to_string(pid), "-batch", "-ex",
+                               "thread apply all bt 12"}, absl::Seconds(60));
+    std::printf("%s\n%s\n", bt.out.c_str(), bt.err.c_str());
+  }
+  ADD_FAILURE() << who << " did not return to its baseline: " << baseline.ToString() << " then "
+                << now.ToString() << " (resident slack " << slack_kib << " KiB)";
+  return now;
+}
+
+// Waits until pid has fewer fds than `than` (a dead peer's connections
+// closed: asynchronously, once the kernel and gRPC's transport noticed).
+Footprint ExpectFewerFds(const char* who, pid_t pid, const Footprint& than) {
+  const absl::Time deadline = absl::Now() + Scaled(absl::Seconds(10));
+  Footprint now = FootprintOf(pid);
+  while (now.fds >= than.fds && absl::Now() < deadline) {
+    absl::SleepFor(absl::Milliseconds(50));
+    now = FootprintOf(pid);
+  }
+  EXPECT_LT(now.fds, than.fds) << who << " kept the dead peer's connections open";
+  return now;
+}
+
+// SIGSTOP is asynchronous: kill() returns before every thread has stopped,
+// and a thread still running could serve a request. Waits until all have.
+void StopAndWait(pid_t pid) {
+  ASSERT_EQ(::kill(pid, SIGSTOP), 0);
+  const std::string task_dir = absl::StrCat("/proc/", pid, "/task");
+  const absl::Time deadline = absl::Now() + Scaled(absl::Seconds(10));
+  while (absl::Now() < deadline) {
+    bool all = true;
+    if (DIR* d = ::opendir(task_dir.c_str())) {
+      while (const dirent* e = ::readdir(d)) {
+        if (e->d_name[0] == '.') continue;
+        std::ifstream stat(absl::StrCat(task_dir, "/", e->d_name, "/stat"));
+        std::string line;
+        std::getline(stat, line);
+        const size_t paren = line.rfind(')');
+        if (paren == std::string::npos || paren + 2 >= line.size() || line[paren + 2] != 'T') {
+          all = false;
+        }
+      }
+      ::closedir(d);
+    }
+    if (all) return;
+    absl::SleepFor(absl::Milliseconds(5));
+  }
+  FAIL() << "pid " << pid << " did not stop";
+}
+
+// Exporter's stamp → Sync → drain → every way of reading on the importer
+// equals the exporter's memory.
+void ExpectConverges(Exporter& e, Daemon& exporting, Client& importer, const std::string& name,
+                     uint64_t version) {
+  auto stamp = e.Command(absl::StrCat("stamp ", version));
+  ASSERT_TRUE(stamp.ok() && absl::StartsWith(*stamp, "ok")) << (stamp.ok() ? *stamp : "");
+  auto sync = e.Command("sync");
+  ASSERT_TRUE(sync.ok() && absl::StartsWith(*sync, "ok")) << (sync.ok() ? *sync : "");
+  auto expected = ExporterPages(e, exporting, name, kPages);
+  ASSERT_TRUE(expected.ok()) << expected.status();
+  // Sync returned once every importer acknowledged the invalidations, so
+  // there is nothing to drain here: a read that differs is stale.
+  for (const std::string& d : Diverging(importer, name, *expected, {"cached", "fresh", "mapped"})) {
+    ADD_FAILURE() << name << ": " << d;
+  }
+}
+
+class Lifecycle : public ::testing::TestWithParam<std::string> {
+ protected:
+  void SetUp() override {
+    SVM_GATE_TRANSPORT(GetParam());
+    auto a = Daemon::Start(Node("A"));
+    ASSERT_TRUE(a.ok()) << a.status();
+    a_ = std::move(*a);
+    auto b = Daemon::Start(Node("B"));
+    ASSERT_TRUE(b.ok()) << b.status();
+    b_ = std::move(*b);
+    ca_ = a_->Connect();
+    cb_ = b_->Connect();
+    ASSERT_NE(ca_, nullptr);
+    ASSERT_NE(cb_, nullptr);
+    auto e = Exporter::Start({.daemon = a_.get(), .name = "life", .pages = kPages,
+                              .log_path = absl::StrCat(dir_.path(), "/exporter.log")});
+    ASSERT_TRUE(e.ok()) << e.status();
+    e_ = std::move(*e);
+    auto imp = cb_->Import(a_->peer(), "life");
+    ASSERT_TRUE(imp.ok()) << imp.status();
+  }
+
+  Daemon::Options Node(const std::string& name) {
+    return {.node = name, .dir = dir_.path(), .transport = GetParam()};
+  }
+
+  // Reads the whole import until it succeeds (a link coming back, an
+  // import re-attaching) or the deadline passes.
+  absl::Status ReadUntilOk(Client& c) {
+    absl::StatusOr<std::string> r = absl::UnavailableError("not tried");
+    const absl::Time deadline = absl::Now() + Scaled(absl::Seconds(15));
+    while (absl::Now() < deadline) {
+      r = ReadBytes(c, "life", 0, kPages * kPage);
+      if (r.ok()) return absl::OkStatus();
+      absl::SleepFor(absl::Milliseconds(100));
+    }
+    return r.status();
+  }
+
+  TempDir dir_;
+  std::unique_ptr<Daemon> a_, b_;
+  std::unique_ptr<Client> ca_, cb_;
+  std::unique_ptr<Exporter> e_;
+};
+
+// The resident-memory bound for "returned to its baseline": allocators keep
+// freed memory, so a few MiB of growth is noise; a leak per round or per
+// cycle over the rounds below is far more.
+constexpr int64_t kRssSlackKib = 8 * 1024;
+
+// Each fault runs in rounds. The first round warms up what grows lazily to
+// a bound; the footprint after it is the baseline, and every later round
+// must end where it did (fds exactly, threads within the slack above): a
+// leak per fault grows past it over the rounds.
+constexpr int kRounds = 5;
+
+TEST_P(Lifecycle, ImportingDaemonKilledAndRestartedConverges) {
+  ASSERT_TRUE(ReadUntilOk(*cb_).ok());
+  Footprint a_base;
+  for (int round = 0; round < kRounds && !HasFailure(); ++round) {
+    const Footprint a_before = FootprintOf(a_->process().pid());
+    cb_.reset();
+    b_->Kill();
+    // The exporter's pages change while the importer is gone.
+    auto stamp = e_->Command(absl::StrCat("stamp ", 10 * round + 7));
+    ASSERT_TRUE(stamp.ok() && absl::StartsWith(*stamp, "ok"));
+    // The exporting daemon lets go of the dead importer's connections.
+    ExpectFewerFds("the exporting svmd", a_->process().pid(), a_before);
+
+    ASSERT_TRUE(b_->Restart().ok());
+    cb_ = b_->Connect();
+    ASSERT_NE(cb_, nullptr);
+    auto imp = cb_->Import(a_->peer(), "life");
+    ASSERT_TRUE(imp.ok()) << imp.status();
+    ASSERT_TRUE(ReadUntilOk(*cb_).ok());
+    ExpectConverges(*e_, *a_, *cb_, "life", 10 * round + 8);
+    if (round == 0) {
+      a_base = FootprintOf(a_->process().pid());
+    } else {
+      ExpectBackToBaseline(absl::StrCat("the exporting svmd after round ", round).c_str(),
+                           a_->process().pid(), a_base, kRssSlackKib);
+    }
+  }
+}
+
+TEST_P(Lifecycle, ExportingDaemonKilledAndRestartedConverges) {
+  ASSERT_TRUE(ReadUntilOk(*cb_).ok());
+  Footprint b_base;
+  for (int round = 0; round < kRounds && !HasFailure(); ++round) {
+    const Footprint b_before = FootprintOf(b_->process().pid());
+    ca_.reset();
+    a_->Kill();
+    auto gone = ReadBytes(*cb_, "life", 0, kPage, /*fresh=*/true);
+    EXPECT_TRUE(absl::IsUnavailable(gone.status())) << gone.status();
+    ExpectFewerFds("the importing svmd", b_->process().pid(), b_before);
+    // svm-exporter lost its daemon; its memory changes anyway.
+    auto stamp = e_->Command(absl::StrCat("stamp ", 10 * round + 11));
+    ASSERT_TRUE(stamp.ok() && absl::StartsWith(*stamp, "ok"));
+
+    ASSERT_TRUE(a_->Restart().ok());
+    ca_ = a_->Connect();
+    ASSERT_NE(ca_, nullptr);
+    auto again = ca_->ExportPid("life", e_->pid(), e_->addr(), e_->len());
+    ASSERT_TRUE(again.ok()) << again.status();
+    ASSERT_TRUE(ReadUntilOk(*cb_).ok());
+    // svm-exporter's own `sync` goes through its client of the daemon that
+    // was killed, so Sync through the restarted one.
+    auto sync = ca_->Sync("life");
+    ASSERT_TRUE(sync.ok()) << sync.status();
+    auto dump = e_->Command("dump");
+    ASSERT_TRUE(dump.ok()) << dump.status();
+    auto expected = ParseDump(*dump, kPages);
+    ASSERT_TRUE(expected.ok()) << expected.status();
+    for (const std::string& d : Diverging(*cb_, "life", *expected, {"cached", "fresh", "mapped"})) {
+      ADD_FAILURE() << "round " << round << ": " << d;
+    }
+    if (round == 0) {
+      b_base = FootprintOf(b_->process().pid());
+    } else {
+      ExpectBackToBaseline(absl::StrCat("the importing svmd after round ", round).c_str(),
+                           b_->process().pid(), b_base, kRssSlackKib);
+    }
+  }
+}
+
+TEST_P(Lifecycle, ExportingDaemonStoppedPastThePeerTimeoutRecoversAndConverges) {
+  ASSERT_TRUE(ReadUntilOk(*cb_).ok());
+  Footprint b_base;
+  const pid_t a_pid = a_->process().pid();
+  for (int round = 0; round < kRounds && !HasFailure(); ++round) {
+    StopAndWait(a_pid);
+    ASSERT_FALSE(HasFatalFailure());
+    // The pages change while the exporting daemon cannot see it.
+    auto stamp = e_->Command(absl::StrCat("stamp ", 10 * round + 21));
+    // Stopped for longer than the peer timeout (2 s, scaled): the importer
+    // gives up on the link; a read fails within the fetch timeout.
+    const absl::Time t0 = absl::Now();
+    auto during = ReadBytes(*cb_, "life", 0, kPage, /*fresh=*/true);
+    const absl::Duration took = absl::Now() - t0;
+    absl::SleepFor(Scaled(absl::Seconds(3)) - took);
+    ASSERT_EQ(::kill(a_pid, SIGCONT), 0);
+    EXPECT_FALSE(during.ok()) << "a fresh read succeeded while the exporting daemon was stopped";
+    EXPECT_TRUE(absl::IsUnavailable(during.status()) || absl::IsDeadlineExceeded(during.status()))
+        << during.status();
+    EXPECT_LT(took, Scaled(absl::Seconds(3))) << "the read outlived the peer and fetch timeouts";
+    ASSERT_TRUE(stamp.ok() && absl::StartsWith(*stamp, "ok"));
+
+    // The import recovers by itself; the stamp made while svmd was stopped
+    // and a later one both reach the importer.
+    ASSERT_TRUE(ReadUntilOk(*cb_).ok());
+    ExpectConverges(*e_, *a_, *cb_, "life", 10 * round + 22);
+    if (round == 0) {
+      b_base = FootprintOf(b_->process().pid());
+    } else {
+      ExpectBackToBaseline(absl::StrCat("the importing svmd after round ", round).c_str(),
+                           b_->process().pid(), b_base, kRssSlackKib);
+    }
+  }
+}
+
+// Export, read through the importer (which re-attaches by name), unexport:
+// over and over. Neither daemon keeps anything per cycle. The importer's
+// Watch sees each unexport before the next export, so every read is of
+// the current incarnation (a read racing the unexport would rightly fail
+// "gone").
+TEST_P(Lifecycle, ExportUnexportCyclesLeakNothing) {
+  const int cycles = Scaled(absl::Seconds(1)) > absl::Seconds(1) ? 100 : 1000;
+  const int warmup = cycles / 10;
+  auto w = cb_->Watch("life");
+  ASSERT_TRUE(w.ok()) << w.status();
+  Footprint a_base, b_base;
+  const absl::Time t0 = absl::Now();
+  for (int i = 0; i < warmup + cycles; ++i) {
+    if (i == warmup) {
+      a_base = FootprintOf(a_->process().pid());
+      b_base = FootprintOf(b_->process().pid());
+    }
+    auto r = ReadBytes(*cb_, "life", (i % kPages) * kPage, kPage);
+    ASSERT_TRUE(r.ok()) << "cycle " << i << ": " << r.status();
+    ASSERT_EQ(StampOf(r->data()), (i % kPages) + 1) << "cycle " << i;
+    ASSERT_TRUE(ca_->Unexport("life").ok()) << "cycle " << i;
+    auto ev = (*w)->Next(Scaled(absl::Seconds(5)));
+    ASSERT_TRUE(ev.ok()) << "cycle " << i << ": no unexport event: " << ev.status();
+    auto again = ca_->ExportPid("life", e_->pid(), e_->addr(), e_->len());
+    ASSERT_TRUE(again.ok()) << "cycle " << i << ": " << again.status();
+  }
+  std::printf("lifecycle: %d export/read/unexport cycles in %.1f s\n", warmup + cycles,
+              absl::ToDoubleSeconds(absl::Now() - t0));
+  ExpectBackToBaseline("the exporting svmd", a_->process().pid(), a_base, kRssSlackKib);
+  ExpectBackToBaseline("the importing svmd", b_->process().pid(), b_base, kRssSlackKib);
+  ExpectConverges(*e_, *a_, *cb_, "life", 100);
+}
+
+INSTANTIATE_TEST_SUITE_P(Tcp, Lifecycle, ::testing::Values("tcp"),
+                         [](const auto& info) { return info.param; });
+INSTANTIATE_TEST_SUITE_P(Rdma, Lifecycle, ::testing::Values("rdma"),
+                         [](const auto& info) { return info.param; });
+
+}  // namespace
+}  // namespace svm::testing
