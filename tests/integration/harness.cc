@@ -5,6 +5,7 @@
 #include <infiniband/verbs.h>
 #include <poll.h>
 #include <sched.h>
+#include <dirent.h>
 #include <signal.h>
 #include <sys/prctl.h>
 #include <sys/stat.h>
@@ -182,14 +183,27 @@ void Subprocess::Signal(int sig) {
 
 absl::Status Subprocess::Stop(absl::Duration timeout) {
   Signal(SIGSTOP);
+  // Every thread, not only the first: a thread still running could serve
+  // a request after the main one stopped.
+  const std::string task_dir = absl::StrCat("/proc/", pid_, "/task");
   const absl::Time deadline = absl::Now() + timeout;
   while (absl::Now() < deadline) {
-    std::ifstream in(absl::StrCat("/proc/", pid_, "/stat"));
-    std::string stat((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-    size_t paren = stat.rfind(')');  // "PID (COMM) STATE ..."
-    if (paren != std::string::npos && paren + 2 < stat.size() && stat[paren + 2] == 'T') {
-      return absl::OkStatus();
+    bool all = true;
+    if (DIR* d = ::opendir(task_dir.c_str())) {
+      while (const dirent* e = ::readdir(d)) {
+        if (e->d_name[0] == '.') continue;
+        std::ifstream in(absl::StrCat(task_dir, "/", e->d_name, "/stat"));
+        std::string stat((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+        size_t paren = stat.rfind(')');  // "TID (COMM) STATE ..."
+        if (paren == std::string::npos || paren + 2 >= stat.size() || stat[paren + 2] != 'T') {
+          all = false;
+        }
+      }
+      ::closedir(d);
+    } else {
+      all = false;
     }
+    if (all) return absl::OkStatus();
     std::this_thread::sleep_for(std::chrono::milliseconds(1));
   }
   return absl::DeadlineExceededError("child did not stop");

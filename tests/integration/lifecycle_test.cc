@@ -138,33 +138,6 @@ Footprint ExpectFewerFds(const char* who, pid_t pid, const Footprint& than) {
   return now;
 }
 
-// SIGSTOP is asynchronous: kill() returns before every thread has stopped,
-// and a thread still running could serve a request. Waits until all have.
-void StopAndWait(pid_t pid) {
-  ASSERT_EQ(::kill(pid, SIGSTOP), 0);
-  const std::string task_dir = absl::StrCat("/proc/", pid, "/task");
-  const absl::Time deadline = absl::Now() + Scaled(absl::Seconds(10));
-  while (absl::Now() < deadline) {
-    bool all = true;
-    if (DIR* d = ::opendir(task_dir.c_str())) {
-      while (const dirent* e = ::readdir(d)) {
-        if (e->d_name[0] == '.') continue;
-        std::ifstream stat(absl::StrCat(task_dir, "/", e->d_name, "/stat"));
-        std::string line;
-        std::getline(stat, line);
-        const size_t paren = line.rfind(')');
-        if (paren == std::string::npos || paren + 2 >= line.size() || line[paren + 2] != 'T') {
-          all = false;
-        }
-      }
-      ::closedir(d);
-    }
-    if (all) return;
-    absl::SleepFor(absl::Milliseconds(5));
-  }
-  FAIL() << "pid " << pid << " did not stop";
-}
-
 // Exporter's stamp → Sync → drain → every way of reading on the importer
 // equals the exporter's memory.
 void ExpectConverges(Exporter& e, Daemon& exporting, Client& importer, const std::string& name,
@@ -312,8 +285,7 @@ TEST_P(Lifecycle, ExportingDaemonStoppedPastThePeerTimeoutRecoversAndConverges) 
   Footprint b_base;
   const pid_t a_pid = a_->process().pid();
   for (int round = 0; round < kRounds && !HasFailure(); ++round) {
-    StopAndWait(a_pid);
-    ASSERT_FALSE(HasFatalFailure());
+    ASSERT_TRUE(a_->process().Stop(Scaled(absl::Seconds(10))).ok());
     // The pages change while the exporting daemon cannot see it.
     auto stamp = e_->Command(absl::StrCat("stamp ", 10 * round + 21));
     // Stopped for longer than the peer timeout (2 s, scaled): the importer
