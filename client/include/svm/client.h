@@ -6,6 +6,10 @@
 // mremap, madvise, exit, ...); stores by the exporting process become
 // visible to importers at Sync points: Sync returns after every importer
 // acknowledged the invalidation of each page written since the last Sync.
+//
+// Results (ExportInfo, ImportInfo, Invalidation, SyncResult, DaemonStatus)
+// are libsvm's own structs, in svm/types.h: no installed header names a
+// generated protobuf type.
 #ifndef SVM_CLIENT_CLIENT_H_
 #define SVM_CLIENT_CLIENT_H_
 
