@@ -115,7 +115,7 @@ int svm_import(svm_client* c, const char* peer, const char* name, const char* as
   return Guard([&] {
     auto r = c->c->Import(peer, name, as_name == nullptr ? "" : as_name);
     if (!r.ok()) return Fail(r.status());
-    if (len_out != nullptr) *len_out = r->len();
+    if (len_out != nullptr) *len_out = r->len;
     return 0;
   });
 }
@@ -186,12 +186,12 @@ int svm_watch_next(svm_watch_stream* w, int64_t timeout_ms, svm_invalidation* ou
     auto e = w->w->Next(absl::Milliseconds(timeout_ms));
     if (!e.ok()) return Fail(e.status());
     *out = svm_invalidation{};
-    out->first_page = e->first_page();
-    out->npages = e->npages();
-    out->seq = e->seq();
-    out->kind = static_cast<uint32_t>(e->kind());
-    out->detected_ns = e->detected_ns();
-    out->received_ns = e->received_ns();
+    out->first_page = e->first_page;
+    out->npages = e->npages;
+    out->seq = e->seq;
+    out->kind = static_cast<uint32_t>(e->kind);
+    out->detected_ns = e->detected_ns;
+    out->received_ns = e->received_ns;
     return 0;
   });
 }

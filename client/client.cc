@@ -12,6 +12,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/synchronization/mutex.h"
+#include "client/proto_convert.h"
 #include "client/session.h"
 #include "svm/v1/control.grpc.pb.h"
 
@@ -70,17 +71,17 @@ class SessionWatch final : public WatchStream {
       : session_(session), id_(id), name_(std::move(name)) {}
   ~SessionWatch() override { session_->ForgetWatch(id_); }
 
-  absl::StatusOr<v1::Invalidation> Next(absl::Duration timeout) override {
+  absl::StatusOr<Invalidation> Next(absl::Duration timeout) override {
     auto e = session_->NextEvent(id_, timeout);
     if (!e.ok()) return e.status();
-    v1::Invalidation ev;
-    ev.set_name(name_);
-    ev.set_first_page(e->first_page);
-    ev.set_npages(e->npages);
-    ev.set_seq(e->seq);
-    ev.set_kind(static_cast<v1::InvalidationKind>(e->kind));
-    ev.set_detected_ns(e->detected_ns);
-    ev.set_received_ns(e->received_ns);
+    Invalidation ev;
+    ev.name = name_;
+    ev.first_page = e->first_page;
+    ev.npages = e->npages;
+    ev.seq = e->seq;
+    ev.kind = static_cast<InvalidationKind>(e->kind);
+    ev.detected_ns = e->detected_ns;
+    ev.received_ns = e->received_ns;
     return ev;
   }
 
@@ -134,13 +135,13 @@ class GrpcClient final : public Client {
     return absl::OkStatus();
   }
 
-  absl::StatusOr<v1::ExportInfo> Export(const std::string& name, const void* addr, size_t len,
-                                        const ExportOptions& opts) override {
+  absl::StatusOr<ExportInfo> Export(const std::string& name, const void* addr, size_t len,
+                                    const ExportOptions& opts) override {
     return ExportPid(name, 0, reinterpret_cast<uint64_t>(addr), len, opts);
   }
 
-  absl::StatusOr<v1::ExportInfo> ExportPid(const std::string& name, pid_t pid, uint64_t addr,
-                                           uint64_t len, const ExportOptions& opts) override {
+  absl::StatusOr<ExportInfo> ExportPid(const std::string& name, pid_t pid, uint64_t addr,
+                                       uint64_t len, const ExportOptions& opts) override {
     v1::ExportRequest req;
     req.set_name(name);
     req.set_pid(pid);
@@ -150,7 +151,7 @@ class GrpcClient final : public Client {
     v1::ExportResponse resp;
     grpc::ClientContext ctx;
     if (auto st = FromGrpc(stub_->Export(&ctx, req, &resp)); !st.ok()) return st;
-    return resp.info();
+    return internal::FromProto(resp.info());
   }
 
   absl::Status Unexport(const std::string& name) override {
@@ -161,15 +162,18 @@ class GrpcClient final : public Client {
     return FromGrpc(stub_->Unexport(&ctx, req, &resp));
   }
 
-  absl::StatusOr<std::vector<v1::ExportInfo>> ListExports() override {
+  absl::StatusOr<std::vector<ExportInfo>> ListExports() override {
     v1::ListExportsResponse resp;
     grpc::ClientContext ctx;
     if (auto st = FromGrpc(stub_->ListExports(&ctx, {}, &resp)); !st.ok()) return st;
-    return std::vector<v1::ExportInfo>(resp.exports().begin(), resp.exports().end());
+    std::vector<ExportInfo> out;
+    out.reserve(resp.exports_size());
+    for (const v1::ExportInfo& e : resp.exports()) out.push_back(internal::FromProto(e));
+    return out;
   }
 
-  absl::StatusOr<v1::ImportInfo> Import(const std::string& peer, const std::string& name,
-                                        const std::string& as) override {
+  absl::StatusOr<ImportInfo> Import(const std::string& peer, const std::string& name,
+                                    const std::string& as) override {
     v1::ImportRequest req;
     req.set_peer(peer);
     req.set_name(name);
@@ -177,14 +181,17 @@ class GrpcClient final : public Client {
     v1::ImportResponse resp;
     grpc::ClientContext ctx;
     if (auto st = FromGrpc(stub_->Import(&ctx, req, &resp)); !st.ok()) return st;
-    return resp.info();
+    return internal::FromProto(resp.info());
   }
 
-  absl::StatusOr<std::vector<v1::ImportInfo>> ListImports() override {
+  absl::StatusOr<std::vector<ImportInfo>> ListImports() override {
     v1::ListImportsResponse resp;
     grpc::ClientContext ctx;
     if (auto st = FromGrpc(stub_->ListImports(&ctx, {}, &resp)); !st.ok()) return st;
-    return std::vector<v1::ImportInfo>(resp.imports().begin(), resp.imports().end());
+    std::vector<ImportInfo> out;
+    out.reserve(resp.imports_size());
+    for (const v1::ImportInfo& i : resp.imports()) out.push_back(internal::FromProto(i));
+    return out;
   }
 
   absl::StatusOr<ReadResult> Read(const std::string& name, uint64_t offset, absl::Span<uint8_t> dst,
@@ -306,20 +313,20 @@ class GrpcClient final : public Client {
     return std::unique_ptr<WatchStream>(std::make_unique<SessionWatch>(session_.get(), *id, name));
   }
 
-  absl::StatusOr<v1::SyncResponse> Sync(const std::string& name) override {
+  absl::StatusOr<SyncResult> Sync(const std::string& name) override {
     v1::SyncRequest req;
     req.set_name(name);
     v1::SyncResponse resp;
     grpc::ClientContext ctx;
     if (auto st = FromGrpc(stub_->Sync(&ctx, req, &resp)); !st.ok()) return st;
-    return resp;
+    return internal::FromProto(resp);
   }
 
-  absl::StatusOr<v1::StatusResponse> Status() override {
+  absl::StatusOr<DaemonStatus> Status() override {
     v1::StatusResponse resp;
     grpc::ClientContext ctx;
     if (auto st = FromGrpc(stub_->Status(&ctx, {}, &resp)); !st.ok()) return st;
-    return resp;
+    return internal::FromProto(resp);
   }
 
  private:
@@ -340,14 +347,14 @@ absl::StatusOr<std::unique_ptr<Client>> Client::Connect(const std::string& targe
   auto client = std::make_unique<GrpcClient>(ch);
   auto status = client->Status();
   if (!status.ok()) return status.status();
-  if (status->session_socket().empty()) {
+  if (status->session_socket.empty()) {
     return absl::FailedPreconditionError(
         absl::StrCat("svmd at ", target, " offers no session socket (it is older than this libsvm)"));
   }
-  if (auto st = client->OpenSession(status->session_socket()); !st.ok()) return st;
+  if (auto st = client->OpenSession(status->session_socket); !st.ok()) return st;
   // Let the daemon read this process's memory (its exports) even under
   // Yama's restricted ptrace scope.
-  if (status->pid() > 0) ::prctl(PR_SET_PTRACER, static_cast<unsigned long>(status->pid()), 0, 0, 0);
+  if (status->pid > 0) ::prctl(PR_SET_PTRACER, static_cast<unsigned long>(status->pid), 0, 0, 0);
   return std::unique_ptr<Client>(std::move(client));
 }
 

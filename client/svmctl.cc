@@ -17,6 +17,7 @@
 #include "absl/strings/str_split.h"
 #include "absl/time/clock.h"
 #include "common/args.h"
+#include "client/proto_convert.h"
 #include "common/fd.h"
 #include "google/protobuf/util/json_util.h"
 #include "svm/client.h"
@@ -160,6 +161,8 @@ int Fail(const absl::Status& st) {
   return 1;
 }
 
+// The --json output is the control API's messages in protobuf's JSON
+// mapping (converted back from libsvm's result types).
 template <typename M>
 std::string Json(const M& m) {
   std::string out;
@@ -169,14 +172,6 @@ std::string Json(const M& m) {
   o.preserve_proto_field_names = true;
   (void)google::protobuf::util::MessageToJsonString(m, &out, o);
   return out;
-}
-
-std::string KindName(svm::v1::InvalidationKind k) {
-  std::string n = svm::v1::InvalidationKind_Name(k);
-  constexpr std::string_view kPrefix = "INVALIDATION_KIND_";
-  if (n.rfind(kPrefix, 0) == 0) n = n.substr(kPrefix.size());
-  for (char& c : n) c = static_cast<char>(std::tolower(c));
-  return n;
 }
 
 // The bytes of read and map: to --out FILE, else to stdout.
@@ -245,12 +240,12 @@ int Run(const svm::Args& a) {
     auto info = c.ExportPid(*name, static_cast<pid_t>(*pid), *addr, *len, eo);
     if (!info.ok()) return Fail(info.status());
     if (json) {
-      std::printf("%s", Json(*info).c_str());
+      std::printf("%s", Json(svm::internal::ToProto(*info)).c_str());
     } else {
       std::printf("exported %s: pid %d 0x%llx+0x%llx (%llu pages, source %s, path %s)\n",
-                  info->name().c_str(), info->pid(), (unsigned long long)info->addr(),
-                  (unsigned long long)info->len(), (unsigned long long)(info->len() / info->page_size()),
-                  info->source().c_str(), info->path().c_str());
+                  info->name.c_str(), info->pid, (unsigned long long)info->addr,
+                  (unsigned long long)info->len, (unsigned long long)(info->len / info->page_size),
+                  info->source.c_str(), info->path.c_str());
     }
     return 0;
   }
@@ -269,11 +264,11 @@ int Run(const svm::Args& a) {
     auto info = c.Import(*peer, *name, a.Get("as"));
     if (!info.ok()) return Fail(info.status());
     if (json) {
-      std::printf("%s", Json(*info).c_str());
+      std::printf("%s", Json(svm::internal::ToProto(*info)).c_str());
     } else {
-      std::printf("imported %s from %s as %s: %llu bytes, path %s\n", info->remote_name().c_str(),
-                  info->peer().c_str(), info->name().c_str(), (unsigned long long)info->len(),
-                  info->path().c_str());
+      std::printf("imported %s from %s as %s: %llu bytes, path %s\n", info->remote_name.c_str(),
+                  info->peer.c_str(), info->name.c_str(), (unsigned long long)info->len,
+                  info->path.c_str());
     }
     return 0;
   }
@@ -347,9 +342,9 @@ int Run(const svm::Args& a) {
         if (absl::IsDeadlineExceeded(ev.status()) && *count == 0) return 0;
         return Fail(ev.status());
       }
-      std::printf("%s %llu %llu %llu%s%s\n", ev->name().c_str(), (unsigned long long)ev->first_page(),
-                  (unsigned long long)ev->npages(), (unsigned long long)ev->seq(),
-                  a.Has("verbose") ? " " : "", a.Has("verbose") ? KindName(ev->kind()).c_str() : "");
+      const std::string kind = a.Has("verbose") ? " " + std::string(svm::InvalidationKindName(ev->kind)) : "";
+      std::printf("%s %llu %llu %llu%s\n", ev->name.c_str(), (unsigned long long)ev->first_page,
+                  (unsigned long long)ev->npages, (unsigned long long)ev->seq, kind.c_str());
       std::fflush(stdout);
       ++seen;
     }
@@ -361,11 +356,11 @@ int Run(const svm::Args& a) {
     auto r = c.Sync(*name);
     if (!r.ok()) return Fail(r.status());
     if (json) {
-      std::printf("%s", Json(*r).c_str());
+      std::printf("%s", Json(svm::internal::ToProto(*r)).c_str());
     } else {
       std::printf("synced %s: %llu pages invalidated, seq %llu, %u importers acknowledged\n",
-                  name->c_str(), (unsigned long long)r->pages_invalidated(),
-                  (unsigned long long)r->seq(), r->subscribers_acked());
+                  name->c_str(), (unsigned long long)r->pages_invalidated,
+                  (unsigned long long)r->seq, r->subscribers_acked);
     }
     return 0;
   }
@@ -374,18 +369,18 @@ int Run(const svm::Args& a) {
     if (!l.ok()) return Fail(l.status());
     if (json) {
       svm::v1::ListExportsResponse r;
-      for (auto& e : *l) *r.add_exports() = e;
+      for (auto& e : *l) *r.add_exports() = svm::internal::ToProto(e);
       std::printf("%s", Json(r).c_str());
       return 0;
     }
     std::printf("%-20s %8s %18s %12s %-7s %-18s %8s %5s %-5s %s\n", "NAME", "PID", "ADDR", "LEN",
                 "SOURCE", "PATHS", "SEQ", "SUBS", "STATE", "ALLOW");
     for (auto& e : *l) {
-      const std::string allow = e.allow().empty() ? "*" : absl::StrJoin(e.allow(), ",");
-      std::printf("%-20s %8d %#18llx %12llu %-7s %-18s %8llu %5u %-5s %s\n", e.name().c_str(), e.pid(),
-                  (unsigned long long)e.addr(), (unsigned long long)e.len(), e.source().c_str(),
-                  e.path().c_str(), (unsigned long long)e.seq(), e.subscribers(),
-                  e.gone() ? "gone" : "live", allow.c_str());
+      const std::string allow = e.allow.empty() ? "*" : absl::StrJoin(e.allow, ",");
+      std::printf("%-20s %8d %#18llx %12llu %-7s %-18s %8llu %5u %-5s %s\n", e.name.c_str(), e.pid,
+                  (unsigned long long)e.addr, (unsigned long long)e.len, e.source.c_str(),
+                  e.path.c_str(), (unsigned long long)e.seq, e.subscribers,
+                  e.gone ? "gone" : "live", allow.c_str());
     }
     return 0;
   }
@@ -394,19 +389,19 @@ int Run(const svm::Args& a) {
     if (!l.ok()) return Fail(l.status());
     if (json) {
       svm::v1::ListImportsResponse r;
-      for (auto& i : *l) *r.add_imports() = i;
+      for (auto& i : *l) *r.add_imports() = svm::internal::ToProto(i);
       std::printf("%s", Json(r).c_str());
       return 0;
     }
     std::printf("%-20s %-22s %-20s %12s %-13s %-12s %8s %8s %8s\n", "NAME", "PEER", "REMOTE", "LEN",
                 "PATH", "STATE", "SEQ", "CACHED", "INVALS");
     for (auto& i : *l) {
-      std::printf("%-20s %-22s %-20s %12llu %-13s %-12s %8llu %8llu %8llu\n", i.name().c_str(),
-                  i.peer().c_str(), i.remote_name().c_str(), (unsigned long long)i.len(),
-                  i.path().c_str(), i.state().c_str(), (unsigned long long)i.seq(),
-                  (unsigned long long)i.cached_pages(), (unsigned long long)i.invalidations());
-      if (!i.fallback_reason().empty()) {
-        std::printf("  %s: rdma fell back to tcp: %s\n", i.name().c_str(), i.fallback_reason().c_str());
+      std::printf("%-20s %-22s %-20s %12llu %-13s %-12s %8llu %8llu %8llu\n", i.name.c_str(),
+                  i.peer.c_str(), i.remote_name.c_str(), (unsigned long long)i.len,
+                  i.path.c_str(), i.state.c_str(), (unsigned long long)i.seq,
+                  (unsigned long long)i.cached_pages, (unsigned long long)i.invalidations);
+      if (!i.fallback_reason.empty()) {
+        std::printf("  %s: rdma fell back to tcp: %s\n", i.name.c_str(), i.fallback_reason.c_str());
       }
     }
     return 0;
@@ -415,29 +410,29 @@ int Run(const svm::Args& a) {
     auto s = c.Status();
     if (!s.ok()) return Fail(s.status());
     if (json) {
-      std::printf("%s", Json(*s).c_str());
+      std::printf("%s", Json(svm::internal::ToProto(*s)).c_str());
       return 0;
     }
-    std::printf("node:        %s (svmd %s, pid %d, up %llds)\n", s->node().c_str(), s->version().c_str(),
-                s->pid(), (long long)(s->uptime_ms() / 1000));
-    std::printf("control:     unix:%s\n", s->control().c_str());
-    std::printf("peers:       %s\n", s->peer_listen().c_str());
+    std::printf("node:        %s (svmd %s, pid %d, up %llds)\n", s->node.c_str(), s->version.c_str(),
+                s->pid, (long long)absl::ToInt64Seconds(s->uptime));
+    std::printf("control:     unix:%s\n", s->control.c_str());
+    std::printf("peers:       %s\n", s->peer_listen.c_str());
     std::string running;
-    for (const auto& t : s->transports()) absl::StrAppend(&running, running.empty() ? "" : ", ", t);
-    std::printf("data:        %s\n", s->data_listen().c_str());
-    std::printf("transport:   %s (running: %s)\n", s->transport().c_str(), running.c_str());
-    if (s->has_rdma()) {
-      const auto& r = s->rdma();
-      std::printf("rdma:        %s port %u %s, %s, mtu %u, liveness %s\n", r.device().c_str(), r.port(),
-                  r.port_state().c_str(), r.gid().c_str(), r.active_mtu(), r.liveness_listen().c_str());
+    for (const auto& t : s->transports) absl::StrAppend(&running, running.empty() ? "" : ", ", t);
+    std::printf("data:        %s\n", s->data_listen.c_str());
+    std::printf("transport:   %s (running: %s)\n", s->transport.c_str(), running.c_str());
+    if (s->rdma.has_value()) {
+      const auto& r = *s->rdma;
+      std::printf("rdma:        %s port %u %s, %s, mtu %u, liveness %s\n", r.device.c_str(), r.port,
+                  r.port_state.c_str(), r.gid.c_str(), r.active_mtu, r.liveness_listen.c_str());
       std::printf("             odp rc read: %s (data check %s), registration %s\n",
-                  r.odp_rc_read() ? "yes" : "no", r.odp_check().c_str(), r.registration().c_str());
+                  r.odp_rc_read ? "yes" : "no", r.odp_check.c_str(), r.registration.c_str());
     } else {
-      std::printf("rdma:        unavailable: %s\n", s->rdma_unavailable().c_str());
+      std::printf("rdma:        unavailable: %s\n", s->rdma_unavailable.c_str());
     }
-    std::printf("source:      %s (sync detection: %s)\n", s->source().c_str(), s->sync_detection().c_str());
-    std::printf("exports:     %u\nimports:     %u (from %u peers up)\n", s->exports(), s->imports(), s->peers());
-    for (auto& [k, v] : s->counters()) std::printf("  %-28s %llu\n", k.c_str(), (unsigned long long)v);
+    std::printf("source:      %s (sync detection: %s)\n", s->source.c_str(), s->sync_detection.c_str());
+    std::printf("exports:     %u\nimports:     %u (from %u peers up)\n", s->exports, s->imports, s->peers);
+    for (auto& [k, v] : s->counters) std::printf("  %-28s %llu\n", k.c_str(), (unsigned long long)v);
     return 0;
   }
   return UsageError(absl::StrCat("unknown command '", cmd, "'"), nullptr);  // not reached: checked above

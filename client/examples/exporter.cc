@@ -204,7 +204,7 @@ int main(int argc, char** argv) {
     } else if (cmd == "sync") {
       auto r = client ? client->Sync(name) : absl::FailedPreconditionError("not exported");
       reply = r.ok() ? absl::StrFormat("ok %u pages invalidated, %u importers acknowledged",
-                                       r->pages_invalidated(), r->subscribers_acked())
+                                       r->pages_invalidated, r->subscribers_acked)
                      : "err " + r.status().ToString();
     } else if (cmd == "unexport") {
       auto st = client ? client->Unexport(name) : absl::FailedPreconditionError("not exported");

@@ -19,6 +19,6 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "svm_hello: %s\n", status.status().ToString().c_str());
     return 1;
   }
-  std::printf("svmd %s on node %s\n", status->version().c_str(), status->node().c_str());
+  std::printf("svmd %s on node %s\n", status->version.c_str(), status->node.c_str());
   return 0;
 }

@@ -181,7 +181,7 @@ absl::StatusOr<Row> Measure(int n, uint64_t pages, int rounds, int sync_iters, d
           auto ev = svm::testing::WaitForPage(*w, p, absl::Seconds(10));
           if (!ev.ok()) return ev.status();
           latest = std::max(latest, NowNs());
-          detected = ev->detected_ns();
+          detected = ev->detected_ns;
         }
         last.push_back(static_cast<double>(latest - detected) / 1e3);
       }
@@ -205,8 +205,8 @@ absl::StatusOr<Row> Measure(int n, uint64_t pages, int rounds, int sync_iters, d
       auto s = (*a)->Sync("fan");
       const uint64_t t1 = NowNs();
       if (!s.ok()) return s.status();
-      if (s->subscribers_acked() != static_cast<uint32_t>(n)) {
-        return absl::InternalError(absl::StrCat("Sync: ", s->subscribers_acked(), " of ", n, " acknowledged"));
+      if (s->subscribers_acked != static_cast<uint32_t>(n)) {
+        return absl::InternalError(absl::StrCat("Sync: ", s->subscribers_acked, " of ", n, " acknowledged"));
       }
       took.push_back(static_cast<double>(t1 - t0) / 1e3);
       drain();

@@ -222,8 +222,8 @@ int main(int argc, char** argv) {
   auto cb = (*db)->Connect();
   auto status = cb->Status();
   // The transports svmd runs (preference order); "transport" is the option.
-  std::string transport = status.ok() ? status->transport() : "?";
-  if (status.ok() && status->transports_size() > 0) transport = absl::StrJoin(status->transports(), ",");
+  std::string transport = status.ok() ? status->transport : "?";
+  if (status.ok() && !status->transports.empty()) transport = absl::StrJoin(status->transports, ",");
   if (!json) {
     std::printf("# svmd: transport %s, source %s; exported memory: %s\n", transport.c_str(),
                 svm::testing::TestSource().c_str(),
@@ -249,17 +249,17 @@ int main(int argc, char** argv) {
     std::string export_path = "?";
     if (auto l = ca->ListExports(); l.ok()) {
       for (const auto& e : *l) {
-        if (e.name() == "bench") export_path = e.path();
+        if (e.name == "bench") export_path = e.path;
       }
     }
     if (!json) {
-      std::printf("# data path: import %s, export %s\n", imp->path().c_str(), export_path.c_str());
+      std::printf("# data path: import %s, export %s\n", imp->path.c_str(), export_path.c_str());
     }
-    data_path = imp->path();
+    data_path = imp->path;
     if (!json) {
-      if (memory == "memfd" && !absl::StartsWith(imp->path(), "zero-copy")) {
+      if (memory == "memfd" && !absl::StartsWith(imp->path, "zero-copy")) {
         std::printf("# note: no zero-copy path in this svmd: the memfd export is served %s\n",
-                    imp->path().c_str());
+                    imp->path.c_str());
       }
     }
   }
@@ -680,7 +680,7 @@ int main(int argc, char** argv) {
       drain(absl::Milliseconds(svm::testing::TestSource() == "procfs" ? 60 : 5));
       const uint64_t t0 = NowNs();
       madvise(mem + p * 4096, 4096, MADV_DONTNEED);
-      absl::StatusOr<svm::v1::Invalidation> ev = svm::testing::WaitForPage(**watch, p, absl::Seconds(10));
+      absl::StatusOr<svm::Invalidation> ev = svm::testing::WaitForPage(**watch, p, absl::Seconds(10));
       const uint64_t t1 = NowNs();
       if (!ev.ok()) {
         std::fprintf(stderr, "svm-read-bench: no invalidation for page %llu: %s\n", (unsigned long long)p,
@@ -689,10 +689,10 @@ int main(int argc, char** argv) {
       }
       if (i < warm) continue;
       e2e.push_back(static_cast<double>(t1 - t0) / 1e3);
-      detect.push_back((static_cast<double>(ev->detected_ns()) - static_cast<double>(t0)) / 1e3);
-      deliver.push_back((static_cast<double>(t1) - static_cast<double>(ev->detected_ns())) / 1e3);
-      if (ev->received_ns() > 0) {
-        to_client.push_back((static_cast<double>(t1) - static_cast<double>(ev->received_ns())) / 1e3);
+      detect.push_back((static_cast<double>(ev->detected_ns) - static_cast<double>(t0)) / 1e3);
+      deliver.push_back((static_cast<double>(t1) - static_cast<double>(ev->detected_ns)) / 1e3);
+      if (ev->received_ns > 0) {
+        to_client.push_back((static_cast<double>(t1) - static_cast<double>(ev->received_ns)) / 1e3);
       }
     }
     absl::StatusOr<double> ref = absl::UnknownError("not run");

@@ -172,14 +172,14 @@ TEST(SvmctlStatus, CountsOnlyPeerLinksThatAreUp) {
   bool down = false;
   for (int i = 0; i < 200 && !down; ++i) {
     auto l = cb->ListImports();
-    down = l.ok() && l->size() == 1 && (*l)[0].state() != "connected";
+    down = l.ok() && l->size() == 1 && (*l)[0].state != "connected";
     if (!down) usleep(50000);
   }
   ASSERT_TRUE(down) << "the import never left state connected";
   auto st = cb->Status();
   ASSERT_TRUE(st.ok()) << st.status();
-  EXPECT_EQ(st->imports(), 1u);
-  EXPECT_EQ(st->peers(), 0u);
+  EXPECT_EQ(st->imports, 1u);
+  EXPECT_EQ(st->peers, 0u);
   EXPECT_TRUE(absl::StrContains(status().out, "imports:     1 (from 0 peers up)")) << status().out;
 }
 

@@ -112,7 +112,7 @@ TEST_P(Coherence, MutatorVersusReadersNeverReturnsAnInvalidatedVersion) {
       if (!ev.ok()) continue;
       const uint64_t now = Mono();
       absl::MutexLock l(&mu);
-      events.push_back({ev->first_page(), ev->npages(), ev->detected_ns(), now});
+      events.push_back({ev->first_page, ev->npages, ev->detected_ns, now});
     }
   });
   // Each reader reads a random page, waits 2 ms (long enough for the watcher

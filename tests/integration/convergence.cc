@@ -105,8 +105,8 @@ std::vector<std::string> Diverging(Client& c, const std::string& name,
 uint64_t Counter(Client& c, const std::string& name) {
   auto st = c.Status();
   if (!st.ok()) return 0;
-  auto it = st->counters().find(name);
-  return it == st->counters().end() ? 0 : it->second;
+  auto it = st->counters.find(name);
+  return it == st->counters.end() ? 0 : it->second;
 }
 
 }  // namespace svm::testing

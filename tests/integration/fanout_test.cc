@@ -233,7 +233,7 @@ TEST_F(FanOut, AStoppedImporterDelaysNobody) {
   ASSERT_TRUE(b5.Stop(absl::Seconds(5)).ok());
   ASSERT_TRUE((*e)->Command("stamp 2").ok());
   absl::Time t0 = absl::Now();
-  absl::StatusOr<v1::SyncResponse> short_sync;
+  absl::StatusOr<SyncResult> short_sync;
   absl::Duration short_took;
   std::thread short_syncer([&] {
     short_sync = a->Sync("storm");
@@ -245,7 +245,7 @@ TEST_F(FanOut, AStoppedImporterDelaysNobody) {
   short_syncer.join();
   ASSERT_TRUE(others.ok()) << others.status();
   ASSERT_TRUE(short_sync.ok()) << short_sync.status();
-  EXPECT_EQ(short_sync->subscribers_acked(), static_cast<uint32_t>(kImporters));
+  EXPECT_EQ(short_sync->subscribers_acked, static_cast<uint32_t>(kImporters));
   EXPECT_GE(short_took, absl::Milliseconds(900)) << "Sync did not wait for the stopped importer";
   EXPECT_LT(short_took, sync_timeout);
   EXPECT_LT(*others, sync_timeout);
@@ -263,7 +263,7 @@ TEST_F(FanOut, AStoppedImporterDelaysNobody) {
   ASSERT_TRUE(b5.Stop(absl::Seconds(5)).ok());
   ASSERT_TRUE((*e)->Command("stamp 3").ok());
   t0 = absl::Now();
-  absl::StatusOr<v1::SyncResponse> long_sync;
+  absl::StatusOr<SyncResult> long_sync;
   absl::Duration long_took;
   std::thread syncer([&] {
     long_sync = a->Sync("storm");
@@ -284,7 +284,7 @@ TEST_F(FanOut, AStoppedImporterDelaysNobody) {
   ASSERT_TRUE(sync_arrival.ok()) << sync_arrival.status();
   ASSERT_TRUE(remap_arrival.ok()) << remap_arrival.status();
   ASSERT_TRUE(long_sync.ok()) << long_sync.status();
-  EXPECT_EQ(long_sync->subscribers_acked(), static_cast<uint32_t>(kImporters - 1));
+  EXPECT_EQ(long_sync->subscribers_acked, static_cast<uint32_t>(kImporters - 1));
   EXPECT_GE(long_took, sync_timeout - absl::Milliseconds(100));
   EXPECT_LT(long_took, sync_timeout + Scaled(absl::Seconds(2)));
   EXPECT_LT(*sync_arrival, sync_timeout) << "the Sync's invalidation waited for the stopped importer";
@@ -292,9 +292,9 @@ TEST_F(FanOut, AStoppedImporterDelaysNobody) {
   std::printf("fanout: B%zu stopped 1 s: Sync took %s (%u acknowledged), the others' invalidations "
               "arrived within %s; stopped past the %s timeout: Sync took %s (%u acknowledged), the "
               "others' invalidations arrived within %s (Sync) and %s (a remap during it)\n",
-              stopped + 1, absl::FormatDuration(short_took).c_str(), short_sync->subscribers_acked(),
+              stopped + 1, absl::FormatDuration(short_took).c_str(), short_sync->subscribers_acked,
               absl::FormatDuration(*others).c_str(), absl::FormatDuration(sync_timeout).c_str(),
-              absl::FormatDuration(long_took).c_str(), long_sync->subscribers_acked(),
+              absl::FormatDuration(long_took).c_str(), long_sync->subscribers_acked,
               absl::FormatDuration(*sync_arrival).c_str(), absl::FormatDuration(*remap_arrival).c_str());
 
   // Continued, B5 reconnects by itself and drops what it held; everyone converges.

@@ -364,12 +364,12 @@ absl::Status Daemon::Restart() {
       if (s.ok()) {
         // A daemon that silently runs another transport than the suite asked
         // for must not pass it.
-        if (!transport.empty() && s->transport() != transport) {
+        if (!transport.empty() && s->transport != transport) {
           return absl::FailedPreconditionError(absl::StrCat(
-              "svmd runs transport '", s->transport(), "', the test wants '", transport, "'"));
+              "svmd runs transport '", s->transport, "', the test wants '", transport, "'"));
         }
-        peer_ = s->peer_listen();
-        data_ = s->data_listen();
+        peer_ = s->peer_listen;
+        data_ = s->data_listen;
         // Keep the ports across restarts, as a restarted node would.
         opts_.peer_port = peer_port();
         opts_.data_port = data_port();
@@ -444,31 +444,31 @@ absl::StatusOr<std::string> ReadBytes(Client& c, const std::string& name, uint64
   return out;
 }
 
-absl::StatusOr<v1::Invalidation> WaitForPage(WatchStream& w, uint64_t page, absl::Duration timeout) {
+absl::StatusOr<Invalidation> WaitForPage(WatchStream& w, uint64_t page, absl::Duration timeout) {
   const absl::Time deadline = absl::Now() + Scaled(timeout);
   for (;;) {
     auto ev = w.Next(deadline - absl::Now());
     if (!ev.ok()) return ev.status();
-    if (ev->npages() == 0 || (page >= ev->first_page() && page < ev->first_page() + ev->npages())) {
+    if (ev->npages == 0 || (page >= ev->first_page && page < ev->first_page + ev->npages)) {
       return ev;
     }
   }
 }
 
-absl::StatusOr<v1::ExportInfo> ExportOf(Client& c, const std::string& name) {
+absl::StatusOr<ExportInfo> ExportOf(Client& c, const std::string& name) {
   auto l = c.ListExports();
   if (!l.ok()) return l.status();
   for (auto& e : *l) {
-    if (e.name() == name) return e;
+    if (e.name == name) return e;
   }
   return absl::NotFoundError(name);
 }
 
-absl::StatusOr<v1::ImportInfo> ImportOf(Client& c, const std::string& name) {
+absl::StatusOr<ImportInfo> ImportOf(Client& c, const std::string& name) {
   auto l = c.ListImports();
   if (!l.ok()) return l.status();
   for (auto& i : *l) {
-    if (i.name() == name) return i;
+    if (i.name == name) return i;
   }
   return absl::NotFoundError(name);
 }

@@ -171,11 +171,11 @@ absl::StatusOr<std::string> ReadBytes(Client& c, const std::string& name, uint64
                                       uint64_t len, bool fresh = false);
 
 // Waits for the next invalidation covering page (npages 0 counts as the whole range).
-absl::StatusOr<v1::Invalidation> WaitForPage(WatchStream& w, uint64_t page, absl::Duration timeout);
+absl::StatusOr<Invalidation> WaitForPage(WatchStream& w, uint64_t page, absl::Duration timeout);
 
 // The listing of export / import `name` on c's daemon; NOT_FOUND without one.
-absl::StatusOr<v1::ExportInfo> ExportOf(Client& c, const std::string& name);
-absl::StatusOr<v1::ImportInfo> ImportOf(Client& c, const std::string& name);
+absl::StatusOr<ExportInfo> ExportOf(Client& c, const std::string& name);
+absl::StatusOr<ImportInfo> ImportOf(Client& c, const std::string& name);
 
 }  // namespace svm::testing
 

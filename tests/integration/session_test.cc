@@ -48,8 +48,8 @@ int CountFds(pid_t pid) {
 uint64_t Counter(Client& c, const std::string& name) {
   auto st = c.Status();
   if (!st.ok()) return UINT64_MAX;
-  auto it = st->counters().find(name);
-  return it == st->counters().end() ? 0 : it->second;
+  auto it = st->counters.find(name);
+  return it == st->counters.end() ? 0 : it->second;
 }
 
 // A session driven by hand: what a buggy or hostile client can do.
@@ -197,7 +197,7 @@ class Sessions : public ::testing::Test {
     ASSERT_TRUE(imp.ok()) << imp.status();
     auto st = cb_->Status();
     ASSERT_TRUE(st.ok());
-    session_socket_ = st->session_socket();
+    session_socket_ = st->session_socket;
   }
 
   // Reads the whole import through c and checks every page's stamp.

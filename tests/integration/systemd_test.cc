@@ -101,7 +101,7 @@ TEST(Systemd, ReadyStatusWatchdogReloadAndStopping) {
   auto imports = cb->ListImports();
   ASSERT_TRUE(imports.ok());
   ASSERT_EQ(imports->size(), 1u);
-  EXPECT_EQ((*imports)[0].state(), "connected");
+  EXPECT_EQ((*imports)[0].state, "connected");
   EXPECT_NE(notify.WaitFor("WATCHDOG=1", absl::Seconds(1)), "") << "pings must go on after a reload";
 
   (*b)->process().Signal(SIGTERM);

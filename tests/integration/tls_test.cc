@@ -285,7 +285,7 @@ TEST_F(Tls, PeerNotOnTheAccessListLearnsNothing) {
   auto cb = (*b)->Connect();
   auto info = cb->Import(a_->peer(), "secret");
   ASSERT_TRUE(info.ok()) << info.status();
-  EXPECT_EQ(info->len(), exporter_->len());
+  EXPECT_EQ(info->len, exporter_->len());
 }
 
 // svmd does not start with TLS files that cannot work: an expired

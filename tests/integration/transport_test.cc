@@ -91,7 +91,7 @@ class Node {
         if (c.ok()) {
           auto s = (*c)->Status();
           if (s.ok()) {
-            n->peer_ = s->peer_listen();
+            n->peer_ = s->peer_listen;
             n->client_ = std::move(*c);
             return n;
           }
@@ -107,15 +107,15 @@ class Node {
   const std::string& log() const { return log_; }
   pid_t pid() const { return proc_->pid(); }
   Client& client() { return *client_; }
-  v1::StatusResponse Status() {
+  DaemonStatus Status() {
     auto s = client_->Status();
     EXPECT_TRUE(s.ok()) << s.status();
-    return s.ok() ? *s : v1::StatusResponse();
+    return s.ok() ? *s : DaemonStatus();
   }
   uint64_t Counter(const std::string& name) {
     auto s = Status();
-    auto it = s.counters().find(name);
-    return it == s.counters().end() ? 0 : it->second;
+    auto it = s.counters.find(name);
+    return it == s.counters.end() ? 0 : it->second;
   }
   RunResult Svmctl(const std::vector<std::string>& args) {
     std::vector<std::string> argv = {SvmctlPath(), "--daemon", control_};
@@ -175,19 +175,19 @@ void ExpectLiveReads(Node& importer, ExportingProcess& exp, const std::string& n
                         std::string(4096, static_cast<char>(kFill)));
 }
 
-v1::ImportInfo ImportInfoOf(Node& importer, const std::string& name) {
+ImportInfo ImportInfoOf(Node& importer, const std::string& name) {
   auto l = importer.client().ListImports();
   EXPECT_TRUE(l.ok()) << l.status();
   if (l.ok()) {
     for (auto& i : *l) {
-      if (i.name() == name) return i;
+      if (i.name == name) return i;
     }
   }
   ADD_FAILURE() << "no import named " << name;
-  return v1::ImportInfo();
+  return ImportInfo();
 }
 
-std::string Join(const google::protobuf::RepeatedPtrField<std::string>& v) {
+std::string Join(const std::vector<std::string>& v) {
   return absl::StrJoin(v, ",");
 }
 
@@ -195,18 +195,18 @@ std::string Join(const google::protobuf::RepeatedPtrField<std::string>& v) {
 #define REQUIRE_RDMA(node)                                                                   \
   do {                                                                                       \
     auto st_ = (node).Status();                                                              \
-    if (!st_.has_rdma()) {                                                                   \
+    if (!st_.rdma.has_value()) {                                                             \
       if (EnvSet("SVM_EXPECT_RDMA")) {                                                       \
-        FAIL() << "SVM_EXPECT_RDMA=1 but svmd runs no rdma: " << st_.rdma_unavailable();     \
+        FAIL() << "SVM_EXPECT_RDMA=1 but svmd runs no rdma: " << st_.rdma_unavailable;       \
       }                                                                                      \
-      GTEST_SKIP() << "no usable rdma device: " << st_.rdma_unavailable();                   \
+      GTEST_SKIP() << "no usable rdma device: " << st_.rdma_unavailable;                     \
     }                                                                                        \
   } while (0)
 
 // The registration svmd must have chosen in auto mode on this device.
-std::string ExpectedRegistration(const v1::RdmaDeviceStatus& r) {
+std::string ExpectedRegistration(const RdmaDeviceStatus& r) {
   if (EnvSet("SVM_EXPECT_ODP")) return "odp";
-  return r.odp_rc_read() ? "odp" : "pinned";
+  return r.odp_rc_read ? "odp" : "pinned";
 }
 
 // A wrapper that runs svmd with RLIMIT_MEMLOCK = kSmallMemlock and without
@@ -272,34 +272,34 @@ TEST_F(TransportTest, AutoWithoutRdmaRunsTcpAndSaysWhy) {
   auto importer = StartNode("imp", "auto", {"--rdma-device", "svm-no-such-device"});
   ASSERT_TRUE(importer.ok()) << importer.status();
 
-  v1::StatusResponse s = (*importer)->Status();
-  EXPECT_EQ(s.transport(), "auto");
-  EXPECT_EQ(Join(s.transports()), "tcp");
-  EXPECT_FALSE(s.has_rdma());
-  EXPECT_TRUE(absl::StrContains(s.rdma_unavailable(), "no rdma device")) << s.rdma_unavailable();
+  DaemonStatus s = (*importer)->Status();
+  EXPECT_EQ(s.transport, "auto");
+  EXPECT_EQ(Join(s.transports), "tcp");
+  EXPECT_FALSE(s.rdma.has_value());
+  EXPECT_TRUE(absl::StrContains(s.rdma_unavailable, "no rdma device")) << s.rdma_unavailable;
   RunResult cli = (*importer)->Svmctl({"status"});
   EXPECT_EQ(cli.exit_code, 0) << cli.err;
   EXPECT_TRUE(absl::StrContains(cli.out, "rdma:        unavailable: no rdma device")) << cli.out;
   EXPECT_TRUE(absl::StrContains(cli.out, "transport:   auto (running: tcp)")) << cli.out;
 
   // The exporter offers rdma too when it has a device (the VM), tcp always.
-  v1::StatusResponse es = (*exporter)->Status();
-  EXPECT_EQ(Join(es.transports()), es.has_rdma() ? "rdma,tcp" : "tcp");
+  DaemonStatus es = (*exporter)->Status();
+  EXPECT_EQ(Join(es.transports), es.rdma.has_value() ? "rdma,tcp" : "tcp");
 
   auto exp = ExportingProcess::Start(**exporter, "x");
   ASSERT_TRUE(exp.ok()) << exp.status();
   auto exports = (*exporter)->client().ListExports();
   ASSERT_TRUE(exports.ok()) << exports.status();
   ASSERT_EQ(exports->size(), 1u);
-  EXPECT_EQ((*exports)[0].path(),
-            es.has_rdma() ? absl::StrCat("staged/", es.rdma().registration(), ",tcp") : "tcp");
+  EXPECT_EQ((*exports)[0].path,
+            es.rdma.has_value() ? absl::StrCat("staged/", es.rdma->registration, ",tcp") : "tcp");
 
   auto info = (*importer)->client().Import((*exporter)->peer(), "x");
   ASSERT_TRUE(info.ok()) << info.status();
-  EXPECT_EQ(info->path(), "tcp");
-  EXPECT_EQ(info->fallback_reason(), "");
+  EXPECT_EQ(info->path, "tcp");
+  EXPECT_EQ(info->fallback_reason, "");
   ExpectLiveReads(**importer, **exp, "x");
-  EXPECT_EQ(ImportInfoOf(**importer, "x").path(), "tcp");
+  EXPECT_EQ(ImportInfoOf(**importer, "x").path, "tcp");
   EXPECT_EQ((*importer)->Counter("rdma_fallbacks"), 0u);
 }
 
@@ -326,27 +326,27 @@ TEST_F(TransportTest, BothAutoUseRdmaAndStatusDescribesTheDevice) {
   auto importer = StartNode("imp", "auto");
   ASSERT_TRUE(importer.ok()) << importer.status();
 
-  v1::StatusResponse s = (*importer)->Status();
-  EXPECT_EQ(s.transport(), "auto");
-  EXPECT_EQ(Join(s.transports()), "rdma,tcp");
-  EXPECT_EQ(s.rdma_unavailable(), "");
-  const v1::RdmaDeviceStatus& r = s.rdma();
-  EXPECT_FALSE(r.device().empty());
-  EXPECT_GE(r.port(), 1u);
+  DaemonStatus s = (*importer)->Status();
+  EXPECT_EQ(s.transport, "auto");
+  EXPECT_EQ(Join(s.transports), "rdma,tcp");
+  EXPECT_EQ(s.rdma_unavailable, "");
+  const RdmaDeviceStatus& r = *s.rdma;
+  EXPECT_FALSE(r.device.empty());
+  EXPECT_GE(r.port, 1u);
   // ibv_port_state_str(): "active" (rdma-core 44), "PORT_ACTIVE" (older).
-  EXPECT_TRUE(r.port_state() == "active" || r.port_state() == "PORT_ACTIVE") << r.port_state();
-  EXPECT_TRUE(absl::StrContains(r.gid(), "gid[")) << r.gid();
-  EXPECT_GE(r.active_mtu(), 256u);
+  EXPECT_TRUE(r.port_state == "active" || r.port_state == "PORT_ACTIVE") << r.port_state;
+  EXPECT_TRUE(absl::StrContains(r.gid, "gid[")) << r.gid;
+  EXPECT_GE(r.active_mtu, 256u);
   const std::string reg = ExpectedRegistration(r);
   if (EnvSet("SVM_EXPECT_ODP")) {
-    EXPECT_TRUE(r.odp_rc_read()) << "SVM_EXPECT_ODP=1: no rc read odp";
+    EXPECT_TRUE(r.odp_rc_read) << "SVM_EXPECT_ODP=1: no rc read odp";
   }
-  EXPECT_EQ(r.registration(), reg);
-  EXPECT_EQ(r.odp_check(), r.odp_rc_read() ? "passed" : "not run");
-  EXPECT_FALSE(r.liveness_listen().empty());
+  EXPECT_EQ(r.registration, reg);
+  EXPECT_EQ(r.odp_check, r.odp_rc_read ? "passed" : "not run");
+  EXPECT_FALSE(r.liveness_listen.empty());
   RunResult cli = (*importer)->Svmctl({"status"});
   EXPECT_EQ(cli.exit_code, 0) << cli.err;
-  EXPECT_TRUE(absl::StrContains(cli.out, absl::StrCat("rdma:        ", r.device(), " port ")))
+  EXPECT_TRUE(absl::StrContains(cli.out, absl::StrCat("rdma:        ", r.device, " port ")))
       << cli.out;
   EXPECT_TRUE(absl::StrContains(cli.out, absl::StrCat("registration ", reg))) << cli.out;
 
@@ -354,8 +354,8 @@ TEST_F(TransportTest, BothAutoUseRdmaAndStatusDescribesTheDevice) {
   ASSERT_TRUE(exp.ok()) << exp.status();
   auto info = (*importer)->client().Import((*exporter)->peer(), "x");
   ASSERT_TRUE(info.ok()) << info.status();
-  EXPECT_EQ(info->path(), absl::StrCat("staged/", reg));
-  EXPECT_EQ(info->fallback_reason(), "");
+  EXPECT_EQ(info->path, absl::StrCat("staged/", reg));
+  EXPECT_EQ(info->fallback_reason, "");
   ExpectLiveReads(**importer, **exp, "x");
   RunResult imports = (*importer)->Svmctl({"imports"});
   EXPECT_TRUE(absl::StrContains(imports.out, absl::StrCat("staged/", reg))) << imports.out;
@@ -369,17 +369,17 @@ TEST_F(TransportTest, TcpOnlyExporterNegotiatesTcp) {
   REQUIRE_RDMA(**importer);
   auto exporter = StartNode("exp", "tcp");
   ASSERT_TRUE(exporter.ok()) << exporter.status();
-  v1::StatusResponse es = (*exporter)->Status();
-  EXPECT_EQ(es.transport(), "tcp");
-  EXPECT_EQ(Join(es.transports()), "tcp");
-  EXPECT_FALSE(es.has_rdma());
+  DaemonStatus es = (*exporter)->Status();
+  EXPECT_EQ(es.transport, "tcp");
+  EXPECT_EQ(Join(es.transports), "tcp");
+  EXPECT_FALSE(es.rdma.has_value());
 
   auto exp = ExportingProcess::Start(**exporter, "x");
   ASSERT_TRUE(exp.ok()) << exp.status();
   auto info = (*importer)->client().Import((*exporter)->peer(), "x");
   ASSERT_TRUE(info.ok()) << info.status();
-  EXPECT_EQ(info->path(), "tcp");
-  EXPECT_EQ(info->fallback_reason(), "");
+  EXPECT_EQ(info->path, "tcp");
+  EXPECT_EQ(info->fallback_reason, "");
   ExpectLiveReads(**importer, **exp, "x");
   EXPECT_EQ((*importer)->Counter("rdma_fallbacks"), 0u);
 }
@@ -395,17 +395,17 @@ TEST_F(TransportTest, RdmaSetupFailureFallsBackToTcpAndSaysWhy) {
   auto exporter = StartNode("exp", "auto", {"--rdma-registration", "pinned"}, SmallMemlockWrapper());
   ASSERT_TRUE(exporter.ok()) << exporter.status();
   ExpectSmallMemlock((*exporter)->pid());
-  ASSERT_TRUE((*exporter)->Status().has_rdma()) << (*exporter)->Status().rdma_unavailable();
-  EXPECT_EQ((*exporter)->Status().rdma().registration(), "pinned");
-  EXPECT_EQ((*exporter)->Status().rdma().odp_check(), "not run");
+  ASSERT_TRUE((*exporter)->Status().rdma.has_value()) << (*exporter)->Status().rdma_unavailable;
+  EXPECT_EQ((*exporter)->Status().rdma->registration, "pinned");
+  EXPECT_EQ((*exporter)->Status().rdma->odp_check, "not run");
 
   auto exp = ExportingProcess::Start(**exporter, "x");
   ASSERT_TRUE(exp.ok()) << exp.status();
   auto info = (*importer)->client().Import((*exporter)->peer(), "x");
   ASSERT_TRUE(info.ok()) << info.status();
-  EXPECT_EQ(info->path(), "tcp");
-  EXPECT_TRUE(absl::StrContains(info->fallback_reason(), "RLIMIT_MEMLOCK")) << info->fallback_reason();
-  EXPECT_TRUE(absl::StrContains(info->fallback_reason(), "LimitMEMLOCK=")) << info->fallback_reason();
+  EXPECT_EQ(info->path, "tcp");
+  EXPECT_TRUE(absl::StrContains(info->fallback_reason, "RLIMIT_MEMLOCK")) << info->fallback_reason;
+  EXPECT_TRUE(absl::StrContains(info->fallback_reason, "LimitMEMLOCK=")) << info->fallback_reason;
   ExpectLiveReads(**importer, **exp, "x");
   EXPECT_EQ((*importer)->Counter("rdma_fallbacks"), 1u);
   RunResult imports = (*importer)->Svmctl({"imports"});
@@ -429,8 +429,8 @@ TEST_F(TransportTest, RdmaOnlyImportNamesRlimitMemlock) {
   ExpectSmallMemlock((*exporter)->pid());
   auto importer = StartNode("imp", "rdma");
   ASSERT_TRUE(importer.ok()) << importer.status();
-  EXPECT_EQ((*importer)->Status().transport(), "rdma");
-  EXPECT_EQ(Join((*importer)->Status().transports()), "rdma");
+  EXPECT_EQ((*importer)->Status().transport, "rdma");
+  EXPECT_EQ(Join((*importer)->Status().transports), "rdma");
 
   auto exp = ExportingProcess::Start(**exporter, "x");
   ASSERT_TRUE(exp.ok()) << exp.status();
@@ -452,15 +452,15 @@ TEST_F(TransportTest, OdpRegistrationIsHonouredOrStartupFails) {
   auto probe = StartNode("probe", "auto");
   ASSERT_TRUE(probe.ok()) << probe.status();
   REQUIRE_RDMA(**probe);
-  const bool odp = (*probe)->Status().rdma().odp_rc_read();
+  const bool odp = (*probe)->Status().rdma->odp_rc_read;
   if (EnvSet("SVM_EXPECT_ODP")) {
     EXPECT_TRUE(odp) << "SVM_EXPECT_ODP=1: no rc read odp";
   }
   auto node = StartNode("odp", "auto", {"--rdma-registration", "odp"});
   if (odp) {
     ASSERT_TRUE(node.ok()) << node.status();
-    EXPECT_EQ((*node)->Status().rdma().registration(), "odp");
-    EXPECT_EQ((*node)->Status().rdma().odp_check(), "passed");
+    EXPECT_EQ((*node)->Status().rdma->registration, "odp");
+    EXPECT_EQ((*node)->Status().rdma->odp_check, "passed");
   } else {
     ASSERT_FALSE(node.ok());
     EXPECT_TRUE(absl::StrContains(node.status().message(), "--rdma-registration odp"))

@@ -24,8 +24,8 @@ constexpr uint64_t kPage = 4096;
 uint64_t Counter(Client& c, const std::string& name) {
   auto st = c.Status();
   if (!st.ok()) return 0;
-  auto it = st->counters().find(name);
-  return it == st->counters().end() ? 0 : it->second;
+  auto it = st->counters.find(name);
+  return it == st->counters.end() ? 0 : it->second;
 }
 
 // "odp" / "pinned" as $SVM_EXPECT_ODP asks, or "" (either).
@@ -97,26 +97,26 @@ TEST_F(ZeroCopy, MemfdExportIsReadWithOneSidedReadsAndPrivateMemoryIsStaged) {
 
   auto ex = ExportOf(*ca_, "shared");
   ASSERT_TRUE(ex.ok()) << ex.status();
-  EXPECT_TRUE(absl::StartsWith(ex->path(), "zero-copy/")) << ex->path();
+  EXPECT_TRUE(absl::StartsWith(ex->path, "zero-copy/")) << ex->path;
   const std::string want = ExpectedRegistration();
   if (!want.empty()) {
-    EXPECT_TRUE(absl::StartsWith(ex->path(), "zero-copy/" + want)) << ex->path();
+    EXPECT_TRUE(absl::StartsWith(ex->path, "zero-copy/" + want)) << ex->path;
   }
   auto exp = ExportOf(*ca_, "private");
   ASSERT_TRUE(exp.ok()) << exp.status();
-  EXPECT_FALSE(absl::StrContains(exp->path(), "zero-copy")) << exp->path();
+  EXPECT_FALSE(absl::StrContains(exp->path, "zero-copy")) << exp->path;
 
   ASSERT_TRUE(cb_->Import(a_->peer(), "shared").ok());
   ASSERT_TRUE(cb_->Import(a_->peer(), "private").ok());
   auto imp = ImportOf(*cb_, "shared");
   ASSERT_TRUE(imp.ok()) << imp.status();
-  EXPECT_TRUE(absl::StartsWith(imp->path(), "zero-copy/")) << imp->path();
+  EXPECT_TRUE(absl::StartsWith(imp->path, "zero-copy/")) << imp->path;
   if (!want.empty()) {
-    EXPECT_EQ(imp->path(), "zero-copy/" + want);
+    EXPECT_EQ(imp->path, "zero-copy/" + want);
   }
   auto impp = ImportOf(*cb_, "private");
   ASSERT_TRUE(impp.ok()) << impp.status();
-  EXPECT_TRUE(absl::StartsWith(impp->path(), "staged/")) << impp->path();
+  EXPECT_TRUE(absl::StartsWith(impp->path, "staged/")) << impp->path;
 
   // Reads of the shared export never reach the exporter daemon's CPU: its
   // fetch counter stays where it is while the importer's zero-copy reads grow.
@@ -260,7 +260,7 @@ TEST_F(ZeroCopy, RewriteTruncateRepopulateNeverReturnsForeignOrFreedMemory) {
     ASSERT_TRUE(ReadBytes(*cb_, "churn", 0, kPage).ok());
     auto imp = ImportOf(*cb_, "churn");
     ASSERT_TRUE(imp.ok());
-    path = imp->path();
+    path = imp->path;
     if (absl::StartsWith(path, "zero-copy/")) break;
     absl::SleepFor(absl::Milliseconds(200));
   }
@@ -289,10 +289,10 @@ TEST_F(ZeroCopy, RemappedRangeFallsBackToTheStagedPath) {
   EXPECT_EQ(*got, std::string(8 * kPage, '\x7e'));
   auto imp = ImportOf(*cb_, "moved");
   ASSERT_TRUE(imp.ok());
-  EXPECT_TRUE(absl::StartsWith(imp->path(), "staged/")) << imp->path();
+  EXPECT_TRUE(absl::StartsWith(imp->path, "staged/")) << imp->path;
   auto ex = ExportOf(*ca_, "moved");
   ASSERT_TRUE(ex.ok());
-  EXPECT_FALSE(absl::StrContains(ex->path(), "zero-copy")) << ex->path();
+  EXPECT_FALSE(absl::StrContains(ex->path, "zero-copy")) << ex->path;
 }
 
 }  // namespace

@@ -7,6 +7,9 @@
 #     host's systemd units), Documentation= included;
 #   - the default configuration names no file that nothing creates;
 #   - dkms.conf carries the project version;
+#   - libsvm's installed headers include no protobuf, gRPC or generated
+#     header: the third-party example compiles with a system include path
+#     from which those are removed, and no generated header is installed;
 #   - examples/third-party builds against the staged libsvm with CMake
 #     (find_package(svm)) and with pkg-config, and runs.
 # Lintian runs in scripts/package.sh (it needs the packages, i.e. a second
@@ -44,7 +47,7 @@ install_to "$R" /usr
 for f in usr/sbin/svmd usr/bin/svmctl usr/lib/systemd/system/svmd.service etc/default/svmd \
          usr/lib/sysusers.d/svm.conf usr/lib/tmpfiles.d/svm.conf usr/lib/modules-load.d/svm.conf \
          usr/lib/udev/rules.d/99-svm-shim.rules usr/share/man/man8/svmd.8.gz usr/share/man/man8/svmctl.8.gz \
-         usr/share/doc/svm/operations.md usr/include/svm/client.h usr/include/svm/svm.h usr/include/svm/v1/control.pb.h \
+         usr/share/doc/svm/operations.md usr/include/svm/client.h usr/include/svm/svm.h usr/include/svm/types.h \
          "usr/src/svm_shim-$version/dkms.conf" "usr/src/svm_shim-$version/svm_shim.c"; do
   [[ -e $R/$f ]] || fail "not installed: /$f"
 done
@@ -79,6 +82,42 @@ grep -qx 'EnvironmentFile=-/usr/local/etc/default/svmd' "$lunit" || fail "Enviro
 [[ ! -e $L/etc ]] || fail "an install with prefix /usr/local wrote to /etc"
 verify_unit "$L" /usr/local/lib/systemd/system/svmd.service
 
+step "libsvm's headers need no protobuf, gRPC or generated header"
+[[ ! -e $R/usr/include/svm/v1 ]] || fail "generated headers installed: $(ls "$R/usr/include/svm/v1")"
+# The compiler's own search path with /usr/include replaced by a copy that
+# lacks protobuf (google/), gRPC and any svm headers installed on the host.
+sysinc=$work/sysinc
+mkdir -p "$sysinc"
+for e in /usr/include/*; do
+  case ${e##*/} in google|grpc|grpc++|grpcpp|svm) ;; *) ln -s "$e" "$sysinc/" ;; esac
+done
+search_path() {  # search_path COMPILER LANG: the <...> directories, one a line
+  "$1" -x "$2" -E -v /dev/null 2>&1 | sed -n '/^#include <...> search starts here:/,/^End of search list/{//!p}' |
+    sed 's/^ *//; s|^/usr/include$|'"$sysinc"'|'
+}
+isystem() {  # isystem ARRAY_NAME DIR...: -isystem flags of the DIRs
+  local -n out=$1; shift
+  out=()
+  for d in "$@"; do
+    [[ -e $d/google/protobuf || -e $d/grpcpp || -e $d/svm ]] && fail "$d holds protobuf, gRPC or svm headers"
+    out+=(-isystem "$d")
+  done
+  [[ ${#out[@]} -gt 0 ]] || fail "no compiler search path"
+}
+export PKG_CONFIG_PATH=$R/usr/$libdir/pkgconfig
+mapfile -t dirs < <(search_path "${CXX:-c++}" c++)
+isystem cxx_path "${dirs[@]}"
+mapfile -t dirs < <(search_path "${CC:-cc}" c)
+isystem c_path "${dirs[@]}"
+# shellcheck disable=SC2046  # pkg-config output is a word list
+"${CXX:-c++}" -std=c++20 -nostdinc "${cxx_path[@]}" $(pkg-config --cflags svm) -fsyntax-only \
+  "$src/examples/third-party/svm_hello.cc" 2>"$work/nopb.log" ||
+  { cat "$work/nopb.log" >&2; fail "svm/client.h needs a header outside libsvm-dev and abseil"; }
+# shellcheck disable=SC2046
+"${CC:-cc}" -nostdinc "${c_path[@]}" $(pkg-config --cflags svm) -fsyntax-only \
+  "$src/examples/third-party/svm_hello_c.c" 2>"$work/nopb.log" ||
+  { cat "$work/nopb.log" >&2; fail "svm/svm.h needs a header outside libsvm-dev"; }
+
 step "third-party example with CMake: find_package(svm)"
 cmake -S "$src/examples/third-party" -B "$work/cmake" -G Ninja -DCMAKE_PREFIX_PATH="$R/usr" \
   -DCMAKE_BUILD_TYPE=Release >"$work/cmake.log" 2>&1 || { cat "$work/cmake.log" >&2; fail "configure example"; }
@@ -86,7 +125,6 @@ cmake --build "$work/cmake" >>"$work/cmake.log" 2>&1 || { cat "$work/cmake.log" 
 grep -q -- "$src/client/include\|$build/proto" "$work/cmake/build.ninja" && fail "the example used the source tree"
 
 step "third-party example with pkg-config"
-export PKG_CONFIG_PATH=$R/usr/$libdir/pkgconfig
 pkg-config --validate svm || fail "svm.pc does not validate"
 [[ $(pkg-config --modversion svm) == "$version" ]] || fail "svm.pc version"
 mkdir -p "$work/pc"

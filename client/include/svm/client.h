@@ -6,6 +6,10 @@
 // mremap, madvise, exit, ...); stores by the exporting process become
 // visible to importers at Sync points: Sync returns after every importer
 // acknowledged the invalidation of each page written since the last Sync.
+//
+// Results (ExportInfo, ImportInfo, Invalidation, SyncResult, DaemonStatus)
+// are libsvm's own structs, in svm/types.h: no installed header names a
+// generated protobuf type.
 #ifndef SVM_CLIENT_CLIENT_H_
 #define SVM_CLIENT_CLIENT_H_
 
@@ -19,9 +23,10 @@
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
 #include "absl/types/span.h"
-#include "svm/v1/control.pb.h"
+#include "svm/types.h"
 
 namespace svm {
+inline namespace abi1 {
 
 struct ReadOptions {
   // Bypass the importer's mirror cache (neither use nor fill it).
@@ -50,7 +55,7 @@ class WatchStream {
   virtual ~WatchStream() = default;
   // The next invalidation; DEADLINE_EXCEEDED when none came within timeout;
   // another error when the stream ended (daemon gone, name withdrawn).
-  virtual absl::StatusOr<v1::Invalidation> Next(absl::Duration timeout) = 0;
+  virtual absl::StatusOr<Invalidation> Next(absl::Duration timeout) = 0;
 };
 
 // Memory the zero-copy path can export: a shared mapping of an anonymous
@@ -127,19 +132,18 @@ class Client {
   virtual ~Client() = default;
 
   // Exports [addr, addr + len) of this process.
-  virtual absl::StatusOr<v1::ExportInfo> Export(const std::string& name, const void* addr,
-                                                size_t len, const ExportOptions& opts = {}) = 0;
+  virtual absl::StatusOr<ExportInfo> Export(const std::string& name, const void* addr, size_t len,
+                                            const ExportOptions& opts = {}) = 0;
   // Exports memory of another process; the caller must be allowed to ptrace it.
-  virtual absl::StatusOr<v1::ExportInfo> ExportPid(const std::string& name, pid_t pid,
-                                                   uint64_t addr, uint64_t len,
-                                                   const ExportOptions& opts = {}) = 0;
+  virtual absl::StatusOr<ExportInfo> ExportPid(const std::string& name, pid_t pid, uint64_t addr,
+                                               uint64_t len, const ExportOptions& opts = {}) = 0;
   virtual absl::Status Unexport(const std::string& name) = 0;
-  virtual absl::StatusOr<std::vector<v1::ExportInfo>> ListExports() = 0;
+  virtual absl::StatusOr<std::vector<ExportInfo>> ListExports() = 0;
 
   // Imports export `name` of the daemon at peer (HOST:PORT) as `as` (default: name).
-  virtual absl::StatusOr<v1::ImportInfo> Import(const std::string& peer, const std::string& name,
-                                                const std::string& as = "") = 0;
-  virtual absl::StatusOr<std::vector<v1::ImportInfo>> ListImports() = 0;
+  virtual absl::StatusOr<ImportInfo> Import(const std::string& peer, const std::string& name,
+                                            const std::string& as = "") = 0;
+  virtual absl::StatusOr<std::vector<ImportInfo>> ListImports() = 0;
 
   // Reads dst.size() bytes at offset of an import (or of a local export).
   // Pages of an import that are in its importer's cache are copied in this
@@ -154,10 +158,11 @@ class Client {
   virtual absl::StatusOr<std::unique_ptr<Mapping>> Map(const std::string& name,
                                                       MapOptions opts = {}) = 0;
   virtual absl::StatusOr<std::unique_ptr<WatchStream>> Watch(const std::string& name) = 0;
-  virtual absl::StatusOr<v1::SyncResponse> Sync(const std::string& name) = 0;
-  virtual absl::StatusOr<v1::StatusResponse> Status() = 0;
+  virtual absl::StatusOr<SyncResult> Sync(const std::string& name) = 0;
+  virtual absl::StatusOr<DaemonStatus> Status() = 0;
 };
 
+}  // namespace abi1
 }  // namespace svm
 
 #endif  // SVM_CLIENT_CLIENT_H_

@@ -10,8 +10,8 @@
  * an svm_client may be used by several threads at once (as svm::Client);
  * a mapping or a watch by one at a time.
  *
- * Link with libsvm (pkg-config svm, or CMake svm::svm) and a C++ linker
- * (libsvm is written in C++). */
+ * Link with libsvm (pkg-config --static --libs svm, or CMake svm::svm) and
+ * a C++ linker (libsvm is written in C++). */
 #ifndef SVM_SVM_H_
 #define SVM_SVM_H_
 
