@@ -175,11 +175,7 @@ Session::~Session() {
   }
   {
     absl::MutexLock l(&ranges_mu_);
-    for (auto& [b, r] : ranges_) {
-      uffdio_range range{reinterpret_cast<uintptr_t>(r->base), r->len};
-      ::ioctl(uffd_, UFFDIO_UNREGISTER, &range);
-      if (r->base != r->view->data) ::munmap(const_cast<uint8_t*>(r->base), r->len);
-    }
+    for (auto& [b, r] : ranges_) RetireMapping(*r);
     ranges_.clear();
   }
   {
@@ -608,9 +604,30 @@ void Session::UnmapRange(const std::shared_ptr<MappedRange>& r) {
     absl::MutexLock l(&ranges_mu_);
     ranges_.erase(reinterpret_cast<uintptr_t>(r->base));
   }
-  uffdio_range range{reinterpret_cast<uintptr_t>(r->base), r->len};
-  ::ioctl(uffd_, UFFDIO_UNREGISTER, &range);
-  if (r->base != r->view->data) ::munmap(const_cast<uint8_t*>(r->base), r->len);
+  RetireMapping(*r);
+}
+
+// Unregistering first and unmapping after would leave a window in which a
+// fault the pager has not resolved is woken (UFFDIO_UNREGISTER wakes the
+// range), retried on a mapping of the cache file that no longer reports
+// faults, and filled by the file itself: a page that is not in the cache
+// (a zero page, or a page whose version word says it is being replaced)
+// would be shown to the faulting thread. So the mapping goes first: an
+// inaccessible anonymous mapping replaces it in one step (MAP_FIXED), then
+// the waiting faults are woken and retry on that (a system call gets
+// EFAULT, as after munmap), then the placeholder goes.
+void Session::RetireMapping(const MappedRange& r) {
+  if (r.base == r.view->data) {  // the view's own mapping: not ours to unmap
+    uffdio_range range{reinterpret_cast<uintptr_t>(r.base), r.len};
+    ::ioctl(uffd_, UFFDIO_UNREGISTER, &range);
+    return;
+  }
+  void* base = const_cast<uint8_t*>(r.base);
+  void* p = ::mmap(base, r.len, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED | MAP_NORESERVE,
+                   -1, 0);
+  uffdio_range wake{reinterpret_cast<uintptr_t>(r.base), r.len};
+  ::ioctl(uffd_, UFFDIO_WAKE, &wake);
+  ::munmap(p == MAP_FAILED ? base : p, r.len);
 }
 
 void Session::AppendFillOps(const View& view, uint64_t first, uint64_t n, std::vector<Op>* ops) const {

@@ -109,6 +109,9 @@ class Session {
   absl::Status FetchPages(const View& view, uint64_t first, uint64_t n);
 
  private:
+  // Unmaps a mapping so that no fault in flight is ever filled from the
+  // cache file behind the pager's back (session.cc says how).
+  void RetireMapping(const MappedRange& r);
   Session() = default;
   // Sends a kOpen or kWatch for name and takes the kOpenOk answer (and its
   // descriptors, up to 4).

@@ -579,8 +579,9 @@ TEST_F(Sessions, ASystemCallOnAMappedPageNotYetFetchedFaultsItIn) {
 TEST_F(Sessions, UnmappingWhileAFaultIsInFlightNeitherHangsNorSignals) {
   auto m = cb_->Map("m");
   ASSERT_TRUE(m.ok()) << m.status();
-  // The exporter's daemon stops answering: the fault stays in flight.
-  a_->process().Signal(SIGSTOP);
+  // The exporter's daemon stops answering (every thread of it: one still
+  // running could answer): the fault stays in flight.
+  ASSERT_TRUE(a_->process().Stop(absl::Seconds(5)).ok());
   int p[2];
   ASSERT_EQ(::pipe(p), 0);
   std::atomic<ssize_t> wrote{-2};
