@@ -28,9 +28,15 @@
 
 namespace svm::testing {
 
-std::string SvmdPath() { return SVMD_PATH; }
-std::string SvmctlPath() { return SVMCTL_PATH; }
-std::string ExporterPath() { return EXPORTER_PATH; }
+// $SVM_TEST_SVMD, $SVM_TEST_SVMCTL, $SVM_TEST_EXPORTER name other binaries
+// (installed ones, or copies that a rebuild does not replace mid-run).
+static std::string BinaryPath(const char* env, const char* built) {
+  const char* p = std::getenv(env);
+  return p != nullptr && *p != '\0' ? p : built;
+}
+std::string SvmdPath() { return BinaryPath("SVM_TEST_SVMD", SVMD_PATH); }
+std::string SvmctlPath() { return BinaryPath("SVM_TEST_SVMCTL", SVMCTL_PATH); }
+std::string ExporterPath() { return BinaryPath("SVM_TEST_EXPORTER", EXPORTER_PATH); }
 
 static std::string TmpBase() {
   const char* t = std::getenv("TMPDIR");
