@@ -13,12 +13,14 @@
 #include "common/check.h"
 #include "common/log.h"
 #include "common/random.h"
+#include "daemon/service/requests.h"
 #include "daemon/source/shared_mapping.h"
 
 namespace svm::core {
 
 using source::Change;
 using source::ChangeKind;
+using service::CheckAllowed;  // the access-list rule (daemon/service/requests.h)
 using source::kPageSize;
 
 namespace {
@@ -103,22 +105,6 @@ struct ExportTable::ExportEntry {
 ExportTable::ExportTable(source::MirrorSource* source, WatchHub* hub, Counters* counters,
                          ExportLimits limits, std::string path)
     : source_(source), hub_(hub), counters_(counters), limits_(limits), path_(std::move(path)) {}
-
-namespace {
-
-// Whether a peer proving the identities peer may see an export with this
-// access list. An empty peer (no TLS) passes only an empty list.
-absl::Status CheckAllowed(const std::vector<std::string>& allow, absl::Span<const std::string> peer) {
-  if (allow.empty()) return absl::OkStatus();
-  for (const std::string& id : peer) {
-    if (absl::c_linear_search(allow, id)) return absl::OkStatus();
-  }
-  return absl::PermissionDeniedError(
-      peer.empty() ? "the export has an access list and this peer proved no identity (no TLS)"
-                   : "the export is not shared with this peer");
-}
-
-}  // namespace
 
 void ExportTable::EnableZeroCopy(transport::Transport* t) {
   zero_copy_ = t;

@@ -9,6 +9,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "daemon/service/access.h"
+#include "daemon/service/requests.h"
 #include "daemon/service/server.h"
 #include "daemon/service/session_backend.h"
 #include "common/log.h"
@@ -17,28 +18,7 @@
 namespace svm::service {
 namespace {
 
-using source::kPageSize;
-
-// One gRPC read answers with its bytes; gRPC clients take 4 MiB messages by
-// default. (libsvm reads through its session, without this limit.)
-constexpr uint64_t kMaxReadBytes = 1ull << 20;
 constexpr size_t kMaxWatchQueue = 4096;
-
-absl::Status ValidateName(const std::string& name) {
-  // 1 to 128 of [A-Za-z0-9._-], starting with a letter or digit.
-  auto alnum = [](char c) {
-    return (c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9');
-  };
-  bool ok = !name.empty() && name.size() <= 128 && alnum(name[0]);
-  for (size_t i = 1; ok && i < name.size(); ++i) {
-    ok = alnum(name[i]) || name[i] == '.' || name[i] == '_' || name[i] == '-';
-  }
-  if (!ok) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "bad name '", name, "': 1 to 128 of [A-Za-z0-9._-], starting with a letter or digit"));
-  }
-  return absl::OkStatus();
-}
 
 // Streams invalidations of one name to one client. Owned by gRPC; deletes
 // itself in OnDone after unregistering from the hub.
@@ -110,26 +90,6 @@ class WatchReactor final : public grpc::ServerWriteReactor<v1::Invalidation> {
   bool finished_ ABSL_GUARDED_BY(mu_) = false;
 };
 
-// An export's access list: identities as certificates carry them (DNS
-// names, URIs, common names): printable, no spaces or commas (svmctl's
-// separator), bounded.
-absl::Status ValidateAllow(const google::protobuf::RepeatedPtrField<std::string>& allow) {
-  constexpr int kMaxEntries = 64;
-  constexpr size_t kMaxLen = 255;
-  if (allow.size() > kMaxEntries) {
-    return absl::InvalidArgumentError(absl::StrFormat("allow: at most %d identities", kMaxEntries));
-  }
-  for (const std::string& id : allow) {
-    const bool printable = absl::c_all_of(id, [](char ch) { return ch > ' ' && ch < 0x7f && ch != ','; });
-    if (id.empty() || id.size() > kMaxLen || !printable) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "allow: '", absl::CHexEscape(id.substr(0, kMaxLen)),
-          "' is not an identity (1-255 printable characters, no spaces or commas)"));
-    }
-  }
-  return absl::OkStatus();
-}
-
 class ControlService final : public v1::Control::CallbackService {
   // A peer that cannot be connected to may be refusing this node's TLS (or
   // its lack of it): the gRPC message says only "Socket closed" then.
@@ -155,19 +115,8 @@ class ControlService final : public v1::Control::CallbackService {
     auto cred = clients_->Lookup(ctx->peer());
     return Async(ctx, [=, this]() -> absl::Status {
       if (!cred.ok()) return cred.status();
-      if (auto st = ValidateName(req->name()); !st.ok()) return st;
-      if (req->len() == 0) return absl::InvalidArgumentError("len must be > 0");
-      if (req->addr() % kPageSize || req->len() % kPageSize) {
-        return absl::InvalidArgumentError(absl::StrFormat(
-            "addr 0x%x and len 0x%x must be multiples of the page size (%u)", req->addr(),
-            req->len(), kPageSize));
-      }
-      if (req->addr() + req->len() < req->addr()) {
-        return absl::InvalidArgumentError("addr + len overflows");
-      }
-      if (req->pid() < 0) return absl::InvalidArgumentError("pid must be >= 0");
+      if (auto st = ValidateExportRequest(*req); !st.ok()) return st;
       const pid_t pid = req->pid() == 0 ? cred->pid : req->pid();
-      if (auto st = ValidateAllow(req->allow()); !st.ok()) return st;
       if (auto st = CheckMayExport(*cred, pid); !st.ok()) return st;
       auto info = d_->exports().Export(req->name(), pid, req->addr(), req->len(), cred->uid,
                                        {req->allow().begin(), req->allow().end()});
@@ -209,13 +158,7 @@ class ControlService final : public v1::Control::CallbackService {
     // call finishes from their completion, holding no thread meanwhile.
     auto* r = ctx->DefaultReactor();
     absl::Status st = [&]() -> absl::Status {
-      if (auto st = ValidateName(req->name()); !st.ok()) return st;
-      if (!req->as().empty()) {
-        if (auto st = ValidateName(req->as()); !st.ok()) return st;
-      }
-      if (auto hp = ParseHostPort(req->peer()); !hp.ok() || hp->port == 0) {
-        return absl::InvalidArgumentError(absl::StrCat("bad peer '", req->peer(), "': expected HOST:PORT"));
-      }
+      if (auto st = ValidateImportRequest(*req); !st.ok()) return st;
       const std::string local = req->as().empty() ? req->name() : req->as();
       if (d_->exports().Has(local)) {
         return absl::AlreadyExistsError(
@@ -251,16 +194,7 @@ class ControlService final : public v1::Control::CallbackService {
 
   grpc::ServerUnaryReactor* Read(grpc::CallbackServerContext* ctx, const v1::ReadRequest* req,
                                  v1::ReadResponse* resp) override {
-    absl::Status st = ValidateName(req->name());
-    if (st.ok() && req->len() == 0) st = absl::InvalidArgumentError("len must be > 0");
-    if (st.ok() && req->len() > kMaxReadBytes) {
-      st = absl::InvalidArgumentError(
-          absl::StrFormat("len %u is above the %u-byte limit of one read", req->len(), kMaxReadBytes));
-    }
-    if (st.ok() && req->offset() + req->len() < req->offset()) {
-      st = absl::OutOfRangeError("offset + len overflows");
-    }
-    if (!st.ok()) {
+    if (absl::Status st = ValidateReadRequest(*req); !st.ok()) {
       auto* r = ctx->DefaultReactor();
       r->Finish(ToGrpc(st));
       return r;

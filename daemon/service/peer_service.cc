@@ -9,6 +9,7 @@
 // reveals (ExportTable).
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "daemon/service/requests.h"
 #include "daemon/service/server.h"
 #include "daemon/service/tls.h"
 #include "daemon/transport/session_registry.h"
@@ -32,7 +33,7 @@ class PeerService final : public v1::Peer::CallbackService {
       resp->set_protocol_version(kProtocolVersion);
       // Preference order: the importer takes the first one it also runs.
       for (transport::Transport* t : d_->transports()) resp->add_transports(std::string(t->name()));
-      spdlog::debug("hello from node {}", req->node());
+      spdlog::debug("hello from node {}", LogSafe(req->node()));
       return absl::OkStatus();
     });
   }
@@ -145,9 +146,7 @@ class PeerService final : public v1::Peer::CallbackService {
   // where it is decided; other errors pass through.
   static absl::Status Refused(const Caller& c, const std::string& what, absl::Status st) {
     if (st.code() == absl::StatusCode::kPermissionDenied) {
-      spdlog::warn("peer {} ({}) refused export {}: {}", c.peer,
-                   c.names.empty() ? "unauthenticated" : absl::StrJoin(c.names, ","),
-                   absl::StrCat("'", what, "'"), st.message());
+      spdlog::warn("{}", RefusalLogLine(c.peer, c.names, what, st.message()));
     }
     return st;
   }
