@@ -28,10 +28,10 @@ echo "== built ${debs[*]##*/}"
 unit=$(dpkg-deb --fsys-tarfile "$out/svm_${version}_amd64.deb" | tar -xO ./usr/lib/systemd/system/svmd.service)
 grep -qx 'ExecStart=/usr/sbin/svmd --flagfile=/etc/svm/svmd.conf' <<<"$unit" ||
   fail "the packaged unit does not run /usr/sbin/svmd --flagfile=/etc/svm/svmd.conf"
-dpkg-deb --fsys-tarfile "$out/svm_${version}_amd64.deb" | tar -t | grep -qx './etc/svm/svmd.conf' ||
-  fail "svm does not ship /etc/svm/svmd.conf"
-dpkg-deb --ctrl-tarfile "$out/svm_${version}_amd64.deb" | tar -xO ./conffiles | grep -qx /etc/svm/svmd.conf ||
-  fail "/etc/svm/svmd.conf is not a conffile of svm"
+files=$(dpkg-deb --fsys-tarfile "$out/svm_${version}_amd64.deb" | tar -t)  # (grep -q would cut the pipe)
+grep -qx './etc/svm/svmd.conf' <<<"$files" || fail "svm does not ship /etc/svm/svmd.conf"
+conffiles=$(dpkg-deb --ctrl-tarfile "$out/svm_${version}_amd64.deb" | tar -xO ./conffiles)
+grep -qx /etc/svm/svmd.conf <<<"$conffiles" || fail "/etc/svm/svmd.conf is not a conffile of svm"
 conf=$(dpkg-deb --fsys-tarfile "$out/svm-dkms_${version}_all.deb" | tar -xO "./usr/src/svm_shim-$version/dkms.conf")
 grep -qx "PACKAGE_VERSION=\"$version\"" <<<"$conf" || fail "dkms.conf does not say $version"
 echo "== lintian"
