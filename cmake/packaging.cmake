@@ -1,12 +1,12 @@
 # Debian packages with CPack DEB (scripts/package.sh runs this):
 #   svm        component daemon: svmd, svmctl, the unit, sysusers, tmpfiles,
-#              udev rule, modules-load, /etc/default/svmd, man pages, docs
+#              udev rule, modules-load, /etc/svm/svmd.conf, man pages, docs
 #   svm-dkms   component dkms:   the module source and dkms.conf
 #   libsvm-dev component dev:    headers, libsvm.a + libsvm_proto.a, svm.pc,
 #                                the CMake package svm
 # Packages are built from an install with prefix /usr staged through DESTDIR
 # (CPACK_SET_DESTDIR), so the install-time rendering of the unit and the
-# defaults file (deploy/CMakeLists.txt) sees the final prefix.
+# configuration file (deploy/CMakeLists.txt) sees the final prefix.
 set(CPACK_GENERATOR DEB)
 set(CPACK_PACKAGE_NAME svm)
 set(CPACK_PACKAGE_VENDOR "svm")

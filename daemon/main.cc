@@ -9,15 +9,27 @@
 #include <set>
 #include <sstream>
 
+#include <iostream>
+#include <map>
+
 #include "absl/cleanup/cleanup.h"
+#include "absl/flags/flag.h"
+#include "absl/flags/internal/parse.h"
+#include "absl/flags/internal/usage.h"
+#include "absl/flags/marshalling.h"
+#include "absl/flags/reflection.h"
+#include "absl/flags/usage.h"
+#include "absl/flags/usage_config.h"
 #include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/strip.h"
-#include "common/args.h"
+#include "common/numbers.h"
 #include "daemon/core/daemon.h"
+#include "daemon/flags.h"
 #include "daemon/metrics/metrics_server.h"
 #include "daemon/systemd/journal.h"
 #include "daemon/systemd/watchdog.h"
@@ -26,260 +38,266 @@
 #include "spdlog/sinks/stdout_color_sinks.h"
 #include "common/log.h"
 
+// Flags keep the names svmd always had ("--peer-listen", with dashes):
+// SVMD_FLAG(Type, identifier, "name", default, help) is ABSL_FLAG with the
+// name given separately from the C++ identifier (FLAGS_identifier).
+// ABSL_FLAG itself names a flag after its identifier, and identifiers have
+// no dashes. It uses ABSL_FLAG's own building blocks from
+// absl/flags/flag.h (Debian 12's abseil, 20220623).
+#define SVMD_FLAG(Type, ident, name, default_value, help)                      \
+  extern ::absl::Flag<Type> FLAGS_##ident;                                     \
+  ABSL_FLAG_IMPL_DECLARE_DEF_VAL_WRAPPER(ident, Type, default_value)           \
+  ABSL_FLAG_IMPL_DECLARE_HELP_WRAPPER(ident, help)                             \
+  ABSL_CONST_INIT absl::Flag<Type> FLAGS_##ident{                              \
+      name, ABSL_FLAG_IMPL_FILENAME(), ABSL_FLAG_IMPL_HELP_ARG(ident),         \
+      ABSL_FLAG_IMPL_DEFAULT_ARG(Type, ident)};                                \
+  extern absl::flags_internal::FlagRegistrarEmpty FLAGS_no##ident;             \
+  absl::flags_internal::FlagRegistrarEmpty FLAGS_no##ident =                   \
+      ABSL_FLAG_IMPL_REGISTRAR(Type, FLAGS_##ident)
+
+using svm::flags::Choice;
+using svm::flags::RdmaRegistrationName;
+using svm::flags::SourceName;
+using svm::flags::TransportName;
+using svm::flags::ControlSocket;
+using svm::flags::LogLevel;
+using svm::flags::OptionalHostPort;
+using svm::flags::SocketMode;
+
+// Endpoints.
+SVMD_FLAG(ControlSocket, control, "control", ControlSocket{"/run/svm/svmd.sock"},
+          "control socket for local clients, unix:PATH");
+SVMD_FLAG(OptionalHostPort, peer_listen, "peer-listen", OptionalHostPort::Of("0.0.0.0", 7470),
+          "peer API for other daemons, HOST:PORT (port 0: any)");
+SVMD_FLAG(OptionalHostPort, data_listen, "data-listen", OptionalHostPort{},
+          "data connections, HOST:PORT (empty: the peer host, any port)");
+SVMD_FLAG(std::string, node, "node", "", "this node's name (empty: the host name)");
+SVMD_FLAG(OptionalHostPort, metrics_listen, "metrics-listen", OptionalHostPort{},
+          "serve Prometheus metrics at http://HOST:PORT/metrics (empty: off; port 0: any, the log "
+          "names it)");
+// Data path.
+SVMD_FLAG(Choice<SourceName>, source, "source", Choice<SourceName>{"auto"},
+          "mirror source: auto|shim|procfs (auto: shim when /dev/svm_shim exists)");
+SVMD_FLAG(Choice<TransportName>, transport, "transport", Choice<TransportName>{"auto"},
+          "data transport: auto|rdma|tcp (auto: rdma when a device with an active port is found, "
+          "plus tcp; each peer link falls back to tcp when its rdma setup fails)");
+SVMD_FLAG(std::string, rdma_device, "rdma-device", "", "rdma device (empty: the first with an active port)");
+SVMD_FLAG(Choice<RdmaRegistrationName>, rdma_registration, "rdma-registration",
+          Choice<RdmaRegistrationName>{"auto"},
+          "data buffer registration: auto|odp|pinned (auto: odp when the device has rc read odp and "
+          "passes the odp data check, else pinned; odp: do not start without usable odp)");
+// Peers.
+SVMD_FLAG(std::string, peer_token_file, "peer-token-file", "",
+          "pre-shared token peers must present (empty: none, unauthenticated); re-read on SIGHUP");
+SVMD_FLAG(std::string, tls_cert, "tls-cert", "",
+          "mutual TLS on the peer port (with --tls-key and --tls-ca, all three or none): this node's "
+          "certificate (PEM); re-read on SIGHUP");
+SVMD_FLAG(std::string, tls_key, "tls-key", "", "this node's private key (PEM); re-read on SIGHUP");
+SVMD_FLAG(std::string, tls_ca, "tls-ca", "",
+          "the CA peers' certificates must chain to (PEM); a peer's identity is its certificate's "
+          "DNS/URI subject alternative names (or CN); re-read on SIGHUP");
+// Sizes and times.
+SVMD_FLAG(uint64_t, cache_mb, "cache-mb", 256, "importer mirror cache size in MiB");
+SVMD_FLAG(uint64_t, poll_interval_ms, "poll-interval-ms", 10, "procfs source: pagemap poll interval (> 0)");
+SVMD_FLAG(uint64_t, scrub_interval_ms, "scrub-interval-ms", 50,
+          "content scrub of remotely held pages, interval (> 0)");
+SVMD_FLAG(uint64_t, sync_timeout_ms, "sync-timeout-ms", 5000, "how long Sync waits for importers");
+SVMD_FLAG(uint64_t, fetch_timeout_ms, "fetch-timeout-ms", 1500, "how long a read waits for the exporter");
+SVMD_FLAG(uint64_t, peer_timeout_ms, "peer-timeout-ms", 2000, "deadline of each call to a peer daemon");
+SVMD_FLAG(uint64_t, lease_ms, "lease-ms", 2000,
+          "importer: serve cached pages only this long after the exporter was last heard from "
+          "(keep it below every exporter's --sync-timeout-ms)");
+SVMD_FLAG(uint64_t, heartbeat_ms, "heartbeat-ms", 500,
+          "exporter: heartbeat on every data connection (> 0; keep it well below importers' "
+          "--lease-ms)");
+// The control socket.
+SVMD_FLAG(SocketMode, socket_mode, "socket-mode", SocketMode{0660}, "control socket mode, octal");
+SVMD_FLAG(std::string, socket_group, "socket-group", "svm",
+          "control socket group; must exist when given; the default svm is used when it exists; "
+          "\"\" leaves the socket's group alone");
+// Logs.
+SVMD_FLAG(LogLevel, log_level, "log-level", LogLevel{spdlog::level::info},
+          "trace|debug|info|warn|error|critical|off; reloadable (SIGHUP)");
+// Fault injection.
+SVMD_FLAG(uint64_t, fault_fetch_delay_ms, "fault-fetch-delay-ms", 0,
+          "testing only: delay every fetch reply after the copy");
+SVMD_FLAG(uint64_t, fault_subscribe_inval_ms, "fault-subscribe-inval-ms", 0,
+          "testing only: on every subscription, push an invalidation of the export's first page, "
+          "then hold the answer N ms");
+
 namespace {
 
-constexpr char kUsage[] = R"(usage: svmd [options]
-  --control unix:PATH          control socket for local clients (default unix:/run/svm/svmd.sock)
-  --peer-listen HOST:PORT      peer API for other daemons (default 0.0.0.0:7470; port 0: any)
-  --data-listen HOST:PORT      data connections (default: the peer host, any port)
-  --node NAME                  this node's name (default: the host name)
-  --source auto|shim|procfs    mirror source (default auto: shim when /dev/svm_shim exists)
-  --transport auto|rdma|tcp    data transport (default auto: rdma when a device with an active
-                               port is found, plus tcp; each peer link falls back to tcp
-                               when its rdma setup fails)
-  --rdma-device NAME           rdma device (default: the first with an active port)
-  --rdma-registration auto|odp|pinned
-                               data buffer registration (default auto: odp when the device
-                               has rc read odp and passes the odp data check, else pinned;
-                               odp: do not start without usable odp)
-  --peer-token-file PATH       pre-shared token peers must present (default: none, unauthenticated)
-  --tls-cert PATH              mutual TLS on the peer port (all three or none): this node's
-  --tls-key PATH               certificate and key, and the CA peers' certificates must chain
-  --tls-ca PATH                to (PEM). A peer's identity is its certificate's DNS/URI subject
-                               alternative names (or CN); re-read on SIGHUP. Default: none,
-                               peers unauthenticated and unencrypted
-  --cache-mb N                 importer mirror cache size (default 256)
-  --poll-interval-ms N         procfs source: pagemap poll interval (default 10)
-  --scrub-interval-ms N        content scrub of remotely held pages (default 50)
-  --sync-timeout-ms N          how long Sync waits for importers (default 5000)
-  --fetch-timeout-ms N         how long a read waits for the exporter (default 1500)
-  --peer-timeout-ms N          deadline of each call to a peer daemon (default 2000)
-  --lease-ms N                 importer: serve cached pages only this long after the
-                               exporter was last heard from (default 2000; keep it below
-                               every exporter's --sync-timeout-ms)
-  --heartbeat-ms N             exporter: heartbeat on every data connection (default 500;
-                               keep it well below importers' --lease-ms)
-  --socket-mode OCTAL          control socket mode (default 0660)
-  --socket-group NAME          control socket group (default svm, if it exists; a group
-                               named here must exist; "" leaves the socket's group alone)
-  --metrics-listen HOST:PORT   serve Prometheus metrics at http://HOST:PORT/metrics (default:
-                               off; port 0: any, the log names it)
-  --log-level LEVEL            trace|debug|info|warn|error|critical|off (default info)
-  --fault-fetch-delay-ms N     testing only: delay every fetch reply after the copy
-  --fault-subscribe-inval-ms N testing only: on every subscription, push an invalidation of
-                               the export's first page, then hold the answer N ms
-  --flagfile PATH              read options from PATH, one "--flag value" a line (# comments);
-                               options on the command line override it; SIGHUP re-reads it
-  --version                    print the version and exit
-SIGHUP reloads: the log level (from --flagfile) and the peer token file are re-read, and
-the TLS certificate, key and CA files (new handshakes use them once they verify);
-imports, exports and peer links stay up.
-Exit status: 0 after a clean shutdown (SIGTERM, SIGINT), 1 when svmd cannot start or
-serve, 2 for a usage error (the message names the flag).
-)";
+constexpr char kUsage[] = R"(the svm daemon (shared virtual memory over RDMA/TCP).
+usage: svmd [--flagfile=/etc/svm/svmd.conf] [--flag=value ...]
 
-// --log-level, strictly: spdlog maps an unknown name to "off".
-absl::StatusOr<spdlog::level::level_enum> LogLevelArg(const svm::Args& a) {
-  const std::string v = a.Get("log-level", "info");
-  static constexpr std::pair<const char*, spdlog::level::level_enum> kLevels[] = {
-      {"trace", spdlog::level::trace}, {"debug", spdlog::level::debug},
-      {"info", spdlog::level::info},   {"warn", spdlog::level::warn},
-      {"warning", spdlog::level::warn}, {"error", spdlog::level::err},
-      {"critical", spdlog::level::critical}, {"off", spdlog::level::off}};
-  for (const auto& [name, level] : kLevels) {
-    if (v == name) return level;
-  }
-  return absl::InvalidArgumentError(absl::StrCat(
-      "--log-level: unknown level '", v, "' (trace|debug|info|warn|error|critical|off)"));
-}
+A flagfile has one --flag=value a line (# comments); flags after --flagfile
+on the command line override it. Every flag is listed below.
 
-// --socket-mode: octal permission bits, nothing else.
-absl::StatusOr<mode_t> SocketModeArg(const std::string& v) {
-  const bool octal = !v.empty() && v.size() <= 5 &&
-                     v.find_first_not_of("01234567") == std::string::npos;
-  const unsigned long mode = octal ? std::strtoul(v.c_str(), nullptr, 8) : 0;
-  if (!octal || mode > 07777) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("--socket-mode: '", v, "' is not an octal file mode (e.g. 0660)"));
-  }
-  return static_cast<mode_t>(mode);
-}
+SIGHUP reloads, without dropping imports, exports, sessions or peer links:
+  --log-level (from the flagfile), the peer token file (--peer-token-file:
+  the new token applies to peer calls from then on), the TLS certificate,
+  key and CA files (new handshakes use them once they verify). Other
+  changed flags are logged as needing a restart.
+Exit status: 0 after a clean shutdown (SIGTERM, SIGINT) and for --help and
+--version, 1 when svmd cannot start or serve, 2 for a usage error (the
+message names the flag).)";
 
-// --socket-group: a group named on the command line must exist (a typo
-// would leave the socket unreachable for the intended users); the default
-// "svm" is used only when it exists.
-absl::StatusOr<std::string> SocketGroupArg(const svm::Args& a) {
-  if (!a.Has("socket-group")) return ::getgrnam("svm") != nullptr ? "svm" : "";
-  const std::string g = a.Get("socket-group");
-  if (!g.empty() && ::getgrnam(g.c_str()) == nullptr) {
-    return absl::InvalidArgumentError(absl::StrCat("--socket-group: no group '", g, "'"));
-  }
-  return g;
-}
+// The flags that SIGHUP applies (the rest need a restart).
+// The flags that SIGHUP applies; the rest need a restart. (The TLS files
+// are re-read too, from the paths svmd started with.) To make a flag
+// reloadable: list it here and apply it in Reload() (docs/operations.md).
+const std::set<std::string> kReloadable = {"log-level", "peer-token-file"};
 
-absl::StatusOr<svm::HostPort> HostPortArg(const svm::Args& a, const std::string& key,
-                                          const std::string& def) {
-  auto hp = svm::ParseHostPort(a.Get(key, def));
-  if (!hp.ok()) return absl::InvalidArgumentError(absl::StrCat("--", key, ": ", hp.status().message()));
-  return hp;
+absl::Status FlagError(const char* flag, absl::string_view what) {
+  return absl::InvalidArgumentError(absl::StrCat("--", flag, ": ", what));
 }
 
 absl::StatusOr<std::string> ReadPeerToken(const std::string& path) {
   std::ifstream in(path);
-  if (!in) return absl::NotFoundError(absl::StrCat("cannot read ", path));
+  if (!in) return FlagError("peer-token-file", absl::StrCat("cannot read ", path));
   std::stringstream ss;
   ss << in.rdbuf();
   std::string token(absl::StripAsciiWhitespace(ss.str()));
-  if (token.empty()) return absl::InvalidArgumentError("the peer token file is empty");
+  if (token.empty()) return FlagError("peer-token-file", absl::StrCat(path, " is empty"));
   return token;
 }
 
-absl::StatusOr<svm::core::DaemonOptions> ParseOptions(const svm::Args& a) {
+// Whether the flag was set on the command line or in a flagfile.
+bool Given(absl::string_view name) { return absl::flags_internal::WasPresentOnCommandLine(name); }
+
+absl::StatusOr<svm::core::DaemonOptions> ParseOptions() {
   svm::core::DaemonOptions o;
-  const std::string control = a.Get("control", "unix:/run/svm/svmd.sock");
-  if (!absl::StartsWith(control, "unix:") || control.size() <= 5) {
-    return absl::InvalidArgumentError("--control must be unix:PATH");
+  o.control = absl::GetFlag(FLAGS_control).path;
+  auto peer = absl::GetFlag(FLAGS_peer_listen);
+  if (!peer.value) return FlagError("peer-listen", "must be HOST:PORT");
+  o.peer_listen = *peer.value;
+  auto data = absl::GetFlag(FLAGS_data_listen);
+  o.data_listen = data.value ? *data.value : svm::HostPort{o.peer_listen.host, 0};
+  o.node = absl::GetFlag(FLAGS_node);
+  if (o.node.empty()) {
+    char host[256] = {};
+    ::gethostname(host, sizeof(host) - 1);
+    o.node = host;
   }
-  o.control = control.substr(5);
-  auto peer = HostPortArg(a, "peer-listen", "0.0.0.0:7470");
-  if (!peer.ok()) return peer.status();
-  o.peer_listen = *peer;
-  auto data = HostPortArg(a, "data-listen", absl::StrCat(o.peer_listen.host, ":0"));
-  if (!data.ok()) return data.status();
-  o.data_listen = *data;
-  char host[256] = {};
-  ::gethostname(host, sizeof(host) - 1);
-  o.node = a.Get("node", host);
-  o.source = a.Get("source", "auto");
-  o.transport = a.Get("transport", "auto");
-  o.rdma_device = a.Get("rdma-device", "");
-  o.rdma_registration = a.Get("rdma-registration", "auto");
-  if (a.Has("peer-token-file")) {
-    auto token = ReadPeerToken(a.Get("peer-token-file"));
+  o.source = absl::GetFlag(FLAGS_source).value;
+  o.transport = absl::GetFlag(FLAGS_transport).value;
+  o.rdma_device = absl::GetFlag(FLAGS_rdma_device);
+  o.rdma_registration = absl::GetFlag(FLAGS_rdma_registration).value;
+  if (const std::string path = absl::GetFlag(FLAGS_peer_token_file); !path.empty()) {
+    auto token = ReadPeerToken(path);
     if (!token.ok()) return token.status();
     o.peer_token = *token;
   }
-  auto num = [&](const char* key, uint64_t def) { return a.GetU64(key, def); };
-  auto cache = num("cache-mb", 256);
-  auto poll = num("poll-interval-ms", 10);
-  auto scrub = num("scrub-interval-ms", 50);
-  auto sync = num("sync-timeout-ms", 5000);
-  auto fetch = num("fetch-timeout-ms", 1500);
-  auto fault = num("fault-fetch-delay-ms", 0);
-  auto fault_sub = num("fault-subscribe-inval-ms", 0);
-  auto peer_timeout = num("peer-timeout-ms", 2000);
-  auto lease = num("lease-ms", 2000);
-  auto heartbeat = num("heartbeat-ms", 500);
-  for (auto* s : {&cache, &poll, &scrub, &sync, &fetch, &fault, &fault_sub, &peer_timeout, &lease,
-                  &heartbeat}) {
-    if (!s->ok()) return s->status();
-  }
-  if (*poll == 0 || *scrub == 0) return absl::InvalidArgumentError("intervals must be > 0");
-  if (*heartbeat == 0) return absl::InvalidArgumentError("--heartbeat-ms must be > 0");
-  if (*lease <= *heartbeat) {
+  const uint64_t cache = absl::GetFlag(FLAGS_cache_mb);
+  const uint64_t poll = absl::GetFlag(FLAGS_poll_interval_ms);
+  const uint64_t scrub = absl::GetFlag(FLAGS_scrub_interval_ms);
+  const uint64_t sync = absl::GetFlag(FLAGS_sync_timeout_ms);
+  const uint64_t lease = absl::GetFlag(FLAGS_lease_ms);
+  const uint64_t heartbeat = absl::GetFlag(FLAGS_heartbeat_ms);
+  if (cache > (uint64_t{1} << 30)) return FlagError("cache-mb", absl::StrCat(cache, " MiB is more than 1 PiB"));
+  if (poll == 0) return FlagError("poll-interval-ms", "must be > 0");
+  if (scrub == 0) return FlagError("scrub-interval-ms", "must be > 0");
+  if (heartbeat == 0) return FlagError("heartbeat-ms", "must be > 0");
+  if (lease <= heartbeat) {
     return absl::InvalidArgumentError(absl::StrFormat(
-        "--lease-ms %u must be longer than --heartbeat-ms %u", *lease, *heartbeat));
+        "--lease-ms %u must be longer than --heartbeat-ms %u", lease, heartbeat));
   }
-  if (*lease >= *sync) {
+  if (lease >= sync) {
     return absl::InvalidArgumentError(absl::StrFormat(
         "--lease-ms %u must be shorter than --sync-timeout-ms %u (an importer dropped by an "
-        "exporter could otherwise serve stale pages)", *lease, *sync));
+        "exporter could otherwise serve stale pages)", lease, sync));
   }
-  o.import.lease = absl::Milliseconds(*lease);
-  o.heartbeat_interval = absl::Milliseconds(*heartbeat);
-  o.cache_bytes = *cache << 20;
-  o.poll_interval = absl::Milliseconds(*poll);
-  o.scrub_interval = absl::Milliseconds(*scrub);
-  o.limits.sync_timeout = absl::Milliseconds(*sync);
-  o.import.fetch_timeout = absl::Milliseconds(*fetch);
-  o.limits.fault_fetch_delay = absl::Milliseconds(*fault);
-  o.limits.fault_subscribe_inval = absl::Milliseconds(*fault_sub);
-  o.import.rpc_timeout = absl::Milliseconds(*peer_timeout);
+  o.import.lease = absl::Milliseconds(lease);
+  o.heartbeat_interval = absl::Milliseconds(heartbeat);
+  o.cache_bytes = cache << 20;
+  o.poll_interval = absl::Milliseconds(poll);
+  o.scrub_interval = absl::Milliseconds(scrub);
+  o.limits.sync_timeout = absl::Milliseconds(sync);
+  o.import.fetch_timeout = absl::Milliseconds(absl::GetFlag(FLAGS_fetch_timeout_ms));
+  o.limits.fault_fetch_delay = absl::Milliseconds(absl::GetFlag(FLAGS_fault_fetch_delay_ms));
+  o.limits.fault_subscribe_inval = absl::Milliseconds(absl::GetFlag(FLAGS_fault_subscribe_inval_ms));
+  o.import.rpc_timeout = absl::Milliseconds(absl::GetFlag(FLAGS_peer_timeout_ms));
   return o;
 }
 
-}  // namespace
+// The flagfiles svmd started with, and the flags named outside them (on
+// the command line proper): those keep their command-line value on reload.
+struct Startup {
+  std::vector<std::string> flagfiles;
+  std::set<std::string> on_command_line;
+  svm::flags::FlagfileValues values;  // what the flagfiles said at start
+};
 
-// The options svmd takes (value options and booleans).
-const std::set<std::string> kValueFlags = {
-    "control", "peer-listen", "data-listen", "node", "source", "transport", "rdma-device",
-    "rdma-registration", "peer-token-file", "cache-mb", "poll-interval-ms", "scrub-interval-ms",
-    "sync-timeout-ms", "fetch-timeout-ms", "socket-mode", "socket-group", "log-level",
-    "metrics-listen", "fault-fetch-delay-ms", "fault-subscribe-inval-ms", "peer-timeout-ms",
-    "lease-ms", "heartbeat-ms", "flagfile", "tls-cert", "tls-key", "tls-ca"};
-const std::set<std::string> kBoolFlags = {"help", "version"};
-
-// The words of a flagfile: each line "--flag value" or "--flag=value"
-// (the value is the rest of the line, literally: no quoting), "#" comments
-// and blank lines skipped.
-absl::StatusOr<std::vector<std::string>> ReadFlagfile(const std::string& path) {
-  std::ifstream in(path);
-  if (!in) return absl::NotFoundError(absl::StrCat("--flagfile: cannot read ", path));
-  std::vector<std::string> words;
-  std::string line;
-  for (int n = 1; std::getline(in, line); ++n) {
-    absl::string_view l = absl::StripAsciiWhitespace(line);
-    if (l.empty() || l[0] == '#') continue;
-    if (!absl::StartsWith(l, "--")) {
-      return absl::InvalidArgumentError(
-          absl::StrFormat("--flagfile %s:%d: expected --flag [value], got '%s'", path, n, l));
-    }
-    if (absl::StartsWith(l, "--flagfile")) {
-      return absl::InvalidArgumentError(absl::StrFormat("--flagfile %s:%d: flagfiles do not nest", path, n));
-    }
-    const size_t sp = l.find_first_of(" \t");
-    words.emplace_back(l.substr(0, sp));
-    if (sp != absl::string_view::npos) words.emplace_back(absl::StripAsciiWhitespace(l.substr(sp)));
+Startup ScanCommandLine(int argc, char** argv) {
+  Startup s;
+  s.flagfiles = absl::GetFlag(FLAGS_flagfile);
+  for (int i = 1; i < argc; ++i) {
+    absl::string_view a = argv[i];
+    if (a == "--") break;
+    if (!absl::ConsumePrefix(&a, "--")) continue;
+    const std::string name(a.substr(0, a.find('=')));
+    if (name != "flagfile") s.on_command_line.insert(name);
   }
-  return words;
+  auto v = svm::flags::ReadFlagfiles(s.flagfiles);
+  if (v.ok()) s.values = *std::move(v);
+  return s;
 }
 
-// The command line with the flagfile it names (if any) read in front of
-// it, so that the command line wins.
-absl::StatusOr<svm::Args> ParseArgs(int argc, char** argv) {
-  auto cli = svm::Args::Parse(argc, argv, kValueFlags, kBoolFlags);
-  if (!cli.ok() || !cli->Has("flagfile")) return cli;
-  auto words = ReadFlagfile(cli->Get("flagfile"));
-  if (!words.ok()) return words.status();
-  std::vector<char*> merged = {argv[0]};
-  for (auto& w : *words) merged.push_back(w.data());
-  for (int i = 1; i < argc; ++i) merged.push_back(argv[i]);
-  auto a = svm::Args::Parse(static_cast<int>(merged.size()), merged.data(), kValueFlags, kBoolFlags);
-  if (!a.ok()) {
-    return absl::Status(a.status().code(),
-                        absl::StrCat(a.status().message(), " (command line or --flagfile)"));
-  }
-  return a;
-}
-
-// SIGHUP: applies what can change while svmd runs (the log level), checks
-// the peer token file, and names every other option that changed as
-// needing a restart. Nothing is torn down: imports and links stay up.
-void Reload(int argc, char** argv, const svm::Args& running, const std::string& running_token,
-            svm::service::PeerTls* tls) {
+// SIGHUP: re-reads the flagfiles, applies the reloadable flags they set
+// (unless the command line set them), re-reads the peer token file and the
+// TLS files, and names every other flag that changed as needing a restart.
+// Nothing is torn down: imports, sessions and peer links stay up. An error
+// changes nothing of what it concerns.
+void Reload(Startup& startup, svm::core::Daemon* d, svm::service::PeerTls* tls) {
   svm::systemd::Notify("RELOADING=1");
   absl::Cleanup ready = [] { svm::systemd::Notify("READY=1"); };
-  auto now = ParseArgs(argc, argv);
+  auto now = svm::flags::ReadFlagfiles(startup.flagfiles);
   if (!now.ok()) {
     spdlog::error("reload: {}; nothing changed", now.status().message());
     return;
   }
-  auto level = LogLevelArg(*now);
-  if (!level.ok()) {
-    spdlog::error("reload: {}; nothing changed", level.status().message());
-    return;
+  for (const auto& [name, value] : *now) {
+    if (absl::FindCommandLineFlag(name) == nullptr) {
+      spdlog::error("reload: --flagfile: unknown flag --{}; nothing changed", name);
+      return;
+    }
   }
-  if (*level != spdlog::get_level()) {
-    spdlog::set_level(*level);
-    spdlog::warn("reload: log level {}", spdlog::level::to_string_view(*level));
+  auto from_file = [&](const std::string& name) -> std::optional<std::string> {
+    if (startup.on_command_line.count(name)) return std::nullopt;  // the command line wins
+    auto it = now->find(name);
+    if (it != now->end()) return it->second;
+    return absl::FindCommandLineFlag(name)->DefaultValue();  // removed from the file
+  };
+  LogLevel level = absl::GetFlag(FLAGS_log_level);
+  if (auto v = from_file("log-level")) {
+    std::string err;
+    if (!absl::ParseFlag(*v, &level, &err)) {
+      spdlog::error("reload: --log-level: {}; nothing changed", err);
+      return;
+    }
   }
-  if (now->Has("peer-token-file")) {
-    auto token = ReadPeerToken(now->Get("peer-token-file"));
+  if (level.value != spdlog::get_level()) {
+    absl::SetFlag(&FLAGS_log_level, level);
+    spdlog::set_level(level.value);
+    spdlog::warn("reload: log level {}", spdlog::level::to_string_view(level.value));
+  }
+  // The token: the file named now (the path may change too), re-read.
+  std::string token_path = absl::GetFlag(FLAGS_peer_token_file);
+  if (auto v = from_file("peer-token-file")) token_path = *v;
+  const std::string running = d->peer_token().Get();
+  if (token_path.empty() != running.empty()) {
+    spdlog::error("reload: --peer-token-file: token authentication cannot be turned {} by a reload; "
+                  "svmd keeps the current setting until it restarts",
+                  running.empty() ? "on" : "off");
+  } else if (!token_path.empty()) {
+    auto token = ReadPeerToken(token_path);
     if (!token.ok()) {
-      spdlog::error("reload: {}; svmd keeps the token it started with", token.status().message());
-    } else if (*token != running_token) {
-      spdlog::warn("reload: the peer token changed; it takes effect when svmd restarts "
-                   "(imports and peer links keep the current one)");
+      spdlog::error("reload: {}; svmd keeps its current token", token.status().message());
+    } else if (*token != running) {
+      d->peer_token().Set(*token);
+      absl::SetFlag(&FLAGS_peer_token_file, token_path);
+      spdlog::warn("reload: new peer token from {}: peer calls from now on use it (imports, "
+                   "sessions and data connections stay up)", token_path);
     }
   }
   if (tls != nullptr) {
@@ -291,79 +309,95 @@ void Reload(int argc, char** argv, const svm::Args& running, const std::string& 
       spdlog::warn("reload: peer tls certificate {}", *served);
     }
   }
-  for (const std::string& key : kValueFlags) {
-    if (key == "log-level" || key == "flagfile") continue;
-    if (now->Get(key, "\x01") != running.Get(key, "\x01")) {
-      spdlog::warn("reload: --{} changed; it takes effect when svmd restarts", key);
-    }
+  std::set<std::string> names;
+  for (const auto& [k, v] : *now) names.insert(k);
+  for (const auto& [k, v] : startup.values) names.insert(k);
+  for (const std::string& name : names) {
+    if (kReloadable.count(name) || startup.on_command_line.count(name)) continue;
+    auto was = startup.values.find(name);
+    auto is = now->find(name);
+    const bool same = (was == startup.values.end()) == (is == now->end()) &&
+                      (is == now->end() || is->second == was->second);
+    if (!same) spdlog::warn("reload: --{} changed; it takes effect when svmd restarts", name);
   }
   spdlog::info("reload: done");
 }
 
+}  // namespace
+
+// abseil reports a usage error (a bad value, an unknown flag, an unreadable
+// flagfile), having printed it, through this hook before it exits with 1:
+// svmd's usage errors exit with 2 (the unit does not restart on 2).
+extern "C" void ABSL_INTERNAL_C_SYMBOL(AbslInternalReportFatalUsageError)(absl::string_view) {
+  std::fflush(stderr);
+  std::exit(2);
+}
+
 int main(int argc, char** argv) {
-  auto args = ParseArgs(argc, argv);
-  if (!args.ok()) {
-    std::fprintf(stderr, "svmd: %s\n%s", std::string(args.status().message()).c_str(), kUsage);
-    return 2;
-  }
-  if (args->Has("help")) {
-    std::fputs(kUsage, stdout);
-    return 0;
-  }
-  if (args->Has("version")) {
-    std::printf("svmd %s\n", SVM_VERSION);
-    return 0;
-  }
-  if (!args->positional().empty()) {
-    std::fprintf(stderr, "svmd: unexpected argument '%s'\n", args->positional()[0].c_str());
+  absl::SetProgramUsageMessage(kUsage);
+  absl::FlagsUsageConfig usage;
+  usage.version_string = [] { return absl::StrCat("svmd ", SVM_VERSION, "\n"); };
+  usage.normalize_filename = [](absl::string_view f) {
+    return std::string(absl::StrContains(f, "daemon/main.cc") ? "svmd" : f);
+  };
+  usage.contains_help_flags = [](absl::string_view f) { return f == "svmd" || absl::StrContains(f, "daemon/main.cc"); };
+  absl::SetFlagsUsageConfig(usage);
+  // Usage errors end the process here, with exit status 2 (the hook above).
+  const std::vector<char*> positional = absl::flags_internal::ParseCommandLineImpl(
+      argc, argv, absl::flags_internal::ArgvListAction::kRemoveParsedArgs,
+      absl::flags_internal::UsageFlagsAction::kIgnoreUsage,
+      absl::flags_internal::OnUndefinedFlag::kAbortIfUndefined);
+  // --help, --helpfull, --version: printed, exit 0.
+  if (absl::flags_internal::HandleUsageFlags(std::cout, absl::ProgramUsageMessage()) != -1) return 0;
+  if (positional.size() > 1) {
+    std::fprintf(stderr, "svmd: unexpected argument '%s' (svmd takes only flags; see --help)\n",
+                 positional[1]);
     return 2;
   }
   auto usage_error = [](const absl::Status& st) {
     std::fprintf(stderr, "svmd: %s\n", std::string(st.message()).c_str());
     return 2;
   };
-  auto level = LogLevelArg(*args);
-  if (!level.ok()) return usage_error(level.status());
+  Startup startup = ScanCommandLine(argc, argv);
   svm::service::ServerOptions so;
-  if (args->Has("socket-mode")) {
-    auto mode = SocketModeArg(args->Get("socket-mode"));
-    if (!mode.ok()) return usage_error(mode.status());
-    so.socket_mode = *mode;
+  so.socket_mode = absl::GetFlag(FLAGS_socket_mode).mode;
+  // --socket-group: a group named must exist (a typo would leave the socket
+  // unreachable for the intended users); the default "svm" is used only when
+  // it exists.
+  so.socket_group = absl::GetFlag(FLAGS_socket_group);
+  if (!Given("socket-group")) {
+    if (::getgrnam(so.socket_group.c_str()) == nullptr) so.socket_group.clear();
+  } else if (!so.socket_group.empty() && ::getgrnam(so.socket_group.c_str()) == nullptr) {
+    return usage_error(FlagError("socket-group", absl::StrCat("no group '", so.socket_group, "'")));
   }
-  auto group = SocketGroupArg(*args);
-  if (!group.ok()) return usage_error(group.status());
-  so.socket_group = *group;
 
   auto logger = spdlog::stderr_color_mt("svmd");
   spdlog::set_default_logger(logger);
   svm::systemd::SetLogPattern();  // "<N>" priorities when stderr is the journal
-  spdlog::set_level(*level);
+  spdlog::set_level(absl::GetFlag(FLAGS_log_level).value);
   svm::service::RouteGrpcLogs();
 
-  auto opts = ParseOptions(*args);
+  auto opts = ParseOptions();
   if (!opts.ok()) return usage_error(opts.status());
   // Mutual TLS on the peer port: all three files or none.
   std::unique_ptr<svm::service::PeerTls> tls;
   {
-    const int given = args->Has("tls-cert") + args->Has("tls-key") + args->Has("tls-ca");
+    const std::string cert = absl::GetFlag(FLAGS_tls_cert), key = absl::GetFlag(FLAGS_tls_key),
+                      ca = absl::GetFlag(FLAGS_tls_ca);
+    const int given = !cert.empty() + !key.empty() + !ca.empty();
     if (given != 0 && given != 3) {
       return usage_error(absl::InvalidArgumentError("--tls-cert, --tls-key and --tls-ca go together"));
     }
     if (given == 3) {
       auto t = svm::service::PeerTls::Create(
-          {.cert = args->Get("tls-cert"), .key = args->Get("tls-key"), .ca = args->Get("tls-ca")});
+          {.cert = cert, .key = key, .ca = ca});
       if (!t.ok()) return usage_error(t.status());
       tls = std::move(*t);
       so.peer_credentials = tls->ServerCredentials();
       opts->import.peer_credentials = tls->ChannelCredentials();
     }
   }
-  std::optional<svm::HostPort> metrics_listen;
-  if (args->Has("metrics-listen")) {
-    auto hp = HostPortArg(*args, "metrics-listen", "");
-    if (!hp.ok()) return usage_error(hp.status());
-    metrics_listen = *hp;
-  }
+  const std::optional<svm::HostPort> metrics_listen = absl::GetFlag(FLAGS_metrics_listen).value;
 
   // Signals are taken synchronously by this thread; every other thread
   // inherits the mask.
@@ -450,7 +484,7 @@ int main(int argc, char** argv) {
   int sig = 0;
   while (sigwait(&sigs, &sig) == 0 && sig == SIGHUP) {
     spdlog::info("SIGHUP: reloading");
-    Reload(argc, argv, *args, opts->peer_token, tls.get());
+    Reload(startup, d, tls.get());
   }
   spdlog::info("signal {}: shutting down", sig);
   svm::systemd::Notify("STOPPING=1");

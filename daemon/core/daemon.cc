@@ -57,7 +57,8 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Create(DaemonOptions opts) {
   }
   ImportOptions io = o.import;
   io.node = o.node;
-  io.peer_token = o.peer_token;
+  d->peer_token_ = std::make_shared<PeerToken>(o.peer_token);
+  io.peer_token = d->peer_token_;
   d->imports_ = std::make_unique<ImportTable>(d->transport_list_, &d->hub_, d->cache_.get(),
                                               &d->counters_, io);
   d->executor_ = std::make_unique<Executor>(8, 64);

@@ -34,7 +34,7 @@ struct DaemonOptions {
   std::string transport = "auto";          // auto|rdma|tcp
   std::string rdma_device;                 // "" = the first with an active port
   std::string rdma_registration = "auto";  // auto|odp|pinned
-  std::string peer_token;
+  std::string peer_token;  // at start; peer_token() is the current one
   uint64_t cache_bytes = 256ull << 20;
   absl::Duration poll_interval = absl::Milliseconds(10);
   absl::Duration scrub_interval = absl::Milliseconds(50);
@@ -53,6 +53,8 @@ class Daemon {
   ImportTable& imports() { return *imports_; }
   WatchHub& hub() { return hub_; }
   Counters& counters() { return counters_; }
+  // The peer token in force (SIGHUP replaces it).
+  PeerToken& peer_token() { return *peer_token_; }
   Executor& executor() { return *executor_; }
   // The running transports in preference order: rdma (when running), then
   // tcp (unless --transport rdma).
@@ -78,6 +80,7 @@ class Daemon {
   // Declaration order is teardown order, reversed: the executor stops first,
   // then the tables, then the transport, the source and the cache.
   Counters counters_;
+  std::shared_ptr<PeerToken> peer_token_;  // shared with the import table
   WatchHub hub_;
   std::unique_ptr<session::SharedCache> cache_;
   std::unique_ptr<source::MirrorSource> source_;

@@ -78,6 +78,7 @@ struct ExportTable::ExportEntry {
   uint64_t addr = 0, len = 0, npages = 0;
   uid_t owner = 0;
   bool scrub = false;
+  ExportStats stats;  // relaxed atomics, no lock
 
   absl::Mutex mu;  // guards everything below
   std::shared_ptr<source::MirrorRange> range ABSL_GUARDED_BY(mu);
@@ -290,6 +291,13 @@ std::vector<v1::ExportInfo> ExportTable::List() const {
   }
   std::vector<v1::ExportInfo> out;
   for (auto& e : all) out.push_back(InfoOf(*e));
+  return out;
+}
+
+std::vector<ExportTable::StatsRef> ExportTable::Stats() const {
+  absl::MutexLock l(&mu_);
+  std::vector<StatsRef> out;
+  for (const auto& [n, e] : by_name_) out.push_back({n, std::shared_ptr<const ExportStats>(e, &e->stats)});
   return out;
 }
 
@@ -541,6 +549,8 @@ absl::StatusOr<uint64_t> ExportTable::ServeFetch(uint64_t export_id, uint64_t fi
   }
   counters_->Add("fetches_served");
   counters_->Add("pages_served", npages);
+  e->stats.fetches.fetch_add(1, std::memory_order_relaxed);
+  e->stats.bytes_served.fetch_add(dst.size(), std::memory_order_relaxed);
   return seq;
 }
 
@@ -678,6 +688,8 @@ absl::StatusOr<uint64_t> ExportTable::ReadLocal(const std::string& name, uint64_
     seq = e->coh.seq();
   }
   if (auto st = range->Read(offset, dst); !st.ok()) return st;
+  e->stats.local_reads.fetch_add(1, std::memory_order_relaxed);
+  e->stats.bytes_served.fetch_add(dst.size(), std::memory_order_relaxed);
   return seq;
 }
 

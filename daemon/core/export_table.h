@@ -83,6 +83,13 @@ class ExportTable final : public transport::ExportBackend {
                                         std::vector<std::string> allow = {});
   absl::Status Unexport(const std::string& name);
   std::vector<v1::ExportInfo> List() const;
+  // Every export's traffic figures (the metrics endpoint); each pointer
+  // keeps its export's entry alive, not the export.
+  struct StatsRef {
+    std::string name;
+    std::shared_ptr<const ExportStats> stats;
+  };
+  std::vector<StatsRef> Stats() const;
   bool Has(const std::string& name) const;
   // Access lists: peer is the identities a peer proved (empty: none). An
   // export with a list is refused with PERMISSION_DENIED, revealing nothing

@@ -134,6 +134,7 @@ struct ImportTable::ImportEntry {
   uint64_t id = 0;  // cache key
   std::string name, remote_name;
   std::shared_ptr<Link> link;
+  ImportStats stats;  // relaxed atomics, no lock
 
   absl::Mutex mu;  // guards everything below; taken by invalidations
   // An attachment is in flight; concurrent readers of a detached import
@@ -225,7 +226,9 @@ void ImportTable::CallPeer(Link& link, absl::Duration timeout, const Req& req, s
   auto call = std::make_shared<Call>();
   call->req = req;
   call->ctx.set_deadline(std::chrono::system_clock::now() + absl::ToChronoMilliseconds(timeout));
-  if (!opts_.peer_token.empty()) call->ctx.AddMetadata("svm-peer-token", opts_.peer_token);
+  if (opts_.peer_token != nullptr) {
+    if (std::string t = opts_.peer_token->Get(); !t.empty()) call->ctx.AddMetadata("svm-peer-token", t);
+  }
   bool stopping;
   {
     absl::MutexLock l(&calls_mu_);
@@ -736,6 +739,13 @@ v1::ImportInfo ImportTable::InfoOf(ImportEntry& imp) const {
   return i;
 }
 
+std::vector<ImportTable::StatsRef> ImportTable::Stats() const {
+  absl::MutexLock l(&mu_);
+  std::vector<StatsRef> out;
+  for (const auto& [n, i] : imports_) out.push_back({n, std::shared_ptr<const ImportStats>(i, &i->stats)});
+  return out;
+}
+
 std::vector<v1::ImportInfo> ImportTable::List() const {
   std::vector<std::shared_ptr<struct ImportEntry>> all;
   {
@@ -828,6 +838,7 @@ std::optional<absl::StatusOr<v1::ReadResponse>> ImportTable::ReadAttached(
     // dst. Never cached: a cached copy could not follow the exporter's
     // stores without its CPU hashing what was read (the staged path's Sync
     // bookkeeping), and the read is as cheap as a fetch.
+    const absl::Time read_start = absl::Now();
     absl::Status st = ch->ReadRegion(export_id, offset, dst, opts_.fetch_timeout);
     if (absl::IsFailedPrecondition(st) && may_refresh && absl::Now() >= zc_refresh_at) {
       return std::nullopt;  // RefreshRegion, then again
@@ -840,6 +851,9 @@ std::optional<absl::StatusOr<v1::ReadResponse>> ImportTable::ReadAttached(
       counters_->Add("reads");
       counters_->Add("zero_copy_reads");
       counters_->Add("read_pages_fetched", n);
+      imp->stats.fetch_latency.Observe(absl::Now() - read_start);
+      imp->stats.reads.fetch_add(1, std::memory_order_relaxed);
+      imp->stats.pages_fetched.fetch_add(n, std::memory_order_relaxed);
       return resp;
     }
     if (!absl::IsFailedPrecondition(st)) {
@@ -890,7 +904,11 @@ std::optional<absl::StatusOr<v1::ReadResponse>> ImportTable::ReadAttached(
     ops.push_back(op);
     i = j;
   }
-  if (!ops.empty()) ch->FetchV(absl::MakeSpan(ops), opts_.fetch_timeout);
+  if (!ops.empty()) {
+    const absl::Time fetch_start = absl::Now();
+    ch->FetchV(absl::MakeSpan(ops), opts_.fetch_timeout);
+    imp->stats.fetch_latency.Observe(absl::Now() - fetch_start);
+  }
   for (const transport::FetchOp& op : ops) {
     const auto& seq = op.result;
     if (!seq.ok()) {
@@ -933,6 +951,9 @@ std::optional<absl::StatusOr<v1::ReadResponse>> ImportTable::ReadAttached(
   counters_->Add("reads");
   counters_->Add("read_pages_from_cache", resp.pages_from_cache());
   counters_->Add("read_pages_fetched", resp.pages_fetched());
+  imp->stats.reads.fetch_add(1, std::memory_order_relaxed);
+  imp->stats.pages_from_cache.fetch_add(resp.pages_from_cache(), std::memory_order_relaxed);
+  imp->stats.pages_fetched.fetch_add(resp.pages_fetched(), std::memory_order_relaxed);
   return resp;
 }
 
@@ -961,7 +982,9 @@ void ImportTable::Sync(const std::string& name, SyncDone done) {
 }
 
 void ImportTable::RenewLocked(ImportEntry& imp) {
-  imp.coh.Renew(static_cast<int64_t>(source::MonotonicNs()), absl::ToInt64Nanoseconds(opts_.lease));
+  const auto now = static_cast<int64_t>(source::MonotonicNs());
+  imp.coh.Renew(now, absl::ToInt64Nanoseconds(opts_.lease));
+  imp.stats.last_heard_ns.store(now, std::memory_order_relaxed);
   cache_->SetLease(imp.id, imp.coh.lease_until_ns());
 }
 

@@ -55,6 +55,7 @@
 #include "common/executor.h"
 #include "daemon/coherence/coherence.h"
 #include "daemon/core/counters.h"
+#include "daemon/core/peer_token.h"
 #include "daemon/core/watch_hub.h"
 #include "daemon/session/shared_cache.h"
 #include "daemon/transport/transport.h"
@@ -65,7 +66,8 @@ namespace svm::core {
 
 struct ImportOptions {
   std::string node;
-  std::string peer_token;                        // empty: peers unauthenticated
+  // The token presented to peers (re-read on SIGHUP); null or "": none.
+  std::shared_ptr<const PeerToken> peer_token;
   // Credentials of channels to peers (mutual TLS: service::PeerTls); null:
   // plain TCP.
   std::shared_ptr<grpc::ChannelCredentials> peer_credentials;
@@ -102,6 +104,13 @@ class ImportTable final : public transport::ImportBackend {
   void Import(const std::string& peer, const std::string& name, const std::string& as,
               ImportDone done);
   std::vector<v1::ImportInfo> List() const;
+  // Every import's traffic figures (the metrics endpoint); each pointer
+  // keeps its import's entry alive, not the import.
+  struct StatsRef {
+    std::string name;
+    std::shared_ptr<const ImportStats> stats;
+  };
+  std::vector<StatsRef> Stats() const;
   bool Has(const std::string& name) const;
   // Reads dst.size() bytes at offset of the import, from the cache where
   // valid, fetching the rest; dst must stay valid until done ran. fresh:

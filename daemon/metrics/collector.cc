@@ -1,7 +1,10 @@
 #include "daemon/metrics/collector.h"
 
+#include <limits>
+
 #include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
+#include "daemon/source/mirror_source.h"
 
 namespace svm::metrics {
 namespace {
@@ -83,6 +86,25 @@ std::vector<MetricFamily> DaemonCollector::Collect() const {
   }
   for (auto* f : {&e_subs, &e_pages, &e_inval, &e_gone, &e_info}) out.push_back(std::move(*f));
 
+  // Per export traffic (ExportStats, counted where it is served).
+  auto e_reads = Family("svm_export_reads_served_total",
+                        "reads the export served: fetches from importers and reads on this node "
+                        "(zero-copy READs bypass the exporter's CPU and are not counted)",
+                        MetricType::Counter);
+  auto e_fetches = Family("svm_export_fetches_total", "fetch requests from importers the export served",
+                          MetricType::Counter);
+  auto e_bytes = Family("svm_export_served_bytes_total", "bytes the export's served reads copied",
+                        MetricType::Counter);
+  for (const auto& s : d.exports().Stats()) {
+    const std::vector<ClientMetric::Label> by_name = {{"name", s.name}};
+    const uint64_t fetches = s.stats->fetches.load(std::memory_order_relaxed);
+    AddSample(e_reads, by_name,
+              static_cast<double>(fetches + s.stats->local_reads.load(std::memory_order_relaxed)));
+    AddSample(e_fetches, by_name, static_cast<double>(fetches));
+    AddSample(e_bytes, by_name, static_cast<double>(s.stats->bytes_served.load(std::memory_order_relaxed)));
+  }
+  for (auto* f : {&e_reads, &e_fetches, &e_bytes}) out.push_back(std::move(*f));
+
   const auto imports = d.imports().List();
   auto n_imports = Family("svm_imports", "imports of this node", MetricType::Gauge);
   AddSample(n_imports, {}, static_cast<double>(imports.size()));
@@ -110,6 +132,47 @@ std::vector<MetricFamily> DaemonCollector::Collect() const {
               1);
   }
   for (auto* f : {&i_cached, &i_pages, &i_inval, &i_state, &i_info}) out.push_back(std::move(*f));
+
+  // Per import traffic (ImportStats, counted where the import reads).
+  auto i_reads = Family("svm_import_reads_total", "reads of the import that went through svmd",
+                        MetricType::Counter);
+  auto i_hits = Family("svm_import_cache_hits_total", "pages of the import's reads found in the cache",
+                       MetricType::Counter);
+  auto i_misses = Family("svm_import_cache_misses_total",
+                         "pages of the import's reads fetched from the exporter", MetricType::Counter);
+  auto i_latency = Family("svm_import_fetch_duration_seconds",
+                          "how long the wire part of a read took (all its fetches, or its zero-copy READ)",
+                          MetricType::Histogram);
+  auto i_behind = Family("svm_import_behind_exporter_seconds",
+                         "time since the exporter was last heard from (heartbeat or invalidation): how "
+                         "far behind the exporter the import may be; absent until first heard",
+                         MetricType::Gauge);
+  const auto now_ns = static_cast<int64_t>(source::MonotonicNs());
+  for (const auto& s : d.imports().Stats()) {
+    const std::vector<ClientMetric::Label> by_name = {{"name", s.name}};
+    AddSample(i_reads, by_name, static_cast<double>(s.stats->reads.load(std::memory_order_relaxed)));
+    AddSample(i_hits, by_name, static_cast<double>(s.stats->pages_from_cache.load(std::memory_order_relaxed)));
+    AddSample(i_misses, by_name, static_cast<double>(s.stats->pages_fetched.load(std::memory_order_relaxed)));
+    const auto h = s.stats->fetch_latency.Read();
+    ClientMetric m;
+    m.label = by_name;
+    m.histogram.sample_count = h.count;
+    m.histogram.sample_sum = h.sum_seconds;
+    uint64_t cumulative = 0;
+    for (size_t b = 0; b < h.buckets.size(); ++b) {
+      cumulative += h.buckets[b];
+      ClientMetric::Bucket bucket;
+      bucket.cumulative_count = cumulative;
+      bucket.upper_bound = b < core::LatencyHistogram::kBoundsSeconds.size()
+                               ? core::LatencyHistogram::kBoundsSeconds[b]
+                               : std::numeric_limits<double>::infinity();
+      m.histogram.bucket.push_back(bucket);
+    }
+    i_latency.metric.push_back(std::move(m));
+    const int64_t heard = s.stats->last_heard_ns.load(std::memory_order_relaxed);
+    if (heard != 0) AddSample(i_behind, by_name, static_cast<double>(std::max<int64_t>(now_ns - heard, 0)) * 1e-9);
+  }
+  for (auto* f : {&i_reads, &i_hits, &i_misses, &i_latency, &i_behind}) out.push_back(std::move(*f));
 
   auto peers = Family("svm_peer_links_up", "peer links whose data connection is up",
                       MetricType::Gauge);

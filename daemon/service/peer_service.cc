@@ -131,7 +131,7 @@ class PeerService final : public v1::Peer::CallbackService {
 
   absl::StatusOr<Caller> Authenticate(grpc::CallbackServerContext* ctx) const {
     Caller c{PeerNames(*ctx->auth_context()), ctx->peer()};
-    const std::string& want = d_->options().peer_token;
+    const std::string want = d_->peer_token().Get();
     if (want.empty()) return c;
     const auto& md = ctx->client_metadata();
     auto it = md.find("svm-peer-token");

@@ -6,11 +6,13 @@
 #include <signal.h>
 #include <unistd.h>
 
+#include <fstream>
 #include <string>
 #include <vector>
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "gtest/gtest.h"
 #include "tests/integration/harness.h"
 
@@ -24,19 +26,38 @@ TEST(SvmdCommandLine, RefusesBadValuesNamingTheFlag) {
     std::vector<std::string> args;
     std::string says;
   } cases[] = {
-      {{"--log-level", "loud"}, "--log-level: unknown level 'loud'"},
-      {{"--socket-mode", "abc"}, "--socket-mode: 'abc' is not an octal file mode"},
-      {{"--socket-mode", "0999"}, "--socket-mode: '0999'"},
-      {{"--socket-mode", "177777"}, "--socket-mode: '177777'"},
+      // abseil: "Illegal value 'V' specified for flag 'NAME'; why".
+      {{"--log-level", "loud"}, "flag 'log-level'; unknown level 'loud'"},
+      {{"--socket-mode", "abc"}, "flag 'socket-mode'; 'abc' is not an octal file mode"},
+      {{"--socket-mode", "0999"}, "'0999' specified for flag 'socket-mode'"},
+      {{"--socket-mode", "177777"}, "'177777' specified for flag 'socket-mode'"},
       {{"--socket-group", "nosuchgroup"}, "--socket-group: no group 'nosuchgroup'"},
+      {{"--cache-mb", "-1"}, "'-1' specified for flag 'cache-mb'"},
+      {{"--cache-mb", "lots"}, "'lots' specified for flag 'cache-mb'"},
+      {{"--cache-mb", "4294967296"}, "--cache-mb: 4294967296 MiB is more than 1 PiB"},
+      {{"--fetch-timeout-ms", "-5"}, "'-5' specified for flag 'fetch-timeout-ms'"},
+      {{"--heartbeat-ms", "0"}, "--heartbeat-ms: must be > 0"},
+      {{"--poll-interval-ms", "0"}, "--poll-interval-ms: must be > 0"},
+      {{"--lease-ms", "9000"}, "--lease-ms 9000 must be shorter than --sync-timeout-ms 5000"},
+      {{"--source", "magic"}, "flag 'source'; 'magic' is not one of auto|shim|procfs"},
+      {{"--transport", "udp"}, "flag 'transport'; 'udp' is not one of auto|rdma|tcp"},
+      {{"--rdma-registration", "lazy"}, "flag 'rdma-registration'; 'lazy' is not one of auto|odp|pinned"},
+      {{"--peer-listen", "nohost"}, "specified for flag 'peer-listen'"},
+      {{"--metrics-listen", "127.0.0.1:99999"}, "specified for flag 'metrics-listen'"},
+      {{"--control", "/tmp/x.sock"}, "flag 'control'; must be unix:PATH"},
+      {{"--peer-token-file", "/nonexistent/token"}, "--peer-token-file: cannot read /nonexistent/token"},
+      {{"--tls-cert", "/nonexistent/cert"}, "--tls-cert, --tls-key and --tls-ca go together"},
+      {{"--no-such-flag", "1"}, "Unknown command line flag 'no-such-flag'"},
+      {{"--cache-mb"}, "Missing the value for the flag 'cache-mb'"},
+      {{"stray"}, "unexpected argument 'stray'"},
   };
   for (const auto& c : cases) {
     std::vector<std::string> argv = {SvmdPath(), "--control", "unix:" + sock, "--peer-listen",
                                      "127.0.0.1:0", "--source", TestSource()};
     argv.insert(argv.end(), c.args.begin(), c.args.end());
     auto r = RunCommand(argv, Scaled(absl::Seconds(5)));
-    EXPECT_EQ(r.exit_code, 2) << c.args[0] << " " << c.args[1] << ": " << r.err;
-    EXPECT_TRUE(absl::StrContains(r.err, c.says)) << c.args[0] << ": " << r.err;
+    EXPECT_EQ(r.exit_code, 2) << absl::StrJoin(c.args, " ") << ": " << r.err;
+    EXPECT_TRUE(absl::StrContains(r.err, c.says)) << absl::StrJoin(c.args, " ") << ": " << r.err;
     EXPECT_NE(access(sock.c_str(), F_OK), 0) << "svmd created its socket despite " << c.args[0];
   }
 }
@@ -48,6 +69,27 @@ TEST(SvmdCommandLine, VersionAndHelp) {
   auto h = RunCommand({SvmdPath(), "--help"});
   EXPECT_EQ(h.exit_code, 0);
   EXPECT_TRUE(absl::StrContains(h.out, "--log-level")) << h.out;
+  EXPECT_TRUE(absl::StrContains(h.out, "--peer-token-file")) << h.out;
+  EXPECT_TRUE(absl::StrContains(h.out, "SIGHUP reloads")) << h.out;
+}
+
+// A flagfile's values are checked like the command line's (abseil reads
+// it where --flagfile stands).
+TEST(SvmdCommandLine, FlagfileValuesAreChecked) {
+  TempDir dir;
+  const std::string sock = absl::StrCat(dir.path(), "/x.sock");
+  const std::string conf = absl::StrCat(dir.path(), "/svmd.conf");
+  std::ofstream(conf) << "# comment\n\n--socket-mode=0abc\n";
+  auto bad = RunCommand({SvmdPath(), "--flagfile=" + conf, "--control", "unix:" + sock},
+                        Scaled(absl::Seconds(5)));
+  EXPECT_EQ(bad.exit_code, 2) << bad.err;
+  EXPECT_TRUE(absl::StrContains(bad.err, "'0abc' specified for flag 'socket-mode'")) << bad.err;
+  std::ofstream(conf) << "--log-level=loud\n";
+  auto level = RunCommand({SvmdPath(), "--flagfile=" + conf, "--control", "unix:" + sock},
+                          Scaled(absl::Seconds(5)));
+  EXPECT_EQ(level.exit_code, 2) << level.err;
+  EXPECT_TRUE(absl::StrContains(level.err, "flag 'log-level'; unknown level 'loud'")) << level.err;
+  EXPECT_NE(access(sock.c_str(), F_OK), 0);
 }
 
 TEST(SvmdCommandLine, WarnsThatPeersAreNotAuthenticatedWithoutAToken) {

@@ -4,7 +4,8 @@
 # and checked by lintian: any error fails. Also the fixture svm_debs: the
 # systemd VM test installs these packages.
 #   - svm, svm-dkms and libsvm-dev are built;
-#   - the packaged unit runs /usr/sbin/svmd, dkms.conf says VERSION;
+#   - the packaged unit runs /usr/sbin/svmd --flagfile=/etc/svm/svmd.conf,
+#     which svm ships as a conffile; dkms.conf says VERSION;
 #   - lintian --fail-on error (warnings are printed).
 # libsvm-dev's library directory follows this tree's configured prefix
 # (/usr/lib from a /usr/local tree; scripts/package.sh configures /usr and
@@ -25,7 +26,12 @@ for p in "svm_${version}_amd64" "svm-dkms_${version}_all" "libsvm-dev_${version}
 done
 echo "== built ${debs[*]##*/}"
 unit=$(dpkg-deb --fsys-tarfile "$out/svm_${version}_amd64.deb" | tar -xO ./usr/lib/systemd/system/svmd.service)
-grep -q '^ExecStart=/usr/sbin/svmd ' <<<"$unit" || fail "the packaged unit does not run /usr/sbin/svmd"
+grep -qx 'ExecStart=/usr/sbin/svmd --flagfile=/etc/svm/svmd.conf' <<<"$unit" ||
+  fail "the packaged unit does not run /usr/sbin/svmd --flagfile=/etc/svm/svmd.conf"
+files=$(dpkg-deb --fsys-tarfile "$out/svm_${version}_amd64.deb" | tar -t)  # (grep -q would cut the pipe)
+grep -qx './etc/svm/svmd.conf' <<<"$files" || fail "svm does not ship /etc/svm/svmd.conf"
+conffiles=$(dpkg-deb --ctrl-tarfile "$out/svm_${version}_amd64.deb" | tar -xO ./conffiles)
+grep -qx /etc/svm/svmd.conf <<<"$conffiles" || fail "/etc/svm/svmd.conf is not a conffile of svm"
 conf=$(dpkg-deb --fsys-tarfile "$out/svm-dkms_${version}_all.deb" | tar -xO "./usr/src/svm_shim-$version/dkms.conf")
 grep -qx "PACKAGE_VERSION=\"$version\"" <<<"$conf" || fail "dkms.conf does not say $version"
 echo "== lintian"

@@ -44,7 +44,7 @@ verify_unit() {  # verify_unit STAGED_ROOT UNIT_PATH_IN_ROOT
 step "DESTDIR install, prefix /usr"
 R=$work/root
 install_to "$R" /usr
-for f in usr/sbin/svmd usr/bin/svmctl usr/lib/systemd/system/svmd.service etc/default/svmd \
+for f in usr/sbin/svmd usr/bin/svmctl usr/lib/systemd/system/svmd.service etc/svm/svmd.conf \
          usr/lib/sysusers.d/svm.conf usr/lib/tmpfiles.d/svm.conf usr/lib/modules-load.d/svm.conf \
          usr/lib/udev/rules.d/99-svm-shim.rules usr/share/man/man8/svmd.8.gz usr/share/man/man8/svmctl.8.gz \
          usr/share/doc/svm/operations.md usr/include/svm/client.h usr/include/svm/svm.h usr/include/svm/types.h \
@@ -57,13 +57,17 @@ libdir=${libdir#./}; libdir=${libdir%/pkgconfig}
   fail "libsvm.a or the CMake package missing under /usr/$libdir"
 unit=$R/usr/lib/systemd/system/svmd.service
 grep -qx 'ExecStart=/usr/sbin/svmd .*' "$unit" || fail "ExecStart does not run /usr/sbin/svmd: $(grep ExecStart "$unit")"
-grep -qx 'EnvironmentFile=-/etc/default/svmd' "$unit" || fail "EnvironmentFile is not /etc/default/svmd"
+grep -qx 'ExecStart=/usr/sbin/svmd --flagfile=/etc/svm/svmd.conf' "$unit" ||
+  fail "ExecStart does not pass --flagfile=/etc/svm/svmd.conf: $(grep ExecStart "$unit")"
+! grep -q 'EnvironmentFile' "$unit" || fail "the unit still reads an EnvironmentFile"
 "$R/usr/sbin/svmd" --version | grep -qx "svmd $version" || fail "svmd --version"
 "$R/usr/bin/svmctl" --version | grep -qx "svmctl $version" || fail "svmctl --version"
 
-step "the default configuration starts: no option names a file that nothing installs"
-for f in $(sed -n 's/^SVMD_ARGS=//p' "$R/etc/default/svmd" | tr -d '"' | grep -o -- '--[a-z-]*-file [^ ]*' | cut -d' ' -f2); do
-  [[ -e $R$f ]] || fail "/etc/default/svmd passes $f, which nothing installs"
+step "the default configuration starts: svmd accepts it, no flag names a file that nothing installs"
+"$R/usr/sbin/svmd" --flagfile="$R/etc/svm/svmd.conf" --only_check_args ||
+  fail "svmd refuses the installed /etc/svm/svmd.conf"
+for f in $(sed -n 's/^--[a-z-]*-file=//p' "$R/etc/svm/svmd.conf"); do
+  [[ -e $R$f ]] || fail "/etc/svm/svmd.conf passes $f, which nothing installs"
 done
 
 step "dkms.conf says $version"
@@ -77,8 +81,9 @@ L=$work/local
 install_to "$L" /usr/local
 lunit=$L/usr/local/lib/systemd/system/svmd.service
 grep -qx 'ExecStart=/usr/local/sbin/svmd .*' "$lunit" || fail "ExecStart for /usr/local: $(grep ExecStart "$lunit")"
-grep -qx 'EnvironmentFile=-/usr/local/etc/default/svmd' "$lunit" || fail "EnvironmentFile for /usr/local"
-[[ -f $L/usr/local/etc/default/svmd ]] || fail "defaults not in /usr/local/etc/default"
+grep -qx 'ExecStart=/usr/local/sbin/svmd --flagfile=/usr/local/etc/svm/svmd.conf' "$lunit" ||
+  fail "--flagfile for /usr/local: $(grep ExecStart "$lunit")"
+[[ -f $L/usr/local/etc/svm/svmd.conf ]] || fail "svmd.conf not in /usr/local/etc/svm"
 [[ ! -e $L/etc ]] || fail "an install with prefix /usr/local wrote to /etc"
 verify_unit "$L" /usr/local/lib/systemd/system/svmd.service
 
