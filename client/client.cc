@@ -13,6 +13,7 @@
 #include "absl/strings/str_format.h"
 #include "absl/synchronization/mutex.h"
 #include "client/proto_convert.h"
+#include "client/range_fd.h"
 #include "client/session.h"
 #include "svm/v1/control.grpc.pb.h"
 
@@ -148,6 +149,10 @@ class GrpcClient final : public Client {
     req.set_addr(addr);
     req.set_len(len);
     for (const std::string& id : opts.allow) req.add_allow(id);
+    // The kernel checks this process's right to the memory (range_fd.h).
+    auto token = internal::DepositRange(*session_, pid, addr, len);
+    if (!token.ok()) return token.status();
+    req.set_range_token(*token);
     v1::ExportResponse resp;
     grpc::ClientContext ctx;
     if (auto st = FromGrpc(stub_->Export(&ctx, req, &resp)); !st.ok()) return st;

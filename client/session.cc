@@ -431,6 +431,26 @@ absl::Status Session::Ask(uint32_t type, const std::string& name, abi::OpenOkMsg
   return absl::OkStatus();
 }
 
+absl::StatusOr<uint64_t> Session::Deposit(int range_fd) {
+  if (forked()) return ForkedError();
+  absl::MutexLock l(&open_mu_);
+  abi::DepositMsg m{};
+  m.h.type = abi::kDeposit;
+  m.h.len = sizeof(m);
+  if (int err = abi::SendMsg(sock_, &m, sizeof(m), &range_fd, 1); err != 0) return Errno(err, "svmd session");
+  alignas(8) char buf[abi::kMaxMsg];
+  size_t len = 0;
+  int fds[4];
+  int nfds = 0;
+  auto st = Receive(sock_, buf, sizeof(buf), abi::kDepositOk, fds, &nfds, &len);
+  CloseFds(fds, nfds);
+  if (!st.ok()) return st;
+  abi::DepositOkMsg ok;
+  if (len != sizeof(ok)) return absl::InternalError("svmd's answer is malformed");
+  std::memcpy(&ok, buf, sizeof(ok));
+  return ok.token;
+}
+
 absl::StatusOr<uint32_t> Session::Watch(const std::string& name) {
   if (forked()) return ForkedError();
   absl::MutexLock l(&open_mu_);

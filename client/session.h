@@ -95,6 +95,9 @@ class Session {
   // UnmapRange undoes it.
   absl::StatusOr<std::shared_ptr<MappedRange>> MapRange(std::shared_ptr<View> view, size_t readahead);
   void UnmapRange(const std::shared_ptr<MappedRange>& r);
+  // Hands svmd a svm_shim range fd (kDeposit); the token an ExportRequest
+  // names it by. The caller keeps (and closes) its own fd.
+  absl::StatusOr<uint64_t> Deposit(int range_fd);
   // Registers a watch of name (events from now on); its id.
   absl::StatusOr<uint32_t> Watch(const std::string& name);
   // The watch's next event; DEADLINE_EXCEEDED after timeout, UNAVAILABLE

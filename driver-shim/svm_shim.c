@@ -18,6 +18,8 @@
  *    invalidate callback).
  *  - No page reference survives an ioctl; struct page is only touched
  *    between a successful mmu_interval_read_retry() check and the unlock.
+ *  - Output fields and SNAPSHOT's entries are written only on success: the
+ *    destinations are probed (their own bytes written back) before any work.
  */
 #include <linux/anon_inodes.h>
 #include <linux/cred.h>
@@ -54,6 +56,7 @@
 struct svm_shim_range {
 	struct mmu_interval_notifier notifier;
 	struct mm_struct *mm;		/* mmgrab()ed from attach to release */
+	struct pid *tgid;		/* the target's, referenced until release */
 	unsigned long start;		/* attached [start, end), immutable */
 	unsigned long end;
 	wait_queue_head_t wq;		/* readers of the event queue */
@@ -208,6 +211,19 @@ static int svm_shim_check_window(struct svm_shim_range *r, u64 addr, u64 len)
 	return 0;
 }
 
+/*
+ * Fails with -EFAULT unless all of [ubuf, ubuf + len) can be written, without
+ * changing it: its bytes are read into @tmp (len bytes) and written back.
+ */
+static int svm_shim_probe_writable(void __user *ubuf, void *tmp, size_t len)
+{
+	if (copy_from_user(tmp, ubuf, len))
+		return -EFAULT;
+	if (copy_to_user(ubuf, tmp, len))
+		return -EFAULT;
+	return 0;
+}
+
 static u64 svm_shim_entry(unsigned long pfn)
 {
 	u64 e = 0;
@@ -256,6 +272,22 @@ static long svm_shim_ioc_snapshot(struct svm_shim_range *r, void __user *uarg)
 	if (!entries) {
 		ret = -ENOMEM;
 		goto free_pfns;
+	}
+
+	/*
+	 * Outputs are written only on success: make sure both destinations
+	 * take a write before anything is produced, by writing their own
+	 * bytes back. (A caller that unmaps them meanwhile can still see a
+	 * partial copy; that is its own race.)
+	 */
+	ret = svm_shim_probe_writable(u64_to_user_ptr(a.entries), entries,
+				      a.npages * sizeof(*entries));
+	if (ret)
+		goto free_entries;
+	if (put_user(a.seq, (u64 __user *)(uarg +
+				offsetof(struct svm_shim_snapshot, seq)))) {
+		ret = -EFAULT;
+		goto free_entries;
 	}
 
 	hr.notifier = &r->notifier;
@@ -377,6 +409,10 @@ static long svm_shim_ioc_read(struct svm_shim_range *r, void __user *uarg)
 	ubuf = u64_to_user_ptr(a.buf);
 	if (!access_ok(ubuf, a.length))
 		return -EFAULT;
+	/* @seq must not fail once the buffer was written: probe it first. */
+	if (put_user(a.seq, (u64 __user *)(uarg +
+				offsetof(struct svm_shim_read, seq))))
+		return -EFAULT;
 
 	pfns = kmalloc_array(SVM_SHIM_READ_CHUNK_PAGES, sizeof(*pfns),
 			     GFP_KERNEL);
@@ -440,14 +476,40 @@ static long svm_shim_ioc_query(void __user *uarg)
 		return -EFAULT;
 	if (q.reserved[0] || q.reserved[1])
 		return -EINVAL;
+	/* All or nothing: the struct takes its own bytes back first. */
+	if (copy_to_user(uarg, &q, sizeof(q)))
+		return -EFAULT;
 	q.version = SVM_SHIM_VERSION;
 	q.features = SVM_SHIM_FEAT_ATTACH_PID | SVM_SHIM_FEAT_SNAPSHOT |
-		     SVM_SHIM_FEAT_READ | SVM_SHIM_FEAT_EVENTS;
+		     SVM_SHIM_FEAT_READ | SVM_SHIM_FEAT_EVENTS |
+		     SVM_SHIM_FEAT_RANGE_INFO;
 	q.max_snapshot_pages = SVM_SHIM_MAX_SNAPSHOT_PAGES;
 	q.max_read_bytes = SVM_SHIM_MAX_READ_BYTES;
 	q.max_queue_len = SVM_SHIM_MAX_QUEUE_LEN;
 	q.page_size = PAGE_SIZE;
 	if (copy_to_user(uarg, &q, sizeof(q)))
+		return -EFAULT;
+	return 0;
+}
+
+static long svm_shim_ioc_range_info(struct svm_shim_range *r,
+				    void __user *uarg)
+{
+	struct svm_shim_range_info ri;
+
+	if (copy_from_user(&ri, uarg, sizeof(ri)))
+		return -EFAULT;
+	if (memchr_inv(ri.reserved, 0, sizeof(ri.reserved)))
+		return -EINVAL;
+	/* All or nothing: the struct takes its own bytes back first. */
+	if (copy_to_user(uarg, &ri, sizeof(ri)))
+		return -EFAULT;
+	ri.start = r->start;
+	ri.length = r->end - r->start;
+	rcu_read_lock();
+	ri.pid = pid_has_task(r->tgid, PIDTYPE_TGID) ? pid_vnr(r->tgid) : 0;
+	rcu_read_unlock();
+	if (copy_to_user(uarg, &ri, sizeof(ri)))
 		return -EFAULT;
 	return 0;
 }
@@ -545,6 +607,8 @@ static long svm_shim_range_ioctl(struct file *file, unsigned int cmd,
 		return svm_shim_ioc_snapshot(r, uarg);
 	case SVM_SHIM_IOC_READ:
 		return svm_shim_ioc_read(r, uarg);
+	case SVM_SHIM_IOC_RANGE_INFO:
+		return svm_shim_ioc_range_info(r, uarg);
 	default:
 		return -ENOTTY;
 	}
@@ -557,6 +621,7 @@ static int svm_shim_range_release(struct inode *inode, struct file *file)
 	/* Waits for a running invalidate; works after the target exited. */
 	mmu_interval_notifier_remove(&r->notifier);
 	mmdrop(r->mm);
+	put_pid(r->tgid);
 	kvfree(r->queue);
 	kfree(r);
 	return 0;
@@ -623,8 +688,11 @@ static bool svm_shim_may_attach(struct task_struct *task, struct mm_struct *mm)
 	return svm_shim_target_dumpable(task, mm);
 }
 
-/* Returns the target's mm with an mmget() reference, or an ERR_PTR. */
-static struct mm_struct *svm_shim_target_mm(u64 target)
+/*
+ * Returns the target's mm with an mmget() reference, or an ERR_PTR; on
+ * success *@tgid is the target's thread-group pid, referenced.
+ */
+static struct mm_struct *svm_shim_target_mm(u64 target, struct pid **tgid)
 {
 	struct task_struct *task;
 	struct mm_struct *mm;
@@ -653,6 +721,8 @@ static struct mm_struct *svm_shim_target_mm(u64 target)
 	} else if (!svm_shim_may_attach(task, mm)) {
 		mmput(mm);
 		mm = ERR_PTR(-EPERM);
+	} else {
+		*tgid = get_task_pid(task, PIDTYPE_TGID);
 	}
 	up_read(&task->signal->exec_update_lock);
 put_task:
@@ -664,6 +734,7 @@ static long svm_shim_ioc_attach(void __user *uarg)
 {
 	struct svm_shim_attach a;
 	struct svm_shim_range *r;
+	struct pid *tgid = NULL;
 	struct mm_struct *mm;
 	struct file *file;
 	u64 end, qlen;
@@ -687,7 +758,7 @@ static long svm_shim_ioc_attach(void __user *uarg)
 	if (a.flags == SVM_SHIM_ATTACH_PIDFD)
 		return -EOPNOTSUPP;
 
-	mm = svm_shim_target_mm(a.target);
+	mm = svm_shim_target_mm(a.target, &tgid);
 	if (IS_ERR(mm))
 		return PTR_ERR(mm);
 
@@ -709,6 +780,7 @@ static long svm_shim_ioc_attach(void __user *uarg)
 	init_waitqueue_head(&r->wq);
 	mmgrab(mm);
 	r->mm = mm;
+	r->tgid = tgid;
 
 	ret = mmu_interval_notifier_insert(&r->notifier, mm, a.start, a.length,
 					   &svm_shim_mni_ops);
@@ -748,6 +820,7 @@ drop_mm:
 free_range:
 	kfree(r);
 put_mm:
+	put_pid(tgid);
 	mmput(mm);
 	return ret;
 }

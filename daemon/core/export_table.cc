@@ -176,7 +176,8 @@ v1::ExportInfo ExportTable::InfoOf(ExportEntry& e) const {
 
 absl::StatusOr<v1::ExportInfo> ExportTable::Export(const std::string& name, pid_t pid,
                                                    uint64_t addr, uint64_t len, uid_t owner,
-                                                   std::vector<std::string> allow) {
+                                                   std::vector<std::string> allow,
+                                                   UniqueFd range_fd) {
   std::shared_ptr<struct ExportEntry> replaced;
   {
     absl::MutexLock l(&mu_);
@@ -216,9 +217,11 @@ absl::StatusOr<v1::ExportInfo> ExportTable::Export(const std::string& name, pid_
   e->owner = owner;
   e->allow = std::move(allow);
   std::weak_ptr<struct ExportEntry> weak = e;
-  auto range = source_->Attach(pid, addr, len, [this, weak](const Change& c) {
+  source::ChangeSink sink = [this, weak](const Change& c) {
     if (auto ex = weak.lock()) Invalidate(*ex, c);
-  });
+  };
+  auto range = range_fd.valid() ? source_->Adopt(std::move(range_fd), pid, addr, len, std::move(sink))
+                                : source_->Attach(pid, addr, len, std::move(sink));
   if (!range.ok()) return range.status();
   e->scrub = (*range)->NeedsScrub();
   {

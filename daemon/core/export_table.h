@@ -45,6 +45,7 @@
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
+#include "common/fd.h"
 #include "daemon/core/counters.h"
 #include "daemon/coherence/coherence.h"
 #include "daemon/core/watch_hub.h"
@@ -76,11 +77,17 @@ class ExportTable final : public transport::ExportBackend {
               std::string path);
   ~ExportTable() override;
 
-  // The caller checked the requester's right to the memory. allow: the
-  // peer identities that may import it (empty: every authenticated peer).
+  // The caller checked the requester's right to the memory: either by the
+  // ptrace rule, or range_fd is a svm_shim range fd of exactly this range
+  // that the client attached (source::InspectRangeFd), mirrored through it
+  // when AcceptsRangeFds(). allow: the peer identities that may import it
+  // (empty: every authenticated peer).
   absl::StatusOr<v1::ExportInfo> Export(const std::string& name, pid_t pid, uint64_t addr,
                                         uint64_t len, uid_t owner,
-                                        std::vector<std::string> allow = {});
+                                        std::vector<std::string> allow = {},
+                                        UniqueFd range_fd = UniqueFd());
+  // Whether Export mirrors through a client's range fd (the shim source).
+  bool AcceptsRangeFds() const { return source_->AcceptsRangeFds(); }
   absl::Status Unexport(const std::string& name);
   std::vector<v1::ExportInfo> List() const;
   // Every export's traffic figures (the metrics endpoint); each pointer

@@ -107,8 +107,9 @@ class ControlService final : public v1::Control::CallbackService {
   }
 
  public:
-  ControlService(core::Daemon* d, ClientRegistry* clients, std::string* peer_address)
-      : d_(d), clients_(clients), peer_address_(peer_address) {}
+  ControlService(core::Daemon* d, ClientRegistry* clients, std::string* peer_address,
+                 RangeDeposits* deposits)
+      : d_(d), clients_(clients), peer_address_(peer_address), deposits_(deposits) {}
 
   grpc::ServerUnaryReactor* Export(grpc::CallbackServerContext* ctx, const v1::ExportRequest* req,
                                    v1::ExportResponse* resp) override {
@@ -116,10 +117,36 @@ class ControlService final : public v1::Control::CallbackService {
     return Async(ctx, [=, this]() -> absl::Status {
       if (!cred.ok()) return cred.status();
       if (auto st = ValidateExportRequest(*req); !st.ok()) return st;
-      const pid_t pid = req->pid() == 0 ? cred->pid : req->pid();
-      if (auto st = CheckMayExport(*cred, pid); !st.ok()) return st;
+      UniqueFd range_fd;
+      pid_t pid = req->pid() == 0 ? cred->pid : req->pid();
+      if (req->range_token() != 0) {
+        auto dep = deposits_->Take(req->range_token(), *cred);
+        if (!dep.ok()) return dep.status();
+        if (dep->info.start != req->addr() || dep->info.len != req->len()) {
+          return absl::InvalidArgumentError(absl::StrFormat(
+              "the deposited range fd is attached to 0x%x+0x%x, not 0x%x+0x%x", dep->info.start,
+              dep->info.len, req->addr(), req->len()));
+        }
+        if (dep->info.pid == 0) {
+          return absl::NotFoundError("the process of the deposited range fd exited");
+        }
+        if (req->pid() != 0 && dep->info.pid != req->pid()) {
+          return absl::InvalidArgumentError(absl::StrFormat(
+              "the deposited range fd is attached to process %d, not %d", dep->info.pid, req->pid()));
+        }
+        pid = dep->info.pid;
+        range_fd = std::move(dep->fd);
+      }
+      // A range fd is the client's proof (the kernel checked it at attach);
+      // without one, or with a source that does not mirror through range
+      // fds (procfs), svmd checks the ptrace rule on SO_PEERCRED itself.
+      if (!range_fd.valid() || !d_->exports().AcceptsRangeFds()) {
+        range_fd.Reset();
+        if (auto st = CheckMayExport(*cred, pid); !st.ok()) return st;
+      }
       auto info = d_->exports().Export(req->name(), pid, req->addr(), req->len(), cred->uid,
-                                       {req->allow().begin(), req->allow().end()});
+                                       {req->allow().begin(), req->allow().end()},
+                                       std::move(range_fd));
       if (!info.ok()) return info.status();
       *resp->mutable_info() = *info;
       return absl::OkStatus();
@@ -332,13 +359,15 @@ class ControlService final : public v1::Control::CallbackService {
   core::Daemon* const d_;
   ClientRegistry* const clients_;
   std::string* const peer_address_;
+  RangeDeposits* const deposits_;
 };
 
 }  // namespace
 
 std::unique_ptr<grpc::Service> CreateControlService(core::Daemon* d, ClientRegistry* clients,
-                                                    std::string* peer_address) {
-  return std::make_unique<ControlService>(d, clients, peer_address);
+                                                    std::string* peer_address,
+                                                    RangeDeposits* deposits) {
+  return std::make_unique<ControlService>(d, clients, peer_address, deposits);
 }
 
 }  // namespace svm::service

@@ -66,7 +66,7 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(core::Daemon* daemon, Serv
   }
   s->peer_address_ = absl::StrCat(o.peer_listen.host, ":", port);
 
-  s->control_service_ = CreateControlService(daemon, &s->clients_, &s->peer_address_);
+  s->control_service_ = CreateControlService(daemon, &s->clients_, &s->peer_address_, &s->deposits_);
   grpc::ServerBuilder cb;
   cb.RegisterService(s->control_service_.get());
   s->control_server_ = cb.BuildAndStart();
@@ -84,7 +84,7 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(core::Daemon* daemon, Serv
       }
     }
   }
-  s->session_backend_ = CreateSessionBackend(daemon);
+  s->session_backend_ = CreateSessionBackend(daemon, &s->deposits_);
   session::ServerOptions so;
   so.path = SessionSocketPath(o.control);
   so.mode = opts.socket_mode;

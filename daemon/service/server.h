@@ -17,6 +17,7 @@
 #include "common/fd.h"
 #include "common/net.h"
 #include "daemon/core/daemon.h"
+#include "daemon/service/range_deposits.h"
 #include "daemon/session/session_server.h"
 
 namespace svm::service {
@@ -62,6 +63,9 @@ class Server {
 
   core::Daemon* daemon_ = nullptr;
   ClientRegistry clients_;
+  // Clients' range fds between their deposit (session socket) and their
+  // Export (control socket).
+  RangeDeposits deposits_;
   std::unique_ptr<grpc::Service> control_service_;
   std::unique_ptr<grpc::Service> peer_service_;
   std::unique_ptr<grpc::Server> control_server_;
@@ -77,7 +81,8 @@ class Server {
 };
 
 std::unique_ptr<grpc::Service> CreateControlService(core::Daemon* d, ClientRegistry* clients,
-                                                    std::string* peer_address);
+                                                    std::string* peer_address,
+                                                    RangeDeposits* deposits);
 std::unique_ptr<grpc::Service> CreatePeerService(core::Daemon* d);
 
 }  // namespace svm::service

@@ -20,7 +20,12 @@ namespace {
 
 class DaemonBackend final : public session::Backend {
  public:
-  explicit DaemonBackend(core::Daemon* d) : d_(d) {}
+  DaemonBackend(core::Daemon* d, RangeDeposits* deposits) : d_(d), deposits_(deposits) {}
+
+  absl::StatusOr<uint64_t> Deposit(const PeerCred& who, uint64_t session, UniqueFd fd) override {
+    return deposits_->Add(who, session, std::move(fd));
+  }
+  void SessionClosed(uint64_t session) override { deposits_->DropSession(session); }
 
   absl::StatusOr<session::Opened> Open(const std::string& name, const PeerCred&) override {
     if (d_->imports().Has(name)) {
@@ -83,12 +88,13 @@ class DaemonBackend final : public session::Backend {
 
  private:
   core::Daemon* const d_;
+  RangeDeposits* const deposits_;
 };
 
 }  // namespace
 
-std::unique_ptr<session::Backend> CreateSessionBackend(core::Daemon* d) {
-  return std::make_unique<DaemonBackend>(d);
+std::unique_ptr<session::Backend> CreateSessionBackend(core::Daemon* d, RangeDeposits* deposits) {
+  return std::make_unique<DaemonBackend>(d, deposits);
 }
 
 }  // namespace svm::service

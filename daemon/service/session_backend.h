@@ -6,6 +6,7 @@
 #include <string>
 
 #include "daemon/core/daemon.h"
+#include "daemon/service/range_deposits.h"
 #include "daemon/session/session_server.h"
 
 namespace svm::service {
@@ -14,7 +15,8 @@ namespace svm::service {
 // /run/svm/svmd-session.sock (another name gets ".session" appended).
 std::string SessionSocketPath(const std::string& control);
 
-std::unique_ptr<session::Backend> CreateSessionBackend(core::Daemon* d);
+// deposits: where kDeposit puts clients' range fds (outlives the backend).
+std::unique_ptr<session::Backend> CreateSessionBackend(core::Daemon* d, RangeDeposits* deposits);
 
 }  // namespace svm::service
 

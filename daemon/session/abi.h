@@ -12,6 +12,11 @@
 //   - kOpen names an import or a local export and returns a handle; for an
 //     import also the cache's two memfds, read-only: the pages and the
 //     version words.
+//   - kDeposit hands svmd a capability for an export: a svm_shim range fd
+//     the client attached itself (the kernel checked the client's right to
+//     the memory). svmd answers with a token that the gRPC ExportRequest
+//     names (range_token); the deposit lives until that Export takes it or
+//     the session ends.
 //   - Reads travel as Sqe entries; svmd answers each with a Cqe. The bytes
 //     land in the session's data area at the offset the Sqe names.
 //   - Doorbells ring only when the other side said it sleeps (need_wakeup),
@@ -186,6 +191,11 @@ enum MsgType : uint32_t {
   // already in the event ring stay there (the client drops them). Watch ids
   // are never reused within a session.
   kUnwatch = 7,
+  // client -> svmd (a DepositMsg with exactly one descriptor, a svm_shim
+  // range fd): answer kDepositOk, or kError (INVALID_ARGUMENT when the
+  // descriptor is not a range fd, RESOURCE_EXHAUSTED past the limit).
+  kDeposit = 8,
+  kDepositOk = 9,
 };
 
 inline constexpr size_t kMaxName = 255;
@@ -219,6 +229,17 @@ struct UnwatchMsg {
   MsgHeader h;
   uint32_t watch;
   uint32_t pad;  // zero
+};
+
+struct DepositMsg {
+  MsgHeader h;
+  uint32_t flags;  // zero
+  uint32_t pad;    // zero
+};
+
+struct DepositOkMsg {
+  MsgHeader h;
+  uint64_t token;  // ExportRequest.range_token; never 0
 };
 
 enum HandleKind : uint32_t { kImport = 1, kExport = 2 };

@@ -327,6 +327,7 @@ void Server::Close(uint64_t id) {
   // After Unwatch returns no callback runs: nothing refers to the session
   // but reads in flight, which hold it until they finish.
   for (const auto& [id, w] : s.watches) backend_->Unwatch(w);
+  backend_->SessionClosed(s.id);
   {
     absl::MutexLock l(&s.ev_mu);
     s.ev_closed = true;
@@ -342,7 +343,9 @@ bool Server::OnSocket(Session& s) {
     int fds[4];
     int nfds = 0;
     ssize_t n = abi::RecvMsg(s.sock.get(), buf, sizeof(buf), fds, &nfds, MSG_DONTWAIT);
-    for (int i = 0; i < nfds; ++i) ::close(fds[i]);  // a client sends none
+    // Only a deposit carries a descriptor; the others are closed unread.
+    std::vector<UniqueFd> received;
+    for (int i = 0; i < nfds; ++i) received.emplace_back(fds[i]);
     if (n == -EAGAIN) return true;
     if (n <= 0) return false;
     auto m = ParseClientMsg(buf, static_cast<size_t>(n));
@@ -361,6 +364,8 @@ bool Server::OnSocket(Session& s) {
       ok = OnWatch(s, m->name);
     } else if (m->type == abi::kUnwatch) {
       OnUnwatch(s, m->watch);
+    } else if (m->type == abi::kDeposit) {
+      ok = OnDeposit(s, std::move(received));
     } else {
       ok = OnOpen(s, m->name);
     }
@@ -451,6 +456,20 @@ bool Server::OnOpen(Session& s, const std::string& name) {
   const int fds[2] = {o->data.get(), o->words.get()};
   const int nfds = o->kind == abi::kImport ? 2 : 0;
   return abi::SendMsg(s.sock.get(), &ok, sizeof(ok), fds, nfds) == 0;
+}
+
+bool Server::OnDeposit(Session& s, std::vector<UniqueFd> fds) {
+  if (fds.size() != 1) {
+    return SendError(s, absl::InvalidArgumentError(absl::StrCat(
+                            "a deposit carries exactly one descriptor, not ", fds.size())));
+  }
+  auto token = backend_->Deposit(s.cred, s.id, std::move(fds[0]));
+  if (!token.ok()) return SendError(s, token.status());
+  abi::DepositOkMsg ok{};
+  ok.h.type = abi::kDepositOk;
+  ok.h.len = sizeof(ok);
+  ok.token = *token;
+  return abi::SendMsg(s.sock.get(), &ok, sizeof(ok), nullptr, 0) == 0;
 }
 
 bool Server::OnWatch(Session& s, const std::string& name) {

@@ -30,6 +30,7 @@
 #include <memory>
 #include <string>
 #include <thread>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
@@ -68,6 +69,14 @@ class Backend {
   virtual absl::StatusOr<uint64_t> Watch(const std::string& name,
                                          std::function<void(const abi::Event&)> cb) = 0;
   virtual void Unwatch(uint64_t id) = 0;
+  // Keeps fd (a client's svm_shim range fd, not yet checked) for the
+  // ExportRequest that names the returned token; INVALID_ARGUMENT when fd
+  // is not a range fd. Deposits of a session go when it ends.
+  virtual absl::StatusOr<uint64_t> Deposit(const PeerCred& /*who*/, uint64_t /*session*/,
+                                           UniqueFd /*fd*/) {
+    return absl::UnimplementedError("this svmd takes no deposits");
+  }
+  virtual void SessionClosed(uint64_t /*session*/) {}
 };
 
 struct ServerOptions {
@@ -103,6 +112,7 @@ class Server {
   bool OnHello(Session& s);
   bool OnOpen(Session& s, const std::string& name);
   bool OnWatch(Session& s, const std::string& name);
+  bool OnDeposit(Session& s, std::vector<UniqueFd> fds);
   void OnUnwatch(Session& s, uint32_t watch);
   bool SendError(Session& s, const absl::Status& st);
   // Takes entries from the session's ring; true when it took any. false in

@@ -89,6 +89,14 @@ absl::StatusOr<ClientMsg> ParseClientMsg(const void* buf, size_t len) {
       m.watch = u.watch;
       return m;
     }
+    case abi::kDeposit: {
+      abi::DepositMsg d;
+      if (len != sizeof(d)) return absl::InvalidArgumentError("deposit of the wrong size");
+      std::memcpy(&d, buf, sizeof(d));
+      if (d.flags != 0 || d.pad != 0) return absl::InvalidArgumentError("deposit: flags or padding not zero");
+      m.type = abi::kDeposit;
+      return m;
+    }
     default:
       return absl::InvalidArgumentError(absl::StrFormat("unknown message type %u", h.type));
   }

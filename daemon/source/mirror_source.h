@@ -14,9 +14,11 @@
 #include <string_view>
 
 #include "absl/status/statusor.h"
+#include "absl/strings/str_cat.h"
 #include "absl/strings/string_view.h"
 #include "absl/time/time.h"
 #include "absl/types/span.h"
+#include "common/fd.h"
 
 namespace svm::source {
 
@@ -84,6 +86,18 @@ class MirrorSource {
   // mapped and that the daemon can access the process.
   virtual absl::StatusOr<std::unique_ptr<MirrorRange>> Attach(pid_t pid, uint64_t addr,
                                                               uint64_t len, ChangeSink sink) = 0;
+
+  // Whether Adopt works: the source mirrors through svm_shim range fds.
+  virtual bool AcceptsRangeFds() const { return false; }
+  // Mirrors [addr, addr + len) through a range fd a client attached (and
+  // so proved its right to): svmd itself needs no right to the process.
+  // The fd was checked by InspectRangeFd (shim_source.h) and names pid's
+  // range [addr, addr + len) exactly; the source checks it is mapped.
+  virtual absl::StatusOr<std::unique_ptr<MirrorRange>> Adopt(UniqueFd /*range_fd*/, pid_t /*pid*/,
+                                                             uint64_t /*addr*/, uint64_t /*len*/,
+                                                             ChangeSink /*sink*/) {
+    return absl::FailedPreconditionError(absl::StrCat("the ", name(), " source takes no range fds"));
+  }
 };
 
 // which: "auto" (shim when /dev/svm_shim exists, else procfs), "shim", "procfs".

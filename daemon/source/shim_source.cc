@@ -11,9 +11,12 @@
 #include <cerrno>
 #include <cstring>
 #include <map>
+#include <string_view>
 #include <thread>
+#include <vector>
 
 #include "absl/base/thread_annotations.h"
+#include "absl/strings/escaping.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/synchronization/mutex.h"
@@ -24,6 +27,8 @@
 
 namespace svm::source {
 namespace {
+
+absl::Status CheckMappedThrough(int range_fd, pid_t pid, uint64_t addr, uint64_t len);
 
 ChangeKind KindOf(uint64_t shim_kind) {
   switch (shim_kind) {
@@ -102,12 +107,29 @@ class ShimSource final : public MirrorSource {
       if (errno == ESRCH) return absl::NotFoundError(absl::StrCat("process ", pid, " exited"));
       return ErrnoStatus(errno, absl::StrCat("SVM_SHIM_IOC_ATTACH pid ", pid));
     }
-    ::fcntl(rfd, F_SETFL, ::fcntl(rfd, F_GETFL) | O_NONBLOCK);
+    UniqueFd range_fd(rfd);
     if (::syscall(SYS_pidfd_send_signal, pidfd.get(), 0, nullptr, 0) != 0) {
-      ::close(rfd);
       return absl::NotFoundError(absl::StrCat("process ", pid, " exited while attaching"));
     }
-    auto range = std::make_unique<ShimRange>(this, pid, addr, len, UniqueFd(rfd), std::move(sink));
+    return Watch(std::move(range_fd), pid, addr, len, std::move(sink));
+  }
+
+  bool AcceptsRangeFds() const override { return true; }
+
+  absl::StatusOr<std::unique_ptr<MirrorRange>> Adopt(UniqueFd range_fd, pid_t pid, uint64_t addr,
+                                                     uint64_t len, ChangeSink sink) override {
+    // As Attach: an export promises memory that exists. Asked of the range
+    // fd itself (svmd may not read the process's /proc/PID/maps).
+    if (auto st = CheckMappedThrough(range_fd.get(), pid, addr, len); !st.ok()) return st;
+    return Watch(std::move(range_fd), pid, addr, len, std::move(sink));
+  }
+
+  // Starts delivering the range fd's events to sink.
+  absl::StatusOr<std::unique_ptr<MirrorRange>> Watch(UniqueFd range_fd, pid_t pid, uint64_t addr,
+                                                     uint64_t len, ChangeSink sink) {
+    const int rfd = range_fd.get();
+    ::fcntl(rfd, F_SETFL, ::fcntl(rfd, F_GETFL) | O_NONBLOCK);
+    auto range = std::make_unique<ShimRange>(this, pid, addr, len, std::move(range_fd), std::move(sink));
     absl::MutexLock l(&mu_);
     epoll_event ev{};
     ev.events = EPOLLIN;
@@ -222,7 +244,61 @@ absl::Status ShimRange::Read(uint64_t offset, absl::Span<uint8_t> dst) {
   return absl::OkStatus();
 }
 
+
+// Every page of [addr, addr + len) lies in a readable mapping: a SNAPSHOT
+// without faulting marks pages outside one with SVM_SHIM_PAGE_ERROR.
+absl::Status CheckMappedThrough(int range_fd, pid_t pid, uint64_t addr, uint64_t len) {
+  const uint64_t pages = len / kPageSize;
+  std::vector<uint64_t> entries(std::min<uint64_t>(pages, SVM_SHIM_MAX_SNAPSHOT_PAGES));
+  for (uint64_t first = 0; first < pages;) {
+    svm_shim_snapshot s{};
+    s.addr = addr + first * kPageSize;
+    s.npages = std::min<uint64_t>(pages - first, entries.size());
+    s.entries = reinterpret_cast<uint64_t>(entries.data());
+    if (::ioctl(range_fd, SVM_SHIM_IOC_SNAPSHOT, &s) != 0) {
+      if (errno == EINTR || errno == EBUSY) continue;
+      if (errno == ESRCH) return absl::NotFoundError(absl::StrCat("process ", pid, " exited"));
+      return ErrnoStatus(errno, "SVM_SHIM_IOC_SNAPSHOT");
+    }
+    for (uint64_t i = 0; i < s.npages; ++i) {
+      if (entries[i] & SVM_SHIM_PAGE_ERROR) {
+        return absl::InvalidArgumentError(absl::StrFormat(
+            "range 0x%x+0x%x is not mapped readable in process %d (first hole at 0x%x)", addr, len,
+            pid, addr + (first + i) * kPageSize));
+      }
+    }
+    first += s.npages;
+  }
+  return absl::OkStatus();
+}
+
 }  // namespace
+
+absl::StatusOr<RangeFdInfo> InspectRangeFd(int fd) {
+  // Only the shim names an anonymous inode so; another file (a pipe,
+  // /dev/null, a memfd, another driver's anon inode) is never ioctl'ed.
+  constexpr char kName[] = "anon_inode:[svm_shim_range]";
+  char link[64] = {};
+  const std::string path = absl::StrCat("/proc/self/fd/", fd);
+  const ssize_t n = ::readlink(path.c_str(), link, sizeof(link) - 1);
+  if (n < 0) return ErrnoStatus(errno, absl::StrCat("readlink ", path));
+  if (std::string_view(link, static_cast<size_t>(n)) != kName) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("not a svm_shim range fd (it is ", absl::CHexEscape(absl::string_view(link, static_cast<size_t>(n))), ")"));
+  }
+  svm_shim_range_info ri{};
+  if (::ioctl(fd, SVM_SHIM_IOC_RANGE_INFO, &ri) != 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "not a svm_shim range fd (SVM_SHIM_IOC_RANGE_INFO: ", std::strerror(errno),
+        errno == ENOTTY ? "; is the loaded svm_shim older than this svmd?" : "", ")"));
+  }
+  RangeFdInfo info;
+  info.pid = static_cast<pid_t>(ri.pid);
+  info.start = ri.start;
+  info.len = ri.length;
+  return info;
+}
+
 
 absl::StatusOr<std::unique_ptr<MirrorSource>> CreateShimSource(const SourceOptions&) {
   UniqueFd dev(::open(kShimDevice, O_RDWR | O_CLOEXEC));

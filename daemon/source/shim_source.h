@@ -6,6 +6,9 @@
 #ifndef SVM_DAEMON_SOURCE_SHIM_SOURCE_H_
 #define SVM_DAEMON_SOURCE_SHIM_SOURCE_H_
 
+#include <sys/types.h>
+
+#include <cstdint>
 #include <memory>
 
 #include "absl/status/statusor.h"
@@ -17,6 +20,18 @@ inline constexpr char kShimDevice[] = "/dev/svm_shim";
 
 // Fails (with what to do) when the device is missing or speaks another version.
 absl::StatusOr<std::unique_ptr<MirrorSource>> CreateShimSource(const SourceOptions& opts);
+
+// What a svm_shim range fd is attached to (SVM_SHIM_IOC_RANGE_INFO).
+struct RangeFdInfo {
+  pid_t pid = 0;  // 0: the process exited
+  uint64_t start = 0;
+  uint64_t len = 0;
+};
+// Checks that fd, received from an untrusted client, is a svm_shim range fd
+// (the kernel names its file "anon_inode:[svm_shim_range]" and it answers
+// RANGE_INFO), else INVALID_ARGUMENT "not a svm_shim range fd". Never
+// reads, writes or blocks on fd otherwise; works without the module loaded.
+absl::StatusOr<RangeFdInfo> InspectRangeFd(int fd);
 
 }  // namespace svm::source
 

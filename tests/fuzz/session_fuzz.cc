@@ -22,6 +22,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
       std::abort();
     }
     if (m.ok() && m->type == sabi::kUnwatch && size != sizeof(sabi::UnwatchMsg)) std::abort();
+    if (m.ok() && m->type == sabi::kDeposit && size != sizeof(sabi::DepositMsg)) std::abort();
     return 0;
   }
   // An entry, then the session's limits: data area size and handle lengths.

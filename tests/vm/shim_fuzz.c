@@ -181,8 +181,9 @@ static void fuzz_ioctl(int fd, int is_dev)
 {
 	static const unsigned int cmds[] = {
 		SVM_SHIM_IOC_QUERY, SVM_SHIM_IOC_ATTACH, SVM_SHIM_IOC_SNAPSHOT,
-		SVM_SHIM_IOC_READ,
+		SVM_SHIM_IOC_READ, SVM_SHIM_IOC_RANGE_INFO,
 	};
+	const int ncmds = (int)(sizeof(cmds) / sizeof(cmds[0]));
 	uint64_t arg[8];
 	unsigned int cmd;
 	int ours = 0;
@@ -199,10 +200,10 @@ static void fuzz_ioctl(int fd, int is_dev)
 			   (unsigned int)rnd() % 8, (unsigned int)rnd() % 128);
 		break;
 	default:
-		cmd = cmds[rnd() % 4];
+		cmd = cmds[rnd() % ncmds];
 		break;
 	}
-	for (int i = 0; i < 4; i++)
+	for (int i = 0; i < ncmds; i++)
 		ours |= cmd == cmds[i];
 	if (cmd == SVM_SHIM_IOC_ATTACH) {
 		arg[0] = rnd() % 8 ? SVM_SHIM_ATTACH_PID : pick_u64();
@@ -227,6 +228,9 @@ static void fuzz_ioctl(int fd, int is_dev)
 		arg[5] = rnd() % 8 ? 0 : pick_u64();
 		arg[6] = rnd() % 8 ? 0 : pick_u64();
 		arg[7] = rnd() % 8 ? 0 : pick_u64();
+	} else if (cmd == SVM_SHIM_IOC_RANGE_INFO) {
+		for (int i = 3; i < 8; i++)
+			arg[i] = rnd() % 4 ? 0 : pick_u64();
 	} else if (!ours) {
 		/* Not ours: the kernel must not touch the buffer at all. */
 	}

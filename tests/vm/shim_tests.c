@@ -1197,6 +1197,123 @@ TEST(read_large_window)
 	close(dev);
 }
 
+/* ------------------------------------------- outputs only on success */
+
+static int all_bytes(const void *p, size_t len, unsigned char v)
+{
+	const unsigned char *c = p;
+
+	for (size_t i = 0; i < len; i++)
+		if (c[i] != v)
+			return 0;
+	return 1;
+}
+
+TEST(snapshot_writes_nothing_on_failure)
+{
+	int dev = dev_or_skip(), fd;
+	unsigned char *p = map_anon(4 * psz);
+	unsigned char *out = mmap(NULL, 2 * psz, PROT_READ | PROT_WRITE,
+				  MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	struct svm_shim_snapshot *s;
+	uint64_t *ent;
+
+	ASSERT_TRUE(p && out != MAP_FAILED);
+	memset(p, 1, 4 * psz);
+	fd = shim_attach(dev, getpid(), p, 4 * psz, 0);
+	ASSERT_TRUE(fd >= 0);
+
+	/*
+	 * Entries straddling a read-only page: the first two land on the
+	 * writable page, the last two cannot be written. Nothing may be.
+	 */
+	memset(out, 0x5a, 2 * psz);
+	ASSERT_EQ(mprotect(out + psz, psz, PROT_READ), 0);
+	ent = (uint64_t *)(out + psz - 2 * sizeof(uint64_t));
+	ASSERT_ERRNO(shim_snapshot(fd, 0, p, 4, ent, NULL), EFAULT);
+	EXPECT_TRUE(all_bytes(out, 2 * psz, 0x5a));
+
+	/* The struct itself read-only: entries must stay untouched too. */
+	ASSERT_EQ(mprotect(out + psz, psz, PROT_READ | PROT_WRITE), 0);
+	memset(out, 0x5a, 2 * psz);
+	s = (struct svm_shim_snapshot *)(out + psz);
+	memset(s, 0, sizeof(*s));
+	s->addr = (uint64_t)(uintptr_t)p;
+	s->npages = 4;
+	s->entries = (uint64_t)(uintptr_t)out;
+	s->seq = 0x77;
+	ASSERT_EQ(mprotect(out + psz, psz, PROT_READ), 0);
+	ASSERT_ERRNO(ioctl(fd, SVM_SHIM_IOC_SNAPSHOT, s), EFAULT);
+	EXPECT_TRUE(all_bytes(out, psz, 0x5a));
+	EXPECT_EQ(s->seq, 0x77);
+
+	/* And with everything writable the same call works. */
+	ASSERT_EQ(shim_snapshot(fd, 0, p, 4, (uint64_t *)out, NULL), 0);
+	EXPECT_TRUE(((uint64_t *)out)[0] & SVM_SHIM_PAGE_VALID);
+	close(fd);
+	munmap(out, 2 * psz);
+	munmap(p, 4 * psz);
+	close(dev);
+}
+
+/* ------------------------------------------------ range fd capability */
+
+static int range_info(int fd, struct svm_shim_range_info *ri)
+{
+	memset(ri, 0, sizeof(*ri));
+	return ioctl(fd, SVM_SHIM_IOC_RANGE_INFO, ri);
+}
+
+TEST(range_info_names_the_attached_range)
+{
+	int dev = dev_or_skip(), fd, pfd[2], st;
+	unsigned char *p = map_anon(4 * psz);
+	struct svm_shim_range_info ri;
+	struct svm_shim_query q = { 0 };
+	pid_t child;
+	char c;
+
+	ASSERT_TRUE(p);
+	ASSERT_EQ(ioctl(dev, SVM_SHIM_IOC_QUERY, &q), 0);
+	EXPECT_TRUE(q.features & SVM_SHIM_FEAT_RANGE_INFO);
+	fd = shim_attach(dev, getpid(), p + psz, 2 * psz, 0);
+	ASSERT_TRUE(fd >= 0);
+	ASSERT_EQ(range_info(fd, &ri), 0);
+	EXPECT_EQ(ri.start, (uint64_t)(uintptr_t)(p + psz));
+	EXPECT_EQ(ri.length, (uint64_t)(2 * psz));
+	EXPECT_EQ(ri.pid, (uint64_t)getpid());
+	memset(&ri, 0, sizeof(ri));
+	ri.reserved[4] = 1;
+	ASSERT_ERRNO(ioctl(fd, SVM_SHIM_IOC_RANGE_INFO, &ri), EINVAL);
+	/* Only a range fd answers: not the device, not a pipe. */
+	ASSERT_ERRNO(range_info(dev, &ri), ENOTTY);
+	ASSERT_EQ(pipe(pfd), 0);
+	ASSERT_ERRNO(range_info(pfd[0], &ri), ENOTTY);
+	close(fd);
+
+	/* A target that exited (and was reaped) reports pid 0. */
+	child = fork();
+	if (child == 0) {
+		close(pfd[1]);
+		if (read(pfd[0], &c, 1) < 0)
+			_exit(1);
+		_exit(0);
+	}
+	close(pfd[0]);
+	fd = shim_attach(dev, child, p, psz, 0);
+	ASSERT_TRUE(fd >= 0);
+	ASSERT_EQ(range_info(fd, &ri), 0);
+	EXPECT_EQ(ri.pid, (uint64_t)child);
+	close(pfd[1]);
+	ASSERT_EQ(waitpid(child, &st, 0), child);
+	ASSERT_EQ(range_info(fd, &ri), 0);
+	EXPECT_EQ(ri.pid, 0);
+	EXPECT_EQ(ri.length, (uint64_t)psz);
+	close(fd);
+	munmap(p, 4 * psz);
+	close(dev);
+}
+
 int main(int argc, char **argv)
 {
 	psz = sysconf(_SC_PAGESIZE);

@@ -83,7 +83,7 @@ check "by systemd-modules-load (modules-load.d/svm.conf)" \
 	grep -q "Inserted module 'svm_shim'" <<<"$(journalctl -b -t systemd-modules-load --no-pager -o cat)"
 check "/dev/svm_shim is a character device" test -c /dev/svm_shim
 mode=$(stat -c '%U:%G %a' /dev/svm_shim 2>&1)
-check "/dev/svm_shim is root:root 600 (99-svm-shim.rules; is $mode)" test "$mode" = "root:root 600"
+check "/dev/svm_shim is root:svm 660 (99-svm-shim.rules; is $mode)" test "$mode" = "root:svm 660"
 udev_test=$(udevadm test "$(udevadm info -q path -n /dev/svm_shim)" 2>&1)
 check "udev applies 99-svm-shim.rules to it (udevadm test)" \
 	grep -qE '99-svm-shim\.rules:[0-9]+ (MODE|OWNER|GROUP)' <<<"$udev_test"

@@ -7,6 +7,11 @@
  * other ioctls act on a range fd, and read()/poll() on it deliver
  * invalidation events. Closing the range fd detaches.
  *
+ * A range fd is a capability: whoever holds it may read the range, whatever
+ * its own credentials. The right to the memory is checked once, at ATTACH,
+ * on the attaching process (the ptrace rule); a process may then hand the
+ * fd to another (SCM_RIGHTS), which learns what it holds with RANGE_INFO.
+ *
  * Consistency (the mirror contract):
  *  - SNAPSHOT and READ use hmm_range_fault() inside an mmu interval notifier
  *    read_begin/read_retry loop; results are only produced after the shim
@@ -30,8 +35,10 @@
  *
  * ABI rules: all fields are __u64; pointers are passed as __u64; reserved
  * fields and unknown flags must be zero (else -EINVAL); unknown ioctls fail
- * with -ENOTTY. Fields are marked (in) or (out). Output fields are written
- * only on success.
+ * with -ENOTTY. Fields are marked (in) or (out). Output fields, and
+ * SNAPSHOT's entries, are written only on success (a failed call leaves them
+ * as they were); READ's destination buffer holds unspecified bytes after a
+ * failure.
  */
 #ifndef _UAPI_LINUX_SVM_SHIM_H
 #define _UAPI_LINUX_SVM_SHIM_H
@@ -47,6 +54,7 @@
 #define SVM_SHIM_FEAT_SNAPSHOT		(1ULL << 2)
 #define SVM_SHIM_FEAT_READ		(1ULL << 3)
 #define SVM_SHIM_FEAT_EVENTS		(1ULL << 4)
+#define SVM_SHIM_FEAT_RANGE_INFO	(1ULL << 5)
 
 /* Limits (the per-call and queue limits are also reported by QUERY). */
 #define SVM_SHIM_MAX_RANGES_PER_FD	1	/* one range per range fd */
@@ -134,6 +142,19 @@ struct svm_shim_read {
 	__u64 reserved[3];	/* (in) must be zero */
 };
 
+/*
+ * What a range fd is attached to. Fails with -ENOTTY on anything but a range
+ * fd (in particular on /dev/svm_shim itself).
+ */
+struct svm_shim_range_info {
+	__u64 start;		/* (out) attached range, as given to ATTACH */
+	__u64 length;		/* (out) */
+	__u64 pid;		/* (out) target's thread-group id in the caller's
+				 * pid namespace; 0 once it exited or when it is
+				 * not visible there */
+	__u64 reserved[5];	/* (in) must be zero */
+};
+
 /* Event kinds (struct svm_shim_event.kind). */
 enum svm_shim_event_kind {
 	SVM_SHIM_EV_OTHER	= 0,	/* any other invalidation */
@@ -166,5 +187,6 @@ struct svm_shim_event {
 #define SVM_SHIM_IOC_ATTACH	_IOWR(SVM_SHIM_IOC_MAGIC, 0x01, struct svm_shim_attach)
 #define SVM_SHIM_IOC_SNAPSHOT	_IOWR(SVM_SHIM_IOC_MAGIC, 0x02, struct svm_shim_snapshot)
 #define SVM_SHIM_IOC_READ	_IOWR(SVM_SHIM_IOC_MAGIC, 0x03, struct svm_shim_read)
+#define SVM_SHIM_IOC_RANGE_INFO	_IOWR(SVM_SHIM_IOC_MAGIC, 0x04, struct svm_shim_range_info)
 
 #endif /* _UAPI_LINUX_SVM_SHIM_H */
