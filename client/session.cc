@@ -13,7 +13,9 @@
 #include <sys/un.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
+#include <iterator>
 #include <cstring>
 
 #include "absl/strings/str_cat.h"
@@ -721,21 +723,38 @@ bool Session::MapIfCurrent(uint64_t addr) {
   const uint64_t pages = r->len / abi::kPageSize;
   // The page and the current pages after it (up to the read-ahead), in one
   // call. A page whose word is 0 is not (or no longer) installed: it is
-  // fetched like a missing one.
-  if (r->view->words[first].load(std::memory_order_acquire) == 0) return false;
+  // fetched like a missing one. svmd lands fetches in the cache file itself
+  // (a page present in the file, word 0, until the install rule said yes),
+  // so a page can be punched and be landing again between this check and
+  // the map: the words are checked again after the map, before the thread
+  // is woken, and a page whose word changed is unmapped and fetched.
+  const std::atomic<uint64_t>* words = r->view->words;
+  uint64_t seen[64];
+  seen[0] = words[first].load(std::memory_order_acquire);
+  if (seen[0] == 0) return false;
   uint64_t n = 1;
-  const uint64_t limit = std::min<uint64_t>(pages, first + 1 + std::max<size_t>(r->readahead, 15));
-  while (first + n < limit && r->view->words[first + n].load(std::memory_order_acquire) != 0) ++n;
+  const uint64_t limit =
+      std::min<uint64_t>({pages, first + 1 + std::max<size_t>(r->readahead, 15), first + std::size(seen)});
+  while (first + n < limit && (seen[n] = words[first + n].load(std::memory_order_acquire)) != 0) ++n;
   uffdio_continue c{};
   c.range.start = base + first * abi::kPageSize;
   c.range.len = n * abi::kPageSize;
-  if (::ioctl(uffd_, UFFDIO_CONTINUE, &c) == 0 || c.mapped > 0) {
-    // The faulting page is the first one: mapped (and its thread woken).
-    // A punch after this point unmaps it again.
-    if (c.mapped <= 0 || static_cast<uint64_t>(c.mapped) < n * abi::kPageSize) {
-      uffdio_range wake{c.range.start, abi::kPageSize};
-      ::ioctl(uffd_, UFFDIO_WAKE, &wake);
+  c.mode = UFFDIO_CONTINUE_MODE_DONTWAKE;
+  const bool ok = ::ioctl(uffd_, UFFDIO_CONTINUE, &c) == 0;
+  const uint64_t mapped = ok ? n : c.mapped > 0 ? static_cast<uint64_t>(c.mapped) / abi::kPageSize : 0;
+  if (mapped > 0) {
+    for (uint64_t k = 0; k < mapped; ++k) {
+      if (words[first + k].load(std::memory_order_acquire) != seen[k]) {
+        // Replaced or landing again: unmapped (the next access faults),
+        // and the faulting thread waits for the fetch.
+        ::madvise(reinterpret_cast<void*>(c.range.start), mapped * abi::kPageSize, MADV_DONTNEED);
+        return false;
+      }
     }
+    // The faulting page is the first one: mapped; its thread is woken.
+    // A punch after this point unmaps it again.
+    uffdio_range wake{c.range.start, abi::kPageSize};
+    ::ioctl(uffd_, UFFDIO_WAKE, &wake);
     return true;
   }
   if (errno == EEXIST) {

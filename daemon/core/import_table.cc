@@ -866,11 +866,15 @@ std::optional<absl::StatusOr<v1::ReadResponse>> ImportTable::ReadAttached(
   // reads keep coming here and return to the READs once the region is
   // back), unless the pages must land in the cache (a mapping's fault).
   const bool install = !fresh && (fill || !zc);
-  // Whole pages of a read that installs nothing land straight in dst. What
-  // is installed comes from svmd's own buffer: dst may be a session's data
-  // area, which its client can write while svmd reads it, and the shared
-  // cache serves every client of the import. A read that starts or ends
-  // inside a page goes through the buffer too.
+  // Whole pages of a read that installs nothing land straight in dst. Pages
+  // to be installed land in the shared cache file itself (a Landing: the
+  // page stays absent for clients until the install rule said yes; the
+  // protocol is in shared_cache.h), never in dst: dst may be a session's
+  // data area, which its client can write while svmd reads it, and the
+  // shared cache serves every client of the import. What neither holds (a
+  // read that starts or ends inside a page and installs nothing, pages
+  // found in the cache, pages another read is landing) goes through svmd's
+  // own buffer.
   const bool direct = !install && offset % kPageSize == 0 && dst.size() % kPageSize == 0;
   std::vector<uint8_t> bounce(direct ? 0 : n * kPageSize);
   uint8_t* const buf = direct ? dst.data() : bounce.data();
@@ -880,13 +884,32 @@ std::optional<absl::StatusOr<v1::ReadResponse>> ImportTable::ReadAttached(
   if (!fresh && !cache_usable) counters_->Add("reads_past_lease");
   if (!fresh && cache_usable) {
     for (uint64_t i = 0; i < n; ++i) {
-      have[i] = cache_->Lookup(imp->id, first + i, absl::MakeSpan(buf + i * kPageSize, kPageSize));
+      // A fill wants the pages in the cache, not their bytes.
+      have[i] = fill ? cache_->Touch(imp->id, first + i)
+                     : cache_->Lookup(imp->id, first + i, absl::MakeSpan(buf + i * kPageSize, kPageSize));
     }
   }
+  // The part of page i (of this read) that dst holds, copied from src. A
+  // fill (a mapping's fault, a prefetch) wants the pages in the cache only:
+  // nothing is copied into its dst.
+  uint64_t copied = 0;
+  auto copy_out = [&](uint64_t i, const uint8_t* src) {
+    if (fill) return;
+    const uint64_t page_at = (first + i) * kPageSize;
+    const uint64_t from = std::max(page_at, offset);
+    const uint64_t to = std::min(page_at + kPageSize, offset + dst.size());
+    if (to <= from) return;
+    std::memcpy(dst.data() + (from - offset), src + (from - page_at), to - from);
+    copied += to - from;
+  };
   // Every missing run, in pieces of at most the channel's piece size, is on
   // the wire at once: the exporter copies one piece while another travels.
   const uint64_t piece = std::clamp<uint64_t>(ch->capabilities().fetch_piece_pages, 1, transport::kMaxFetchPages);
   std::vector<transport::FetchOp> ops;
+  // Per op: its claim in the shared cache, or nullptr (the op lands in buf).
+  // Destroying a claim not yet published abandons it: every return below
+  // happens after FetchV returned, when no fetch writes any more.
+  std::vector<std::unique_ptr<session::SharedCache::Landing>> landings;
   for (uint64_t i = 0; i < n;) {
     if (have[i]) {
       resp.set_pages_from_cache(resp.pages_from_cache() + 1);
@@ -898,10 +921,18 @@ std::optional<absl::StatusOr<v1::ReadResponse>> ImportTable::ReadAttached(
     transport::FetchOp op;
     op.export_id = export_id;
     op.first_page = first + i;
-    op.npages = static_cast<uint32_t>(j - i);
     op.track = !fresh;
-    op.dst = absl::MakeSpan(buf + i * kPageSize, (j - i) * kPageSize);
+    std::unique_ptr<session::SharedCache::Landing> land;
+    if (install) land = cache_->Claim(imp->id, first + i, j - i);
+    if (land != nullptr) {
+      j = i + land->npages();
+      op.dst = land->span();
+    } else {
+      op.dst = absl::MakeSpan(buf + i * kPageSize, (j - i) * kPageSize);
+    }
+    op.npages = static_cast<uint32_t>(j - i);
     ops.push_back(op);
+    landings.push_back(std::move(land));
     i = j;
   }
   if (!ops.empty()) {
@@ -909,7 +940,9 @@ std::optional<absl::StatusOr<v1::ReadResponse>> ImportTable::ReadAttached(
     ch->FetchV(absl::MakeSpan(ops), opts_.fetch_timeout);
     imp->stats.fetch_latency.Observe(absl::Now() - fetch_start);
   }
-  for (const transport::FetchOp& op : ops) {
+  std::vector<bool> landed(n, false);
+  for (size_t o = 0; o < ops.size(); ++o) {
+    const transport::FetchOp& op = ops[o];
     const auto& seq = op.result;
     if (!seq.ok()) {
       if (absl::IsNotFound(seq.status())) {
@@ -929,19 +962,37 @@ std::optional<absl::StatusOr<v1::ReadResponse>> ImportTable::ReadAttached(
       return seq.status();
     }
     min_seq = std::min(min_seq, *seq);
-    if (install) {
+    session::SharedCache::Landing* land = landings[o].get();
+    const uint64_t at = op.first_page - first;
+    if (land != nullptr) {
+      // The caller's copy comes from the claimed pages while nothing can
+      // punch them (after Publish an invalidation may, at any time).
+      for (uint32_t k = 0; k < op.npages; ++k) {
+        copy_out(at + k, op.dst.data() + static_cast<size_t>(k) * kPageSize);
+        landed[at + k] = true;
+      }
       absl::MutexLock l(&imp->mu);
+      // The install rule decides first; only then does a version word
+      // become non-zero (SharedCache::Publish).
       if (imp->channel == ch && imp->coh.MayInstall(ticket, *seq)) {
-        for (uint32_t k = 0; k < op.npages; ++k) {
-          cache_->Insert(imp->id, op.first_page + k, absl::MakeConstSpan(op.dst.data() + k * kPageSize, kPageSize));
-        }
+        counters_->Add("cache_pages_landed", cache_->Publish(*land));
       } else {
+        cache_->Abandon(*land);
         counters_->Add("fetches_not_cached_raced");
       }
+    } else if (install) {
+      // Cached meanwhile, or another read is landing these pages: that read
+      // installs them.
+      counters_->Add("fetches_not_landed_claimed");
     }
     resp.set_pages_fetched(resp.pages_fetched() + op.npages);
   }
-  if (!direct) std::memcpy(dst.data(), buf + (offset - first * kPageSize), dst.size());
+  if (!direct) {
+    for (uint64_t i = 0; i < n; ++i) {
+      if (!landed[i]) copy_out(i, buf + i * kPageSize);
+    }
+  }
+  if (copied > 0) counters_->Add("read_bytes_copied", copied);
   resp.set_len(dst.size());
   if (min_seq == UINT64_MAX) {
     absl::MutexLock l(&imp->mu);

@@ -31,6 +31,8 @@
 // the same non-zero word before and after copying the page copied a whole
 // page that no invalidation had removed when the copy began (rule 4 inside
 // the node). svmd zeroes words before it acknowledges an invalidation.
+// svmd's fetches land in the data memfd itself: a page present in the file
+// while its word is 0 may be half written (never map or copy it).
 #ifndef SVM_DAEMON_SESSION_ABI_H_
 #define SVM_DAEMON_SESSION_ABI_H_
 

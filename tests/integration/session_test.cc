@@ -534,7 +534,13 @@ TEST_F(Sessions, AnInvalidationMakesMappedPagesFaultAgainWithNewContent) {
 TEST_F(Sessions, PrefetchFaultsARangeInAhead) {
   auto m = cb_->Map("m");
   ASSERT_TRUE(m.ok()) << m.status();
+  const uint64_t landed = Counter(*cb_, "cache_pages_landed");
+  const uint64_t copied = Counter(*cb_, "read_bytes_copied");
   ASSERT_TRUE((*m)->Prefetch(0, kPages * kPage).ok());
+  // The fetched pages land in the shared cache file itself and svmd copies
+  // nothing on the way (tcp receives into the cache page).
+  EXPECT_EQ(Counter(*cb_, "cache_pages_landed") - landed, kPages);
+  EXPECT_EQ(Counter(*cb_, "read_bytes_copied"), copied) << "svmd copied the bytes of a fill";
   EXPECT_FALSE((*m)->Prefetch(kPage, kPages * kPage).ok());
   for (uint64_t p = 0; p < kPages; ++p) ASSERT_TRUE(PageHasVersion((*m)->data() + p * kPage, p + 1));
   EXPECT_EQ((*m)->faults(), 0u);

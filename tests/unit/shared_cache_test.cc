@@ -7,7 +7,10 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cstdint>
+#include <cstring>
+#include <thread>
 #include <vector>
 
 #include "daemon/source/mirror_source.h"
@@ -247,6 +250,12 @@ class ClientView {
     if (version) *version = v;
     return buf[0];
   }
+  // The page's version word: what a mapping's pager checks before it maps
+  // a page present in the file (UFFDIO_CONTINUE only while non-zero).
+  uint64_t Word(uint64_t page) const {
+    return (reinterpret_cast<const std::atomic<uint64_t>*>(words_ + abi::kWordsOffset) + page)
+        ->load(std::memory_order_acquire);
+  }
   // Bytes of memory the data file holds (punched pages hold none).
   uint64_t resident() const {
     struct stat st {};
@@ -345,6 +354,190 @@ TEST(SharedCacheClient, StrayPagesAClientFaultedInArePunchedOut) {
   EXPECT_EQ(c.strays(), 1u);
   EXPECT_EQ(v.Fill(0), 7) << "a cached page is not a stray";
   ::munmap(const_cast<uint8_t*>(m), kImportPages * kPageSize);
+}
+
+
+// ---- fetches landing in the cache file (the protocol in shared_cache.h) ----
+
+// What a fetch does to its landing: writes every byte of the claimed pages.
+void LandInto(SharedCache::Landing& l, uint8_t fill) { std::memset(l.span().data(), fill, l.span().size()); }
+
+TEST(SharedCacheLanding, ClaimedPagesAreAbsentUntilPublished) {
+  TestCache c(100);
+  ClientView v(*c.OpenForClient(1));
+  auto l = c.Claim(1, 4, 2);
+  ASSERT_NE(l, nullptr);
+  EXPECT_EQ(l->first_page(), 4u);
+  EXPECT_EQ(l->npages(), 2u);
+  EXPECT_EQ(l->span().size(), 2 * kPageSize);
+  LandInto(*l, 0x5A);
+  EXPECT_EQ(v.resident(), 2 * kPageSize) << "the fetch writes the cache file itself";
+  for (uint64_t p : {4, 5}) {
+    EXPECT_EQ(v.Word(p), 0u) << "a mapping would map page " << p << " before the install rule said yes";
+    EXPECT_EQ(v.Fill(p), -1) << "a client copies page " << p << " before the install rule said yes";
+    EXPECT_EQ(CachedFill(c, 1, p), -1);
+  }
+  EXPECT_EQ(c.size(), 0u);
+  EXPECT_EQ(c.claimed(), 2u);
+  EXPECT_EQ(c.Publish(*l), 2u);
+  EXPECT_NE(v.Word(4), 0u);
+  EXPECT_NE(v.Word(5), v.Word(4)) << "every published page has a version of its own";
+  EXPECT_EQ(v.Fill(4), 0x5A);
+  EXPECT_EQ(v.Fill(5), 0x5A);
+  EXPECT_EQ(CachedFill(c, 1, 5), 0x5A);
+  EXPECT_EQ(c.size(), 2u);
+  EXPECT_EQ(c.claimed(), 0u);
+}
+
+TEST(SharedCacheLanding, ClaimStopsAtCachedAndClaimedPages) {
+  TestCache c(100);
+  c.Insert(1, 3, PageOf(3));
+  auto a = c.Claim(1, 0, 8);
+  ASSERT_NE(a, nullptr);
+  EXPECT_EQ(a->npages(), 3u) << "the run stops before the cached page 3";
+  EXPECT_EQ(c.Claim(1, 3, 1), nullptr) << "a cached page is never landed over in place";
+  EXPECT_EQ(c.Claim(1, 1, 1), nullptr) << "two fetches never land in one page";
+  auto b = c.Claim(1, 4, 1000);
+  ASSERT_NE(b, nullptr);
+  EXPECT_EQ(b->npages(), kImportPages - 4) << "a claim ends at the end of the import";
+  EXPECT_EQ(c.Claim(1, kImportPages, 1), nullptr);
+  c.Insert(1, 5, PageOf(9));
+  EXPECT_EQ(CachedFill(c, 1, 5), -1) << "Insert must leave a page alone while a fetch lands in it";
+  EXPECT_EQ(c.Claim(9, 0, 1), nullptr) << "an import without files";
+  TestCache none(0);
+  EXPECT_EQ(none.Claim(1, 0, 1), nullptr) << "--cache-mb 0 caches nothing";
+}
+
+// The raced fetch: an invalidation of the page arrives while the fetch is
+// writing it, and the install rule says no. Neither a client's checked copy
+// (TryCopyPage over its mapping of the file) nor a mapping's pager (maps a
+// page present in the file only while its word is non-zero) ever sees the
+// page as valid: not while the fetch writes it, not after.
+TEST(SharedCacheLanding, AFetchThatRacedAnInvalidationIsNeverVisible) {
+  TestCache c(100);
+  ClientView v(*c.OpenForClient(1));
+  constexpr uint64_t kPage = 7;
+  auto l = c.Claim(1, kPage, 1);
+  ASSERT_NE(l, nullptr);
+  std::atomic<bool> stop{false};
+  std::atomic<uint64_t> looks{0}, seen_valid{0}, seen_word{0};
+  std::thread reader([&] {
+    while (!stop.load(std::memory_order_relaxed)) {
+      if (v.Word(kPage) != 0) seen_word.fetch_add(1);
+      if (v.Fill(kPage) != -1) seen_valid.fetch_add(1);
+      looks.fetch_add(1);
+    }
+  });
+  // The fetch, written in pieces as a socket or a NIC writes it, with the
+  // invalidation (svmd's OnInvalidation: SharedCache::Drop under the
+  // import's lock) in the middle of it.
+  uint8_t* page = l->span().data();
+  for (int round = 0; round < 200; ++round) {
+    for (uint64_t at = 0; at < kPageSize; at += 512) std::memset(page + at, round & 0xff, 512);
+    if (round == 100) {
+      EXPECT_EQ(c.Drop(1, kPage, 1), 0u) << "a landing page is not cached yet";
+    }
+    while (looks.load() < static_cast<uint64_t>(round)) std::this_thread::yield();
+  }
+  // The install rule said no (the invalidation is newer than the reply).
+  c.Abandon(*l);
+  for (int i = 0; i < 1000; ++i) {
+    if (v.Word(kPage) != 0) seen_word.fetch_add(1);
+    if (v.Fill(kPage) != -1) seen_valid.fetch_add(1);
+  }
+  stop = true;
+  reader.join();
+  EXPECT_EQ(seen_word.load(), 0u) << "a mapping could have mapped the raced page";
+  EXPECT_EQ(seen_valid.load(), 0u) << "a client copied the raced page as valid";
+  EXPECT_EQ(CachedFill(c, 1, kPage), -1);
+  EXPECT_EQ(v.resident(), 0u) << "the raced page is punched once the fetch stopped writing";
+  EXPECT_EQ(c.claimed(), 0u);
+}
+
+TEST(SharedCacheLanding, PublishAfterADropInstallsNothing) {
+  // The table asks the install rule first; this is the cache's own guard:
+  // a landing that a Drop met during the fetch never becomes valid.
+  TestCache c(100);
+  ClientView v(*c.OpenForClient(1));
+  auto l = c.Claim(1, 2, 3);
+  ASSERT_NE(l, nullptr);
+  LandInto(*l, 0x21);
+  c.Drop(1, 3, 1);
+  EXPECT_EQ(c.Publish(*l), 2u);
+  EXPECT_EQ(v.Fill(2), 0x21);
+  EXPECT_EQ(v.Fill(3), -1) << "the page an invalidation met during the fetch was published";
+  EXPECT_EQ(v.Word(3), 0u);
+  EXPECT_EQ(v.Fill(4), 0x21);
+  EXPECT_EQ(v.resident(), 2 * kPageSize);
+  // A whole-import drop (a lost connection, an expired lease) meets every
+  // landing of the import.
+  auto m = c.Claim(1, 10, 2);
+  ASSERT_NE(m, nullptr);
+  LandInto(*m, 0x22);
+  c.DropImport(1);
+  EXPECT_EQ(c.Publish(*m), 0u);
+  EXPECT_EQ(v.Fill(10), -1);
+  EXPECT_EQ(v.resident(), 0u);
+}
+
+TEST(SharedCacheLanding, NothingPunchesThePagesUnderTheFetch) {
+  // Drop, eviction and PunchStrays leave a landing's pages in the file
+  // while the fetch writes them: a punch under a socket's or a NIC's write
+  // loses what was written before it (a pinned registration keeps writing
+  // into a page the file no longer holds).
+  TestCache c(2);
+  ClientView v(*c.OpenForClient(1));
+  auto l = c.Claim(1, 0, 1);
+  ASSERT_NE(l, nullptr);
+  std::memset(l->span().data(), 0x31, kPageSize / 2);
+  c.Drop(1, 0, 1);
+  c.DropImport(1);  // punches the whole file, holes and strays included
+  c.PunchStrays();  // its word is 0: it looks like a stray
+  c.Insert(1, 1, PageOf(1));
+  c.Insert(1, 2, PageOf(2));
+  c.Insert(1, 3, PageOf(3));  // evicts, at capacity 2
+  EXPECT_EQ(c.strays(), 0u) << "PunchStrays punched a landing";
+  std::memset(l->span().data() + kPageSize / 2, 0x32, kPageSize / 2);
+  std::vector<uint8_t> got(kPageSize);
+  ASSERT_EQ(::pread(v.files().data.get(), got.data(), kPageSize, 0), static_cast<ssize_t>(kPageSize));
+  EXPECT_EQ(got[0], 0x31) << "the first half of the fetch was punched out from under it";
+  EXPECT_EQ(got[kPageSize - 1], 0x32);
+  c.Abandon(*l);
+  EXPECT_EQ(v.resident(), 2 * kPageSize) << "pages 2 and 3 only";
+  // Without a drop, the fetch is published whole.
+  auto m = c.Claim(1, 5, 1);
+  ASSERT_NE(m, nullptr);
+  LandInto(*m, 0x55);
+  c.PunchStrays();
+  EXPECT_EQ(c.Publish(*m), 1u);
+  EXPECT_EQ(v.Fill(5), 0x55);
+  EXPECT_EQ(c.size(), 2u) << "publishing evicts down to the capacity";
+}
+
+TEST(SharedCacheLanding, AReplacedOrRemovedFileOutlivesItsLandings) {
+  TestCache c(100);
+  auto l = c.Claim(1, 0, 2);
+  ASSERT_NE(l, nullptr);
+  ASSERT_TRUE(c.Reset(1, 2 * kImportPages * kPageSize).ok());  // another length: new files
+  LandInto(*l, 0x41);  // the fetch still writes: the old file stays mapped
+  EXPECT_EQ(c.Publish(*l), 0u) << "a landing in a replaced file was published";
+  EXPECT_EQ(CachedFill(c, 1, 0), -1);
+  auto m = c.Claim(1, 0, 1);
+  ASSERT_NE(m, nullptr) << "the old file's claims block the new one";
+  auto n = c.Claim(2, 0, 1);
+  ASSERT_NE(n, nullptr);
+  c.Remove(2);
+  LandInto(*n, 0x42);
+  c.Abandon(*n);
+  {
+    auto gone = c.Claim(3, 0, 4);
+    ASSERT_NE(gone, nullptr);
+    LandInto(*gone, 0x43);
+  }  // destroyed unfinished: abandoned
+  EXPECT_EQ(c.claimed(), 1u);  // m only
+  EXPECT_EQ(CachedFill(c, 3, 0), -1);
+  ClientView v(*c.OpenForClient(3));
+  EXPECT_EQ(v.resident(), 0u);
 }
 
 TEST(SharedCacheClient, ClientFilesAreReadOnly) {
