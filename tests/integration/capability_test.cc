@@ -109,7 +109,7 @@ class Capabilities : public ::testing::Test {
     ASSERT_NE(c_, nullptr);
     auto st = c_->Status();
     ASSERT_TRUE(st.ok()) << st.status();
-    session_path_ = st->session_socket();
+    session_path_ = st->session_socket;
   }
 
   // The Export call as any client can make it, naming a token.
@@ -237,8 +237,8 @@ TEST_F(ShimCapabilities, UserExportsOwnMemoryThroughSvmdWithoutPtrace) {
   ASSERT_TRUE(e.ok()) << e.status();
   auto info = ExportOf(*c_, "mine");
   ASSERT_TRUE(info.ok()) << info.status();
-  EXPECT_EQ(info->pid(), (*e)->pid());
-  EXPECT_EQ(info->source(), "shim");
+  EXPECT_EQ(info->pid, (*e)->pid());
+  EXPECT_EQ(info->source, "shim");
   // svmd reads it through the deposited range fd: page p holds p + 1.
   auto r = ReadBytes(*c_, "mine", 0, 8 * kPage, /*fresh=*/true);
   ASSERT_TRUE(r.ok()) << r.status();

@@ -199,7 +199,7 @@ TEST(Systemd, SighupRotatesThePeerToken) {
   EXPECT_TRUE(absl::IsUnauthenticated(cy->Import((*x)->peer(), "r", "r2").status()));
   // (A link refused before waits out its backoff, under a second, first.)
   auto import_soon = [&](Client& c, const std::string& as) {
-    absl::StatusOr<v1::ImportInfo> r;
+    absl::StatusOr<ImportInfo> r;
     for (int i = 0; i < 50; ++i) {
       r = c.Import((*x)->peer(), "r", as);
       if (r.ok() || !absl::StrContains(r.status().message(), "next attempt")) break;
