@@ -1692,6 +1692,8 @@ absl::Status ClientConn::Tick(absl::Time now) {
       }
     }
     if (!overdue) return absl::OkStatus();
+    // Closed before any caller hears of the timeout (it may look at alive()).
+    CloseLocked(absl::UnavailableError("fetch timed out"));
     AbandonLocked(absl::UnavailableError(absl::StrCat("peer ", peer_name_, " did not answer within ",
                                                       absl::FormatDuration(timeout))),
                   now);
