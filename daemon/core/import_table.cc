@@ -214,6 +214,9 @@ ImportTable::~ImportTable() {
   }
   for (auto& ch : channels) ch->Close();
   channels.clear();  // joins the readers, unless a worker still holds one
+  // Closed channels complete every outstanding fetch (UNAVAILABLE).
+  absl::MutexLock l(&fetching_mu_);
+  fetching_mu_.Await(absl::Condition(+[](int* n) { return *n == 0; }, &fetching_));
 }
 
 template <typename Resp, typename Req, typename Start>
@@ -787,21 +790,46 @@ void ImportTable::Read(const std::string& name, uint64_t offset, absl::Span<uint
 }
 
 void ImportTable::RunRead(std::shared_ptr<ReadOp> op, bool may_refresh) {
-  auto link = op->imp->link;
-  RunOnLink(link, [this, op = std::move(op), may_refresh] {
-    auto r = ReadAttached(*op->imp, op->offset, op->dst, op->fresh, op->fill, may_refresh);
-    if (r.has_value()) return op->done(std::move(*r));
-    // The zero-copy region must be asked for first: the read starts over
-    // when the answer is in, on a worker again.
-    RefreshRegion(op->imp, [this, op] { RunRead(op, /*may_refresh=*/false); });
-  });
+  bool zc;
+  {
+    absl::MutexLock l(&op->imp->mu);
+    zc = op->imp->zc_offered;
+  }
+  if (zc && !op->dst.empty() && !op->fill) {
+    // The zero-copy path's READs block: on a worker.
+    auto link = op->imp->link;
+    RunOnLink(link, [this, op = std::move(op), may_refresh] { ReadAttached(op, may_refresh); });
+    return;
+  }
+  ReadAttached(op, may_refresh);
 }
 
-std::optional<absl::StatusOr<v1::ReadResponse>> ImportTable::ReadAttached(
-    ImportEntry& imp_ref, uint64_t offset, absl::Span<uint8_t> dst, bool fresh, bool fill,
-    bool may_refresh) {
-  ImportEntry* imp = &imp_ref;
+// A staged read with its fetches outstanding (FetchVAsync), until
+// FinishFetch.
+struct ImportTable::Fetching {
+  std::shared_ptr<ReadOp> op;
+  std::shared_ptr<transport::PeerChannel> ch;
+  coherence::FetchTicket ticket;
+  bool install = false;
+  bool direct = false;
+  std::vector<uint8_t> bounce;
+  uint8_t* buf = nullptr;
+  uint64_t first = 0, n = 0;
+  absl::Time fetch_start;
+  v1::ReadResponse resp;
+  std::vector<transport::FetchOp> ops;
+  // Per op: its claim in the shared cache, or nullptr (the op lands in
+  // buf). Destroying a claim not yet published abandons it; FinishFetch
+  // runs when no fetch writes any more (FetchVAsync's promise).
+  std::vector<std::unique_ptr<session::SharedCache::Landing>> landings;
+};
+
+void ImportTable::ReadAttached(const std::shared_ptr<ReadOp>& op, bool may_refresh) {
+  ImportEntry* imp = op->imp.get();
   const std::string& name = imp->name;
+  const uint64_t offset = op->offset;
+  const absl::Span<uint8_t> dst = op->dst;
+  const bool fresh = op->fresh, fill = op->fill;
   std::shared_ptr<transport::PeerChannel> ch;
   uint64_t export_id, len, seq_before;
   bool zc;
@@ -811,7 +839,7 @@ std::optional<absl::StatusOr<v1::ReadResponse>> ImportTable::ReadAttached(
   {
     absl::MutexLock l(&imp->mu);
     if (imp->channel == nullptr) {
-      return absl::UnavailableError(absl::StrCat("import '", name, "' lost its connection"));
+      return op->done(absl::UnavailableError(absl::StrCat("import '", name, "' lost its connection")));
     }
     ch = imp->channel;
     export_id = imp->export_id;
@@ -823,12 +851,13 @@ std::optional<absl::StatusOr<v1::ReadResponse>> ImportTable::ReadAttached(
     cache_usable = imp->coh.CacheUsable(static_cast<int64_t>(source::MonotonicNs()));
   }
   if (offset > len || dst.size() > len - offset) {
-    return absl::OutOfRangeError(absl::StrFormat(
-        "read of %u bytes at offset %u is past the end of '%s' (%u bytes)", dst.size(), offset, name, len));
+    return op->done(absl::OutOfRangeError(absl::StrFormat(
+        "read of %u bytes at offset %u is past the end of '%s' (%u bytes)", dst.size(), offset, name, len)));
   }
   if (fill && cache_->capacity() == 0) {
     // A mapping's fault would never be satisfied.
-    return absl::FailedPreconditionError("this importer keeps no cache (--cache-mb 0): nothing can be mapped");
+    return op->done(
+        absl::FailedPreconditionError("this importer keeps no cache (--cache-mb 0): nothing can be mapped"));
   }
   const uint64_t first = offset / kPageSize;
   const uint64_t last = (offset + dst.size() - 1) / kPageSize;
@@ -841,7 +870,8 @@ std::optional<absl::StatusOr<v1::ReadResponse>> ImportTable::ReadAttached(
     const absl::Time read_start = absl::Now();
     absl::Status st = ch->ReadRegion(export_id, offset, dst, opts_.fetch_timeout);
     if (absl::IsFailedPrecondition(st) && may_refresh && absl::Now() >= zc_refresh_at) {
-      return std::nullopt;  // RefreshRegion, then again
+      // The read starts over when the answer is in, on a worker again.
+      return RefreshRegion(op->imp, [this, op] { RunRead(op, /*may_refresh=*/false); });
     }
     if (st.ok()) {
       v1::ReadResponse resp;
@@ -854,18 +884,24 @@ std::optional<absl::StatusOr<v1::ReadResponse>> ImportTable::ReadAttached(
       imp->stats.fetch_latency.Observe(absl::Now() - read_start);
       imp->stats.reads.fetch_add(1, std::memory_order_relaxed);
       imp->stats.pages_fetched.fetch_add(n, std::memory_order_relaxed);
-      return resp;
+      return op->done(std::move(resp));
     }
     if (!absl::IsFailedPrecondition(st)) {
       if (!ch->alive()) OnChannelClosed(ch.get(), st);  // as for a fetch below
-      return st;
+      return op->done(std::move(st));
     }
     // No region right now (withdrawn or being replaced): the staged path.
   }
+  auto f = std::make_shared<Fetching>();
+  f->op = op;
+  f->ch = ch;
+  f->ticket = ticket;
+  f->first = first;
+  f->n = n;
   // An import the exporter offers zero-copy READs for is not cached (its
   // reads keep coming here and return to the READs once the region is
   // back), unless the pages must land in the cache (a mapping's fault).
-  const bool install = !fresh && (fill || !zc);
+  f->install = !fresh && (fill || !zc);
   // Whole pages of a read that installs nothing land straight in dst. Pages
   // to be installed land in the shared cache file itself (a Landing: the
   // page stays absent for clients until the install rule said yes; the
@@ -875,12 +911,11 @@ std::optional<absl::StatusOr<v1::ReadResponse>> ImportTable::ReadAttached(
   // read that starts or ends inside a page and installs nothing, pages
   // found in the cache, pages another read is landing) goes through svmd's
   // own buffer.
-  const bool direct = !install && offset % kPageSize == 0 && dst.size() % kPageSize == 0;
-  std::vector<uint8_t> bounce(direct ? 0 : n * kPageSize);
-  uint8_t* const buf = direct ? dst.data() : bounce.data();
+  f->direct = !f->install && offset % kPageSize == 0 && dst.size() % kPageSize == 0;
+  if (!f->direct) f->bounce.resize(n * kPageSize);
+  f->buf = f->direct ? dst.data() : f->bounce.data();
+  uint8_t* const buf = f->buf;
   std::vector<bool> have(n, false);
-  v1::ReadResponse resp;
-  uint64_t min_seq = UINT64_MAX;
   if (!fresh && !cache_usable) counters_->Add("reads_past_lease");
   if (!fresh && cache_usable) {
     for (uint64_t i = 0; i < n; ++i) {
@@ -889,6 +924,67 @@ std::optional<absl::StatusOr<v1::ReadResponse>> ImportTable::ReadAttached(
                      : cache_->Lookup(imp->id, first + i, absl::MakeSpan(buf + i * kPageSize, kPageSize));
     }
   }
+  // Every missing run, in pieces of at most the channel's piece size, is on
+  // the wire at once: the exporter copies one piece while another travels.
+  const uint64_t piece = std::clamp<uint64_t>(ch->capabilities().fetch_piece_pages, 1, transport::kMaxFetchPages);
+  for (uint64_t i = 0; i < n;) {
+    if (have[i]) {
+      f->resp.set_pages_from_cache(f->resp.pages_from_cache() + 1);
+      ++i;
+      continue;
+    }
+    uint64_t j = i + 1;
+    while (j < n && !have[j] && j - i < piece) ++j;
+    transport::FetchOp fop;
+    fop.export_id = export_id;
+    fop.first_page = first + i;
+    fop.track = !fresh;
+    std::unique_ptr<session::SharedCache::Landing> land;
+    if (f->install) land = cache_->Claim(imp->id, first + i, j - i);
+    if (land != nullptr) {
+      j = i + land->npages();
+      fop.dst = land->span();
+    } else {
+      fop.dst = absl::MakeSpan(buf + i * kPageSize, (j - i) * kPageSize);
+    }
+    fop.npages = static_cast<uint32_t>(j - i);
+    f->ops.push_back(fop);
+    f->landings.push_back(std::move(land));
+    i = j;
+  }
+  if (f->ops.empty()) return FinishFetch(*f);
+  {
+    absl::MutexLock l(&fetching_mu_);
+    ++fetching_;
+  }
+  f->fetch_start = absl::Now();
+  // Completed on the transport's thread (or here when the connection is
+  // closed already): no thread waits for the wire.
+  ch->FetchVAsync(absl::MakeSpan(f->ops), opts_.fetch_timeout, [this, f] {
+    FinishFetch(*f);
+    absl::MutexLock l(&fetching_mu_);
+    --fetching_;
+  });
+}
+
+void ImportTable::FinishFetch(Fetching& f) {
+  ImportEntry* imp = f.op->imp.get();
+  if (!f.ops.empty()) imp->stats.fetch_latency.Observe(absl::Now() - f.fetch_start);
+  // The channel is released here, not with the completion: when this is
+  // (nearly) the last reference, off the transport's thread, since
+  // destroying a channel joins that thread.
+  std::shared_ptr<transport::PeerChannel> ch = std::move(f.ch);
+  auto release = [&] {
+    f.landings.clear();  // what is not published yet is abandoned
+    if (ch.use_count() <= 2) workers_.Submit([c = std::move(ch)] {});
+    ch.reset();
+  };
+  const absl::Span<uint8_t> dst = f.op->dst;
+  const uint64_t offset = f.op->offset;
+  const uint64_t first = f.first;
+  const bool fill = f.op->fill;
+  v1::ReadResponse& resp = f.resp;
+  uint64_t min_seq = UINT64_MAX;
   // The part of page i (of this read) that dst holds, copied from src. A
   // fill (a mapping's fault, a prefetch) wants the pages in the cache only:
   // nothing is copied into its dst.
@@ -902,67 +998,33 @@ std::optional<absl::StatusOr<v1::ReadResponse>> ImportTable::ReadAttached(
     std::memcpy(dst.data() + (from - offset), src + (from - page_at), to - from);
     copied += to - from;
   };
-  // Every missing run, in pieces of at most the channel's piece size, is on
-  // the wire at once: the exporter copies one piece while another travels.
-  const uint64_t piece = std::clamp<uint64_t>(ch->capabilities().fetch_piece_pages, 1, transport::kMaxFetchPages);
-  std::vector<transport::FetchOp> ops;
-  // Per op: its claim in the shared cache, or nullptr (the op lands in buf).
-  // Destroying a claim not yet published abandons it: every return below
-  // happens after FetchV returned, when no fetch writes any more.
-  std::vector<std::unique_ptr<session::SharedCache::Landing>> landings;
-  for (uint64_t i = 0; i < n;) {
-    if (have[i]) {
-      resp.set_pages_from_cache(resp.pages_from_cache() + 1);
-      ++i;
-      continue;
-    }
-    uint64_t j = i + 1;
-    while (j < n && !have[j] && j - i < piece) ++j;
-    transport::FetchOp op;
-    op.export_id = export_id;
-    op.first_page = first + i;
-    op.track = !fresh;
-    std::unique_ptr<session::SharedCache::Landing> land;
-    if (install) land = cache_->Claim(imp->id, first + i, j - i);
-    if (land != nullptr) {
-      j = i + land->npages();
-      op.dst = land->span();
-    } else {
-      op.dst = absl::MakeSpan(buf + i * kPageSize, (j - i) * kPageSize);
-    }
-    op.npages = static_cast<uint32_t>(j - i);
-    ops.push_back(op);
-    landings.push_back(std::move(land));
-    i = j;
-  }
-  if (!ops.empty()) {
-    const absl::Time fetch_start = absl::Now();
-    ch->FetchV(absl::MakeSpan(ops), opts_.fetch_timeout);
-    imp->stats.fetch_latency.Observe(absl::Now() - fetch_start);
-  }
-  std::vector<bool> landed(n, false);
-  for (size_t o = 0; o < ops.size(); ++o) {
-    const transport::FetchOp& op = ops[o];
+  std::vector<bool> landed(f.n, false);
+  for (size_t o = 0; o < f.ops.size(); ++o) {
+    const transport::FetchOp& op = f.ops[o];
     const auto& seq = op.result;
     if (!seq.ok()) {
-      if (absl::IsNotFound(seq.status())) {
+      absl::Status st = seq.status();
+      if (absl::IsNotFound(st)) {
         // Withdrawn on the exporter: reattach by name on the next read.
-        absl::MutexLock l(&imp->mu);
-        imp->coh.MarkGone();
-        cache_->SetLease(imp->id, imp->coh.lease_until_ns());
-        imp->gone_reason = "withdrawn by the exporter";
-        return absl::FailedPreconditionError(
-            absl::StrCat("export '", imp->remote_name, "' gone: ", seq.status().message()));
+        {
+          absl::MutexLock l(&imp->mu);
+          imp->coh.MarkGone();
+          cache_->SetLease(imp->id, imp->coh.lease_until_ns());
+          imp->gone_reason = "withdrawn by the exporter";
+        }
+        st = absl::FailedPreconditionError(absl::StrCat("export '", imp->remote_name, "' gone: ", st.message()));
+      } else if (!ch->alive()) {
+        // The connection was given up (a peer that did not answer): nothing
+        // cached from it may be served from now on, before this error
+        // reaches the caller (the channel's reader reports the close too,
+        // later, from its own thread; the second report finds nothing).
+        OnChannelClosed(ch.get(), st);
       }
-      // The connection was given up (a peer that did not answer): nothing
-      // cached from it may be served from now on, before this error
-      // reaches the caller (the channel's reader reports the close too,
-      // later, from its own thread; the second report finds nothing).
-      if (!ch->alive()) OnChannelClosed(ch.get(), seq.status());
-      return seq.status();
+      release();
+      return f.op->done(std::move(st));
     }
     min_seq = std::min(min_seq, *seq);
-    session::SharedCache::Landing* land = landings[o].get();
+    session::SharedCache::Landing* land = f.landings[o].get();
     const uint64_t at = op.first_page - first;
     if (land != nullptr) {
       // The caller's copy comes from the claimed pages while nothing can
@@ -974,22 +1036,23 @@ std::optional<absl::StatusOr<v1::ReadResponse>> ImportTable::ReadAttached(
       absl::MutexLock l(&imp->mu);
       // The install rule decides first; only then does a version word
       // become non-zero (SharedCache::Publish).
-      if (imp->channel == ch && imp->coh.MayInstall(ticket, *seq)) {
+      if (imp->channel == ch && imp->coh.MayInstall(f.ticket, *seq)) {
         counters_->Add("cache_pages_landed", cache_->Publish(*land));
       } else {
         cache_->Abandon(*land);
         counters_->Add("fetches_not_cached_raced");
       }
-    } else if (install) {
+    } else if (f.install) {
       // Cached meanwhile, or another read is landing these pages: that read
       // installs them.
       counters_->Add("fetches_not_landed_claimed");
     }
     resp.set_pages_fetched(resp.pages_fetched() + op.npages);
   }
-  if (!direct) {
-    for (uint64_t i = 0; i < n; ++i) {
-      if (!landed[i]) copy_out(i, buf + i * kPageSize);
+  release();
+  if (!f.direct) {
+    for (uint64_t i = 0; i < f.n; ++i) {
+      if (!landed[i]) copy_out(i, f.buf + i * kPageSize);
     }
   }
   if (copied > 0) counters_->Add("read_bytes_copied", copied);
@@ -1005,7 +1068,7 @@ std::optional<absl::StatusOr<v1::ReadResponse>> ImportTable::ReadAttached(
   imp->stats.reads.fetch_add(1, std::memory_order_relaxed);
   imp->stats.pages_from_cache.fetch_add(resp.pages_from_cache(), std::memory_order_relaxed);
   imp->stats.pages_fetched.fetch_add(resp.pages_fetched(), std::memory_order_relaxed);
-  return resp;
+  f.op->done(std::move(resp));
 }
 
 void ImportTable::Sync(const std::string& name, SyncDone done) {

@@ -178,15 +178,17 @@ class ImportTable final : public transport::ImportBackend {
   // of the link's at a time (the rest wait in the link's queue).
   void RunOnLink(const std::shared_ptr<Link>& link, std::function<void()> task);
   void RunLinkTask(const std::shared_ptr<Link>& link, std::function<void()> task);
-  // A read of an attached import: ReadAttached on a worker (RunOnLink),
-  // after a RefreshRegion when it asks for one.
+  // A read of an attached import: ReadAttached, on a worker (RunOnLink)
+  // when it takes the zero-copy path (its READs block), on the caller's
+  // thread otherwise (its fetches complete on the transport's thread).
   void RunRead(std::shared_ptr<ReadOp> op, bool may_refresh);
-  // The part of a read after the import is attached, on a worker. Returns
-  // nothing when the zero-copy region must be asked for first
-  // (RefreshRegion, then again with may_refresh false).
-  std::optional<absl::StatusOr<v1::ReadResponse>> ReadAttached(ImportEntry& imp, uint64_t offset,
-                                                               absl::Span<uint8_t> dst, bool fresh,
-                                                               bool fill, bool may_refresh);
+  // The part of a read after the import is attached: completes op, or asks
+  // for the zero-copy region first (RefreshRegion, then RunRead again with
+  // may_refresh false), or issues the staged fetches (FetchVAsync), whose
+  // completion (FinishFetch) installs what may be and completes op.
+  void ReadAttached(const std::shared_ptr<ReadOp>& op, bool may_refresh);
+  struct Fetching;
+  void FinishFetch(Fetching& f);
   // Zero-copy: asks the exporter for the export's current region, hands it
   // to the channel, then runs then.
   void RefreshRegion(const std::shared_ptr<ImportEntry>& imp, std::function<void()> then);
@@ -207,6 +209,11 @@ class ImportTable final : public transport::ImportBackend {
   std::map<std::string, std::shared_ptr<Link>> links_ ABSL_GUARDED_BY(mu_);
   std::map<std::string, std::shared_ptr<ImportEntry>> imports_ ABSL_GUARDED_BY(mu_);
   uint64_t next_import_id_ ABSL_GUARDED_BY(mu_) = 1;
+
+  // Staged reads whose fetches are outstanding: the table outlives their
+  // completions (they run on transports' threads).
+  absl::Mutex fetching_mu_;
+  int fetching_ ABSL_GUARDED_BY(fetching_mu_) = 0;
 
   absl::Mutex calls_mu_;  // guards the peer calls in flight
   std::vector<std::shared_ptr<PendingCall>> calls_ ABSL_GUARDED_BY(calls_mu_);

@@ -148,14 +148,18 @@ InvalRecord FromInvalPayload(const InvalPayload& p) {
                      static_cast<source::ChangeKind>(p.kind), p.detected_ns};
 }
 
-absl::Status ReadFrameHeader(int fd, FrameHeader* h, uint32_t max_payload) {
-  if (auto st = ReadFull(fd, h, sizeof(*h)); !st.ok()) return st;
-  if (auto st = ValidateHeader(*h); !st.ok()) return st;
-  if (h->payload_len > max_payload) {
+absl::Status CheckFrameHeader(const FrameHeader& h, uint32_t max_payload) {
+  if (auto st = ValidateHeader(h); !st.ok()) return st;
+  if (h.payload_len > max_payload) {
     return absl::DataLossError(
-        absl::StrFormat("frame payload of %u bytes (at most %u here)", h->payload_len, max_payload));
+        absl::StrFormat("frame payload of %u bytes (at most %u here)", h.payload_len, max_payload));
   }
   return absl::OkStatus();
+}
+
+absl::Status ReadFrameHeader(int fd, FrameHeader* h, uint32_t max_payload) {
+  if (auto st = ReadFull(fd, h, sizeof(*h)); !st.ok()) return st;
+  return CheckFrameHeader(*h, max_payload);
 }
 
 absl::Status ReadFrame(int fd, FrameHeader* h, std::vector<uint8_t>* payload, uint32_t max_payload) {

@@ -176,6 +176,8 @@ absl::Status ReadFrame(int fd, FrameHeader* h, std::vector<uint8_t>* payload,
 // caller reads exactly h->payload_len bytes next (the tcp importer receives
 // a FETCH_RESP's pages straight into the fetch's buffer).
 absl::Status ReadFrameHeader(int fd, FrameHeader* h, uint32_t max_payload = kMaxPayload);
+// ReadFrameHeader's check of a header read by other means.
+absl::Status CheckFrameHeader(const FrameHeader& h, uint32_t max_payload = kMaxPayload);
 
 }  // namespace svm::transport
 

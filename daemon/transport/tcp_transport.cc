@@ -4,6 +4,8 @@
 // blocking the thread that detected them.
 #include <netinet/in.h>
 #include <sys/ioctl.h>
+#include <poll.h>
+#include <sys/eventfd.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -11,6 +13,7 @@
 #include <cstring>
 #include <deque>
 #include <map>
+#include <set>
 #include <thread>
 
 #include "absl/base/thread_annotations.h"
@@ -149,7 +152,11 @@ class ServerConn final : public Subscriber, public std::enable_shared_from_this<
 class ClientConn final : public PeerChannel {
  public:
   ClientConn(UniqueFd fd, ImportBackend* backend, std::string peer)
-      : PeerChannel(Capabilities{}), fd_(std::move(fd)), backend_(backend), peer_(std::move(peer)) {}
+      : PeerChannel(Capabilities{}),
+        fd_(std::move(fd)),
+        wake_(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)),
+        backend_(backend),
+        peer_(std::move(peer)) {}
   ~ClientConn() override {
     Close();
     // The last reference can be dropped by a callback on the reader itself.
@@ -165,14 +172,7 @@ class ClientConn final : public PeerChannel {
   absl::Status Handshake(const std::string& token);
   void StartReader() { reader_ = std::thread([this] { ReaderLoop(); }); }
 
-  absl::StatusOr<uint64_t> Fetch(uint64_t export_id, uint64_t first_page, uint32_t npages,
-                                 bool track, absl::Span<uint8_t> dst,
-                                 absl::Duration timeout) override {
-    FetchOp op{export_id, first_page, npages, track, dst};
-    FetchV(absl::MakeSpan(&op, 1), timeout);
-    return op.result;
-  }
-  void FetchV(absl::Span<FetchOp> ops, absl::Duration timeout) override;
+  void FetchVAsync(absl::Span<FetchOp> ops, absl::Duration timeout, FetchDone done) override;
   bool alive() const override {
     absl::MutexLock l(&mu_);
     return !closed_;
@@ -185,33 +185,47 @@ class ClientConn final : public PeerChannel {
   const char* path() const override { return "tcp"; }
 
  private:
-  // One FETCH on the wire, owned by the FetchV that sent it.
+  // One FetchVAsync: completed (done run) by the reader once every op has
+  // its result; by the caller when the connection was already closed.
+  struct Batch {
+    absl::Span<FetchOp> ops;
+    FetchDone done;
+    absl::Time deadline;
+    absl::Duration timeout;
+    size_t left = 0;  // ops without a result
+  };
+  // One FETCH on the wire.
   struct Pending {
-    absl::Span<uint8_t> dst;
-    // The reader is receiving the response's pages straight into dst
-    // (without mu_): the caller that gave up waits for it to stop before
-    // dst may go away.
-    bool receiving = false;
-    bool done = false;
-    absl::Status status;
-    uint64_t seq = 0;
+    std::shared_ptr<Batch> batch;
+    size_t op = 0;
   };
   void ReaderLoop();
   // A FETCH_RESP whose header was read: its pages go straight into the
   // waiting fetch's dst. Returns a connection-ending error only.
-  absl::Status ReceiveFetchResp(const FrameHeader& h);
+  absl::Status ReceiveFetchResp(const FrameHeader& h, std::vector<FetchDone>* finished);
+  // Gives op `it` its result; the batch's done is collected in finished
+  // when it was the last (run by the caller without mu_).
+  void CompleteLocked(std::map<uint64_t, Pending>::iterator it, absl::StatusOr<uint64_t> result,
+                      std::vector<FetchDone>* finished) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The reader's reads: n bytes, waiting for them at most until the oldest
+  // outstanding fetch's deadline (DEADLINE_EXCEEDED then; OUT_OF_RANGE on a
+  // clean EOF before any byte).
+  absl::Status Recv(void* buf, size_t n);
   absl::Status Send(const std::vector<uint8_t>& frame) {
     absl::MutexLock l(&send_mu_);
     return WriteFull(fd_.get(), frame.data(), frame.size());
   }
 
   UniqueFd fd_;
+  UniqueFd wake_;  // eventfd: a fetch with an earlier deadline than the reader waits for
   ImportBackend* const backend_;
   const std::string peer_;
   std::thread reader_;
   absl::Mutex send_mu_;  // serialises whole frames on the socket
-  mutable absl::Mutex mu_;  // guards pending_, next_id_, closed_
-  std::map<uint64_t, Pending*> pending_ ABSL_GUARDED_BY(mu_);
+  mutable absl::Mutex mu_;  // guards everything below
+  std::map<uint64_t, Pending> pending_ ABSL_GUARDED_BY(mu_);
+  std::multiset<absl::Time> deadlines_ ABSL_GUARDED_BY(mu_);  // of the batches with ops pending
+  absl::Time reader_waits_until_ ABSL_GUARDED_BY(mu_) = absl::InfiniteFuture();
   std::vector<uint8_t> discard_;  // the reader's: bytes nobody waits for
   uint64_t next_id_ ABSL_GUARDED_BY(mu_) = 1;
   bool closed_ ABSL_GUARDED_BY(mu_) = false;
@@ -462,135 +476,171 @@ absl::Status ClientConn::Handshake(const std::string& token) {
   return absl::OkStatus();
 }
 
-void ClientConn::FetchV(absl::Span<FetchOp> ops, absl::Duration timeout) {
-  const absl::Time deadline = absl::Now() + timeout;
-  std::vector<Pending> ps(ops.size());
-  std::vector<uint64_t> ids(ops.size(), 0);
+void ClientConn::FetchVAsync(absl::Span<FetchOp> ops, absl::Duration timeout, FetchDone done) {
+  if (ops.empty()) return std::move(done)();
+  auto b = std::make_shared<Batch>();
+  b->ops = ops;
+  b->timeout = timeout;
+  b->deadline = absl::Now() + timeout;
+  b->left = ops.size();
   std::vector<uint8_t> frames;  // every FETCH, sent with one write
+  bool wake = false;
+  bool closed;
   {
     absl::MutexLock l(&mu_);
-    if (closed_) {
-      for (FetchOp& op : ops) {
-        op.result = absl::UnavailableError(absl::StrCat("data connection to ", peer_, " is closed"));
+    closed = closed_;
+    if (!closed) {
+      // The reader fails whatever is pending once closed, these included.
+      b->done = std::move(done);
+      for (size_t i = 0; i < ops.size(); ++i) {
+        SVM_CHECK(ops[i].dst.size() == static_cast<size_t>(ops[i].npages) * kPage);
+        const uint64_t id = next_id_++;
+        pending_[id] = Pending{b, i};
+        FetchPayload f{ops[i].export_id, ops[i].first_page, ops[i].npages,
+                       ops[i].track ? 0u : kFetchNoCache};
+        auto frame = MakeFrame(FrameType::kFetch, id, &f, sizeof(f));
+        frames.insert(frames.end(), frame.begin(), frame.end());
       }
-      return;
-    }
-    for (size_t i = 0; i < ops.size(); ++i) {
-      SVM_CHECK(ops[i].dst.size() == static_cast<size_t>(ops[i].npages) * kPage);
-      ps[i].dst = ops[i].dst;
-      ids[i] = next_id_++;
-      pending_[ids[i]] = &ps[i];
-      FetchPayload f{ops[i].export_id, ops[i].first_page, ops[i].npages,
-                     ops[i].track ? 0u : kFetchNoCache};
-      auto frame = MakeFrame(FrameType::kFetch, ids[i], &f, sizeof(f));
-      frames.insert(frames.end(), frame.begin(), frame.end());
+      deadlines_.insert(b->deadline);
+      // The reader sleeps until a later deadline (or none): it must look again.
+      wake = b->deadline < reader_waits_until_;
     }
   }
-  absl::Status sent = Send(frames);
-  if (!sent.ok()) Close();
-  absl::MutexLock l(&mu_);
-  auto all_done = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    for (const Pending& p : ps) {
-      if (!p.done) return false;
+  if (closed) {
+    // Closed already: completed here, unlocked.
+    for (FetchOp& op : ops) {
+      op.result = absl::UnavailableError(absl::StrCat("data connection to ", peer_, " is closed"));
     }
-    return true;
-  };
-  bool done = sent.ok() && mu_.AwaitWithDeadline(absl::Condition(&all_done), deadline);
-  if (!done && sent.ok()) {
-    mu_.Unlock();
-    spdlog::warn("peer {} did not answer a fetch within {}; closing the data connection", peer_,
-                 absl::FormatDuration(timeout));
+    return std::move(done)();
+  }
+  if (wake) {
+    uint64_t one = 1;
+    (void)!::write(wake_.get(), &one, sizeof(one));
+  }
+  // A failed send closes the connection: the reader then fails every
+  // pending fetch, these included.
+  if (absl::Status sent = Send(frames); !sent.ok()) {
+    spdlog::warn("send to {}: {}; closing the data connection", peer_, sent.message());
     Close();
-    mu_.Lock();
-  }
-  // Closed: the reader stops receiving into any dst at once (the socket is
-  // shut down); none may be written once this returns.
-  auto quiet = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    for (const Pending& p : ps) {
-      if (p.receiving) return false;
-    }
-    return true;
-  };
-  mu_.Await(absl::Condition(&quiet));
-  for (size_t i = 0; i < ops.size(); ++i) {
-    pending_.erase(ids[i]);
-    const Pending& p = ps[i];
-    if (!sent.ok()) {
-      ops[i].result = absl::UnavailableError(absl::StrCat("send to ", peer_, ": ", sent.message()));
-    } else if (!p.done) {
-      ops[i].result = absl::UnavailableError(
-          absl::StrCat("peer ", peer_, " did not answer within ", absl::FormatDuration(timeout)));
-    } else if (!p.status.ok()) {
-      ops[i].result = p.status;
-    } else {
-      ops[i].result = p.seq;
-    }
   }
 }
 
-absl::Status ClientConn::ReceiveFetchResp(const FrameHeader& h) {
-  const int fd = fd_.get();
+void ClientConn::CompleteLocked(std::map<uint64_t, Pending>::iterator it, absl::StatusOr<uint64_t> result,
+                                std::vector<FetchDone>* finished) {
+  Batch& b = *it->second.batch;
+  b.ops[it->second.op].result = std::move(result);
+  if (--b.left == 0) {
+    deadlines_.erase(deadlines_.find(b.deadline));
+    finished->push_back(std::move(b.done));
+  }
+  pending_.erase(it);
+}
+
+absl::Status ClientConn::Recv(void* buf, size_t n) {
+  auto* p = static_cast<uint8_t*>(buf);
+  size_t got = 0;
+  while (got < n) {
+    const ssize_t r = ::recv(fd_.get(), p + got, n - got, MSG_DONTWAIT);
+    if (r > 0) {
+      got += static_cast<size_t>(r);
+      continue;
+    }
+    if (r == 0) {
+      return got == 0 ? absl::OutOfRangeError("end of stream") : absl::DataLossError("connection closed mid-frame");
+    }
+    if (errno == EINTR) continue;
+    if (errno != EAGAIN && errno != EWOULDBLOCK) return ErrnoStatus(errno, "recv");
+    // Nothing to read: sleep until there is, a fetch is added or the
+    // oldest outstanding one is overdue.
+    absl::Time until;
+    {
+      absl::MutexLock l(&mu_);
+      until = deadlines_.empty() ? absl::InfiniteFuture() : *deadlines_.begin();
+      reader_waits_until_ = until;
+    }
+    const absl::Time now = absl::Now();
+    if (now >= until) {
+      return absl::DeadlineExceededError("a fetch is overdue");
+    }
+    int ms = -1;
+    if (until != absl::InfiniteFuture()) {
+      ms = static_cast<int>(std::min<int64_t>(absl::ToInt64Milliseconds(absl::Ceil(until - now, absl::Milliseconds(1))),
+                                              INT32_MAX));
+    }
+    pollfd fds[2] = {{fd_.get(), POLLIN, 0}, {wake_.get(), POLLIN, 0}};
+    if (::poll(fds, 2, ms) < 0 && errno != EINTR) return ErrnoStatus(errno, "poll");
+    if (fds[1].revents != 0) {
+      uint64_t drained;
+      (void)!::read(wake_.get(), &drained, sizeof(drained));
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status ClientConn::ReceiveFetchResp(const FrameHeader& h, std::vector<FetchDone>* finished) {
   if (h.payload_len < sizeof(FetchRespPayload)) return absl::DataLossError("malformed FETCH_RESP");
   FetchRespPayload r;
-  auto mid_frame = [](absl::Status st) {
-    return absl::IsOutOfRange(st) ? absl::DataLossError("connection closed mid-frame") : st;
-  };
-  if (auto st = ReadFull(fd, &r, sizeof(r)); !st.ok()) return mid_frame(st);
+  if (auto st = Recv(&r, sizeof(r)); !st.ok()) return st;
   const size_t tail = h.payload_len - sizeof(r);
-  Pending* p = nullptr;
+  absl::Span<uint8_t> dst;
   {
     absl::MutexLock l(&mu_);
     auto it = pending_.find(h.id);
-    if (it != pending_.end() && !it->second->done) p = it->second;
-    if (p != nullptr && r.code == 0 && tail == p->dst.size()) {
-      p->receiving = true;
-      mu_.Unlock();
-      // The pages land in the caller's buffer with no copy in between.
-      absl::Status st = ReadFull(fd, p->dst.data(), tail);
-      mu_.Lock();
-      p->receiving = false;
-      if (!st.ok()) return mid_frame(st);
-      p->seq = r.seq;
-      p->done = true;
-      return absl::OkStatus();
-    }
+    if (it != pending_.end()) dst = it->second.batch->ops[it->second.op].dst;
   }
-  // Nobody waits for these bytes (the caller gave up), or they are an
-  // error's text, or a size nobody asked for.
+  // Only this thread completes fetches while the connection is open, so
+  // the op stays pending (and dst valid) while its pages are received.
+  if (r.code == 0 && tail == dst.size() && tail > 0) {
+    // The pages land in the caller's buffer with no copy in between.
+    if (auto st = Recv(dst.data(), tail); !st.ok()) return st;
+    absl::MutexLock l(&mu_);
+    CompleteLocked(pending_.find(h.id), r.seq, finished);
+    return absl::OkStatus();
+  }
+  // Nobody waits for these bytes (an unknown id), or they are an error's
+  // text, or a size nobody asked for.
   discard_.resize(tail);
   if (tail > 0) {
-    if (auto st = ReadFull(fd, discard_.data(), tail); !st.ok()) return mid_frame(st);
+    if (auto st = Recv(discard_.data(), tail); !st.ok()) return st;
   }
   absl::MutexLock l(&mu_);
   auto it = pending_.find(h.id);
-  if (it == pending_.end() || it->second->done) return absl::OkStatus();
-  p = it->second;
+  if (it == pending_.end()) return absl::OkStatus();
   if (r.code != 0) {
-    p->status = FetchErrorStatus(r, absl::string_view(reinterpret_cast<const char*>(discard_.data()), tail));
+    CompleteLocked(it,
+                   FetchErrorStatus(r, absl::string_view(reinterpret_cast<const char*>(discard_.data()), tail)),
+                   finished);
   } else {
-    p->status = absl::DataLossError(
-        absl::StrFormat("FETCH_RESP carries %u bytes, %u expected", tail, p->dst.size()));
+    CompleteLocked(it,
+                   absl::DataLossError(absl::StrFormat("FETCH_RESP carries %u bytes, %u expected", tail,
+                                                       it->second.batch->ops[it->second.op].dst.size())),
+                   finished);
   }
-  p->done = true;
   return absl::OkStatus();
 }
 
 void ClientConn::ReaderLoop() {
   FrameHeader h;
   std::vector<uint8_t> payload;
+  std::vector<FetchDone> finished;
   absl::Status st;
   while (st.ok()) {
+    // Completions run here, on the reader, without any lock held.
+    for (FetchDone& d : finished) std::move(d)();
+    finished.clear();
     // The header first: a FETCH_RESP's pages are received into the
     // fetch's buffer, everything else is read whole.
-    st = ReadFrameHeader(fd_.get(), &h);
+    st = Recv(&h, sizeof(h));
+    if (absl::IsDataLoss(st)) st = absl::DataLossError("connection closed mid-header");
+    if (st.ok()) st = CheckFrameHeader(h);
     if (!st.ok()) break;
     if (static_cast<FrameType>(h.type) == FrameType::kFetchResp) {
-      st = ReceiveFetchResp(h);
+      st = ReceiveFetchResp(h, &finished);
       continue;
     }
     payload.resize(h.payload_len);
     if (h.payload_len > 0) {
-      st = ReadFull(fd_.get(), payload.data(), h.payload_len);
+      st = Recv(payload.data(), h.payload_len);
       if (absl::IsOutOfRange(st)) st = absl::DataLossError("connection closed mid-frame");
       if (!st.ok()) break;
     }
@@ -611,15 +661,33 @@ void ClientConn::ReaderLoop() {
         st = absl::DataLossError(absl::StrFormat("unexpected frame type %u", h.type));
     }
   }
+  const bool overdue = absl::IsDeadlineExceeded(st);
+  absl::Duration overdue_timeout;
   {
     absl::MutexLock l(&mu_);
     closed_ = true;
     ::shutdown(fd_.get(), SHUT_RDWR);
     for (auto& [id, p] : pending_) {
-      p->status = absl::UnavailableError(absl::StrCat("connection to ", peer_, " lost"));
-      p->done = true;
+      if (p.batch->deadline <= absl::Now()) overdue_timeout = p.batch->timeout;
+    }
+    while (!pending_.empty()) {
+      auto it = pending_.begin();
+      const bool late = it->second.batch->deadline <= absl::Now();
+      CompleteLocked(it,
+                     overdue && late
+                         ? absl::UnavailableError(absl::StrCat("peer ", peer_, " did not answer within ",
+                                                               absl::FormatDuration(it->second.batch->timeout)))
+                         : absl::UnavailableError(absl::StrCat("connection to ", peer_, " lost")),
+                     &finished);
     }
   }
+  if (overdue) {
+    spdlog::warn("peer {} did not answer a fetch within {}; closing the data connection", peer_,
+                 absl::FormatDuration(overdue_timeout));
+    st = absl::UnavailableError(absl::StrCat("peer ", peer_, " did not answer a fetch within ",
+                                             absl::FormatDuration(overdue_timeout)));
+  }
+  for (FetchDone& d : finished) std::move(d)();
   absl::Status why = absl::IsOutOfRange(st) ? absl::UnavailableError("closed by the peer") : st;
   spdlog::info("data connection to {} closed: {}", peer_, why.message());
   backend_->OnChannelClosed(this, why);

@@ -12,7 +12,9 @@
 #include <string>
 #include <string_view>
 
+#include "absl/functional/any_invocable.h"
 #include "absl/status/statusor.h"
+#include "absl/synchronization/notification.h"
 #include "absl/time/time.h"
 #include "absl/types/span.h"
 #include "common/numbers.h"
@@ -120,10 +122,13 @@ struct FetchOp {
   uint64_t first_page = 0;
   uint32_t npages = 0;     // 1 to kMaxFetchPages (frame.h)
   bool track = false;      // the importer will cache the pages
-  absl::Span<uint8_t> dst;  // npages * page size bytes; written only while FetchV runs
+  absl::Span<uint8_t> dst;  // npages * page size bytes; written only until the batch completes
   // Set by FetchV: the exporter's sequence at read time, or why not.
   absl::StatusOr<uint64_t> result = absl::UnknownError("not fetched");
 };
+
+// Runs once when a FetchVAsync completed.
+using FetchDone = absl::AnyInvocable<void() &&>;
 
 // Importer side: one data connection to an exporter daemon.
 class PeerChannel {
@@ -132,24 +137,35 @@ class PeerChannel {
   const Capabilities& capabilities() const { return caps_; }
   // Fetches npages pages into dst; returns the exporter's sequence at read
   // time. UNAVAILABLE when the connection is lost or the peer does not
-  // answer within timeout (the connection is then closed).
-  virtual absl::StatusOr<uint64_t> Fetch(uint64_t export_id, uint64_t first_page, uint32_t npages,
-                                         bool track, absl::Span<uint8_t> dst,
-                                         absl::Duration timeout) = 0;
-  // Pipelined fetches: every op is on the wire at once (tcp: all of them;
-  // rdma: as many as the connection has receive slots, the next issued as
-  // one completes), each lands in its own dst, and FetchV returns when
-  // every op has its result. The exporter serves them in order, so its
-  // copy of one overlaps the transfer of the one before. A lost connection
-  // or the timeout (for the whole batch) fails every op that had not
-  // completed with UNAVAILABLE, and the connection is then closed. No dst
-  // is written after FetchV returns. The default issues them one by one.
-  virtual void FetchV(absl::Span<FetchOp> ops, absl::Duration timeout) {
-    const absl::Time deadline = absl::Now() + timeout;
-    for (FetchOp& op : ops) {
-      op.result = Fetch(op.export_id, op.first_page, op.npages, op.track, op.dst,
-                        std::max(deadline - absl::Now(), absl::ZeroDuration()));
-    }
+  // answer within timeout (the connection is then closed). Blocks: a
+  // wrapper around FetchVAsync.
+  absl::StatusOr<uint64_t> Fetch(uint64_t export_id, uint64_t first_page, uint32_t npages, bool track,
+                                 absl::Span<uint8_t> dst, absl::Duration timeout) {
+    FetchOp op{export_id, first_page, npages, track, dst};
+    FetchV(absl::MakeSpan(&op, 1), timeout);
+    return op.result;
+  }
+  // Pipelined fetches, completed asynchronously: every op is on the wire at
+  // once (tcp: all of them; rdma: as many as the connection has receive
+  // slots, the next issued as one completes), each lands in its own dst.
+  // Returns at once; done runs exactly once, when every op has its result,
+  // on the transport's own thread (tcp: the connection's reader; rdma: its
+  // completion thread), or on the caller's when the connection is already
+  // closed. The exporter serves them in order, so its copy of one overlaps
+  // the transfer of the one before. A lost connection or the timeout (for
+  // the whole batch) fails every op that had not completed with
+  // UNAVAILABLE, and the connection is then closed. A failed op may end
+  // the batch early: the ops after it that were not issued yet fail with
+  // CANCELLED (rdma). ops and their dst must stay valid until done runs;
+  // no dst is written once it has begun. done must not block (it runs where
+  // other connections' completions wait) and is called with no lock of the
+  // channel held.
+  virtual void FetchVAsync(absl::Span<FetchOp> ops, absl::Duration timeout, FetchDone done) = 0;
+  // FetchVAsync, waiting for done.
+  void FetchV(absl::Span<FetchOp> ops, absl::Duration timeout) {
+    auto n = std::make_shared<absl::Notification>();
+    FetchVAsync(ops, timeout, [n] { n->Notify(); });
+    n->WaitForNotification();
   }
   virtual bool alive() const = 0;
   virtual void Close() = 0;

@@ -934,6 +934,121 @@ TEST_P(TransportTest, FetchVFailsEveryOpInFlightWhenTheConnectionIsLost) {
   EXPECT_TRUE(imp_.WaitClosed(ch).ok());
 }
 
+// The asynchronous form (ImportTable::Read's): FetchVAsync returns before
+// any answer, and when the connection dies under a batch its done runs
+// exactly once, from the transport's thread, with every op UNAVAILABLE; a
+// batch on the dead channel completes at once, on the caller's thread.
+TEST_P(TransportTest, FetchVAsyncCompletesOnceWithAnErrorWhenTheLinkDies) {
+  std::shared_ptr<Subscriber> sub;
+  PeerChannel* ch = Open("n", &sub);
+  ASSERT_NE(ch, nullptr);
+  ASSERT_NE(sub, nullptr);
+  exp_.Block();
+  constexpr int kOps = 12;  // more than rdma's slots: some wait to be issued
+  std::vector<std::vector<uint8_t>> bufs(kOps, std::vector<uint8_t>(2 * kPageSize));
+  std::vector<FetchOp> ops(kOps);
+  for (int i = 0; i < kOps; ++i) {
+    ops[i].export_id = 1;
+    ops[i].first_page = 2 * i;
+    ops[i].npages = 2;
+    ops[i].dst = absl::MakeSpan(bufs[i]);
+  }
+  std::atomic<int> calls{0};
+  std::atomic<bool> on_caller{false};
+  absl::Notification first;
+  const std::thread::id caller = std::this_thread::get_id();
+  ch->FetchVAsync(absl::MakeSpan(ops), Scaled(absl::Seconds(20)), [&] {
+    if (std::this_thread::get_id() == caller) on_caller = true;
+    if (calls.fetch_add(1) == 0) first.Notify();
+  });
+  EXPECT_EQ(calls.load(), 0) << "FetchVAsync waited for an answer";
+  ASSERT_TRUE(exp_.WaitBlocked(1));
+  const absl::Time start = absl::Now();
+  sub->Close();
+  ASSERT_TRUE(first.WaitForNotificationWithTimeout(Scaled(absl::Seconds(3)))) << "a batch outlived its connection";
+  EXPECT_LT(absl::Now() - start, Scaled(absl::Seconds(3)));
+  EXPECT_FALSE(on_caller.load());
+  for (int i = 0; i < kOps; ++i) {
+    EXPECT_EQ(ops[i].result.status().code(), absl::StatusCode::kUnavailable) << i << ": " << ops[i].result.status();
+  }
+  exp_.Release();
+  EXPECT_TRUE(imp_.WaitClosed(ch).ok());
+  // Whatever the exporter still sends, and the close's own reports, come
+  // after: done must not run again.
+  absl::SleepFor(Scaled(absl::Milliseconds(300)));
+  EXPECT_EQ(calls.load(), 1) << "done ran more than once";
+
+  std::vector<uint8_t> late_buf(kPageSize);
+  FetchOp late;
+  late.export_id = 1;
+  late.npages = 1;
+  late.dst = absl::MakeSpan(late_buf);
+  int late_calls = 0;
+  ch->FetchVAsync(absl::MakeSpan(&late, 1), Scaled(absl::Seconds(20)), [&] { ++late_calls; });
+  EXPECT_EQ(late_calls, 1) << "a batch on a closed channel completes before FetchVAsync returns";
+  EXPECT_EQ(late.result.status().code(), absl::StatusCode::kUnavailable) << late.result.status();
+}
+
+// Destroying a channel with a batch outstanding (svmd stopping, a link
+// replaced): done has run, once, before the destructor returns, and no
+// page lands in a dst after it.
+TEST_P(TransportTest, DestroyingAChannelCompletesItsOutstandingFetchesFirst) {
+  PeerChannel* ch = Open("n");
+  ASSERT_NE(ch, nullptr);
+  exp_.Block();
+  constexpr int kOps = 10;
+  auto bufs = std::make_shared<std::vector<std::vector<uint8_t>>>(kOps, std::vector<uint8_t>(kPageSize, 0xee));
+  auto ops = std::make_shared<std::vector<FetchOp>>(kOps);
+  for (int i = 0; i < kOps; ++i) {
+    (*ops)[i].export_id = 1;
+    (*ops)[i].first_page = i;
+    (*ops)[i].npages = 1;
+    (*ops)[i].dst = absl::MakeSpan((*bufs)[i]);
+  }
+  auto calls = std::make_shared<std::atomic<int>>(0);
+  ch->FetchVAsync(absl::MakeSpan(*ops), Scaled(absl::Seconds(20)), [calls] { calls->fetch_add(1); });
+  ASSERT_TRUE(exp_.WaitBlocked(1));
+  channels_.clear();
+  EXPECT_EQ(calls->load(), 1) << "the channel went with its batch not completed";
+  for (int i = 0; i < kOps; ++i) {
+    EXPECT_EQ((*ops)[i].result.status().code(), absl::StatusCode::kUnavailable) << i << ": " << (*ops)[i].result.status();
+  }
+  exp_.Release();
+  absl::SleepFor(Scaled(absl::Milliseconds(300)));
+  EXPECT_EQ(calls->load(), 1);
+  for (int i = 0; i < kOps; ++i) {
+    EXPECT_EQ((*bufs)[i], std::vector<uint8_t>(kPageSize, 0xee)) << "op " << i << " written after its batch completed";
+  }
+}
+
+// A batch whose export fails on the exporter (its process was killed)
+// stops at the first failure: the read it serves fails now, not after
+// every later piece was asked for and refused (rdma issues pieces as slots
+// free; tcp has sent them all at once and the exporter refuses each fast).
+TEST_P(TransportTest, AFailedFetchEndsItsBatch) {
+  PeerChannel* ch = Open("n");
+  ASSERT_NE(ch, nullptr);
+  exp_.FailExport(9, absl::FailedPreconditionError("export 'x' gone"));
+  constexpr int kOps = 40;
+  std::vector<std::vector<uint8_t>> bufs(kOps, std::vector<uint8_t>(4 * kPageSize));
+  std::vector<FetchOp> ops(kOps);
+  for (int i = 0; i < kOps; ++i) {
+    ops[i].export_id = 9;
+    ops[i].first_page = 4 * i;
+    ops[i].npages = 4;
+    ops[i].dst = absl::MakeSpan(bufs[i]);
+  }
+  ch->FetchV(absl::MakeSpan(ops), Scaled(absl::Seconds(20)));
+  EXPECT_EQ(ops[0].result.status().code(), absl::StatusCode::kFailedPrecondition) << ops[0].result.status();
+  for (int i = 1; i < kOps; ++i) {
+    EXPECT_TRUE(absl::IsFailedPrecondition(ops[i].result.status()) || absl::IsCancelled(ops[i].result.status()))
+        << i << ": " << ops[i].result.status();
+  }
+  if (!GetParam().one_sided) return;  // tcp: all were on the wire
+  EXPECT_LE(exp_.calls().size(), 8u) << "pieces were still issued after the first failure";
+  EXPECT_TRUE(ch->alive());
+}
+
 INSTANTIATE_TEST_SUITE_P(Tcp, TransportTest, ::testing::Values(kTcp), KindName);
 INSTANTIATE_TEST_SUITE_P(Rdma, TransportTest, ::testing::Values(kRdma), KindName);
 

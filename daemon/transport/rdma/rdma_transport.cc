@@ -14,6 +14,7 @@
 #include <deque>
 #include <list>
 #include <map>
+#include <set>
 #include <optional>
 #include <thread>
 #include <variant>
@@ -921,7 +922,7 @@ class ClientConn final : public Conn {
   absl::Status Start(const Endpoint& remote, ImportBackend* backend, PeerChannel* channel,
                      const std::string& peer_host, uint16_t liveness_port, const std::string& token);
 
-  void FetchV(absl::Span<FetchOp> ops, absl::Duration timeout);
+  void FetchVAsync(absl::Span<FetchOp> ops, absl::Duration timeout, FetchDone done);
   bool alive() const {
     absl::MutexLock l(&mu_);
     if (locked_.closed) return false;
@@ -974,20 +975,59 @@ class ClientConn final : public Conn {
     absl::Status status;
     uint64_t seq = 0;
   };
-  void CompleteLocked(const FetchResult& r) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    auto it = clocked_.pending.find(r.id);
-    if (it == clocked_.pending.end()) return;  // the caller gave up (timed out)
-    it->second->status = r.status;
-    it->second->seq = r.seq;
-    it->second->done = true;
-  }
+  // One FetchVAsync: its ops are cut into slot-sized FETCHes (chunks),
+  // issued in order as slots are free, each copied out of its slot into
+  // the op's dst as it completes.
+  struct Batch {
+    absl::Span<FetchOp> ops;
+    FetchDone done;
+    absl::Time deadline;
+    absl::Duration timeout;
+    size_t next_op = 0;  // the next chunk to issue: op and page within it
+    uint32_t next_at = 0;
+    size_t inflight = 0;  // chunks issued and not finished (copies included)
+    bool ended = false;   // nothing more is issued: every op is issued, or one failed
+    bool completed = false;
+    std::vector<uint32_t> outstanding;  // chunks in flight per op
+    std::vector<uint64_t> min_seq;
+    std::vector<bool> failed;
+  };
+  struct Chunk {
+    std::shared_ptr<Batch> batch;
+    size_t op = 0;
+    uint32_t at = 0, n = 0;  // pages [at, at + n) of the op
+    uint32_t slot = 0;
+    bool copying = false;  // the completing thread copies it out (without mu_)
+  };
+  // Issues chunks of the waiting batches while slots are free.
+  void IssueLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // A chunk's answer (the context's thread or a delivery worker): copies
+  // its pages out, frees its slot, issues the next; runs the batch's done
+  // (without mu_) when it was the last.
+  void CompleteLocked(const FetchResult& r) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Op i of b has its result (first failure wins).
+  void FailOpLocked(Batch& b, size_t i, const absl::Status& st) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Ends b: nothing more is issued; the ops not issued yet fail with st.
+  void EndLocked(Batch& b, const absl::Status& st) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Runs b's done (mu_ released around it) if nothing of it is in flight
+  // and nothing more will be issued.
+  void MaybeFinishLocked(const std::shared_ptr<Batch>& b) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Every chunk not being copied fails with st and its slot is abandoned
+  // (a late WRITE may still land there); with_deadline_before: only those
+  // of batches overdue at that time.
+  void AbandonLocked(const absl::Status& st, std::optional<absl::Time> overdue_at)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::Status Tick(absl::Time now) override;
   void SetSlot(uint32_t slot, SlotState st) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     // A slot is freed once, by the caller that took it, and never after
     // it was abandoned.
     SVM_CHECK(st != SlotState::kFree || (clocked_.slots[slot] != SlotState::kFree &&
                                          clocked_.slots[slot] != SlotState::kAbandoned));
     clocked_.slots[slot] = st;
-    if (st == SlotState::kFree) clocked_.free_slots.push_back(slot);
+    if (st == SlotState::kFree) {
+      clocked_.free_slots.push_back(slot);
+      IssueLocked();
+    }
   }
 
   ImportBackend* backend_ = nullptr;
@@ -1026,7 +1066,9 @@ class ClientConn final : public Conn {
     bool finished = false;           // OnClosed ran
     SlotState slots[kSlots] = {};
     std::vector<uint32_t> free_slots;
-    std::map<uint64_t, Pending*> pending;  // FETCHes by request id
+    std::map<uint64_t, Chunk> fetches;     // FETCHes in flight by request id
+    std::deque<std::shared_ptr<Batch>> waiting;  // batches with chunks to issue
+    std::set<std::shared_ptr<Batch>> batches;    // not completed
     std::map<uint32_t, Pending*> reads;    // READs by slot
     uint64_t next_id = 1;
     std::map<uint64_t, ZcRegion> zc;
@@ -1046,14 +1088,9 @@ class RdmaChannel final : public PeerChannel {
       : PeerChannel(Capabilities{.one_sided = true, .fetch_piece_pages = kSlotPages}), conn_(std::move(conn)) {}
   ~RdmaChannel() override { conn_->CloseAndWait(); }
 
-  absl::StatusOr<uint64_t> Fetch(uint64_t export_id, uint64_t first_page, uint32_t npages,
-                                 bool track, absl::Span<uint8_t> dst,
-                                 absl::Duration timeout) override {
-    FetchOp op{export_id, first_page, npages, track, dst};
-    conn_->FetchV(absl::MakeSpan(&op, 1), timeout);
-    return op.result;
+  void FetchVAsync(absl::Span<FetchOp> ops, absl::Duration timeout, FetchDone done) override {
+    conn_->FetchVAsync(ops, timeout, std::move(done));
   }
-  void FetchV(absl::Span<FetchOp> ops, absl::Duration timeout) override { conn_->FetchV(ops, timeout); }
   bool alive() const override { return conn_->alive(); }
   void Close() override { conn_->Close(); }
   const char* path() const override { return conn_->path(); }
@@ -1484,130 +1521,186 @@ void ClientConn::CloseAndWait() {
       +[](Locked* c) { return c->finished || c->channel == nullptr; }, &clocked_));
 }
 
-// Staged fetches, pipelined: every op is split into slot-sized FETCHes,
-// as many in flight as there are free slots (the exporter's copy of one
-// overlaps the WRITE of another); each is copied out as it completes and
-// its slot reused for the next. An op takes the oldest sequence of its
-// parts (caching stays conservative).
-void ClientConn::FetchV(absl::Span<FetchOp> ops, absl::Duration timeout) {
-  const absl::Time deadline = absl::Now() + timeout;
-  struct Chunk {
-    Pending p;
-    uint64_t id = 0;
-    size_t op = 0;
-    uint32_t at = 0, n = 0;  // pages [at, at + n) of the op
-  };
-  std::list<Chunk> inflight;  // stable addresses: pending points into it
-  std::vector<uint64_t> min_seq(ops.size(), UINT64_MAX);
-  std::vector<bool> failed(ops.size(), false);
-  size_t next_op = 0;
-  uint32_t next_at = 0;
+// Staged fetches, pipelined and completed by the connection's own threads:
+// every op is split into slot-sized FETCHes, as many in flight as there are
+// free slots (the exporter's copy of one overlaps the WRITE of another);
+// each is copied out as its answer arrives and its slot reused for the next.
+// An op takes the oldest sequence of its parts (caching stays
+// conservative). The first failure ends the batch: what was not issued yet
+// is not (a read fails at its first error; a dead export answers nothing
+// else).
+void ClientConn::FetchVAsync(absl::Span<FetchOp> ops, absl::Duration timeout, FetchDone done) {
+  auto b = std::make_shared<Batch>();
+  b->ops = ops;
+  b->done = std::move(done);
+  b->timeout = timeout;
+  b->deadline = absl::Now() + timeout;
+  b->outstanding.assign(ops.size(), 0);
+  b->min_seq.assign(ops.size(), UINT64_MAX);
+  b->failed.assign(ops.size(), false);
+  for (FetchOp& op : ops) {
+    SVM_CHECK(op.dst.size() == static_cast<size_t>(op.npages) * kPage);
+    op.result = absl::UnknownError("not fetched");
+  }
   absl::MutexLock l(&mu_);
+  if (locked_.closed || clocked_.finished) {
+    EndLocked(*b, absl::UnavailableError(absl::StrCat("data connection to ", peer_name_, " is closed")));
+    clocked_.batches.insert(b);
+    return MaybeFinishLocked(b);
+  }
+  clocked_.batches.insert(b);
+  clocked_.waiting.push_back(b);
+  IssueLocked();
+  MaybeFinishLocked(b);  // a batch of no ops
+}
+
+void ClientConn::IssueLocked() {
   Locked& c = clocked_;
-  std::vector<uint32_t> outstanding(ops.size(), 0);  // chunks in flight per op
-  // Every op not complete fails with st; their slots will never be waited
-  // for (a late WRITE may still land, so they are not reused).
-  auto fail_rest = [&](const absl::Status& st) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    for (Chunk& ch : inflight) {
-      c.pending.erase(ch.id);
-      c.slots[ch.p.slot] = SlotState::kAbandoned;
+  while (!c.waiting.empty() && !c.free_slots.empty() && !locked_.closed) {
+    std::shared_ptr<Batch> b = c.waiting.front();
+    if (b->ended || b->next_op == b->ops.size()) {
+      b->ended = true;
+      c.waiting.pop_front();
+      MaybeFinishLocked(b);
+      continue;
     }
-    inflight.clear();
-    for (size_t i = 0; i < ops.size(); ++i) {
-      const bool complete = i < next_op && outstanding[i] == 0;
-      if (!failed[i] && !complete) {
-        failed[i] = true;
-        ops[i].result = st;
-      }
+    FetchOp& op = b->ops[b->next_op];
+    if (op.npages == 0) {
+      FailOpLocked(*b, b->next_op, absl::InvalidArgumentError("a fetch of no pages"));
+      ++b->next_op;
+      continue;
     }
-  };
-  auto finish = [&] {
-    for (size_t i = 0; i < ops.size(); ++i) {
-      if (!failed[i]) ops[i].result = min_seq[i];
+    Chunk ch;
+    ch.batch = b;
+    ch.op = b->next_op;
+    ch.at = b->next_at;
+    ch.n = std::min(kSlotPages, op.npages - b->next_at);
+    ch.slot = c.free_slots.back();
+    c.free_slots.pop_back();
+    c.slots[ch.slot] = SlotState::kFetching;
+    const uint64_t id = c.next_id++;
+    RdmaFetch f{{op.export_id, op.first_page + ch.at, ch.n, op.track ? 0u : kFetchNoCache},
+                static_cast<uint64_t>(ch.slot) * kSlotBytes};
+    ++b->outstanding[ch.op];
+    ++b->inflight;
+    b->next_at += ch.n;
+    if (b->next_at == op.npages) {
+      ++b->next_op;
+      b->next_at = 0;
     }
-  };
-  for (;;) {
-    if (locked_.closed) {
-      fail_rest(absl::UnavailableError(absl::StrCat("data connection to ", peer_name_, " is closed")));
-      return finish();
+    c.fetches.emplace(id, std::move(ch));
+    EnqueueLocked(SendMsg{MakeMsg(FrameType::kFetch, id, &f, sizeof(f))});
+  }
+}
+
+void ClientConn::FailOpLocked(Batch& b, size_t i, const absl::Status& st) {
+  if (b.failed[i]) return;
+  b.failed[i] = true;
+  b.ops[i].result = st;
+}
+
+void ClientConn::EndLocked(Batch& b, const absl::Status& st) {
+  if (!b.ended) {
+    b.ended = true;
+    // (An op partly issued fails too: it cannot be whole.)
+    for (size_t i = b.next_op; i < b.ops.size(); ++i) FailOpLocked(b, i, st);
+    b.next_op = b.ops.size();
+    b.next_at = 0;
+  }
+}
+
+void ClientConn::MaybeFinishLocked(const std::shared_ptr<Batch>& b) {
+  if (b->completed || b->inflight > 0 || !(b->ended || b->next_op == b->ops.size())) return;
+  b->completed = true;
+  clocked_.batches.erase(b);
+  for (size_t i = 0; i < b->ops.size(); ++i) {
+    if (!b->failed[i]) b->ops[i].result = b->min_seq[i];
+  }
+  FetchDone done = std::move(b->done);
+  mu_.Unlock();
+  std::move(done)();
+  done = nullptr;  // what it holds is released unlocked too
+  mu_.Lock();
+}
+
+void ClientConn::CompleteLocked(const FetchResult& r) {
+  Locked& c = clocked_;
+  auto it = c.fetches.find(r.id);
+  if (it == c.fetches.end() || it->second.copying) return;  // abandoned (timed out)
+  Chunk& ch = it->second;
+  std::shared_ptr<Batch> b = ch.batch;
+  if (!r.status.ok()) {
+    FailOpLocked(*b, ch.op, r.status);
+    EndLocked(*b, absl::CancelledError(absl::StrCat("not fetched: an earlier fetch of the batch failed: ",
+                                                    r.status.message())));
+  } else if (!b->failed[ch.op]) {
+    // The data landed before the response that completed the chunk.
+    c.slots[ch.slot] = SlotState::kDone;
+    ch.copying = true;
+    const Chunk copy = ch;
+    mu_.Unlock();
+    std::memcpy(b->ops[copy.op].dst.data() + static_cast<size_t>(copy.at) * kPage,
+                data_mem_.get() + static_cast<size_t>(copy.slot) * kSlotBytes,
+                static_cast<size_t>(copy.n) * kPage);
+    mu_.Lock();
+    it = c.fetches.find(r.id);
+    b->min_seq[copy.op] = std::min(b->min_seq[copy.op], r.seq);
+  }
+  const uint32_t slot = it->second.slot;
+  const size_t op = it->second.op;
+  c.fetches.erase(it);
+  --b->outstanding[op];
+  --b->inflight;
+  SetSlot(slot, SlotState::kFree);  // issues the next chunk
+  MaybeFinishLocked(b);
+}
+
+void ClientConn::AbandonLocked(const absl::Status& st, std::optional<absl::Time> overdue_at) {
+  Locked& c = clocked_;
+  std::vector<std::shared_ptr<Batch>> touched;
+  for (auto it = c.fetches.begin(); it != c.fetches.end();) {
+    Chunk& ch = it->second;
+    if (ch.copying || (overdue_at && ch.batch->deadline > *overdue_at)) {
+      ++it;
+      continue;
     }
-    while (next_op < ops.size() && !c.free_slots.empty()) {
-      FetchOp& op = ops[next_op];
-      SVM_CHECK(op.dst.size() == static_cast<size_t>(op.npages) * kPage);
-      if (failed[next_op] || op.npages == 0) {
-        if (!failed[next_op]) op.result = absl::InvalidArgumentError("a fetch of no pages");
-        failed[next_op] = true;
-        ++next_op;
-        next_at = 0;
-        continue;
-      }
-      Chunk& ch = inflight.emplace_back();
-      ch.op = next_op;
-      ch.at = next_at;
-      ch.n = std::min(kSlotPages, op.npages - next_at);
-      ch.p.slot = c.free_slots.back();
-      c.free_slots.pop_back();
-      c.slots[ch.p.slot] = SlotState::kFetching;
-      ch.id = c.next_id++;
-      c.pending[ch.id] = &ch.p;
-      ++outstanding[ch.op];
-      RdmaFetch f{{op.export_id, op.first_page + ch.at, ch.n, op.track ? 0u : kFetchNoCache},
-                  static_cast<uint64_t>(ch.p.slot) * kSlotBytes};
-      EnqueueLocked(SendMsg{MakeMsg(FrameType::kFetch, ch.id, &f, sizeof(f))});
-      next_at += ch.n;
-      if (next_at == op.npages) {
-        ++next_op;
-        next_at = 0;
-      }
-    }
-    if (inflight.empty() && next_op == ops.size()) break;
-    auto progress = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-      if (locked_.closed) return true;
-      for (const Chunk& ch : inflight) {
-        if (ch.p.done) return true;
-      }
-      return inflight.empty() && !c.free_slots.empty();
-    };
-    if (!mu_.AwaitWithDeadline(absl::Condition(&progress), deadline)) {
-      spdlog::warn("peer {} did not answer a fetch within {}; closing the rdma data connection",
-                   peer_name_, absl::FormatDuration(timeout));
-      const absl::Status st = absl::UnavailableError(
-          absl::StrCat("peer ", peer_name_, " did not answer within ", absl::FormatDuration(timeout)));
-      fail_rest(st);
-      CloseLocked(absl::UnavailableError("fetch timed out"));
-      return finish();
-    }
-    if (locked_.closed) continue;
-    for (auto it = inflight.begin(); it != inflight.end();) {
-      Chunk& ch = *it;
-      if (!ch.p.done) {
-        ++it;
-        continue;
-      }
-      c.pending.erase(ch.id);
-      --outstanding[ch.op];
-      if (!ch.p.status.ok()) {
-        SetSlot(ch.p.slot, SlotState::kFree);
-        if (!failed[ch.op]) ops[ch.op].result = ch.p.status;
-        failed[ch.op] = true;
-        it = inflight.erase(it);
-        continue;
-      }
-      // The data landed before the response that completed the chunk.
-      c.slots[ch.p.slot] = SlotState::kDone;
-      mu_.Unlock();
-      if (!failed[ch.op]) {
-        std::memcpy(ops[ch.op].dst.data() + static_cast<size_t>(ch.at) * kPage,
-                    data_mem_.get() + static_cast<size_t>(ch.p.slot) * kSlotBytes,
-                    static_cast<size_t>(ch.n) * kPage);
-      }
-      mu_.Lock();
-      SetSlot(ch.p.slot, SlotState::kFree);
-      min_seq[ch.op] = std::min(min_seq[ch.op], ch.p.seq);
-      it = inflight.erase(it);
+    c.slots[ch.slot] = SlotState::kAbandoned;
+    FailOpLocked(*ch.batch, ch.op, st);
+    --ch.batch->outstanding[ch.op];
+    --ch.batch->inflight;
+    touched.push_back(ch.batch);
+    it = c.fetches.erase(it);
+  }
+  for (const auto& b : c.batches) {
+    if (!overdue_at || b->deadline <= *overdue_at) {
+      EndLocked(*b, st);
+      touched.push_back(b);
     }
   }
-  finish();
+  for (auto& b : touched) MaybeFinishLocked(b);
+}
+
+absl::Status ClientConn::Tick(absl::Time now) {
+  bool overdue = false;
+  absl::Duration timeout;
+  {
+    absl::MutexLock l(&mu_);
+    for (const auto& b : clocked_.batches) {
+      if (b->deadline <= now && !b->completed) {
+        overdue = true;
+        timeout = b->timeout;
+      }
+    }
+    if (!overdue) return absl::OkStatus();
+    // Closed before any caller hears of the timeout (it may look at alive()).
+    CloseLocked(absl::UnavailableError("fetch timed out"));
+    AbandonLocked(absl::UnavailableError(absl::StrCat("peer ", peer_name_, " did not answer within ",
+                                                      absl::FormatDuration(timeout))),
+                  now);
+  }
+  spdlog::warn("peer {} did not answer a fetch within {}; closing the rdma data connection", peer_name_,
+               absl::FormatDuration(timeout));
+  return absl::UnavailableError("fetch timed out");
 }
 
 absl::Status ClientConn::OnMessage(const FrameHeader& h, absl::Span<const uint8_t> payload) {
@@ -1831,10 +1924,9 @@ void ClientConn::OnClosed(const absl::Status& why) {
   PeerChannel* channel;
   {
     absl::MutexLock l(&mu_);
-    for (auto& [id, p] : clocked_.pending) {
-      p->status = absl::UnavailableError(absl::StrCat("connection to ", peer_name_, " lost"));
-      p->done = true;
-    }
+    // The QP is in ERR: nothing lands in a slot any more.
+    AbandonLocked(absl::UnavailableError(absl::StrCat("connection to ", peer_name_, " lost")), std::nullopt);
+    clocked_.waiting.clear();
     channel = clocked_.channel;
   }
   spdlog::info("rdma data connection to {} closed: {}", peer_name_, why.message());
