@@ -743,11 +743,11 @@ TEST(Svmd, RefusesBadOptionsWithAClearMessage) {
     std::string says;
   } cases[] = {
       {{"--source", "bogus"}, "unknown source 'bogus'"},
-      {{"--transport", "carrier-pigeon"}, "unknown transport"},
-      {{"--peer-listen", "nohost"}, "--peer-listen"},
-      {{"--cache-mb", "lots"}, "--cache-mb"},
-      {{"--frobnicate"}, "unknown option --frobnicate"},
-      {{"--control", "/no/unix/prefix"}, "--control must be unix:PATH"},
+      {{"--transport", "carrier-pigeon"}, "flag 'transport'; 'carrier-pigeon' is not one of"},
+      {{"--peer-listen", "nohost"}, "flag 'peer-listen'; expected HOST:PORT"},
+      {{"--cache-mb", "lots"}, "flag 'cache-mb'"},
+      {{"--frobnicate"}, "Unknown command line flag 'frobnicate'"},
+      {{"--control", "/no/unix/prefix"}, "flag 'control'; must be unix:PATH"},
   };
   if (access("/dev/svm_shim", F_OK) != 0) cases[0] = {{"--source", "shim"}, "/dev/svm_shim does not exist"};
   for (const auto& c : cases) {
