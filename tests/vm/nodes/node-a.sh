@@ -35,9 +35,15 @@ for ((i = 0; i < 600; ++i)); do
 done
 [[ -e $shared/b-ready ]] || { echo "node A: node B not ready: $(cat "$shared/b-failed" 2>/dev/null)"; exit 1; }
 b=$(cat "$shared/b-ready")
+# Static neighbours (see node-b.sh); run-vm.sh derives the MAC from the address.
+ip neigh replace "$b" lladdr "$(printf '52:54:00:00:%02x:%02x' "$(cut -d. -f3 <<<"$b")" "$(cut -d. -f4 <<<"$b")")" \
+	dev "$SVM_VM_NET_DEV" nud permanent
 busybox ping -c 3 -W 5 "$b" || { echo "node A: node B ($b) does not answer ping"; exit 1; }
 
 export SVM_TEST_SOURCE=shim SVM_TEST_SLOW=1 TMPDIR=$SVM_VM_SCRATCH
+# huge_pages_test: 2 MiB hugetlb pages for its memfd, required here.
+echo 16 >/proc/sys/vm/nr_hugepages
+export SVM_EXPECT_HUGE=1
 export SVM_TEST_REMOTE=$b:7000 SVM_TEST_HOST=$SVM_VM_NET_ADDR SVM_TEST_WIRE_DEV=$SVM_VM_NET_DEV
 rc=0
 counters() {
@@ -68,6 +74,18 @@ run_suite() { # PHASE [REGEX of binaries]
 }
 tests=("$@")
 run_suite "wire"
+# The wire check must be able to fail: with node B's daemon on this guest
+# too (SVM_TEST_REMOTE unset), the bytes never leave through the NIC.
+for t in "${tests[@]}"; do
+	[[ $(basename "${t%%:*}") == two_guests_test ]] || continue
+	echo "== self-check: both daemons on node A; two_guests_test must fail"
+	if env -u SVM_TEST_REMOTE SVM_TEST_TRANSPORT=tcp "${t%%:*}" --gtest_brief=1 --gtest_filter='Tcp/*'; then
+		echo "node A: self-check FAILED: the wire check passed without the wire"
+		rc=1
+	else
+		echo "node A: self-check ok: the wire check fails when node B is local"
+	fi
+done
 if [[ -n $netem ]]; then
 	modprobe -d "$SVM_VM_MODROOT" sch_netem || { echo "node A: no sch_netem"; exit 1; }
 	# shellcheck disable=SC2086

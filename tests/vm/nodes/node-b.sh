@@ -9,6 +9,9 @@ limit=${2:-1500}
 echo "node B: kernel $SVM_VM_KVER, rxe: $SVM_VM_RXE"
 [[ $SVM_VM_RXE == "rxe0 up"* ]] || { echo "node B: no wire (rxe: $SVM_VM_RXE)" >"$shared/b-failed"; exit 1; }
 ln -sf /proc/self/fd /dev/fd 2>/dev/null
+# Static neighbours: under TCG a guest can stall long enough for ARP to give
+# up, and connect() then fails "No route to host" for a while.
+ip neigh replace 10.99.0.1 lladdr 52:54:00:00:00:01 dev "$SVM_VM_NET_DEV" nud permanent
 socat "TCP-LISTEN:7000,bind=$SVM_VM_NET_ADDR,reuseaddr,fork" \
 	EXEC:"$here/node-agent.sh $shared" 2>>"$shared/agent.log" &
 agent=$!
@@ -17,7 +20,7 @@ for ((i = 0; i < 100; ++i)); do
 	sleep 0.1
 done
 echo "$SVM_VM_NET_ADDR" >"$shared/b-ready"
-while [[ ! -e $shared/a-done ]] && ((SECONDS < limit)); do sleep 1; done
+while [[ -d $shared && ! -e $shared/a-done ]] && ((SECONDS < limit)); do sleep 1; done
 kill "$agent"
 wait "$agent" 2>/dev/null
 ip -s link show "$SVM_VM_NET_DEV"
