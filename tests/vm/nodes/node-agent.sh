@@ -45,6 +45,7 @@ trap cleanup EXIT
 trap 'exit 0' TERM HUP
 "${argv[@]}" --control "unix:$sock" </dev/null >/dev/null 2>>"$log" &
 pid=$!
+echo "$pid" >"/run/svm-agent/d$n.pid" # node-b.sh kills what is left at the end
 for ((i = 0; i < 600; ++i)); do
 	[[ -S $sock ]] && break
 	if ! kill -0 "$pid" 2>/dev/null; then

@@ -23,6 +23,21 @@ echo "$SVM_VM_NET_ADDR" >"$shared/b-ready"
 while [[ -d $shared && ! -e $shared/a-done ]] && ((SECONDS < limit)); do sleep 1; done
 kill "$agent"
 wait "$agent" 2>/dev/null
+# Node A may power off before its connections' FINs reach us: svmds whose
+# agent connection never closed are still running (and hold svm_shim).
+for f in /run/svm-agent/*.pid; do
+	[[ -e $f ]] || continue
+	p=$(cat "$f")
+	[[ $(cat "/proc/$p/comm" 2>/dev/null) == svmd ]] && kill -9 "$p"
+done
+for f in /run/svm-agent/*.pid; do
+	[[ -e $f ]] || continue
+	p=$(cat "$f")
+	for ((i = 0; i < 100; ++i)); do
+		[[ $(cat "/proc/$p/comm" 2>/dev/null) == svmd ]] || break
+		sleep 0.1
+	done
+done
 ip -s link show "$SVM_VM_NET_DEV"
 cat /sys/class/infiniband/rxe0/ports/1/hw_counters/{sent_pkts,rcvd_pkts,send_retry,retry_exceeded_err,rcvd_seq_err,duplicate_request,out_of_seq_request} 2>/dev/null | paste -sd' ' | sed 's/^/node B: rxe0 sent rcvd retry retry_exceeded seq_err dup_req oos_req: /'
 [[ -e $shared/a-done ]] || { echo "node B: node A never finished"; exit 1; }
