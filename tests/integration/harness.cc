@@ -17,9 +17,13 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <map>
+#include <optional>
 #include <thread>
 
+#include "absl/strings/escaping.h"
 #include "absl/strings/match.h"
+#include "absl/synchronization/mutex.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
@@ -166,17 +170,19 @@ absl::Status Subprocess::WriteLine(const std::string& line) {
 
 absl::StatusOr<std::string> Subprocess::ReadLine(absl::Duration timeout) {
   const absl::Time deadline = absl::Now() + timeout;
+  size_t scanned = 0;  // long lines (a remote client's reads) arrive in many chunks
   for (;;) {
-    if (size_t nl = buf_.find('\n'); nl != std::string::npos) {
+    if (size_t nl = buf_.find('\n', scanned); nl != std::string::npos) {
       std::string line = buf_.substr(0, nl);
       buf_.erase(0, nl + 1);
       return line;
     }
+    scanned = buf_.size();
     const int64_t ms = absl::ToInt64Milliseconds(deadline - absl::Now());
     if (ms <= 0) return absl::DeadlineExceededError("no line from child");
     pollfd p{out_, POLLIN, 0};
     if (poll(&p, 1, static_cast<int>(ms)) <= 0) continue;
-    char chunk[4096];
+    char chunk[65536];
     ssize_t n = read(out_, chunk, sizeof(chunk));
     if (n <= 0) return absl::UnavailableError("child closed its output");
     buf_.append(chunk, static_cast<size_t>(n));
@@ -235,7 +241,46 @@ absl::StatusOr<int> Subprocess::Wait(absl::Duration timeout) {
   return status_;
 }
 
+// Remote daemons (SVM_TEST_REMOTE): local control path -> {agent, control there}.
+static absl::Mutex remote_mu;
+static std::map<std::string, std::pair<std::string, std::string>>& RemoteControls() {
+  static auto* m = new std::map<std::string, std::pair<std::string, std::string>>();
+  return *m;
+}
+
+// `svmctl --daemon CONTROL ...` of a remote daemon, run on its machine by
+// the node agent ("run": it answers "rc STATUS B64(OUT) B64(ERR)").
+static std::optional<RunResult> RunRemoteSvmctl(const std::vector<std::string>& argv,
+                                                absl::Duration timeout) {
+  if (argv.size() < 3 || argv[0] != SvmctlPath() || argv[1] != "--daemon") return std::nullopt;
+  std::pair<std::string, std::string> remote;
+  {
+    absl::MutexLock l(&remote_mu);
+    auto it = RemoteControls().find(argv[2]);
+    if (it == RemoteControls().end()) return std::nullopt;
+    remote = it->second;
+  }
+  std::vector<std::string> args = argv;
+  args[2] = remote.second;
+  args.insert(args.begin(), "run");
+  RunResult r;
+  auto p = Subprocess::Start({.argv = {"/usr/bin/socat", "-", absl::StrCat("TCP:", remote.first)}});
+  if (!p.ok() || !(*p)->WriteLine(absl::StrJoin(args, "\t")).ok()) {
+    r.err = "node agent unreachable\n";
+    return r;
+  }
+  auto line = (*p)->ReadLine(timeout);
+  std::vector<std::string> f = absl::StrSplit(line.ok() ? *line : "", ' ');
+  if (f.size() != 4 || f[0] != "rc" || !absl::SimpleAtoi(f[1], &r.exit_code) ||
+      !absl::Base64Unescape(f[2], &r.out) || !absl::Base64Unescape(f[3], &r.err)) {
+    r.exit_code = -1;
+    r.err = absl::StrCat("node agent: ", line.ok() ? *line : line.status().ToString(), "\n");
+  }
+  return r;
+}
+
 RunResult RunCommand(const std::vector<std::string>& argv, absl::Duration timeout, uid_t uid, gid_t gid) {
+  if (auto remote = RunRemoteSvmctl(argv, timeout)) return *remote;
   RunResult r;
   std::string out_tmpl = TmpBase() + "/svm-run-outXXXXXX";
   std::string err_tmpl = TmpBase() + "/svm-run-errXXXXXX";
@@ -308,9 +353,206 @@ TempDir::~TempDir() {
   std::filesystem::remove_all(path_, ec);
 }
 
+namespace {
+
+absl::Status StatusOf(const std::vector<std::string>& f) {  // "err CODE B64(MESSAGE)"
+  int code = static_cast<int>(absl::StatusCode::kUnknown);
+  std::string msg = "bad answer from svm-remote-client";
+  if (f.size() == 3 && f[0] == "err") {
+    (void)absl::SimpleAtoi(f[1], &code);
+    (void)absl::Base64Unescape(f[2], &msg);
+  }
+  return absl::Status(static_cast<absl::StatusCode>(code), msg);
+}
+
+// One connection to svm-remote-client on the remote daemon's machine.
+class RemoteConn {
+ public:
+  static absl::StatusOr<std::unique_ptr<RemoteConn>> Open(const std::string& agent,
+                                                          const std::string& control) {
+    auto p = Subprocess::Start({.argv = {"/usr/bin/socat", "-", absl::StrCat("TCP:", agent)}});
+    if (!p.ok()) return p.status();
+    auto c = std::unique_ptr<RemoteConn>(new RemoteConn());
+    c->p_ = std::move(*p);
+    auto hello = c->Call(absl::StrCat("exec\t", REMOTE_CLIENT_PATH, "\t", control), Scaled(absl::Seconds(10)));
+    if (!hello.ok()) return hello.status();
+    return c;
+  }
+  // The answer's fields after "ok", or its error.
+  absl::StatusOr<std::vector<std::string>> Call(const std::string& req,
+                                                absl::Duration timeout = absl::Seconds(60)) {
+    absl::MutexLock l(&mu_);
+    if (auto st = p_->WriteLine(req); !st.ok()) return st;
+    auto line = p_->ReadLine(timeout);
+    if (!line.ok()) return absl::UnavailableError(absl::StrCat("svm-remote-client: ", line.status().message()));
+    std::vector<std::string> f = absl::StrSplit(*line, ' ');
+    if (f[0] != "ok") return StatusOf(f);
+    f.erase(f.begin());
+    return f;
+  }
+
+ private:
+  absl::Mutex mu_;
+  std::unique_ptr<Subprocess> p_;
+};
+
+template <typename M>
+absl::StatusOr<M> Decode(const absl::StatusOr<std::vector<std::string>>& f, size_t i = 0) {
+  if (!f.ok()) return f.status();
+  std::string bytes;
+  M m;
+  if (f->size() <= i || !absl::Base64Unescape((*f)[i], &bytes) || !m.ParseFromString(bytes)) {
+    return absl::InternalError("bad answer from svm-remote-client");
+  }
+  return m;
+}
+
+template <typename M>
+absl::StatusOr<std::vector<M>> DecodeList(const absl::StatusOr<std::vector<std::string>>& f) {
+  if (!f.ok()) return f.status();
+  std::vector<M> out;
+  for (size_t i = 0; i < f->size(); ++i) {
+    auto m = Decode<M>(f, i);
+    if (!m.ok()) return m.status();
+    out.push_back(std::move(*m));
+  }
+  return out;
+}
+
+class RemoteWatch : public WatchStream {
+ public:
+  explicit RemoteWatch(std::unique_ptr<RemoteConn> c) : c_(std::move(c)) {}
+  absl::StatusOr<v1::Invalidation> Next(absl::Duration timeout) override {
+    return Decode<v1::Invalidation>(
+        c_->Call(absl::StrCat("next\t", absl::ToInt64Milliseconds(timeout)), timeout + absl::Seconds(30)));
+  }
+
+ private:
+  std::unique_ptr<RemoteConn> c_;
+};
+
+// A Mapping of an import on another machine: data() reads all of it
+// through a mapping there (svm-remote-client keeps one per connection) at
+// the moment of the call; the bytes stay valid until the next call.
+class RemoteMapping : public Mapping {
+ public:
+  RemoteMapping(RemoteConn* c, std::string name, std::string first, uint64_t fetched)
+      : c_(c), name_(std::move(name)), data_(std::move(first)), fetched_(fetched) {}
+  const uint8_t* data() const override {
+    {  // Map() fetched once for the size; never hand out bytes older than this call
+      auto f = c_->Call("map\t" + name_);
+      std::string bytes;
+      if (f.ok() && f->size() == 2 && absl::Base64Unescape((*f)[1], &bytes) && bytes.size() == data_.size()) {
+        (void)absl::SimpleAtoi((*f)[0], &fetched_);
+        data_ = std::move(bytes);
+      } else {
+        ADD_FAILURE() << "remote mapping of " << name_ << ": " << (f.ok() ? "bad answer" : f.status().ToString());
+      }
+    }
+    return reinterpret_cast<const uint8_t*>(data_.data());
+  }
+  size_t size() const override { return data_.size(); }
+  absl::Status Prefetch(uint64_t, uint64_t) override { return absl::OkStatus(); }
+  uint64_t faults() const override { return 0; }
+  uint64_t pages_fetched() const override { return fetched_; }
+
+ private:
+  RemoteConn* c_;
+  std::string name_;
+  mutable std::string data_;
+  mutable uint64_t fetched_;
+};
+
+// A Client whose calls run on the remote daemon's machine (Map: see
+// RemoteMapping).
+class RemoteClient : public Client {
+ public:
+  RemoteClient(std::string agent, std::string control, std::unique_ptr<RemoteConn> c)
+      : agent_(std::move(agent)), control_(std::move(control)), c_(std::move(c)) {}
+  absl::StatusOr<v1::ExportInfo> Export(const std::string&, const void*, size_t,
+                                        const ExportOptions&) override {
+    return absl::UnimplementedError("exporting on a remote node");
+  }
+  absl::StatusOr<v1::ExportInfo> ExportPid(const std::string&, pid_t, uint64_t, uint64_t,
+                                           const ExportOptions&) override {
+    return absl::UnimplementedError("exporting on a remote node");
+  }
+  absl::Status Unexport(const std::string& name) override { return c_->Call("unexport\t" + name).status(); }
+  absl::StatusOr<std::vector<v1::ExportInfo>> ListExports() override {
+    return DecodeList<v1::ExportInfo>(c_->Call("exports"));
+  }
+  absl::StatusOr<v1::ImportInfo> Import(const std::string& peer, const std::string& name,
+                                        const std::string& as) override {
+    return Decode<v1::ImportInfo>(c_->Call(absl::StrCat("import\t", peer, "\t", name, "\t", as)));
+  }
+  absl::StatusOr<std::vector<v1::ImportInfo>> ListImports() override {
+    return DecodeList<v1::ImportInfo>(c_->Call("imports"));
+  }
+  absl::StatusOr<ReadResult> Read(const std::string& name, uint64_t offset, absl::Span<uint8_t> dst,
+                                  ReadOptions opts) override {
+    auto f = c_->Call(absl::StrCat("read\t", name, "\t", offset, "\t", dst.size(), "\t", opts.fresh ? 1 : 0));
+    if (!f.ok()) return f.status();
+    ReadResult r;
+    std::string bytes;
+    if (f->size() != 5 || !absl::SimpleAtoi((*f)[0], &r.len) || !absl::SimpleAtoi((*f)[1], &r.seq) ||
+        !absl::SimpleAtoi((*f)[2], &r.pages_from_cache) || !absl::SimpleAtoi((*f)[3], &r.pages_fetched) ||
+        !absl::Base64Unescape((*f)[4], &bytes) || bytes.size() != dst.size()) {
+      return absl::InternalError("bad answer from svm-remote-client");
+    }
+    std::memcpy(dst.data(), bytes.data(), bytes.size());
+    return r;
+  }
+  std::vector<absl::StatusOr<ReadResult>> ReadV(absl::Span<const ReadOp> ops) override {
+    std::vector<absl::StatusOr<ReadResult>> out;
+    for (const ReadOp& op : ops) out.push_back(Read(op.name, op.offset, op.dst, op.opts));
+    return out;
+  }
+  absl::StatusOr<std::unique_ptr<Mapping>> Map(const std::string& name, MapOptions) override {
+    auto f = c_->Call("map\t" + name);
+    if (!f.ok()) return f.status();
+    uint64_t fetched = 0;
+    std::string bytes;
+    if (f->size() != 2 || !absl::SimpleAtoi((*f)[0], &fetched) || !absl::Base64Unescape((*f)[1], &bytes)) {
+      return absl::InternalError("bad answer from svm-remote-client");
+    }
+    return std::unique_ptr<Mapping>(std::make_unique<RemoteMapping>(c_.get(), name, std::move(bytes), fetched));
+  }
+  absl::StatusOr<std::unique_ptr<WatchStream>> Watch(const std::string& name) override {
+    auto c = RemoteConn::Open(agent_, control_);  // Next() blocks: a connection of its own
+    if (!c.ok()) return c.status();
+    if (auto st = (*c)->Call("watch\t" + name); !st.ok()) return st.status();
+    return std::unique_ptr<WatchStream>(std::make_unique<RemoteWatch>(std::move(*c)));
+  }
+  absl::StatusOr<v1::SyncResponse> Sync(const std::string& name) override {
+    return Decode<v1::SyncResponse>(c_->Call("sync\t" + name));
+  }
+  absl::StatusOr<v1::StatusResponse> Status() override {
+    return Decode<v1::StatusResponse>(c_->Call("status"));
+  }
+
+ private:
+  std::string agent_, control_;
+  std::unique_ptr<RemoteConn> c_;
+};
+
+}  // namespace
+
+static std::string Env(const char* name) {
+  const char* s = std::getenv(name);
+  return s != nullptr ? s : "";
+}
+
 absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const Options& opts) {
   auto d = std::unique_ptr<Daemon>(new Daemon());
   d->opts_ = opts;
+  if (const std::string agent = Env("SVM_TEST_REMOTE");
+      !agent.empty() && !absl::StartsWith(opts.node, "A") && opts.netns.empty()) {
+    d->agent_ = agent;
+    d->opts_.host = agent.substr(0, agent.rfind(':'));
+  } else if (const std::string host = Env("SVM_TEST_HOST");
+             !host.empty() && opts.host == "127.0.0.1" && opts.netns.empty()) {
+    d->opts_.host = host;
+  }
   d->control_ = absl::StrCat("unix:", opts.dir, "/", opts.node, ".sock");
   if (auto st = d->Restart(); !st.ok()) return st;
   return d;
@@ -353,18 +595,44 @@ absl::Status Daemon::Restart() {
   so.argv = argv;
   so.log_path = absl::StrCat(opts_.dir, "/", opts_.node, ".log");
   so.netns = opts_.netns;
-  auto p = Subprocess::Start(so);
-  if (!p.ok()) return p.status();
-  proc_ = std::move(*p);
+  if (!agent_.empty()) {
+    // The agent runs svmd (with a control socket of its own, which it
+    // names) for as long as this connection stays open.
+    auto ctl = std::find(argv.begin(), argv.end(), "--control");
+    argv.erase(ctl, ctl + 2);
+    so.argv = {"/usr/bin/socat", "-", absl::StrCat("TCP:", agent_)};
+    auto p = Subprocess::Start(so);
+    if (!p.ok()) return p.status();
+    proc_ = std::move(*p);
+    if (auto st = proc_->WriteLine(absl::StrJoin(argv, "\t")); !st.ok()) return st;
+    auto line = proc_->ReadLine(Scaled(absl::Seconds(10)));
+    if (!line.ok()) return absl::UnavailableError(absl::StrCat("node agent ", agent_, ": ", line.status().message()));
+    std::vector<std::string> ready = absl::StrSplit(*line, ' ');  // ready CONTROL
+    if (ready.size() != 2 || ready[0] != "ready") {
+      return absl::InternalError(absl::StrCat("node agent ", agent_, " said: ", *line));
+    }
+    remote_control_ = ready[1];
+    absl::MutexLock l(&remote_mu);
+    RemoteControls()[control_] = {agent_, remote_control_};
+  } else {
+    auto p = Subprocess::Start(so);
+    if (!p.ok()) return p.status();
+    proc_ = std::move(*p);
+  }
   // Ready when the control socket answers Status.
   const absl::Time deadline = absl::Now() + Scaled(absl::Seconds(10));
   while (absl::Now() < deadline) {
     if (!proc_->running()) return absl::InternalError("svmd exited during startup (see its log)");
-    if (access(control_.substr(5).c_str(), F_OK) != 0) {
+    if (agent_.empty() && access(control_.substr(5).c_str(), F_OK) != 0) {
       std::this_thread::sleep_for(std::chrono::milliseconds(5));
       continue;
     }
-    auto c = Client::Connect(control_);
+    absl::StatusOr<std::unique_ptr<Client>> c = absl::UnavailableError("");
+    if (agent_.empty()) {
+      c = Client::Connect(control_);
+    } else if (auto rc = RemoteConn::Open(agent_, remote_control_); rc.ok()) {
+      c = std::unique_ptr<Client>(std::make_unique<RemoteClient>(agent_, remote_control_, std::move(*rc)));
+    }
     if (c.ok()) {
       auto s = (*c)->Status();
       if (s.ok()) {
@@ -397,12 +665,21 @@ uint16_t Daemon::peer_port() const { return PortOf(peer_); }
 uint16_t Daemon::data_port() const { return PortOf(data_); }
 
 std::unique_ptr<Client> Daemon::Connect() {
+  if (!agent_.empty()) {
+    auto c = RemoteConn::Open(agent_, remote_control_);
+    EXPECT_TRUE(c.ok()) << c.status();
+    if (!c.ok()) return nullptr;
+    return std::make_unique<RemoteClient>(agent_, remote_control_, std::move(*c));
+  }
   auto c = Client::Connect(control_);
   EXPECT_TRUE(c.ok()) << c.status();
   return c.ok() ? std::move(*c) : nullptr;
 }
 
 void Daemon::Kill() {
+  if (!agent_.empty() && proc_->WriteLine("kill 9").ok()) {
+    (void)proc_->ReadLine(Scaled(absl::Seconds(5)));  // "exited STATUS": the ports are free
+  }
   proc_->Signal(SIGKILL);
   (void)proc_->Wait(absl::Seconds(5));
 }

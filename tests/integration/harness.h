@@ -85,6 +85,17 @@ class Daemon {
     std::string netns;
     std::string host = "127.0.0.1";
   };
+  // Two nodes (the VM tier's two guests, tests/vm/nodes): with
+  // $SVM_TEST_REMOTE=HOST:PORT naming the node agent of the other machine
+  // (tests/vm/nodes/node-agent.sh), every daemon whose node name does not
+  // start with "A" runs there, listening on HOST. Daemons of nodes "A..."
+  // run here and listen on $SVM_TEST_HOST when it is set (instead of
+  // 127.0.0.1). Kill() and Restart() work on remote daemons; process() is
+  // the agent connection (signals reach the agent's socat, not svmd).
+  // A Client talks to its own machine's daemon only (the session is shared
+  // memory), so Connect() on a remote daemon returns a Client whose calls
+  // run in svm-remote-client on that machine (Export is not offered), and
+  // RunCommand runs `svmctl --daemon CONTROL ...` of a remote daemon there.
   static absl::StatusOr<std::unique_ptr<Daemon>> Start(const Options& opts);
 
   const std::string& control() const { return control_; }  // "unix:PATH"
@@ -103,6 +114,8 @@ class Daemon {
  private:
   Options opts_;
   std::string control_, peer_, data_;
+  std::string agent_;                // HOST:PORT of the node agent; empty: local
+  std::string remote_control_;       // the control socket on the agent's machine
   std::unique_ptr<Subprocess> proc_;
 };
 

@@ -42,7 +42,33 @@ rxe() {
 	rdma link add rxe0 type rxe netdev v0 || return 1
 	ibv_devices 2>/dev/null | grep -q rxe0 || return 1
 }
-if rxe >"$run/rxe.log" 2>&1; then
+# With a NIC (run-vm.sh --net/--addr: two guests on one wire), rxe0 sits on
+# it instead: the guest's first ethernet device, addressed SVM_VM_NET_ADDR/24.
+rxe_nic() {
+	mp crc32_generic 2>/dev/null
+	mp virtio_net 2>/dev/null # built in on 7.x
+	mp ib_uverbs || return 1
+	mp rdma_rxe || return 1
+	local dev
+	for dev in /sys/class/net/*; do
+		[[ $(cat "$dev/type") == 1 && ${dev##*/} != v[01] ]] && break
+	done
+	SVM_VM_NET_DEV=${dev##*/}
+	[[ -e /sys/class/net/$SVM_VM_NET_DEV ]] || { echo "no ethernet device"; return 1; }
+	ip link set lo up
+	ip addr add "$SVM_VM_NET_ADDR/24" dev "$SVM_VM_NET_DEV" || return 1
+	ip link set "$SVM_VM_NET_DEV" mtu 9000 && ip link set "$SVM_VM_NET_DEV" up || return 1
+	rdma link add rxe0 type rxe netdev "$SVM_VM_NET_DEV" || return 1
+	ibv_devices 2>/dev/null | grep -q rxe0 || return 1
+}
+if [[ -n ${SVM_VM_NET_ADDR:-} ]]; then
+	if rxe_nic >"$run/rxe.log" 2>&1; then
+		SVM_VM_RXE="rxe0 up on $SVM_VM_NET_DEV ($SVM_VM_NET_ADDR)"
+	else
+		SVM_VM_RXE="unavailable: $(tail -1 "$run/rxe.log")"
+	fi
+	export SVM_VM_NET_ADDR SVM_VM_NET_DEV
+elif rxe >"$run/rxe.log" 2>&1; then
 	SVM_VM_RXE="rxe0 up on v0 (10.77.0.1)"
 else
 	SVM_VM_RXE="unavailable: $(tail -1 "$run/rxe.log")"

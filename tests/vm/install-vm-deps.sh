@@ -5,7 +5,7 @@ set -euo pipefail
 pkgs=(qemu-system-x86 busybox-static cpio debootstrap xz-utils zstd kmod
       gcc make libc6-dev perl rdma-core ibverbs-utils ibverbs-providers
       perftest iproute2 debian-archive-keyring ca-certificates
-      ndctl daxctl e2fsprogs util-linux)
+      ndctl daxctl e2fsprogs util-linux socat)
 missing=()
 for p in "${pkgs[@]}"; do
 	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" ||

@@ -13,6 +13,11 @@
 #     --timeout SEC    kill the guest after SEC seconds (default 1200)
 #     --mem MB         guest memory, split over two NUMA nodes (default 2048)
 #     --append ARGS    more kernel parameters (e.g. memmap=512M!2G: emulated pmem)
+#     --net SPEC --addr IP
+#                      a virtio-net NIC on the QEMU netdev SPEC (e.g.
+#                      dgram,local.type=inet,...: two guests on one wire,
+#                      tests/vm/nodes) with address IP/24 in the guest, and
+#                      rxe0 on it instead of the veth pair
 #
 # Inside the guest: SVM_VM_KERNEL, SVM_VM_KVER, SVM_VM_MODROOT (for
 # `modprobe -d`), SVM_VM_MODULE (path of svm_shim.ko), SVM_VM_SCRATCH (a
@@ -29,6 +34,8 @@ load_module=1
 tmo=1200
 mem=2048
 append=
+net=
+addr=
 while (($#)); do
 	case "$1" in
 	--kernel) kernel=$2; shift 2 ;;
@@ -38,6 +45,8 @@ while (($#)); do
 	--timeout) tmo=$2; shift 2 ;;
 	--mem) mem=$2; shift 2 ;;
 	--append) append=$2; shift 2 ;;
+	--net) net=$2; shift 2 ;;
+	--addr) addr=$2; shift 2 ;;
 	--) shift; break ;;
 	*) echo "run-vm: unknown argument $1" >&2; exit 125 ;;
 	esac
@@ -102,12 +111,19 @@ modroot=$ROOT
 	printf 'SVM_VM_MODROOT=%q\n' "$modroot"
 	printf 'SVM_VM_MODULE=%q\n' "$( ((load_module)) && echo "$out/svm_shim.ko")"
 	printf 'SVM_VM_CWD=%q\n' "$PWD"
+	printf 'SVM_VM_NET_ADDR=%q\n' "$addr"
 	printf 'SVM_VM_CMD=('
 	printf '%q ' "$@"
 	printf ')\n'
 } >"$logdir/vars"
 cp "$here/guest-run.sh" "$logdir/guest-run.sh"
 
+nic=(-nic none)
+if [[ -n $net ]]; then
+	[[ -n $addr ]] || harness_fail "--net needs --addr"
+	IFS=. read -r _ _ o3 o4 <<<"$addr"
+	nic=(-netdev "$net,id=n0" -device "virtio-net-pci,netdev=n0,mac=$(printf '52:54:00:00:%02x:%02x' "$o3" "$o4")")
+fi
 half=$((mem / 2))
 log "booting $KVER (TCG, 2 vCPUs, ${mem} MiB over 2 NUMA nodes); log in $logdir"
 qrc=0
@@ -120,7 +136,7 @@ timeout --foreground -k 10 "$tmo" qemu-system-x86_64 \
 	-kernel "$VMLINUZ" -initrd "$initrd" \
 	-append "console=ttyS0 loglevel=4 panic=-1 svm.run=$logdir${append:+ $append}" \
 	-virtfs local,path=/,mount_tag=hostroot,security_model=none,multidevs=remap \
-	-display none -monitor none -serial stdio -nic none -no-reboot \
+	-display none -monitor none -serial stdio "${nic[@]}" -no-reboot \
 	</dev/null 2>&1 | tee "$logdir/console.log" || qrc=${PIPESTATUS[0]}
 if ((qrc == 124)); then
 	log "FAIL: guest timed out after ${tmo}s"

@@ -1,0 +1,169 @@
+// Huge pages end to end through svmd: this process exports transparent
+// huge pages (anonymous, MADV_HUGEPAGE) and a hugetlbfs memfd
+// (MFD_HUGETLB, 2 MiB pages); node B imports and reads them (staged, or
+// zero-copy where svmd registers the export), and invalidations arrive when
+// a THP is split (MADV_DONTNEED of one 4 KiB page inside it) and when huge
+// pages are zapped or unmapped. The hugetlb case needs reserved pages
+// (/proc/sys/vm/nr_hugepages; the VM tier reserves them): without, it skips,
+// or fails when $SVM_EXPECT_HUGE=1.
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <cstring>
+#include <fstream>
+#include <string>
+
+#include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "gtest/gtest.h"
+#include "tests/integration/harness.h"
+
+namespace svm::testing {
+namespace {
+
+constexpr uint64_t kPage = 4096;
+constexpr uint64_t kHuge = 2 << 20;
+
+bool ExpectHuge() {
+  const char* s = std::getenv("SVM_EXPECT_HUGE");
+  return s != nullptr && std::string(s) == "1";
+}
+
+// kB of AnonHugePages in the VMA of /proc/self/smaps that holds addr.
+uint64_t AnonHugeKb(const void* addr) {
+  std::ifstream in("/proc/self/smaps");
+  std::string line;
+  bool mine = false;
+  const auto a = reinterpret_cast<uint64_t>(addr);
+  while (std::getline(in, line)) {
+    uint64_t lo, hi;
+    std::vector<std::string> range = absl::StrSplit(line.substr(0, line.find(' ')), '-');
+    if (range.size() == 2 && absl::SimpleHexAtoi(range[0], &lo) && absl::SimpleHexAtoi(range[1], &hi)) {
+      mine = a >= lo && a < hi;
+      continue;
+    }
+    uint64_t kb = 0;
+    if (mine && absl::StartsWith(line, "AnonHugePages:") &&
+        absl::SimpleAtoi(absl::StripAsciiWhitespace(line.substr(14, line.size() - 14 - 3)), &kb)) {
+      return kb;
+    }
+  }
+  return 0;
+}
+
+class HugePages : public ::testing::TestWithParam<std::string> {
+ protected:
+  void SetUp() override {
+    SVM_GATE_TRANSPORT(GetParam());
+    for (auto* d : {&a_, &b_}) {
+      auto s = Daemon::Start({.node = d == &a_ ? "A" : "B", .dir = dir_.path(), .transport = GetParam()});
+      ASSERT_TRUE(s.ok()) << s.status();
+      *d = std::move(*s);
+    }
+    ca_ = a_->Connect();
+    cb_ = b_->Connect();
+    ASSERT_NE(ca_, nullptr);
+    ASSERT_NE(cb_, nullptr);
+  }
+
+  // Imports `name` on B and checks that all len bytes read c there, fresh
+  // and through the cache (which then holds every page).
+  void ImportAndRead(const std::string& name, uint64_t len, char c) {
+    auto imp = cb_->Import(a_->peer(), name);
+    ASSERT_TRUE(imp.ok()) << imp.status();
+    for (bool fresh : {true, false}) {
+      auto r = ReadBytes(*cb_, name, 0, len, fresh);
+      ASSERT_TRUE(r.ok()) << r.status();
+      EXPECT_TRUE(*r == std::string(len, c)) << (fresh ? "fresh" : "cached") << " read differs";
+    }
+    auto ex = ExportOf(*ca_, name);
+    auto in = ImportOf(*cb_, name);
+    std::printf("huge pages: %s over %s: export path %s, import path %s\n", name.c_str(),
+                GetParam().c_str(), ex.ok() ? ex->path().c_str() : "?", in.ok() ? in->path().c_str() : "?");
+  }
+
+  TempDir dir_;
+  std::unique_ptr<Daemon> a_, b_;
+  std::unique_ptr<Client> ca_, cb_;
+};
+
+TEST_P(HugePages, TransparentHugePagesAreReadAndInvalidatedWhenSplit) {
+  // One 2 MiB-aligned THP (the kernel may not find a free 2 MiB block at
+  // once under memory pressure: a few tries).
+  char* raw = nullptr;
+  char* p = nullptr;
+  uint64_t huge_kb = 0;
+  for (int attempt = 0; attempt < 5 && huge_kb < kHuge / 1024; ++attempt) {
+    if (raw != nullptr) munmap(raw, 2 * kHuge);
+    raw = static_cast<char*>(mmap(nullptr, 2 * kHuge, PROT_READ | PROT_WRITE,
+                                  MAP_PRIVATE | MAP_ANONYMOUS, -1, 0));
+    ASSERT_NE(raw, MAP_FAILED);
+    p = reinterpret_cast<char*>((reinterpret_cast<uint64_t>(raw) + kHuge - 1) & ~(kHuge - 1));
+    ASSERT_EQ(madvise(p, kHuge, MADV_HUGEPAGE), 0) << std::strerror(errno);
+    std::memset(p, 'T', kHuge);
+    huge_kb = AnonHugeKb(p);
+  }
+  if (huge_kb < kHuge / 1024) {
+    if (ExpectHuge()) FAIL() << "no THP backing (AnonHugePages " << huge_kb << " kB)";
+    GTEST_SKIP() << "the kernel gave no transparent huge page (AnonHugePages " << huge_kb << " kB)";
+  }
+  ASSERT_TRUE(ca_->Export("thp", p, kHuge).ok());
+  ImportAndRead("thp", kHuge, 'T');
+  auto w = cb_->Watch("thp");
+  ASSERT_TRUE(w.ok()) << w.status();
+  // One 4 KiB page inside the THP: the kernel splits it.
+  const uint64_t page = 5;
+  ASSERT_EQ(madvise(p + page * kPage, kPage, MADV_DONTNEED), 0);
+  EXPECT_LT(AnonHugeKb(p), huge_kb) << "the THP was not split";
+  auto ev = WaitForPage(**w, page, absl::Seconds(10));
+  ASSERT_TRUE(ev.ok()) << ev.status();
+  // Through the cache: the dropped page reads as the zeros it now holds.
+  auto r = ReadBytes(*cb_, "thp", 0, kHuge);
+  ASSERT_TRUE(r.ok()) << r.status();
+  std::string want(kHuge, 'T');
+  std::memset(want.data() + page * kPage, 0, kPage);
+  EXPECT_TRUE(*r == want) << "stale or wrong bytes after the split";
+  munmap(raw, 2 * kHuge);
+}
+
+TEST_P(HugePages, HugetlbMemfdIsReadAndInvalidatedOnZapAndUnmap) {
+  const int fd = memfd_create("svm-hugetlb", MFD_HUGETLB | MFD_CLOEXEC);
+  char* p = static_cast<char*>(MAP_FAILED);
+  if (fd >= 0 && ftruncate(fd, 2 * kHuge) == 0) {
+    p = static_cast<char*>(mmap(nullptr, 2 * kHuge, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd, 0));
+  }
+  if (p == MAP_FAILED) {
+    const std::string why = absl::StrCat("no hugetlb memfd of 2 x 2 MiB: ", std::strerror(errno));
+    if (fd >= 0) close(fd);
+    if (ExpectHuge()) FAIL() << why;
+    GTEST_SKIP() << why << " (reserve pages: /proc/sys/vm/nr_hugepages)";
+  }
+  std::memset(p, 'U', 2 * kHuge);
+  ASSERT_TRUE(ca_->Export("tlb", p, 2 * kHuge).ok());
+  ImportAndRead("tlb", 2 * kHuge, 'U');
+  auto w = cb_->Watch("tlb");
+  ASSERT_TRUE(w.ok()) << w.status();
+  // Zap the first huge page: the file keeps it, the mapping faults it back.
+  ASSERT_EQ(madvise(p, kHuge, MADV_DONTNEED), 0) << std::strerror(errno);
+  auto ev = WaitForPage(**w, 0, absl::Seconds(10));
+  ASSERT_TRUE(ev.ok()) << ev.status();
+  auto r = ReadBytes(*cb_, "tlb", 0, kHuge);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_TRUE(*r == std::string(kHuge, 'U'));
+  // Unmap the second: reads there fail as a CPU access would.
+  ASSERT_EQ(munmap(p + kHuge, kHuge), 0);
+  ev = WaitForPage(**w, kHuge / kPage, absl::Seconds(10));
+  ASSERT_TRUE(ev.ok()) << ev.status();
+  auto gone = ReadBytes(*cb_, "tlb", kHuge, kPage);
+  EXPECT_TRUE(absl::IsFailedPrecondition(gone.status())) << gone.status();
+  munmap(p, kHuge);
+  close(fd);
+}
+
+INSTANTIATE_TEST_SUITE_P(Tcp, HugePages, ::testing::Values("tcp"), [](const auto& i) { return i.param; });
+INSTANTIATE_TEST_SUITE_P(Rdma, HugePages, ::testing::Values("rdma"), [](const auto& i) { return i.param; });
+
+}  // namespace
+}  // namespace svm::testing

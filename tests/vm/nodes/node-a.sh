@@ -1,0 +1,102 @@
+#!/bin/bash
+# Node A of the two-guest run (run-two-guests.sh), in its guest: waits for
+# node B's agent, then runs the test binaries with one daemon here (node
+# "A...", the exporter's) and the others on node B (harness.h,
+# SVM_TEST_REMOTE), once per transport, then again with netem loss and delay
+# on this guest's NIC when --netem is given. Writes SHARED/a-done at the end.
+#   node-a.sh SHARED_DIR --transports "tcp rdma" [--netem "loss 1% delay 20ms 5ms"]
+#             [--netem-tests REGEX] [--expect-odp] [--bench] -- TEST_BINARY[:GTEST_FILTER]...
+here=$(cd "$(dirname "$0")" && pwd)
+shared=$1
+shift
+transports="tcp rdma"
+netem=
+netem_tests=.
+expect_odp=
+bench=
+while (($#)); do
+	case "$1" in
+	--transports) transports=$2; shift 2 ;;
+	--netem) netem=$2; shift 2 ;;
+	--netem-tests) netem_tests=$2; shift 2 ;;
+	--expect-odp) expect_odp=1; shift ;;
+	--bench) bench=1; shift ;;
+	--) shift; break ;;
+	*) echo "node-a: unknown argument $1" >&2; exit 2 ;;
+	esac
+done
+trap 'touch "$shared/a-done"' EXIT
+ln -sf /proc/self/fd /dev/fd 2>/dev/null
+echo "node A: kernel $SVM_VM_KVER, rxe: $SVM_VM_RXE"
+[[ $SVM_VM_RXE == "rxe0 up"* ]] || { echo "node A: no wire"; exit 1; }
+for ((i = 0; i < 600; ++i)); do
+	[[ -e $shared/b-ready || -e $shared/b-failed ]] && break
+	sleep 1
+done
+[[ -e $shared/b-ready ]] || { echo "node A: node B not ready: $(cat "$shared/b-failed" 2>/dev/null)"; exit 1; }
+b=$(cat "$shared/b-ready")
+# Static neighbours (see node-b.sh); run-vm.sh derives the MAC from the address.
+ip neigh replace "$b" lladdr "$(printf '52:54:00:00:%02x:%02x' "$(cut -d. -f3 <<<"$b")" "$(cut -d. -f4 <<<"$b")")" \
+	dev "$SVM_VM_NET_DEV" nud permanent
+busybox ping -c 3 -W 5 "$b" || { echo "node A: node B ($b) does not answer ping"; exit 1; }
+
+export SVM_TEST_SOURCE=shim SVM_TEST_SLOW=1 TMPDIR=$SVM_VM_SCRATCH
+# huge_pages_test: 2 MiB hugetlb pages for its memfd, required here.
+echo 16 >/proc/sys/vm/nr_hugepages
+export SVM_EXPECT_HUGE=1
+export SVM_TEST_REMOTE=$b:7000 SVM_TEST_HOST=$SVM_VM_NET_ADDR SVM_TEST_WIRE_DEV=$SVM_VM_NET_DEV
+rc=0
+counters() {
+	echo "node A: $SVM_VM_NET_DEV tx_bytes $(cat "/sys/class/net/$SVM_VM_NET_DEV/statistics/tx_bytes")" \
+		"rx_bytes $(cat "/sys/class/net/$SVM_VM_NET_DEV/statistics/rx_bytes");" \
+		"rxe0 sent/rcvd/retry/seq_err/dup: $(cat /sys/class/infiniband/rxe0/ports/1/hw_counters/{sent_pkts,rcvd_pkts,send_retry,rcvd_seq_err,duplicate_request} 2>/dev/null | paste -sd/)"
+}
+run_suite() { # PHASE [REGEX of binaries]
+	local phase=$1 only=${2:-.} t bin filter transport
+	for transport in $transports; do
+		export SVM_TEST_TRANSPORT=$transport
+		if [[ $transport == rdma ]]; then
+			export SVM_EXPECT_RDMA=1 SVM_EXPECT_ODP=${expect_odp:-0}
+		else
+			unset SVM_EXPECT_RDMA SVM_EXPECT_ODP
+		fi
+		for t in "${tests[@]}"; do
+			bin=${t%%:*}
+			filter=
+			[[ $t == *:* ]] && filter=${t#*:}
+			[[ $(basename "$bin") =~ $only ]] || continue
+			counters
+			echo "== $phase: $(basename "$bin") (transport $transport, node B $b, kernel $SVM_VM_KVER)"
+			"$bin" --gtest_brief=1 ${filter:+"--gtest_filter=$filter"} || rc=1
+		done
+	done
+	counters
+}
+tests=("$@")
+run_suite "wire"
+# The wire check must be able to fail: with node B's daemon on this guest
+# too (SVM_TEST_REMOTE unset), the bytes never leave through the NIC.
+for t in "${tests[@]}"; do
+	[[ $(basename "${t%%:*}") == two_guests_test ]] || continue
+	echo "== self-check: both daemons on node A; two_guests_test must fail"
+	if env -u SVM_TEST_REMOTE SVM_TEST_TRANSPORT=tcp "${t%%:*}" --gtest_brief=1 --gtest_filter='Tcp/*'; then
+		echo "node A: self-check FAILED: the wire check passed without the wire"
+		rc=1
+	else
+		echo "node A: self-check ok: the wire check fails when node B is local"
+	fi
+done
+if [[ -n $netem ]]; then
+	modprobe -d "$SVM_VM_MODROOT" sch_netem || { echo "node A: no sch_netem"; exit 1; }
+	# shellcheck disable=SC2086
+	tc qdisc add dev "$SVM_VM_NET_DEV" root netem $netem || exit 1
+	tc qdisc show dev "$SVM_VM_NET_DEV"
+	busybox ping -c 5 "$b" | tail -2
+	run_suite "netem $netem" "$netem_tests"
+	tc -s qdisc show dev "$SVM_VM_NET_DEV"
+	tc qdisc del dev "$SVM_VM_NET_DEV" root
+fi
+if [[ -n $bench ]]; then
+	"$here/bench-a.sh" "$b" || rc=1
+fi
+exit $rc
