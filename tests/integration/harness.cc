@@ -1,5 +1,7 @@
 #include "tests/integration/harness.h"
 
+#include "client/proto_convert.h"
+
 #include <fcntl.h>
 #include <grp.h>
 #include <infiniband/verbs.h>
@@ -396,21 +398,26 @@ class RemoteConn {
   std::unique_ptr<Subprocess> p_;
 };
 
+// svm-remote-client sends the control messages (libsvm's results converted
+// back, client/proto_convert.h); M is the message, the result libsvm's type.
 template <typename M>
-absl::StatusOr<M> Decode(const absl::StatusOr<std::vector<std::string>>& f, size_t i = 0) {
+using ResultOf = decltype(internal::FromProto(std::declval<const M&>()));
+
+template <typename M>
+absl::StatusOr<ResultOf<M>> Decode(const absl::StatusOr<std::vector<std::string>>& f, size_t i = 0) {
   if (!f.ok()) return f.status();
   std::string bytes;
   M m;
   if (f->size() <= i || !absl::Base64Unescape((*f)[i], &bytes) || !m.ParseFromString(bytes)) {
     return absl::InternalError("bad answer from svm-remote-client");
   }
-  return m;
+  return internal::FromProto(m);
 }
 
 template <typename M>
-absl::StatusOr<std::vector<M>> DecodeList(const absl::StatusOr<std::vector<std::string>>& f) {
+absl::StatusOr<std::vector<ResultOf<M>>> DecodeList(const absl::StatusOr<std::vector<std::string>>& f) {
   if (!f.ok()) return f.status();
-  std::vector<M> out;
+  std::vector<ResultOf<M>> out;
   for (size_t i = 0; i < f->size(); ++i) {
     auto m = Decode<M>(f, i);
     if (!m.ok()) return m.status();
@@ -422,7 +429,7 @@ absl::StatusOr<std::vector<M>> DecodeList(const absl::StatusOr<std::vector<std::
 class RemoteWatch : public WatchStream {
  public:
   explicit RemoteWatch(std::unique_ptr<RemoteConn> c) : c_(std::move(c)) {}
-  absl::StatusOr<v1::Invalidation> Next(absl::Duration timeout) override {
+  absl::StatusOr<Invalidation> Next(absl::Duration timeout) override {
     return Decode<v1::Invalidation>(
         c_->Call(absl::StrCat("next\t", absl::ToInt64Milliseconds(timeout)), timeout + absl::Seconds(30)));
   }
@@ -469,23 +476,23 @@ class RemoteClient : public Client {
  public:
   RemoteClient(std::string agent, std::string control, std::unique_ptr<RemoteConn> c)
       : agent_(std::move(agent)), control_(std::move(control)), c_(std::move(c)) {}
-  absl::StatusOr<v1::ExportInfo> Export(const std::string&, const void*, size_t,
+  absl::StatusOr<ExportInfo> Export(const std::string&, const void*, size_t,
                                         const ExportOptions&) override {
     return absl::UnimplementedError("exporting on a remote node");
   }
-  absl::StatusOr<v1::ExportInfo> ExportPid(const std::string&, pid_t, uint64_t, uint64_t,
+  absl::StatusOr<ExportInfo> ExportPid(const std::string&, pid_t, uint64_t, uint64_t,
                                            const ExportOptions&) override {
     return absl::UnimplementedError("exporting on a remote node");
   }
   absl::Status Unexport(const std::string& name) override { return c_->Call("unexport\t" + name).status(); }
-  absl::StatusOr<std::vector<v1::ExportInfo>> ListExports() override {
+  absl::StatusOr<std::vector<ExportInfo>> ListExports() override {
     return DecodeList<v1::ExportInfo>(c_->Call("exports"));
   }
-  absl::StatusOr<v1::ImportInfo> Import(const std::string& peer, const std::string& name,
+  absl::StatusOr<ImportInfo> Import(const std::string& peer, const std::string& name,
                                         const std::string& as) override {
     return Decode<v1::ImportInfo>(c_->Call(absl::StrCat("import\t", peer, "\t", name, "\t", as)));
   }
-  absl::StatusOr<std::vector<v1::ImportInfo>> ListImports() override {
+  absl::StatusOr<std::vector<ImportInfo>> ListImports() override {
     return DecodeList<v1::ImportInfo>(c_->Call("imports"));
   }
   absl::StatusOr<ReadResult> Read(const std::string& name, uint64_t offset, absl::Span<uint8_t> dst,
@@ -523,10 +530,10 @@ class RemoteClient : public Client {
     if (auto st = (*c)->Call("watch\t" + name); !st.ok()) return st.status();
     return std::unique_ptr<WatchStream>(std::make_unique<RemoteWatch>(std::move(*c)));
   }
-  absl::StatusOr<v1::SyncResponse> Sync(const std::string& name) override {
+  absl::StatusOr<SyncResult> Sync(const std::string& name) override {
     return Decode<v1::SyncResponse>(c_->Call("sync\t" + name));
   }
-  absl::StatusOr<v1::StatusResponse> Status() override {
+  absl::StatusOr<DaemonStatus> Status() override {
     return Decode<v1::StatusResponse>(c_->Call("status"));
   }
 

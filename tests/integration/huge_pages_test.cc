@@ -81,7 +81,7 @@ class HugePages : public ::testing::TestWithParam<std::string> {
     auto ex = ExportOf(*ca_, name);
     auto in = ImportOf(*cb_, name);
     std::printf("huge pages: %s over %s: export path %s, import path %s\n", name.c_str(),
-                GetParam().c_str(), ex.ok() ? ex->path().c_str() : "?", in.ok() ? in->path().c_str() : "?");
+                GetParam().c_str(), ex.ok() ? ex->path.c_str() : "?", in.ok() ? in->path.c_str() : "?");
   }
 
   TempDir dir_;

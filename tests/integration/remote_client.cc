@@ -19,6 +19,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
+#include "client/proto_convert.h"
 #include "svm/client.h"
 
 namespace {
@@ -31,14 +32,14 @@ std::string Err(const absl::Status& st) {
 
 template <typename M>
 std::string Ok(const absl::StatusOr<M>& m) {
-  return m.ok() ? absl::StrCat("ok ", B64(m->SerializeAsString())) : Err(m.status());
+  return m.ok() ? absl::StrCat("ok ", B64(svm::internal::ToProto(*m).SerializeAsString())) : Err(m.status());
 }
 
 template <typename M>
 std::string OkList(const absl::StatusOr<std::vector<M>>& l) {
   if (!l.ok()) return Err(l.status());
   std::string out = "ok";
-  for (const auto& m : *l) absl::StrAppend(&out, " ", B64(m.SerializeAsString()));
+  for (const auto& m : *l) absl::StrAppend(&out, " ", B64(svm::internal::ToProto(m).SerializeAsString()));
   return out;
 }
 

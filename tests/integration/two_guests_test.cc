@@ -53,7 +53,7 @@ TEST_P(TwoGuests, BytesReadOnTheOtherNodeCrossTheWire) {
   std::printf("%s: %s read %llu bytes on node B (path %s); node A's %s sent %llu bytes, received %llu\n",
               GetParam().c_str(), (*a)->peer().c_str(),
               static_cast<unsigned long long>(kPages * kPage),
-              info.ok() ? info->path().c_str() : "?", dev.c_str(),
+              info.ok() ? info->path.c_str() : "?", dev.c_str(),
               static_cast<unsigned long long>(tx1 - tx0), static_cast<unsigned long long>(rx1 - rx0));
   EXPECT_GE(tx1 - tx0, kPages * kPage) << "the bytes read did not leave node A through " << dev;
 }
