@@ -26,6 +26,7 @@
 #include "gtest/gtest.h"
 #include "tests/integration/convergence.h"
 #include "tests/integration/harness.h"
+#include "tests/integration/two_daemons.h"
 
 namespace svm::testing {
 namespace {
@@ -155,30 +156,17 @@ void ExpectConverges(Exporter& e, Daemon& exporting, Client& importer, const std
   }
 }
 
-class Lifecycle : public ::testing::TestWithParam<std::string> {
+class Lifecycle : public TwoDaemons {
  protected:
   void SetUp() override {
-    SVM_GATE_TRANSPORT(GetParam());
-    auto a = Daemon::Start(Node("A"));
-    ASSERT_TRUE(a.ok()) << a.status();
-    a_ = std::move(*a);
-    auto b = Daemon::Start(Node("B"));
-    ASSERT_TRUE(b.ok()) << b.status();
-    b_ = std::move(*b);
-    ca_ = a_->Connect();
-    cb_ = b_->Connect();
-    ASSERT_NE(ca_, nullptr);
-    ASSERT_NE(cb_, nullptr);
+    TwoDaemons::SetUp();
+    if (HasFatalFailure() || IsSkipped()) return;
     auto e = Exporter::Start({.daemon = a_.get(), .name = "life", .pages = kPages,
                               .log_path = absl::StrCat(dir_.path(), "/exporter.log")});
     ASSERT_TRUE(e.ok()) << e.status();
     e_ = std::move(*e);
     auto imp = cb_->Import(a_->peer(), "life");
     ASSERT_TRUE(imp.ok()) << imp.status();
-  }
-
-  Daemon::Options Node(const std::string& name) {
-    return {.node = name, .dir = dir_.path(), .transport = GetParam()};
   }
 
   // Reads the whole import until it succeeds (a link coming back, an
@@ -194,9 +182,6 @@ class Lifecycle : public ::testing::TestWithParam<std::string> {
     return r.status();
   }
 
-  TempDir dir_;
-  std::unique_ptr<Daemon> a_, b_;
-  std::unique_ptr<Client> ca_, cb_;
   std::unique_ptr<Exporter> e_;
 };
 

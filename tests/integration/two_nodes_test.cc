@@ -16,6 +16,7 @@
 #include "common/net.h"
 #include "gtest/gtest.h"
 #include "tests/integration/harness.h"
+#include "tests/integration/two_daemons.h"
 
 namespace svm::testing {
 namespace {
@@ -50,27 +51,8 @@ uint64_t Counter(Client& c, const std::string& name) {
 
 // One body per scenario, instantiated per data transport (the parameter:
 // "tcp", "rdma"); the rdma instances skip without an active RDMA port.
-class TwoNodes : public ::testing::TestWithParam<std::string> {
+class TwoNodes : public TwoDaemons {
  protected:
-  void SetUp() override {
-    SVM_GATE_TRANSPORT(GetParam());
-    auto a = Daemon::Start(Node("A"));
-    ASSERT_TRUE(a.ok()) << a.status();
-    a_ = std::move(*a);
-    auto b = Daemon::Start(Node("B"));
-    ASSERT_TRUE(b.ok()) << b.status();
-    b_ = std::move(*b);
-    ca_ = a_->Connect();
-    cb_ = b_->Connect();
-    ASSERT_NE(ca_, nullptr);
-    ASSERT_NE(cb_, nullptr);
-  }
-
-  // A daemon of this test's transport.
-  Daemon::Options Node(const std::string& name, std::vector<std::string> extra = {}) {
-    return {.node = name, .dir = dir_.path(), .extra = std::move(extra), .transport = GetParam()};
-  }
-
   std::unique_ptr<Exporter> StartExporter(const std::string& name, uint64_t pages, int fill = -1,
                                           uid_t uid = static_cast<uid_t>(-1),
                                           gid_t gid = static_cast<gid_t>(-1)) {
@@ -95,9 +77,6 @@ class TwoNodes : public ::testing::TestWithParam<std::string> {
     return RunCommand(args);
   }
 
-  TempDir dir_;
-  std::unique_ptr<Daemon> a_, b_;
-  std::unique_ptr<Client> ca_, cb_;
 };
 
 TEST_P(TwoNodes, ImportReadsLiveMemory) {

@@ -93,6 +93,12 @@ class Soak {
   void Reinstate(int k);
   bool Check(int n);
   std::unique_ptr<Client> ConnectUp(int k);
+  ExportState* FindExport(const std::string& name) {
+    for (auto& e : exports_) {
+      if (e->name == name) return e.get();
+    }
+    return nullptr;
+  }
 
   TempDir dir_;
   std::vector<std::unique_ptr<NodeState>> nodes_;
@@ -275,12 +281,11 @@ void Soak::Reinstate(int k) {
     imports = nodes_[k]->imports;
   }
   for (const std::string& name : imports) {
-    for (auto& e : exports_) {
-      if (e->name != name) continue;
-      auto imp = (*c)->Import(nodes_[e->node]->daemon->peer(), name);
-      if (!imp.ok() && !absl::IsAlreadyExists(imp.status())) {
-        t_.Error(absl::StrCat("re-import ", name, " on node ", k, ": ", imp.status().ToString()));
-      }
+    ExportState* e = FindExport(name);
+    if (e == nullptr) continue;
+    auto imp = (*c)->Import(nodes_[e->node]->daemon->peer(), name);
+    if (!imp.ok() && !absl::IsAlreadyExists(imp.status())) {
+      t_.Error(absl::StrCat("re-import ", name, " on node ", k, ": ", imp.status().ToString()));
     }
   }
 }
@@ -342,19 +347,18 @@ bool Soak::Check(int n) {
       imports = nodes_[k]->imports;
     }
     for (const std::string& name : imports) {
-      for (auto& e : exports_) {
-        if (e->name != name) continue;
-        absl::MutexLock l(&e->mu);
-        auto expected = ExporterPages(*e->proc, *nodes_[e->node]->daemon, name, pages);
-        if (!expected.ok()) {
-          ++bad;
-          t_.Error(absl::StrCat("check ", n, ": exporter ", name, ": ", expected.status().ToString()));
-          continue;
-        }
-        for (const std::string& d : Diverging(*c, name, *expected, {"cached", "fresh", "mapped"})) {
-          ++bad;
-          t_.Error(absl::StrCat("check ", n, ": node ", k, " import ", name, ": ", d));
-        }
+      ExportState* e = FindExport(name);
+      if (e == nullptr) continue;
+      absl::MutexLock l(&e->mu);
+      auto expected = ExporterPages(*e->proc, *nodes_[e->node]->daemon, name, pages);
+      if (!expected.ok()) {
+        ++bad;
+        t_.Error(absl::StrCat("check ", n, ": exporter ", name, ": ", expected.status().ToString()));
+        continue;
+      }
+      for (const std::string& d : Diverging(*c, name, *expected, {"cached", "fresh", "mapped"})) {
+        ++bad;
+        t_.Error(absl::StrCat("check ", n, ": node ", k, " import ", name, ": ", d));
       }
     }
   }
