@@ -721,7 +721,7 @@ TEST(Svmd, RefusesBadOptionsWithAClearMessage) {
     std::vector<std::string> args;
     std::string says;
   } cases[] = {
-      {{"--source", "bogus"}, "unknown source 'bogus'"},
+      {{"--source", "bogus"}, "flag 'source'; 'bogus' is not one of"},
       {{"--transport", "carrier-pigeon"}, "flag 'transport'; 'carrier-pigeon' is not one of"},
       {{"--peer-listen", "nohost"}, "flag 'peer-listen'; expected HOST:PORT"},
       {{"--cache-mb", "lots"}, "flag 'cache-mb'"},
