@@ -163,16 +163,6 @@ TEST(ControlPlane, AStoppedPeerDelaysNeitherControlCallsNorReadsOfAHealthyPeer) 
   EXPECT_EQ(*rec, std::string(kPage, 'S'));
 }
 
-// svmd's thread count (/proc/PID/status).
-int ThreadsOf(pid_t pid) {
-  std::ifstream in(absl::StrCat("/proc/", pid, "/status"));
-  std::string line;
-  while (std::getline(in, line)) {
-    if (absl::StartsWith(line, "Threads:")) return std::atoi(line.c_str() + 8);
-  }
-  return -1;
-}
-
 // Peer calls are asynchronous: reads and imports waiting for a peer that
 // does not answer hold no thread of the importer (its thread count stays
 // near its baseline however many are outstanding), and the setup of a link
@@ -207,7 +197,7 @@ TEST(ControlPlane, CallsStuckOnAStoppedPeerHoldNoThreads) {
     ASSERT_TRUE(clients.back()->Status().ok());
   }
   absl::SleepFor(absl::Milliseconds(200));
-  const int baseline = ThreadsOf(b->process().pid());
+  const int baseline = FootprintOf(b->process().pid()).threads;
   ASSERT_GT(baseline, 0);
 
   ASSERT_TRUE(c->process().Stop(absl::Seconds(5)).ok());
@@ -235,7 +225,7 @@ TEST(ControlPlane, CallsStuckOnAStoppedPeerHoldNoThreads) {
     });
   }
   absl::SleepFor(absl::Milliseconds(300));
-  const int during = ThreadsOf(b->process().pid());
+  const int during = FootprintOf(b->process().pid()).threads;
   // A link to a peer never contacted before: Hello and the rest of the
   // setup, while every call above still waits for the stopped peer.
   const absl::Time t0 = absl::Now();

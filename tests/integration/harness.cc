@@ -23,6 +23,7 @@
 #include <optional>
 #include <thread>
 
+#include "absl/strings/ascii.h"
 #include "absl/strings/escaping.h"
 #include "absl/strings/match.h"
 #include "absl/synchronization/mutex.h"
@@ -30,6 +31,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
+#include "absl/strings/strip.h"
 #include "gtest/gtest.h"
 
 namespace svm::testing {
@@ -722,6 +724,48 @@ absl::StatusOr<std::unique_ptr<Exporter>> Exporter::Start(const Options& opts) {
 absl::StatusOr<std::string> Exporter::Command(const std::string& cmd, absl::Duration timeout) {
   if (auto st = proc_->WriteLine(cmd); !st.ok()) return st;
   return proc_->ReadLine(Scaled(timeout));
+}
+
+std::string Footprint::ToString() const {
+  return absl::StrCat(fds, " fds, ", threads, " threads (", thread_names, "), ", rss_kib,
+                      " KiB resident");
+}
+
+Footprint FootprintOf(pid_t pid) {
+  Footprint f;
+  if (DIR* d = ::opendir(absl::StrCat("/proc/", pid, "/fd").c_str())) {
+    f.fds = 0;
+    while (const dirent* e = ::readdir(d)) f.fds += e->d_name[0] != '.';
+    ::closedir(d);
+  }
+  std::ifstream status(absl::StrCat("/proc/", pid, "/status"));
+  for (std::string line; std::getline(status, line);) {
+    auto value = [&](const char* key) -> int64_t {
+      int64_t v = -1;
+      (void)absl::SimpleAtoi(
+          absl::StripAsciiWhitespace(absl::StripSuffix(line.substr(std::strlen(key)), "kB")), &v);
+      return v;
+    };
+    if (absl::StartsWith(line, "Threads:")) f.threads = static_cast<int>(value("Threads:"));
+    if (absl::StartsWith(line, "VmRSS:")) f.rss_kib = value("VmRSS:");
+  }
+  std::map<std::string, int> names;
+  const std::string task_dir = absl::StrCat("/proc/", pid, "/task");
+  if (DIR* d = ::opendir(task_dir.c_str())) {
+    while (const dirent* e = ::readdir(d)) {
+      if (e->d_name[0] == '.') continue;
+      std::ifstream comm(absl::StrCat(task_dir, "/", e->d_name, "/comm"));
+      std::string name;
+      std::getline(comm, name);
+      ++names[name];
+    }
+    ::closedir(d);
+  }
+  for (const auto& [name, n] : names) {
+    absl::StrAppend(&f.thread_names, f.thread_names.empty() ? "" : " ", name, "x", n);
+    if (name == "svmd") f.own_threads = n;
+  }
+  return f;
 }
 
 absl::StatusOr<std::string> ReadBytes(Client& c, const std::string& name, uint64_t offset,

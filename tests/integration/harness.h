@@ -186,6 +186,19 @@ absl::StatusOr<std::string> ReadBytes(Client& c, const std::string& name, uint64
 // Waits for the next invalidation covering page (npages 0 counts as the whole range).
 absl::StatusOr<Invalidation> WaitForPage(WatchStream& w, uint64_t page, absl::Duration timeout);
 
+// What a process holds, from /proc/PID: open fds (-1 when unreadable), all
+// threads, svm's own threads (named "svmd"; gRPC names its threads), the
+// threads by name (for failure messages) and resident memory.
+struct Footprint {
+  int fds = -1;
+  int threads = -1;
+  int own_threads = 0;
+  int64_t rss_kib = -1;
+  std::string thread_names;
+  std::string ToString() const;
+};
+Footprint FootprintOf(pid_t pid);
+
 // The listing of export / import `name` on c's daemon; NOT_FOUND without one.
 absl::StatusOr<ExportInfo> ExportOf(Client& c, const std::string& name);
 absl::StatusOr<ImportInfo> ImportOf(Client& c, const std::string& name);

@@ -34,62 +34,6 @@ namespace {
 constexpr uint64_t kPage = kStampPage;
 constexpr uint64_t kPages = 16;
 
-// What a process holds, from /proc.
-struct Footprint {
-  int fds = -1;
-  int threads = -1;      // all of them
-  int own_threads = -1;  // svm's ("svmd"; gRPC names its threads, and its pools come and go)
-  int64_t rss_kib = -1;
-  std::string thread_names;  // for the failure message
-
-  std::string ToString() const {
-    return absl::StrCat(fds, " fds, ", threads, " threads (", thread_names, "), ", rss_kib,
-                        " KiB resident");
-  }
-};
-
-Footprint FootprintOf(pid_t pid) {
-  Footprint f;
-  f.fds = 0;
-  const std::string fd_dir = absl::StrCat("/proc/", pid, "/fd");
-  if (DIR* d = ::opendir(fd_dir.c_str())) {
-    while (const dirent* e = ::readdir(d)) {
-      if (e->d_name[0] != '.') ++f.fds;
-    }
-    ::closedir(d);
-    --f.fds;  // the directory stream's own fd
-  }
-  std::ifstream status(absl::StrCat("/proc/", pid, "/status"));
-  for (std::string line; std::getline(status, line);) {
-    auto value = [&](const char* key) -> int64_t {
-      int64_t v = -1;
-      (void)absl::SimpleAtoi(absl::StripAsciiWhitespace(absl::StripSuffix(
-                                 line.substr(std::strlen(key)), "kB")),
-                             &v);
-      return v;
-    };
-    if (absl::StartsWith(line, "Threads:")) f.threads = static_cast<int>(value("Threads:"));
-    if (absl::StartsWith(line, "VmRSS:")) f.rss_kib = value("VmRSS:");
-  }
-  std::map<std::string, int> names;
-  const std::string task_dir = absl::StrCat("/proc/", pid, "/task");
-  if (DIR* d = ::opendir(task_dir.c_str())) {
-    while (const dirent* e = ::readdir(d)) {
-      if (e->d_name[0] == '.') continue;
-      std::ifstream comm(absl::StrCat(task_dir, "/", e->d_name, "/comm"));
-      std::string name;
-      std::getline(comm, name);
-      ++names[name];
-      if (name == "svmd") f.own_threads = (f.own_threads < 0 ? 0 : f.own_threads) + 1;
-    }
-    ::closedir(d);
-  }
-  for (const auto& [name, n] : names) {
-    absl::StrAppend(&f.thread_names, f.thread_names.empty() ? "" : " ", name, "x", n);
-  }
-  return f;
-}
-
 // gRPC's own thread pools (timer manager, event engine) start and retire
 // threads by themselves. svm's executors grow by a thread when a task finds
 // every thread busy (common/executor.h), up to a bound, and keep it: a
@@ -116,11 +60,6 @@ Footprint ExpectBackToBaseline(const char* who, pid_t pid, const Footprint& base
     }
     absl::SleepFor(absl::Milliseconds(100));
   } while (absl::Now() < deadline);
-  if (std::getenv("SVM_TEST_STACKS_ON_LEAK") != nullptr) {  // what the extra threads do
-    RunResult bt = RunCommand({"gdb", "-p", std::to_string(pid), "-batch", "-ex",
-                               "thread apply all bt 12"}, absl::Seconds(60));
-    std::printf("%s\n%s\n", bt.out.c_str(), bt.err.c_str());
-  }
   ADD_FAILURE() << who << " did not return to its baseline: " << baseline.ToString() << " then "
                 << now.ToString() << " (resident slack " << slack_kib << " KiB)";
   return now;

@@ -36,15 +36,6 @@ bool PageHasVersion(const uint8_t* page, uint64_t version) {
   return true;
 }
 
-int CountFds(pid_t pid) {
-  int n = 0;
-  DIR* d = ::opendir(absl::StrCat("/proc/", pid, "/fd").c_str());
-  if (d == nullptr) return -1;
-  while (dirent* e = ::readdir(d)) n += e->d_name[0] != '.';
-  ::closedir(d);
-  return n;
-}
-
 uint64_t Counter(Client& c, const std::string& name) {
   auto st = c.Status();
   if (!st.ok()) return UINT64_MAX;
@@ -292,7 +283,7 @@ TEST_F(Sessions, SixtyFourClientsReadAtOnce) {
 TEST_F(Sessions, AKilledClientLeavesNothingBehind) {
   ExpectWhole(*cb_, false);
   const pid_t svmd = b_->process().pid();
-  const int baseline = CountFds(svmd);
+  const int baseline = FootprintOf(svmd).fds;
   ASSERT_GT(baseline, 0);
   for (int round = 0; round < 3; ++round) {
     // The session is set up before the fork: the child only touches the
@@ -324,7 +315,7 @@ TEST_F(Sessions, AKilledClientLeavesNothingBehind) {
   }
   int now = -1;
   for (int i = 0; i < 50; ++i) {
-    now = CountFds(svmd);
+    now = FootprintOf(svmd).fds;
     if (now <= baseline) break;
     ::usleep(100 * 1000);
   }
