@@ -95,7 +95,7 @@ absl::StatusOr<Fabric::Node> Fabric::AddNode() {
   Node n;
   n.netns = absl::StrFormat("%s%06x-%02x-%02x", kNsPrefix, getpid(), seq_, k);
   n.host_veth = absl::StrFormat("svv%06x%02x%02x", getpid(), seq_, k);
-  n.addr = absl::StrCat("10.77.0.", k + 2);
+  n.addr = absl::StrCat("10.78.0.", k + 2);
   if (auto st = Run({kIp, "netns", "add", n.netns}); !st.ok()) return st;
   nodes_.push_back(n);  // deleted by the destructor from here on
   for (std::vector<std::string> cmd : std::vector<std::vector<std::string>>{

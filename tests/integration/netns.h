@@ -1,6 +1,6 @@
 // A private network for integration tests: one Linux bridge, and per node a
 // network namespace joined to it by a veth pair, each with its own address
-// (10.77.0.2, .3, ... /24 on the namespace's eth0). svmd runs inside a node's
+// (10.78.0.2, .3, ... /24 on the namespace's eth0). svmd runs inside a node's
 // namespace (Daemon::Options::netns); the test process stays in the root
 // namespace and reaches the daemons through their unix sockets, which the
 // filesystem, not the network namespace, names. The bridge has no address in

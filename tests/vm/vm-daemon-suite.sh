@@ -15,7 +15,14 @@
 # --transport rdma and without it, SVM_EXPECT_ODP=0 (zero_copy_test then
 # requires pinned).
 #
-#   vm-daemon-suite.sh --kernel stable|unstable --cache DIR --build DIR [--transport tcp|rdma] [--expect-odp] -- TEST_BINARY...
+# A TEST_BINARY may carry a gtest filter after an @ (BINARY@FILTER): the
+# network-fault tests run only their tc netem cases here, which skip on a
+# host kernel without sch_netem. The guest cannot autoload modules (its
+# modprobe looks in the host root), so the suite loads the ones the
+# netns fabric needs (veth, bridge, sch_netem, nf_tables) from the kernel's
+# own tree first.
+#
+#   vm-daemon-suite.sh --kernel stable|unstable --cache DIR --build DIR [--transport tcp|rdma] [--expect-odp] -- TEST_BINARY[@FILTER]...
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 kernel=
@@ -50,9 +57,12 @@ rc=0
 "$here/run-vm.sh" --kernel "$kernel" --cache "$cache" --log "$logs" --timeout 900 -- \
 	env SVM_TEST_TRANSPORT="${transport:-tcp}" SVM_EXPECT_ODP="${expect_odp:-${transport:+0}}" bash -c 'export SVM_TEST_SOURCE=shim SVM_TEST_SLOW=1 TMPDIR=$SVM_VM_SCRATCH; rc=0
 		if [[ $SVM_TEST_TRANSPORT == rdma ]]; then export SVM_EXPECT_RDMA=1; fi
+		for m in veth bridge sch_netem nf_tables; do modprobe -q -d "$SVM_VM_MODROOT" "$m" || echo "vm-daemon: cannot load $m"; done
 		for t in "$@"; do
-			echo "== $t (source shim, transport $SVM_TEST_TRANSPORT, kernel $SVM_VM_KVER, rxe: $SVM_VM_RXE)"
-			"$t" --gtest_brief=1 || rc=1
+			filter=
+			if [[ $t == *@* ]]; then filter=${t#*@}; t=${t%%@*}; fi
+			echo "== $t${filter:+ ($filter)} (source shim, transport $SVM_TEST_TRANSPORT, kernel $SVM_VM_KVER, rxe: $SVM_VM_RXE)"
+			"$t" --gtest_brief=1 ${filter:+--gtest_filter="$filter"} || rc=1
 		done
 		exit $rc' vm-daemon "$@" || rc=$?
 echo "$name: exit $rc after $(($(date +%s) - start)) s (logs: $logs)"
