@@ -20,7 +20,7 @@
 # host kernel without sch_netem. The guest cannot autoload modules (its
 # modprobe looks in the host root), so the suite loads the ones the
 # netns fabric needs (veth, bridge, sch_netem, nf_tables) from the kernel's
-# own tree first.
+# own tree first. It reserves 64 hugetlb pages (huge_pages_test's memfd).
 #
 #   vm-daemon-suite.sh --kernel stable|unstable --cache DIR --build DIR [--transport tcp|rdma] [--expect-odp] -- TEST_BINARY[@FILTER]...
 set -euo pipefail
@@ -57,6 +57,7 @@ rc=0
 "$here/run-vm.sh" --kernel "$kernel" --cache "$cache" --log "$logs" --timeout 900 -- \
 	env SVM_TEST_TRANSPORT="${transport:-tcp}" SVM_EXPECT_ODP="${expect_odp:-${transport:+0}}" bash -c 'export SVM_TEST_SOURCE=shim SVM_TEST_SLOW=1 TMPDIR=$SVM_VM_SCRATCH; rc=0
 		if [[ $SVM_TEST_TRANSPORT == rdma ]]; then export SVM_EXPECT_RDMA=1; fi
+		echo 64 >/proc/sys/vm/nr_hugepages # 128 MiB of 2 MiB pages for huge_pages_test
 		for m in veth bridge sch_netem nf_tables; do modprobe -q -d "$SVM_VM_MODROOT" "$m" || echo "vm-daemon: cannot load $m"; done
 		for t in "$@"; do
 			filter=
