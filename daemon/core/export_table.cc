@@ -38,6 +38,18 @@ constexpr char kDaxPinRule[] =
     "the kernel refuses FOLL_LONGTERM pins of fsdax, and device-dax frees its pages at unbind "
     "without waiting for pins; only an ODP registration may cover it";
 
+// The refusals of a data connection's request for an export it may not
+// have: one answer whether the id exists or not, naming nothing of it.
+absl::Status FetchRefused() {
+  return absl::PermissionDeniedError(
+      "fetch refused: this data connection holds no subscription to that export");
+}
+absl::Status SubscribeRefused() {
+  return absl::PermissionDeniedError(
+      "no export with this id is served to this peer (unknown, or the peer is not on its access "
+      "list)");
+}
+
 // A change that may mean the range maps something else now (a CPU write
 // does not).
 bool MappingMayHaveChanged(ChangeKind k) { return k != ChangeKind::kWrite; }
@@ -434,14 +446,18 @@ absl::StatusOr<uint64_t> ExportTable::Subscribe(uint64_t export_id,
                                                 std::shared_ptr<transport::Subscriber> sub,
                                                 absl::Span<const std::string> peer) {
   auto e = FindId(export_id);
-  if (!e) return absl::NotFoundError("no such export (it was withdrawn)");
-  if (auto st = CheckAllowed(e->allow, peer); !st.ok()) return st;
+  if (!e || !CheckAllowed(e->allow, peer).ok()) return SubscribeRefused();
   uint64_t seq;
   {
     absl::MutexLock l(&e->mu);
     if (e->gone) return absl::FailedPreconditionError(absl::StrCat("export '", e->name, "' gone"));
     e->subs[sub->id()] = sub;
     seq = e->coh.Subscribe(sub->id());
+  }
+  {
+    // Before the answer leaves: the importer fetches only after it.
+    absl::MutexLock l(&mu_);
+    grants_.insert({sub->id(), export_id});
   }
   spdlog::info("node {} subscribed to '{}' at seq {}", sub->node(), e->name, seq);
   if (limits_.fault_subscribe_inval > absl::ZeroDuration()) {
@@ -511,10 +527,26 @@ void ExportTable::Invalidate(ExportEntry& e, const Change& c) {
   hub_->Publish(ev);
 }
 
-absl::StatusOr<uint64_t> ExportTable::ServeFetch(uint64_t export_id, uint64_t first_page,
+absl::StatusOr<uint64_t> ExportTable::ServeFetch(const transport::Subscriber& from,
+                                                 uint64_t export_id, uint64_t first_page,
                                                  uint32_t npages, bool track,
                                                  absl::Span<uint8_t> dst) {
-  auto e = FindId(export_id);
+  std::shared_ptr<struct ExportEntry> e;
+  {
+    absl::MutexLock l(&mu_);
+    if (!grants_.contains({from.id(), export_id})) {
+      // Decided here, before the id is looked up: an unknown id and a
+      // listed export answer alike.
+      if (refusals_logged_.insert(from.id()).second) {
+        spdlog::warn("data connection {} from node {} fetched export id {}, which it did not "
+                     "subscribe to; refused (further refusals on this connection are not logged)",
+                     from.id(), service::LogSafe(from.node()), export_id);
+      }
+      counters_->Add("fetches_refused");
+      return FetchRefused();
+    }
+    if (auto it = by_id_.find(export_id); it != by_id_.end()) e = it->second;
+  }
   if (!e) return absl::NotFoundError("no such export (it was withdrawn)");
   if (first_page >= e->npages || npages > e->npages - first_page) {
     return absl::OutOfRangeError(absl::StrFormat("pages %u+%u are beyond the export's %u pages",
@@ -590,6 +622,9 @@ void ExportTable::OnSubscriberClosed(uint64_t subscriber_id) {
   std::vector<std::shared_ptr<struct ExportEntry>> all;
   {
     absl::MutexLock l(&mu_);
+    grants_.erase(grants_.lower_bound({subscriber_id, 0}),
+                  grants_.upper_bound({subscriber_id, UINT64_MAX}));
+    refusals_logged_.erase(subscriber_id);
     for (auto& [id, e] : by_id_) all.push_back(e);
     for (auto& [id, e] : draining_) all.push_back(e);
   }

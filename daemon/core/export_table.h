@@ -37,8 +37,10 @@
 #include <deque>
 #include <map>
 #include <memory>
+#include <set>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
@@ -105,6 +107,9 @@ class ExportTable final : public transport::ExportBackend {
   absl::StatusOr<v1::ExportDescriptor> Describe(const std::string& name,
                                                 absl::Span<const std::string> peer = {}) const;
   // Adds an importer's data connection; returns the seq it starts from.
+  // Grants the connection fetches of the export (ServeFetch). An id no
+  // export has is refused as a peer not on the list is (PERMISSION_DENIED,
+  // the same message), so ids cannot be probed.
   absl::StatusOr<uint64_t> Subscribe(uint64_t export_id, std::shared_ptr<transport::Subscriber> sub,
                                      absl::Span<const std::string> peer = {});
   absl::StatusOr<v1::SyncResponse> Sync(const std::string& name);
@@ -117,8 +122,14 @@ class ExportTable final : public transport::ExportBackend {
   // created from now on. Call before serving.
   void EnableZeroCopy(transport::Transport* t);
 
-  absl::StatusOr<uint64_t> ServeFetch(uint64_t export_id, uint64_t first_page, uint32_t npages,
-                                      bool track, absl::Span<uint8_t> dst) override;
+  // Serves only a connection that Subscribe()d to the export (a grant that
+  // lasts until the connection closes). Anything else, and an id no export
+  // has, gets the same PERMISSION_DENIED before the export is looked at
+  // (its size, state or content); the first such refusal per connection is
+  // logged.
+  absl::StatusOr<uint64_t> ServeFetch(const transport::Subscriber& from, uint64_t export_id,
+                                      uint64_t first_page, uint32_t npages, bool track,
+                                      absl::Span<uint8_t> dst) override;
   void OnAck(uint64_t subscriber_id, uint64_t export_id, uint64_t seq) override;
   void OnSubscriberClosed(uint64_t subscriber_id) override;
   // Sends a heartbeat to every subscriber (once per connection): it renews
@@ -178,6 +189,12 @@ class ExportTable final : public transport::ExportBackend {
   std::map<uint64_t, std::shared_ptr<ExportEntry>> by_id_ ABSL_GUARDED_BY(mu_);
   // Withdrawn exports whose retired registrations are not released yet.
   std::map<uint64_t, std::shared_ptr<ExportEntry>> draining_ ABSL_GUARDED_BY(mu_);
+  // (subscriber, export id): what Subscribe granted a data connection,
+  // until it closes (OnSubscriberClosed). Outlives the export, so that a
+  // subscriber learns of a withdrawal (NOT_FOUND) and nobody else does.
+  std::set<std::pair<uint64_t, uint64_t>> grants_ ABSL_GUARDED_BY(mu_);
+  // Connections whose refused fetch was logged (once each, until they close).
+  std::set<uint64_t> refusals_logged_ ABSL_GUARDED_BY(mu_);
 };
 
 }  // namespace svm::core
