@@ -1,5 +1,7 @@
 #include "daemon/core/export_table.h"
 
+#include <fcntl.h>
+
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
@@ -50,6 +52,8 @@ absl::Status SubscribeRefused() {
       "list)");
 }
 
+UniqueFd DupFd(int fd) { return UniqueFd(::fcntl(fd, F_DUPFD_CLOEXEC, 0)); }
+
 // A change that may mean the range maps something else now (a CPU write
 // does not).
 bool MappingMayHaveChanged(ChangeKind k) { return k != ChangeKind::kWrite; }
@@ -86,6 +90,9 @@ struct ExportTable::ExportEntry {
   uint64_t id = 0;
   std::string name;
   std::vector<std::string> allow;  // peer identities; empty: any peer
+  // The deposited object and a duplicate of the range fd the kernel checks
+  // it against (SharedMapping::OpenObject); both invalid without a deposit.
+  UniqueFd object, object_range;
   pid_t pid = 0;
   uint64_t addr = 0, len = 0, npages = 0;
   uid_t owner = 0;
@@ -189,7 +196,7 @@ v1::ExportInfo ExportTable::InfoOf(ExportEntry& e) const {
 absl::StatusOr<v1::ExportInfo> ExportTable::Export(const std::string& name, pid_t pid,
                                                    uint64_t addr, uint64_t len, uid_t owner,
                                                    std::vector<std::string> allow,
-                                                   UniqueFd range_fd) {
+                                                   UniqueFd range_fd, UniqueFd object) {
   std::shared_ptr<struct ExportEntry> replaced;
   {
     absl::MutexLock l(&mu_);
@@ -228,6 +235,10 @@ absl::StatusOr<v1::ExportInfo> ExportTable::Export(const std::string& name, pid_
   e->npages = len / kPageSize;
   e->owner = owner;
   e->allow = std::move(allow);
+  if (object.valid() && range_fd.valid()) {
+    e->object_range = DupFd(range_fd.get());
+    if (e->object_range.valid()) e->object = std::move(object);
+  }
   std::weak_ptr<struct ExportEntry> weak = e;
   source::ChangeSink sink = [this, weak](const Change& c) {
     if (auto ex = weak.lock()) Invalidate(*ex, c);
@@ -345,6 +356,24 @@ absl::StatusOr<v1::ExportDescriptor> ExportTable::Describe(const std::string& na
   return d;
 }
 
+// The object the client deposited, on the kernel's word (no capability
+// needed); else the one /proc/PID/map_files names (CAP_SYS_ADMIN), for
+// operator exports and a client that remapped its range since.
+absl::StatusOr<std::unique_ptr<source::SharedMapping>> ExportTable::OpenShared(ExportEntry& e,
+                                                                            bool writable) {
+  absl::Status deposited;
+  if (e.object.valid()) {
+    UniqueFd object = DupFd(e.object.get()), range = DupFd(e.object_range.get());
+    if (!object.valid() || !range.valid()) return absl::ErrnoToStatus(errno, "dup the deposited object");
+    auto m = source::SharedMapping::OpenObject(std::move(object), std::move(range), e.len, writable);
+    if (m.ok()) return m;
+    deposited = m.status();
+  }
+  auto m = source::SharedMapping::Open(e.pid, e.addr, e.len, writable);
+  if (!m.ok() && !deposited.ok()) return deposited;
+  return m;
+}
+
 void ExportTable::TryZeroCopy(ExportEntry& e) {
   transport::Transport* t = zero_copy_.load();
   if (t == nullptr) return;
@@ -362,7 +391,7 @@ void ExportTable::TryZeroCopy(ExportEntry& e) {
   // Read-only first; kernels before 6.2 pin read-only registrations as
   // forced writes (EFAULT on a read-only shared mapping): then writable.
   for (bool writable : {false, true}) {
-    auto m = source::SharedMapping::Open(e.pid, e.addr, e.len, writable);
+    auto m = OpenShared(e, writable);
     if (!m.ok()) {
       if (!writable) st = m.status();  // else: keep the registration's error
       break;

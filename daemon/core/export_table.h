@@ -52,6 +52,7 @@
 #include "daemon/coherence/coherence.h"
 #include "daemon/core/watch_hub.h"
 #include "daemon/source/mirror_source.h"
+#include "daemon/source/shared_mapping.h"
 #include "daemon/transport/transport.h"
 #include "svm/v1/control.pb.h"
 #include "svm/v1/peer.pb.h"
@@ -83,11 +84,15 @@ class ExportTable final : public transport::ExportBackend {
   // ptrace rule, or range_fd is a svm_shim range fd of exactly this range
   // that the client attached (source::InspectRangeFd), mirrored through it
   // when AcceptsRangeFds(). allow: the peer identities that may import it
-  // (empty: every authenticated peer).
+  // (empty: every authenticated peer). object: the object the client says
+  // the range maps (a memfd), handed over beside range_fd: the zero-copy
+  // path maps it, on the kernel's word through range_fd
+  // (SharedMapping::OpenObject), instead of opening /proc/PID/map_files
+  // (CAP_SYS_ADMIN); ignored without range_fd.
   absl::StatusOr<v1::ExportInfo> Export(const std::string& name, pid_t pid, uint64_t addr,
                                         uint64_t len, uid_t owner,
                                         std::vector<std::string> allow = {},
-                                        UniqueFd range_fd = UniqueFd());
+                                        UniqueFd range_fd = UniqueFd(), UniqueFd object = UniqueFd());
   // Whether Export mirrors through a client's range fd (the shim source).
   bool AcceptsRangeFds() const { return source_->AcceptsRangeFds(); }
   absl::Status Unexport(const std::string& name);
@@ -151,6 +156,7 @@ class ExportTable final : public transport::ExportBackend {
   // Maps and registers the export's object when it is shareable; installs
   // it unless the export changed meanwhile.
   void TryZeroCopy(ExportEntry& e);
+  absl::StatusOr<std::unique_ptr<source::SharedMapping>> OpenShared(ExportEntry& e, bool writable);
   struct ZeroCopy;
   enum class ZcState;
   // Re-validation (ODP) and re-pinning after an invalidation, on the
