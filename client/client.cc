@@ -150,7 +150,10 @@ class GrpcClient final : public Client {
     req.set_len(len);
     for (const std::string& id : opts.allow) req.add_allow(id);
     // The kernel checks this process's right to the memory (range_fd.h).
-    auto token = internal::DepositRange(*session_, pid, addr, len);
+    // Memory of this process's own ExportableMemory: its memfd goes along,
+    // for the zero-copy path (svmd has the kernel check it).
+    const int object = pid == 0 || pid == ::getpid() ? internal::ExportableObjectFd(addr, len) : -1;
+    auto token = internal::DepositRange(*session_, pid, addr, len, object);
     if (!token.ok()) return token.status();
     req.set_range_token(*token);
     v1::ExportResponse resp;

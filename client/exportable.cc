@@ -5,10 +5,40 @@
 #include <cstring>
 #include <utility>
 
+#include <map>
+
 #include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
+#include "client/range_fd.h"
 #include "svm/client.h"
 
 namespace svm {
+namespace {
+
+// This process's ExportableMemory allocations: start -> (length, memfd).
+struct Allocations {
+  absl::Mutex mu;
+  std::map<uintptr_t, std::pair<size_t, int>> by_start ABSL_GUARDED_BY(mu);
+};
+Allocations& Live() {
+  static Allocations* const a = new Allocations;  // never destroyed: used until exit
+  return *a;
+}
+
+}  // namespace
+
+namespace internal {
+int ExportableObjectFd(uint64_t addr, uint64_t len) {
+  Allocations& a = Live();
+  absl::MutexLock l(&a.mu);
+  auto it = a.by_start.upper_bound(static_cast<uintptr_t>(addr));
+  if (it == a.by_start.begin()) return -1;
+  --it;
+  const uint64_t start = it->first, size = it->second.first;
+  if (addr < start || len > size || addr - start > size - len) return -1;
+  return it->second.second;
+}
+}  // namespace internal
 
 absl::StatusOr<ExportableMemory> ExportableMemory::Allocate(size_t len, const std::string& name) {
   const long page = ::sysconf(_SC_PAGESIZE);
@@ -26,6 +56,11 @@ absl::StatusOr<ExportableMemory> ExportableMemory::Allocate(size_t len, const st
     int err = errno;
     ::close(fd);
     return absl::ErrnoToStatus(err, absl::StrCat("map ", len, " bytes of the memfd"));
+  }
+  {
+    Allocations& a = Live();
+    absl::MutexLock l(&a.mu);
+    a.by_start[reinterpret_cast<uintptr_t>(p)] = {len, fd};
   }
   return ExportableMemory(static_cast<uint8_t*>(p), len, fd);
 }
@@ -46,6 +81,11 @@ ExportableMemory& ExportableMemory::operator=(ExportableMemory&& o) noexcept {
 ExportableMemory::~ExportableMemory() { Release(); }
 
 void ExportableMemory::Release() {
+  if (data_ != nullptr) {
+    Allocations& a = Live();
+    absl::MutexLock l(&a.mu);
+    a.by_start.erase(reinterpret_cast<uintptr_t>(data_));
+  }
   if (data_ != nullptr) ::munmap(data_, len_);
   if (fd_ >= 0) ::close(fd_);
   data_ = nullptr;

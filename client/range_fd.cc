@@ -12,7 +12,8 @@
 
 namespace svm::internal {
 
-absl::StatusOr<uint64_t> DepositRange(Session& session, pid_t pid, uint64_t addr, uint64_t len) {
+absl::StatusOr<uint64_t> DepositRange(Session& session, pid_t pid, uint64_t addr, uint64_t len,
+                                      int object_fd) {
   if (pid == 0) pid = ::getpid();
   const int dev = ::open("/dev/svm_shim", O_RDWR | O_CLOEXEC);
   if (dev < 0) return 0;  // no shim, or not in its group: svmd decides
@@ -33,7 +34,7 @@ absl::StatusOr<uint64_t> DepositRange(Session& session, pid_t pid, uint64_t addr
     }
     return 0;  // a bad range or a gone process: svmd says which
   }
-  auto token = session.Deposit(fd);
+  auto token = session.Deposit(fd, object_fd);
   ::close(fd);  // svmd holds its own copy now
   return token;
 }

@@ -21,8 +21,15 @@ namespace svm::internal {
 // shim, /dev/svm_shim not open to it, or an argument svmd explains better):
 // svmd then checks the right and attaches on its own. PERMISSION_DENIED when
 // the kernel refuses the attach (the caller may not ptrace pid); svmd is not
-// asked then.
-absl::StatusOr<uint64_t> DepositRange(Session& session, pid_t pid, uint64_t addr, uint64_t len);
+// asked then. object_fd (>= 0): the object the range maps, deposited beside
+// the range fd for the zero-copy path (svmd has the kernel check it).
+absl::StatusOr<uint64_t> DepositRange(Session& session, pid_t pid, uint64_t addr, uint64_t len,
+                                      int object_fd = -1);
+
+// The memfd of the svm::ExportableMemory of this process that holds all of
+// [addr, addr + len), or -1: what DepositRange hands over for the zero-copy
+// path without svmd opening /proc/PID/map_files (CAP_SYS_ADMIN).
+int ExportableObjectFd(uint64_t addr, uint64_t len);
 
 }  // namespace svm::internal
 

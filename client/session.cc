@@ -433,13 +433,16 @@ absl::Status Session::Ask(uint32_t type, const std::string& name, abi::OpenOkMsg
   return absl::OkStatus();
 }
 
-absl::StatusOr<uint64_t> Session::Deposit(int range_fd) {
+absl::StatusOr<uint64_t> Session::Deposit(int range_fd, int object_fd) {
   if (forked()) return ForkedError();
   absl::MutexLock l(&open_mu_);
   abi::DepositMsg m{};
   m.h.type = abi::kDeposit;
   m.h.len = sizeof(m);
-  if (int err = abi::SendMsg(sock_, &m, sizeof(m), &range_fd, 1); err != 0) return Errno(err, "svmd session");
+  const int deposit[2] = {range_fd, object_fd};
+  if (int err = abi::SendMsg(sock_, &m, sizeof(m), deposit, object_fd >= 0 ? 2 : 1); err != 0) {
+    return Errno(err, "svmd session");
+  }
   alignas(8) char buf[abi::kMaxMsg];
   size_t len = 0;
   int fds[4];

@@ -97,7 +97,8 @@ class Session {
   void UnmapRange(const std::shared_ptr<MappedRange>& r);
   // Hands svmd a svm_shim range fd (kDeposit); the token an ExportRequest
   // names it by. The caller keeps (and closes) its own fd.
-  absl::StatusOr<uint64_t> Deposit(int range_fd);
+  // object_fd (>= 0): the object the range maps, handed over beside it.
+  absl::StatusOr<uint64_t> Deposit(int range_fd, int object_fd = -1);
   // Registers a watch of name (events from now on); its id.
   absl::StatusOr<uint32_t> Watch(const std::string& name);
   // The watch's next event; DEADLINE_EXCEEDED after timeout, UNAVAILABLE

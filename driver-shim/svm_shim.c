@@ -482,7 +482,7 @@ static long svm_shim_ioc_query(void __user *uarg)
 	q.version = SVM_SHIM_VERSION;
 	q.features = SVM_SHIM_FEAT_ATTACH_PID | SVM_SHIM_FEAT_SNAPSHOT |
 		     SVM_SHIM_FEAT_READ | SVM_SHIM_FEAT_EVENTS |
-		     SVM_SHIM_FEAT_RANGE_INFO;
+		     SVM_SHIM_FEAT_RANGE_INFO | SVM_SHIM_FEAT_RANGE_OBJECT;
 	q.max_snapshot_pages = SVM_SHIM_MAX_SNAPSHOT_PAGES;
 	q.max_read_bytes = SVM_SHIM_MAX_READ_BYTES;
 	q.max_queue_len = SVM_SHIM_MAX_QUEUE_LEN;
@@ -512,6 +512,50 @@ static long svm_shim_ioc_range_info(struct svm_shim_range *r,
 	if (copy_to_user(uarg, &ri, sizeof(ri)))
 		return -EFAULT;
 	return 0;
+}
+
+/*
+ * Compares inodes, not numbers a caller could choose: the answer holds for
+ * the object the caller holds open, at the instant the mmap lock was held.
+ */
+static long svm_shim_ioc_range_object(struct svm_shim_range *r,
+				      void __user *uarg)
+{
+	struct svm_shim_range_object ro;
+	struct vm_area_struct *vma;
+	struct file *file;
+	long ret;
+
+	if (copy_from_user(&ro, uarg, sizeof(ro)))
+		return -EFAULT;
+	if (memchr_inv(ro.reserved, 0, sizeof(ro.reserved)) || ro.fd > INT_MAX)
+		return -EINVAL;
+	file = fget(ro.fd);
+	if (!file)
+		return -EBADF;
+	ret = -ESRCH;
+	if (!mmget_not_zero(r->mm))
+		goto out_fput;
+	ret = mmap_read_lock_killable(r->mm);
+	if (ret)
+		goto out_mmput;
+	ret = -ENXIO;
+	vma = vma_lookup(r->mm, r->start);
+	if (vma && vma->vm_file && (vma->vm_flags & VM_SHARED) &&
+	    (vma->vm_flags & VM_READ) && vma->vm_end >= r->end &&
+	    file_inode(vma->vm_file) == file_inode(file)) {
+		ro.offset = ((u64)vma->vm_pgoff << PAGE_SHIFT) +
+			    (r->start - vma->vm_start);
+		ret = 0;
+	}
+	mmap_read_unlock(r->mm);
+	if (!ret && copy_to_user(uarg, &ro, sizeof(ro)))
+		ret = -EFAULT;
+out_mmput:
+	mmput(r->mm);
+out_fput:
+	fput(file);
+	return ret;
 }
 
 static bool svm_shim_events_ready(struct svm_shim_range *r)
@@ -609,6 +653,8 @@ static long svm_shim_range_ioctl(struct file *file, unsigned int cmd,
 		return svm_shim_ioc_read(r, uarg);
 	case SVM_SHIM_IOC_RANGE_INFO:
 		return svm_shim_ioc_range_info(r, uarg);
+	case SVM_SHIM_IOC_RANGE_OBJECT:
+		return svm_shim_ioc_range_object(r, uarg);
 	default:
 		return -ENOTTY;
 	}

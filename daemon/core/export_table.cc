@@ -1,5 +1,7 @@
 #include "daemon/core/export_table.h"
 
+#include <fcntl.h>
+
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
@@ -38,6 +40,20 @@ constexpr char kDaxPinRule[] =
     "the kernel refuses FOLL_LONGTERM pins of fsdax, and device-dax frees its pages at unbind "
     "without waiting for pins; only an ODP registration may cover it";
 
+// The refusals of a data connection's request for an export it may not
+// have: one answer whether the id exists or not, naming nothing of it.
+absl::Status FetchRefused() {
+  return absl::PermissionDeniedError(
+      "fetch refused: this data connection holds no subscription to that export");
+}
+absl::Status SubscribeRefused() {
+  return absl::PermissionDeniedError(
+      "no export with this id is served to this peer (unknown, or the peer is not on its access "
+      "list)");
+}
+
+UniqueFd DupFd(int fd) { return UniqueFd(::fcntl(fd, F_DUPFD_CLOEXEC, 0)); }
+
 // A change that may mean the range maps something else now (a CPU write
 // does not).
 bool MappingMayHaveChanged(ChangeKind k) { return k != ChangeKind::kWrite; }
@@ -74,6 +90,9 @@ struct ExportTable::ExportEntry {
   uint64_t id = 0;
   std::string name;
   std::vector<std::string> allow;  // peer identities; empty: any peer
+  // The deposited object and a duplicate of the range fd the kernel checks
+  // it against (SharedMapping::OpenObject); both invalid without a deposit.
+  UniqueFd object, object_range;
   pid_t pid = 0;
   uint64_t addr = 0, len = 0, npages = 0;
   uid_t owner = 0;
@@ -177,7 +196,7 @@ v1::ExportInfo ExportTable::InfoOf(ExportEntry& e) const {
 absl::StatusOr<v1::ExportInfo> ExportTable::Export(const std::string& name, pid_t pid,
                                                    uint64_t addr, uint64_t len, uid_t owner,
                                                    std::vector<std::string> allow,
-                                                   UniqueFd range_fd) {
+                                                   UniqueFd range_fd, UniqueFd object) {
   std::shared_ptr<struct ExportEntry> replaced;
   {
     absl::MutexLock l(&mu_);
@@ -216,6 +235,10 @@ absl::StatusOr<v1::ExportInfo> ExportTable::Export(const std::string& name, pid_
   e->npages = len / kPageSize;
   e->owner = owner;
   e->allow = std::move(allow);
+  if (object.valid() && range_fd.valid()) {
+    e->object_range = DupFd(range_fd.get());
+    if (e->object_range.valid()) e->object = std::move(object);
+  }
   std::weak_ptr<struct ExportEntry> weak = e;
   source::ChangeSink sink = [this, weak](const Change& c) {
     if (auto ex = weak.lock()) Invalidate(*ex, c);
@@ -333,6 +356,24 @@ absl::StatusOr<v1::ExportDescriptor> ExportTable::Describe(const std::string& na
   return d;
 }
 
+// The object the client deposited, on the kernel's word (no capability
+// needed); else the one /proc/PID/map_files names (CAP_SYS_ADMIN), for
+// operator exports and a client that remapped its range since.
+absl::StatusOr<std::unique_ptr<source::SharedMapping>> ExportTable::OpenShared(ExportEntry& e,
+                                                                            bool writable) {
+  absl::Status deposited;
+  if (e.object.valid()) {
+    UniqueFd object = DupFd(e.object.get()), range = DupFd(e.object_range.get());
+    if (!object.valid() || !range.valid()) return absl::ErrnoToStatus(errno, "dup the deposited object");
+    auto m = source::SharedMapping::OpenObject(std::move(object), std::move(range), e.len, writable);
+    if (m.ok()) return m;
+    deposited = m.status();
+  }
+  auto m = source::SharedMapping::Open(e.pid, e.addr, e.len, writable);
+  if (!m.ok() && !deposited.ok()) return deposited;
+  return m;
+}
+
 void ExportTable::TryZeroCopy(ExportEntry& e) {
   transport::Transport* t = zero_copy_.load();
   if (t == nullptr) return;
@@ -350,7 +391,7 @@ void ExportTable::TryZeroCopy(ExportEntry& e) {
   // Read-only first; kernels before 6.2 pin read-only registrations as
   // forced writes (EFAULT on a read-only shared mapping): then writable.
   for (bool writable : {false, true}) {
-    auto m = source::SharedMapping::Open(e.pid, e.addr, e.len, writable);
+    auto m = OpenShared(e, writable);
     if (!m.ok()) {
       if (!writable) st = m.status();  // else: keep the registration's error
       break;
@@ -434,14 +475,18 @@ absl::StatusOr<uint64_t> ExportTable::Subscribe(uint64_t export_id,
                                                 std::shared_ptr<transport::Subscriber> sub,
                                                 absl::Span<const std::string> peer) {
   auto e = FindId(export_id);
-  if (!e) return absl::NotFoundError("no such export (it was withdrawn)");
-  if (auto st = CheckAllowed(e->allow, peer); !st.ok()) return st;
+  if (!e || !CheckAllowed(e->allow, peer).ok()) return SubscribeRefused();
   uint64_t seq;
   {
     absl::MutexLock l(&e->mu);
     if (e->gone) return absl::FailedPreconditionError(absl::StrCat("export '", e->name, "' gone"));
     e->subs[sub->id()] = sub;
     seq = e->coh.Subscribe(sub->id());
+  }
+  {
+    // Before the answer leaves: the importer fetches only after it.
+    absl::MutexLock l(&mu_);
+    grants_.insert({sub->id(), export_id});
   }
   spdlog::info("node {} subscribed to '{}' at seq {}", sub->node(), e->name, seq);
   if (limits_.fault_subscribe_inval > absl::ZeroDuration()) {
@@ -511,10 +556,26 @@ void ExportTable::Invalidate(ExportEntry& e, const Change& c) {
   hub_->Publish(ev);
 }
 
-absl::StatusOr<uint64_t> ExportTable::ServeFetch(uint64_t export_id, uint64_t first_page,
+absl::StatusOr<uint64_t> ExportTable::ServeFetch(const transport::Subscriber& from,
+                                                 uint64_t export_id, uint64_t first_page,
                                                  uint32_t npages, bool track,
                                                  absl::Span<uint8_t> dst) {
-  auto e = FindId(export_id);
+  std::shared_ptr<struct ExportEntry> e;
+  {
+    absl::MutexLock l(&mu_);
+    if (!grants_.contains({from.id(), export_id})) {
+      // Decided here, before the id is looked up: an unknown id and a
+      // listed export answer alike.
+      if (refusals_logged_.insert(from.id()).second) {
+        spdlog::warn("data connection {} from node {} fetched export id {}, which it did not "
+                     "subscribe to; refused (further refusals on this connection are not logged)",
+                     from.id(), service::LogSafe(from.node()), export_id);
+      }
+      counters_->Add("fetches_refused");
+      return FetchRefused();
+    }
+    if (auto it = by_id_.find(export_id); it != by_id_.end()) e = it->second;
+  }
   if (!e) return absl::NotFoundError("no such export (it was withdrawn)");
   if (first_page >= e->npages || npages > e->npages - first_page) {
     return absl::OutOfRangeError(absl::StrFormat("pages %u+%u are beyond the export's %u pages",
@@ -590,6 +651,9 @@ void ExportTable::OnSubscriberClosed(uint64_t subscriber_id) {
   std::vector<std::shared_ptr<struct ExportEntry>> all;
   {
     absl::MutexLock l(&mu_);
+    grants_.erase(grants_.lower_bound({subscriber_id, 0}),
+                  grants_.upper_bound({subscriber_id, UINT64_MAX}));
+    refusals_logged_.erase(subscriber_id);
     for (auto& [id, e] : by_id_) all.push_back(e);
     for (auto& [id, e] : draining_) all.push_back(e);
   }

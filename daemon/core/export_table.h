@@ -37,8 +37,10 @@
 #include <deque>
 #include <map>
 #include <memory>
+#include <set>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
@@ -50,6 +52,7 @@
 #include "daemon/coherence/coherence.h"
 #include "daemon/core/watch_hub.h"
 #include "daemon/source/mirror_source.h"
+#include "daemon/source/shared_mapping.h"
 #include "daemon/transport/transport.h"
 #include "svm/v1/control.pb.h"
 #include "svm/v1/peer.pb.h"
@@ -81,11 +84,15 @@ class ExportTable final : public transport::ExportBackend {
   // ptrace rule, or range_fd is a svm_shim range fd of exactly this range
   // that the client attached (source::InspectRangeFd), mirrored through it
   // when AcceptsRangeFds(). allow: the peer identities that may import it
-  // (empty: every authenticated peer).
+  // (empty: every authenticated peer). object: the object the client says
+  // the range maps (a memfd), handed over beside range_fd: the zero-copy
+  // path maps it, on the kernel's word through range_fd
+  // (SharedMapping::OpenObject), instead of opening /proc/PID/map_files
+  // (CAP_SYS_ADMIN); ignored without range_fd.
   absl::StatusOr<v1::ExportInfo> Export(const std::string& name, pid_t pid, uint64_t addr,
                                         uint64_t len, uid_t owner,
                                         std::vector<std::string> allow = {},
-                                        UniqueFd range_fd = UniqueFd());
+                                        UniqueFd range_fd = UniqueFd(), UniqueFd object = UniqueFd());
   // Whether Export mirrors through a client's range fd (the shim source).
   bool AcceptsRangeFds() const { return source_->AcceptsRangeFds(); }
   absl::Status Unexport(const std::string& name);
@@ -105,6 +112,9 @@ class ExportTable final : public transport::ExportBackend {
   absl::StatusOr<v1::ExportDescriptor> Describe(const std::string& name,
                                                 absl::Span<const std::string> peer = {}) const;
   // Adds an importer's data connection; returns the seq it starts from.
+  // Grants the connection fetches of the export (ServeFetch). An id no
+  // export has is refused as a peer not on the list is (PERMISSION_DENIED,
+  // the same message), so ids cannot be probed.
   absl::StatusOr<uint64_t> Subscribe(uint64_t export_id, std::shared_ptr<transport::Subscriber> sub,
                                      absl::Span<const std::string> peer = {});
   absl::StatusOr<v1::SyncResponse> Sync(const std::string& name);
@@ -117,8 +127,14 @@ class ExportTable final : public transport::ExportBackend {
   // created from now on. Call before serving.
   void EnableZeroCopy(transport::Transport* t);
 
-  absl::StatusOr<uint64_t> ServeFetch(uint64_t export_id, uint64_t first_page, uint32_t npages,
-                                      bool track, absl::Span<uint8_t> dst) override;
+  // Serves only a connection that Subscribe()d to the export (a grant that
+  // lasts until the connection closes). Anything else, and an id no export
+  // has, gets the same PERMISSION_DENIED before the export is looked at
+  // (its size, state or content); the first such refusal per connection is
+  // logged.
+  absl::StatusOr<uint64_t> ServeFetch(const transport::Subscriber& from, uint64_t export_id,
+                                      uint64_t first_page, uint32_t npages, bool track,
+                                      absl::Span<uint8_t> dst) override;
   void OnAck(uint64_t subscriber_id, uint64_t export_id, uint64_t seq) override;
   void OnSubscriberClosed(uint64_t subscriber_id) override;
   // Sends a heartbeat to every subscriber (once per connection): it renews
@@ -140,6 +156,7 @@ class ExportTable final : public transport::ExportBackend {
   // Maps and registers the export's object when it is shareable; installs
   // it unless the export changed meanwhile.
   void TryZeroCopy(ExportEntry& e);
+  absl::StatusOr<std::unique_ptr<source::SharedMapping>> OpenShared(ExportEntry& e, bool writable);
   struct ZeroCopy;
   enum class ZcState;
   // Re-validation (ODP) and re-pinning after an invalidation, on the
@@ -178,6 +195,12 @@ class ExportTable final : public transport::ExportBackend {
   std::map<uint64_t, std::shared_ptr<ExportEntry>> by_id_ ABSL_GUARDED_BY(mu_);
   // Withdrawn exports whose retired registrations are not released yet.
   std::map<uint64_t, std::shared_ptr<ExportEntry>> draining_ ABSL_GUARDED_BY(mu_);
+  // (subscriber, export id): what Subscribe granted a data connection,
+  // until it closes (OnSubscriberClosed). Outlives the export, so that a
+  // subscriber learns of a withdrawal (NOT_FOUND) and nobody else does.
+  std::set<std::pair<uint64_t, uint64_t>> grants_ ABSL_GUARDED_BY(mu_);
+  // Connections whose refused fetch was logged (once each, until they close).
+  std::set<uint64_t> refusals_logged_ ABSL_GUARDED_BY(mu_);
 };
 
 }  // namespace svm::core

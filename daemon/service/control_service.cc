@@ -117,7 +117,7 @@ class ControlService final : public v1::Control::CallbackService {
     return Async(ctx, [=, this]() -> absl::Status {
       if (!cred.ok()) return cred.status();
       if (auto st = ValidateExportRequest(*req); !st.ok()) return st;
-      UniqueFd range_fd;
+      UniqueFd range_fd, object;
       pid_t pid = req->pid() == 0 ? cred->pid : req->pid();
       if (req->range_token() != 0) {
         auto dep = deposits_->Take(req->range_token(), *cred);
@@ -136,6 +136,7 @@ class ControlService final : public v1::Control::CallbackService {
         }
         pid = dep->info.pid;
         range_fd = std::move(dep->fd);
+        object = std::move(dep->object);
       }
       // A range fd is the client's proof (the kernel checked it at attach);
       // without one, or with a source that does not mirror through range
@@ -146,7 +147,7 @@ class ControlService final : public v1::Control::CallbackService {
       }
       auto info = d_->exports().Export(req->name(), pid, req->addr(), req->len(), cred->uid,
                                        {req->allow().begin(), req->allow().end()},
-                                       std::move(range_fd));
+                                       std::move(range_fd), std::move(object));
       if (!info.ok()) return info.status();
       *resp->mutable_info() = *info;
       return absl::OkStatus();

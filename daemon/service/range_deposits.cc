@@ -4,13 +4,27 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "common/log.h"
 #include "common/random.h"
 
 namespace svm::service {
 
-absl::StatusOr<uint64_t> RangeDeposits::Add(const PeerCred& who, uint64_t session, UniqueFd fd) {
+absl::StatusOr<uint64_t> RangeDeposits::Add(const PeerCred& who, uint64_t session, UniqueFd fd,
+                                             UniqueFd object) {
   auto info = source::InspectRangeFd(fd.get());
   if (!info.ok()) return info.status();
+  if (object.valid()) {
+    // Never the client's word: a forged object (another file) is refused here.
+    auto offset = source::RangeObjectOffset(fd.get(), object.get());
+    if (absl::IsFailedPrecondition(offset.status())) {
+      spdlog::info("pid {} deposited an object beside its range fd; {}: served staged", who.pid,
+                   offset.status().message());
+      object.Reset();
+    } else if (!offset.ok()) {
+      return absl::Status(offset.status().code(),
+                          absl::StrCat("the deposited object: ", offset.status().message()));
+    }
+  }
   absl::MutexLock l(&mu_);
   size_t held = 0;
   for (const auto& [t, e] : by_token_) held += e.session == session;
@@ -22,7 +36,7 @@ absl::StatusOr<uint64_t> RangeDeposits::Add(const PeerCred& who, uint64_t sessio
   do {
     token = RandomU64();
   } while (token == 0 || by_token_.contains(token));
-  by_token_[token] = Entry{Deposit{std::move(fd), *info}, who.pid, session};
+  by_token_[token] = Entry{Deposit{std::move(fd), *info, std::move(object)}, who.pid, session};
   return token;
 }
 
@@ -45,6 +59,7 @@ void RangeDeposits::DropSession(uint64_t session) {
   for (auto it = by_token_.begin(); it != by_token_.end();) {
     if (it->second.session == session) {
       closing.push_back(std::move(it->second.d.fd));
+      closing.push_back(std::move(it->second.d.object));
       it = by_token_.erase(it);
     } else {
       ++it;

@@ -33,11 +33,18 @@ class RangeDeposits {
   struct Deposit {
     UniqueFd fd;
     source::RangeFdInfo info;  // as checked when deposited
+    // The object the range maps (a memfd), for the zero-copy path; checked
+    // by the kernel when deposited (source::RangeObjectOffset). May be invalid.
+    UniqueFd object;
   };
 
   // INVALID_ARGUMENT "not a svm_shim range fd" for anything else;
-  // RESOURCE_EXHAUSTED past kMaxPerSession. The token is never 0.
-  absl::StatusOr<uint64_t> Add(const PeerCred& who, uint64_t session, UniqueFd fd);
+  // RESOURCE_EXHAUSTED past kMaxPerSession. The token is never 0. object
+  // (optional): INVALID_ARGUMENT unless the kernel says fd's range is a
+  // shared mapping of it; dropped (the export is served staged) when the
+  // loaded svm_shim cannot tell.
+  absl::StatusOr<uint64_t> Add(const PeerCred& who, uint64_t session, UniqueFd fd,
+                               UniqueFd object = UniqueFd());
   // The deposit of token, removed; NOT_FOUND when there is none for this
   // caller (another process's token is as unknown as a made-up one).
   absl::StatusOr<Deposit> Take(uint64_t token, const PeerCred& who);

@@ -22,8 +22,9 @@ class DaemonBackend final : public session::Backend {
  public:
   DaemonBackend(core::Daemon* d, RangeDeposits* deposits) : d_(d), deposits_(deposits) {}
 
-  absl::StatusOr<uint64_t> Deposit(const PeerCred& who, uint64_t session, UniqueFd fd) override {
-    return deposits_->Add(who, session, std::move(fd));
+  absl::StatusOr<uint64_t> Deposit(const PeerCred& who, uint64_t session, UniqueFd fd,
+                                   UniqueFd object) override {
+    return deposits_->Add(who, session, std::move(fd), std::move(object));
   }
   void SessionClosed(uint64_t session) override { deposits_->DropSession(session); }
 

@@ -193,9 +193,11 @@ enum MsgType : uint32_t {
   // already in the event ring stay there (the client drops them). Watch ids
   // are never reused within a session.
   kUnwatch = 7,
-  // client -> svmd (a DepositMsg with exactly one descriptor, a svm_shim
-  // range fd): answer kDepositOk, or kError (INVALID_ARGUMENT when the
-  // descriptor is not a range fd, RESOURCE_EXHAUSTED past the limit).
+  // client -> svmd (a DepositMsg with one descriptor, a svm_shim range fd,
+  // or two: the range fd, then the object the range maps, a memfd, for the
+  // zero-copy path): answer kDepositOk, or kError (INVALID_ARGUMENT when the
+  // first is not a range fd or the kernel says the range does not map the
+  // second, RESOURCE_EXHAUSTED past the limit).
   kDeposit = 8,
   kDepositOk = 9,
 };

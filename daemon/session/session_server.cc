@@ -459,11 +459,12 @@ bool Server::OnOpen(Session& s, const std::string& name) {
 }
 
 bool Server::OnDeposit(Session& s, std::vector<UniqueFd> fds) {
-  if (fds.size() != 1) {
+  if (fds.empty() || fds.size() > 2) {
     return SendError(s, absl::InvalidArgumentError(absl::StrCat(
-                            "a deposit carries exactly one descriptor, not ", fds.size())));
+                            "a deposit carries one or two descriptors, not ", fds.size())));
   }
-  auto token = backend_->Deposit(s.cred, s.id, std::move(fds[0]));
+  auto token = backend_->Deposit(s.cred, s.id, std::move(fds[0]),
+                                 fds.size() == 2 ? std::move(fds[1]) : UniqueFd());
   if (!token.ok()) return SendError(s, token.status());
   abi::DepositOkMsg ok{};
   ok.h.type = abi::kDepositOk;

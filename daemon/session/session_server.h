@@ -71,9 +71,11 @@ class Backend {
   virtual void Unwatch(uint64_t id) = 0;
   // Keeps fd (a client's svm_shim range fd, not yet checked) for the
   // ExportRequest that names the returned token; INVALID_ARGUMENT when fd
-  // is not a range fd. Deposits of a session go when it ends.
+  // is not a range fd. object (may be invalid): the object the client says
+  // the range maps, for the zero-copy path; INVALID_ARGUMENT when the
+  // kernel says it does not. Deposits of a session go when it ends.
   virtual absl::StatusOr<uint64_t> Deposit(const PeerCred& /*who*/, uint64_t /*session*/,
-                                           UniqueFd /*fd*/) {
+                                           UniqueFd /*fd*/, UniqueFd /*object*/) {
     return absl::UnimplementedError("this svmd takes no deposits");
   }
   virtual void SessionClosed(uint64_t /*session*/) {}

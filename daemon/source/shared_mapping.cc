@@ -2,6 +2,7 @@
 
 #include "absl/strings/str_split.h"
 #include "common/proc_parse.h"
+#include "daemon/source/shim_source.h"
 
 #include <fcntl.h>
 #include <unistd.h>
@@ -159,11 +160,66 @@ absl::StatusOr<std::unique_ptr<SharedMapping>> SharedMapping::Open(pid_t pid, ui
   return m;
 }
 
+absl::StatusOr<std::unique_ptr<SharedMapping>> SharedMapping::OpenObject(UniqueFd object,
+                                                                         UniqueFd range_fd,
+                                                                         uint64_t len,
+                                                                         bool writable) {
+  auto offset = RangeObjectOffset(range_fd.get(), object.get());
+  if (!offset.ok()) {
+    return absl::FailedPreconditionError(absl::StrCat("the deposited object: ", offset.status().message()));
+  }
+  struct stat st {};
+  if (::fstat(object.get(), &st) != 0) {
+    return absl::FailedPreconditionError(absl::StrCat("fstat the deposited object: ", std::strerror(errno)));
+  }
+  if (auto live = CheckLive(st); !live.ok()) return live;
+  if (S_ISREG(st.st_mode) && static_cast<uint64_t>(st.st_size) < *offset + len) {
+    return absl::FailedPreconditionError(absl::StrFormat(
+        "the object is %u bytes, shorter than the export needs (%u)", st.st_size, *offset + len));
+  }
+  const std::string self = absl::StrCat("/proc/self/fd/", object.get());
+  char name[PATH_MAX] = {};
+  const ssize_t n = ::readlink(self.c_str(), name, sizeof(name) - 1);
+  std::unique_ptr<SharedMapping> m(new SharedMapping());
+  void* p = ::mmap(nullptr, len, writable ? PROT_READ | PROT_WRITE : PROT_READ, MAP_SHARED,
+                   object.get(), static_cast<off_t>(*offset));
+  if (p == MAP_FAILED) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("map the deposited object: ", std::strerror(errno)));
+  }
+  m->data_ = p;
+  m->len_ = len;
+  m->offset_ = *offset;
+  m->dev_ = st.st_dev;
+  m->ino_ = st.st_ino;
+  m->object_ = n > 0 ? std::string(name, static_cast<size_t>(n)) : "(deposited object)";
+  m->dax_ = IsDax(self, st);
+  m->fd_ = std::move(object);
+  m->range_fd_ = std::move(range_fd);
+  return m;
+}
+
 SharedMapping::~SharedMapping() {
   if (data_ != nullptr) ::munmap(data_, len_);
 }
 
 absl::Status SharedMapping::Validate(pid_t pid, uint64_t addr) const {
+  if (range_fd_.valid()) {  // OpenObject: the kernel's word again, nothing under /proc
+    struct stat st {};
+    if (::fstat(fd_.get(), &st) != 0) {
+      return absl::FailedPreconditionError(absl::StrCat("fstat the object: ", std::strerror(errno)));
+    }
+    if (auto live = CheckLive(st); !live.ok()) return live;
+    auto offset = RangeObjectOffset(range_fd_.get(), fd_.get());
+    if (absl::IsInvalidArgument(offset.status())) {
+      return absl::FailedPreconditionError("the range maps another object now");
+    }
+    if (!offset.ok()) return absl::FailedPreconditionError(offset.status().message());
+    if (*offset != offset_) {
+      return absl::FailedPreconditionError("the range maps the object at another offset now");
+    }
+    return absl::OkStatus();
+  }
   auto l = Locate(pid, addr, len_, /*open=*/false, /*writable=*/false);
   if (!l.ok()) return l.status();
   if (l->st.st_dev != dev_ || l->st.st_ino != ino_) {

@@ -13,7 +13,9 @@
 // changes (Validate) and withdraws it when the range no longer maps the same
 // object at the same offset, or the object is a device that is no longer
 // bound to its driver (device-dax disabled). Validate never opens the
-// object; Open opens it only after that check.
+// object; Open opens it only after that check. OpenObject maps an object a
+// client handed over instead, checked by the kernel through the client's
+// svm_shim range fd: no capability needed.
 #ifndef SVM_DAEMON_SOURCE_SHARED_MAPPING_H_
 #define SVM_DAEMON_SOURCE_SHARED_MAPPING_H_
 
@@ -34,6 +36,15 @@ class SharedMapping {
   // not one readable shared mapping of a file-like object that covers it.
   static absl::StatusOr<std::unique_ptr<SharedMapping>> Open(pid_t pid, uint64_t addr, uint64_t len,
                                                              bool writable = false);
+  // The zero-copy path without CAP_SYS_ADMIN: the object a client handed
+  // svmd beside its svm_shim range fd (kDeposit), mapped only on the
+  // kernel's word that range_fd's range is a shared mapping of that very
+  // object (RangeObjectOffset, shim_source.h), at the offset the kernel
+  // reports; never on the client's. Keeps both descriptors: Validate asks
+  // the kernel again through range_fd, and opens nothing under /proc.
+  // FAILED_PRECONDITION naming the reason when the range does not map it.
+  static absl::StatusOr<std::unique_ptr<SharedMapping>> OpenObject(UniqueFd object, UniqueFd range_fd,
+                                                                   uint64_t len, bool writable = false);
   ~SharedMapping();
   SharedMapping(const SharedMapping&) = delete;
   SharedMapping& operator=(const SharedMapping&) = delete;
@@ -57,6 +68,7 @@ class SharedMapping {
   SharedMapping() = default;
 
   UniqueFd fd_;
+  UniqueFd range_fd_;  // OpenObject: the range fd the kernel checks the object against
   void* data_ = nullptr;
   uint64_t len_ = 0;
   uint64_t offset_ = 0;  // of the export's first byte in the object

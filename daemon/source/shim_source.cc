@@ -299,6 +299,27 @@ absl::StatusOr<RangeFdInfo> InspectRangeFd(int fd) {
   return info;
 }
 
+absl::StatusOr<uint64_t> RangeObjectOffset(int range_fd, int object_fd) {
+  svm_shim_range_object ro{};
+  ro.fd = static_cast<uint64_t>(object_fd);
+  if (::ioctl(range_fd, SVM_SHIM_IOC_RANGE_OBJECT, &ro) != 0) {
+    const int err = errno;
+    switch (err) {
+      case ENXIO:
+        return absl::InvalidArgumentError(
+            "the range is not a shared mapping of that object (the kernel says so)");
+      case ESRCH:
+        return absl::NotFoundError("the process of the range exited");
+      case ENOTTY:
+        return absl::FailedPreconditionError(
+            "the loaded svm_shim cannot check what a range maps (SVM_SHIM_IOC_RANGE_OBJECT); "
+            "it is older than this svmd");
+      default:
+        return ErrnoStatus(err, "SVM_SHIM_IOC_RANGE_OBJECT");
+    }
+  }
+  return ro.offset;
+}
 
 absl::StatusOr<std::unique_ptr<MirrorSource>> CreateShimSource(const SourceOptions&) {
   UniqueFd dev(::open(kShimDevice, O_RDWR | O_CLOEXEC));

@@ -33,6 +33,15 @@ struct RangeFdInfo {
 // reads, writes or blocks on fd otherwise; works without the module loaded.
 absl::StatusOr<RangeFdInfo> InspectRangeFd(int fd);
 
+// The kernel's word (SVM_SHIM_IOC_RANGE_OBJECT) that the range of range_fd
+// (checked with InspectRangeFd) is one readable shared mapping of the very
+// object object_fd refers to, covering the range: the byte offset of the
+// range's start in the object. INVALID_ARGUMENT when it is not (another
+// file, a private or anonymous mapping, one that ends inside the range,
+// nothing mapped), NOT_FOUND when the process exited, FAILED_PRECONDITION
+// when the loaded svm_shim predates the check.
+absl::StatusOr<uint64_t> RangeObjectOffset(int range_fd, int object_fd);
+
 }  // namespace svm::source
 
 #endif  // SVM_DAEMON_SOURCE_SHIM_SOURCE_H_

@@ -392,7 +392,7 @@ void ServerConn::ReaderLoop() {
           const size_t at = frame.size();
           const size_t bytes = static_cast<size_t>(f.npages) * kPage;
           frame.resize(at + bytes);
-          auto seq = backend_->ServeFetch(f.export_id, f.first_page, f.npages,
+          auto seq = backend_->ServeFetch(*this, f.export_id, f.first_page, f.npages,
                                           (f.flags & kFetchNoCache) == 0, absl::MakeSpan(frame).subspan(at));
           if (seq.ok()) {
             FrameHeader fh;

@@ -57,8 +57,12 @@ class ExportBackend {
   // Copies npages pages of the export into dst (npages * page size bytes)
   // and returns the export's invalidation sequence sampled before the copy.
   // track: the importer will cache the pages, so later changes must reach it.
-  virtual absl::StatusOr<uint64_t> ServeFetch(uint64_t export_id, uint64_t first_page,
-                                              uint32_t npages, bool track,
+  // from: the data connection that asks (its session). Served only when
+  // from holds a subscription to the export (granted by the peer service's
+  // access-checked Subscribe); else PERMISSION_DENIED, the same answer as
+  // for an id no export has, before anything of the export is read.
+  virtual absl::StatusOr<uint64_t> ServeFetch(const Subscriber& from, uint64_t export_id,
+                                              uint64_t first_page, uint32_t npages, bool track,
                                               absl::Span<uint8_t> dst) = 0;
   virtual void OnAck(uint64_t subscriber_id, uint64_t export_id, uint64_t seq) = 0;
   virtual void OnSubscriberClosed(uint64_t subscriber_id) = 0;

@@ -10,6 +10,7 @@
 #include <fcntl.h>
 #include <grpcpp/grpcpp.h>
 #include <linux/capability.h>
+#include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/prctl.h>
 #include <sys/socket.h>
@@ -28,6 +29,7 @@
 #include "absl/strings/ascii.h"
 #include "common/fd.h"
 #include "daemon/session/abi.h"
+#include "driver-shim/include/uapi/linux/svm_shim.h"
 #include "gtest/gtest.h"
 #include "svm/v1/control.grpc.pb.h"
 #include "tests/integration/harness.h"
@@ -254,6 +256,52 @@ TEST_F(ShimCapabilities, UserExportsOwnMemoryThroughSvmdWithoutPtrace) {
   ASSERT_TRUE(reply.ok() && absl::StartsWith(*reply, "ok")) << (reply.ok() ? *reply : reply.status().ToString());
   auto ev = WaitForPage(**w, 3, Scaled(absl::Seconds(10)));
   EXPECT_TRUE(ev.ok()) << ev.status();
+}
+
+// The zero-copy path's object, deposited beside the range fd: svmd takes
+// it only on the kernel's word that the range maps it (svm_shim's
+// SVM_SHIM_IOC_RANGE_OBJECT); a forged one (another memfd, /dev/null, a
+// pipe) is refused where it arrives, and the right one is accepted.
+TEST_F(ShimCapabilities, ForgedObjectBesideARangeFdIsRefused) {
+  UniqueFd mfd(::memfd_create("mine", MFD_CLOEXEC)), other(::memfd_create("forged", MFD_CLOEXEC));
+  ASSERT_TRUE(mfd.valid() && other.valid());
+  ASSERT_EQ(::ftruncate(mfd.get(), 4 * kPage), 0);
+  ASSERT_EQ(::ftruncate(other.get(), 4 * kPage), 0);
+  void* p = ::mmap(nullptr, 4 * kPage, PROT_READ | PROT_WRITE, MAP_SHARED, mfd.get(), 0);
+  ASSERT_NE(p, MAP_FAILED);
+  absl::Cleanup unmap = [p] { ::munmap(p, 4 * kPage); };
+  UniqueFd dev(::open("/dev/svm_shim", O_RDWR | O_CLOEXEC));
+  ASSERT_TRUE(dev.valid()) << std::strerror(errno);
+  auto attach = [&] {
+    svm_shim_attach a{};
+    a.flags = SVM_SHIM_ATTACH_PID;
+    a.target = static_cast<uint64_t>(::getpid());
+    a.start = reinterpret_cast<uint64_t>(p);
+    a.length = 4 * kPage;
+    a.queue_len = 64;
+    return UniqueFd(::ioctl(dev.get(), SVM_SHIM_IOC_ATTACH, &a));
+  };
+  auto status = c_->Status();
+  ASSERT_TRUE(status.ok()) << status.status();
+  auto s = RawSession::Connect(status->session_socket);
+  ASSERT_NE(s, nullptr);
+  int pfd[2];
+  ASSERT_EQ(::pipe2(pfd, O_CLOEXEC), 0);
+  UniqueFd r(pfd[0]), w(pfd[1]);
+  UniqueFd null(::open("/dev/null", O_RDWR | O_CLOEXEC));
+  for (int forged : {other.get(), null.get(), r.get()}) {
+    UniqueFd range = attach();
+    ASSERT_TRUE(range.valid()) << std::strerror(errno);
+    auto t = s->Deposit({range.get(), forged});
+    EXPECT_TRUE(absl::IsInvalidArgument(t.status())) << t.status();
+    EXPECT_TRUE(absl::StrContains(t.status().message(), "not a shared mapping of that object"))
+        << t.status();
+  }
+  UniqueFd range = attach();
+  ASSERT_TRUE(range.valid());
+  auto t = s->Deposit({range.get(), mfd.get()});
+  EXPECT_TRUE(t.ok()) << t.status();
+  EXPECT_TRUE(c_->Status().ok());
 }
 
 TEST_F(ShimCapabilities, AnotherUsersProcessIsRefusedByTheKernel) {

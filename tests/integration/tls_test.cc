@@ -12,8 +12,12 @@
 #include <grpcpp/security/tls_certificate_provider.h>
 #include <grpcpp/security/tls_credentials_options.h>
 #include <gtest/gtest.h>
+#include <arpa/inet.h>
+#include <netinet/in.h>
 #include <signal.h>
+#include <sys/socket.h>
 
+#include <cstring>
 #include <fstream>
 #include <sstream>
 
@@ -21,7 +25,11 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
+#include "common/fd.h"
+#include "daemon/transport/endpoint_codec.h"
+#include "daemon/transport/frame.h"
 #include "svm/v1/peer.grpc.pb.h"
+#include "svm/v1/transport.pb.h"
 #include "tests/integration/harness.h"
 
 namespace svm::testing {
@@ -286,6 +294,166 @@ TEST_F(Tls, PeerNotOnTheAccessListLearnsNothing) {
   auto info = cb->Import(a_->peer(), "secret");
   ASSERT_TRUE(info.ok()) << info.status();
   EXPECT_EQ(info->len, exporter_->len());
+}
+
+// A data connection of the test's own, driven by hand as a hostile peer
+// would: SetupData over mutual TLS, then the tcp frames of
+// daemon/transport/frame.h (HELLO with the session token, FETCH).
+class RawDataConnection {
+ public:
+  // Answer to one FETCH: the status code, its message, and the page bytes.
+  struct Reply {
+    uint32_t code = ~0u;
+    std::string msg;
+    size_t page_bytes = 0;
+    uint32_t first_word = 0;
+  };
+
+  static std::unique_ptr<RawDataConnection> Open(v1::Peer::Stub& peer, const std::string& host,
+                                                 const std::string& node, std::string* token) {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(absl::ToChronoTime(absl::Now() + Scaled(absl::Seconds(5))));
+    v1::SetupDataRequest req;
+    req.set_node(node);
+    req.set_transport("tcp");
+    v1::SetupDataResponse resp;
+    grpc::Status st = peer.SetupData(&ctx, req, &resp);
+    EXPECT_TRUE(st.ok()) << st.error_message();
+    v1::TcpEndpoint ep;
+    if (!st.ok() || !transport::UnpackEndpoint(resp.endpoint(), &ep)) return nullptr;
+    *token = resp.session_token();
+    auto c = std::unique_ptr<RawDataConnection>(new RawDataConnection());
+    c->fd_ = UniqueFd(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
+    sockaddr_in sin{};
+    sin.sin_family = AF_INET;
+    sin.sin_port = htons(static_cast<uint16_t>(ep.port()));
+    if (::inet_pton(AF_INET, host.c_str(), &sin.sin_addr) != 1 ||
+        ::connect(c->fd_.get(), reinterpret_cast<sockaddr*>(&sin), sizeof(sin)) != 0) {
+      ADD_FAILURE() << "connect to " << host << ":" << ep.port() << ": " << std::strerror(errno);
+      return nullptr;
+    }
+    timeval tv{static_cast<time_t>(absl::ToInt64Seconds(Scaled(absl::Seconds(10)))), 0};
+    ::setsockopt(c->fd_.get(), SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+    if (!c->Send(transport::FrameType::kHello, 0, token->data(), token->size())) return nullptr;
+    transport::FrameHeader h;
+    std::string payload;
+    if (!c->Receive(&h, &payload) || h.type != static_cast<uint8_t>(transport::FrameType::kHello)) {
+      ADD_FAILURE() << "the exporter did not answer the HELLO";
+      return nullptr;
+    }
+    return c;
+  }
+
+  Reply Fetch(uint64_t export_id, uint64_t first_page, uint32_t npages) {
+    transport::FetchPayload f{export_id, first_page, npages, 0};
+    Reply r;
+    if (!Send(transport::FrameType::kFetch, ++next_id_, &f, sizeof(f))) return r;
+    transport::FrameHeader h;
+    std::string payload;
+    do {  // the exporter's INVALs (heartbeats of a subscription) come in between
+      if (!Receive(&h, &payload)) return r;
+    } while (h.type == static_cast<uint8_t>(transport::FrameType::kInval));
+    transport::FetchRespPayload p{};
+    if (h.type != static_cast<uint8_t>(transport::FrameType::kFetchResp) || h.id != next_id_ ||
+        payload.size() < sizeof(p)) {
+      ADD_FAILURE() << "unexpected frame type " << int{h.type};
+      return r;
+    }
+    std::memcpy(&p, payload.data(), sizeof(p));
+    r.code = p.code;
+    if (p.code != 0) {
+      r.msg = payload.substr(sizeof(p));
+    } else {
+      r.page_bytes = payload.size() - sizeof(p);
+      if (r.page_bytes >= sizeof(r.first_word)) std::memcpy(&r.first_word, payload.data() + sizeof(p), 4);
+    }
+    return r;
+  }
+
+ private:
+  RawDataConnection() = default;
+  bool Send(transport::FrameType type, uint64_t id, const void* payload, size_t len) {
+    transport::FrameHeader h;
+    h.type = static_cast<uint8_t>(type);
+    h.payload_len = static_cast<uint32_t>(len);
+    h.id = id;
+    std::string frame(reinterpret_cast<const char*>(&h), sizeof(h));
+    frame.append(static_cast<const char*>(payload), len);
+    return ::send(fd_.get(), frame.data(), frame.size(), MSG_NOSIGNAL) == static_cast<ssize_t>(frame.size());
+  }
+  bool ReadAll(void* dst, size_t len) {
+    auto* p = static_cast<char*>(dst);
+    while (len > 0) {
+      const ssize_t n = ::recv(fd_.get(), p, len, 0);
+      if (n <= 0) return false;
+      p += n;
+      len -= static_cast<size_t>(n);
+    }
+    return true;
+  }
+  bool Receive(transport::FrameHeader* h, std::string* payload) {
+    if (!ReadAll(h, sizeof(*h)) || h->magic != transport::kFrameMagic ||
+        h->payload_len > transport::kMaxPayload) {
+      return false;
+    }
+    payload->resize(h->payload_len);
+    return ReadAll(payload->data(), payload->size());
+  }
+
+  UniqueFd fd_;
+  uint64_t next_id_ = 0;
+};
+
+// A peer that is authenticated but not on an export's list, and learnt the
+// export's id (here from a listed peer's descriptor: a leak), fetches it
+// over a data connection of its own: refused with the answer an unknown id
+// gets (no page, no size), and the exporter logs it once. The connection
+// itself works: an export the peer subscribed to is served on it.
+TEST_F(Tls, PeerNotOnTheListCannotFetchAnExportByItsIdOverItsOwnConnection) {
+  v1::ExportDescriptor leaked, open;
+  ASSERT_TRUE(Describe("node-b", "secret", &leaked).ok());
+  ASSERT_NE(leaked.export_id(), 0u);
+  ASSERT_TRUE(Describe("node-c", "open", &open).ok());
+  auto peer = PeerAs("node-c");
+  std::string token;
+  auto conn = RawDataConnection::Open(*peer, a_->peer().substr(0, a_->peer().rfind(':')), "node-c",
+                                      &token);
+  ASSERT_NE(conn, nullptr);
+
+  const auto forged = conn->Fetch(leaked.export_id(), 0, 1);
+  EXPECT_EQ(forged.code, static_cast<uint32_t>(absl::StatusCode::kPermissionDenied)) << forged.msg;
+  EXPECT_EQ(forged.page_bytes, 0u);
+  // Word for word what a made-up id gets, and pages past the end too.
+  for (const auto& other : {conn->Fetch(leaked.export_id() ^ 1, 0, 1),
+                            conn->Fetch(leaked.export_id(), 1u << 20, 1)}) {
+    EXPECT_EQ(other.code, forged.code);
+    EXPECT_EQ(other.msg, forged.msg);
+  }
+  // Subscribing with the leaked id over the peer API: refused as an unknown id is.
+  auto subscribe = [&](uint64_t id) {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(absl::ToChronoTime(absl::Now() + Scaled(absl::Seconds(5))));
+    v1::SubscribeRequest req;
+    req.set_session_token(token);
+    req.set_export_id(id);
+    v1::SubscribeResponse resp;
+    return peer->Subscribe(&ctx, req, &resp);
+  };
+  const grpc::Status sub = subscribe(leaked.export_id());
+  EXPECT_EQ(sub.error_code(), grpc::StatusCode::PERMISSION_DENIED) << sub.error_message();
+  EXPECT_EQ(sub.error_message(), subscribe(leaked.export_id() ^ 1).error_message());
+  EXPECT_EQ(CountLines(ALog(), "subscribed to"), 0);
+
+  // The connection is fine: subscribed to "open", it is served that.
+  ASSERT_TRUE(subscribe(open.export_id()).ok());
+  const auto served = conn->Fetch(open.export_id(), 2, 1);
+  EXPECT_EQ(served.code, 0u) << served.msg;
+  EXPECT_EQ(served.page_bytes, 4096u);
+  EXPECT_EQ(served.first_word, 3u);  // page p is stamped p + 1
+  // ...and still not the secret one.
+  EXPECT_EQ(conn->Fetch(leaked.export_id(), 0, 1).code, forged.code);
+  EXPECT_EQ(CountLines(ALog(), "which it did not subscribe to; refused"), 1) << Slurp(ALog());
+  EXPECT_EQ(CountLines(ALog(), "from node node-c fetched export id"), 1) << Slurp(ALog());
 }
 
 // svmd does not start with TLS files that cannot work: an expired

@@ -5,13 +5,19 @@
 //
 // $SVM_EXPECT_ODP=1 / 0 asserts the registration the exporter used (odp on
 // the 7.x guest, pinned on 6.1), so a silent fallback cannot pass.
+#include <sys/stat.h>
+#include <unistd.h>
+
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
+#include <fstream>
 #include <string>
 #include <thread>
 
+#include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "gtest/gtest.h"
 #include "tests/integration/harness.h"
@@ -151,6 +157,79 @@ TEST_F(ZeroCopy, MemfdExportIsReadWithOneSidedReadsAndPrivateMemoryIsStaged) {
   auto after = ReadBytes(*cb_, "shared", 0, 64 * kPage);
   ASSERT_TRUE(after.ok()) << after.status();
   for (uint64_t p = 0; p < 64; ++p) ASSERT_EQ(VersionOf(after->data() + p * kPage, p), 9) << p;
+}
+
+// The capability bits of /proc/PID/status field (CapEff, CapBnd); ~0 unread.
+uint64_t CapField(pid_t pid, const std::string& field) {
+  std::ifstream f(absl::StrCat("/proc/", pid, "/status"));
+  std::string line;
+  while (std::getline(f, line)) {
+    uint64_t v = 0;
+    if (absl::StartsWith(line, field + ":") &&
+        absl::SimpleHexAtoi(absl::StripAsciiWhitespace(line.substr(field.size() + 1)), &v)) {
+      return v;
+    }
+  }
+  return ~0ull;
+}
+
+// Capabilities, not inspection: a svmd without CAP_SYS_ADMIN and
+// CAP_SYS_PTRACE (what the packaged unit grants) cannot open
+// /proc/PID/map_files, yet serves a client's ExportableMemory zero-copy:
+// libsvm deposits the memfd beside the range fd, and svm_shim vouches that
+// the range maps it (SVM_SHIM_IOC_RANGE_OBJECT). Needs the shim (the VM
+// tier) and root (to start svmd without the two).
+TEST_F(ZeroCopy, ClientMemfdIsServedZeroCopyBySvmdWithoutCapSysAdmin) {
+  if (TestSource() != "shim") GTEST_SKIP() << "needs svm_shim (the VM tier: SVM_TEST_SOURCE=shim)";
+  if (::geteuid() != 0) GTEST_SKIP() << "needs root to start svmd without capabilities";
+  // svmd as the unit starts it: neither capability in its bounding,
+  // inheritable or effective set (util-linux setpriv, in front of svmd).
+  const std::string wrapper = absl::StrCat(dir_.path(), "/svmd-without-caps");
+  {
+    std::ofstream w(wrapper);
+    w << "#!/bin/sh\nexec setpriv --bounding-set -sys_admin,-sys_ptrace --inh-caps -sys_admin,-sys_ptrace "
+      << SvmdPath() << " \"$@\"\n";
+  }
+  ASSERT_EQ(::chmod(wrapper.c_str(), 0755), 0);
+  const char* was = std::getenv("SVM_TEST_SVMD");
+  const std::string before = was != nullptr ? was : "";
+  ASSERT_EQ(::setenv("SVM_TEST_SVMD", wrapper.c_str(), 1), 0);
+  auto c = Daemon::Start({.node = "C", .dir = dir_.path(), .transport = "rdma"});
+  if (was != nullptr) {
+    ::setenv("SVM_TEST_SVMD", before.c_str(), 1);
+  } else {
+    ::unsetenv("SVM_TEST_SVMD");
+  }
+  ASSERT_TRUE(c.ok()) << c.status();
+  constexpr uint64_t kAdmin = 1ull << 21, kPtrace = 1ull << 19;  // CAP_SYS_ADMIN, CAP_SYS_PTRACE
+  const pid_t pid = (*c)->process().pid();
+  ASSERT_EQ(CapField(pid, "CapBnd") & (kAdmin | kPtrace), 0u) << "svmd kept CAP_SYS_ADMIN/PTRACE";
+  ASSERT_EQ(CapField(pid, "CapEff") & (kAdmin | kPtrace), 0u);
+  auto cc = (*c)->Connect();
+  ASSERT_NE(cc, nullptr);
+
+  Exporter::Options o;
+  o.daemon = c->get();
+  o.name = "mine";
+  o.pages = 16;
+  o.backing = "memfd";
+  o.log_path = absl::StrCat(dir_.path(), "/exporter-mine.log");
+  auto e = Exporter::Start(o);
+  ASSERT_TRUE(e.ok()) << e.status();
+  ASSERT_EQ((*e)->Command("stamp 5").value_or("?"), "ok");
+  auto ex = ExportOf(*cc, "mine");
+  ASSERT_TRUE(ex.ok()) << ex.status();
+  EXPECT_EQ(ex->source, "shim");
+  EXPECT_TRUE(absl::StartsWith(ex->path, "zero-copy/")) << ex->path;
+  ASSERT_TRUE(cb_->Import((*c)->peer(), "mine").ok());
+  auto imp = ImportOf(*cb_, "mine");
+  ASSERT_TRUE(imp.ok()) << imp.status();
+  EXPECT_TRUE(absl::StartsWith(imp->path, "zero-copy/")) << imp->path;
+  const uint64_t zc_before = Counter(*cb_, "zero_copy_reads");
+  auto got = ReadBytes(*cb_, "mine", 0, 16 * kPage);
+  ASSERT_TRUE(got.ok()) << got.status();
+  for (uint64_t p = 0; p < 16; ++p) ASSERT_EQ(VersionOf(got->data() + p * kPage, p), 5) << p;
+  EXPECT_EQ(Counter(*cb_, "zero_copy_reads"), zc_before + 1);
 }
 
 // The exporter rewrites, truncates and re-populates its memfd while the

@@ -9,15 +9,22 @@
 #include <chrono>
 #include <cstring>
 #include <functional>
+#include <map>
+#include <set>
+#include <sstream>
 #include <future>
 #include <thread>
 #include <vector>
 
+#include "absl/cleanup/cleanup.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/clock.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "spdlog/sinks/ostream_sink.h"
+#include "spdlog/spdlog.h"
 
 namespace svm::source {
 // Readable kinds in failure messages.
@@ -269,6 +276,10 @@ class ExportTableTest : public ::testing::Test {
     return l;
   }
   void MakeTable(ExportLimits limits) {
+    reader_acker_.reset();
+    reader_.reset();
+    reader_of_.clear();
+    first_sub_.clear();
     table_.reset();
     table_ = std::make_unique<ExportTable>(&source_, &hub_, &counters_, limits, "tcp");
   }
@@ -284,14 +295,32 @@ class ExportTableTest : public ::testing::Test {
   }
   std::shared_ptr<FakeSubscriber> Subscribe(const std::string& name, uint64_t sub_id) {
     auto sub = std::make_shared<FakeSubscriber>(sub_id);
-    auto seq = table_->Subscribe(IdOf(name), sub);
+    const uint64_t id = IdOf(name);
+    auto seq = table_->Subscribe(id, sub);
     EXPECT_TRUE(seq.ok()) << seq.status();
+    if (seq.ok()) first_sub_.emplace(id, sub);
     return sub;
   }
+  // Fetches as the data connection `as`; by default as the first
+  // subscriber the test subscribed to the export, or else as a reader of
+  // the fixture's own (subscribed on first use, acknowledging everything,
+  // as a healthy importer): only subscribers are served.
   absl::StatusOr<uint64_t> Fetch(uint64_t id, uint64_t first, uint32_t n, bool track,
-                                 std::vector<uint8_t>* out = nullptr) {
+                                 std::vector<uint8_t>* out = nullptr,
+                                 const transport::Subscriber* as = nullptr) {
+    if (as == nullptr) {
+      if (auto it = first_sub_.find(id); it != first_sub_.end()) as = it->second.get();
+    }
+    if (as == nullptr) {
+      if (!reader_) {
+        reader_ = std::make_shared<FakeSubscriber>(kReaderId);
+        reader_acker_ = std::make_unique<AutoAcker>(reader_.get(), table_.get());
+      }
+      if (!reader_of_.contains(id) && table_->Subscribe(id, reader_).ok()) reader_of_.insert(id);
+      as = reader_.get();
+    }
     std::vector<uint8_t> buf(n * kPageSize);
-    auto seq = table_->ServeFetch(id, first, n, track, absl::MakeSpan(buf));
+    auto seq = table_->ServeFetch(*as, id, first, n, track, absl::MakeSpan(buf));
     if (out) *out = std::move(buf);
     return seq;
   }
@@ -305,6 +334,12 @@ class ExportTableTest : public ::testing::Test {
   WatchHub hub_;
   Counters counters_;
   std::unique_ptr<ExportTable> table_;
+  // Fetch()'s default connections (weak: a test's own subscribers are its).
+  static constexpr uint64_t kReaderId = 0xfe7c4;
+  std::map<uint64_t, std::shared_ptr<FakeSubscriber>> first_sub_;
+  std::shared_ptr<FakeSubscriber> reader_;
+  std::unique_ptr<AutoAcker> reader_acker_;
+  std::set<uint64_t> reader_of_;
 };
 
 // ------------------------------------------------------ export / unexport
@@ -498,8 +533,10 @@ TEST_F(ExportTableTest, SubscribeReturnsCurrentSeqAndChecksTheExport) {
   auto seq = table_->Subscribe(IdOf("a"), std::make_shared<FakeSubscriber>(1));
   ASSERT_TRUE(seq.ok());
   EXPECT_EQ(*seq, 2u);
+  // An id no export has: refused as a peer not on a list is, so that ids
+  // cannot be probed.
   EXPECT_EQ(table_->Subscribe(IdOf("a") + 12345, std::make_shared<FakeSubscriber>(2)).status().code(),
-            absl::StatusCode::kNotFound);
+            absl::StatusCode::kPermissionDenied);
 }
 
 // An export with an access list is described, subscribed to and allowed
@@ -524,7 +561,62 @@ TEST_F(ExportTableTest, AccessListRefusesPeersNotOnIt) {
   EXPECT_EQ(table_->Subscribe(d->export_id(), std::make_shared<FakeSubscriber>(1), c).status().code(),
             absl::StatusCode::kPermissionDenied);
   EXPECT_EQ(table_->List()[0].subscribers(), 0u);  // the refused one was not added
+  // The same answer, word for word, as for an id no export has.
+  EXPECT_EQ(table_->Subscribe(d->export_id(), std::make_shared<FakeSubscriber>(1), c).status(),
+            table_->Subscribe(d->export_id() ^ 1, std::make_shared<FakeSubscriber>(1), b).status());
   EXPECT_TRUE(table_->Subscribe(d->export_id(), std::make_shared<FakeSubscriber>(2), b).ok());
+}
+
+// A data connection is served only the exports it subscribed to (through
+// the access-checked Subscribe): a peer not on an export's list that learnt
+// or guessed its id and fetches it over its own connection gets the answer
+// an unknown id gets, and nothing of the export is read; the exporter logs
+// the first refusal of each connection. The grant ends with the connection.
+TEST_F(ExportTableTest, ServeFetchServesOnlyConnectionsSubscribedToTheExport) {
+  std::ostringstream log;
+  auto sink = std::make_shared<spdlog::sinks::ostream_sink_mt>(log);
+  spdlog::default_logger()->sinks().push_back(sink);
+  absl::Cleanup unsink = [&] { spdlog::default_logger()->sinks().pop_back(); };
+
+  ASSERT_TRUE(table_->Export("secret", kPid, kBase, 4 * kPageSize, 1000, {"node-b"}).ok());
+  ASSERT_TRUE(Export("open", 8, 2).ok());
+  const std::vector<std::string> b = {"node-b"}, c = {"node-c"};
+  const uint64_t secret = table_->Describe("secret", b).value().export_id(), open = IdOf("open");
+  auto sub_b = std::make_shared<FakeSubscriber>(1);
+  auto sub_c = std::make_shared<FakeSubscriber>(2);
+  ASSERT_TRUE(table_->Subscribe(secret, sub_b, b).ok());
+  ASSERT_EQ(table_->Subscribe(secret, sub_c, c).status().code(), absl::StatusCode::kPermissionDenied);
+  ASSERT_TRUE(table_->Subscribe(open, sub_c, c).ok());  // c has a live, subscribed connection
+
+  const int reads = source_.reads();
+  auto forged = Fetch(secret, 0, 1, true, nullptr, sub_c.get());
+  EXPECT_EQ(forged.status().code(), absl::StatusCode::kPermissionDenied) << forged.status();
+  EXPECT_EQ(forged.status(), Fetch(secret ^ 1, 0, 1, true, nullptr, sub_c.get()).status())
+      << "an existing id must answer as an unknown one";
+  // Not even the size leaks: pages past the end answer the same.
+  EXPECT_EQ(forged.status(), Fetch(secret, 1000, 1, true, nullptr, sub_c.get()).status());
+  EXPECT_EQ(source_.reads(), reads) << "nothing may be read for a refused fetch";
+  EXPECT_EQ(counters_.Snapshot()["fetches_refused"], 3u);
+  EXPECT_EQ(table_->List()[1].subscribers(), 1u);
+  // Logged once for the connection, not per fetch.
+  std::vector<std::string> parts = absl::StrSplit(log.str(), "which it did not subscribe to");
+  EXPECT_EQ(parts.size(), 2u) << log.str();
+  EXPECT_THAT(log.str(), HasSubstr("from node node-2 fetched export id"));
+
+  // Its own subscription is served, and so is b's.
+  std::vector<uint8_t> buf;
+  ASSERT_TRUE(Fetch(open, 0, 1, true, &buf, sub_c.get()).ok());
+  EXPECT_EQ(buf[0], 9);
+  ASSERT_TRUE(Fetch(secret, 0, 1, true, &buf, sub_b.get()).ok());
+  EXPECT_EQ(buf[0], 1);
+  // A withdrawn export: its subscriber learns so (NOT_FOUND); nobody else does.
+  ASSERT_TRUE(table_->Unexport("secret").ok());
+  EXPECT_EQ(Fetch(secret, 0, 1, true, nullptr, sub_b.get()).status().code(),
+            absl::StatusCode::kNotFound);
+  EXPECT_EQ(Fetch(secret, 0, 1, true, nullptr, sub_c.get()).status(), forged.status());
+  // The grant ends with the connection.
+  table_->OnSubscriberClosed(sub_c->id());
+  EXPECT_EQ(Fetch(open, 0, 1, true, nullptr, sub_c.get()).status(), forged.status());
 }
 
 // Fetches name an export by its id: ids are random, not a counter another
@@ -652,7 +744,7 @@ TEST_F(ExportTableTest, ServeFetchOutOfRange) {
             absl::StatusCode::kOutOfRange);
   EXPECT_EQ(source_.reads(), reads) << "nothing may be read for a refused fetch";
   EXPECT_TRUE(Fetch(id, 3, 1, true).ok());
-  EXPECT_EQ(Fetch(id + 999, 0, 1, true).status().code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(Fetch(id + 999, 0, 1, true).status().code(), absl::StatusCode::kPermissionDenied);
 }
 
 TEST_F(ExportTableTest, ServeFetchPassesReadErrorsAndTracksNothing) {

@@ -69,17 +69,19 @@ class FakeExportBackend final : public ExportBackend {
     uint64_t export_id, first_page;
     uint32_t npages;
     bool track;
+    uint64_t from;  // the asking connection's subscriber id
   };
   struct Ack {
     uint64_t sub, export_id, seq;
   };
 
-  absl::StatusOr<uint64_t> ServeFetch(uint64_t export_id, uint64_t first_page, uint32_t npages,
-                                      bool track, absl::Span<uint8_t> dst) override {
+  absl::StatusOr<uint64_t> ServeFetch(const transport::Subscriber& from, uint64_t export_id,
+                                      uint64_t first_page, uint32_t npages, bool track,
+                                      absl::Span<uint8_t> dst) override {
     std::function<void()> hook;
     {
       absl::MutexLock l(&mu_);
-      calls_.push_back({export_id, first_page, npages, track});
+      calls_.push_back({export_id, first_page, npages, track, from.id()});
       hook = std::exchange(hook_, nullptr);
       if (block_) {
         ++blocked_;
@@ -671,6 +673,23 @@ TEST_P(TransportTest, InvalidationsGoOnlyToTheirConnection) {
   EXPECT_EQ(exp_.acks()[0].sub, sub_b->id());
   ASSERT_EQ(imp_.inval_channels().size(), 1u);
   EXPECT_EQ(imp_.inval_channels()[0], b);
+}
+
+// The exporter serves a fetch only to a connection subscribed to the
+// export (ExportTable::ServeFetch): the transport names the connection the
+// request arrived on, the one that claimed the session's token.
+TEST_P(TransportTest, FetchesNameTheConnectionTheyArriveOn) {
+  std::shared_ptr<Subscriber> sub_a, sub_b;
+  PeerChannel* a = Open("a", &sub_a);
+  PeerChannel* b = Open("b", &sub_b);
+  ASSERT_NE(a, nullptr);
+  ASSERT_NE(b, nullptr);
+  ASSERT_TRUE(Fetch(b, 5, 0, 1).ok());
+  ASSERT_TRUE(Fetch(a, 5, 1, 1).ok());
+  auto calls = exp_.calls();
+  ASSERT_EQ(calls.size(), 2u);
+  EXPECT_EQ(calls[0].from, sub_b->id());
+  EXPECT_EQ(calls[1].from, sub_a->id());
 }
 
 TEST_P(TransportTest, AForgedTokenIsRefused) {

@@ -102,7 +102,7 @@ static int errno_allowed(int e)
 	switch (e) {
 	case EINVAL: case EFAULT: case ERANGE: case ESRCH: case EPERM:
 	case EACCES: case ENOTTY: case EBUSY: case ENOMEM: case EOPNOTSUPP:
-	case EINTR: case EMFILE: case EAGAIN: case EBADF:
+	case EINTR: case EMFILE: case EAGAIN: case EBADF: case ENXIO:
 		return 1;
 	default:
 		return 0;
@@ -182,6 +182,7 @@ static void fuzz_ioctl(int fd, int is_dev)
 	static const unsigned int cmds[] = {
 		SVM_SHIM_IOC_QUERY, SVM_SHIM_IOC_ATTACH, SVM_SHIM_IOC_SNAPSHOT,
 		SVM_SHIM_IOC_READ, SVM_SHIM_IOC_RANGE_INFO,
+		SVM_SHIM_IOC_RANGE_OBJECT,
 	};
 	const int ncmds = (int)(sizeof(cmds) / sizeof(cmds[0]));
 	uint64_t arg[8];
@@ -230,6 +231,10 @@ static void fuzz_ioctl(int fd, int is_dev)
 		arg[7] = rnd() % 8 ? 0 : pick_u64();
 	} else if (cmd == SVM_SHIM_IOC_RANGE_INFO) {
 		for (int i = 3; i < 8; i++)
+			arg[i] = rnd() % 4 ? 0 : pick_u64();
+	} else if (cmd == SVM_SHIM_IOC_RANGE_OBJECT) {
+		arg[0] = rnd() % 4 ? rnd() % 16 : pick_u64(); /* an fd, or not */
+		for (int i = 2; i < 8; i++)
 			arg[i] = rnd() % 4 ? 0 : pick_u64();
 	} else if (!ours) {
 		/* Not ours: the kernel must not touch the buffer at all. */

@@ -1314,6 +1314,121 @@ TEST(range_info_names_the_attached_range)
 	close(dev);
 }
 
+static int range_object(int fd, int object, uint64_t *offset)
+{
+	struct svm_shim_range_object ro;
+	int ret;
+
+	memset(&ro, 0, sizeof(ro));
+	ro.fd = (uint64_t)object;
+	ro.offset = 0xdead;
+	ret = ioctl(fd, SVM_SHIM_IOC_RANGE_OBJECT, &ro);
+	if (offset)
+		*offset = ro.offset;
+	return ret;
+}
+
+/*
+ * svmd maps a deposited memfd only on the kernel's word that the range maps
+ * it: the same inode, shared, readable, covering the range; else ENXIO.
+ */
+TEST(range_object_is_the_kernels_word_on_what_the_range_maps)
+{
+	int dev = dev_or_skip(), mfd, other, fd, pfd[2], st;
+	struct svm_shim_range_object ro;
+	struct svm_shim_query q = { 0 };
+	unsigned char *p, *priv, *anon = map_anon(2 * psz);
+	uint64_t off = 0;
+	pid_t child;
+	char c;
+
+	ASSERT_EQ(ioctl(dev, SVM_SHIM_IOC_QUERY, &q), 0);
+	EXPECT_TRUE(q.features & SVM_SHIM_FEAT_RANGE_OBJECT);
+	mfd = memfd_create("svm_shim_object", MFD_CLOEXEC);
+	other = memfd_create("svm_shim_other", MFD_CLOEXEC);
+	ASSERT_TRUE(mfd >= 0 && other >= 0);
+	ASSERT_EQ(ftruncate(mfd, 8 * psz), 0);
+	ASSERT_EQ(ftruncate(other, 8 * psz), 0);
+	/* Pages 2..5 of the object at p. */
+	p = mmap(NULL, 4 * psz, PROT_READ, MAP_SHARED, mfd, 2 * psz);
+	ASSERT_TRUE(p != MAP_FAILED);
+	fd = shim_attach(dev, getpid(), p + psz, 2 * psz, 0);
+	ASSERT_TRUE(fd >= 0);
+	ASSERT_EQ(range_object(fd, mfd, &off), 0);
+	EXPECT_EQ(off, (uint64_t)(3 * psz));
+	/* Another object, the device, a pipe: not what the range maps. */
+	ASSERT_EQ(pipe(pfd), 0);
+	ASSERT_ERRNO(range_object(fd, other, &off), ENXIO);
+	EXPECT_EQ(off, 0xdead); /* outputs only on success */
+	ASSERT_ERRNO(range_object(fd, dev, NULL), ENXIO);
+	ASSERT_ERRNO(range_object(fd, pfd[0], NULL), ENXIO);
+	ASSERT_ERRNO(range_object(fd, 1000000, NULL), EBADF);
+	ASSERT_ERRNO(range_object(fd, -1, NULL), EINVAL);
+	memset(&ro, 0, sizeof(ro));
+	ro.fd = mfd;
+	ro.reserved[5] = 1;
+	ASSERT_ERRNO(ioctl(fd, SVM_SHIM_IOC_RANGE_OBJECT, &ro), EINVAL);
+	ASSERT_ERRNO(ioctl(dev, SVM_SHIM_IOC_RANGE_OBJECT, &ro), ENOTTY);
+	/* Remapped to another object, or unmapped: no longer. */
+	ASSERT_TRUE(mmap(p, 4 * psz, PROT_READ, MAP_SHARED | MAP_FIXED, other, 0) == p);
+	ASSERT_ERRNO(range_object(fd, mfd, NULL), ENXIO);
+	ASSERT_EQ(range_object(fd, other, &off), 0);
+	EXPECT_EQ(off, (uint64_t)psz);
+	ASSERT_EQ(munmap(p, 4 * psz), 0);
+	ASSERT_ERRNO(range_object(fd, other, NULL), ENXIO);
+	close(fd);
+	/* A mapping that ends inside the range. */
+	p = mmap(NULL, 4 * psz, PROT_READ, MAP_SHARED, mfd, 0);
+	ASSERT_TRUE(p != MAP_FAILED);
+	ASSERT_EQ(munmap(p + 2 * psz, 2 * psz), 0);
+	fd = shim_attach(dev, getpid(), p, 4 * psz, 0);
+	ASSERT_TRUE(fd >= 0);
+	ASSERT_ERRNO(range_object(fd, mfd, NULL), ENXIO);
+	close(fd);
+	munmap(p, 2 * psz);
+	/* A private mapping of the object, and anonymous memory. */
+	priv = mmap(NULL, 2 * psz, PROT_READ, MAP_PRIVATE, mfd, 0);
+	ASSERT_TRUE(priv != MAP_FAILED);
+	fd = shim_attach(dev, getpid(), priv, 2 * psz, 0);
+	ASSERT_TRUE(fd >= 0);
+	ASSERT_ERRNO(range_object(fd, mfd, NULL), ENXIO);
+	close(fd);
+	munmap(priv, 2 * psz);
+	fd = shim_attach(dev, getpid(), anon, 2 * psz, 0);
+	ASSERT_TRUE(fd >= 0);
+	ASSERT_ERRNO(range_object(fd, mfd, NULL), ENXIO);
+	close(fd);
+
+	/* A target that exited: ESRCH. */
+	child = fork();
+	if (child == 0) {
+		close(pfd[1]);
+		if (read(pfd[0], &c, 1) < 0)
+			_exit(1);
+		_exit(0);
+	}
+	close(pfd[0]);
+	p = mmap(NULL, 2 * psz, PROT_READ, MAP_SHARED, mfd, 0);
+	ASSERT_TRUE(p != MAP_FAILED);
+	/* At offset 0 too. */
+	fd = shim_attach(dev, getpid(), p, 2 * psz, 0);
+	ASSERT_TRUE(fd >= 0);
+	ASSERT_EQ(range_object(fd, mfd, &off), 0);
+	EXPECT_EQ(off, 0);
+	close(fd);
+	fd = shim_attach(dev, child, anon, psz, 0);
+	ASSERT_TRUE(fd >= 0);
+	close(pfd[1]);
+	ASSERT_EQ(waitpid(child, &st, 0), child);
+	ASSERT_ERRNO(range_object(fd, mfd, NULL), ESRCH);
+	close(fd);
+	munmap(p, 2 * psz);
+	munmap(anon, 2 * psz);
+	close(mfd);
+	close(other);
+	close(dev);
+}
+
 int main(int argc, char **argv)
 {
 	psz = sysconf(_SC_PAGESIZE);

@@ -1406,7 +1406,7 @@ void ServerConn::Copy(uint32_t s, uint64_t id, const RdmaFetch& f) {
   // and never changes after the HELLO.
   const uint64_t remote = owned_.area_addr + f.offset;
   const uint32_t rkey = owned_.area_rkey;
-  auto seq = backend_->ServeFetch(f.f.export_id, f.f.first_page, f.f.npages,
+  auto seq = backend_->ServeFetch(*this, f.f.export_id, f.f.first_page, f.f.npages,
                                   (f.f.flags & kFetchNoCache) == 0,
                                   absl::MakeSpan(data_mem_.get() + s * kSlotBytes, bytes));
   absl::MutexLock l(&mu_);

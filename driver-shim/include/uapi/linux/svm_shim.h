@@ -55,6 +55,7 @@
 #define SVM_SHIM_FEAT_READ		(1ULL << 3)
 #define SVM_SHIM_FEAT_EVENTS		(1ULL << 4)
 #define SVM_SHIM_FEAT_RANGE_INFO	(1ULL << 5)
+#define SVM_SHIM_FEAT_RANGE_OBJECT	(1ULL << 6)
 
 /* Limits (the per-call and queue limits are also reported by QUERY). */
 #define SVM_SHIM_MAX_RANGES_PER_FD	1	/* one range per range fd */
@@ -155,6 +156,24 @@ struct svm_shim_range_info {
 	__u64 reserved[5];	/* (in) must be zero */
 };
 
+/*
+ * Whether the range maps the object behind @fd, so that a holder of the
+ * range fd can map that object itself (the zero-copy path) on the kernel's
+ * word instead of the depositor's: the mapping at the range's start must
+ * be a readable shared mapping of the very inode @fd's file refers to
+ * (memfd, shmem, tmpfs, hugetlbfs, a regular file, a device) and cover the
+ * whole range. On success @offset is the byte offset of the range's start
+ * in the object. -ENXIO when it does not (nothing mapped there, a private or
+ * anonymous mapping, one that ends inside the range, another object),
+ * -EBADF for a bad @fd, -ESRCH once the target mm is gone. Fails with
+ * -ENOTTY on anything but a range fd.
+ */
+struct svm_shim_range_object {
+	__u64 fd;		/* (in) an open file of the object */
+	__u64 offset;		/* (out) */
+	__u64 reserved[6];	/* (in) must be zero */
+};
+
 /* Event kinds (struct svm_shim_event.kind). */
 enum svm_shim_event_kind {
 	SVM_SHIM_EV_OTHER	= 0,	/* any other invalidation */
@@ -188,5 +207,6 @@ struct svm_shim_event {
 #define SVM_SHIM_IOC_SNAPSHOT	_IOWR(SVM_SHIM_IOC_MAGIC, 0x02, struct svm_shim_snapshot)
 #define SVM_SHIM_IOC_READ	_IOWR(SVM_SHIM_IOC_MAGIC, 0x03, struct svm_shim_read)
 #define SVM_SHIM_IOC_RANGE_INFO	_IOWR(SVM_SHIM_IOC_MAGIC, 0x04, struct svm_shim_range_info)
+#define SVM_SHIM_IOC_RANGE_OBJECT	_IOWR(SVM_SHIM_IOC_MAGIC, 0x05, struct svm_shim_range_object)
 
 #endif /* _UAPI_LINUX_SVM_SHIM_H */
