@@ -221,6 +221,7 @@ class GrpcClient final : public Client {
         ReadResult res;
         const uint64_t seq = v->header->seq.load(std::memory_order_acquire);
         if (CopyCached(*v, offset, dst, &res.pages_from_cache, nullptr)) {
+          session_->CountCacheHits(v->handle, 1, res.pages_from_cache);
           res.len = dst.size();
           res.seq = seq;
           return res;
@@ -266,6 +267,10 @@ class GrpcClient final : public Client {
         const uint64_t seq = view.header->seq.load(std::memory_order_acquire);
         CopyCached(view, op.offset, op.dst, &res[i].pages_from_cache, &missing);
         if (res[i].pages_from_cache > 0) res[i].seq = seq;
+        // svmd counts the reads that reach it, with their own pages; this
+        // one's cached pages, and the read itself when nothing is missing,
+        // only this process knows of.
+        session_->CountCacheHits(view.handle, missing.empty() ? 1 : 0, res[i].pages_from_cache);
       } else {
         missing.emplace_back(op.offset, end);
       }

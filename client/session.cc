@@ -8,6 +8,7 @@
 #include <sys/syscall.h>
 #include <poll.h>
 #include <pthread.h>
+#include <sched.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/un.h>
@@ -130,7 +131,9 @@ absl::StatusOr<std::unique_ptr<Session>> Session::Connect(const std::string& pat
   s->mem_size_ = ok.memory_size;
   s->hdr_ = reinterpret_cast<abi::SessionHeader*>(s->mem_);
   const abi::SessionHeader& h = *s->hdr_;
-  if (h.magic != abi::kMagic || h.size != ok.memory_size || h.data_offset + h.data_size > h.size ||
+  if (h.magic != abi::kMagic || h.version != abi::kVersion || ok.version != abi::kVersion ||
+      h.size != ok.memory_size || h.data_offset + h.data_size > h.size ||
+      h.ctr_offset + uint64_t{h.ctr_entries} * sizeof(abi::ClientCounters) > h.size ||
       h.sq_offset + uint64_t{h.sq_entries} * sizeof(abi::Sqe) > h.size ||
       h.cq_offset + uint64_t{h.cq_entries} * sizeof(abi::Cqe) > h.size ||
       h.ev_offset + uint64_t{h.ev_entries} * sizeof(abi::Event) > h.size || h.ev_entries == 0 ||
@@ -141,6 +144,8 @@ absl::StatusOr<std::unique_ptr<Session>> Session::Connect(const std::string& pat
   s->cq_ = reinterpret_cast<const abi::Cqe*>(s->mem_ + h.cq_offset);
   s->data_ = s->mem_ + h.data_offset;
   s->ev_ = reinterpret_cast<const abi::Event*>(s->mem_ + h.ev_offset);
+  s->ctr_ = reinterpret_cast<abi::ClientCounters*>(s->mem_ + h.ctr_offset);
+  s->ctr_entries_ = h.ctr_entries;
   s->slot_size_ = std::min<uint64_t>(kSlotSize, h.data_size);
   // Never more requests in flight than either ring holds.
   const uint64_t slots =
@@ -275,11 +280,19 @@ bool Session::ReapLocked() {
 
 void Session::WaitFor(const std::function<bool()>& pred) {
   const absl::Time spin_until = absl::Now() + kSpin;
+  int spins = 0;
   while (!pred() && !broken_) {
     if (ReapLocked()) continue;
     if (absl::Now() < spin_until) {
       mu_.Unlock();
-      __builtin_ia32_pause();
+      // A few pauses, then yields: on a machine with fewer free CPUs than
+      // runnable threads, the thread that completes this read (svmd's) may
+      // be waiting for this CPU.
+      if (++spins < 32) {
+        __builtin_ia32_pause();
+      } else {
+        ::sched_yield();
+      }
       mu_.Lock();
       continue;
     }

@@ -83,6 +83,14 @@ class Session {
   // copies each one's bytes to its dst. Safe to call from several threads.
   std::vector<Result> Run(absl::Span<const Op> ops);
   uint64_t chunk() const { return slot_size_; }
+  // Counts reads (and their pages) of the handle's import that this
+  // process served from the shared cache without a message: svmd adds them
+  // to the import's metrics (abi::ClientCounters).
+  void CountCacheHits(uint32_t handle, uint64_t reads, uint64_t pages) {
+    if (handle >= ctr_entries_) return;
+    ctr_[handle].reads.fetch_add(reads, std::memory_order_relaxed);
+    ctr_[handle].pages_from_cache.fetch_add(pages, std::memory_order_relaxed);
+  }
   // Unique over the process's sessions (never reused).
   uint64_t id() const { return id_; }
   // True in a child forked after Connect: every call fails with
@@ -180,6 +188,8 @@ class Session {
   const session::abi::Cqe* cq_ = nullptr;
   uint8_t* data_ = nullptr;
   uint64_t slot_size_ = 0;
+  session::abi::ClientCounters* ctr_ = nullptr;
+  uint32_t ctr_entries_ = 0;
 
   absl::Mutex open_mu_;  // serialises messages on the socket
   std::map<std::string, std::shared_ptr<View>> views_ ABSL_GUARDED_BY(open_mu_);

@@ -5,12 +5,14 @@
 #define SVM_DAEMON_CORE_DAEMON_H_
 
 #include <atomic>
+#include <functional>
 #include <memory>
 #include <string>
 #include <thread>
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
 #include "absl/synchronization/notification.h"
 #include "absl/time/time.h"
 #include "common/executor.h"
@@ -69,6 +71,17 @@ class Daemon {
   std::string export_paths() const;
   const char* source_name() const { return source_->name(); }
   absl::Time started() const { return started_; }
+  // Folds figures kept outside the tables into them before the metrics
+  // endpoint reads them (the sessions' client-side cache hits). Set by the
+  // service server while it runs; empty: nothing to fold.
+  void SetBeforeScrape(std::function<void()> hook) {
+    absl::MutexLock l(&scrape_mu_);
+    before_scrape_ = std::move(hook);
+  }
+  void BeforeScrape() {
+    absl::MutexLock l(&scrape_mu_);
+    if (before_scrape_) before_scrape_();
+  }
 
  private:
   explicit Daemon(DaemonOptions opts) : opts_(std::move(opts)) {}
@@ -77,6 +90,8 @@ class Daemon {
 
   DaemonOptions opts_;
   absl::Time started_ = absl::Now();
+  absl::Mutex scrape_mu_;  // guards before_scrape_; held while it runs
+  std::function<void()> before_scrape_ ABSL_GUARDED_BY(scrape_mu_);
   // Declaration order is teardown order, reversed: the executor stops first,
   // then the tables, then the transport, the source and the cache.
   Counters counters_;

@@ -749,6 +749,13 @@ std::vector<ImportTable::StatsRef> ImportTable::Stats() const {
   return out;
 }
 
+void ImportTable::CountClientHits(const std::string& name, uint64_t reads, uint64_t pages) {
+  auto imp = Find(name);
+  if (!imp) return;  // unimported meanwhile: nothing left to count into
+  imp->stats.reads.fetch_add(reads, std::memory_order_relaxed);
+  imp->stats.pages_from_cache.fetch_add(pages, std::memory_order_relaxed);
+}
+
 std::vector<v1::ImportInfo> ImportTable::List() const {
   std::vector<std::shared_ptr<struct ImportEntry>> all;
   {

@@ -111,6 +111,10 @@ class ImportTable final : public transport::ImportBackend {
     std::shared_ptr<const ImportStats> stats;
   };
   std::vector<StatsRef> Stats() const;
+  // Adds reads a client served from the import's shared cache without
+  // asking svmd (libsvm counts them in its session; session::Server
+  // harvests them) to the import's reads and cache hits.
+  void CountClientHits(const std::string& name, uint64_t reads, uint64_t pages);
   bool Has(const std::string& name) const;
   // Reads dst.size() bytes at offset of the import, from the cache where
   // valid, fetching the rest; dst must stay valid until done ran. fresh:

@@ -45,6 +45,7 @@ std::string CounterMetricName(const std::string& counter) {
 std::vector<MetricFamily> DaemonCollector::Collect() const {
   std::vector<MetricFamily> out;
   core::Daemon& d = *daemon_;
+  d.BeforeScrape();  // the sessions' client-side cache hits into the import figures
 
   auto build = Family("svm_build_info", "svmd version and node; always 1", MetricType::Gauge);
   AddSample(build, {{"version", SVM_VERSION}, {"node", d.options().node}}, 1);
@@ -134,7 +135,7 @@ std::vector<MetricFamily> DaemonCollector::Collect() const {
   for (auto* f : {&i_cached, &i_pages, &i_inval, &i_state, &i_info}) out.push_back(std::move(*f));
 
   // Per import traffic (ImportStats, counted where the import reads).
-  auto i_reads = Family("svm_import_reads_total", "reads of the import that went through svmd",
+  auto i_reads = Family("svm_import_reads_total", "reads of the import (through svmd, and those libsvm served from the shared cache)",
                         MetricType::Counter);
   auto i_hits = Family("svm_import_cache_hits_total", "pages of the import's reads found in the cache",
                        MetricType::Counter);

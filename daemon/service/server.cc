@@ -91,6 +91,7 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(core::Daemon* daemon, Serv
   auto sessions = session::Server::Start(s->session_backend_.get(), so);
   if (!sessions.ok()) return sessions.status();
   s->sessions_ = std::move(*sessions);
+  daemon->SetBeforeScrape([p = s->sessions_.get()] { p->HarvestClientCounters(); });
   if (!opts.socket_group.empty()) {
     if (group* g = ::getgrnam(opts.socket_group.c_str()); g != nullptr) {
       if (::chown(so.path.c_str(), static_cast<uid_t>(-1), g->gr_gid) != 0) {
@@ -147,6 +148,7 @@ void Server::Shutdown() {
   const auto deadline = std::chrono::system_clock::now() + std::chrono::milliseconds(500);
   if (control_server_) control_server_->Shutdown(deadline);
   if (peer_server_) peer_server_->Shutdown(deadline);
+  if (sessions_) daemon_->SetBeforeScrape(nullptr);  // returns after a harvest in progress
   sessions_.reset();  // before the daemon: its reads finish into session memory
   // Never remove a socket another daemon is listening on.
   if (owns_socket_) ::unlink(daemon_->options().control.c_str());

@@ -4,8 +4,12 @@
 // daemon's executor).
 #include "daemon/service/session_backend.h"
 
+#include <set>
+
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "common/log.h"
 
 namespace svm::service {
 
@@ -27,6 +31,9 @@ class DaemonBackend final : public session::Backend {
     return deposits_->Add(who, session, std::move(fd), std::move(object));
   }
   void SessionClosed(uint64_t session) override { deposits_->DropSession(session); }
+  void CountClientHits(const std::string& name, uint64_t reads, uint64_t pages) override {
+    d_->imports().CountClientHits(name, reads, pages);
+  }
 
   absl::StatusOr<session::Opened> Open(const std::string& name, const PeerCred&) override {
     if (d_->imports().Has(name)) {
@@ -60,7 +67,25 @@ class DaemonBackend final : public session::Backend {
                          });
       return;
     }
-    // A local export's pages, read from its process: on the daemon's executor.
+    // A local export's pages, read from its process. A small read runs on
+    // the session thread itself: handing it to the executor costs a thread
+    // wakeup (the better part of the round trip on an idle machine, where
+    // it is an IPI to a sleeping CPU) for a copy of a few microseconds. A
+    // read that took long on that thread (the exporting process's pages
+    // were swapped out, or its memory faults slowly) sends every later read
+    // of that export to the executor, so one slow exporter holds up the
+    // other sessions at most once.
+    if (dst.size() <= kInlineMax && slow_.count(name) == 0) {
+      const absl::Time t0 = absl::Now();
+      auto seq = d_->exports().ReadLocal(name, offset, dst);
+      if (absl::Now() - t0 > kInlineSlow) {
+        spdlog::info("session reads of export '{}' run on the executor from now on: one took {}", name,
+                     absl::FormatDuration(absl::Now() - t0));
+        slow_.insert(name);
+      }
+      if (!seq.ok()) return done(seq.status());
+      return done(session::ReadDone{*seq, 0, 0});
+    }
     d_->executor().Submit([d = d_, name, offset, dst, done = std::move(done)] {
       auto seq = d->exports().ReadLocal(name, offset, dst);
       if (!seq.ok()) return done(seq.status());
@@ -88,8 +113,14 @@ class DaemonBackend final : public session::Backend {
   void Unwatch(uint64_t id) override { d_->hub().Remove(id); }
 
  private:
+  // Local-export reads up to this size run on the session thread.
+  static constexpr uint64_t kInlineMax = 64 << 10;
+  static constexpr absl::Duration kInlineSlow = absl::Milliseconds(1);
+
   core::Daemon* const d_;
   RangeDeposits* const deposits_;
+  // Exports whose reads go to the executor (the session thread only).
+  std::set<std::string> slow_;
 };
 
 }  // namespace

@@ -49,7 +49,8 @@
 namespace svm::session::abi {
 
 inline constexpr uint32_t kMagic = 0x53564d53;  // "SVMS"
-inline constexpr uint32_t kVersion = 1;
+// 2: the client counters (SessionHeader::ctr_offset, ClientCounters).
+inline constexpr uint32_t kVersion = 2;
 inline constexpr uint64_t kPageSize = 4096;
 
 // ---- session memory ---------------------------------------------------------
@@ -88,10 +89,28 @@ struct SessionHeader {
   // Events svmd could not put in a full event ring (each watch that lost
   // one gets a whole-range overflow event when there is room again).
   std::atomic<uint64_t> ev_lost;
+  // ClientCounters, one per handle (ctr_entries: the most handles a session
+  // may open), at ctr_offset.
+  uint64_t ctr_offset;
+  uint32_t ctr_entries;
+  uint32_t pad2;
   RingIndex sq;
   RingIndex cq;
   RingIndex ev;  // svmd produces, the client consumes; its own doorbell
 };
+
+// What a client served from an import's shared cache without a message to
+// svmd (a read whose every page was cached), for the handle at this index.
+// The client adds to them (relaxed); svmd adds what they grew by since it
+// last looked into the import's metrics (svm_import_reads_total,
+// svm_import_cache_hits_total) when they are scraped and when the session
+// ends. They are untrusted: they feed those counters only, and a counter
+// that shrank adds nothing.
+struct ClientCounters {
+  std::atomic<uint64_t> reads;
+  std::atomic<uint64_t> pages_from_cache;
+};
+static_assert(sizeof(ClientCounters) == 16);
 
 // An invalidation for a watch (kWatch), in the event ring.
 struct Event {

@@ -1,6 +1,7 @@
 #include "daemon/session/session_server.h"
 
 #include <fcntl.h>
+#include <sched.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
 #include <sys/mman.h>
@@ -8,6 +9,7 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <algorithm>
 #include <cstring>
 #include <deque>
 #include <vector>
@@ -112,6 +114,17 @@ struct Server::Session {
   };
   std::vector<Handle> handles;
   SqeLimits limits;
+
+  // The client counters: per handle, the import's name (empty: not an
+  // import) and the values svmd last added to its figures.
+  struct Counted {
+    std::string name;
+    uint64_t reads = 0;
+    uint64_t pages = 0;
+  };
+  absl::Mutex ctr_mu;
+  std::vector<Counted> counted ABSL_GUARDED_BY(ctr_mu);
+  abi::ClientCounters* ctr = nullptr;
 
   absl::Mutex cq_mu;
   uint32_t cq_tail ABSL_GUARDED_BY(cq_mu) = 0;
@@ -241,7 +254,12 @@ void Server::Loop() {
     int timeout = 0;
     if (worked) {
       spin_until = absl::Now() + opts_.spin;
-    } else if (absl::Now() >= spin_until) {
+    } else if (absl::Now() < spin_until) {
+      // Polling: give the CPU to whoever else is runnable on it (on a busy
+      // machine it is often the thread this one waits for: the client, or
+      // the one that completes a read).
+      ::sched_yield();
+    } else {
       // Sleep: every ring says so first, then is checked once more.
       for (auto& [id, s] : live_) {
         if (s->hello_done) s->hdr->sq.need_wakeup.store(1, std::memory_order_seq_cst);
@@ -329,12 +347,50 @@ void Server::Close(uint64_t id) {
   for (const auto& [id, w] : s.watches) backend_->Unwatch(w);
   backend_->SessionClosed(s.id);
   {
+    absl::MutexLock l(&mu_);
+    harvest_.erase(s.id);
+  }
+  Harvest(s);  // what the client counted stays counted
+  {
     absl::MutexLock l(&s.ev_mu);
     s.ev_closed = true;
   }
   live_.erase(it);
   absl::MutexLock l(&mu_);
   count_ = live_.size();
+}
+
+void Server::HarvestClientCounters() {
+  std::vector<std::shared_ptr<Session>> all;
+  {
+    absl::MutexLock l(&mu_);
+    for (const auto& [id, s] : harvest_) all.push_back(s);
+  }
+  for (const auto& s : all) Harvest(*s);
+}
+
+void Server::Harvest(Session& s) {
+  struct Delta {
+    std::string name;
+    uint64_t reads, pages;
+  };
+  std::vector<Delta> out;
+  {
+    absl::MutexLock l(&s.ctr_mu);
+    for (size_t h = 0; h < s.counted.size(); ++h) {
+      Session::Counted& c = s.counted[h];
+      if (c.name.empty()) continue;
+      // Written by the client: a value below what was added before (a
+      // client that lies, or wrote garbage) adds nothing until it passes it.
+      const uint64_t reads = s.ctr[h].reads.load(std::memory_order_relaxed);
+      const uint64_t pages = s.ctr[h].pages_from_cache.load(std::memory_order_relaxed);
+      Delta d{c.name, reads > c.reads ? reads - c.reads : 0, pages > c.pages ? pages - c.pages : 0};
+      c.reads = std::max(c.reads, reads);
+      c.pages = std::max(c.pages, pages);
+      if (d.reads != 0 || d.pages != 0) out.push_back(std::move(d));
+    }
+  }
+  for (const Delta& d : out) backend_->CountClientHits(d.name, d.reads, d.pages);
 }
 
 bool Server::OnSocket(Session& s) {
@@ -388,7 +444,8 @@ bool Server::OnHello(Session& s) {
   const uint64_t sq_off = AlignUp(sizeof(abi::SessionHeader), 4096);
   const uint64_t cq_off = AlignUp(sq_off + uint64_t{opts_.sq_entries} * sizeof(abi::Sqe), 4096);
   const uint64_t ev_off = AlignUp(cq_off + uint64_t{opts_.cq_entries} * sizeof(abi::Cqe), 4096);
-  const uint64_t data_off = AlignUp(ev_off + uint64_t{opts_.ev_entries} * sizeof(abi::Event), 4096);
+  const uint64_t ctr_off = AlignUp(ev_off + uint64_t{opts_.ev_entries} * sizeof(abi::Event), 4096);
+  const uint64_t data_off = AlignUp(ctr_off + uint64_t{opts_.max_handles} * sizeof(abi::ClientCounters), 4096);
   const uint64_t size = data_off + opts_.data_size;
   UniqueFd mfd(::memfd_create("svm-session", MFD_CLOEXEC | MFD_ALLOW_SEALING));
   if (!mfd.valid() || ::ftruncate(mfd.get(), static_cast<off_t>(size)) != 0 ||
@@ -410,12 +467,15 @@ bool Server::OnHello(Session& s) {
   s.hdr->data_offset = data_off;
   s.hdr->ev_offset = ev_off;
   s.hdr->ev_entries = opts_.ev_entries;
+  s.hdr->ctr_offset = ctr_off;
+  s.hdr->ctr_entries = opts_.max_handles;
   s.hdr->data_size = opts_.data_size;
   s.hdr->size = size;
   s.sq = reinterpret_cast<abi::Sqe*>(s.mem + sq_off);
   s.cq = reinterpret_cast<abi::Cqe*>(s.mem + cq_off);
   s.ev = reinterpret_cast<abi::Event*>(s.mem + ev_off);
   s.data = s.mem + data_off;
+  s.ctr = reinterpret_cast<abi::ClientCounters*>(s.mem + ctr_off);
   s.limits.data_size = opts_.data_size;
   s.sq_bell = UniqueFd(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
   s.cq_bell = UniqueFd(::eventfd(0, EFD_CLOEXEC));
@@ -435,6 +495,8 @@ bool Server::OnHello(Session& s) {
   const int fds[4] = {s.memfd.get(), s.sq_bell.get(), s.cq_bell.get(), s.ev_bell.get()};
   if (abi::SendMsg(s.sock.get(), &ok, sizeof(ok), fds, 4) != 0) return false;
   s.hello_done = true;
+  absl::MutexLock l(&mu_);
+  harvest_[s.id] = live_.at(s.id);
   return true;
 }
 
@@ -452,6 +514,10 @@ bool Server::OnOpen(Session& s, const std::string& name) {
   ok.kind = o->kind;
   ok.len = o->len;
   s.handles.push_back({name, o->len});
+  {
+    absl::MutexLock l(&s.ctr_mu);
+    s.counted.push_back({o->kind == abi::kImport ? name : std::string()});
+  }
   s.limits.handle_len.push_back(o->len);
   const int fds[2] = {o->data.get(), o->words.get()};
   const int nfds = o->kind == abi::kImport ? 2 : 0;

@@ -17,7 +17,10 @@
 //
 // LOCKING: Session::cq_mu guards a session's completion ring and the
 // completions waiting for room; everything else of a session belongs to the
-// server's thread. Server::mu_ guards the session count for listing.
+// server's thread, but for Session::ctr_mu, which guards what svmd last saw
+// of the client counters (the harvest runs on any thread). Server::mu_
+// guards the session count and the sessions to harvest; neither lock is
+// held while the other is taken.
 #ifndef SVM_DAEMON_SESSION_SESSION_SERVER_H_
 #define SVM_DAEMON_SESSION_SESSION_SERVER_H_
 
@@ -59,8 +62,10 @@ class Backend {
  public:
   virtual ~Backend() = default;
   virtual absl::StatusOr<Opened> Open(const std::string& name, const PeerCred& who) = 0;
-  // Reads [offset, offset + dst.size()) of name into dst, off the caller's
-  // thread; calls done exactly once, from any thread.
+  // Reads [offset, offset + dst.size()) of name into dst; calls done exactly
+  // once, from any thread: the caller's own before Read returns when the
+  // read is quick (a small read of a local export), otherwise later. It
+  // must not block the caller for long (the caller serves every session).
   // fill: the pages must end up in the import's shared cache (no zero-copy).
   virtual void Read(const std::string& name, uint64_t offset, absl::Span<uint8_t> dst, bool fresh,
                     bool fill, std::function<void(absl::StatusOr<ReadDone>)> done) = 0;
@@ -79,6 +84,10 @@ class Backend {
     return absl::UnimplementedError("this svmd takes no deposits");
   }
   virtual void SessionClosed(uint64_t /*session*/) {}
+  // Reads of the import name that a client served from its shared cache
+  // (what its ClientCounters grew by): reads and pages to add to the
+  // import's figures.
+  virtual void CountClientHits(const std::string& /*name*/, uint64_t /*reads*/, uint64_t /*pages*/) {}
 };
 
 struct ServerOptions {
@@ -102,6 +111,11 @@ class Server {
   // still maps) and removes the socket.
   ~Server();
   size_t sessions() const;
+  // Adds what every session's ClientCounters grew by since the last look to
+  // the backend (CountClientHits). Any thread; the metrics endpoint calls it
+  // before a scrape reads the import figures. A session that ends is
+  // harvested once more, so its counts stay.
+  void HarvestClientCounters();
 
   struct Session;
 
@@ -121,6 +135,7 @@ class Server {
   // *ok: the client broke the ring (close the session).
   bool Drain(Session& s, bool* ok);
   void Close(uint64_t id);
+  void Harvest(Session& s);
 
   Backend* const backend_;
   const ServerOptions opts_;
@@ -133,6 +148,8 @@ class Server {
   uint64_t next_id_ = 1;
   mutable absl::Mutex mu_;
   size_t count_ ABSL_GUARDED_BY(mu_) = 0;
+  // The sessions that said hello, for HarvestClientCounters.
+  std::map<uint64_t, std::shared_ptr<Session>> harvest_ ABSL_GUARDED_BY(mu_);
 };
 
 }  // namespace svm::session

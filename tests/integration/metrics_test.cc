@@ -152,10 +152,9 @@ TEST_F(Metrics, ScrapesPassPromtoolAndReportExportsImportsReadsAndInvalidations)
   EXPECT_GE(Sample(b, "svm_import_behind_exporter_seconds{name=\"m\"}"), 0);
   EXPECT_LT(Sample(b, "svm_import_behind_exporter_seconds{name=\"m\"}"), 2);
 
-  // The same read again through the control API's Read (libsvm sessions
-  // find cached pages in the shared cache without asking svmd, so only
-  // reads that reach svmd are counted): from B's cache, hits move, misses
-  // and fetches do not; a read on A itself is served by the export.
+  // The same read again through the control API's Read: from B's cache,
+  // hits move, misses and fetches do not; a read on A itself is served by
+  // the export.
   {
     auto channel = grpc::CreateChannel(daemons_[1]->control(), grpc::InsecureChannelCredentials());
     auto stub = v1::Control::NewStub(channel);
@@ -183,6 +182,36 @@ TEST_F(Metrics, ScrapesPassPromtoolAndReportExportsImportsReadsAndInvalidations)
   EXPECT_EQ(Sample(a1, "svm_export_reads_served_total{name=\"m\"}"),
             Sample(a, "svm_export_reads_served_total{name=\"m\"}") + 1);
   EXPECT_EQ(Sample(a1, "svm_export_served_bytes_total{name=\"m\"}"), 6 * kPage);
+
+  // Reads libsvm serves from the shared cache without a message to svmd are
+  // counted too: by the client in its session, added by svmd when scraped
+  // (here while the session is open) and kept when the session ends.
+  {
+    auto c = daemons_[1]->Connect();
+    std::string buf(4 * kPage, '\0');
+    auto r = c->Read("m", 0, absl::MakeSpan(reinterpret_cast<uint8_t*>(buf.data()), buf.size()));
+    ASSERT_TRUE(r.ok()) << r.status();
+    EXPECT_EQ(r->pages_from_cache, 4);
+    EXPECT_EQ(r->pages_fetched, 0);
+    EXPECT_EQ(buf, std::string(4 * kPage, 'M'));
+    const std::string b2 = Scrape(1);
+    EXPECT_EQ(Sample(b2, "svm_import_reads_total{name=\"m\"}"), 3);
+    EXPECT_EQ(Sample(b2, "svm_import_cache_hits_total{name=\"m\"}"), 8);
+    EXPECT_EQ(Sample(b2, "svm_import_cache_misses_total{name=\"m\"}"), 4);
+  }
+  auto cached = Ctl(1, {"read", "--name", "m", "--len", std::to_string(4 * kPage)});
+  ASSERT_EQ(cached.exit_code, 0) << cached.err;
+  ASSERT_EQ(cached.out, std::string(4 * kPage, 'M'));
+  // svmd harvests svmctl's session when it sees it end.
+  std::string b3;
+  for (int i = 0; i < 100; ++i) {
+    b3 = Scrape(1);
+    if (Sample(b3, "svm_import_reads_total{name=\"m\"}") >= 4) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  EXPECT_EQ(Sample(b3, "svm_import_reads_total{name=\"m\"}"), 4);
+  EXPECT_EQ(Sample(b3, "svm_import_cache_hits_total{name=\"m\"}"), 12);
+  EXPECT_EQ(Sample(b3, "svm_import_cache_misses_total{name=\"m\"}"), 4);
 
   // An invalidation: counted on both sides, the page leaves B's cache.
   ASSERT_EQ(*(*e)->Command("dontneed 1 1"), "ok");

@@ -2,6 +2,8 @@
 // end of the session (client/session.h), with a fake backend: watches that
 // end, the event ring when the client does not drain it, a forked child.
 #include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/un.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -29,6 +31,19 @@ using internal::Session;
 class FakeBackend : public Backend {
  public:
   absl::StatusOr<Opened> Open(const std::string& name, const PeerCred&) override {
+    if (name == "imp") {
+      // An import of 4 pages with an empty cache.
+      Opened o;
+      o.kind = abi::kImport;
+      o.len = 4 * abi::kPageSize;
+      o.data = UniqueFd(::memfd_create("imp-data", MFD_CLOEXEC));
+      o.words = UniqueFd(::memfd_create("imp-words", MFD_CLOEXEC));
+      if (::ftruncate(o.data.get(), 4 * abi::kPageSize) != 0 ||
+          ::ftruncate(o.words.get(), static_cast<off_t>(abi::WordsFileSize(4))) != 0) {
+        return absl::InternalError("memfd");
+      }
+      return o;
+    }
     if (name != "exp") return absl::NotFoundError(name);
     Opened o;
     o.kind = abi::kExport;
@@ -62,6 +77,15 @@ class FakeBackend : public Backend {
     for (auto& [id, cb] : cbs_) cb(e);
     return static_cast<int>(cbs_.size());
   }
+  void CountClientHits(const std::string& name, uint64_t reads, uint64_t pages) override {
+    absl::MutexLock l(&mu_);
+    hits_[name].first += reads;
+    hits_[name].second += pages;
+  }
+  std::pair<uint64_t, uint64_t> hits(const std::string& name) {
+    absl::MutexLock l(&mu_);
+    return hits_[name];
+  }
   int live() {
     absl::MutexLock l(&mu_);
     return static_cast<int>(cbs_.size());
@@ -76,6 +100,7 @@ class FakeBackend : public Backend {
   uint64_t next_ ABSL_GUARDED_BY(mu_) = 100;
   std::map<uint64_t, std::function<void(const abi::Event&)>> cbs_ ABSL_GUARDED_BY(mu_);
   int unwatched_ ABSL_GUARDED_BY(mu_) = 0;
+  std::map<std::string, std::pair<uint64_t, uint64_t>> hits_ ABSL_GUARDED_BY(mu_);
 };
 
 class SessionServerTest : public ::testing::Test {
@@ -210,6 +235,71 @@ TEST_F(SessionServerTest, AForkedChildCannotUseItsParentsSessionAndTheParentKeep
   ASSERT_TRUE(r[0].status.ok()) << r[0].status;
   for (size_t i = 0; i < buf.size(); ++i) ASSERT_EQ(buf[i], (4096 + i) % 251) << i;
   EXPECT_EQ(server_->sessions(), 1u);
+}
+
+// What a client counts of the reads it served from an import's shared cache
+// reaches the import's figures when svmd harvests (a scrape) and when the
+// session ends; a counter the client moved backwards adds nothing until it
+// passes what was already added; an export's handle counts nothing.
+TEST_F(SessionServerTest, ClientCacheHitsAreHarvestedNeverBackwardsAndKeptWhenTheSessionEnds) {
+  StartServer({});
+  auto imp = client_->Open("imp");
+  ASSERT_TRUE(imp.ok()) << imp.status();
+  auto exp = client_->Open("exp");
+  ASSERT_TRUE(exp.ok()) << exp.status();
+  const uint32_t h = (*imp)->handle;
+  client_->CountCacheHits(h, 3, 12);
+  client_->CountCacheHits((*exp)->handle, 5, 5);
+  server_->HarvestClientCounters();
+  EXPECT_EQ(backend_.hits("imp"), std::make_pair(uint64_t{3}, uint64_t{12}));
+  EXPECT_EQ(backend_.hits("exp"), std::make_pair(uint64_t{0}, uint64_t{0}));
+  server_->HarvestClientCounters();  // nothing new: nothing added
+  EXPECT_EQ(backend_.hits("imp"), std::make_pair(uint64_t{3}, uint64_t{12}));
+  // A lying client: both counters down by one (adding 2^64 - 1 wraps).
+  client_->CountCacheHits(h, UINT64_MAX, UINT64_MAX);
+  server_->HarvestClientCounters();
+  EXPECT_EQ(backend_.hits("imp"), std::make_pair(uint64_t{3}, uint64_t{12}));
+  client_->CountCacheHits(h, 2, 2);  // 4 and 13: one past what was added
+  server_->HarvestClientCounters();
+  EXPECT_EQ(backend_.hits("imp"), std::make_pair(uint64_t{4}, uint64_t{13}));
+  // Counted, never harvested by a scrape: the session's end adds it.
+  client_->CountCacheHits(h, 1, 4);
+  client_.reset();
+  EXPECT_TRUE(Eventually([&] { return server_->sessions() == 0; }));
+  EXPECT_EQ(backend_.hits("imp"), std::make_pair(uint64_t{5}, uint64_t{17}));
+}
+
+// A client of another session protocol (an older libsvm) is refused with an
+// error that names both versions, and the session goes.
+TEST_F(SessionServerTest, AClientOfAnotherProtocolVersionIsRefusedClearly) {
+  StartServer({});
+  const std::string path = absl::StrCat(::testing::TempDir(), "/svm-session-", ::getpid(), ".sock");
+  UniqueFd sock(::socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0));
+  ASSERT_TRUE(sock.valid());
+  sockaddr_un sun{};
+  sun.sun_family = AF_UNIX;
+  std::memcpy(sun.sun_path, path.c_str(), path.size() + 1);
+  ASSERT_EQ(::connect(sock.get(), reinterpret_cast<sockaddr*>(&sun), sizeof(sun)), 0);
+  const timeval patience{5, 0};  // a session that was not closed fails the test instead of hanging it
+  ASSERT_EQ(::setsockopt(sock.get(), SOL_SOCKET, SO_RCVTIMEO, &patience, sizeof(patience)), 0);
+  abi::HelloMsg h{};
+  h.h.type = abi::kHello;
+  h.h.len = sizeof(h);
+  h.magic = abi::kMagic;
+  h.version = abi::kVersion - 1;
+  ASSERT_EQ(abi::SendMsg(sock.get(), &h, sizeof(h), nullptr, 0), 0);
+  alignas(8) char buf[abi::kMaxMsg];
+  int fds[4], nfds = 0;
+  const ssize_t n = abi::RecvMsg(sock.get(), buf, sizeof(buf), fds, &nfds);
+  ASSERT_GE(n, static_cast<ssize_t>(offsetof(abi::ErrorMsg, text)));
+  EXPECT_EQ(nfds, 0);
+  abi::ErrorMsg e{};
+  std::memcpy(&e, buf, std::min(sizeof(e), static_cast<size_t>(n)));
+  EXPECT_EQ(e.h.type, abi::kError);
+  EXPECT_EQ(e.code, static_cast<uint32_t>(absl::StatusCode::kFailedPrecondition));
+  EXPECT_EQ(std::string(e.text, e.text_len),
+            absl::StrCat("session protocol ", abi::kVersion - 1, "; this svmd speaks ", abi::kVersion));
+  EXPECT_EQ(abi::RecvMsg(sock.get(), buf, sizeof(buf), fds, &nfds), 0);  // and it closed the session
 }
 
 }  // namespace
