@@ -8,11 +8,10 @@
 # node B (its daemon "bench-a" runs there: SVM_TEST_REMOTE_NODES, harness.h).
 # Emulated (TCG) numbers: only the ratios, taken in the same boot, mean
 # something.
-#   bench-a.sh NODE_B_ADDR [TRANSPORTS]
+#   bench-a.sh NODE_B_ADDR TRANSPORTS SVM_READ_BENCH
 b=$1
-transports=${2:-"tcp rdma"}
-build=$(cd "$(dirname "$0")/../../../build" 2>/dev/null && pwd)
-bench=${SVM_BENCH_BIN:-$build/tests/bench/svm-read-bench}
+transports=$2
+bench=$3
 [[ -x $bench ]] || { echo "bench: no svm-read-bench at $bench"; exit 1; }
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT

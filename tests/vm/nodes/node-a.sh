@@ -5,7 +5,7 @@
 # SVM_TEST_REMOTE), once per transport, then again with netem loss and delay
 # on this guest's NIC when --netem is given. Writes SHARED/a-done at the end.
 #   node-a.sh SHARED_DIR --transports "tcp rdma" [--netem "loss 1% delay 20ms 5ms"]
-#             [--netem-tests REGEX] [--expect-odp] [--bench] -- TEST_BINARY[:GTEST_FILTER]...
+#             [--netem-tests REGEX] [--expect-odp] [--bench SVM_READ_BENCH] -- TEST_BINARY[:GTEST_FILTER]...
 here=$(cd "$(dirname "$0")" && pwd)
 shared=$1
 shift
@@ -20,7 +20,7 @@ while (($#)); do
 	--netem) netems+=("$2"); shift 2 ;; # may be repeated: one phase each
 	--netem-tests) netem_tests=$2; shift 2 ;;
 	--expect-odp) expect_odp=1; shift ;;
-	--bench) bench=1; shift ;;
+	--bench) bench=$2; shift 2 ;; # svm-read-bench: the cross-guest benchmarks (bench-a.sh)
 	--) shift; break ;;
 	*) echo "node-a: unknown argument $1" >&2; exit 2 ;;
 	esac
@@ -114,6 +114,6 @@ for netem in "${netems[@]}"; do
 	on_b bash -c 'tc -s qdisc show dev "$SVM_VM_NET_DEV" | sed "s/^/node B: /"; tc qdisc del dev "$SVM_VM_NET_DEV" root'
 done
 if [[ -n $bench ]]; then
-	"$here/bench-a.sh" "$b" "$transports" || rc=1
+	"$here/bench-a.sh" "$b" "$transports" "$bench" || rc=1
 fi
 exit $rc

@@ -9,7 +9,7 @@
 #
 #   run-two-guests.sh --kernel stable|unstable --cache DIR --build DIR
 #                     [--transports "tcp rdma"] [--netem "loss 1% delay 20ms 5ms"]
-#                     [--netem-tests REGEX] [--expect-odp] [--bench] [--timeout SEC]
+#                     [--netem-tests REGEX] [--expect-odp] [--bench SVM_READ_BENCH] [--timeout SEC]
 #                     -- TEST_BINARY[:GTEST_FILTER]...
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -25,8 +25,8 @@ while (($#)); do
 	--timeout) tmo=$2; shift 2 ;;
 	--cache) cache=$2; shift 2 ;;
 	--build) build=$2; shift 2 ;;
-	--transports | --netem | --netem-tests) a_args+=("$1" "$2"); shift 2 ;;
-	--expect-odp | --bench) a_args+=("$1"); shift ;;
+	--transports | --netem | --netem-tests | --bench) a_args+=("$1" "$2"); shift 2 ;;
+	--expect-odp) a_args+=("$1"); shift ;;
 	--) shift; break ;;
 	*) echo "run-two-guests: unknown argument $1" >&2; exit 2 ;;
 	esac
