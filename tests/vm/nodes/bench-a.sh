@@ -15,17 +15,18 @@ bench=$3
 [[ -x $bench ]] || { echo "bench: no svm-read-bench at $bench"; exit 1; }
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
-port=18600
+echo 18600 >"$tmp/port" # perf runs in $(...): the next port is kept in a file
 rc=0
 # TOOL SIZE ITERS: the client's result row (server on node B, client here),
 # retried while the server is not up yet or TCG makes perftest print "inf".
 perf() {
 	local tool=$1 size=$2 n=$3 try i out
 	for ((try = 0; try < 3; ++try)); do
-		port=$((port + 1))
+		local port=$(($(cat "$tmp/port") + 1))
+		echo "$port" >"$tmp/port"
 		local args=(-d rxe0 -x 1 -s "$size" -n "$n" -p "$port" -F)
 		{ printf exec; printf '\t%s' "$tool" "${args[@]}"; printf '\n'; } |
-			socat -t 300 - "TCP:$b:7000" >"$tmp/server" 2>&1 &
+			timeout 300 socat -t 300 - "TCP:$b:7000" >"$tmp/server" 2>&1 &
 		local server=$!
 		for ((i = 0; i < 30; ++i)); do
 			sleep 1
