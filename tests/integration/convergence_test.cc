@@ -109,17 +109,6 @@ int Convergence::Round(int round, const StormShape& shape) {
   EXPECT_TRUE(e.ok()) << e.status();
   if (!e.ok()) return 1;
 
-  // The readers' clients connect before the storm: a client of a daemon on
-  // another machine (the two-guest tier) takes seconds to start, which
-  // left the storm without a read.
-  std::vector<std::unique_ptr<Client>> reader_clients;
-  for (size_t k = 0; k < nodes.size(); ++k) {
-    for (int t = 0; t < shape.readers_per_node; ++t) {
-      reader_clients.push_back(nodes[k]->daemon->Connect());
-      if (!reader_clients.back()) return 1;
-    }
-  }
-
   // The storm runs in the exporter; one thread waits for its reply while
   // the others import and read.
   const absl::Time storm_start = absl::Now();
@@ -165,8 +154,10 @@ int Convergence::Round(int round, const StormShape& shape) {
   // they often read (and re-attach) the same import concurrently.
   for (size_t k = 0; k < nodes.size(); ++k) {
     for (int t = 0; t < shape.readers_per_node; ++t) {
-      threads.emplace_back([&, k, c = reader_clients[k * shape.readers_per_node + t].get()] {
+      threads.emplace_back([&, k] {
         Node& node = *nodes[k];
+        auto c = node.daemon->Connect();
+        if (!c) return;
         std::string buf(kPages * kPage, '\0');
         auto span = absl::MakeSpan(reinterpret_cast<uint8_t*>(buf.data()), buf.size());
         while (!storm_over) {
