@@ -23,6 +23,7 @@
 #include <optional>
 #include <thread>
 
+#include "absl/algorithm/container.h"
 #include "absl/strings/ascii.h"
 #include "absl/strings/escaping.h"
 #include "absl/strings/match.h"
@@ -554,8 +555,11 @@ static std::string Env(const char* name) {
 absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const Options& opts) {
   auto d = std::unique_ptr<Daemon>(new Daemon());
   d->opts_ = opts;
-  if (const std::string agent = Env("SVM_TEST_REMOTE");
-      !agent.empty() && !absl::StartsWith(opts.node, "A") && opts.netns.empty()) {
+  const std::string remote_nodes = Env("SVM_TEST_REMOTE_NODES");
+  const bool remote = remote_nodes.empty()
+                          ? !absl::StartsWith(opts.node, "A")
+                          : absl::c_linear_search(absl::StrSplit(remote_nodes, ','), opts.node);
+  if (const std::string agent = Env("SVM_TEST_REMOTE"); !agent.empty() && remote && opts.netns.empty()) {
     d->agent_ = agent;
     d->opts_.host = agent.substr(0, agent.rfind(':'));
   } else if (const std::string host = Env("SVM_TEST_HOST");
@@ -706,10 +710,19 @@ absl::StatusOr<std::unique_ptr<Exporter>> Exporter::Start(const Options& opts) {
   so.log_path = opts.log_path;
   so.uid = opts.uid;
   so.gid = opts.gid;
+  const std::string& agent = opts.daemon->agent();
+  if (!agent.empty()) {  // on the daemon's machine, through its node agent
+    argv[2] = opts.daemon->remote_control();
+    so = {};
+    so.argv = {"/usr/bin/socat", "-", absl::StrCat("TCP:", agent)};
+  }
   auto p = Subprocess::Start(so);
   if (!p.ok()) return p.status();
   auto e = std::unique_ptr<Exporter>(new Exporter());
   e->proc_ = std::move(*p);
+  if (!agent.empty()) {
+    if (auto st = e->proc_->WriteLine(absl::StrCat("exec\t", absl::StrJoin(argv, "\t"))); !st.ok()) return st;
+  }
   auto line = e->proc_->ReadLine(Scaled(absl::Seconds(10)));
   if (!line.ok()) return absl::InternalError(absl::StrCat("exporter did not start: ", line.status().message()));
   // ready pid=P addr=0xA len=L

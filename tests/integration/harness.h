@@ -96,10 +96,17 @@ class Daemon {
   // memory), so Connect() on a remote daemon returns a Client whose calls
   // run in svm-remote-client on that machine (Export is not offered), and
   // RunCommand runs `svmctl --daemon CONTROL ...` of a remote daemon there.
+  // $SVM_TEST_REMOTE_NODES=NAME[,NAME...] names the remote daemons instead
+  // (svm-read-bench across two guests: its exporter's daemon "bench-a" on
+  // the other machine, the reading one here). An Exporter of a remote
+  // daemon runs on the daemon's machine too (through the agent; its pid()
+  // is the local agent connection's, uid/gid and log_path are not applied).
   static absl::StatusOr<std::unique_ptr<Daemon>> Start(const Options& opts);
 
   const std::string& control() const { return control_; }  // "unix:PATH"
   const std::string& peer() const { return peer_; }        // "HOST:PORT"
+  const std::string& agent() const { return agent_; }      // HOST:PORT; empty: local
+  const std::string& remote_control() const { return remote_control_; }
   uint16_t peer_port() const;
   uint16_t data_port() const;
   std::unique_ptr<Client> Connect();

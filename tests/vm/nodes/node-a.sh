@@ -5,22 +5,22 @@
 # SVM_TEST_REMOTE), once per transport, then again with netem loss and delay
 # on this guest's NIC when --netem is given. Writes SHARED/a-done at the end.
 #   node-a.sh SHARED_DIR --transports "tcp rdma" [--netem "loss 1% delay 20ms 5ms"]
-#             [--netem-tests REGEX] [--expect-odp] [--bench] -- TEST_BINARY[:GTEST_FILTER]...
+#             [--netem-tests REGEX] [--expect-odp] [--bench SVM_READ_BENCH] -- TEST_BINARY[:GTEST_FILTER]...
 here=$(cd "$(dirname "$0")" && pwd)
 shared=$1
 shift
 transports="tcp rdma"
-netem=
+netems=()
 netem_tests=.
 expect_odp=
 bench=
 while (($#)); do
 	case "$1" in
 	--transports) transports=$2; shift 2 ;;
-	--netem) netem=$2; shift 2 ;;
+	--netem) netems+=("$2"); shift 2 ;; # may be repeated: one phase each
 	--netem-tests) netem_tests=$2; shift 2 ;;
 	--expect-odp) expect_odp=1; shift ;;
-	--bench) bench=1; shift ;;
+	--bench) bench=$2; shift 2 ;; # svm-read-bench: the cross-guest benchmarks (bench-a.sh)
 	--) shift; break ;;
 	*) echo "node-a: unknown argument $1" >&2; exit 2 ;;
 	esac
@@ -86,17 +86,34 @@ for t in "${tests[@]}"; do
 		echo "node A: self-check ok: the wire check fails when node B is local"
 	fi
 done
-if [[ -n $netem ]]; then
+# A command on node B through its agent (node-agent.sh "run"): prints its
+# output, returns its status.
+on_b() {
+	local answer
+	answer=$({ printf run; printf '\t%s' "$@"; printf '\n'; } | socat -t 120 - "TCP:$b:7000")
+	read -r _ status out err <<<"$answer"
+	base64 -d <<<"$out"
+	base64 -d <<<"$err" >&2
+	return "${status:-1}"
+}
+# netem on both ends of the wire: node A's egress (the data node B reads)
+# and node B's (its requests and acknowledgements).
+for netem in "${netems[@]}"; do
 	modprobe -d "$SVM_VM_MODROOT" sch_netem || { echo "node A: no sch_netem"; exit 1; }
 	# shellcheck disable=SC2086
 	tc qdisc add dev "$SVM_VM_NET_DEV" root netem $netem || exit 1
+	# shellcheck disable=SC2016
+	on_b bash -c 'modprobe -d "$SVM_VM_MODROOT" sch_netem && tc qdisc add dev "$SVM_VM_NET_DEV" root netem '"$netem" ||
+		{ echo "node A: netem on node B failed"; exit 1; }
 	tc qdisc show dev "$SVM_VM_NET_DEV"
 	busybox ping -c 5 "$b" | tail -2
 	run_suite "netem $netem" "$netem_tests"
 	tc -s qdisc show dev "$SVM_VM_NET_DEV"
 	tc qdisc del dev "$SVM_VM_NET_DEV" root
-fi
+	# shellcheck disable=SC2016
+	on_b bash -c 'tc -s qdisc show dev "$SVM_VM_NET_DEV" | sed "s/^/node B: /"; tc qdisc del dev "$SVM_VM_NET_DEV" root'
+done
 if [[ -n $bench ]]; then
-	"$here/bench-a.sh" "$b" || rc=1
+	"$here/bench-a.sh" "$b" "$transports" "$bench" || rc=1
 fi
 exit $rc

@@ -12,7 +12,8 @@ ln -sf /proc/self/fd /dev/fd 2>/dev/null
 # Static neighbours: under TCG a guest can stall long enough for ARP to give
 # up, and connect() then fails "No route to host" for a while.
 ip neigh replace 10.99.0.1 lladdr 52:54:00:00:00:01 dev "$SVM_VM_NET_DEV" nud permanent
-socat "TCP-LISTEN:7000,bind=$SVM_VM_NET_ADDR,reuseaddr,fork" \
+# -t: after node A half-closes, wait for the answer (a "run" outlasts the default 0.5 s under TCG)
+socat -t 300 "TCP-LISTEN:7000,bind=$SVM_VM_NET_ADDR,reuseaddr,fork" \
 	EXEC:"$here/node-agent.sh $shared" 2>>"$shared/agent.log" &
 agent=$!
 for ((i = 0; i < 100; ++i)); do

@@ -9,22 +9,24 @@
 #
 #   run-two-guests.sh --kernel stable|unstable --cache DIR --build DIR
 #                     [--transports "tcp rdma"] [--netem "loss 1% delay 20ms 5ms"]
-#                     [--netem-tests REGEX] [--expect-odp] [--bench]
+#                     [--netem-tests REGEX] [--expect-odp] [--bench SVM_READ_BENCH] [--timeout SEC]
 #                     -- TEST_BINARY[:GTEST_FILTER]...
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 vm=$(cd "$here/.." && pwd)
 kernel=
+tmo=
 cache=
 build=
 a_args=()
 while (($#)); do
 	case "$1" in
 	--kernel) kernel=$2; shift 2 ;;
+	--timeout) tmo=$2; shift 2 ;;
 	--cache) cache=$2; shift 2 ;;
 	--build) build=$2; shift 2 ;;
-	--transports | --netem | --netem-tests) a_args+=("$1" "$2"); shift 2 ;;
-	--expect-odp | --bench) a_args+=("$1"); shift ;;
+	--transports | --netem | --netem-tests | --bench) a_args+=("$1" "$2"); shift 2 ;;
+	--expect-odp) a_args+=("$1"); shift ;;
 	--) shift; break ;;
 	*) echo "run-two-guests: unknown argument $1" >&2; exit 2 ;;
 	esac
@@ -51,7 +53,7 @@ s=[socket.socket(socket.AF_INET,socket.SOCK_DGRAM) for _ in range(2)]
 [x.bind(("127.0.0.1",0)) for x in s]
 print(*[x.getsockname()[1] for x in s])')
 wire() { echo "dgram,local.type=inet,local.host=127.0.0.1,local.port=$1,remote.type=inet,remote.host=127.0.0.1,remote.port=$2"; }
-tmo=1500
+: "${tmo:=1500}"
 "$vm/run-vm.sh" --kernel "$kernel" --cache "$cache" --log "$logs/b" --timeout "$tmo" \
 	--net "$(wire "$pb" "$pa")" --addr 10.99.0.2 -- "$here/node-b.sh" "$logs/shared" $((tmo - 60)) \
 	>"$logs/b.out" 2>&1 &
