@@ -21,6 +21,7 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
 san=asan
+options=()
 if [[ ${1:-} == asan || ${1:-} == tsan ]]; then
 	san=$1
 	shift
@@ -36,18 +37,29 @@ asan) flags="-fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-o
 # process, cannot see either way. -Wno-error=maybe-uninitialized: gcc 12's
 # flow analysis misfires on TSan-instrumented code (a lambda capture in
 # rdma_transport.cc); the plain build keeps the warning an error.
-tsan) flags="-fsanitize=thread -fno-omit-frame-pointer -Wno-tsan -Wno-error=maybe-uninitialized" ;;
+# SVM_TSAN_ABSL: tsan_absl.cc (README.md, "ThreadSanitizer and abseil").
+# -U__SANITIZE_THREAD__: the headers of the uninstrumented libraries must be
+# read as those libraries were built, or their types differ (protobuf's
+# MapFieldBase gains two members under TSan and the program crashes in
+# libprotobuf; abseil and gRPC switch on annotations of their own).
+# -D_GLIBCXX_TSAN=1 keeps libstdc++'s TSan-friendly shared_ptr release, which
+# that macro otherwise turns on.
+tsan)
+	flags="-fsanitize=thread -U__SANITIZE_THREAD__ -D_GLIBCXX_TSAN=1 -fno-omit-frame-pointer -Wno-tsan -Wno-error=maybe-uninitialized"
+	options=(-DSVM_TSAN_ABSL=ON)
+	;;
 esac
 launcher=()
 if command -v ccache >/dev/null; then
 	launcher=(-DCMAKE_CXX_COMPILER_LAUNCHER=ccache -DCMAKE_C_COMPILER_LAUNCHER=ccache)
 fi
 mkdir -p "$build"
+build=$(cd "$build" && pwd)
 (
 	flock 9
 	if [[ ! -f $build/build.ninja ]]; then
 		cmake -S "$root" -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo "${launcher[@]}" \
-			-DSVM_VM_TESTS=OFF -DSVM_SANITIZE_TIER=OFF -DSVM_FUZZ_SECONDS=0 \
+			-DSVM_VM_TESTS=OFF -DSVM_SANITIZE_TIER=OFF -DSVM_FUZZ_SECONDS=0 "${options[@]}" \
 			-DCMAKE_CXX_FLAGS="$flags" -DCMAKE_C_FLAGS="$flags" -DCMAKE_EXE_LINKER_FLAGS="$flags" \
 			>"$build/configure.log" 2>&1 || { cat "$build/configure.log" >&2; exit 1; }
 	fi
@@ -57,7 +69,25 @@ mkdir -p "$build"
 ) 9>"$build/.lock"
 export ASAN_OPTIONS=${ASAN_OPTIONS:-halt_on_error=1:detect_leaks=1:abort_on_error=0}
 export UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1}
-export TSAN_OPTIONS=${TSAN_OPTIONS:-halt_on_error=1:second_deadlock_stack=1:suppressions=$here/tsan.supp}
+# TSan writes every report to $reports/tsan.PID as well as failing the
+# process: the integration tests SIGKILL their daemons and do not look at how
+# they exited, so a report inside svmd is caught here, after the run.
+reports=$build/tsan-reports
+export TSAN_OPTIONS=${TSAN_OPTIONS:-halt_on_error=1:second_deadlock_stack=1:suppressions=$here/tsan.supp:log_path=$reports/tsan}
 export SVM_TEST_SLOW=${SVM_TEST_SLOW:-1}
 cd "$build"
-exec ctest -L "^(${labels//,/|})\$" -j "${SVM_TEST_JOBS:-2}" --output-on-failure --timeout 600 "$@"
+if [[ $san == asan ]]; then
+	exec ctest -L "^(${labels//,/|})\$" -j "${SVM_TEST_JOBS:-2}" --output-on-failure --timeout 600 "$@"
+fi
+rm -rf "$reports"
+mkdir -p "$reports"
+rc=0
+ctest -L "^(${labels//,/|})\$" -j "${SVM_TEST_JOBS:-2}" --output-on-failure --timeout 600 "$@" || rc=$?
+shopt -s nullglob
+found=("$reports"/tsan.*)
+if ((${#found[@]})); then
+	echo "ThreadSanitizer reports (${#found[@]} processes):" >&2
+	cat "${found[@]}" >&2
+	exit 1
+fi
+exit $rc
