@@ -76,6 +76,12 @@ class Backend {
                                            UniqueFd /*fd*/) {
     return absl::UnimplementedError("this svmd takes no deposits");
   }
+  // A client's hello: an error (RESOURCE_EXHAUSTED past a limit) is sent
+  // to it instead of the session memory, and the session ends
+  // (SessionClosed follows, as for every session).
+  virtual absl::Status SessionOpening(const PeerCred& /*who*/, uint64_t /*session*/) {
+    return absl::OkStatus();
+  }
   virtual void SessionClosed(uint64_t /*session*/) {}
 };
 
