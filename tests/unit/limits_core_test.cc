@@ -64,16 +64,19 @@ TEST_F(LimitsTest, OneLogLinePerWhoAndLimitPerInterval) {
 }
 
 TEST_F(LimitsTest, TheLogForgetsTheOldestWhoBeyondItsBound) {
-  for (size_t i = 0; i < Limits::kMaxLogKeys + 10; ++i) {
+  // Named in descending order, so that the oldest is not the first by name.
+  const size_t n = Limits::kMaxLogKeys + 10;
+  auto who = [&](size_t i) { return absl::StrCat("uid ", 100000 + n - i); };
+  for (size_t i = 0; i < n; ++i) {
     now_ += absl::Milliseconds(1);
-    (void)limits_.Refuse(Limit::kSessionsPerClient, absl::StrCat("uid ", i), "x", 1);
+    (void)limits_.Refuse(Limit::kSessionsPerClient, who(i), "x", 1);
   }
-  EXPECT_EQ(limits_.log_lines(), Limits::kMaxLogKeys + 10);
-  // uid 0 was forgotten (the oldest): it logs again; the newest does not.
-  (void)limits_.Refuse(Limit::kSessionsPerClient, "uid 0", "x", 1);
-  EXPECT_EQ(limits_.log_lines(), Limits::kMaxLogKeys + 11);
-  (void)limits_.Refuse(Limit::kSessionsPerClient, absl::StrCat("uid ", Limits::kMaxLogKeys + 9), "x", 1);
-  EXPECT_EQ(limits_.log_lines(), Limits::kMaxLogKeys + 11);
+  EXPECT_EQ(limits_.log_lines(), n);
+  // The first was forgotten (the oldest): it logs again; the newest does not.
+  (void)limits_.Refuse(Limit::kSessionsPerClient, who(0), "x", 1);
+  EXPECT_EQ(limits_.log_lines(), n + 1);
+  (void)limits_.Refuse(Limit::kSessionsPerClient, who(n - 1), "x", 1);
+  EXPECT_EQ(limits_.log_lines(), n + 1);
 }
 
 }  // namespace
