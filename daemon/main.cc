@@ -115,6 +115,20 @@ SVMD_FLAG(SocketMode, socket_mode, "socket-mode", SocketMode{0660}, "control soc
 SVMD_FLAG(std::string, socket_group, "socket-group", "svm",
           "control socket group; must exist when given; the default svm is used when it exists; "
           "\"\" leaves the socket's group alone");
+// Limits (docs/operations.md, "Limits"); reloadable (SIGHUP): a lowered
+// limit refuses new work only, nothing held is dropped.
+SVMD_FLAG(uint64_t, max_sessions_per_client, "max-sessions-per-client", 64,
+          "open sessions (session socket) per client uid (> 0); reloadable (SIGHUP)");
+SVMD_FLAG(uint64_t, max_exports_per_client, "max-exports-per-client", 256,
+          "exports per client uid (> 0); reloadable (SIGHUP)");
+SVMD_FLAG(uint64_t, max_export_bytes_per_client, "max-export-bytes-per-client", uint64_t{1} << 40,
+          "bytes the exports of one client uid may span (> 0); reloadable (SIGHUP)");
+SVMD_FLAG(uint64_t, max_imports_per_peer, "max-imports-per-peer", 1024,
+          "exporter: imports (subscriptions) one peer node may hold over all exports (> 0); "
+          "reloadable (SIGHUP)");
+SVMD_FLAG(uint64_t, max_pending_fetches_per_peer, "max-pending-fetches-per-peer", 256,
+          "exporter: fetch responses queued unsent on one tcp data connection before further "
+          "fetches are answered RESOURCE_EXHAUSTED (> 0); reloadable (SIGHUP)");
 // Logs.
 SVMD_FLAG(LogLevel, log_level, "log-level", LogLevel{spdlog::level::info},
           "trace|debug|info|warn|error|critical|off; reloadable (SIGHUP)");
@@ -136,8 +150,9 @@ on the command line override it. Every flag is listed below.
 SIGHUP reloads, without dropping imports, exports, sessions or peer links:
   --log-level (from the flagfile), the peer token file (--peer-token-file:
   the new token applies to peer calls from then on), the TLS certificate,
-  key and CA files (new handshakes use them once they verify). Other
-  changed flags are logged as needing a restart.
+  key and CA files (new handshakes use them once they verify), the limits
+  (--max-*: a lowered limit refuses new work only). Other changed flags
+  are logged as needing a restart.
 Exit status: 0 after a clean shutdown (SIGTERM, SIGINT) and for --help and
 --version, 1 when svmd cannot start or serve, 2 for a usage error (the
 message names the flag).)";
@@ -146,10 +161,31 @@ message names the flag).)";
 // The flags that SIGHUP applies; the rest need a restart. (The TLS files
 // are re-read too, from the paths svmd started with.) To make a flag
 // reloadable: list it here and apply it in Reload() (docs/operations.md).
-const std::set<std::string> kReloadable = {"log-level", "peer-token-file"};
+const std::set<std::string> kReloadable = {
+    "log-level",           "peer-token-file",       "max-sessions-per-client",
+    "max-exports-per-client", "max-export-bytes-per-client", "max-imports-per-peer",
+    "max-pending-fetches-per-peer"};
 
 absl::Status FlagError(const char* flag, absl::string_view what) {
   return absl::InvalidArgumentError(absl::StrCat("--", flag, ": ", what));
+}
+
+// The limit flags, by core::Limit.
+struct LimitFlag {
+  svm::core::Limit limit;
+  absl::Flag<uint64_t>* flag;
+};
+const LimitFlag kLimitFlags[] = {
+    {svm::core::Limit::kSessionsPerClient, &FLAGS_max_sessions_per_client},
+    {svm::core::Limit::kExportsPerClient, &FLAGS_max_exports_per_client},
+    {svm::core::Limit::kExportBytesPerClient, &FLAGS_max_export_bytes_per_client},
+    {svm::core::Limit::kImportsPerPeer, &FLAGS_max_imports_per_peer},
+    {svm::core::Limit::kPendingFetchesPerPeer, &FLAGS_max_pending_fetches_per_peer},
+};
+
+absl::Status CheckLimit(svm::core::Limit l, uint64_t v) {
+  if (v > 0) return absl::OkStatus();
+  return absl::InvalidArgumentError(absl::StrCat("--", svm::core::Limits::Flag(l), ": must be > 0"));
 }
 
 absl::StatusOr<std::string> ReadPeerToken(const std::string& path) {
@@ -217,6 +253,11 @@ absl::StatusOr<svm::core::DaemonOptions> ParseOptions() {
   o.limits.fault_fetch_delay = absl::Milliseconds(absl::GetFlag(FLAGS_fault_fetch_delay_ms));
   o.limits.fault_subscribe_inval = absl::Milliseconds(absl::GetFlag(FLAGS_fault_subscribe_inval_ms));
   o.import.rpc_timeout = absl::Milliseconds(absl::GetFlag(FLAGS_peer_timeout_ms));
+  for (const LimitFlag& f : kLimitFlags) {
+    const uint64_t v = absl::GetFlag(*f.flag);
+    if (auto st = CheckLimit(f.limit, v); !st.ok()) return st;
+    o.limit_values.Of(f.limit) = v;
+  }
   return o;
 }
 
@@ -280,6 +321,39 @@ void Reload(Startup& startup, svm::core::Daemon* d, svm::service::PeerTls* tls) 
     absl::SetFlag(&FLAGS_log_level, level);
     spdlog::set_level(level.value);
     spdlog::warn("reload: log level {}", spdlog::level::to_string_view(level.value));
+  }
+  // The limits: all of them or none (a bad value changes no limit). Held
+  // exports, imports, sessions and queued fetches stay above a lowered one.
+  {
+    svm::core::LimitValues limits = d->limits().Values();
+    absl::Status bad;
+    for (const LimitFlag& f : kLimitFlags) {
+      const std::string name(svm::core::Limits::Flag(f.limit));
+      auto v = from_file(name);
+      if (!v) continue;
+      uint64_t n = 0;
+      std::string err;
+      if (!absl::ParseFlag(*v, &n, &err)) {
+        bad = FlagError(name.c_str(), err.empty() ? absl::StrCat("'", *v, "' is not a number") : err);
+      } else if (auto st = CheckLimit(f.limit, n); !st.ok()) {
+        bad = st;
+      }
+      if (!bad.ok()) break;
+      limits.Of(f.limit) = n;
+    }
+    if (!bad.ok()) {
+      spdlog::error("reload: {}; svmd keeps its current limits", bad.message());
+    } else {
+      const svm::core::LimitValues was = d->limits().Values();
+      d->limits().Set(limits);
+      for (const LimitFlag& f : kLimitFlags) {
+        absl::SetFlag(f.flag, limits.Of(f.limit));
+        if (was.Of(f.limit) != limits.Of(f.limit)) {
+          spdlog::warn("reload: --{} {} (was {}); what is held stays", svm::core::Limits::Flag(f.limit),
+                       limits.Of(f.limit), was.Of(f.limit));
+        }
+      }
+    }
   }
   // The token: the file named now (the path may change too), re-read.
   std::string token_path = absl::GetFlag(FLAGS_peer_token_file);

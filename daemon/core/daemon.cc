@@ -43,7 +43,10 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Create(DaemonOptions opts) {
   if (d->rdma_) d->transport_list_.push_back(d->rdma_.get());
   if (d->tcp_) d->transport_list_.push_back(d->tcp_.get());
   d->primary_ = d->tcp_ ? d->tcp_.get() : d->rdma_.get();
-  d->exports_ = std::make_unique<ExportTable>(d->source_.get(), &d->hub_, &d->counters_, o.limits,
+  d->limits_ = std::make_shared<Limits>(o.limit_values);
+  ExportLimits el = o.limits;
+  el.live = d->limits_;
+  d->exports_ = std::make_unique<ExportTable>(d->source_.get(), &d->hub_, &d->counters_, el,
                                               d->export_paths());
   if (d->rdma_) d->exports_->EnableZeroCopy(d->rdma_.get());
   for (transport::Transport* t : d->transport_list_) {

@@ -20,6 +20,7 @@
 #include "daemon/core/counters.h"
 #include "daemon/core/export_table.h"
 #include "daemon/core/import_table.h"
+#include "daemon/core/limits.h"
 #include "daemon/core/watch_hub.h"
 #include "daemon/session/shared_cache.h"
 #include "daemon/source/mirror_source.h"
@@ -41,7 +42,8 @@ struct DaemonOptions {
   absl::Duration poll_interval = absl::Milliseconds(10);
   absl::Duration scrub_interval = absl::Milliseconds(50);
   absl::Duration heartbeat_interval = absl::Milliseconds(500);
-  ExportLimits limits;
+  ExportLimits limits;  // its live limits are replaced by limit_values
+  LimitValues limit_values;
   ImportOptions import;
 };
 
@@ -55,6 +57,8 @@ class Daemon {
   ImportTable& imports() { return *imports_; }
   WatchHub& hub() { return hub_; }
   Counters& counters() { return counters_; }
+  // The limits in force (SIGHUP replaces their values).
+  Limits& limits() { return *limits_; }
   // The peer token in force (SIGHUP replaces it).
   PeerToken& peer_token() { return *peer_token_; }
   Executor& executor() { return *executor_; }
@@ -95,6 +99,7 @@ class Daemon {
   // Declaration order is teardown order, reversed: the executor stops first,
   // then the tables, then the transport, the source and the cache.
   Counters counters_;
+  std::shared_ptr<Limits> limits_;  // shared with the export table
   std::shared_ptr<PeerToken> peer_token_;  // shared with the import table
   WatchHub hub_;
   std::unique_ptr<session::SharedCache> cache_;

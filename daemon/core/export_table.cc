@@ -209,14 +209,18 @@ absl::StatusOr<v1::ExportInfo> ExportTable::Export(const std::string& name, pid_
       ++count;
       bytes += e->len;
     }
-    if (count >= limits_.max_exports_per_uid) {
-      return absl::ResourceExhaustedError(
-          absl::StrFormat("uid %u already has %u exports (the limit)", owner, count));
+    Limits& lim = *limits_.live;
+    const uint64_t max_count = lim.Get(Limit::kExportsPerClient);
+    const uint64_t max_bytes = lim.Get(Limit::kExportBytesPerClient);
+    const std::string who = absl::StrCat("uid ", owner);
+    if (count >= max_count) {
+      return lim.Refuse(Limit::kExportsPerClient, who,
+                        absl::StrFormat("already has %u exports", count), max_count);
     }
-    if (bytes + len > limits_.max_bytes_per_uid || bytes + len < bytes) {
-      return absl::ResourceExhaustedError(
-          absl::StrFormat("uid %u would export more than %u bytes (the limit)", owner,
-                          limits_.max_bytes_per_uid));
+    if (bytes + len > max_bytes || bytes + len < bytes) {
+      return lim.Refuse(Limit::kExportBytesPerClient, who,
+                        absl::StrFormat("would export %u bytes more than its %u", len, bytes),
+                        max_bytes);
     }
     auto it = by_name_.find(name);
     if (it != by_name_.end()) {
@@ -478,6 +482,26 @@ absl::StatusOr<uint64_t> ExportTable::Subscribe(uint64_t export_id,
   if (!e || !CheckAllowed(e->allow, peer).ok()) return SubscribeRefused();
   uint64_t seq;
   {
+    // The count and the insertion under mu_ (before ExportEntry::mu), so
+    // that concurrent subscriptions cannot overshoot the limit.
+    absl::MutexLock tl(&mu_);
+    Limits& lim = *limits_.live;
+    const uint64_t max = lim.Get(Limit::kImportsPerPeer);
+    uint64_t held = 0;
+    bool again = false;  // this connection re-subscribes: it holds the slot already
+    for (const auto& [id, x] : by_id_) {
+      absl::MutexLock xl(&x->mu);
+      if (x->gone) continue;  // holds nothing any more
+      for (const auto& [sid, s] : x->subs) {
+        if (s->node() != sub->node()) continue;
+        ++held;
+        if (x == e && sid == sub->id()) again = true;
+      }
+    }
+    if (!again && held >= max) {
+      return lim.Refuse(Limit::kImportsPerPeer, absl::StrCat("node ", sub->node()),
+                        absl::StrFormat("already holds %u imports of this node's exports", held), max);
+    }
     absl::MutexLock l(&e->mu);
     if (e->gone) return absl::FailedPreconditionError(absl::StrCat("export '", e->name, "' gone"));
     e->subs[sub->id()] = sub;
@@ -616,6 +640,16 @@ absl::StatusOr<uint64_t> ExportTable::ServeFetch(const transport::Subscriber& fr
   e->stats.fetches.fetch_add(1, std::memory_order_relaxed);
   e->stats.bytes_served.fetch_add(dst.size(), std::memory_order_relaxed);
   return seq;
+}
+
+absl::Status ExportTable::AdmitFetch(const std::string& node, uint64_t pending) {
+  Limits& lim = *limits_.live;
+  const uint64_t max = lim.Get(Limit::kPendingFetchesPerPeer);
+  if (pending < max) return absl::OkStatus();
+  return lim.Refuse(Limit::kPendingFetchesPerPeer, absl::StrCat("node ", node),
+                    absl::StrFormat("has %u fetch responses waiting to be sent on its data connection",
+                                    pending),
+                    max);
 }
 
 void ExportTable::OnAck(uint64_t subscriber_id, uint64_t export_id, uint64_t seq) {

@@ -49,6 +49,7 @@
 #include "absl/time/time.h"
 #include "common/fd.h"
 #include "daemon/core/counters.h"
+#include "daemon/core/limits.h"
 #include "daemon/coherence/coherence.h"
 #include "daemon/core/watch_hub.h"
 #include "daemon/source/mirror_source.h"
@@ -60,8 +61,10 @@
 namespace svm::core {
 
 struct ExportLimits {
-  uint32_t max_exports_per_uid = 256;
-  uint64_t max_bytes_per_uid = 1ull << 40;
+  // Exports and bytes per uid, imports (subscriptions) per importing node
+  // and pending fetches per data connection: the live values (SIGHUP
+  // replaces them), shared with the daemon.
+  std::shared_ptr<Limits> live = std::make_shared<Limits>();
   absl::Duration sync_timeout = absl::Seconds(5);
   uint64_t scrub_pages_per_pass = 4096;
   // Fault injection for tests: hold every fetch reply this long after the
@@ -115,6 +118,8 @@ class ExportTable final : public transport::ExportBackend {
   // Grants the connection fetches of the export (ServeFetch). An id no
   // export has is refused as a peer not on the list is (PERMISSION_DENIED,
   // the same message), so ids cannot be probed.
+  // RESOURCE_EXHAUSTED when the connection's node already holds
+  // --max-imports-per-peer subscriptions (over every export).
   absl::StatusOr<uint64_t> Subscribe(uint64_t export_id, std::shared_ptr<transport::Subscriber> sub,
                                      absl::Span<const std::string> peer = {});
   absl::StatusOr<v1::SyncResponse> Sync(const std::string& name);
@@ -135,6 +140,7 @@ class ExportTable final : public transport::ExportBackend {
   absl::StatusOr<uint64_t> ServeFetch(const transport::Subscriber& from, uint64_t export_id,
                                       uint64_t first_page, uint32_t npages, bool track,
                                       absl::Span<uint8_t> dst) override;
+  absl::Status AdmitFetch(const std::string& node, uint64_t pending) override;
   void OnAck(uint64_t subscriber_id, uint64_t export_id, uint64_t seq) override;
   void OnSubscriberClosed(uint64_t subscriber_id) override;
   // Sends a heartbeat to every subscriber (once per connection): it renews

@@ -175,6 +175,20 @@ std::vector<MetricFamily> DaemonCollector::Collect() const {
   }
   for (auto* f : {&i_reads, &i_hits, &i_misses, &i_latency, &i_behind}) out.push_back(std::move(*f));
 
+  // Limits (daemon/core/limits.h): every limit is listed, refused or not.
+  auto refusals = Family("svm_limit_refusals_total",
+                         "requests refused with RESOURCE_EXHAUSTED by the limit (its flag: --max-*)",
+                         MetricType::Counter);
+  auto limit = Family("svm_limit", "the limit's value in force (SIGHUP may change it)", MetricType::Gauge);
+  for (size_t i = 0; i < core::kLimitCount; ++i) {
+    const auto l = static_cast<core::Limit>(i);
+    const std::vector<ClientMetric::Label> by_limit = {{"limit", std::string(core::Limits::Name(l))}};
+    AddSample(refusals, by_limit, static_cast<double>(d.limits().refusals(l)));
+    AddSample(limit, by_limit, static_cast<double>(d.limits().Get(l)));
+  }
+  out.push_back(std::move(refusals));
+  out.push_back(std::move(limit));
+
   auto peers = Family("svm_peer_links_up", "peer links whose data connection is up",
                       MetricType::Gauge);
   AddSample(peers, {}, d.imports().peers());

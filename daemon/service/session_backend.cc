@@ -5,6 +5,7 @@
 #include "daemon/service/session_backend.h"
 
 #include <set>
+#include <map>
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
@@ -26,11 +27,35 @@ class DaemonBackend final : public session::Backend {
  public:
   DaemonBackend(core::Daemon* d, RangeDeposits* deposits) : d_(d), deposits_(deposits) {}
 
+  // --max-sessions-per-client: open sessions per uid.
+  absl::Status SessionOpening(const PeerCred& who, uint64_t session) override {
+    core::Limits& lim = d_->limits();
+    const uint64_t max = lim.Get(core::Limit::kSessionsPerClient);
+    absl::MutexLock l(&mu_);
+    uint64_t& open = per_uid_[who.uid];
+    if (open >= max) {
+      const uint64_t held = open;
+      if (held == 0) per_uid_.erase(who.uid);
+      return lim.Refuse(core::Limit::kSessionsPerClient, absl::StrCat("uid ", who.uid),
+                        absl::StrCat("already has ", held, " sessions open"), max);
+    }
+    ++open;
+    uid_of_[session] = who.uid;
+    return absl::OkStatus();
+  }
+
   absl::StatusOr<uint64_t> Deposit(const PeerCred& who, uint64_t session, UniqueFd fd,
                                    UniqueFd object) override {
     return deposits_->Add(who, session, std::move(fd), std::move(object));
   }
-  void SessionClosed(uint64_t session) override { deposits_->DropSession(session); }
+  void SessionClosed(uint64_t session) override {
+    deposits_->DropSession(session);
+    absl::MutexLock l(&mu_);
+    auto it = uid_of_.find(session);
+    if (it == uid_of_.end()) return;  // refused, or closed before its hello
+    if (--per_uid_[it->second] == 0) per_uid_.erase(it->second);
+    uid_of_.erase(it);
+  }
   void CountClientHits(const std::string& name, uint64_t reads, uint64_t pages) override {
     d_->imports().CountClientHits(name, reads, pages);
   }
@@ -121,6 +146,9 @@ class DaemonBackend final : public session::Backend {
   RangeDeposits* const deposits_;
   // Exports whose reads go to the executor (the session thread only).
   std::set<std::string> slow_;
+  absl::Mutex mu_;  // guards the session counts
+  std::map<uid_t, uint64_t> per_uid_ ABSL_GUARDED_BY(mu_);     // sessions past their hello
+  std::map<uint64_t, uid_t> uid_of_ ABSL_GUARDED_BY(mu_);      // session id -> its uid
 };
 
 }  // namespace

@@ -441,6 +441,7 @@ bool Server::SendError(Session& s, const absl::Status& st) {
 }
 
 bool Server::OnHello(Session& s) {
+  if (auto st = backend_->SessionOpening(s.cred, s.id); !st.ok()) return SendError(s, st) && false;
   const uint64_t sq_off = AlignUp(sizeof(abi::SessionHeader), 4096);
   const uint64_t cq_off = AlignUp(sq_off + uint64_t{opts_.sq_entries} * sizeof(abi::Sqe), 4096);
   const uint64_t ev_off = AlignUp(cq_off + uint64_t{opts_.cq_entries} * sizeof(abi::Cqe), 4096);

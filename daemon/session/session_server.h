@@ -83,6 +83,12 @@ class Backend {
                                            UniqueFd /*fd*/, UniqueFd /*object*/) {
     return absl::UnimplementedError("this svmd takes no deposits");
   }
+  // A client's hello: an error (RESOURCE_EXHAUSTED past a limit) is sent
+  // to it instead of the session memory, and the session ends
+  // (SessionClosed follows, as for every session).
+  virtual absl::Status SessionOpening(const PeerCred& /*who*/, uint64_t /*session*/) {
+    return absl::OkStatus();
+  }
   virtual void SessionClosed(uint64_t /*session*/) {}
   // Reads of the import name that a client served from its shared cache
   // (what its ClientCounters grew by): reads and pages to add to the

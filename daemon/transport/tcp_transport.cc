@@ -91,6 +91,7 @@ class ServerConn final : public Subscriber, public std::enable_shared_from_this<
   bool EnqueueLocked(std::vector<uint8_t> frame) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     if (closed_) return false;
     queued_bytes_ += frame.size();
+    if (IsFetchResp(frame)) ++queued_fetches_;
     out_.push_back(std::move(frame));
     if (queued_bytes_ > kMaxQueuedBytes) {
       spdlog::warn("data connection to {} has {} MiB unsent; dropping it", node_, queued_bytes_ >> 20);
@@ -124,6 +125,14 @@ class ServerConn final : public Subscriber, public std::enable_shared_from_this<
       CloseLocked();
     }
   }
+  static bool IsFetchResp(const std::vector<uint8_t>& frame) {
+    return frame.size() >= sizeof(FrameHeader) &&
+           frame[offsetof(FrameHeader, type)] == static_cast<uint8_t>(FrameType::kFetchResp);
+  }
+  uint64_t QueuedFetches() {
+    absl::MutexLock l(&mu_);
+    return queued_fetches_;
+  }
   void CloseLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     if (closed_) return;
     closed_ = true;
@@ -142,6 +151,7 @@ class ServerConn final : public Subscriber, public std::enable_shared_from_this<
   absl::Mutex mu_;  // guards the outbound queue and closed_
   std::deque<std::vector<uint8_t>> out_ ABSL_GUARDED_BY(mu_);
   size_t queued_bytes_ ABSL_GUARDED_BY(mu_) = 0;
+  uint64_t queued_fetches_ ABSL_GUARDED_BY(mu_) = 0;  // FETCH_RESP frames in out_
   bool closed_ ABSL_GUARDED_BY(mu_) = false;
   // A thread is writing a frame to the socket (the writer, or the reader
   // answering directly); the other waits.
@@ -385,6 +395,8 @@ void ServerConn::ReaderLoop() {
         std::vector<uint8_t> frame;
         if (auto bad = CheckFetchPages(f.npages, kMaxFetchPages); !bad.ok()) {
           frame = MakeFetchError(h.id, bad);
+        } else if (auto full = backend_->AdmitFetch(node_, QueuedFetches()); !full.ok()) {
+          frame = MakeFetchError(h.id, full);  // --max-pending-fetches-per-peer
         } else {
           // The pages are copied once, into the frame that is sent.
           FetchRespPayload r{};
@@ -448,6 +460,7 @@ void ServerConn::WriterLoop() {
       frame = std::move(out_.front());
       out_.pop_front();
       queued_bytes_ -= frame.size();
+      if (IsFetchResp(frame)) --queued_fetches_;
       writing_ = true;
     }
     absl::Status st = WriteFull(fd_.get(), frame.data(), frame.size());

@@ -64,6 +64,12 @@ class ExportBackend {
   virtual absl::StatusOr<uint64_t> ServeFetch(const Subscriber& from, uint64_t export_id,
                                               uint64_t first_page, uint32_t npages, bool track,
                                               absl::Span<uint8_t> dst) = 0;
+  // Whether a connection of node with `pending` fetch responses queued and
+  // not yet sent may have one more served; an error (RESOURCE_EXHAUSTED) is
+  // the fetch's answer instead, and nothing is copied.
+  virtual absl::Status AdmitFetch(const std::string& /*node*/, uint64_t /*pending*/) {
+    return absl::OkStatus();
+  }
   virtual void OnAck(uint64_t subscriber_id, uint64_t export_id, uint64_t seq) = 0;
   virtual void OnSubscriberClosed(uint64_t subscriber_id) = 0;
 };

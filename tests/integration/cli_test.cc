@@ -48,6 +48,8 @@ TEST(SvmdCommandLine, RefusesBadValuesNamingTheFlag) {
       {{"--peer-token-file", "/nonexistent/token"}, "--peer-token-file: cannot read /nonexistent/token"},
       {{"--tls-cert", "/nonexistent/cert"}, "--tls-cert, --tls-key and --tls-ca go together"},
       {{"--no-such-flag", "1"}, "Unknown command line flag 'no-such-flag'"},
+      {{"--max-imports-per-peer", "0"}, "--max-imports-per-peer: must be > 0"},
+      {{"--max-sessions-per-client", "-1"}, "flag 'max-sessions-per-client'"},
       {{"--cache-mb"}, "Missing the value for the flag 'cache-mb'"},
       {{"stray"}, "unexpected argument 'stray'"},
   };

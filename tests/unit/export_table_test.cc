@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "absl/cleanup/cleanup.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "absl/synchronization/mutex.h"
@@ -188,6 +189,7 @@ class FakeSource final : public source::MirrorSource {
 class FakeSubscriber final : public transport::Subscriber {
  public:
   explicit FakeSubscriber(uint64_t id) : id_(id), node_(absl::StrCat("node-", id)) {}
+  FakeSubscriber(uint64_t id, std::string node) : id_(id), node_(std::move(node)) {}
   uint64_t id() const override { return id_; }
   const std::string& node() const override { return node_; }
   bool PushInvalidation(const InvalRecord& r) override {
@@ -455,7 +457,7 @@ TEST_F(ExportTableTest, DestroyingTheTableDetachesEverything) {
 
 TEST_F(ExportTableTest, PerUidExportCountLimit) {
   ExportLimits l = Limits();
-  l.max_exports_per_uid = 2;
+  l.live->Set({.exports_per_client = 2});
   MakeTable(l);
   ASSERT_TRUE(Export("a", 0, 1, 1000).ok());
   ASSERT_TRUE(Export("b", 1, 1, 1000).ok());
@@ -469,7 +471,7 @@ TEST_F(ExportTableTest, PerUidExportCountLimit) {
 
 TEST_F(ExportTableTest, AnExportWhoseProcessExitedFreesItsSlot) {
   ExportLimits l = Limits();
-  l.max_exports_per_uid = 1;
+  l.live->Set({.exports_per_client = 1});
   MakeTable(l);
   ASSERT_TRUE(Export("a", 0, 1, 1000).ok());
   EXPECT_EQ(Export("b", 1, 1, 1000).status().code(), absl::StatusCode::kResourceExhausted);
@@ -479,7 +481,7 @@ TEST_F(ExportTableTest, AnExportWhoseProcessExitedFreesItsSlot) {
 
 TEST_F(ExportTableTest, PerUidByteLimit) {
   ExportLimits l = Limits();
-  l.max_bytes_per_uid = 8 * kPageSize;
+  l.live->Set({.export_bytes_per_client = 8 * kPageSize});
   MakeTable(l);
   ASSERT_TRUE(Export("a", 0, 6, 1000).ok());
   EXPECT_EQ(Export("b", 8, 3, 1000).status().code(), absl::StatusCode::kResourceExhausted);
@@ -490,11 +492,89 @@ TEST_F(ExportTableTest, PerUidByteLimit) {
 
 TEST_F(ExportTableTest, ByteLimitSumCannotWrap) {
   ExportLimits l = Limits();
-  l.max_bytes_per_uid = UINT64_MAX;  // only the wrap check can refuse
+  l.live->Set({.export_bytes_per_client = UINT64_MAX});  // only the wrap check can refuse
   MakeTable(l);
   ASSERT_TRUE(Export("a", 0, 2, 1000).ok());
   auto r = table_->Export("huge", kPid, kBase, UINT64_MAX & ~(kPageSize - 1), 1000);
   EXPECT_EQ(r.status().code(), absl::StatusCode::kResourceExhausted);
+}
+
+TEST_F(ExportTableTest, ALoweredLimitRefusesNewExportsAndKeepsHeldOnes) {
+  ExportLimits l = Limits();
+  MakeTable(l);
+  ASSERT_TRUE(Export("a", 0, 1, 1000).ok());
+  ASSERT_TRUE(Export("b", 1, 1, 1000).ok());
+  l.live->Set({.exports_per_client = 1});  // as SIGHUP does
+  auto c = Export("c", 2, 1, 1000);
+  EXPECT_EQ(c.status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_TRUE(absl::StrContains(c.status().message(), "--max-exports-per-client=1")) << c.status();
+  EXPECT_TRUE(table_->Has("a") && table_->Has("b")) << "held exports stay";
+  EXPECT_EQ(l.live->refusals(Limit::kExportsPerClient), 1u);
+  l.live->Set({.exports_per_client = 3});
+  EXPECT_TRUE(Export("c", 2, 1, 1000).ok()) << "a raised limit admits at once";
+}
+
+TEST_F(ExportTableTest, ByteLimitRefusalNamesItsFlag) {
+  ExportLimits l = Limits();
+  l.live->Set({.export_bytes_per_client = 2 * kPageSize});
+  MakeTable(l);
+  auto r = Export("a", 0, 3, 1000);
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_TRUE(absl::StrContains(r.status().message(), "--max-export-bytes-per-client=8192")) << r.status();
+  EXPECT_EQ(l.live->refusals(Limit::kExportBytesPerClient), 1u);
+}
+
+TEST_F(ExportTableTest, ImportsPerPeerCountSubscriptionsOfOneNodeOverEveryExport) {
+  ExportLimits l = Limits();
+  l.live->Set({.imports_per_peer = 2});
+  MakeTable(l);
+  for (const char* n : {"a", "b", "c"}) ASSERT_TRUE(Export(n, n[0] - 'a', 1).ok());
+  auto sub = std::make_shared<FakeSubscriber>(7);  // node-7
+  ASSERT_TRUE(table_->Subscribe(IdOf("a"), sub).ok());
+  ASSERT_TRUE(table_->Subscribe(IdOf("b"), sub).ok());
+  auto third = table_->Subscribe(IdOf("c"), sub);
+  EXPECT_EQ(third.status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_TRUE(absl::StrContains(third.status().message(), "node node-7")) << third.status();
+  EXPECT_TRUE(absl::StrContains(third.status().message(), "--max-imports-per-peer=2")) << third.status();
+  // Another connection of the same node counts against the same limit.
+  auto other = std::make_shared<FakeSubscriber>(9, "node-7");
+  EXPECT_EQ(table_->Subscribe(IdOf("c"), other).status().code(), absl::StatusCode::kResourceExhausted);
+  // A re-subscription holds no new slot; another node has its own.
+  EXPECT_TRUE(table_->Subscribe(IdOf("a"), sub).ok());
+  EXPECT_TRUE(table_->Subscribe(IdOf("c"), std::make_shared<FakeSubscriber>(8)).ok());
+  // Lowering it keeps the held subscriptions.
+  l.live->Set({.imports_per_peer = 1});
+  EXPECT_EQ(table_->List()[0].subscribers(), 1u);
+  // Use drops (the connection closes): the node may import again.
+  l.live->Set({.imports_per_peer = 2});
+  table_->OnSubscriberClosed(sub->id());
+  EXPECT_TRUE(table_->Subscribe(IdOf("c"), other).ok());
+  EXPECT_EQ(l.live->refusals(Limit::kImportsPerPeer), 2u);
+}
+
+TEST_F(ExportTableTest, AGoneExportHoldsNoImportSlot) {
+  ExportLimits l = Limits();
+  l.live->Set({.imports_per_peer = 1});
+  MakeTable(l);
+  ASSERT_TRUE(Export("a", 0, 1).ok());
+  ASSERT_TRUE(Export("b", 1, 1).ok());
+  auto sub = std::make_shared<FakeSubscriber>(7);
+  ASSERT_TRUE(table_->Subscribe(IdOf("a"), sub).ok());
+  EXPECT_FALSE(table_->Subscribe(IdOf("b"), sub).ok());
+  ASSERT_TRUE(source_.Fire(0, Ch(0, 1, ChangeKind::kExit)));
+  EXPECT_TRUE(table_->Subscribe(IdOf("b"), sub).ok());
+}
+
+TEST_F(ExportTableTest, AdmitFetchRefusesAtThePendingLimit) {
+  ExportLimits l = Limits();
+  l.live->Set({.pending_fetches_per_peer = 4});
+  MakeTable(l);
+  EXPECT_TRUE(table_->AdmitFetch("b", 0).ok());
+  EXPECT_TRUE(table_->AdmitFetch("b", 3).ok());
+  absl::Status st = table_->AdmitFetch("b", 4);
+  EXPECT_EQ(st.code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_TRUE(absl::StrContains(st.message(), "--max-pending-fetches-per-peer=4")) << st;
+  EXPECT_EQ(l.live->refusals(Limit::kPendingFetchesPerPeer), 1u);
 }
 
 // ---------------------------------------------------- seq and invalidation

@@ -98,6 +98,16 @@ class FakeExportBackend final : public ExportBackend {
     }
     return seq_;
   }
+  // Refuses at max_pending (the daemon's --max-pending-fetches-per-peer).
+  absl::Status AdmitFetch(const std::string& /*node*/, uint64_t pending) override {
+    uint64_t seen = max_pending_seen.load();
+    while (pending > seen && !max_pending_seen.compare_exchange_weak(seen, pending)) {
+    }
+    if (pending < max_pending.load()) return absl::OkStatus();
+    return absl::ResourceExhaustedError("too many pending");
+  }
+  std::atomic<uint64_t> max_pending{UINT64_MAX};
+  std::atomic<uint64_t> max_pending_seen{0};
   void OnAck(uint64_t subscriber_id, uint64_t export_id, uint64_t seq) override {
     absl::MutexLock l(&mu_);
     acks_.push_back({subscriber_id, export_id, seq});
@@ -1189,6 +1199,63 @@ TEST_P(TcpWireTest, MalformedFetchClosesTheConnection) {
   ASSERT_TRUE(WriteFull(raw.get(), f.data(), f.size()).ok());
   EXPECT_TRUE(PeerClosed(raw.get()));
   EXPECT_TRUE(exp_.calls().empty());
+}
+
+// A peer that sends fetches and does not read the answers: once
+// max_pending responses are queued unsent, the rest are answered
+// RESOURCE_EXHAUSTED without being served (nothing copied, nothing more
+// queued than a short error each); once the peer reads, fetches are served
+// again.
+TEST_P(TcpWireTest, FetchesBeyondThePendingLimitAreRefusedNotQueued) {
+  exp_.max_pending = 4;
+  auto setup = Prepare("flood");
+  ASSERT_TRUE(setup.ok());
+  UniqueFd raw = RawConnect(PortOf(exporter_->listen_address()));
+  const std::string& tok = setup->offer.token;
+  auto hello = RawFrame(FrameType::kHello, tok.data(), tok.size());
+  ASSERT_TRUE(WriteFull(raw.get(), hello.data(), hello.size()).ok());
+  FrameHeader h;
+  ASSERT_TRUE(ReadFull(raw.get(), &h, sizeof(h)).ok());
+  ASSERT_EQ(h.type, static_cast<uint8_t>(FrameType::kHello));
+  // 4 MiB answers each: the socket buffers hold a few at most.
+  constexpr int kFetches = 48;
+  auto send = [&](int n) {
+    for (int i = 0; i < n; ++i) {
+      FetchPayload f{1, 0, kMaxFetchPages, 0};
+      auto frame = MakeFrame(FrameType::kFetch, 100 + i, &f, sizeof(f));
+      ASSERT_TRUE(WriteFull(raw.get(), frame.data(), frame.size()).ok());
+    }
+  };
+  send(kFetches);
+  // Only then read: every fetch is answered, in order.
+  auto read_all = [&](int n, int* served, int* refused) {
+    std::vector<uint8_t> payload;
+    for (int i = 0; i < n; ++i) {
+      ASSERT_TRUE(ReadFull(raw.get(), &h, sizeof(h)).ok()) << i;
+      ASSERT_EQ(h.type, static_cast<uint8_t>(FrameType::kFetchResp));
+      payload.resize(h.payload_len);
+      ASSERT_TRUE(ReadFull(raw.get(), payload.data(), payload.size()).ok());
+      FetchRespPayload r;
+      std::memcpy(&r, payload.data(), sizeof(r));
+      if (r.code == 0) {
+        ++*served;
+      } else {
+        EXPECT_EQ(r.code, static_cast<uint32_t>(absl::StatusCode::kResourceExhausted));
+        ++*refused;
+      }
+    }
+  };
+  int served = 0, refused = 0;
+  read_all(kFetches, &served, &refused);
+  EXPECT_GT(refused, 0) << "the exporter queued every answer";
+  EXPECT_GE(served, 4);
+  EXPECT_EQ(exp_.calls().size(), static_cast<size_t>(served)) << "a refused fetch is not served";
+  EXPECT_GE(exp_.max_pending_seen.load(), 4u) << "admission saw the queue";
+  // The peer read everything: its next fetches are served.
+  send(2);
+  int served2 = 0, refused2 = 0;
+  read_all(2, &served2, &refused2);
+  EXPECT_EQ(served2, 2);
 }
 
 // A fake exporter on a raw socket: the importer's end of the wire, seen
