@@ -117,7 +117,7 @@ SVMD_FLAG(std::string, socket_group, "socket-group", "svm",
           "\"\" leaves the socket's group alone");
 // Limits (docs/operations.md, "Limits"); reloadable (SIGHUP): a lowered
 // limit refuses new work only, nothing held is dropped.
-SVMD_FLAG(uint64_t, max_sessions_per_client, "max-sessions-per-client", 64,
+SVMD_FLAG(uint64_t, max_sessions_per_client, "max-sessions-per-client", 256,
           "open sessions (session socket) per client uid (> 0); reloadable (SIGHUP)");
 SVMD_FLAG(uint64_t, max_exports_per_client, "max-exports-per-client", 256,
           "exports per client uid (> 0); reloadable (SIGHUP)");
@@ -126,7 +126,7 @@ SVMD_FLAG(uint64_t, max_export_bytes_per_client, "max-export-bytes-per-client", 
 SVMD_FLAG(uint64_t, max_imports_per_peer, "max-imports-per-peer", 1024,
           "exporter: imports (subscriptions) one peer node may hold over all exports (> 0); "
           "reloadable (SIGHUP)");
-SVMD_FLAG(uint64_t, max_pending_fetches_per_peer, "max-pending-fetches-per-peer", 256,
+SVMD_FLAG(uint64_t, max_pending_fetches_per_peer, "max-pending-fetches-per-peer", 4096,
           "exporter: fetch responses queued unsent on one tcp data connection before further "
           "fetches are answered RESOURCE_EXHAUSTED (> 0); reloadable (SIGHUP)");
 // Logs.

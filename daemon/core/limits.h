@@ -40,11 +40,11 @@ enum class Limit : int {
 inline constexpr size_t kLimitCount = 5;
 
 struct LimitValues {
-  uint64_t sessions_per_client = 64;
+  uint64_t sessions_per_client = 256;
   uint64_t exports_per_client = 256;
   uint64_t export_bytes_per_client = uint64_t{1} << 40;  // 1 TiB
   uint64_t imports_per_peer = 1024;
-  uint64_t pending_fetches_per_peer = 256;
+  uint64_t pending_fetches_per_peer = 4096;
 
   uint64_t& Of(Limit l);
   uint64_t Of(Limit l) const { return const_cast<LimitValues*>(this)->Of(l); }

@@ -17,11 +17,11 @@ class LimitsTest : public ::testing::Test {
 
 TEST_F(LimitsTest, DefaultsAreTheDocumentedOnes) {
   const LimitValues v = limits_.Values();
-  EXPECT_EQ(v.sessions_per_client, 64u);
+  EXPECT_EQ(v.sessions_per_client, 256u);
   EXPECT_EQ(v.exports_per_client, 256u);
   EXPECT_EQ(v.export_bytes_per_client, uint64_t{1} << 40);
   EXPECT_EQ(v.imports_per_peer, 1024u);
-  EXPECT_EQ(v.pending_fetches_per_peer, 256u);
+  EXPECT_EQ(v.pending_fetches_per_peer, 4096u);
 }
 
 TEST_F(LimitsTest, EveryLimitHasItsOwnNameFlagAndValue) {
