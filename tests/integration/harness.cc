@@ -21,6 +21,7 @@
 #include <fstream>
 #include <map>
 #include <optional>
+#include <sstream>
 #include <thread>
 
 #include "absl/algorithm/container.h"
@@ -818,6 +819,21 @@ absl::StatusOr<ImportInfo> ImportOf(Client& c, const std::string& name) {
     if (i.name == name) return i;
   }
   return absl::NotFoundError(name);
+}
+
+std::string FileText(const std::string& path) {
+  std::ifstream in(path);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+int LinesContaining(const std::string& path, const std::string& needle) {
+  int n = 0;
+  for (absl::string_view line : absl::StrSplit(FileText(path), '\n')) {
+    n += absl::StrContains(line, needle);
+  }
+  return n;
 }
 
 }  // namespace svm::testing

@@ -206,6 +206,11 @@ struct Footprint {
 };
 Footprint FootprintOf(pid_t pid);
 
+// The whole text of a file ("" when it cannot be read: a log not written
+// yet), and how many of its lines contain needle.
+std::string FileText(const std::string& path);
+int LinesContaining(const std::string& path, const std::string& needle);
+
 // The listing of export / import `name` on c's daemon; NOT_FOUND without one.
 absl::StatusOr<ExportInfo> ExportOf(Client& c, const std::string& name);
 absl::StatusOr<ImportInfo> ImportOf(Client& c, const std::string& name);

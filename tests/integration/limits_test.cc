@@ -24,23 +24,10 @@
 namespace svm::testing {
 namespace {
 
-std::string Slurp(const std::string& path) {
-  std::ifstream in(path);
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
-
-int CountLines(const std::string& path, const std::string& needle) {
-  int n = 0;
-  for (absl::string_view line : absl::StrSplit(Slurp(path), '\n')) n += absl::StrContains(line, needle);
-  return n;
-}
-
 bool WaitForLog(const std::string& path, const std::string& needle, int count = 1,
                 absl::Duration timeout = absl::Seconds(10)) {
   const absl::Time deadline = absl::Now() + Scaled(timeout);
-  while (CountLines(path, needle) < count) {
+  while (LinesContaining(path, needle) < count) {
     if (absl::Now() > deadline) return false;
     absl::SleepFor(absl::Milliseconds(50));
   }
@@ -49,7 +36,7 @@ bool WaitForLog(const std::string& path, const std::string& needle, int count = 
 
 // The value of `series` (exactly as exposed) in node's metrics; -1 when absent.
 double Metric(const std::string& log_path, const std::string& series) {
-  const std::string log = Slurp(log_path);
+  const std::string log = FileText(log_path);
   const std::string kSays = "metrics on http://";
   const size_t at = log.find(kSays);
   if (at == std::string::npos) return -1;
@@ -94,10 +81,10 @@ class Limits : public ::testing::Test {
   }
   // Rewrites the flagfile and reloads; waits for the reload to finish.
   void Reload(Daemon& d, const std::string& node, const std::string& limits) {
-    const int before = CountLines(Log(node), "reload: done");
+    const int before = LinesContaining(Log(node), "reload: done");
     WriteConf(node, limits);
     d.process().Signal(SIGHUP);
-    ASSERT_TRUE(WaitForLog(Log(node), "reload: done", before + 1)) << Slurp(Log(node));
+    ASSERT_TRUE(WaitForLog(Log(node), "reload: done", before + 1)) << FileText(Log(node));
   }
 
   TempDir dir_;
@@ -133,7 +120,7 @@ TEST_F(Limits, SessionsPerClient) {
     ASSERT_TRUE(absl::StrContains(c.status().message(), absl::StrCat("uid ", ::getuid())))
         << c.status();
   }
-  EXPECT_EQ(CountLines(Log("a"), "refused: uid"), 1) << Slurp(Log("a"));
+  EXPECT_EQ(LinesContaining(Log("a"), "refused: uid"), 1) << FileText(Log("a"));
   EXPECT_EQ(Metric(Log("a"), "svm_limit_refusals_total{limit=\"sessions_per_client\"}"), 50);
   // The held sessions work.
   for (auto& c : held) EXPECT_TRUE(c->Status().ok());
@@ -184,7 +171,7 @@ TEST_F(Limits, ExportsAndExportBytesPerClient) {
     ASSERT_EQ(r.status().code(), absl::StatusCode::kResourceExhausted) << r.status();
     ASSERT_TRUE(absl::StrContains(r.status().message(), "--max-exports-per-client=3")) << r.status();
   }
-  EXPECT_EQ(CountLines(Log("a"), "refused: uid"), 1) << Slurp(Log("a"));
+  EXPECT_EQ(LinesContaining(Log("a"), "refused: uid"), 1) << FileText(Log("a"));
   ASSERT_TRUE(c->Unexport("e0").ok());
   EXPECT_TRUE(c->Export("e3", mem.p + 3 * 4096 * 8, 4096 * 8).ok()) << "an unexport frees a slot";
   // Bytes: 3 x 32 KiB held, 256 KiB allowed.
@@ -295,8 +282,8 @@ TEST_F(Limits, AFloodIsRefusedAndMemoryStaysBounded) {
   EXPECT_EQ(Metric(Log("a"), "svm_limit_refusals_total{limit=\"sessions_per_client\"}"), 300);
   EXPECT_EQ(Metric(Log("a"), "svm_limit_refusals_total{limit=\"exports_per_client\"}"), 300);
   EXPECT_GE(Metric(Log("a"), "svm_limit_refusals_total{limit=\"imports_per_peer\"}"), 16);
-  EXPECT_EQ(CountLines(Log("a"), "refused: uid"), 2) << "one line per (uid, limit)";
-  EXPECT_EQ(CountLines(Log("a"), "refused: node b"), 1) << "one line per (node, limit)";
+  EXPECT_EQ(LinesContaining(Log("a"), "refused: uid"), 2) << "one line per (uid, limit)";
+  EXPECT_EQ(LinesContaining(Log("a"), "refused: node b"), 1) << "one line per (node, limit)";
   for (auto& c : held) EXPECT_TRUE(c->Status().ok());
   for (int i = 0; i < 16; ++i) EXPECT_TRUE(ReadBytes(*cb, absl::StrCat("f", i), 0, 4096, true).ok());
 #if defined(__SANITIZE_ADDRESS__)

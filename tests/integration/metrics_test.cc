@@ -23,17 +23,10 @@ namespace {
 
 constexpr uint64_t kPage = 4096;
 
-std::string ReadFile(const std::string& path) {
-  std::ifstream in(path);
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
-
 // The "HOST:PORT" svmd logged for its metrics endpoint ("metrics on
 // http://HOST:PORT/metrics"), or "" when it has not (yet).
 std::string MetricsAddress(const std::string& log_path) {
-  const std::string log = ReadFile(log_path);
+  const std::string log = FileText(log_path);
   const std::string kSays = "metrics on http://";
   const size_t at = log.find(kSays);
   if (at == std::string::npos) return "";
@@ -88,7 +81,7 @@ class Metrics : public ::testing::Test {
     EXPECT_EQ(check.exit_code, 0) << "promtool check metrics on " << file << ":\n"
                                   << check.out << check.err;
     EXPECT_EQ(check.out + check.err, "") << "promtool check metrics on " << file;
-    return ReadFile(file);
+    return FileText(file);
   }
 
   TempDir dir_;

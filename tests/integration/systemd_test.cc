@@ -23,13 +23,6 @@ namespace {
 
 constexpr uint64_t kPage = 4096;
 
-std::string ReadFile(const std::string& path) {
-  std::ifstream in(path);
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
-
 // The receiving end of sd_notify(3): a unix datagram socket.
 class NotifySocket {
  public:
@@ -123,15 +116,15 @@ TEST(Systemd, SighupReReadsTheFlagfile) {
                               .log_path = log});
   ASSERT_TRUE(p.ok()) << p.status();
   for (int i = 0; i < 200 && access(sock.c_str(), F_OK) != 0; ++i) usleep(20000);
-  ASSERT_EQ(access(sock.c_str(), F_OK), 0) << ReadFile(log);
-  EXPECT_FALSE(absl::StrContains(ReadFile(log), " info ")) << "--log-level warn from the flagfile";
+  ASSERT_EQ(access(sock.c_str(), F_OK), 0) << FileText(log);
+  EXPECT_FALSE(absl::StrContains(FileText(log), " info ")) << "--log-level warn from the flagfile";
 
   std::ofstream(flags) << "--log-level=info\n--cache-mb=128\n";
   (*p)->Signal(SIGHUP);
   std::string text;
   for (int i = 0; i < 200 && !absl::StrContains(text, "reload: done"); ++i) {
     usleep(20000);
-    text = ReadFile(log);
+    text = FileText(log);
   }
   EXPECT_TRUE(absl::StrContains(text, "reload: done")) << text;  // logged at info: the level changed
   EXPECT_TRUE(absl::StrContains(text, "--cache-mb changed; it takes effect when svmd restarts")) << text;
@@ -140,7 +133,7 @@ TEST(Systemd, SighupReReadsTheFlagfile) {
   (*p)->Signal(SIGHUP);
   for (int i = 0; i < 200 && !absl::StrContains(text, "nothing changed"); ++i) {
     usleep(20000);
-    text = ReadFile(log);
+    text = FileText(log);
   }
   EXPECT_TRUE(absl::StrContains(text, "--log-level: unknown level 'loud'")) << text;
   EXPECT_TRUE((*p)->running()) << "a bad flagfile on reload must not stop svmd";
@@ -189,8 +182,8 @@ TEST(Systemd, SighupRotatesThePeerToken) {
   token("X", "new");
   (*x)->process().Signal(SIGHUP);
   const std::string xlog = absl::StrCat(dir.path(), "/X.log");
-  for (int i = 0; i < 250 && !absl::StrContains(ReadFile(xlog), "reload: done"); ++i) usleep(20000);
-  ASSERT_TRUE(absl::StrContains(ReadFile(xlog), "reload: new peer token")) << ReadFile(xlog);
+  for (int i = 0; i < 250 && !absl::StrContains(FileText(xlog), "reload: done"); ++i) usleep(20000);
+  ASSERT_TRUE(absl::StrContains(FileText(xlog), "reload: new peer token")) << FileText(xlog);
   // The import made before the reload still reads (fresh: from X, not the cache).
   auto r = ReadBytes(*cy, "r", 0, 2 * kPage, /*fresh=*/true);
   ASSERT_TRUE(r.ok()) << r.status();
@@ -215,7 +208,7 @@ TEST(Systemd, SighupRotatesThePeerToken) {
   token("Y", "new");
   (*y)->process().Signal(SIGHUP);
   const std::string ylog = absl::StrCat(dir.path(), "/Y.log");
-  for (int i = 0; i < 250 && !absl::StrContains(ReadFile(ylog), "reload: done"); ++i) usleep(20000);
+  for (int i = 0; i < 250 && !absl::StrContains(FileText(ylog), "reload: done"); ++i) usleep(20000);
   auto yi = import_soon(*cy, "r3");
   ASSERT_TRUE(yi.ok()) << yi.status();
   EXPECT_EQ(*ReadBytes(*cy, "r3", 0, kPage), std::string(kPage, 'R'));
@@ -237,11 +230,11 @@ TEST(Systemd, JournalStreamLinesCarrySyslogPriorities) {
     std::string text;
     for (int i = 0; i < 250 && !absl::StrContains(text, "peer authentication is OFF"); ++i) {
       usleep(20000);
-      text = ReadFile(log);
+      text = FileText(log);
     }
     (*p)->Signal(SIGTERM);
     EXPECT_TRUE((*p)->Wait(Scaled(absl::Seconds(5))).ok());
-    return ReadFile(log);
+    return FileText(log);
   };
   // As systemd sets it: "device:inode" of the stream on fd 2 (the shell's,
   // which svmd inherits).

@@ -35,24 +35,10 @@
 namespace svm::testing {
 namespace {
 
-std::string Slurp(const std::string& path) {
-  std::ifstream in(path);
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
-
-// Lines of the file that contain needle.
-int CountLines(const std::string& path, const std::string& needle) {
-  int n = 0;
-  for (absl::string_view l : absl::StrSplit(Slurp(path), '\n')) n += absl::StrContains(l, needle);
-  return n;
-}
-
 bool WaitForLog(const std::string& path, const std::string& needle, absl::Duration timeout) {
   const absl::Time deadline = absl::Now() + Scaled(timeout);
   while (absl::Now() < deadline) {
-    if (CountLines(path, needle) > 0) return true;
+    if (LinesContaining(path, needle) > 0) return true;
     absl::SleepFor(absl::Milliseconds(50));
   }
   return false;
@@ -118,11 +104,11 @@ class Tls : public ::testing::Test {
   std::unique_ptr<v1::Peer::Stub> PeerAs(const std::string& node) {
     std::vector<grpc::experimental::IdentityKeyCertPair> pairs;
     if (!node.empty()) {
-      pairs.push_back({Slurp(absl::StrCat(ca_, "/", node, ".key")),
-                       Slurp(absl::StrCat(ca_, "/", node, ".pem"))});
+      pairs.push_back({FileText(absl::StrCat(ca_, "/", node, ".key")),
+                       FileText(absl::StrCat(ca_, "/", node, ".pem"))});
     }
     auto provider = std::make_shared<grpc::experimental::StaticDataCertificateProvider>(
-        Slurp(absl::StrCat(ca_, "/ca.pem")), pairs);
+        FileText(absl::StrCat(ca_, "/ca.pem")), pairs);
     grpc::experimental::TlsChannelCredentialsOptions o;
     o.set_certificate_provider(provider);
     o.watch_root_certs();
@@ -155,15 +141,15 @@ class Tls : public ::testing::Test {
     grpc::Status st = Describe(node, "secret", &d);
     EXPECT_EQ(st.error_code(), grpc::StatusCode::UNAVAILABLE) << st.error_message();
     ExpectEmpty(d);
-    ASSERT_TRUE(WaitForLog(ALog(), reason, absl::Seconds(5))) << Slurp(ALog());
+    ASSERT_TRUE(WaitForLog(ALog(), reason, absl::Seconds(5))) << FileText(ALog());
     st = Describe(node, "open", &d);  // again, and to an export without a list
     EXPECT_EQ(st.error_code(), grpc::StatusCode::UNAVAILABLE) << st.error_message();
     ExpectEmpty(d);
     absl::SleepFor(absl::Milliseconds(300));
-    EXPECT_EQ(CountLines(ALog(), "tls handshake with a peer failed"), 1) << Slurp(ALog());
-    EXPECT_EQ(CountLines(ALog(), reason), 1) << Slurp(ALog());
-    EXPECT_EQ(CountLines(ALog(), "subscribed to"), 0);
-    EXPECT_EQ(CountLines(ALog(), "data connection from"), 0);
+    EXPECT_EQ(LinesContaining(ALog(), "tls handshake with a peer failed"), 1) << FileText(ALog());
+    EXPECT_EQ(LinesContaining(ALog(), reason), 1) << FileText(ALog());
+    EXPECT_EQ(LinesContaining(ALog(), "subscribed to"), 0);
+    EXPECT_EQ(LinesContaining(ALog(), "data connection from"), 0);
   }
 
   TempDir dir_;
@@ -186,13 +172,13 @@ TEST_F(Tls, TwoDaemonsImportAndReadAndKeepWorkingAcrossACertificateReload) {
   EXPECT_TRUE(WaitForLog(ALog(), "node node-b subscribed to 'secret'", absl::Seconds(5)));
 
   // New keys and certificates for both nodes, from the same CA; SIGHUP.
-  const std::string old_a = Slurp(absl::StrCat(ca_, "/node-a.pem"));
+  const std::string old_a = FileText(absl::StrCat(ca_, "/node-a.pem"));
   ASSERT_EQ(MakeCa({"node-a", "node-b"}), 0);
-  const std::string new_a = Slurp(absl::StrCat(ca_, "/node-a.pem"));
+  const std::string new_a = FileText(absl::StrCat(ca_, "/node-a.pem"));
   ASSERT_NE(old_a, new_a);
   a_->process().Signal(SIGHUP);
   (*b)->process().Signal(SIGHUP);
-  ASSERT_TRUE(WaitForLog(ALog(), "reload: peer tls certificate", absl::Seconds(10))) << Slurp(ALog());
+  ASSERT_TRUE(WaitForLog(ALog(), "reload: peer tls certificate", absl::Seconds(10))) << FileText(ALog());
   ASSERT_TRUE(WaitForLog(Log("node-b"), "reload: peer tls certificate", absl::Seconds(10)));
   // The exporter's port serves the new certificate to new handshakes.
   bool served = false;
@@ -218,7 +204,7 @@ TEST_F(Tls, TwoDaemonsImportAndReadAndKeepWorkingAcrossACertificateReload) {
   got = ReadBytes(*cb2, "secret", 0, exporter_->len(), /*fresh=*/true);
   ASSERT_TRUE(got.ok()) << got.status();
   EXPECT_EQ(*got, *want);
-  EXPECT_EQ(CountLines(ALog(), "tls handshake with a peer failed"), 0) << Slurp(ALog());
+  EXPECT_EQ(LinesContaining(ALog(), "tls handshake with a peer failed"), 0) << FileText(ALog());
 }
 
 TEST_F(Tls, PeerWithoutCertificateIsRefused) {
@@ -229,10 +215,10 @@ TEST_F(Tls, DaemonWithoutTlsIsRefusedAndWarned) {
   auto n = Daemon::Start({.node = "plain", .dir = dir_.path()});
   ASSERT_TRUE(n.ok()) << n.status();
   // Without TLS flags svmd says so, once.
-  EXPECT_EQ(CountLines(Log("plain"),
+  EXPECT_EQ(LinesContaining(Log("plain"),
                        "warning [svmd] peer authentication is OFF and peer traffic is unencrypted"),
             1);
-  EXPECT_EQ(CountLines(ALog(), "unencrypted"), 0);
+  EXPECT_EQ(LinesContaining(ALog(), "unencrypted"), 0);
   RunResult r = RunCommand({SvmctlPath(), "--daemon", (*n)->control(), "import", "--peer",
                             a_->peer(), "--name", "secret"});
   EXPECT_EQ(r.exit_code, 1);
@@ -243,8 +229,8 @@ TEST_F(Tls, DaemonWithoutTlsIsRefusedAndWarned) {
   EXPECT_FALSE(absl::StrContains(r.out, std::to_string(exporter_->len()))) << r.out;
   ASSERT_TRUE(WaitForLog(ALog(), "tls handshake with a peer failed", absl::Seconds(5)));
   absl::SleepFor(Scaled(absl::Seconds(2)));  // gRPC retries the connection meanwhile
-  EXPECT_EQ(CountLines(ALog(), "tls handshake with a peer failed"), 1) << Slurp(ALog());
-  EXPECT_EQ(CountLines(ALog(), "subscribed to"), 0);
+  EXPECT_EQ(LinesContaining(ALog(), "tls handshake with a peer failed"), 1) << FileText(ALog());
+  EXPECT_EQ(LinesContaining(ALog(), "subscribed to"), 0);
 }
 
 TEST_F(Tls, CertificateFromAnotherCaIsRefused) {
@@ -261,7 +247,7 @@ TEST_F(Tls, PeerNotOnTheAccessListLearnsNothing) {
   EXPECT_EQ(st.error_code(), grpc::StatusCode::PERMISSION_DENIED) << st.error_message();
   ExpectEmpty(d);
   EXPECT_FALSE(absl::StrContains(st.error_message(), std::to_string(exporter_->len())));
-  EXPECT_EQ(CountLines(ALog(), "(node-c) refused export 'secret'"), 1) << Slurp(ALog());
+  EXPECT_EQ(LinesContaining(ALog(), "(node-c) refused export 'secret'"), 1) << FileText(ALog());
   // The same peer sees an export without a list (its channel is fine), and
   // cannot Sync the listed one.
   st = Describe("node-c", "open", &d);
@@ -285,8 +271,8 @@ TEST_F(Tls, PeerNotOnTheAccessListLearnsNothing) {
   EXPECT_TRUE(absl::StrContains(r.err, "PERMISSION_DENIED")) << r.err;
   r = RunCommand({SvmctlPath(), "--daemon", (*c)->control(), "imports", "--json"});
   EXPECT_FALSE(absl::StrContains(r.out, "secret")) << r.out;
-  EXPECT_EQ(CountLines(ALog(), "(node-c) refused export 'secret'"), 3) << Slurp(ALog());
-  EXPECT_EQ(CountLines(ALog(), "subscribed to"), 0);
+  EXPECT_EQ(LinesContaining(ALog(), "(node-c) refused export 'secret'"), 3) << FileText(ALog());
+  EXPECT_EQ(LinesContaining(ALog(), "subscribed to"), 0);
   // node-b, on the list, imports.
   auto b = Daemon::Start({.node = "node-b", .dir = dir_.path(), .extra = TlsFlags("node-b")});
   ASSERT_TRUE(b.ok()) << b.status();
@@ -442,7 +428,7 @@ TEST_F(Tls, PeerNotOnTheListCannotFetchAnExportByItsIdOverItsOwnConnection) {
   const grpc::Status sub = subscribe(leaked.export_id());
   EXPECT_EQ(sub.error_code(), grpc::StatusCode::PERMISSION_DENIED) << sub.error_message();
   EXPECT_EQ(sub.error_message(), subscribe(leaked.export_id() ^ 1).error_message());
-  EXPECT_EQ(CountLines(ALog(), "subscribed to"), 0);
+  EXPECT_EQ(LinesContaining(ALog(), "subscribed to"), 0);
 
   // The connection is fine: subscribed to "open", it is served that.
   ASSERT_TRUE(subscribe(open.export_id()).ok());
@@ -452,8 +438,8 @@ TEST_F(Tls, PeerNotOnTheListCannotFetchAnExportByItsIdOverItsOwnConnection) {
   EXPECT_EQ(served.first_word, 3u);  // page p is stamped p + 1
   // ...and still not the secret one.
   EXPECT_EQ(conn->Fetch(leaked.export_id(), 0, 1).code, forged.code);
-  EXPECT_EQ(CountLines(ALog(), "which it did not subscribe to; refused"), 1) << Slurp(ALog());
-  EXPECT_EQ(CountLines(ALog(), "from node node-c fetched export id"), 1) << Slurp(ALog());
+  EXPECT_EQ(LinesContaining(ALog(), "which it did not subscribe to; refused"), 1) << FileText(ALog());
+  EXPECT_EQ(LinesContaining(ALog(), "from node node-c fetched export id"), 1) << FileText(ALog());
 }
 
 // svmd does not start with TLS files that cannot work: an expired
