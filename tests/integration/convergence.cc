@@ -20,6 +20,18 @@ std::optional<uint64_t> StampOf(const char* page) {
   return first;
 }
 
+bool TornByAStoreInFlight(const char* page) {
+  uint64_t version = 0;
+  for (uint64_t w = 0; w < kStampPage / 8; ++w) {
+    uint64_t v;
+    std::memcpy(&v, page + w * 8, 8);
+    if (v == 0) continue;
+    if (version != 0 && v != version) return false;
+    version = v;
+  }
+  return version != 0;
+}
+
 static std::string Describe(const std::optional<uint64_t>& v) {
   return v ? absl::StrCat("version ", *v) : "a torn page";
 }

@@ -25,6 +25,14 @@ inline constexpr uint64_t kStampPage = 4096;
 // differ (a torn read: never acceptable after the storm).
 std::optional<uint64_t> StampOf(const char* page);
 
+// True for a page read while svm-exporter's storm was stamping it: the
+// storm zeroes a page (munmap + mmap, or MADV_DONTNEED) and then writes its
+// new version into every word, so a copy racing those stores holds that one
+// version and zeros, nothing else. That is the exporter's own memory at the
+// moment of the read (a CPU store in flight), not something svm made; a
+// torn page holding two different versions, or anything else, is svm's.
+bool TornByAStoreInFlight(const char* page);
+
 // svm-exporter's `dump` reply ("ok V0 V1 ..."), for an export of npages.
 absl::StatusOr<std::vector<uint64_t>> ParseDump(const std::string& reply, uint64_t npages);
 
