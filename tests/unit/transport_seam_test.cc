@@ -1091,6 +1091,22 @@ std::vector<uint8_t> RawFrame(FrameType t, const void* payload, size_t len) {
   return MakeFrame(t, 0, payload, len);
 }
 
+// RawConnect, then the HELLO that presents token, then the exporter's
+// HELLO read back: a data connection the test drives frame by frame. An
+// invalid fd (with the failure recorded) when any step fails.
+UniqueFd RawHello(uint16_t port, const std::string& token) {
+  UniqueFd raw = RawConnect(port);
+  if (!raw.valid()) return raw;
+  auto hello = RawFrame(FrameType::kHello, token.data(), token.size());
+  FrameHeader h;
+  if (!WriteFull(raw.get(), hello.data(), hello.size()).ok() ||
+      !ReadFull(raw.get(), &h, sizeof(h)).ok() || h.type != static_cast<uint8_t>(FrameType::kHello)) {
+    ADD_FAILURE() << "no HELLO back from the exporter";
+    return UniqueFd();
+  }
+  return raw;
+}
+
 TEST_P(TcpWireTest, TheOfferedEndpointIsTheListener) {
   auto s = Prepare("n");
   ASSERT_TRUE(s.ok()) << s.status();
@@ -1163,13 +1179,10 @@ TEST_P(TcpWireTest, GarbageClosesOnlyThatConnection) {
 TEST_P(TcpWireTest, GarbageAfterHelloClosesTheConnection) {
   auto setup = Prepare("raw");
   ASSERT_TRUE(setup.ok());
-  UniqueFd raw = RawConnect(PortOf(exporter_->listen_address()));
   const std::string& tok = setup->offer.token;
-  auto hello = RawFrame(FrameType::kHello, tok.data(), tok.size());
-  ASSERT_TRUE(WriteFull(raw.get(), hello.data(), hello.size()).ok());
+  UniqueFd raw = RawHello(PortOf(exporter_->listen_address()), tok);
+  ASSERT_TRUE(raw.valid());
   FrameHeader h;
-  ASSERT_TRUE(ReadFull(raw.get(), &h, sizeof(h)).ok());
-  ASSERT_EQ(h.type, static_cast<uint8_t>(FrameType::kHello));
   auto sub = exporter_->FindSubscriber(tok);
   ASSERT_NE(sub, nullptr);
 
@@ -1188,12 +1201,9 @@ TEST_P(TcpWireTest, GarbageAfterHelloClosesTheConnection) {
 TEST_P(TcpWireTest, MalformedFetchClosesTheConnection) {
   auto setup = Prepare("raw");
   ASSERT_TRUE(setup.ok());
-  UniqueFd raw = RawConnect(PortOf(exporter_->listen_address()));
-  const std::string& tok = setup->offer.token;
-  auto hello = RawFrame(FrameType::kHello, tok.data(), tok.size());
-  ASSERT_TRUE(WriteFull(raw.get(), hello.data(), hello.size()).ok());
+  UniqueFd raw = RawHello(PortOf(exporter_->listen_address()), setup->offer.token);
+  ASSERT_TRUE(raw.valid());
   FrameHeader h;
-  ASSERT_TRUE(ReadFull(raw.get(), &h, sizeof(h)).ok());
   uint8_t short_fetch[10] = {};
   auto f = RawFrame(FrameType::kFetch, short_fetch, sizeof(short_fetch));
   ASSERT_TRUE(WriteFull(raw.get(), f.data(), f.size()).ok());
@@ -1210,13 +1220,10 @@ TEST_P(TcpWireTest, FetchesBeyondThePendingLimitAreRefusedNotQueued) {
   exp_.max_pending = 4;
   auto setup = Prepare("flood");
   ASSERT_TRUE(setup.ok());
-  UniqueFd raw = RawConnect(PortOf(exporter_->listen_address()));
   const std::string& tok = setup->offer.token;
-  auto hello = RawFrame(FrameType::kHello, tok.data(), tok.size());
-  ASSERT_TRUE(WriteFull(raw.get(), hello.data(), hello.size()).ok());
+  UniqueFd raw = RawHello(PortOf(exporter_->listen_address()), tok);
+  ASSERT_TRUE(raw.valid());
   FrameHeader h;
-  ASSERT_TRUE(ReadFull(raw.get(), &h, sizeof(h)).ok());
-  ASSERT_EQ(h.type, static_cast<uint8_t>(FrameType::kHello));
   // 4 MiB answers each: the socket buffers hold a few at most.
   constexpr int kFetches = 48;
   auto send = [&](int n) {
