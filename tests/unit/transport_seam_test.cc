@@ -1234,7 +1234,14 @@ TEST_P(TcpWireTest, FetchesBeyondThePendingLimitAreRefusedNotQueued) {
     }
   };
   send(kFetches);
-  // Only then read: every fetch is answered, in order.
+  // Read only once the exporter's queue has reached the limit (the fetch
+  // admitted at 4 queued is refused): a reader that started at once could
+  // keep up with a slow exporter (ThreadSanitizer's build) and keep its
+  // queue short. Then every fetch is answered, in order.
+  const absl::Time deadline = absl::Now() + absl::Seconds(30);
+  while (exp_.max_pending_seen.load() < 4 && absl::Now() < deadline) {
+    absl::SleepFor(absl::Milliseconds(5));
+  }
   auto read_all = [&](int n, int* served, int* refused) {
     std::vector<uint8_t> payload;
     for (int i = 0; i < n; ++i) {
