@@ -15,6 +15,7 @@ ExportInfo FromProto(const v1::ExportInfo& m) {
   x.subscribers = m.subscribers();
   x.gone = m.gone();
   x.allow.assign(m.allow().begin(), m.allow().end());
+  x.zero_copy_page_size = m.zero_copy_page_size();
   return x;
 }
 
@@ -31,6 +32,7 @@ v1::ExportInfo ToProto(const ExportInfo& x) {
   m.set_subscribers(x.subscribers);
   m.set_gone(x.gone);
   for (const std::string& id : x.allow) m.add_allow(id);
+  m.set_zero_copy_page_size(x.zero_copy_page_size);
   return m;
 }
 

@@ -185,6 +185,7 @@ v1::ExportInfo ExportTable::InfoOf(ExportEntry& e) const {
   if (e.zc && e.zc_state == ZcState::kUsable) {
     i.set_path(absl::StrCat(e.zc->region->remote().odp ? "zero-copy/odp," : "zero-copy/pinned,",
                             i.path()));
+    i.set_zero_copy_page_size(e.zc->mapping->page_size());
   }
   i.set_seq(e.coh.seq());
   for (const std::string& a : e.allow) i.add_allow(a);
@@ -447,8 +448,9 @@ void ExportTable::TryZeroCopy(ExportEntry& e) {
     return;
   }
   const transport::RemoteRegion r = z->region->remote();
-  spdlog::info("export '{}': zero-copy path, {} ({}) registered {}, rkey 0x{:x}", e.name,
-               z->mapping->object(), e.len, r.odp ? "odp" : "pinned", r.rkey);
+  spdlog::info("export '{}': zero-copy path, {} ({} bytes in pages of {}) registered {}, rkey 0x{:x}",
+               e.name, z->mapping->object(), e.len, z->mapping->page_size(),
+               r.odp ? "odp" : "pinned", r.rkey);
   counters_->Add("zero_copy_registrations");
   e.zc = std::move(z);
   e.zc_state = ZcState::kUsable;

@@ -8,7 +8,9 @@
 #include <unistd.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/statfs.h>
 #include <sys/sysmacros.h>
+#include <linux/magic.h>
 
 #include <climits>
 #include <cinttypes>
@@ -88,6 +90,35 @@ absl::Status CheckLive(const struct stat& st) {
   return absl::OkStatus();
 }
 
+// The size of the pages behind the object, which its mappings must be
+// aligned to: a hugetlbfs file's huge page size (mmap refuses an offset
+// inside a huge page), else the base page size.
+uint64_t ObjectPageSize(int fd) {
+  struct statfs fs {};
+  if (::fstatfs(fd, &fs) == 0 && static_cast<uint64_t>(fs.f_type) == HUGETLBFS_MAGIC &&
+      fs.f_bsize > 0) {
+    return static_cast<uint64_t>(fs.f_bsize);
+  }
+  return static_cast<uint64_t>(::sysconf(_SC_PAGESIZE));
+}
+
+// Maps [offset, offset + len) of fd into m, from the boundary of the
+// object's page below offset to the one above its end (a hugetlbfs object
+// maps only whole huge pages), so that m->data() is the export's first byte.
+absl::Status MapAligned(SharedMapping::Placement& m, int fd, uint64_t offset, uint64_t len,
+                        bool writable) {
+  m.page_size = ObjectPageSize(fd);
+  const uint64_t lead = offset % m.page_size;
+  const uint64_t span = (lead + len + m.page_size - 1) / m.page_size * m.page_size;
+  void* p = ::mmap(nullptr, span, writable ? PROT_READ | PROT_WRITE : PROT_READ, MAP_SHARED, fd,
+                   static_cast<off_t>(offset - lead));
+  if (p == MAP_FAILED) return absl::FailedPreconditionError(std::strerror(errno));
+  m.base = p;
+  m.span = span;
+  m.data = static_cast<uint8_t*>(p) + lead;
+  return absl::OkStatus();
+}
+
 // The object mapped at [addr, addr + len) of pid, found through map_files
 // (stat follows the link without opening the object); opened only when
 // open is set, and only when it is live.
@@ -143,13 +174,9 @@ absl::StatusOr<std::unique_ptr<SharedMapping>> SharedMapping::Open(pid_t pid, ui
   auto l = Locate(pid, addr, len, /*open=*/true, writable);
   if (!l.ok()) return l.status();
   std::unique_ptr<SharedMapping> m(new SharedMapping());
-  void* p = ::mmap(nullptr, len, writable ? PROT_READ | PROT_WRITE : PROT_READ, MAP_SHARED,
-                   l->fd.get(), static_cast<off_t>(l->offset));
-  if (p == MAP_FAILED) {
-    return absl::FailedPreconditionError(
-        absl::StrCat("map ", l->vma.path, " again: ", std::strerror(errno)));
+  if (auto st = MapAligned(m->at_, l->fd.get(), l->offset, len, writable); !st.ok()) {
+    return absl::FailedPreconditionError(absl::StrCat("map ", l->vma.path, " again: ", st.message()));
   }
-  m->data_ = p;
   m->len_ = len;
   m->offset_ = l->offset;
   m->dev_ = l->st.st_dev;
@@ -181,13 +208,9 @@ absl::StatusOr<std::unique_ptr<SharedMapping>> SharedMapping::OpenObject(UniqueF
   char name[PATH_MAX] = {};
   const ssize_t n = ::readlink(self.c_str(), name, sizeof(name) - 1);
   std::unique_ptr<SharedMapping> m(new SharedMapping());
-  void* p = ::mmap(nullptr, len, writable ? PROT_READ | PROT_WRITE : PROT_READ, MAP_SHARED,
-                   object.get(), static_cast<off_t>(*offset));
-  if (p == MAP_FAILED) {
-    return absl::FailedPreconditionError(
-        absl::StrCat("map the deposited object: ", std::strerror(errno)));
+  if (auto st = MapAligned(m->at_, object.get(), *offset, len, writable); !st.ok()) {
+    return absl::FailedPreconditionError(absl::StrCat("map the deposited object: ", st.message()));
   }
-  m->data_ = p;
   m->len_ = len;
   m->offset_ = *offset;
   m->dev_ = st.st_dev;
@@ -200,7 +223,7 @@ absl::StatusOr<std::unique_ptr<SharedMapping>> SharedMapping::OpenObject(UniqueF
 }
 
 SharedMapping::~SharedMapping() {
-  if (data_ != nullptr) ::munmap(data_, len_);
+  if (at_.base != nullptr) ::munmap(at_.base, at_.span);
 }
 
 absl::Status SharedMapping::Validate(pid_t pid, uint64_t addr) const {

@@ -49,8 +49,22 @@ class SharedMapping {
   SharedMapping(const SharedMapping&) = delete;
   SharedMapping& operator=(const SharedMapping&) = delete;
 
-  void* data() const { return data_; }
+  // The export's first byte, and its length. The mapping around it runs
+  // from the object's page boundary below to the one above (page_size()).
+  void* data() const { return at_.data; }
   uint64_t len() const { return len_; }
+  // The size of the pages behind the object: a hugetlbfs object's huge page
+  // size (2 MiB, 1 GiB), else the base page size. A registration of data()
+  // pins (or, ODP, faults) whole pages of this size.
+  uint64_t page_size() const { return at_.page_size; }
+
+  // Where the object is mapped in svmd (MapAligned, shared_mapping.cc).
+  struct Placement {
+    void* base = nullptr;  // at a multiple of page_size in the object
+    uint64_t span = 0;     // whole pages of page_size
+    void* data = nullptr;  // base + the export's offset within its first page
+    uint64_t page_size = 0;
+  };
   // The object as /proc/PID/maps names it, e.g. "/memfd:buf (deleted)".
   const std::string& object() const { return object_; }
   // Device memory (ZONE_DEVICE): device-dax, or a file on a filesystem
@@ -69,7 +83,7 @@ class SharedMapping {
 
   UniqueFd fd_;
   UniqueFd range_fd_;  // OpenObject: the range fd the kernel checks the object against
-  void* data_ = nullptr;
+  Placement at_;
   uint64_t len_ = 0;
   uint64_t offset_ = 0;  // of the export's first byte in the object
   dev_t dev_ = 0;

@@ -162,6 +162,67 @@ TEST_P(HugePages, HugetlbMemfdIsReadAndInvalidatedOnZapAndUnmap) {
   close(fd);
 }
 
+// An export that starts inside a huge page: the exporter's range is 4 KiB
+// aligned, but a hugetlbfs object maps only from a huge page boundary. Over
+// rdma svmd maps the object from the huge page below and registers the
+// export's bytes for zero-copy READs (not the rest of the huge pages
+// around them: a peer reads the export, nothing beside it), and reports
+// the registration's 2 MiB pages; every page reads its own bytes.
+TEST_P(HugePages, HugetlbRangeStartingInsideAHugePageIsServedZeroCopy) {
+  const int fd = memfd_create("svm-hugetlb-mid", MFD_HUGETLB | MFD_CLOEXEC);
+  char* p = static_cast<char*>(MAP_FAILED);
+  if (fd >= 0 && ftruncate(fd, 2 * kHuge) == 0) {
+    p = static_cast<char*>(mmap(nullptr, 2 * kHuge, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd, 0));
+  }
+  if (p == MAP_FAILED) {
+    const std::string why = absl::StrCat("no hugetlb memfd of 2 x 2 MiB: ", std::strerror(errno));
+    if (fd >= 0) close(fd);
+    if (ExpectHuge()) FAIL() << why;
+    GTEST_SKIP() << why << " (reserve pages: /proc/sys/vm/nr_hugepages)";
+  }
+  // Each 4 KiB page holds its own index, so bytes from the wrong offset show.
+  for (uint64_t i = 0; i < 2 * kHuge / kPage; ++i) std::memset(p + i * kPage, static_cast<int>(i % 251), kPage);
+  const uint64_t skip = 3;  // pages: the export starts 12 KiB into the first huge page
+  const uint64_t len = kHuge;  // and ends 12 KiB into the second
+  ASSERT_TRUE(ca_->Export("tlbmid", p + skip * kPage, len).ok());
+  auto ex = ExportOf(*ca_, "tlbmid");
+  ASSERT_TRUE(ex.ok()) << ex.status();
+  std::printf("huge pages: tlbmid over %s: export path %s, zero-copy pages of %llu bytes\n",
+              GetParam().c_str(), ex->path.c_str(), (unsigned long long)ex->zero_copy_page_size);
+  if (GetParam() == "rdma") {
+    EXPECT_TRUE(absl::StartsWith(ex->path, "zero-copy/")) << ex->path;
+    EXPECT_EQ(ex->zero_copy_page_size, kHuge);
+  } else {
+    EXPECT_EQ(ex->zero_copy_page_size, 0u) << ex->path;
+  }
+  ASSERT_TRUE(cb_->Import(a_->peer(), "tlbmid").ok());
+  std::string want(p + skip * kPage, len);
+  for (bool fresh : {true, false}) {
+    auto r = ReadBytes(*cb_, "tlbmid", 0, len, fresh);
+    ASSERT_TRUE(r.ok()) << r.status();
+    ASSERT_EQ(r->size(), want.size());
+    for (uint64_t i = 0; i < len / kPage; ++i) {
+      ASSERT_TRUE(std::memcmp(r->data() + i * kPage, want.data() + i * kPage, kPage) == 0)
+          << (fresh ? "fresh" : "cached") << " page " << i << " holds byte "
+          << int(static_cast<uint8_t>((*r)[i * kPage])) << ", want " << int(static_cast<uint8_t>(want[i * kPage]));
+    }
+  }
+  // A write through the second huge page, then its zap: an invalidation,
+  // and the page reads its new bytes.
+  auto w = cb_->Watch("tlbmid");
+  ASSERT_TRUE(w.ok()) << w.status();
+  const uint64_t page = (kHuge / kPage) - skip + 1;  // the second huge page's second 4 KiB page
+  std::memset(p + (skip + page) * kPage, 'Z', kPage);
+  ASSERT_EQ(madvise(p + kHuge, kHuge, MADV_DONTNEED), 0) << std::strerror(errno);
+  auto ev = WaitForPage(**w, page, absl::Seconds(10));
+  ASSERT_TRUE(ev.ok()) << ev.status();
+  auto r = ReadBytes(*cb_, "tlbmid", page * kPage, kPage);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_TRUE(*r == std::string(kPage, 'Z')) << "stale bytes after the write and zap";
+  munmap(p, 2 * kHuge);
+  close(fd);
+}
+
 INSTANTIATE_TEST_SUITE_P(Tcp, HugePages, ::testing::Values("tcp"), [](const auto& i) { return i.param; });
 INSTANTIATE_TEST_SUITE_P(Rdma, HugePages, ::testing::Values("rdma"), [](const auto& i) { return i.param; });
 

@@ -78,6 +78,9 @@ struct ExportInfo {
   uint32_t subscribers = 0;  // importers
   bool gone = false;         // the exporting process exited
   std::vector<std::string> allow;  // ExportOptions::allow; empty: every authenticated peer
+  // The size of the pages the zero-copy registration covers (2 MiB for a
+  // hugetlbfs memfd); 0 while the export has none.
+  uint64_t zero_copy_page_size = 0;
 };
 
 // An import of this node (Client::Import, ListImports).
