@@ -238,6 +238,8 @@ class GrpcClient final : public Client {
     std::vector<absl::Status> err(ops.size());
     std::vector<internal::Session::Op> ring;
     std::vector<size_t> owner;  // ring op -> op
+    // The views the ring ops copy from (Session::Op::view) live until Run returned.
+    std::vector<std::shared_ptr<internal::View>> views;
     const uint64_t chunk = session_->chunk();
     for (size_t i = 0; i < ops.size(); ++i) {
       const ReadOp& op = ops[i];
@@ -263,6 +265,7 @@ class GrpcClient final : public Client {
       // Byte ranges [first, last) that must come from svmd.
       std::vector<std::pair<uint64_t, uint64_t>> missing;
       const internal::View& view = **v;
+      views.push_back(*v);
       if (!op.opts.fresh && CacheServes(view)) {
         const uint64_t seq = view.header->seq.load(std::memory_order_acquire);
         CopyCached(view, op.offset, op.dst, &res[i].pages_from_cache, &missing);
@@ -282,6 +285,8 @@ class GrpcClient final : public Client {
           r.len = std::min(chunk, b - o);
           r.fresh = op.opts.fresh;
           r.dst = op.dst.data() + (o - op.offset);
+          // svmd may leave a cached read's bytes in the shared cache.
+          if (!op.opts.fresh && view.kind == session::abi::kImport && view.data != nullptr) r.view = &view;
           ring.push_back(r);
           owner.push_back(i);
         }

@@ -330,12 +330,20 @@ std::vector<Session::Result> Session::Run(absl::Span<const Op> ops) {
     return results;
   }
   std::vector<int> slot_of(ops.size(), -1);
+  // Whether op i may still complete in the cache: cleared when a copy from
+  // the cache failed its check, so its second submission copies.
+  std::vector<bool> in_cache(ops.size());
+  for (size_t i = 0; i < ops.size(); ++i) {
+    in_cache[i] = ops[i].view != nullptr && ops[i].dst != nullptr && !ops[i].fresh && !ops[i].fill;
+  }
+  std::deque<size_t> todo;  // ops to submit, in order
+  for (size_t i = 0; i < ops.size(); ++i) todo.push_back(i);
   std::vector<size_t> mine;  // ops in flight
-  size_t next = 0, done = 0;
+  size_t done = 0;
   absl::MutexLock l(&mu_);
   while (done < ops.size()) {
     bool submitted = false;
-    while (next < ops.size() && !broken_) {
+    while (!todo.empty() && !broken_) {
       int s = -1;
       for (size_t i = 0; i < slots_.size(); ++i) {
         if (slots_[i].state == SlotState::kFree) {
@@ -344,20 +352,21 @@ std::vector<Session::Result> Session::Run(absl::Span<const Op> ops) {
         }
       }
       if (s < 0) break;
-      const Op& op = ops[next];
+      const size_t i = todo.front();
+      todo.pop_front();
+      const Op& op = ops[i];
       slots_[s].state = SlotState::kBusy;
       abi::Sqe e{};
       e.user_data = static_cast<uint64_t>(s);
       e.opcode = abi::kOpRead;
-      e.flags = op.fresh ? abi::kFresh : op.fill ? abi::kFill : 0;
+      e.flags = op.fresh ? abi::kFresh : op.fill ? abi::kFill : in_cache[i] ? abi::kInCache : 0;
       e.handle = op.handle;
       e.offset = op.offset;
       e.len = std::min(op.len, slot_size_);
       e.data_offset = static_cast<uint64_t>(s) * slot_size_;
       Submit(e);
-      slot_of[next] = s;
-      mine.push_back(next);
-      ++next;
+      slot_of[i] = s;
+      mine.push_back(i);
       submitted = true;
     }
     if (submitted) {
@@ -368,12 +377,11 @@ std::vector<Session::Result> Session::Run(absl::Span<const Op> ops) {
       }
     }
     if (broken_) {
-      for (size_t i = 0; i < ops.size(); ++i) {
-        if (i >= next || slot_of[i] >= 0) {
-          results[i].status = absl::UnavailableError("svmd closed the session");
-        }
+      for (size_t i : todo) results[i].status = absl::UnavailableError("svmd closed the session");
+      for (size_t i : mine) {
+        results[i].status = absl::UnavailableError("svmd closed the session");
+        slots_[slot_of[i]].state = SlotState::kFree;
       }
-      for (size_t i : mine) slots_[slot_of[i]].state = SlotState::kFree;
       return results;
     }
     if (mine.empty()) {
@@ -402,9 +410,25 @@ std::vector<Session::Result> Session::Run(absl::Span<const Op> ops) {
       const abi::Cqe c = slots_[s].cqe;
       const uint8_t* src = data_ + static_cast<uint64_t>(s) * slot_size_;
       Result& r = results[i];
+      bool again = false;
       // The slot stays this thread's until it is freed: copy without the lock.
       mu_.Unlock();
-      if (c.status == 0) {
+      if (c.status == 0 && (c.flags & abi::kDoneInCache) != 0 && in_cache[i]) {
+        // svmd left the bytes in the shared cache: each page is copied
+        // from there checked against its version word, as a cache hit is.
+        // Any page that fails the check sends the op round again, copied
+        // by svmd this time.
+        if (CopyFromCache(*ops[i].view, ops[i].offset, ops[i].dst, std::min(ops[i].len, slot_size_))) {
+          r.seq = c.seq;
+          r.pages_from_cache = c.pages_from_cache;
+          r.pages_fetched = c.pages_fetched;
+        } else {
+          in_cache[i] = false;
+          again = true;
+        }
+      } else if (c.status == 0 && (c.flags & abi::kDoneInCache) != 0) {
+        r.status = absl::InternalError("svmd completed a read in the cache that did not ask for it");
+      } else if (c.status == 0) {
         if (ops[i].dst != nullptr) std::memcpy(ops[i].dst, src, std::min(ops[i].len, slot_size_));
         r.seq = c.seq;
         r.pages_from_cache = c.pages_from_cache;
@@ -419,10 +443,32 @@ std::vector<Session::Result> Session::Run(absl::Span<const Op> ops) {
       cv_.SignalAll();
       mine[k] = mine.back();
       mine.pop_back();
-      ++done;
+      if (again) {
+        ++retried_;
+        todo.push_back(i);
+      } else {
+        ++done;
+      }
     }
   }
   return results;
+}
+
+bool Session::CopyFromCache(const View& v, uint64_t offset, uint8_t* dst, uint64_t len) {
+  if (v.kind != abi::kImport || v.data == nullptr || offset > v.len || len > v.len - offset) return false;
+  timespec ts;
+  ::clock_gettime(CLOCK_MONOTONIC, &ts);
+  const int64_t now = static_cast<int64_t>(ts.tv_sec) * 1000000000 + ts.tv_nsec;
+  // Past the importer's lease the cache may not serve (as for a hit).
+  if (now >= v.header->lease_until_ns.load(std::memory_order_acquire)) return false;
+  const uint64_t end = offset + len;
+  for (uint64_t p = offset / abi::kPageSize; p * abi::kPageSize < end; ++p) {
+    const uint64_t a = std::max(offset, p * abi::kPageSize);
+    const uint64_t b = std::min(end, (p + 1) * abi::kPageSize);
+    uint64_t version;
+    if (!abi::TryCopyPage(&v.words[p], v.data + a, dst + (a - offset), b - a, &version)) return false;
+  }
+  return true;
 }
 
 absl::Status Session::Ask(uint32_t type, const std::string& name, abi::OpenOkMsg* ok, int* fds,

@@ -72,6 +72,10 @@ class Session {
     bool fresh = false;
     bool fill = false;  // the pages must land in the shared cache
     uint8_t* dst = nullptr;  // null: the bytes are not wanted (a fill)
+    // The op's import, for a read svmd may complete in the shared cache
+    // (abi::kInCache): Run then copies the pages from the view, checked
+    // against their version words. null: the bytes come in the data area.
+    const View* view = nullptr;
   };
   struct Result {
     absl::Status status;
@@ -83,6 +87,13 @@ class Session {
   // copies each one's bytes to its dst. Safe to call from several threads.
   std::vector<Result> Run(absl::Span<const Op> ops);
   uint64_t chunk() const { return slot_size_; }
+  // Reads completed in the cache whose copy failed its check (a page
+  // invalidated or evicted between svmd's install and the copy) and were
+  // read again through the data area.
+  uint64_t in_cache_retries() {
+    absl::MutexLock l(&mu_);
+    return retried_;
+  }
   // Counts reads (and their pages) of the handle's import that this
   // process served from the shared cache without a message: svmd adds them
   // to the import's metrics (abi::ClientCounters).
@@ -158,6 +169,10 @@ class Session {
   };
   // Moves completions into their slots; true when any moved.
   bool ReapLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Copies [offset, offset + len) of v's import from its shared cache into
+  // dst, every page checked against its version word; false when any page
+  // is not there or changed (or the lease ran out).
+  static bool CopyFromCache(const View& v, uint64_t offset, uint8_t* dst, uint64_t len);
   // Waits until pred holds: spins reaping, then sleeps on the completion
   // doorbell (one thread) or on cv_ (the others).
   void WaitFor(const std::function<bool()>& pred) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
@@ -208,6 +223,7 @@ class Session {
   uint32_t cq_head_ ABSL_GUARDED_BY(mu_) = 0;
   std::vector<Slot> slots_ ABSL_GUARDED_BY(mu_);
   uint64_t reaped_ ABSL_GUARDED_BY(mu_) = 0;
+  uint64_t retried_ ABSL_GUARDED_BY(mu_) = 0;  // in_cache_retries()
   bool reaping_ ABSL_GUARDED_BY(mu_) = false;  // a thread sleeps on the doorbell
   bool broken_ ABSL_GUARDED_BY(mu_) = false;   // svmd closed the session
 };

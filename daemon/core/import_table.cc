@@ -96,7 +96,11 @@ struct ImportTable::ReadOp {
   uint64_t offset = 0;
   absl::Span<uint8_t> dst;
   bool fresh = false, fill = false;
-  ReadDone done;
+  bool in_cache = false;  // the bytes may stay in the shared cache (ReadInCache)
+  SessionReadDone done;
+  void Finish(absl::StatusOr<v1::ReadResponse> r, bool left_in_cache = false) {
+    done(std::move(r), left_in_cache);
+  }
 };
 
 struct ImportTable::Link {
@@ -769,12 +773,19 @@ std::vector<v1::ImportInfo> ImportTable::List() const {
 
 void ImportTable::Read(const std::string& name, uint64_t offset, absl::Span<uint8_t> dst, bool fresh,
                        bool fill, ReadDone done) {
+  ReadInCache(name, offset, dst, fresh, fill, /*in_cache=*/false,
+              [done = std::move(done)](absl::StatusOr<v1::ReadResponse> r, bool) { done(std::move(r)); });
+}
+
+void ImportTable::ReadInCache(const std::string& name, uint64_t offset, absl::Span<uint8_t> dst, bool fresh,
+                              bool fill, bool in_cache, SessionReadDone done) {
   auto imp = Find(name);
   if (!imp) {
-    done(absl::NotFoundError(absl::StrCat("no export or import named '", name, "'")));
+    done(absl::NotFoundError(absl::StrCat("no export or import named '", name, "'")), false);
     return;
   }
-  auto op = std::make_shared<ReadOp>(ReadOp{imp, offset, dst, fresh, fill, std::move(done)});
+  auto op = std::make_shared<ReadOp>(ReadOp{imp, offset, dst, fresh, fill, in_cache && !fresh && !fill,
+                                            std::move(done)});
   bool attached;
   {
     absl::MutexLock l(&imp->mu);
@@ -792,7 +803,7 @@ void ImportTable::Read(const std::string& name, uint64_t offset, absl::Span<uint
             absl::StrCat("export '", op->imp->remote_name, "' gone: ", op->imp->gone_reason));
       }
     }
-    op->done(std::move(st));
+    op->Finish(std::move(st));
   });
 }
 
@@ -819,6 +830,9 @@ struct ImportTable::Fetching {
   coherence::FetchTicket ticket;
   bool install = false;
   bool direct = false;
+  // The read completes in the cache (ReadInCache): nothing is copied into
+  // dst and buf is null; pages this read cannot land are not fetched.
+  bool in_cache = false;
   std::vector<uint8_t> bounce;
   uint8_t* buf = nullptr;
   uint64_t first = 0, n = 0;
@@ -846,7 +860,7 @@ void ImportTable::ReadAttached(const std::shared_ptr<ReadOp>& op, bool may_refre
   {
     absl::MutexLock l(&imp->mu);
     if (imp->channel == nullptr) {
-      return op->done(absl::UnavailableError(absl::StrCat("import '", name, "' lost its connection")));
+      return op->Finish(absl::UnavailableError(absl::StrCat("import '", name, "' lost its connection")));
     }
     ch = imp->channel;
     export_id = imp->export_id;
@@ -858,12 +872,12 @@ void ImportTable::ReadAttached(const std::shared_ptr<ReadOp>& op, bool may_refre
     cache_usable = imp->coh.CacheUsable(static_cast<int64_t>(source::MonotonicNs()));
   }
   if (offset > len || dst.size() > len - offset) {
-    return op->done(absl::OutOfRangeError(absl::StrFormat(
+    return op->Finish(absl::OutOfRangeError(absl::StrFormat(
         "read of %u bytes at offset %u is past the end of '%s' (%u bytes)", dst.size(), offset, name, len)));
   }
   if (fill && cache_->capacity() == 0) {
     // A mapping's fault would never be satisfied.
-    return op->done(
+    return op->Finish(
         absl::FailedPreconditionError("this importer keeps no cache (--cache-mb 0): nothing can be mapped"));
   }
   const uint64_t first = offset / kPageSize;
@@ -891,11 +905,11 @@ void ImportTable::ReadAttached(const std::shared_ptr<ReadOp>& op, bool may_refre
       imp->stats.fetch_latency.Observe(absl::Now() - read_start);
       imp->stats.reads.fetch_add(1, std::memory_order_relaxed);
       imp->stats.pages_fetched.fetch_add(n, std::memory_order_relaxed);
-      return op->done(std::move(resp));
+      return op->Finish(std::move(resp));
     }
     if (!absl::IsFailedPrecondition(st)) {
       if (!ch->alive()) OnChannelClosed(ch.get(), st);  // as for a fetch below
-      return op->done(std::move(st));
+      return op->Finish(std::move(st));
     }
     // No region right now (withdrawn or being replaced): the staged path.
   }
@@ -919,15 +933,21 @@ void ImportTable::ReadAttached(const std::shared_ptr<ReadOp>& op, bool may_refre
   // found in the cache, pages another read is landing) goes through svmd's
   // own buffer.
   f->direct = !f->install && offset % kPageSize == 0 && dst.size() % kPageSize == 0;
-  if (!f->direct) f->bounce.resize(n * kPageSize);
-  f->buf = f->direct ? dst.data() : f->bounce.data();
+  // A read that completes in the cache needs no buffer at all: the pages it
+  // lands are published where the client copies them from, the pages found
+  // cached stay there, and the pages another read is landing are that
+  // read's to publish (the client reads again any page whose word says it
+  // is not there).
+  f->in_cache = op->in_cache && f->install && cache_usable && cache_->capacity() > 0;
+  if (!f->direct && !f->in_cache) f->bounce.resize(n * kPageSize);
+  f->buf = f->in_cache ? nullptr : f->direct ? dst.data() : f->bounce.data();
   uint8_t* const buf = f->buf;
   std::vector<bool> have(n, false);
   if (!fresh && !cache_usable) counters_->Add("reads_past_lease");
   if (!fresh && cache_usable) {
     for (uint64_t i = 0; i < n; ++i) {
       // A fill wants the pages in the cache, not their bytes.
-      have[i] = fill ? cache_->Touch(imp->id, first + i)
+      have[i] = fill || f->in_cache ? cache_->Touch(imp->id, first + i)
                      : cache_->Lookup(imp->id, first + i, absl::MakeSpan(buf + i * kPageSize, kPageSize));
     }
   }
@@ -951,6 +971,11 @@ void ImportTable::ReadAttached(const std::shared_ptr<ReadOp>& op, bool may_refre
     if (land != nullptr) {
       j = i + land->npages();
       fop.dst = land->span();
+    } else if (f->in_cache) {
+      // Cached meanwhile, or another read is landing it: not fetched.
+      counters_->Add("fetches_skipped_claimed");
+      ++i;
+      continue;
     } else {
       fop.dst = absl::MakeSpan(buf + i * kPageSize, (j - i) * kPageSize);
     }
@@ -997,7 +1022,7 @@ void ImportTable::FinishFetch(Fetching& f) {
   // nothing is copied into its dst.
   uint64_t copied = 0;
   auto copy_out = [&](uint64_t i, const uint8_t* src) {
-    if (fill) return;
+    if (fill || f.in_cache) return;
     const uint64_t page_at = (first + i) * kPageSize;
     const uint64_t from = std::max(page_at, offset);
     const uint64_t to = std::min(page_at + kPageSize, offset + dst.size());
@@ -1028,7 +1053,7 @@ void ImportTable::FinishFetch(Fetching& f) {
         OnChannelClosed(ch.get(), st);
       }
       release();
-      return f.op->done(std::move(st));
+      return f.op->Finish(std::move(st));
     }
     min_seq = std::min(min_seq, *seq);
     session::SharedCache::Landing* land = f.landings[o].get();
@@ -1057,7 +1082,7 @@ void ImportTable::FinishFetch(Fetching& f) {
     resp.set_pages_fetched(resp.pages_fetched() + op.npages);
   }
   release();
-  if (!f.direct) {
+  if (!f.direct && !f.in_cache) {
     for (uint64_t i = 0; i < f.n; ++i) {
       if (!landed[i]) copy_out(i, f.buf + i * kPageSize);
     }
@@ -1075,7 +1100,7 @@ void ImportTable::FinishFetch(Fetching& f) {
   imp->stats.reads.fetch_add(1, std::memory_order_relaxed);
   imp->stats.pages_from_cache.fetch_add(resp.pages_from_cache(), std::memory_order_relaxed);
   imp->stats.pages_fetched.fetch_add(resp.pages_fetched(), std::memory_order_relaxed);
-  f.op->done(std::move(resp));
+  f.op->Finish(std::move(resp), f.in_cache);
 }
 
 void ImportTable::Sync(const std::string& name, SyncDone done) {

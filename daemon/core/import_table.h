@@ -123,6 +123,18 @@ class ImportTable final : public transport::ImportBackend {
   // which are never cached).
   void Read(const std::string& name, uint64_t offset, absl::Span<uint8_t> dst, bool fresh,
             bool fill, ReadDone done);
+  // Read, for a session whose client can copy from the shared cache itself
+  // (abi::kInCache). in_cache: when the read installs its pages in the
+  // cache (not fresh, not a fill, the staged path with a cache), nothing is
+  // copied into dst: the pages it fetched are published in the cache, the
+  // pages found there stay there, and done's second argument is true. The
+  // client then copies every page checked against its version word (a page
+  // that raced an invalidation was never published: its word fails the
+  // check and the client reads it again without in_cache). Otherwise (or
+  // with in_cache false) as Read, and done's second argument is false.
+  using SessionReadDone = std::function<void(absl::StatusOr<v1::ReadResponse>, bool in_cache)>;
+  void ReadInCache(const std::string& name, uint64_t offset, absl::Span<uint8_t> dst, bool fresh,
+                   bool fill, bool in_cache, SessionReadDone done);
   // The shared cache of import `name`, read-only, for a local client.
   absl::StatusOr<session::CacheFiles> OpenCache(const std::string& name) const;
   // Forwards Sync to the exporting daemon.

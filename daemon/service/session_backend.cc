@@ -82,16 +82,19 @@ class DaemonBackend final : public session::Backend {
   }
 
   void Read(const std::string& name, uint64_t offset, absl::Span<uint8_t> dst, bool fresh, bool fill,
-            std::function<void(absl::StatusOr<session::ReadDone>)> done) override {
+            bool in_cache, std::function<void(absl::StatusOr<session::ReadDone>)> done) override {
     if (d_->imports().Has(name)) {
       // Asynchronous: the import's peer link runs it.
-      d_->imports().Read(name, offset, dst, fresh, fill,
-                         [done = std::move(done)](absl::StatusOr<v1::ReadResponse> r) {
-                           if (!r.ok()) return done(r.status());
-                           done(session::ReadDone{r->seq(), r->pages_from_cache(), r->pages_fetched()});
-                         });
+      d_->imports().ReadInCache(
+          name, offset, dst, fresh, fill, in_cache,
+          [done = std::move(done)](absl::StatusOr<v1::ReadResponse> r, bool left_in_cache) {
+            if (!r.ok()) return done(r.status());
+            done(session::ReadDone{r->seq(), r->pages_from_cache(), r->pages_fetched(), left_in_cache});
+          });
       return;
     }
+    // A local export has no cache: its bytes are always copied into dst
+    // (in_cache is not honoured).
     // A local export's pages, read from its process. A small read runs on
     // the session thread itself: handing it to the executor costs a thread
     // wakeup (the better part of the round trip on an idle machine, where

@@ -50,7 +50,8 @@ namespace svm::session::abi {
 
 inline constexpr uint32_t kMagic = 0x53564d53;  // "SVMS"
 // 2: the client counters (SessionHeader::ctr_offset, ClientCounters).
-inline constexpr uint32_t kVersion = 2;
+// 3: completions "in the cache" (kInCache, kDoneInCache).
+inline constexpr uint32_t kVersion = 3;
 inline constexpr uint64_t kPageSize = 4096;
 
 // ---- session memory ---------------------------------------------------------
@@ -135,6 +136,21 @@ enum SqeFlags : uint16_t {
   // The pages must land in the shared cache (a fault of a mapping, a
   // prefetch): the staged path, even where zero-copy READs are offered.
   kFill = 2,
+  // The client may take the bytes from the import's shared cache: when
+  // svmd installed the pages there, it completes with kDoneInCache and
+  // copies nothing into the data area. Never with kFresh or kFill.
+  kInCache = 4,
+};
+
+// Cqe::flags of a successful completion.
+enum CqeFlags : uint32_t {
+  // The bytes are not in the data area: svmd installed the read's pages in
+  // the shared cache (or found them there). The client copies them from
+  // its mapping of the cache, each page checked against its version word
+  // before and after (TryCopyPage) as a cache hit is; a page that fails the
+  // check (invalidated, evicted, or never installed because the fetch
+  // raced an invalidation) is read again without kInCache.
+  kDoneInCache = 1,
 };
 
 struct Sqe {
@@ -154,7 +170,10 @@ struct Cqe {
   // An absl::StatusCode; on an error the message (msg_len bytes, no NUL) is
   // at the request's data_offset when that range was valid.
   uint32_t status;
-  uint32_t msg_len;
+  union {
+    uint32_t msg_len;  // status != 0
+    uint32_t flags;    // status == 0: CqeFlags
+  };
   uint64_t seq;  // exporter's invalidation sequence the data is valid for
   uint32_t pages_from_cache;
   uint32_t pages_fetched;

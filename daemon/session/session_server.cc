@@ -613,10 +613,11 @@ bool Server::Drain(Session& s, bool* ok) {
     uint8_t* dst = s.data + r->data_offset;
     const uint64_t len = r->len;
     backend_->Read(s.handles[r->handle].name, r->offset, absl::MakeSpan(dst, len), r->fresh, r->fill,
-                   [self, dst, len, user_data = e.user_data](absl::StatusOr<ReadDone> done) {
+                   r->in_cache, [self, dst, len, user_data = e.user_data](absl::StatusOr<ReadDone> done) {
                      abi::Cqe c{};
                      c.user_data = user_data;
                      if (done.ok()) {
+                       c.flags = done->in_cache ? uint32_t{abi::kDoneInCache} : 0u;
                        c.seq = done->seq;
                        c.pages_from_cache = static_cast<uint32_t>(done->pages_from_cache);
                        c.pages_fetched = static_cast<uint32_t>(done->pages_fetched);

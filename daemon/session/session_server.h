@@ -48,6 +48,9 @@ struct ReadDone {
   uint64_t seq = 0;
   uint64_t pages_from_cache = 0;
   uint64_t pages_fetched = 0;
+  // The bytes were left in the import's shared cache (asked with in_cache):
+  // dst holds nothing; the completion says kDoneInCache.
+  bool in_cache = false;
 };
 
 struct Opened {
@@ -67,8 +70,11 @@ class Backend {
   // read is quick (a small read of a local export), otherwise later. It
   // must not block the caller for long (the caller serves every session).
   // fill: the pages must end up in the import's shared cache (no zero-copy).
+  // in_cache: the client copies from the shared cache itself, so a read of
+  // an import that installs its pages there may leave dst untouched
+  // (ReadDone::in_cache).
   virtual void Read(const std::string& name, uint64_t offset, absl::Span<uint8_t> dst, bool fresh,
-                    bool fill, std::function<void(absl::StatusOr<ReadDone>)> done) = 0;
+                    bool fill, bool in_cache, std::function<void(absl::StatusOr<ReadDone>)> done) = 0;
   // Calls cb (which must not block) with every invalidation of name from
   // now until Unwatch(returned id) returns.
   virtual absl::StatusOr<uint64_t> Watch(const std::string& name,

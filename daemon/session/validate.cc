@@ -16,7 +16,8 @@ absl::StatusOr<ReadRequest> ParseSqe(const abi::Sqe& e, const SqeLimits& lim) {
   if (e.opcode != abi::kOpRead) {
     return absl::InvalidArgumentError(absl::StrFormat("unknown opcode %u", e.opcode));
   }
-  if ((e.flags & ~(abi::kFresh | abi::kFill)) != 0 || (e.flags & abi::kFresh && e.flags & abi::kFill)) {
+  const uint16_t exclusive = e.flags & (abi::kFresh | abi::kFill | abi::kInCache);
+  if ((e.flags & ~(abi::kFresh | abi::kFill | abi::kInCache)) != 0 || (exclusive & (exclusive - 1)) != 0) {
     return absl::InvalidArgumentError(absl::StrFormat("unknown flags 0x%x", e.flags));
   }
   if (e.handle >= lim.handle_len.size()) {
@@ -42,6 +43,7 @@ absl::StatusOr<ReadRequest> ParseSqe(const abi::Sqe& e, const SqeLimits& lim) {
   r.data_offset = e.data_offset;
   r.fresh = (e.flags & abi::kFresh) != 0;
   r.fill = (e.flags & abi::kFill) != 0;
+  r.in_cache = (e.flags & abi::kInCache) != 0;
   return r;
 }
 

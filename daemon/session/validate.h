@@ -23,6 +23,7 @@ struct ReadRequest {
   uint64_t data_offset = 0;
   bool fresh = false;
   bool fill = false;
+  bool in_cache = false;  // kInCache: the bytes may stay in the shared cache
   bool nop = false;
 };
 

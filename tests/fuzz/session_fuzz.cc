@@ -45,5 +45,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   if (r->len == 0 || r->data_offset + r->len > lim.data_size || r->data_offset + r->len < r->len) std::abort();
   const uint64_t ilen = lim.handle_len[r->handle];
   if (r->offset + r->len > ilen || r->offset + r->len < r->len) std::abort();
+  // fresh, fill and in_cache exclude each other.
+  if (int{r->fresh} + int{r->fill} + int{r->in_cache} > 1) std::abort();
   return 0;
 }

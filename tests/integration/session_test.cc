@@ -232,6 +232,38 @@ TEST_F(Sessions, ACachedReadSendsNothingToSvmd) {
   EXPECT_EQ(Counter(*cb_, "reads"), reads);
 }
 
+// A cached Read that misses: svmd lands the pages in the shared cache and
+// completes the read "in the cache"; the client copies them from there.
+// svmd copies nothing into the session's data area (read_bytes_copied).
+TEST_F(Sessions, ACachedReadThatMissesIsCopiedFromTheCacheNotBySvmd) {
+  const uint64_t copied = Counter(*cb_, "read_bytes_copied");
+  const uint64_t landed = Counter(*cb_, "cache_pages_landed");
+  // Whole pages, and a read that starts and ends inside pages.
+  ExpectWhole(*cb_, false);
+  ASSERT_TRUE(cb_->Status().ok());
+  EXPECT_EQ(Counter(*cb_, "cache_pages_landed") - landed, kPages);
+  EXPECT_EQ(Counter(*cb_, "read_bytes_copied"), copied) << "svmd copied a cached read's bytes";
+  auto rep = exporter_->Command("stamp 5");  // every page changes: dropped from the cache
+  ASSERT_TRUE(rep.ok() && absl::StartsWith(*rep, "ok")) << (rep.ok() ? *rep : rep.status().ToString());
+  ASSERT_TRUE(cb_->Sync("m").ok());
+  std::vector<uint8_t> odd(3 * kPage + 100);
+  auto r = cb_->Read("m", kPage / 2, absl::MakeSpan(odd));
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->pages_fetched, 4u);
+  const auto* w = reinterpret_cast<const uint64_t*>(odd.data() + kPage / 2);  // page 1
+  EXPECT_EQ(*w, (5ull << 32) | 1) << "page 1 of the new stamp";
+  EXPECT_EQ(Counter(*cb_, "read_bytes_copied"), copied) << "svmd copied a cached read's bytes";
+  // A fresh read comes through the data area (page-aligned: tcp receives
+  // into it, still no copy).
+  ReadOptions fresh;
+  fresh.fresh = true;
+  std::vector<uint8_t> page(kPage);
+  r = cb_->Read("m", 2 * kPage, absl::MakeSpan(page), fresh);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_TRUE(PageHasVersion(page.data(), (5ull << 32) | 2));
+  EXPECT_EQ(Counter(*cb_, "read_bytes_copied"), copied);
+}
+
 TEST_F(Sessions, ReadVBatchesAndReportsEachOpAlone) {
   std::vector<std::vector<uint8_t>> bufs(4, std::vector<uint8_t>(2 * kPage));
   std::vector<uint8_t> big(kPages * kPage);

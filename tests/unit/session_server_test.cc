@@ -42,6 +42,9 @@ class FakeBackend : public Backend {
           ::ftruncate(o.words.get(), static_cast<off_t>(abi::WordsFileSize(4))) != 0) {
         return absl::InternalError("memfd");
       }
+      absl::MutexLock l(&mu_);
+      imp_data_ = UniqueFd(::dup(o.data.get()));
+      imp_words_ = UniqueFd(::dup(o.words.get()));
       return o;
     }
     if (name != "exp") return absl::NotFoundError(name);
@@ -50,10 +53,52 @@ class FakeBackend : public Backend {
     o.len = 64 << 10;
     return o;
   }
-  void Read(const std::string&, uint64_t offset, absl::Span<uint8_t> dst, bool, bool,
-            std::function<void(absl::StatusOr<ReadDone>)> done) override {
+  // "imp" asked with in_cache: completes in the cache (leaving dst as it
+  // is) when the test said so (AnswerInCache), installing the pages with
+  // their bytes or not at all (a fetch that raced an invalidation).
+  void Read(const std::string& name, uint64_t offset, absl::Span<uint8_t> dst, bool, bool,
+            bool in_cache, std::function<void(absl::StatusOr<ReadDone>)> done) override {
+    bool in_cache_answer = false, install = false;
+    int data = -1, words = -1;
+    {
+      absl::MutexLock l(&mu_);
+      if (name == "imp") reads_.push_back(in_cache);
+      in_cache_answer = name == "imp" && in_cache && in_cache_answer_;
+      install = install_;
+      data = imp_data_.get();
+      words = imp_words_.get();
+    }
+    if (in_cache_answer) {
+      if (install) {
+        for (uint64_t p = offset / abi::kPageSize; p * abi::kPageSize < offset + dst.size(); ++p) {
+          uint8_t page[abi::kPageSize];
+          for (size_t i = 0; i < sizeof(page); ++i) page[i] = static_cast<uint8_t>((p * abi::kPageSize + i) % 251);
+          const uint64_t version = 7;
+          if (::pwrite(data, page, sizeof(page), static_cast<off_t>(p * abi::kPageSize)) != sizeof(page) ||
+              ::pwrite(words, &version, 8, static_cast<off_t>(abi::kWordsOffset + p * 8)) != 8) {
+            return done(absl::InternalError("pwrite"));
+          }
+        }
+      }
+      return done(ReadDone{1, 0, dst.size() / 4096, /*in_cache=*/true});
+    }
     for (size_t i = 0; i < dst.size(); ++i) dst[i] = static_cast<uint8_t>((offset + i) % 251);
     done(ReadDone{1, 0, dst.size() / 4096});
+  }
+  // Reads of "imp" complete in the cache from now on when they ask to;
+  // install: their pages are put in the cache first. The cache's lease is
+  // set to last.
+  void AnswerInCache(bool install) {
+    absl::MutexLock l(&mu_);
+    in_cache_answer_ = true;
+    install_ = install;
+    const int64_t forever = INT64_MAX;
+    (void)!::pwrite(imp_words_.get(), &forever, sizeof(forever), offsetof(abi::CacheHeader, lease_until_ns));
+  }
+  // Whether each read of "imp" asked to complete in the cache, in order.
+  std::vector<bool> imp_reads() {
+    absl::MutexLock l(&mu_);
+    return reads_;
   }
   absl::StatusOr<uint64_t> Watch(const std::string&, std::function<void(const abi::Event&)> cb) override {
     absl::MutexLock l(&mu_);
@@ -101,6 +146,10 @@ class FakeBackend : public Backend {
   std::map<uint64_t, std::function<void(const abi::Event&)>> cbs_ ABSL_GUARDED_BY(mu_);
   int unwatched_ ABSL_GUARDED_BY(mu_) = 0;
   std::map<std::string, std::pair<uint64_t, uint64_t>> hits_ ABSL_GUARDED_BY(mu_);
+  UniqueFd imp_data_ ABSL_GUARDED_BY(mu_), imp_words_ ABSL_GUARDED_BY(mu_);
+  bool in_cache_answer_ ABSL_GUARDED_BY(mu_) = false;
+  bool install_ ABSL_GUARDED_BY(mu_) = false;
+  std::vector<bool> reads_ ABSL_GUARDED_BY(mu_);
 };
 
 class SessionServerTest : public ::testing::Test {
@@ -267,6 +316,57 @@ TEST_F(SessionServerTest, ClientCacheHitsAreHarvestedNeverBackwardsAndKeptWhenTh
   client_.reset();
   EXPECT_TRUE(Eventually([&] { return server_->sessions() == 0; }));
   EXPECT_EQ(backend_.hits("imp"), std::make_pair(uint64_t{5}, uint64_t{17}));
+}
+
+// A read svmd completes "in the cache" (kDoneInCache) is copied by the
+// client from its mapping of the shared cache, each page checked against
+// its version word, with nothing in the data area.
+TEST_F(SessionServerTest, AReadCompletedInTheCacheIsCopiedFromTheCache) {
+  StartServer({});
+  auto imp = client_->Open("imp");
+  ASSERT_TRUE(imp.ok()) << imp.status();
+  backend_.AnswerInCache(/*install=*/true);
+  std::vector<uint8_t> buf(3 * abi::kPageSize - 100, 0xee);
+  Session::Op op;
+  op.handle = (*imp)->handle;
+  op.offset = 50;
+  op.len = buf.size();
+  op.dst = buf.data();
+  op.view = imp->get();
+  auto r = client_->Run(absl::MakeConstSpan(&op, 1));
+  ASSERT_EQ(r.size(), 1u);
+  ASSERT_TRUE(r[0].status.ok()) << r[0].status;
+  for (size_t i = 0; i < buf.size(); ++i) {
+    ASSERT_EQ(buf[i], static_cast<uint8_t>((50 + i) % 251)) << "byte " << i;
+  }
+  EXPECT_EQ(backend_.imp_reads(), std::vector<bool>{true});
+  EXPECT_EQ(client_->in_cache_retries(), 0u);
+}
+
+// A read completed in the cache whose pages are not there when the client
+// copies (never installed: the fetch raced an invalidation; or punched
+// since) is never returned from the cache: the client reads it again,
+// without kInCache, and gets the bytes in the data area.
+TEST_F(SessionServerTest, AReadCompletedInTheCacheWhosePagesAreGoneIsReadAgain) {
+  StartServer({});
+  auto imp = client_->Open("imp");
+  ASSERT_TRUE(imp.ok()) << imp.status();
+  backend_.AnswerInCache(/*install=*/false);
+  std::vector<uint8_t> buf(2 * abi::kPageSize, 0xee);
+  Session::Op op;
+  op.handle = (*imp)->handle;
+  op.offset = abi::kPageSize;
+  op.len = buf.size();
+  op.dst = buf.data();
+  op.view = imp->get();
+  auto r = client_->Run(absl::MakeConstSpan(&op, 1));
+  ASSERT_EQ(r.size(), 1u);
+  ASSERT_TRUE(r[0].status.ok()) << r[0].status;
+  for (size_t i = 0; i < buf.size(); ++i) {
+    ASSERT_EQ(buf[i], static_cast<uint8_t>((abi::kPageSize + i) % 251)) << "byte " << i;
+  }
+  EXPECT_EQ(backend_.imp_reads(), (std::vector<bool>{true, false}));
+  EXPECT_EQ(client_->in_cache_retries(), 1u);
 }
 
 // A client of another session protocol (an older libsvm) is refused with an
