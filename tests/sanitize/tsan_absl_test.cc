@@ -12,6 +12,7 @@
 
 #include <gtest/gtest.h>
 
+#include "absl/flags/parse.h"
 #include "absl/synchronization/blocking_counter.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/synchronization/notification.h"
@@ -160,6 +161,19 @@ TEST(TsanAbsl, WriterBitOfTheMutexWord) {
   EXPECT_NE(word(), 0);
   mu.ReaderUnlock();
   EXPECT_EQ(word(), 0);
+}
+
+// A lock that abseil takes itself (the caller is a system library) is told
+// to TSan as acquire/release only (tsan_absl.cc, Caller). As a TSan mutex,
+// the flag parser's lock looked destroyed while still locked when a usage
+// error ends the process inside the parser (svmd --bogus exited 66 with
+// that report instead of its usage error).
+TEST(TsanAbsl, AbseilsFlagParserKeepsItsLocksToItself) {
+  char arg0[] = "tsan_absl_test";
+  char arg1[] = "--tsan_absl_test_no_such_flag";
+  char* argv[] = {arg0, arg1, nullptr};
+  EXPECT_EXIT(absl::ParseCommandLine(2, argv), ::testing::ExitedWithCode(1),
+              "Unknown command line flag 'tsan_absl_test_no_such_flag'");
 }
 
 }  // namespace
