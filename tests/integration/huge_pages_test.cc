@@ -117,7 +117,7 @@ TEST_P(HugePages, TransparentHugePagesAreReadAndInvalidatedWhenSplit) {
   const uint64_t page = 5;
   ASSERT_EQ(madvise(p + page * kPage, kPage, MADV_DONTNEED), 0);
   EXPECT_LT(AnonHugeKb(p), huge_kb) << "the THP was not split";
-  auto ev = WaitForPage(**w, page, absl::Seconds(10));
+  auto ev = WaitForPage(**w, page, Scaled(absl::Seconds(10)));
   ASSERT_TRUE(ev.ok()) << ev.status();
   // Through the cache: the dropped page reads as the zeros it now holds.
   auto r = ReadBytes(*cb_, "thp", 0, kHuge);
@@ -147,14 +147,14 @@ TEST_P(HugePages, HugetlbMemfdIsReadAndInvalidatedOnZapAndUnmap) {
   ASSERT_TRUE(w.ok()) << w.status();
   // Zap the first huge page: the file keeps it, the mapping faults it back.
   ASSERT_EQ(madvise(p, kHuge, MADV_DONTNEED), 0) << std::strerror(errno);
-  auto ev = WaitForPage(**w, 0, absl::Seconds(10));
+  auto ev = WaitForPage(**w, 0, Scaled(absl::Seconds(10)));
   ASSERT_TRUE(ev.ok()) << ev.status();
   auto r = ReadBytes(*cb_, "tlb", 0, kHuge);
   ASSERT_TRUE(r.ok()) << r.status();
   EXPECT_TRUE(*r == std::string(kHuge, 'U'));
   // Unmap the second: reads there fail as a CPU access would.
   ASSERT_EQ(munmap(p + kHuge, kHuge), 0);
-  ev = WaitForPage(**w, kHuge / kPage, absl::Seconds(10));
+  ev = WaitForPage(**w, kHuge / kPage, Scaled(absl::Seconds(10)));
   ASSERT_TRUE(ev.ok()) << ev.status();
   auto gone = ReadBytes(*cb_, "tlb", kHuge, kPage);
   EXPECT_TRUE(absl::IsFailedPrecondition(gone.status())) << gone.status();
@@ -214,7 +214,7 @@ TEST_P(HugePages, HugetlbRangeStartingInsideAHugePageIsServedZeroCopy) {
   const uint64_t page = (kHuge / kPage) - skip + 1;  // the second huge page's second 4 KiB page
   std::memset(p + (skip + page) * kPage, 'Z', kPage);
   ASSERT_EQ(madvise(p + kHuge, kHuge, MADV_DONTNEED), 0) << std::strerror(errno);
-  auto ev = WaitForPage(**w, page, absl::Seconds(10));
+  auto ev = WaitForPage(**w, page, Scaled(absl::Seconds(10)));
   ASSERT_TRUE(ev.ok()) << ev.status();
   auto r = ReadBytes(*cb_, "tlbmid", page * kPage, kPage);
   ASSERT_TRUE(r.ok()) << r.status();
