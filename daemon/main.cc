@@ -127,8 +127,11 @@ SVMD_FLAG(uint64_t, max_imports_per_peer, "max-imports-per-peer", 1024,
           "exporter: imports (subscriptions) one peer node may hold over all exports (> 0); "
           "reloadable (SIGHUP)");
 SVMD_FLAG(uint64_t, max_pending_fetches_per_peer, "max-pending-fetches-per-peer", 4096,
-          "exporter: fetch responses queued unsent on one tcp data connection before further "
-          "fetches are answered RESOURCE_EXHAUSTED (> 0); reloadable (SIGHUP)");
+          "exporter: fetch responses queued unsent on one peer's tcp data connections (all of "
+          "them together) before further fetches are answered RESOURCE_EXHAUSTED (> 0); "
+          "reloadable (SIGHUP)");
+SVMD_FLAG(uint64_t, max_sessions, "max-sessions", 1024,
+          "open sessions (session socket) of all clients together (> 0); reloadable (SIGHUP)");
 // Logs.
 SVMD_FLAG(LogLevel, log_level, "log-level", LogLevel{spdlog::level::info},
           "trace|debug|info|warn|error|critical|off; reloadable (SIGHUP)");
@@ -181,6 +184,7 @@ const LimitFlag kLimitFlags[] = {
     {svm::core::Limit::kExportBytesPerClient, &FLAGS_max_export_bytes_per_client},
     {svm::core::Limit::kImportsPerPeer, &FLAGS_max_imports_per_peer},
     {svm::core::Limit::kPendingFetchesPerPeer, &FLAGS_max_pending_fetches_per_peer},
+    {svm::core::Limit::kSessions, &FLAGS_max_sessions},
 };
 
 absl::Status CheckLimit(svm::core::Limit l, uint64_t v) {

@@ -11,6 +11,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
 #include "absl/time/clock.h"
 #include "common/check.h"
 #include "common/log.h"
@@ -483,6 +484,9 @@ absl::StatusOr<uint64_t> ExportTable::Subscribe(uint64_t export_id,
   auto e = FindId(export_id);
   if (!e || !CheckAllowed(e->allow, peer).ok()) return SubscribeRefused();
   uint64_t seq;
+  // Who the limit counts: the proved identity, else the declared node.
+  const std::string who =
+      peer.empty() ? absl::StrCat("node ", sub->node()) : absl::StrCat("peer ", absl::StrJoin(peer, ","));
   {
     // The count and the insertion under mu_ (before ExportEntry::mu), so
     // that concurrent subscriptions cannot overshoot the limit.
@@ -495,15 +499,17 @@ absl::StatusOr<uint64_t> ExportTable::Subscribe(uint64_t export_id,
       absl::MutexLock xl(&x->mu);
       if (x->gone) continue;  // holds nothing any more
       for (const auto& [sid, s] : x->subs) {
-        if (s->node() != sub->node()) continue;
+        auto p = peer_of_.find(sid);
+        if ((p != peer_of_.end() ? p->second : absl::StrCat("node ", s->node())) != who) continue;
         ++held;
         if (x == e && sid == sub->id()) again = true;
       }
     }
     if (!again && held >= max) {
-      return lim.Refuse(Limit::kImportsPerPeer, absl::StrCat("node ", sub->node()),
+      return lim.Refuse(Limit::kImportsPerPeer, who,
                         absl::StrFormat("already holds %u imports of this node's exports", held), max);
     }
+    peer_of_.try_emplace(sub->id(), who);
     absl::MutexLock l(&e->mu);
     if (e->gone) return absl::FailedPreconditionError(absl::StrCat("export '", e->name, "' gone"));
     e->subs[sub->id()] = sub;
@@ -690,6 +696,7 @@ void ExportTable::OnSubscriberClosed(uint64_t subscriber_id) {
     grants_.erase(grants_.lower_bound({subscriber_id, 0}),
                   grants_.upper_bound({subscriber_id, UINT64_MAX}));
     refusals_logged_.erase(subscriber_id);
+    peer_of_.erase(subscriber_id);
     for (auto& [id, e] : by_id_) all.push_back(e);
     for (auto& [id, e] : draining_) all.push_back(e);
   }

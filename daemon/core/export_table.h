@@ -118,8 +118,12 @@ class ExportTable final : public transport::ExportBackend {
   // Grants the connection fetches of the export (ServeFetch). An id no
   // export has is refused as a peer not on the list is (PERMISSION_DENIED,
   // the same message), so ids cannot be probed.
-  // RESOURCE_EXHAUSTED when the connection's node already holds
-  // --max-imports-per-peer subscriptions (over every export).
+  // RESOURCE_EXHAUSTED when the connection's peer already holds
+  // --max-imports-per-peer subscriptions (over every export and every data
+  // connection of it). The peer is who it proved to be (peer: its TLS
+  // identities) when it proved anything, else the node name its data
+  // connection declared (without TLS anyone can claim any name, so that
+  // limit is per name, not per machine: docs/operations.md "Limits").
   absl::StatusOr<uint64_t> Subscribe(uint64_t export_id, std::shared_ptr<transport::Subscriber> sub,
                                      absl::Span<const std::string> peer = {});
   absl::StatusOr<v1::SyncResponse> Sync(const std::string& name);
@@ -205,6 +209,9 @@ class ExportTable final : public transport::ExportBackend {
   // until it closes (OnSubscriberClosed). Outlives the export, so that a
   // subscriber learns of a withdrawal (NOT_FOUND) and nobody else does.
   std::set<std::pair<uint64_t, uint64_t>> grants_ ABSL_GUARDED_BY(mu_);
+  // The peer each subscribed data connection counts under (PeerKey: "peer
+  // ID" or "node NAME"), set by its first Subscribe, until it closes.
+  std::map<uint64_t, std::string> peer_of_ ABSL_GUARDED_BY(mu_);
   // Connections whose refused fetch was logged (once each, until they close).
   std::set<uint64_t> refusals_logged_ ABSL_GUARDED_BY(mu_);
 };

@@ -18,6 +18,8 @@ uint64_t& LimitValues::Of(Limit l) {
       return imports_per_peer;
     case Limit::kPendingFetchesPerPeer:
       return pending_fetches_per_peer;
+    case Limit::kSessions:
+      return sessions;
   }
   SVM_CHECK(false);
   return sessions_per_client;
@@ -26,14 +28,14 @@ uint64_t& LimitValues::Of(Limit l) {
 absl::string_view Limits::Name(Limit l) {
   constexpr absl::string_view kNames[kLimitCount] = {
       "sessions_per_client", "exports_per_client", "export_bytes_per_client", "imports_per_peer",
-      "pending_fetches_per_peer"};
+      "pending_fetches_per_peer", "sessions"};
   return kNames[Index(l)];
 }
 
 absl::string_view Limits::Flag(Limit l) {
   constexpr absl::string_view kFlags[kLimitCount] = {
       "max-sessions-per-client", "max-exports-per-client", "max-export-bytes-per-client",
-      "max-imports-per-peer", "max-pending-fetches-per-peer"};
+      "max-imports-per-peer", "max-pending-fetches-per-peer", "max-sessions"};
   return kFlags[Index(l)];
 }
 

@@ -35,9 +35,10 @@ enum class Limit : int {
   kExportsPerClient,       // exports of one uid (their processes alive)
   kExportBytesPerClient,   // bytes those exports span
   kImportsPerPeer,         // subscriptions of one importing node, over every export
-  kPendingFetchesPerPeer,  // fetch responses queued unsent on one data connection (tcp)
+  kPendingFetchesPerPeer,  // fetch responses queued unsent on one peer's tcp data connections
+  kSessions,               // open sessions of all clients together (session socket)
 };
-inline constexpr size_t kLimitCount = 5;
+inline constexpr size_t kLimitCount = 6;
 
 struct LimitValues {
   uint64_t sessions_per_client = 256;
@@ -45,6 +46,7 @@ struct LimitValues {
   uint64_t export_bytes_per_client = uint64_t{1} << 40;  // 1 TiB
   uint64_t imports_per_peer = 1024;
   uint64_t pending_fetches_per_peer = 4096;
+  uint64_t sessions = 1024;
 
   uint64_t& Of(Limit l);
   uint64_t Of(Limit l) const { return const_cast<LimitValues*>(this)->Of(l); }
@@ -67,7 +69,8 @@ class Limits {
 
   // The refusal of one request: counted, logged (rate-limited), and the
   // status to answer with: RESOURCE_EXHAUSTED "<who> <detail> (limit
-  // --<flag>=<limit>)". who names the client or peer ("uid 1000", "node b").
+  // --<flag>=<limit>)". who names the client or peer ("uid 1000", "node b",
+  // "peer b.example": a TLS identity), or "svmd" for a daemon-wide limit.
   absl::Status Refuse(Limit l, absl::string_view who, absl::string_view detail, uint64_t limit);
   uint64_t refusals(Limit l) const { return refusals_[Index(l)].load(std::memory_order_relaxed); }
   // Lines logged so far (tests check the rate limit).

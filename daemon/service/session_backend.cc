@@ -31,7 +31,12 @@ class DaemonBackend final : public session::Backend {
   absl::Status SessionOpening(const PeerCred& who, uint64_t session) override {
     core::Limits& lim = d_->limits();
     const uint64_t max = lim.Get(core::Limit::kSessionsPerClient);
+    const uint64_t max_all = lim.Get(core::Limit::kSessions);
     absl::MutexLock l(&mu_);
+    if (const uint64_t all = uid_of_.size(); all >= max_all) {
+      return lim.Refuse(core::Limit::kSessions, "svmd", absl::StrCat("already has ", all, " sessions open"),
+                        max_all);
+    }
     uint64_t& open = per_uid_[who.uid];
     if (open >= max) {
       const uint64_t held = open;
@@ -48,6 +53,7 @@ class DaemonBackend final : public session::Backend {
                                    UniqueFd object) override {
     return deposits_->Add(who, session, std::move(fd), std::move(object));
   }
+  uint64_t MaxSessions() override { return d_->limits().Get(core::Limit::kSessions); }
   void SessionClosed(uint64_t session) override {
     deposits_->DropSession(session);
     absl::MutexLock l(&mu_);

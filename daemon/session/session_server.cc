@@ -312,8 +312,10 @@ void Server::Accept() {
       return;
     }
     UniqueFd sock(fd);
-    if (live_.size() >= opts_.max_sessions) {
-      spdlog::warn("session refused: {} sessions are open", live_.size());
+    if (live_.size() >= backend_->MaxSessions() + opts_.hello_slack) {
+      spdlog::warn("session socket closed unanswered: {} sockets are open (--max-sessions {} "
+                   "and {} waiting for their hello)",
+                   live_.size(), backend_->MaxSessions(), opts_.hello_slack);
       continue;
     }
     auto cred = GetPeerCred(fd);

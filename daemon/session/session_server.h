@@ -96,6 +96,11 @@ class Backend {
     return absl::OkStatus();
   }
   virtual void SessionClosed(uint64_t /*session*/) {}
+  // The sessions open at once over all clients (svmd: --max-sessions, read
+  // at every accept). The backend refuses the hello beyond it, with an
+  // error; the server itself closes a new socket unanswered only past it
+  // plus ServerOptions::hello_slack (sockets that have not said hello yet).
+  virtual uint64_t MaxSessions() { return 1024; }
   // Reads of the import name that a client served from its shared cache
   // (what its ClientCounters grew by): reads and pages to add to the
   // import's figures.
@@ -110,7 +115,9 @@ struct ServerOptions {
   uint32_t ev_entries = 1024;
   uint32_t max_watches = 256;  // per session
   uint64_t data_size = 16ull << 20;
-  uint32_t max_sessions = 1024;
+  // Sockets beyond Backend::MaxSessions() the server still accepts so that
+  // their hello can be refused with an error instead of a silent close.
+  uint32_t hello_slack = 64;
   uint32_t max_handles = 4096;  // per session
   // How long the thread polls the rings after work before it sleeps.
   absl::Duration spin = absl::Microseconds(50);

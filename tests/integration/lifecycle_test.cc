@@ -4,8 +4,9 @@
 // longer than the peer timeout, and many export/unexport cycles. Every test
 // ends with the convergence check (tests/integration/convergence.h: after
 // the fault heals and invalidations drain, every importer's reads equal the
-// exporter's memory) and checks that the daemons' fd and thread counts, and
-// their resident memory within a bound, return to their baseline.
+// exporter's memory) and checks that the daemons' fd and thread counts,
+// their RDMA memory regions (rdma instances) and their resident memory
+// within a bound return to their baseline.
 #include <dirent.h>
 #include <signal.h>
 #include <unistd.h>
@@ -15,6 +16,8 @@
 #include <cstring>
 #include <fstream>
 #include <map>
+#include <set>
+#include <vector>
 #include <string>
 
 #include "absl/strings/ascii.h"
@@ -22,6 +25,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
 #include "gtest/gtest.h"
 #include "tests/integration/convergence.h"
@@ -41,27 +45,97 @@ constexpr uint64_t kPages = 16;
 constexpr int kGrpcThreadSlack = 4;
 constexpr int kOwnThreadSlack = 2;
 
-// Waits until pid's fds and threads are back at the baseline (or below:
+// The value after `key` in one line of `rdma res show` ("dev rxe0 mrn 42
+// ... pdn 9 pid 548 comm svmd"); "" when the line has none.
+std::string FieldOf(absl::string_view line, absl::string_view key) {
+  std::vector<absl::string_view> f = absl::StrSplit(line, ' ', absl::SkipEmpty());
+  for (size_t i = 0; i + 1 < f.size(); ++i) {
+    if (f[i] == key) return std::string(f[i + 1]);
+  }
+  return "";
+}
+
+// The RDMA memory regions process pid holds, from the kernel's resource
+// tracking (`rdma res show`), so a registration svmd lost track of is
+// counted too. The kernel names the *thread* that registered a region (its
+// tid; 0 once that thread has exited), not the process, so a region is
+// counted by its protection domain: one that a live thread of pid
+// allocated (svmd allocates its one per device at start, on its main
+// thread). -1 when the tool (iproute2's rdma) or RDMA netlink is missing
+// or pid holds no protection domain (it does not run rdma).
+int MrsOf(pid_t pid) {
+  std::set<std::string> tids;
+  if (DIR* d = ::opendir(absl::StrCat("/proc/", pid, "/task").c_str()); d != nullptr) {
+    while (dirent* de = ::readdir(d)) {
+      if (de->d_name[0] != '.') tids.insert(de->d_name);
+    }
+    ::closedir(d);
+  }
+  // RunCommand does not search PATH.
+  std::string tool;
+  for (const char* p : {"/usr/bin/rdma", "/usr/sbin/rdma", "/sbin/rdma", "/bin/rdma"}) {
+    if (::access(p, X_OK) == 0) {
+      tool = p;
+      break;
+    }
+  }
+  if (tool.empty()) return -1;
+  RunResult pds = RunCommand({tool, "res", "show", "pd"});
+  RunResult mrs = RunCommand({tool, "res", "show", "mr"});
+  if (pds.exit_code != 0 || mrs.exit_code != 0) return -1;
+  std::set<std::string> mine;  // "DEV PDN"
+  for (absl::string_view line : absl::StrSplit(pds.out, '\n', absl::SkipEmpty())) {
+    if (tids.count(FieldOf(line, "pid")) != 0) {
+      mine.insert(absl::StrCat(FieldOf(line, "dev"), " ", FieldOf(line, "pdn")));
+    }
+  }
+  if (mine.empty()) return -1;
+  int n = 0;
+  for (absl::string_view line : absl::StrSplit(mrs.out, '\n', absl::SkipEmpty())) {
+    n += mine.count(absl::StrCat(FieldOf(line, "dev"), " ", FieldOf(line, "pdn"))) != 0 ? 1 : 0;
+  }
+  return n;
+}
+
+// A footprint with the memory regions registered with the NIC (rdma
+// instances: -1 there, no count, is a failure, never a pass).
+struct Baseline : Footprint {
+  int mrs = -1;
+};
+Baseline BaselineOf(pid_t pid) {
+  Baseline b;
+  static_cast<Footprint&>(b) = FootprintOf(pid);
+  b.mrs = MrsOf(pid);
+  return b;
+}
+// Whether the running test is an rdma instance (set by Lifecycle::SetUp).
+bool g_rdma = false;
+
+// Waits until pid's fds, threads and memory regions are back at the baseline (or below:
 // a peer that is gone holds nothing) and its resident memory within
 // slack_kib of it; returns what it saw last, with a failure when the wait
 // ran out. Connections of a dead peer close asynchronously (TCP reset,
 // gRPC's transport), hence the wait; a leak never comes back, so the
 // deadline only bounds how long a failure takes.
-Footprint ExpectBackToBaseline(const char* who, pid_t pid, const Footprint& baseline,
-                               int64_t slack_kib) {
+Baseline ExpectBackToBaseline(const char* who, pid_t pid, const Baseline& baseline,
+                              int64_t slack_kib) {
+  if (g_rdma) {
+    EXPECT_GE(baseline.mrs, 0) << who << ": no memory-region count on an rdma run (rdma res show)";
+  }
   const absl::Time deadline = absl::Now() + Scaled(absl::Seconds(10));
-  Footprint now;
+  Baseline now;
   do {
-    now = FootprintOf(pid);
+    now = BaselineOf(pid);
     if (now.fds <= baseline.fds && now.own_threads <= baseline.own_threads + kOwnThreadSlack &&
         now.threads <= baseline.threads + kGrpcThreadSlack &&
-        now.rss_kib <= baseline.rss_kib + slack_kib) {
+        now.rss_kib <= baseline.rss_kib + slack_kib && now.mrs <= baseline.mrs) {
       return now;
     }
     absl::SleepFor(absl::Milliseconds(100));
   } while (absl::Now() < deadline);
-  ADD_FAILURE() << who << " did not return to its baseline: " << baseline.ToString() << " then "
-                << now.ToString() << " (resident slack " << slack_kib << " KiB)";
+  ADD_FAILURE() << who << " did not return to its baseline: " << baseline.ToString() << ", "
+                << baseline.mrs << " memory regions, then " << now.ToString() << ", " << now.mrs
+                << " memory regions (resident slack " << slack_kib << " KiB)";
   return now;
 }
 
@@ -98,9 +172,16 @@ void ExpectConverges(Exporter& e, Daemon& exporting, Client& importer, const std
 class Lifecycle : public TwoDaemons {
  protected:
   void SetUp() override {
+    g_rdma = GetParam() == "rdma";
     TwoDaemons::SetUp();
     if (HasFatalFailure() || IsSkipped()) return;
+    // Over rdma the export is shareable memory (a memfd): where svmd serves
+    // it zero-copy it registers it with the NIC per export and releases it
+    // after the unexport drains; every data connection registers its own
+    // buffers (staged path) and releases them when it closes. The
+    // memory-region count below covers both.
     auto e = Exporter::Start({.daemon = a_.get(), .name = "life", .pages = kPages,
+                              .backing = GetParam() == "rdma" ? "memfd" : "anon",
                               .log_path = absl::StrCat(dir_.path(), "/exporter.log")});
     ASSERT_TRUE(e.ok()) << e.status();
     e_ = std::move(*e);
@@ -144,7 +225,7 @@ constexpr int kRounds = 5;
 
 TEST_P(Lifecycle, ImportingDaemonKilledAndRestartedConverges) {
   ASSERT_TRUE(ReadUntilOk(*cb_).ok());
-  Footprint a_base;
+  Baseline a_base;
   for (int round = 0; round < kRounds && !HasFailure(); ++round) {
     const Footprint a_before = FootprintOf(a_->process().pid());
     cb_.reset();
@@ -163,7 +244,7 @@ TEST_P(Lifecycle, ImportingDaemonKilledAndRestartedConverges) {
     ASSERT_TRUE(ReadUntilOk(*cb_).ok());
     ExpectConverges(*e_, *a_, *cb_, "life", 10 * round + 8);
     if (round == 0) {
-      a_base = FootprintOf(a_->process().pid());
+      a_base = BaselineOf(a_->process().pid());
     } else {
       ExpectBackToBaseline(absl::StrCat("the exporting svmd after round ", round).c_str(),
                            a_->process().pid(), a_base, kRssSlackKib);
@@ -173,7 +254,7 @@ TEST_P(Lifecycle, ImportingDaemonKilledAndRestartedConverges) {
 
 TEST_P(Lifecycle, ExportingDaemonKilledAndRestartedConverges) {
   ASSERT_TRUE(ReadUntilOk(*cb_).ok());
-  Footprint b_base;
+  Baseline b_base;
   for (int round = 0; round < kRounds && !HasFailure(); ++round) {
     const Footprint b_before = FootprintOf(b_->process().pid());
     ca_.reset();
@@ -203,7 +284,7 @@ TEST_P(Lifecycle, ExportingDaemonKilledAndRestartedConverges) {
       ADD_FAILURE() << "round " << round << ": " << d;
     }
     if (round == 0) {
-      b_base = FootprintOf(b_->process().pid());
+      b_base = BaselineOf(b_->process().pid());
     } else {
       ExpectBackToBaseline(absl::StrCat("the importing svmd after round ", round).c_str(),
                            b_->process().pid(), b_base, kRssSlackKib);
@@ -213,7 +294,7 @@ TEST_P(Lifecycle, ExportingDaemonKilledAndRestartedConverges) {
 
 TEST_P(Lifecycle, ExportingDaemonStoppedPastThePeerTimeoutRecoversAndConverges) {
   ASSERT_TRUE(ReadUntilOk(*cb_).ok());
-  Footprint b_base;
+  Baseline b_base;
   const pid_t a_pid = a_->process().pid();
   for (int round = 0; round < kRounds && !HasFailure(); ++round) {
     ASSERT_TRUE(a_->process().Stop(Scaled(absl::Seconds(10))).ok());
@@ -237,7 +318,7 @@ TEST_P(Lifecycle, ExportingDaemonStoppedPastThePeerTimeoutRecoversAndConverges) 
     ASSERT_TRUE(ReadUntilOk(*cb_).ok());
     ExpectConverges(*e_, *a_, *cb_, "life", 10 * round + 22);
     if (round == 0) {
-      b_base = FootprintOf(b_->process().pid());
+      b_base = BaselineOf(b_->process().pid());
     } else {
       ExpectBackToBaseline(absl::StrCat("the importing svmd after round ", round).c_str(),
                            b_->process().pid(), b_base, kRssSlackKib);
@@ -255,12 +336,12 @@ TEST_P(Lifecycle, ExportUnexportCyclesLeakNothing) {
   const int warmup = cycles / 10;
   auto w = cb_->Watch("life");
   ASSERT_TRUE(w.ok()) << w.status();
-  Footprint a_base, b_base;
+  Baseline a_base, b_base;
   const absl::Time t0 = absl::Now();
   for (int i = 0; i < warmup + cycles; ++i) {
     if (i == warmup) {
-      a_base = FootprintOf(a_->process().pid());
-      b_base = FootprintOf(b_->process().pid());
+      a_base = BaselineOf(a_->process().pid());
+      b_base = BaselineOf(b_->process().pid());
     }
     auto r = ReadBytes(*cb_, "life", (i % kPages) * kPage, kPage);
     ASSERT_TRUE(r.ok()) << "cycle " << i << ": " << r.status();

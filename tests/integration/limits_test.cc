@@ -157,6 +157,38 @@ TEST_F(Limits, SessionsPerClient) {
   EXPECT_EQ(Metric(Log("a"), "svm_limit{limit=\"sessions_per_client\"}"), 2);
 }
 
+// --max-sessions counts the sessions of all clients together. One uid here,
+// with --max-sessions-per-client above it, so only the global cap refuses.
+TEST_F(Limits, SessionsOfAllClientsTogether) {
+  auto a = Start("a", "--max-sessions=3\n--max-sessions-per-client=8\n");
+  ASSERT_NE(a, nullptr);
+  EXPECT_EQ(Metric(Log("a"), "svm_limit{limit=\"sessions\"}"), 3);
+  std::vector<std::unique_ptr<Client>> held;
+  for (int i = 0; i < 3; ++i) {
+    auto c = Client::Connect(a->control());
+    ASSERT_TRUE(c.ok()) << i << ": " << c.status();
+    held.push_back(std::move(*c));
+  }
+  for (int i = 0; i < 20; ++i) {
+    auto c = Client::Connect(a->control());
+    ASSERT_EQ(c.status().code(), absl::StatusCode::kResourceExhausted) << i << ": " << c.status();
+    ASSERT_TRUE(absl::StrContains(c.status().message(), "svmd already has 3 sessions open")) << c.status();
+    ASSERT_TRUE(absl::StrContains(c.status().message(), "--max-sessions=3")) << c.status();
+  }
+  EXPECT_EQ(Metric(Log("a"), "svm_limit_refusals_total{limit=\"sessions\"}"), 20);
+  EXPECT_EQ(Metric(Log("a"), "svm_limit_refusals_total{limit=\"sessions_per_client\"}"), 0);
+  EXPECT_EQ(LinesContaining(Log("a"), "refused: svmd"), 1) << FileText(Log("a"));
+  for (auto& c : held) EXPECT_TRUE(c->Status().ok());
+  // SIGHUP raises it: one more, then refused at the new value.
+  Reload(*a, "a", "--max-sessions=4\n--max-sessions-per-client=8\n");
+  EXPECT_EQ(Metric(Log("a"), "svm_limit{limit=\"sessions\"}"), 4);
+  auto fourth = Client::Connect(a->control());
+  ASSERT_TRUE(fourth.ok()) << fourth.status();
+  auto fifth = Client::Connect(a->control());
+  EXPECT_EQ(fifth.status().code(), absl::StatusCode::kResourceExhausted) << fifth.status();
+  EXPECT_TRUE(absl::StrContains(fifth.status().message(), "--max-sessions=4")) << fifth.status();
+}
+
 TEST_F(Limits, ExportsAndExportBytesPerClient) {
   auto a = Start("a", "--max-exports-per-client=3\n--max-export-bytes-per-client=262144\n");
   ASSERT_NE(a, nullptr);

@@ -207,6 +207,46 @@ TEST_F(Tls, TwoDaemonsImportAndReadAndKeepWorkingAcrossACertificateReload) {
   EXPECT_EQ(LinesContaining(ALog(), "tls handshake with a peer failed"), 0) << FileText(ALog());
 }
 
+// --max-imports-per-peer counts what a peer proved (its certificate), not
+// the node name its data connection declares: a second daemon presenting
+// node-b's certificate under another name is the same peer.
+TEST_F(Tls, ImportsPerPeerCountTheCertificateNotTheDeclaredName) {
+  auto x = Daemon::Start({.node = "node-a2",
+                          .dir = dir_.path(),
+                          .extra = [&] {
+                            auto f = TlsFlags("node-a");
+                            f.insert(f.end(), {"--max-imports-per-peer", "1"});
+                            return f;
+                          }()});
+  ASSERT_TRUE(x.ok()) << x.status();
+  for (const char* name : {"one", "two"}) {
+    RunResult r = RunCommand({SvmctlPath(), "--daemon", (*x)->control(), "export", "--pid",
+                              std::to_string(exporter_->pid()), "--addr",
+                              std::to_string(exporter_->addr()), "--len",
+                              std::to_string(exporter_->len()), "--name", name});
+    ASSERT_EQ(r.exit_code, 0) << r.err;
+  }
+  auto b = Daemon::Start({.node = "node-b", .dir = dir_.path(), .extra = TlsFlags("node-b")});
+  ASSERT_TRUE(b.ok()) << b.status();
+  auto cb = (*b)->Connect();
+  ASSERT_TRUE(cb->Import((*x)->peer(), "one").ok());
+  ASSERT_TRUE(ReadBytes(*cb, "one", 0, exporter_->len(), /*fresh=*/true).ok());
+  // Another name, the same certificate.
+  auto b2 = Daemon::Start({.node = "node-b2", .dir = dir_.path(), .extra = TlsFlags("node-b")});
+  ASSERT_TRUE(b2.ok()) << b2.status();
+  auto cb2 = (*b2)->Connect();
+  auto second = cb2->Import((*x)->peer(), "two");
+  EXPECT_EQ(second.status().code(), absl::StatusCode::kResourceExhausted) << second.status();
+  EXPECT_TRUE(absl::StrContains(second.status().message(), "peer node-b")) << second.status();
+  EXPECT_TRUE(absl::StrContains(second.status().message(), "--max-imports-per-peer=1")) << second.status();
+  // Another certificate is another peer.
+  auto c = Daemon::Start({.node = "node-c", .dir = dir_.path(), .extra = TlsFlags("node-c")});
+  ASSERT_TRUE(c.ok()) << c.status();
+  auto cc = (*c)->Connect();
+  EXPECT_TRUE(cc->Import((*x)->peer(), "two").ok());
+  EXPECT_TRUE(ReadBytes(*cb, "one", 0, exporter_->len(), /*fresh=*/true).ok());
+}
+
 TEST_F(Tls, PeerWithoutCertificateIsRefused) {
   ExpectHandshakeRefused("", "peer did not return a certificate");
 }

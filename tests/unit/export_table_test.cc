@@ -552,6 +552,27 @@ TEST_F(ExportTableTest, ImportsPerPeerCountSubscriptionsOfOneNodeOverEveryExport
   EXPECT_EQ(l.live->refusals(Limit::kImportsPerPeer), 2u);
 }
 
+// With TLS a peer is the identity it proved: connections declaring other
+// node names under one certificate share one limit; another certificate,
+// or a connection without one, is another peer even under the same name.
+TEST_F(ExportTableTest, ImportsPerPeerCountTheProvedIdentityNotTheDeclaredNode) {
+  ExportLimits l = Limits();
+  l.live->Set({.imports_per_peer = 2});
+  MakeTable(l);
+  for (const char* n : {"a", "b", "c"}) ASSERT_TRUE(Export(n, n[0] - 'a', 1).ok());
+  const std::vector<std::string> b = {"b.example", "127.0.0.1"};
+  const std::vector<std::string> c = {"c.example"};
+  ASSERT_TRUE(table_->Subscribe(IdOf("a"), std::make_shared<FakeSubscriber>(1, "x1"), b).ok());
+  ASSERT_TRUE(table_->Subscribe(IdOf("b"), std::make_shared<FakeSubscriber>(2, "x2"), b).ok());
+  auto third = table_->Subscribe(IdOf("c"), std::make_shared<FakeSubscriber>(3, "x3"), b);
+  EXPECT_EQ(third.status().code(), absl::StatusCode::kResourceExhausted) << third.status();
+  EXPECT_TRUE(absl::StrContains(third.status().message(), "peer b.example,127.0.0.1 already holds 2"))
+      << third.status();
+  EXPECT_TRUE(table_->Subscribe(IdOf("c"), std::make_shared<FakeSubscriber>(4, "x1"), c).ok());
+  EXPECT_TRUE(table_->Subscribe(IdOf("c"), std::make_shared<FakeSubscriber>(5, "x1")).ok());
+  EXPECT_EQ(l.live->refusals(Limit::kImportsPerPeer), 1u);
+}
+
 TEST_F(ExportTableTest, AGoneExportHoldsNoImportSlot) {
   ExportLimits l = Limits();
   l.live->Set({.imports_per_peer = 1});

@@ -22,6 +22,7 @@ TEST_F(LimitsTest, DefaultsAreTheDocumentedOnes) {
   EXPECT_EQ(v.export_bytes_per_client, uint64_t{1} << 40);
   EXPECT_EQ(v.imports_per_peer, 1024u);
   EXPECT_EQ(v.pending_fetches_per_peer, 4096u);
+  EXPECT_EQ(v.sessions, 1024u);
 }
 
 TEST_F(LimitsTest, EveryLimitHasItsOwnNameFlagAndValue) {
