@@ -185,6 +185,7 @@ struct Nic {
   // Data buffers: kAuto (ODP when the device passed the data check), kOdp
   // (checked usable at start-up) or kPinned (--rdma-registration pinned).
   Mode data_mode = Mode::kAuto;
+  uint8_t ack_timeout = 18;  // every QP's (verbs exponent; RdmaOptions::ack_timeout)
   absl::Mutex contexts_mu;  // guards contexts (not what they serve)
   std::vector<std::unique_ptr<CompletionContext>> contexts ABSL_GUARDED_BY(contexts_mu);
 };
@@ -592,6 +593,7 @@ absl::Status Conn::Init(size_t data_len, Access data_access) {
   rdma::QpCaps caps;
   caps.max_send_wr = kSendWindow + kStaging + kSlots + 4;
   caps.max_recv_wr = kRecvDepth;
+  caps.ack_timeout = nic_->ack_timeout;
   const int cqe = static_cast<int>(caps.max_send_wr + caps.max_recv_wr);
   auto ctx = nic_->AcquireContext(cqe);
   if (!ctx.ok()) return ctx.status();
@@ -1988,6 +1990,7 @@ absl::StatusOr<std::unique_ptr<Transport>> CreateRdmaTransport(const RdmaOptions
   auto dev = Device::Open(opts.device);
   if (!dev.ok()) return dev.status();
   nic->device = std::move(*dev);
+  nic->ack_timeout = rdma::AckTimeoutExponent(opts.ack_timeout);
   switch (opts.registration) {
     case RdmaRegistration::kPinned:
       // No ODP data check: nothing will be registered ODP.
