@@ -1071,6 +1071,12 @@ class ClientConn final : public Conn {
     std::map<uint64_t, Chunk> fetches;     // FETCHes in flight by request id
     std::deque<std::shared_ptr<Batch>> waiting;  // batches with chunks to issue
     std::set<std::shared_ptr<Batch>> batches;    // not completed
+    // When the exporter last answered a FETCH (any batch's): a batch is
+    // overdue once its timeout has passed both since it was issued and
+    // since then (Tick), so a read that is making progress (a large one on
+    // a slow link, or one queued behind others for slots) is not failed by
+    // a deadline meant to detect a peer that stopped answering.
+    absl::Time last_answer = absl::InfinitePast();
     std::map<uint32_t, Pending*> reads;    // READs by slot
     uint64_t next_id = 1;
     std::map<uint64_t, ZcRegion> zc;
@@ -1627,6 +1633,7 @@ void ClientConn::MaybeFinishLocked(const std::shared_ptr<Batch>& b) {
 
 void ClientConn::CompleteLocked(const FetchResult& r) {
   Locked& c = clocked_;
+  c.last_answer = absl::Now();
   auto it = c.fetches.find(r.id);
   if (it == c.fetches.end() || it->second.copying) return;  // abandoned (timed out)
   Chunk& ch = it->second;
@@ -1688,7 +1695,7 @@ absl::Status ClientConn::Tick(absl::Time now) {
   {
     absl::MutexLock l(&mu_);
     for (const auto& b : clocked_.batches) {
-      if (b->deadline <= now && !b->completed) {
+      if (b->deadline <= now && clocked_.last_answer + b->timeout <= now && !b->completed) {
         overdue = true;
         timeout = b->timeout;
       }
