@@ -86,9 +86,9 @@ SVMD_FLAG(Choice<RdmaRegistrationName>, rdma_registration, "rdma-registration",
           Choice<RdmaRegistrationName>{"auto"},
           "data buffer registration: auto|odp|pinned (auto: odp when the device has rc read odp and "
           "passes the odp data check, else pinned; odp: do not start without usable odp)");
-SVMD_FLAG(uint64_t, rdma_ack_timeout_ms, "rdma-ack-timeout-ms", 1000,
+SVMD_FLAG(uint64_t, rdma_ack_timeout_ms, "rdma-ack-timeout-ms", 67,
           "how long an rdma request waits for its acknowledgement before it is retransmitted (7 "
-          "times, then the connection fails); rounded up to 4.096 us * 2^n; > 0");
+          "times without progress, then the connection fails); rounded up to 4.096 us * 2^n; > 0");
 // Peers.
 SVMD_FLAG(std::string, peer_token_file, "peer-token-file", "",
           "pre-shared token peers must present (empty: none, unauthenticated); re-read on SIGHUP");

@@ -7,13 +7,14 @@
 namespace svm::transport::rdma {
 namespace {
 
-TEST(AckTimeout, TheDefaultSecondIsExponent18) {
+TEST(AckTimeout, TheDefault67MsIsExponent14AndASecond18) {
+  EXPECT_EQ(AckTimeoutExponent(absl::Milliseconds(67)), 14);  // --rdma-ack-timeout-ms's default
+  EXPECT_EQ(QpCaps{}.ack_timeout, 14);
   EXPECT_EQ(AckTimeoutExponent(absl::Seconds(1)), 18);
   EXPECT_EQ(AckTimeoutOf(18), absl::Nanoseconds(int64_t{4096} << 18));  // 1.07 s
 }
 
 TEST(AckTimeout, RoundsUpToTheNextPowerOfTwo) {
-  EXPECT_EQ(AckTimeoutExponent(absl::Milliseconds(67)), 14);  // 4.096 us * 2^14 = 67.1 ms
   EXPECT_EQ(AckTimeoutExponent(AckTimeoutOf(14)), 14);
   EXPECT_EQ(AckTimeoutExponent(AckTimeoutOf(14) + absl::Nanoseconds(1)), 15);
   EXPECT_EQ(AckTimeoutExponent(absl::Milliseconds(100)), 15);

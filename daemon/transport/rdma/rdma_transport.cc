@@ -185,7 +185,7 @@ struct Nic {
   // Data buffers: kAuto (ODP when the device passed the data check), kOdp
   // (checked usable at start-up) or kPinned (--rdma-registration pinned).
   Mode data_mode = Mode::kAuto;
-  uint8_t ack_timeout = 18;  // every QP's (verbs exponent; RdmaOptions::ack_timeout)
+  uint8_t ack_timeout = 14;  // every QP's (verbs exponent; RdmaOptions::ack_timeout)
   absl::Mutex contexts_mu;  // guards contexts (not what they serve)
   std::vector<std::unique_ptr<CompletionContext>> contexts ABSL_GUARDED_BY(contexts_mu);
 };

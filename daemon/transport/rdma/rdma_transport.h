@@ -60,7 +60,7 @@ struct RdmaOptions {
   std::string device;  // "" = the first device with an active port
   RdmaRegistration registration = RdmaRegistration::kAuto;
   // Local ACK timeout of every QP (rounded up to 4.096 us * 2^t, at most 31).
-  absl::Duration ack_timeout = absl::Seconds(1);
+  absl::Duration ack_timeout = absl::Milliseconds(67);
 };
 
 // Opens the device, runs the ODP data check (unless registration is pinned)

@@ -733,10 +733,10 @@ absl::Status Qp::Connect(const Endpoint& remote) {
         rc, absl::StrFormat("qp 0x%x to RTR towards %s", local_.qpn, remote.ToString()));
   }
 
-  // RTR -> RTS: ack timeout from the caps (--rdma-ack-timeout-ms, 1.07 s by
-  // default: a link with tens of ms of delay and jitter, or a stalled peer,
-  // must not exhaust the 7 transport retries with spurious timeouts), 7
-  // transport retries, infinite RNR retries (7): an ODP fault or an empty
+  // RTR -> RTS: ack timeout from the caps (--rdma-ack-timeout-ms, 67 ms by
+  // default, perftest's: rxe recovers a lost packet or acknowledgement only
+  // when it fires, so a long one stalls a lossy link; see docs/operations.md),
+  // 7 transport retries, infinite RNR retries (7): an ODP fault or an empty
   // receive queue on the peer stalls the request instead of breaking the
   // connection.
   a = {};

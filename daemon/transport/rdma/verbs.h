@@ -281,8 +281,8 @@ struct QpCaps {
   uint8_t max_rd_atomic = 16;
   // The local ACK timeout as the verbs exponent (4.096 us * 2^ack_timeout;
   // AckTimeoutExponent below): how long a request waits for its ACK before
-  // the QP retransmits, 7 times at most, then fails. 18 = 1.07 s.
-  uint8_t ack_timeout = 18;
+  // the QP retransmits, 7 times at most, then fails. 14 = 67 ms.
+  uint8_t ack_timeout = 14;
 };
 
 // The smallest verbs ACK timeout exponent t in [1, 31] with
