@@ -86,6 +86,9 @@ SVMD_FLAG(Choice<RdmaRegistrationName>, rdma_registration, "rdma-registration",
           Choice<RdmaRegistrationName>{"auto"},
           "data buffer registration: auto|odp|pinned (auto: odp when the device has rc read odp and "
           "passes the odp data check, else pinned; odp: do not start without usable odp)");
+SVMD_FLAG(uint64_t, rdma_ack_timeout_ms, "rdma-ack-timeout-ms", 67,
+          "how long an rdma request waits for its acknowledgement before it is retransmitted (7 "
+          "times without progress, then the connection fails); rounded up to 4.096 us * 2^n; > 0");
 // Peers.
 SVMD_FLAG(std::string, peer_token_file, "peer-token-file", "",
           "pre-shared token peers must present (empty: none, unauthenticated); re-read on SIGHUP");
@@ -223,6 +226,11 @@ absl::StatusOr<svm::core::DaemonOptions> ParseOptions() {
   o.transport = absl::GetFlag(FLAGS_transport).value;
   o.rdma_device = absl::GetFlag(FLAGS_rdma_device);
   o.rdma_registration = absl::GetFlag(FLAGS_rdma_registration).value;
+  if (const uint64_t ack = absl::GetFlag(FLAGS_rdma_ack_timeout_ms); ack == 0) {
+    return FlagError("rdma-ack-timeout-ms", "must be > 0");
+  } else {
+    o.rdma_ack_timeout = absl::Milliseconds(ack);
+  }
   if (const std::string path = absl::GetFlag(FLAGS_peer_token_file); !path.empty()) {
     auto token = ReadPeerToken(path);
     if (!token.ok()) return token.status();

@@ -24,7 +24,7 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Create(DaemonOptions opts) {
   auto reg = transport::ParseRdmaRegistration(o.rdma_registration);
   if (!reg.ok()) return absl::InvalidArgumentError(absl::StrCat("--rdma-registration: ", reg.status().message()));
   if (want_rdma) {
-    auto t = transport::CreateRdmaTransport({o.rdma_device, *reg});
+    auto t = transport::CreateRdmaTransport({o.rdma_device, *reg, o.rdma_ack_timeout});
     if (t.ok()) {
       d->rdma_ = std::move(*t);
     } else if (o.transport == "rdma" || *reg == transport::RdmaRegistration::kOdp) {

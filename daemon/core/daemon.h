@@ -37,6 +37,7 @@ struct DaemonOptions {
   std::string transport = "auto";          // auto|rdma|tcp
   std::string rdma_device;                 // "" = the first with an active port
   std::string rdma_registration = "auto";  // auto|odp|pinned
+  absl::Duration rdma_ack_timeout = absl::Milliseconds(67);  // every QP's local ACK timeout
   std::string peer_token;  // at start; peer_token() is the current one
   uint64_t cache_bytes = 256ull << 20;
   absl::Duration poll_interval = absl::Milliseconds(10);

@@ -218,8 +218,12 @@ class ClientConn final : public PeerChannel {
   void CompleteLocked(std::map<uint64_t, Pending>::iterator it, absl::StatusOr<uint64_t> result,
                       std::vector<FetchDone>* finished) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // The reader's reads: n bytes, waiting for them at most until the oldest
-  // outstanding fetch's deadline (DEADLINE_EXCEEDED then; OUT_OF_RANGE on a
-  // clean EOF before any byte).
+  // outstanding fetch is overdue (DEADLINE_EXCEEDED then; OUT_OF_RANGE on a
+  // clean EOF before any byte). A fetch is overdue once its timeout has
+  // passed both since it was issued and since the peer last sent a byte:
+  // answers arrive in order on one stream, so a peer that is still sending
+  // (a large read on a slow link, or the fetches queued before this one) is
+  // alive and answering, and only a peer silent for a whole timeout is not.
   absl::Status Recv(void* buf, size_t n);
   absl::Status Send(const std::vector<uint8_t>& frame) {
     absl::MutexLock l(&send_mu_);
@@ -234,7 +238,9 @@ class ClientConn final : public PeerChannel {
   absl::Mutex send_mu_;  // serialises whole frames on the socket
   mutable absl::Mutex mu_;  // guards everything below
   std::map<uint64_t, Pending> pending_ ABSL_GUARDED_BY(mu_);
-  std::multiset<absl::Time> deadlines_ ABSL_GUARDED_BY(mu_);  // of the batches with ops pending
+  // (deadline, timeout) of the batches with ops pending, the oldest first.
+  std::multiset<std::pair<absl::Time, absl::Duration>> deadlines_ ABSL_GUARDED_BY(mu_);
+  absl::Time last_byte_ = absl::InfinitePast();  // the reader's: when the peer last sent a byte
   absl::Time reader_waits_until_ ABSL_GUARDED_BY(mu_) = absl::InfiniteFuture();
   std::vector<uint8_t> discard_;  // the reader's: bytes nobody waits for
   uint64_t next_id_ ABSL_GUARDED_BY(mu_) = 1;
@@ -514,7 +520,7 @@ void ClientConn::FetchVAsync(absl::Span<FetchOp> ops, absl::Duration timeout, Fe
         auto frame = MakeFrame(FrameType::kFetch, id, &f, sizeof(f));
         frames.insert(frames.end(), frame.begin(), frame.end());
       }
-      deadlines_.insert(b->deadline);
+      deadlines_.emplace(b->deadline, b->timeout);
       // The reader sleeps until a later deadline (or none): it must look again.
       wake = b->deadline < reader_waits_until_;
     }
@@ -543,7 +549,7 @@ void ClientConn::CompleteLocked(std::map<uint64_t, Pending>::iterator it, absl::
   Batch& b = *it->second.batch;
   b.ops[it->second.op].result = std::move(result);
   if (--b.left == 0) {
-    deadlines_.erase(deadlines_.find(b.deadline));
+    deadlines_.erase(deadlines_.find({b.deadline, b.timeout}));
     finished->push_back(std::move(b.done));
   }
   pending_.erase(it);
@@ -556,6 +562,7 @@ absl::Status ClientConn::Recv(void* buf, size_t n) {
     const ssize_t r = ::recv(fd_.get(), p + got, n - got, MSG_DONTWAIT);
     if (r > 0) {
       got += static_cast<size_t>(r);
+      last_byte_ = absl::Now();
       continue;
     }
     if (r == 0) {
@@ -565,10 +572,13 @@ absl::Status ClientConn::Recv(void* buf, size_t n) {
     if (errno != EAGAIN && errno != EWOULDBLOCK) return ErrnoStatus(errno, "recv");
     // Nothing to read: sleep until there is, a fetch is added or the
     // oldest outstanding one is overdue.
-    absl::Time until;
+    absl::Time until = absl::InfiniteFuture();
     {
       absl::MutexLock l(&mu_);
-      until = deadlines_.empty() ? absl::InfiniteFuture() : *deadlines_.begin();
+      if (!deadlines_.empty()) {
+        const auto& [deadline, timeout] = *deadlines_.begin();
+        until = std::max(deadline, last_byte_ + timeout);
+      }
       reader_waits_until_ = until;
     }
     const absl::Time now = absl::Now();

@@ -38,6 +38,7 @@ TEST(SvmdCommandLine, RefusesBadValuesNamingTheFlag) {
       {{"--fetch-timeout-ms", "-5"}, "'-5' specified for flag 'fetch-timeout-ms'"},
       {{"--heartbeat-ms", "0"}, "--heartbeat-ms: must be > 0"},
       {{"--poll-interval-ms", "0"}, "--poll-interval-ms: must be > 0"},
+      {{"--rdma-ack-timeout-ms", "0"}, "--rdma-ack-timeout-ms: must be > 0"},
       {{"--lease-ms", "9000"}, "--lease-ms 9000 must be shorter than --sync-timeout-ms 5000"},
       {{"--source", "magic"}, "flag 'source'; 'magic' is not one of auto|shim|procfs"},
       {{"--transport", "udp"}, "flag 'transport'; 'udp' is not one of auto|rdma|tcp"},

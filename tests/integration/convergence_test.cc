@@ -6,8 +6,9 @@
 // for a few seconds, replaces random ones (munmap + mmap MAP_FIXED, or
 // MADV_DONTNEED) and stamps each with a new version (svm-exporter's
 // `storm`). Meanwhile nodes B, C and D import the export again and again
-// under new local names (`svmctl import --as eN`) and read every import
-// whole through the cache; reads that hit a page between its munmap and its
+// under new local names (`svmctl import --as eN`; the first, e0, and the
+// readers' clients before the storm starts) and read every import whole
+// through the cache (at least one whole read during the storm is required); reads that hit a page between its munmap and its
 // mmap fail with FAILED_PRECONDITION, as a CPU access would fault. When the
 // storm stops the exporter publishes its stores (Sync: the stamps are CPU
 // stores, which the contract publishes at Sync points), invalidations drain,
@@ -33,6 +34,7 @@
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "absl/synchronization/mutex.h"
+#include "absl/synchronization/notification.h"
 #include "gtest/gtest.h"
 #include "tests/integration/convergence.h"
 #include "tests/integration/harness.h"
@@ -109,20 +111,41 @@ int Convergence::Round(int round, const StormShape& shape) {
   EXPECT_TRUE(e.ok()) << e.status();
   if (!e.ok()) return 1;
 
-  // The storm runs in the exporter; one thread waits for its reply while
-  // the others import and read.
-  const absl::Time storm_start = absl::Now();
-  absl::StatusOr<std::string> storm_reply;
-  std::thread storm([&] {
-    storm_reply = (*e)->Command(
-        absl::StrCat("storm ", absl::ToDoubleSeconds(shape.storm), " ", 1000 * round + 1, " ",
-                     shape.exporter_threads, " ", shape.pause_us),
-        shape.storm + absl::Seconds(30));
-  });
-  std::atomic<bool> storm_over{false};
+  // Before the storm: one import on every node and every reader's client,
+  // so that reads (and the caching an invalidation must undo) happen from
+  // the storm's first moment. Across guests (harness.h, SVM_TEST_REMOTE) a
+  // remote import or client takes seconds under TCG: started during the
+  // storm they landed after it, no read ran during it, and a node that
+  // kept stale pages cached passed.
   std::atomic<uint64_t> reads_ok{0}, reads_unmapped{0}, reads_failed{0}, pages_cached{0};
   absl::Mutex err_mu;
   std::vector<std::string> import_errors, read_errors;
+  auto import = [&](Node& node, size_t k, const std::string& name, double at) {
+    RunResult r = RunCommand({SvmctlPath(), "--daemon", node.daemon->control(), "import", "--peer",
+                              (*a)->peer(), "--name", "storm", "--as", name},
+                             Scaled(absl::Seconds(20)));
+    if (r.exit_code != 0) {
+      absl::MutexLock l(&err_mu);
+      import_errors.push_back(absl::StrCat("import ", name, " on node ", 1 + k, ": ", r.err));
+      return;
+    }
+    absl::MutexLock l(&node.mu);
+    node.imports.push_back({name, at});
+  };
+  // Every thread below first does its part of the preparation (an import
+  // thread imports e0, a reader connects its client: a remote client lives
+  // as long as the thread that started it) and counts itself ready; the
+  // storm starts once all are, or after a minute regardless.
+  absl::Mutex ready_mu;
+  int ready = 0;
+  const int participants = static_cast<int>(nodes.size()) * (1 + shape.readers_per_node);
+  auto mark_ready = [&] {
+    absl::MutexLock l(&ready_mu);
+    ++ready;
+  };
+  absl::Notification started;
+  absl::Time storm_start;
+  std::atomic<bool> storm_over{false};
 
   // Imports: node k makes its i-th import at slot i * nodes + k of
   // nodes * imports_per_node + 1 evenly spaced ones, named e1, e2, ...
@@ -131,21 +154,13 @@ int Convergence::Round(int round, const StormShape& shape) {
   for (size_t k = 0; k < nodes.size(); ++k) {
     threads.emplace_back([&, k] {
       Node& node = *nodes[k];
+      import(node, k, "e0", 0);
+      mark_ready();
+      started.WaitForNotification();
       for (int i = 0; i < shape.imports_per_node; ++i) {
         const int slot = i * static_cast<int>(nodes.size()) + static_cast<int>(k) + 1;
         absl::SleepFor(storm_start + shape.storm * slot / slots - absl::Now());
-        const std::string name = absl::StrCat("e", slot);
-        const double at = absl::ToDoubleSeconds(absl::Now() - storm_start);
-        RunResult r = RunCommand({SvmctlPath(), "--daemon", node.daemon->control(), "import",
-                                  "--peer", (*a)->peer(), "--name", "storm", "--as", name},
-                                 Scaled(absl::Seconds(20)));
-        if (r.exit_code != 0) {
-          absl::MutexLock l(&err_mu);
-          import_errors.push_back(absl::StrCat("import ", name, " on node ", 1 + k, ": ", r.err));
-          continue;
-        }
-        absl::MutexLock l(&node.mu);
-        node.imports.push_back({name, at});
+        import(node, k, absl::StrCat("e", slot), absl::ToDoubleSeconds(absl::Now() - storm_start));
       }
     });
   }
@@ -157,6 +172,8 @@ int Convergence::Round(int round, const StormShape& shape) {
       threads.emplace_back([&, k] {
         Node& node = *nodes[k];
         auto c = node.daemon->Connect();
+        mark_ready();
+        started.WaitForNotification();
         if (!c) return;
         std::string buf(kPages * kPage, '\0');
         auto span = absl::MakeSpan(reinterpret_cast<uint8_t*>(buf.data()), buf.size());
@@ -185,6 +202,22 @@ int Convergence::Round(int round, const StormShape& shape) {
       });
     }
   }
+  {
+    absl::MutexLock l(&ready_mu);
+    const auto all_ready = [&] { return ready == participants; };
+    ready_mu.AwaitWithTimeout(absl::Condition(&all_ready), Scaled(absl::Seconds(60)));
+  }
+  // The storm runs in the exporter; one thread waits for its reply while
+  // the others import and read.
+  storm_start = absl::Now();
+  absl::StatusOr<std::string> storm_reply;
+  std::thread storm([&] {
+    storm_reply = (*e)->Command(
+        absl::StrCat("storm ", absl::ToDoubleSeconds(shape.storm), " ", 1000 * round + 1, " ",
+                     shape.exporter_threads, " ", shape.pause_us),
+        shape.storm + absl::Seconds(30));
+  });
+  started.Notify();
   storm.join();
   storm_over = true;
   for (auto& t : threads) t.join();
@@ -193,6 +226,9 @@ int Convergence::Round(int round, const StormShape& shape) {
   if (!storm_reply.ok()) return 1;
   EXPECT_TRUE(absl::StartsWith(*storm_reply, "ok")) << *storm_reply;
   for (const auto& err : import_errors) ADD_FAILURE() << err;
+  // Without reads during the storm nothing stale could be cached, and the
+  // final reads would prove nothing about lost invalidations.
+  EXPECT_GT(reads_ok.load(), 0u) << "no whole read during the storm (round " << round << ")";
   std::printf("convergence: round %d: %s in %.1f s; during it %llu whole reads (%llu pages from "
               "cache), %llu faulted on an unmapped page, %llu failed otherwise%s%s\n",
               round, storm_reply->c_str(), storm_s, (unsigned long long)reads_ok.load(),

@@ -277,6 +277,46 @@ TEST_P(NetFault, ReadsAndInvalidationsSurviveAndConverge) {
               (unsigned long long)rss1[0], (unsigned long long)rss0[1], (unsigned long long)rss1[1]);
 }
 
+// A slow link, not a dead peer: the importer's link limited to 8 Mbit/s
+// (tbf) and --fetch-timeout-ms 1000, a fresh read of 4 MiB (about 4.4 s on
+// that link) must succeed whole: the exporter answers all along, so the
+// read is making progress and the deadline (meant to detect a peer that
+// stopped answering) must not fail it. The partition case above checks the
+// other half: a peer that answers nothing fails the read UNAVAILABLE within
+// the timeout.
+TEST(NetFaultSlowLink, ALargeReadThatKeepsArrivingOutlastsTheFetchTimeout) {
+  if (const std::string why = Fabric::Unsupported(); !why.empty()) GTEST_SKIP() << why;
+  constexpr uint64_t kSlowPages = 1024;  // 4 MiB
+  const absl::Duration fetch_timeout = absl::Seconds(1);
+  TempDir dir;
+  auto net = NetCluster::Start(dir.path(), 1, {},
+                               {"--fetch-timeout-ms", std::to_string(absl::ToInt64Milliseconds(fetch_timeout))});
+  ASSERT_TRUE(net.ok()) << net.status();
+  NetCluster& n = **net;
+  auto e = Exporter::Start({.daemon = n.exporter.get(), .name = "big", .pages = kSlowPages,
+                            .log_path = absl::StrCat(dir.path(), "/exporter.log")});
+  ASSERT_TRUE(e.ok()) << e.status();
+  ASSERT_TRUE((*e)->Command("stamp 7").ok());
+  auto c = n.importers[0]->Connect();
+  ASSERT_TRUE(c);
+  ASSERT_TRUE(c->Import(n.exporter->peer(), "big").ok());
+  ASSERT_TRUE(ReadBytes(*c, "big", 0, kStampPage, /*fresh=*/true).ok());  // the data connection is up
+  ASSERT_TRUE(n.fabric->Rate(n.importer_nodes[0], "8mbit").ok());
+  const absl::Time t0 = absl::Now();
+  auto r = ReadBytes(*c, "big", 0, kSlowPages * kStampPage, /*fresh=*/true);
+  const absl::Duration took = absl::Now() - t0;
+  ASSERT_TRUE(r.ok()) << r.status() << " after " << took;
+  std::vector<uint64_t> expected(kSlowPages);
+  for (uint64_t p = 0; p < kSlowPages; ++p) expected[p] = (uint64_t{7} << 32) | p;  // svm-exporter's stamp
+  const auto wrong = WrongPages(*r, expected);
+  EXPECT_TRUE(wrong.empty()) << wrong.size() << " pages wrong, the first: " << wrong.front();
+  // The link was slow: the read outlasted the timeout (else this proves nothing).
+  EXPECT_GT(took, 2 * fetch_timeout) << "the link was not slow enough to test the deadline";
+  std::printf("slow link: 4 MiB fresh at 8 Mbit/s in %s (--fetch-timeout-ms %lld)\n",
+              absl::FormatDuration(took).c_str(), (long long)absl::ToInt64Milliseconds(fetch_timeout));
+  ASSERT_TRUE(n.fabric->Heal(n.importer_nodes[0]).ok());
+}
+
 INSTANTIATE_TEST_SUITE_P(
     Tcp, NetFault,
     ::testing::Values(Fault{.name = "loss1", .drop_percent = 1},

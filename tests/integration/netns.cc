@@ -120,6 +120,15 @@ absl::Status Fabric::Netem(const Node& node, const std::vector<std::string>& arg
   return absl::OkStatus();
 }
 
+absl::Status Fabric::Rate(const Node& node, const std::string& rate) {
+  for (std::vector<std::string> cmd : {std::vector<std::string>{kTc, "qdisc", "replace", "dev", node.host_veth},
+                                       std::vector<std::string>{kTc, "-n", node.netns, "qdisc", "replace", "dev", "eth0"}}) {
+    for (const char* arg : {"root", "tbf", "rate", rate.c_str(), "burst", "32kb", "latency", "1s"}) cmd.push_back(arg);
+    if (auto st = Run(cmd); !st.ok()) return st;
+  }
+  return absl::OkStatus();
+}
+
 absl::Status Fabric::Drop(const Node& node, int percent) {
   (void)Run({kIp, "netns", "exec", node.netns, kNft, "delete", "table", "inet", "svmfault"});
   if (percent <= 0) return absl::OkStatus();

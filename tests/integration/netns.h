@@ -10,7 +10,7 @@
 // Faults on a node's link (its traffic to and from everyone): Drop() and
 // Partition() drop packets with nftables in its namespace, Netem() puts a
 // `tc netem` qdisc on both ends of its veth (delay, jitter, reordering),
-// Heal() removes both.
+// Rate() a token bucket (a slow link), Heal() removes them.
 //
 // Lifetime: the destructor deletes the namespaces (their veths go with them)
 // and the bridge; start daemons after the fabric so they die first. Create()
@@ -49,6 +49,9 @@ class Fabric {
   // `tc qdisc replace ... netem ARGS` on both ends of node's veth (delay,
   // jitter, reordering); needs sch_netem in the kernel (NetemUnsupported).
   absl::Status Netem(const Node& node, const std::vector<std::string>& args);
+  // A slow link: `tc qdisc replace ... tbf rate RATE` (a token bucket, no
+  // netem needed) on both ends of node's veth, e.g. "8mbit".
+  absl::Status Rate(const Node& node, const std::string& rate);
   // Removes every fault from node's link.
   absl::Status Heal(const Node& node);
   // Why this kernel cannot run netem ("" when it can): some (the CI host's)

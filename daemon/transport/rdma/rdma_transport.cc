@@ -185,6 +185,7 @@ struct Nic {
   // Data buffers: kAuto (ODP when the device passed the data check), kOdp
   // (checked usable at start-up) or kPinned (--rdma-registration pinned).
   Mode data_mode = Mode::kAuto;
+  uint8_t ack_timeout = 14;  // every QP's (verbs exponent; RdmaOptions::ack_timeout)
   absl::Mutex contexts_mu;  // guards contexts (not what they serve)
   std::vector<std::unique_ptr<CompletionContext>> contexts ABSL_GUARDED_BY(contexts_mu);
 };
@@ -592,6 +593,7 @@ absl::Status Conn::Init(size_t data_len, Access data_access) {
   rdma::QpCaps caps;
   caps.max_send_wr = kSendWindow + kStaging + kSlots + 4;
   caps.max_recv_wr = kRecvDepth;
+  caps.ack_timeout = nic_->ack_timeout;
   const int cqe = static_cast<int>(caps.max_send_wr + caps.max_recv_wr);
   auto ctx = nic_->AcquireContext(cqe);
   if (!ctx.ok()) return ctx.status();
@@ -1069,6 +1071,12 @@ class ClientConn final : public Conn {
     std::map<uint64_t, Chunk> fetches;     // FETCHes in flight by request id
     std::deque<std::shared_ptr<Batch>> waiting;  // batches with chunks to issue
     std::set<std::shared_ptr<Batch>> batches;    // not completed
+    // When the exporter last answered a FETCH (any batch's): a batch is
+    // overdue once its timeout has passed both since it was issued and
+    // since then (Tick), so a read that is making progress (a large one on
+    // a slow link, or one queued behind others for slots) is not failed by
+    // a deadline meant to detect a peer that stopped answering.
+    absl::Time last_answer = absl::InfinitePast();
     std::map<uint32_t, Pending*> reads;    // READs by slot
     uint64_t next_id = 1;
     std::map<uint64_t, ZcRegion> zc;
@@ -1625,6 +1633,7 @@ void ClientConn::MaybeFinishLocked(const std::shared_ptr<Batch>& b) {
 
 void ClientConn::CompleteLocked(const FetchResult& r) {
   Locked& c = clocked_;
+  c.last_answer = absl::Now();
   auto it = c.fetches.find(r.id);
   if (it == c.fetches.end() || it->second.copying) return;  // abandoned (timed out)
   Chunk& ch = it->second;
@@ -1686,7 +1695,7 @@ absl::Status ClientConn::Tick(absl::Time now) {
   {
     absl::MutexLock l(&mu_);
     for (const auto& b : clocked_.batches) {
-      if (b->deadline <= now && !b->completed) {
+      if (b->deadline <= now && clocked_.last_answer + b->timeout <= now && !b->completed) {
         overdue = true;
         timeout = b->timeout;
       }
@@ -1988,6 +1997,7 @@ absl::StatusOr<std::unique_ptr<Transport>> CreateRdmaTransport(const RdmaOptions
   auto dev = Device::Open(opts.device);
   if (!dev.ok()) return dev.status();
   nic->device = std::move(*dev);
+  nic->ack_timeout = rdma::AckTimeoutExponent(opts.ack_timeout);
   switch (opts.registration) {
     case RdmaRegistration::kPinned:
       // No ODP data check: nothing will be registered ODP.

@@ -41,6 +41,7 @@
 #include <string>
 
 #include "absl/status/statusor.h"
+#include "absl/time/time.h"
 #include "daemon/transport/transport.h"
 
 namespace svm::transport {
@@ -58,6 +59,8 @@ absl::StatusOr<RdmaRegistration> ParseRdmaRegistration(const std::string& s);
 struct RdmaOptions {
   std::string device;  // "" = the first device with an active port
   RdmaRegistration registration = RdmaRegistration::kAuto;
+  // Local ACK timeout of every QP (rounded up to 4.096 us * 2^t, at most 31).
+  absl::Duration ack_timeout = absl::Milliseconds(67);
 };
 
 // Opens the device, runs the ODP data check (unless registration is pinned)

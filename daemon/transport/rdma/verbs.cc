@@ -653,11 +653,22 @@ std::string Endpoint::ToString() const {
 
 // --- Qp ---------------------------------------------------------------------
 
+uint8_t AckTimeoutExponent(absl::Duration d) {
+  for (uint8_t t = 1; t < 31; ++t) {
+    if (AckTimeoutOf(t) >= d) return t;
+  }
+  return 31;
+}
+
+absl::Duration AckTimeoutOf(uint8_t exponent) {
+  return absl::Nanoseconds(4096) * (int64_t{1} << exponent);
+}
+
 absl::StatusOr<std::unique_ptr<Qp>> Qp::Create(const Device& device, ibv_pd* pd, Poller& poller,
                                                const QpCaps& caps) {
   const uint8_t rd_atomic = static_cast<uint8_t>(
       std::clamp<int>(caps.max_rd_atomic, 1, std::max(1, device.caps().max_qp_rd_atom)));
-  auto qp = std::unique_ptr<Qp>(new Qp(device, rd_atomic));
+  auto qp = std::unique_ptr<Qp>(new Qp(device, rd_atomic, std::clamp<uint8_t>(caps.ack_timeout, 1, 31)));
   ibv_qp_init_attr init{};
   init.send_cq = poller.cq();
   init.recv_cq = poller.cq();
@@ -722,12 +733,15 @@ absl::Status Qp::Connect(const Endpoint& remote) {
         rc, absl::StrFormat("qp 0x%x to RTR towards %s", local_.qpn, remote.ToString()));
   }
 
-  // RTR -> RTS: ack timeout 4.096 us * 2^14 = 67 ms, 7 transport retries,
-  // infinite RNR retries (7): an ODP fault or an empty receive queue on the
-  // peer stalls the request instead of breaking the connection.
+  // RTR -> RTS: ack timeout from the caps (--rdma-ack-timeout-ms, 67 ms by
+  // default, perftest's: rxe recovers a lost packet or acknowledgement only
+  // when it fires, so a long one stalls a lossy link; see docs/operations.md),
+  // 7 transport retries, infinite RNR retries (7): an ODP fault or an empty
+  // receive queue on the peer stalls the request instead of breaking the
+  // connection.
   a = {};
   a.qp_state = IBV_QPS_RTS;
-  a.timeout = 14;
+  a.timeout = ack_timeout_;
   a.retry_cnt = 7;
   a.rnr_retry = 7;
   a.sq_psn = local_.psn;

@@ -279,7 +279,18 @@ struct QpCaps {
   uint32_t max_inline = 0;
   // Outstanding RDMA READs issued (and served); clamped to the device's limit.
   uint8_t max_rd_atomic = 16;
+  // The local ACK timeout as the verbs exponent (4.096 us * 2^ack_timeout;
+  // AckTimeoutExponent below): how long a request waits for its ACK before
+  // the QP retransmits, 7 times at most, then fails. 14 = 67 ms.
+  uint8_t ack_timeout = 14;
 };
+
+// The smallest verbs ACK timeout exponent t in [1, 31] with
+// 4.096 us * 2^t >= `d` (31 for anything longer than 2^31 * 4.096 us, 1 for
+// anything shorter than 8.2 us; 0, "infinite", is never returned).
+uint8_t AckTimeoutExponent(absl::Duration d);
+// 4.096 us * 2^exponent.
+absl::Duration AckTimeoutOf(uint8_t exponent);
 
 class Qp {
  public:
@@ -306,13 +317,14 @@ class Qp {
                         uint64_t remote_addr, uint32_t rkey);
 
  private:
-  Qp(const Device& device, uint8_t max_rd_atomic)
-      : device_(device), max_rd_atomic_(max_rd_atomic) {}
+  Qp(const Device& device, uint8_t max_rd_atomic, uint8_t ack_timeout)
+      : device_(device), max_rd_atomic_(max_rd_atomic), ack_timeout_(ack_timeout) {}
   absl::Status PostOneSided(ibv_wr_opcode op, uint64_t wr_id, const Registration& mr, size_t offset,
                             size_t len, uint64_t remote_addr, uint32_t rkey);
 
   const Device& device_;
   uint8_t max_rd_atomic_;
+  uint8_t ack_timeout_;
   QpPtr qp_;
   Endpoint local_;
 };
