@@ -889,7 +889,9 @@ void ImportTable::ReadAttached(const std::shared_ptr<ReadOp>& op, bool may_refre
     // stores without its CPU hashing what was read (the staged path's Sync
     // bookkeeping), and the read is as cheap as a fetch.
     const absl::Time read_start = absl::Now();
-    absl::Status st = ch->ReadRegion(export_id, offset, dst, opts_.fetch_timeout);
+    uint64_t transport_copied = 0;
+    absl::Status st = ch->ReadRegion(export_id, offset, dst, opts_.fetch_timeout, &transport_copied);
+    if (transport_copied > 0) counters_->Add("transport_bytes_copied", transport_copied);
     if (absl::IsFailedPrecondition(st) && may_refresh && absl::Now() >= zc_refresh_at) {
       // The read starts over when the answer is in, on a worker again.
       return RefreshRegion(op->imp, [this, op] { RunRead(op, /*may_refresh=*/false); });
@@ -971,6 +973,9 @@ void ImportTable::ReadAttached(const std::shared_ptr<ReadOp>& op, bool may_refre
     if (land != nullptr) {
       j = i + land->npages();
       fop.dst = land->span();
+      // rdma on an ODP device: the exporter's WRITE lands in the claimed
+      // pages themselves (one registration per cache file).
+      fop.area = land->Area([&ch](void* addr, size_t len) { return ch->RegisterLanding(addr, len); });
     } else if (f->in_cache) {
       // Cached meanwhile, or another read is landing it: not fetched.
       counters_->Add("fetches_skipped_claimed");
@@ -1031,6 +1036,9 @@ void ImportTable::FinishFetch(Fetching& f) {
     copied += to - from;
   };
   std::vector<bool> landed(f.n, false);
+  uint64_t transport_copied = 0;
+  for (const transport::FetchOp& op : f.ops) transport_copied += op.transport_copied;
+  if (transport_copied > 0) counters_->Add("transport_bytes_copied", transport_copied);
   for (size_t o = 0; o < f.ops.size(); ++o) {
     const transport::FetchOp& op = f.ops[o];
     const auto& seq = op.result;

@@ -40,6 +40,10 @@ absl::StatusOr<UniqueFd> ReopenReadOnly(int fd) {
 }  // namespace
 
 SharedCacheFile::~SharedCacheFile() {
+  {
+    absl::MutexLock l(&area_mu);
+    area.reset();  // deregistered while base is still mapped
+  }
   if (header != nullptr) ::munmap(header, abi::WordsFileSize(pages));
   if (base != nullptr) ::munmap(base, pages * kPageSize);
 }
@@ -216,6 +220,17 @@ void SharedCache::ForgetClaimsLocked(uint64_t import_id) {
 
 SharedCache::Landing::~Landing() {
   if (!done_ && cache_ != nullptr) cache_->Abandon(*this);
+}
+
+const transport::LandingArea* SharedCache::Landing::Area(RegisterArea register_area) {
+  File& f = *file_;
+  absl::MutexLock l(&f.area_mu);
+  if (f.area == nullptr) {
+    auto a = register_area(f.base, f.pages * kPageSize);
+    if (!a.ok()) return nullptr;
+    f.area = std::move(*a);
+  }
+  return f.area.get();
 }
 
 std::unique_ptr<SharedCache::Landing> SharedCache::Claim(uint64_t import_id, uint64_t first, uint64_t n) {

@@ -20,8 +20,10 @@
 //     clients treat the page as absent (TryCopyPage fails, the pager does
 //     not UFFDIO_CONTINUE onto it) however much of it the fetch has written.
 //  2. The fetch writes the pages through svmd's read-write mapping of the
-//     data memfd (tcp: recv into it; rdma: the NIC, through a registration
-//     of that mapping). Nothing else writes, punches or evicts a claimed
+//     data memfd (tcp: recv into it; rdma: the NIC, through one ODP
+//     registration of that mapping per file, Landing::Area; on pinned
+//     devices the transport copies from its receive slots). Nothing else
+//     writes, punches or evicts a claimed
 //     page meanwhile: Drop, eviction and PunchStrays skip it and Drop marks
 //     it dropped instead (the invalidation happened during the fetch).
 //  3. After the fetch completed (the transport wrote its last byte and
@@ -43,11 +45,13 @@
 #include <memory>
 
 #include "absl/base/thread_annotations.h"
+#include "absl/functional/function_ref.h"
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/types/span.h"
 #include "common/fd.h"
 #include "daemon/session/abi.h"
+#include "daemon/transport/transport.h"
 
 namespace svm::session {
 
@@ -68,6 +72,12 @@ struct SharedCacheFile {
   std::atomic<uint64_t>* word = nullptr;
   uint8_t* base = nullptr;  // svmd's read-write mapping of data (landings write here)
   uint64_t next_version = 1;
+  // The transport's registration of base (made at the first landing that
+  // asks, Landing::Area). Destroyed with the file, before base is unmapped:
+  // after the last landing in the file ended, so after every fetch that
+  // could write through it completed (invalidate, drain, then retire).
+  absl::Mutex area_mu;
+  std::unique_ptr<transport::LandingArea> area ABSL_GUARDED_BY(area_mu);
   ~SharedCacheFile();
 };
 
@@ -97,6 +107,13 @@ class SharedCache {
     uint64_t npages() const { return n_; }
     // svmd's read-write mapping of the claimed pages: the fetch's dst.
     absl::Span<uint8_t> span() const { return span_; }
+    using RegisterArea =
+        absl::FunctionRef<absl::StatusOr<std::unique_ptr<transport::LandingArea>>(void* addr, size_t len)>;
+    // The registration of the whole cache file that span() lies in, made
+    // with register_area at the file's first call (and again after a
+    // failure); null when it failed (the fetch lands through the
+    // transport's own buffers). Valid while this landing lives.
+    const transport::LandingArea* Area(RegisterArea register_area);
 
    private:
     friend class SharedCache;

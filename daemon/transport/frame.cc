@@ -87,7 +87,7 @@ absl::Status CheckFetchPages(uint32_t npages, uint32_t max_pages) {
 }
 
 absl::StatusOr<std::vector<uint8_t>> MakeRdmaHello(const RdmaHello& hello, size_t max_frame) {
-  const RdmaHelloPayload p{hello.area_addr, hello.area_len, hello.rkey, 0};
+  const RdmaHelloPayload p{hello.area_addr, hello.area_len, hello.rkey, kRdmaProtocolVersion};
   if (sizeof(FrameHeader) + sizeof(p) + hello.token.size() > max_frame) {
     return absl::InvalidArgumentError("rdma HELLO does not fit one message");
   }
@@ -108,7 +108,6 @@ absl::StatusOr<RdmaHello> ParseRdmaHello(absl::Span<const uint8_t> payload) {
   }
   std::memcpy(&p, payload.data(), sizeof(p));
   const size_t token_len = payload.size() - sizeof(p);
-  if (p.pad != 0) return absl::DataLossError("rdma HELLO with non-zero padding");
   if (p.area_len == 0 || p.area_addr + p.area_len < p.area_addr) {
     return absl::DataLossError(absl::StrFormat("rdma HELLO with a receive area of %u bytes at 0x%x",
                                                p.area_len, p.area_addr));
@@ -116,12 +115,32 @@ absl::StatusOr<RdmaHello> ParseRdmaHello(absl::Span<const uint8_t> payload) {
   if (token_len == 0 || token_len > kMaxTokenBytes) {
     return absl::DataLossError(absl::StrFormat("rdma HELLO with a %u-byte token", token_len));
   }
+  if (p.version != kRdmaProtocolVersion) {
+    return absl::FailedPreconditionError(
+        absl::StrFormat("rdma HELLO of protocol version %u; this daemon speaks version %u "
+                        "(run the same svm release on both nodes)",
+                        p.version == 0 ? 1 : p.version, kRdmaProtocolVersion));
+  }
   RdmaHello h;
   h.area_addr = p.area_addr;
   h.area_len = p.area_len;
   h.rkey = p.rkey;
   h.token.assign(reinterpret_cast<const char*>(payload.data()) + sizeof(p), token_len);
   return h;
+}
+
+absl::StatusOr<RdmaFetchPayload> ParseRdmaFetch(absl::Span<const uint8_t> payload) {
+  RdmaFetchPayload f;
+  if (payload.size() != sizeof(f)) {
+    return absl::DataLossError(absl::StrFormat("rdma FETCH of %u bytes", payload.size()));
+  }
+  std::memcpy(&f, payload.data(), sizeof(f));
+  if (f.pad != 0) return absl::DataLossError("rdma FETCH with non-zero padding");
+  const uint64_t bytes = uint64_t{f.f.npages} * source::kPageSize;
+  if (f.addr + bytes < f.addr) {
+    return absl::DataLossError(absl::StrFormat("rdma FETCH of %u pages to 0x%x wraps around", f.f.npages, f.addr));
+  }
+  return f;
 }
 
 absl::StatusOr<Message> SplitMessage(absl::Span<const uint8_t> msg, size_t max_msg) {

@@ -101,16 +101,50 @@ struct InvalAckPayload {
 // issues 16).
 inline constexpr size_t kMaxTokenBytes = 64;
 
+// rdma: the version of the protocol on the queue pair (the FETCH below, the
+// HELLOs). 1: FETCH named an offset in the importer's receive area (the
+// version field was padding, 0). 2: FETCH names an address and rkey of the
+// importer's, so pages land where the importer registered them (its shared
+// cache, a reader's buffer). A peer of another version is refused at the
+// HELLO, with both versions in the error.
+inline constexpr uint32_t kRdmaProtocolVersion = 2;
+
 // rdma: the importer's HELLO, the first SEND on a new queue pair. The tcp
-// HELLO's token follows this fixed part; it tells the exporter where to
-// RDMA-WRITE the pages of FETCH responses (its registered receive area).
+// HELLO's token follows this fixed part; it names the importer's registered
+// receive area (where pages land when the importer registered nothing
+// better for a FETCH).
 struct RdmaHelloPayload {
   uint64_t area_addr;
   uint64_t area_len;
   uint32_t rkey;
-  uint32_t pad;  // must be 0
+  uint32_t version;  // kRdmaProtocolVersion (0 from a version-1 importer)
 };
 static_assert(sizeof(RdmaHelloPayload) == 24);
+
+// rdma: the exporter's answer to the HELLO (later HELLOs are keepalives and
+// carry nothing).
+struct RdmaHelloAnswerPayload {
+  uint32_t version;  // kRdmaProtocolVersion
+  uint32_t pad;      // 0
+};
+static_assert(sizeof(RdmaHelloAnswerPayload) == 8);
+
+// rdma: a FETCH (version 2): the tcp payload, then where the exporter
+// RDMA-WRITEs the pages (npages pages at addr under the importer's rkey;
+// the importer's NIC checks it: a target outside that registration fails
+// the WRITE and the connection closes).
+struct RdmaFetchPayload {
+  FetchPayload f;
+  uint64_t addr;
+  uint32_t rkey;
+  uint32_t pad;  // 0
+};
+static_assert(sizeof(RdmaFetchPayload) == 40);
+
+// The payload of an rdma FETCH: DATA_LOSS unless it is exactly an
+// RdmaFetchPayload with pad 0 whose target does not wrap around the address
+// space (npages is checked by the exporter, CheckFetchPages).
+absl::StatusOr<RdmaFetchPayload> ParseRdmaFetch(absl::Span<const uint8_t> payload);
 
 // An RdmaHelloPayload and its token, decoded.
 struct RdmaHello {
@@ -151,8 +185,10 @@ absl::Status CheckFetchPages(uint32_t npages, uint32_t max_pages);
 absl::StatusOr<std::vector<uint8_t>> MakeRdmaHello(const RdmaHello& hello, size_t max_frame);
 
 // The payload of an rdma HELLO, from a peer not yet authenticated: DATA_LOSS
-// unless it holds the fixed part with pad 0, a non-empty area that does not
-// wrap around the address space, and a token of 1 to kMaxTokenBytes bytes.
+// unless it holds the fixed part, a non-empty area that does not wrap around
+// the address space, and a token of 1 to kMaxTokenBytes bytes;
+// FAILED_PRECONDITION (naming both versions) when its version is not
+// kRdmaProtocolVersion.
 absl::StatusOr<RdmaHello> ParseRdmaHello(absl::Span<const uint8_t> payload);
 
 // rdma: one received message (one SEND, at most max_msg bytes) split into

@@ -126,6 +126,16 @@ class ImportBackend {
   virtual void OnChannelClosed(PeerChannel* ch, const absl::Status& why) = 0;
 };
 
+// Importer side: memory of this daemon registered so that fetches land in
+// it with no copy by the transport (rdma: one per import's shared cache
+// file, ODP; PeerChannel::RegisterLanding). Destroying it deregisters: only
+// once no fetch can write into it any more (no batch naming it is
+// outstanding). It may outlive the channel that made it.
+class LandingArea {
+ public:
+  virtual ~LandingArea() = default;
+};
+
 // One fetch of a batch (PeerChannel::FetchV).
 struct FetchOp {
   uint64_t export_id = 0;
@@ -133,8 +143,16 @@ struct FetchOp {
   uint32_t npages = 0;     // 1 to kMaxFetchPages (frame.h)
   bool track = false;      // the importer will cache the pages
   absl::Span<uint8_t> dst;  // npages * page size bytes; written only until the batch completes
+  // A registration of this channel's transport that covers dst, or null.
+  // rdma: the exporter's WRITE lands in dst itself (else in a receive slot,
+  // copied out into dst).
+  const LandingArea* area = nullptr;
   // Set by FetchV: the exporter's sequence at read time, or why not.
   absl::StatusOr<uint64_t> result = absl::UnknownError("not fetched");
+  // Set by FetchV: bytes the transport itself copied into dst (rdma: out of
+  // its receive slots, when no area covers dst; 0 when the NIC or the socket
+  // wrote dst).
+  uint64_t transport_copied = 0;
 };
 
 // Runs once when a FetchVAsync completed.
@@ -177,6 +195,14 @@ class PeerChannel {
     FetchVAsync(ops, timeout, [n] { n->Notify(); });
     n->WaitForNotification();
   }
+  // Registers [addr, addr + len) (page-aligned) for fetches to land in
+  // (FetchOp::area). UNIMPLEMENTED where the transport receives in place
+  // anyway (tcp); FAILED_PRECONDITION where landing would not be safe (rdma
+  // with pinned data buffers: a pinned registration keeps the pages a
+  // punch removes from the cache file, docs/design.md).
+  virtual absl::StatusOr<std::unique_ptr<LandingArea>> RegisterLanding(void* /*addr*/, size_t /*len*/) {
+    return absl::UnimplementedError("this transport receives in place");
+  }
   virtual bool alive() const = 0;
   virtual void Close() = 0;
   virtual const char* path() const = 0;
@@ -193,9 +219,12 @@ class PeerChannel {
   // Reads dst.size() bytes at byte offset of the export with one-sided
   // READs. FAILED_PRECONDITION when the channel holds no region for it (none
   // set, or dropped by an invalidation: any kind but a write drops it before
-  // the invalidation is delivered); UNAVAILABLE as Fetch.
+  // the invalidation is delivered); UNAVAILABLE as Fetch. copied (if set)
+  // gets the bytes the transport itself copied into dst (rdma: all of
+  // them; the READs land in its receive slots).
   virtual absl::Status ReadRegion(uint64_t /*export_id*/, uint64_t /*offset*/,
-                                  absl::Span<uint8_t> /*dst*/, absl::Duration /*timeout*/) {
+                                  absl::Span<uint8_t> /*dst*/, absl::Duration /*timeout*/,
+                                  uint64_t* /*copied*/ = nullptr) {
     return absl::FailedPreconditionError("no zero-copy path on this channel");
   }
 

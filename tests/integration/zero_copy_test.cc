@@ -142,15 +142,51 @@ TEST_F(ZeroCopy, MemfdExportIsReadWithOneSidedReadsAndPrivateMemoryIsStaged) {
       ASSERT_EQ(static_cast<uint8_t>((*got)[b]), expect) << "offset " << at;
     }
   }
+  // Zero-copy reads are not cached: their READs land in the connection's
+  // receive slots and are copied out (counted).
+  const uint64_t copied_before = Counter(*cb_, "transport_bytes_copied");
   auto whole = ReadBytes(*cb_, "shared", 0, 64 * kPage);
   ASSERT_TRUE(whole.ok()) << whole.status();
   for (uint64_t p = 0; p < 64; ++p) ASSERT_EQ(VersionOf(whole->data() + p * kPage, p), 3) << p;
   EXPECT_EQ(Counter(*ca_, "fetches_served"), served_before);
   EXPECT_EQ(Counter(*cb_, "zero_copy_reads"), zc_before + 11);
+  EXPECT_EQ(Counter(*cb_, "transport_bytes_copied"), copied_before + 64 * kPage);
 
-  // The private export is staged: the exporter serves it.
+  // The private export is staged: the exporter serves it. A fresh read
+  // (cached nowhere) lands in a receive slot and is copied into the
+  // reader's buffer. A cached read lands in the claimed pages of the shared
+  // cache file: on ODP (7.x) the exporter's RDMA WRITE puts the pages there
+  // itself, nothing is copied; on pinned devices (6.1) the slot is copied
+  // into them (a pinned registration of the file would keep the pages an
+  // invalidation punches out).
+  const bool odp = absl::EndsWith(impp->path, "/odp");
+  if (!want.empty()) {
+    EXPECT_EQ(impp->path, "staged/" + want);
+  }
+  uint64_t copied = Counter(*cb_, "transport_bytes_copied");
   ASSERT_TRUE(ReadBytes(*cb_, "private", 0, 4 * kPage, /*fresh=*/true).ok());
   EXPECT_GT(Counter(*ca_, "fetches_served"), served_before);
+  EXPECT_EQ(Counter(*cb_, "transport_bytes_copied"), copied + 4 * kPage);
+  copied = Counter(*cb_, "transport_bytes_copied");
+  uint64_t landed = Counter(*cb_, "cache_pages_landed");
+  ASSERT_TRUE(ReadBytes(*cb_, "private", 4 * kPage, 8 * kPage).ok());
+  EXPECT_EQ(Counter(*cb_, "cache_pages_landed"), landed + 8);
+  EXPECT_EQ(Counter(*cb_, "transport_bytes_copied"), copied + (odp ? 0 : 8 * kPage))
+      << (odp ? "a fetch into the shared cache was copied" : "pinned: the slot copy");
+  // An invalidation punches pages 5 and 6 out of the cache file; the next
+  // cached read fetches them again into the same file, and the reader sees
+  // the new bytes (not the punched-out ones, not zeros).
+  auto w = cb_->Watch("private");
+  ASSERT_TRUE(w.ok()) << w.status();
+  ASSERT_EQ(priv->Command("remap 5 2 66").value_or("?"), "ok");  // munmap + mmap + fill 'B'
+  ASSERT_TRUE(WaitForPage(**w, 5, absl::Seconds(10)).ok());
+  copied = Counter(*cb_, "transport_bytes_copied");
+  landed = Counter(*cb_, "cache_pages_landed");
+  auto again = ReadBytes(*cb_, "private", 4 * kPage, 8 * kPage);
+  ASSERT_TRUE(again.ok()) << again.status();
+  EXPECT_EQ(again->substr(kPage, 2 * kPage), std::string(2 * kPage, 'B')) << "the refetched pages";
+  EXPECT_EQ(Counter(*cb_, "cache_pages_landed"), landed + 2);
+  EXPECT_EQ(Counter(*cb_, "transport_bytes_copied"), copied + (odp ? 0 : 2 * kPage));
 
   // Stores are read live (no Sync needed on this path).
   ASSERT_EQ(shared->Command("stamp 9").value_or("?"), "ok");

@@ -11,6 +11,8 @@
 // instead under SVM_EXPECT_RDMA=1; with SVM_TEST_TRANSPORT set only that
 // transport runs. Behaviour only one transport has lives in the suites at
 // the end (tcp's wire format on a raw socket; rdma's one-sided reads).
+#include <fcntl.h>
+#include <linux/falloc.h>
 #include <netinet/in.h>
 #include <sys/mman.h>
 #include <sys/resource.h>
@@ -31,6 +33,7 @@
 
 #include "absl/cleanup/cleanup.h"
 #include "absl/strings/numbers.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/synchronization/notification.h"
@@ -920,6 +923,9 @@ TEST_P(TransportTest, FetchVReturnsEveryOpsOwnPages) {
     ASSERT_TRUE(ops[i].result.ok()) << i << ": " << ops[i].result.status();
     EXPECT_EQ(*ops[i].result, 77u);
     EXPECT_TRUE(PagesAre(bufs[i], ops[i].export_id, ops[i].first_page)) << "op " << i;
+    // tcp receives into dst; rdma copies out of its receive slots into a
+    // dst that no landing area covers (FetchesLandInTheCacheFile...).
+    EXPECT_EQ(ops[i].transport_copied, GetParam().name == "rdma" ? ops[i].dst.size() : 0u) << "op " << i;
   }
   uint64_t served = 0;
   for (const auto& c : exp_.calls()) served += c.npages;
@@ -1418,24 +1424,58 @@ TEST(RdmaHelloTest, MalformedHellosAreRefusedWithAnError) {
     const char* what;
     std::vector<uint8_t> payload;
   };
-  const std::vector<uint8_t> good = HelloPayload(4096, 4096, 1, 0, tok);
+  constexpr uint32_t v = kRdmaProtocolVersion;
+  const std::vector<uint8_t> good = HelloPayload(4096, 4096, 1, v, tok);
   for (const Case& c : std::vector<Case>{
            {"empty", {}},
            {"keepalive-sized", std::vector<uint8_t>(good.begin(), good.begin() + 23)},
-           {"no token", HelloPayload(4096, 4096, 1, 0, "")},
-           {"token too long", HelloPayload(4096, 4096, 1, 0, std::string(kMaxTokenBytes + 1, 't'))},
-           {"non-zero padding", HelloPayload(4096, 4096, 1, 7, tok)},
-           {"empty area", HelloPayload(4096, 0, 1, 0, tok)},
-           {"area wraps", HelloPayload(UINT64_MAX - 4095, 8192, 1, 0, tok)},
+           {"no token", HelloPayload(4096, 4096, 1, v, "")},
+           {"token too long", HelloPayload(4096, 4096, 1, v, std::string(kMaxTokenBytes + 1, 't'))},
+           {"empty area", HelloPayload(4096, 0, 1, v, tok)},
+           {"area wraps", HelloPayload(UINT64_MAX - 4095, 8192, 1, v, tok)},
        }) {
     auto h = ParseRdmaHello(absl::MakeConstSpan(c.payload));
     EXPECT_TRUE(absl::IsDataLoss(h.status())) << c.what << ": " << h.status();
   }
   EXPECT_TRUE(ParseRdmaHello(absl::MakeConstSpan(good)).ok());
+  // A peer of another protocol version (1 sent 0 in the field) is refused
+  // with both versions named.
+  for (uint32_t other : {0u, 1u, 3u}) {
+    auto h = ParseRdmaHello(absl::MakeConstSpan(HelloPayload(4096, 4096, 1, other, tok)));
+    EXPECT_TRUE(absl::IsFailedPrecondition(h.status())) << other << ": " << h.status();
+    EXPECT_TRUE(absl::StrContains(h.status().message(), absl::StrCat("version ", other == 0 ? 1 : other)))
+        << h.status();
+    EXPECT_TRUE(absl::StrContains(h.status().message(), absl::StrCat("speaks version ", v))) << h.status();
+  }
   // The builder refuses what the parser would, and never cuts a token.
   EXPECT_FALSE(MakeRdmaHello(RdmaHello{4096, 0, 1, tok}, 512).ok());
   EXPECT_FALSE(MakeRdmaHello(RdmaHello{4096, 4096, 1, ""}, 512).ok());
   EXPECT_FALSE(MakeRdmaHello(RdmaHello{4096, 4096, 1, tok}, sizeof(FrameHeader) + 30).ok());
+}
+
+// The exporter's parser of an established importer's FETCH: exactly the
+// fixed payload, padding 0, a target that does not wrap.
+TEST(RdmaFetchTest, MalformedFetchesAreRefusedWithAnError) {
+  RdmaFetchPayload good{{1, 2, 3, 0}, 0x7f0000000000, 0x42, 0};
+  auto bytes = [](const RdmaFetchPayload& f) {
+    std::vector<uint8_t> b(sizeof(f));
+    std::memcpy(b.data(), &f, sizeof(f));
+    return b;
+  };
+  auto ok = ParseRdmaFetch(absl::MakeConstSpan(bytes(good)));
+  ASSERT_TRUE(ok.ok()) << ok.status();
+  EXPECT_EQ(ok->addr, good.addr);
+  EXPECT_EQ(ok->rkey, good.rkey);
+  EXPECT_EQ(ok->f.npages, 3u);
+  std::vector<uint8_t> short_one = bytes(good);
+  short_one.resize(32);  // a version-1 FETCH
+  RdmaFetchPayload padded = good;
+  padded.pad = 1;
+  RdmaFetchPayload wraps = good;
+  wraps.addr = UINT64_MAX - 4095;
+  for (const auto& b : {short_one, bytes(padded), bytes(wraps), std::vector<uint8_t>()}) {
+    EXPECT_TRUE(absl::IsDataLoss(ParseRdmaFetch(absl::MakeConstSpan(b)).status()));
+  }
 }
 
 TEST(RdmaHelloTest, MessagesAreSplitOnlyWhenWhole) {
@@ -1504,8 +1544,11 @@ TEST_P(RdmaOnlyTest, RegisteredRegionIsReadOneSidedAndDroppedByInvalidations) {
   for (auto [off, len] : std::vector<std::pair<size_t, size_t>>{
            {0, kLen}, {100, 1}, {4095, 2}, {12345, 2 * 1024 * 1024 + 777}, {kLen - 9, 9}}) {
     std::vector<uint8_t> got(len);
-    ASSERT_TRUE(ch->ReadRegion(7, off, absl::MakeSpan(got), Scaled(absl::Seconds(10))).ok()) << off;
+    uint64_t copied = 1;
+    ASSERT_TRUE(ch->ReadRegion(7, off, absl::MakeSpan(got), Scaled(absl::Seconds(10)), &copied).ok()) << off;
     ASSERT_EQ(std::memcmp(got.data(), bytes + off, len), 0) << "offset " << off << " length " << len;
+    // Read into the receive slots and copied out (counted).
+    EXPECT_EQ(copied, len) << "offset " << off;
   }
   EXPECT_EQ(exp_.calls().size(), fetches) << "a zero-copy read reached the exporter's backend";
   std::vector<uint8_t> past(10);
@@ -1523,6 +1566,77 @@ TEST_P(RdmaOnlyTest, RegisteredRegionIsReadOneSidedAndDroppedByInvalidations) {
   EXPECT_TRUE(ch->ReadRegion(7, 0, absl::MakeSpan(past), absl::Seconds(5)).ok());
   region->reset();
   munmap(mem, kLen);
+}
+
+// Fetches into the importer's shared cache file (a memfd that svmd maps
+// read-write and clients map read-only) through one landing area: on an
+// ODP device the exporter's WRITEs land in the file's pages themselves (the
+// transport copies nothing), and after pages are punched out of the file
+// (an invalidation) the next fetch lands in the file again: a client's
+// mapping sees the new bytes, not zeros (a pinned registration would keep
+// writing the punched-out pages). A pinned device refuses the area and
+// copies from its receive slots.
+TEST_P(RdmaOnlyTest, FetchesLandInTheCacheFileAndFollowItsPunches) {
+  PeerChannel* ch = Open("n");
+  ASSERT_NE(ch, nullptr);
+  constexpr uint64_t kPages = 600;  // more than two receive slots
+  const size_t len = kPages * kPageSize;
+  UniqueFd fd(::memfd_create("svm-landing-test", MFD_CLOEXEC));
+  ASSERT_TRUE(fd.valid());
+  ASSERT_EQ(::ftruncate(fd.get(), static_cast<off_t>(len)), 0);
+  void* m = ::mmap(nullptr, len, PROT_READ | PROT_WRITE, MAP_SHARED, fd.get(), 0);
+  ASSERT_NE(m, MAP_FAILED);
+  void* cm = ::mmap(nullptr, len, PROT_READ, MAP_SHARED, fd.get(), 0);  // a client's view
+  ASSERT_NE(cm, MAP_FAILED);
+  absl::Cleanup unmap = [&] {
+    ::munmap(m, len);
+    ::munmap(cm, len);
+  };
+  auto* base = static_cast<uint8_t*>(m);
+  const auto* client = static_cast<const uint8_t*>(cm);
+  const bool odp = std::string(ch->path()) == "staged/odp";
+  if (const char* e = std::getenv("SVM_EXPECT_ODP"); e != nullptr && *e != '\0') {
+    ASSERT_EQ(odp, std::string(e) == "1") << ch->path();
+  }
+  auto area = ch->RegisterLanding(base, len);
+  if (odp) {
+    ASSERT_TRUE(area.ok()) << area.status();
+  } else {
+    EXPECT_TRUE(absl::IsFailedPrecondition(area.status())) << area.status();
+  }
+  const LandingArea* a = area.ok() ? area->get() : nullptr;
+  auto fetch_into = [&](uint64_t id, uint64_t page, uint32_t n) {
+    FetchOp op;
+    op.export_id = id;
+    op.first_page = page;
+    op.npages = n;
+    op.track = true;
+    op.dst = absl::MakeSpan(base + page * kPageSize, n * kPageSize);
+    op.area = a;
+    ch->FetchV(absl::MakeSpan(&op, 1), Scaled(absl::Seconds(20)));
+    return op;
+  };
+  auto client_sees = [&](uint64_t id, uint64_t page, uint64_t n) {
+    return PagesAre(std::vector<uint8_t>(client + page * kPageSize, client + (page + n) * kPageSize), id, page);
+  };
+  // One page, one slot's worth, and more than a slot, at page offsets
+  // across the file.
+  for (auto [page, n] : std::vector<std::pair<uint64_t, uint32_t>>{{0, 1}, {1, 256}, {257, 343}}) {
+    FetchOp op = fetch_into(1, page, n);
+    ASSERT_TRUE(op.result.ok()) << page << ": " << op.result.status();
+    EXPECT_TRUE(client_sees(1, page, n)) << "pages " << page << "+" << n;
+    EXPECT_EQ(op.transport_copied, odp ? 0u : uint64_t{n} * kPageSize) << "pages " << page << "+" << n;
+  }
+  // An invalidation punches pages out; the refetch (other content) lands in
+  // the file, and what was not punched is unchanged.
+  ASSERT_EQ(::fallocate(fd.get(), FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 1 * kPageSize, 300 * kPageSize), 0);
+  FetchOp op = fetch_into(2, 1, 300);
+  ASSERT_TRUE(op.result.ok()) << op.result.status();
+  EXPECT_TRUE(client_sees(2, 1, 300)) << "a fetch after a punch did not land in the file";
+  EXPECT_TRUE(client_sees(1, 0, 1));
+  EXPECT_TRUE(client_sees(1, 301, kPages - 301));
+  EXPECT_EQ(op.transport_copied, odp ? 0u : 300 * kPageSize);
+  EXPECT_TRUE(ch->alive());
 }
 
 // The exporter copies pages off the completion path: while one copy is

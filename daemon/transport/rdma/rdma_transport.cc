@@ -97,13 +97,7 @@ uint64_t WrKindOf(uint64_t wr_id) { return wr_id >> 56; }
 uint64_t WrConnOf(uint64_t wr_id) { return (wr_id >> 24) & 0xffffffffu; }
 uint64_t WrIndexOf(uint64_t wr_id) { return wr_id & 0xffffff; }
 
-// FETCH payload: the tcp one plus the offset in the importer's receive area
-// the pages are to be written to.
-struct RdmaFetch {
-  FetchPayload f;
-  uint64_t offset;
-};
-static_assert(sizeof(RdmaFetch) == 32);
+using RdmaFetch = RdmaFetchPayload;
 
 // A message fits one receive buffer (error text is cut to fit).
 std::vector<uint8_t> MakeMsg(FrameType type, uint64_t id, const void* fixed, size_t fixed_len,
@@ -882,8 +876,6 @@ class ServerConn final : public Conn, public Subscriber {
   struct Owned {
     bool established = false;
     std::string token;  // set by the HELLO that claimed it
-    uint64_t area_addr = 0, area_len = 0;
-    uint32_t area_rkey = 0;
     std::deque<std::pair<uint64_t, RdmaFetch>> fetches;  // waiting for a staging buffer
   };
   Owned owned_;
@@ -906,6 +898,22 @@ enum class SlotState {
   kDone,       // completed: the caller copies the bytes out, then frees it
   kAbandoned,  // the caller gave up (timeout): never reused, since a late
                // WRITE may still land; the connection is closed
+};
+
+// A landing area (the importer's shared cache file): one ODP registration
+// of svmd's mapping of it, REMOTE_WRITE for the exporters' WRITEs. ODP
+// follows the mapping: a page punched out of the file (an invalidation,
+// an eviction) is unmapped from the registration too, and the next WRITE
+// into it faults a fresh page of the file in, which clients then see.
+class LandingRegistration final : public LandingArea {
+ public:
+  LandingRegistration(std::shared_ptr<Nic> nic, Registration reg) : nic_(std::move(nic)), reg_(std::move(reg)) {}
+  const Nic* nic() const { return nic_.get(); }
+  const Registration& reg() const { return reg_; }
+
+ private:
+  std::shared_ptr<Nic> nic_;  // the PD outlives the registration
+  Registration reg_;
 };
 
 class ClientConn final : public Conn {
@@ -948,9 +956,10 @@ class ClientConn final : public Conn {
   void CloseAndWait();
   // data_mr_ is set before the connection is handed out and never changes.
   const char* path() const { return data_mr_->mode() == Mode::kOdp ? "staged/odp" : "staged/pinned"; }
+  absl::StatusOr<std::unique_ptr<LandingArea>> RegisterLanding(void* addr, size_t len);
   bool SetRegion(uint64_t export_id, const RemoteRegion& r, uint64_t seq);
   absl::Status ReadRegion(uint64_t export_id, uint64_t offset, absl::Span<uint8_t> dst,
-                          absl::Duration timeout);
+                          absl::Duration timeout, uint64_t* copied);
 
  private:
   struct Pending {
@@ -998,9 +1007,12 @@ class ClientConn final : public Conn {
     std::shared_ptr<Batch> batch;
     size_t op = 0;
     uint32_t at = 0, n = 0;  // pages [at, at + n) of the op
-    uint32_t slot = 0;
+    uint32_t slot = 0;      // taken while in flight (bounds FETCHes in flight)
+    bool direct = false;    // the exporter WRITEs into the op's area (dst itself), not the slot
     bool copying = false;  // the completing thread copies it out (without mu_)
   };
+  // The op's area when it is this device's and covers dst page-aligned.
+  const Registration* AreaCovering(const FetchOp& op) const;
   // Issues chunks of the waiting batches while slots are free.
   void IssueLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // A chunk's answer (the context's thread or a delivery worker): copies
@@ -1034,6 +1046,7 @@ class ClientConn final : public Conn {
 
   ImportBackend* backend_ = nullptr;
   std::atomic<bool> hello_seen_{false};
+  std::atomic<bool> reg_failed_logged_{false};  // a failed RegisterLanding was logged
 
   // Zero-copy: per export id, the exporter's registered region and its
   // state (epoch, READs in flight, the newest dropping invalidation: a
@@ -1106,8 +1119,11 @@ class RdmaChannel final : public PeerChannel {
     return conn_->SetRegion(export_id, r, seq);
   }
   absl::Status ReadRegion(uint64_t export_id, uint64_t offset, absl::Span<uint8_t> dst,
-                          absl::Duration timeout) override {
-    return conn_->ReadRegion(export_id, offset, dst, timeout);
+                          absl::Duration timeout, uint64_t* copied = nullptr) override {
+    return conn_->ReadRegion(export_id, offset, dst, timeout, copied);
+  }
+  absl::StatusOr<std::unique_ptr<LandingArea>> RegisterLanding(void* addr, size_t len) override {
+    return conn_->RegisterLanding(addr, len);
   }
 
  private:
@@ -1342,28 +1358,28 @@ absl::Status ServerConn::OnMessage(const FrameHeader& h, absl::Span<const uint8_
   if (!o.established) {
     if (type != FrameType::kHello) return absl::PermissionDeniedError("first message is not HELLO");
     auto hello = ParseRdmaHello(payload);
-    if (!hello.ok()) return hello.status();
+    if (!hello.ok()) {
+      spdlog::warn("rdma data connection from {} refused: {}", node_, hello.status().message());
+      return hello.status();
+    }
     if (!TokensEqual(hello->token, session_token_) ||
         !transport_->sessions().Claim(hello->token, self()).ok()) {
       return absl::PermissionDeniedError("HELLO with an unknown or used session token");
     }
     o.token = hello->token;
-    o.area_addr = hello->area_addr;
-    o.area_len = hello->area_len;
-    o.area_rkey = hello->rkey;
     o.established = true;
     spdlog::info("rdma data connection from {} established", node_);
-    Enqueue(SendMsg{MakeMsg(FrameType::kHello, 0, nullptr, 0)});
+    const RdmaHelloAnswerPayload answer{kRdmaProtocolVersion, 0};
+    Enqueue(SendMsg{MakeMsg(FrameType::kHello, 0, &answer, sizeof(answer))});
     return absl::OkStatus();
   }
   switch (type) {
     case FrameType::kHello:  // keepalive
       return absl::OkStatus();
     case FrameType::kFetch: {
-      if (payload.size() != sizeof(RdmaFetch)) return absl::DataLossError("malformed FETCH");
-      RdmaFetch f;
-      std::memcpy(&f, payload.data(), sizeof(f));
-      o.fetches.emplace_back(h.id, f);
+      auto f = ParseRdmaFetch(payload);
+      if (!f.ok()) return f.status();
+      o.fetches.emplace_back(h.id, *f);
       return StartFetches();
     }
     case FrameType::kInvalAck: {
@@ -1390,14 +1406,13 @@ absl::Status ServerConn::StartFetches() {
     }
     auto [id, f] = o.fetches.front();
     o.fetches.pop_front();
-    const size_t bytes = static_cast<size_t>(f.f.npages) * kPage;
     if (auto bad = CheckFetchPages(f.f.npages, kSlotPages); !bad.ok()) {
       Enqueue(SendMsg{MakeFetchError(id, bad, kMsgSize)});
       continue;
     }
-    if (f.offset > o.area_len || bytes > o.area_len - f.offset) {
-      return absl::DataLossError("FETCH names a target outside the importer's area");
-    }
+    // Where the pages go is the importer's to say: its NIC checks the
+    // target against the rkey's registration (a WRITE outside it fails and
+    // the connection closes); nothing of this daemon's is at stake.
     {
       absl::MutexLock l(&mu_);
       slocked_.staging[s] = RequestState::kCopying;
@@ -1410,10 +1425,8 @@ absl::Status ServerConn::StartFetches() {
 
 void ServerConn::Copy(uint32_t s, uint64_t id, const RdmaFetch& f) {
   const size_t bytes = static_cast<size_t>(f.f.npages) * kPage;
-  // The area was read by the context's thread before this was submitted
-  // and never changes after the HELLO.
-  const uint64_t remote = owned_.area_addr + f.offset;
-  const uint32_t rkey = owned_.area_rkey;
+  const uint64_t remote = f.addr;
+  const uint32_t rkey = f.rkey;
   auto seq = backend_->ServeFetch(*this, f.f.export_id, f.f.first_page, f.f.npages,
                                   (f.f.flags & kFetchNoCache) == 0,
                                   absl::MakeSpan(data_mem_.get() + s * kSlotBytes, bytes));
@@ -1423,7 +1436,10 @@ void ServerConn::Copy(uint32_t s, uint64_t id, const RdmaFetch& f) {
     FetchRespPayload r{};
     r.seq = *seq;
     slocked_.staging[s] = RequestState::kWriting;
-    // The WRITE is queued before the response: RC lands it first.
+    // The WRITE is queued before the response on the same QP: RC places
+    // its data in the importer's memory before the response's receive
+    // completes there, so the importer acts on a completion that implies
+    // the pages landed.
     EnqueueLocked(WriteData{s, bytes, remote, rkey});
     EnqueueLocked(SendMsg{MakeMsg(FrameType::kFetchResp, id, &r, sizeof(r))});
   } else {
@@ -1529,6 +1545,43 @@ void ClientConn::CloseAndWait() {
       +[](Locked* c) { return c->finished || c->channel == nullptr; }, &clocked_));
 }
 
+// Only where the receive area is ODP (the device passed the data check):
+// a pinned registration of the cache file would pin every page it maps at
+// registration and keep those pages after a punch, so a WRITE after an
+// invalidation would land in a page the file no longer holds; and
+// registering a sparse file pinned would first fault in (allocate) all of
+// it. Pinned devices keep the receive slots and the copy.
+absl::StatusOr<std::unique_ptr<LandingArea>> ClientConn::RegisterLanding(void* addr, size_t len) {
+  if (data_mr_->mode() != Mode::kOdp) {
+    return absl::FailedPreconditionError(
+        "pinned registration: fetched pages land in the receive slots and are copied (a pinned "
+        "registration keeps the pages a punch removes from the cache file)");
+  }
+  if (reinterpret_cast<uintptr_t>(addr) % kPage != 0 || len % kPage != 0 || len == 0) {
+    return absl::InvalidArgumentError("a landing area is whole pages");
+  }
+  auto reg = rdma::Register(*nic_->device, nic_->pd.get(), addr, len, Access::kRemoteReadWrite, Mode::kOdp);
+  if (!reg.ok()) {
+    if (!reg_failed_logged_.exchange(true)) {
+      spdlog::warn("rdma: fetched pages land in receive slots and are copied: registering the shared "
+                   "cache failed: {}", reg.status().message());
+    }
+    return reg.status();
+  }
+  return std::make_unique<LandingRegistration>(nic_, std::move(*reg));
+}
+
+const Registration* ClientConn::AreaCovering(const FetchOp& op) const {
+  const auto* area = dynamic_cast<const LandingRegistration*>(op.area);
+  if (area == nullptr || area->nic() != nic_.get() || op.dst.empty()) return nullptr;
+  const uint64_t at = reinterpret_cast<uint64_t>(op.dst.data());
+  const Registration& r = area->reg();
+  if (at % kPage != 0 || at < r.addr() || at - r.addr() > r.length() || op.dst.size() > r.length() - (at - r.addr())) {
+    return nullptr;
+  }
+  return &r;
+}
+
 // Staged fetches, pipelined and completed by the connection's own threads:
 // every op is split into slot-sized FETCHes, as many in flight as there are
 // free slots (the exporter's copy of one overlaps the WRITE of another);
@@ -1549,6 +1602,7 @@ void ClientConn::FetchVAsync(absl::Span<FetchOp> ops, absl::Duration timeout, Fe
   for (FetchOp& op : ops) {
     SVM_CHECK(op.dst.size() == static_cast<size_t>(op.npages) * kPage);
     op.result = absl::UnknownError("not fetched");
+    op.transport_copied = 0;
   }
   absl::MutexLock l(&mu_);
   if (locked_.closed || clocked_.finished) {
@@ -1587,8 +1641,18 @@ void ClientConn::IssueLocked() {
     c.free_slots.pop_back();
     c.slots[ch.slot] = SlotState::kFetching;
     const uint64_t id = c.next_id++;
-    RdmaFetch f{{op.export_id, op.first_page + ch.at, ch.n, op.track ? 0u : kFetchNoCache},
-                static_cast<uint64_t>(ch.slot) * kSlotBytes};
+    RdmaFetch f{{op.export_id, op.first_page + ch.at, ch.n, op.track ? 0u : kFetchNoCache}, 0, 0, 0};
+    if (const Registration* area = AreaCovering(op)) {
+      // The pages land in dst itself, a page-aligned part of an ODP
+      // registration (rxe on 7.2 misplaces transfers that start inside a
+      // page of an ODP registration: tests/vm/rdma/README.md).
+      ch.direct = true;
+      f.addr = reinterpret_cast<uint64_t>(op.dst.data()) + static_cast<uint64_t>(ch.at) * kPage;
+      f.rkey = area->rkey();
+    } else {
+      f.addr = data_mr_->addr() + static_cast<uint64_t>(ch.slot) * kSlotBytes;
+      f.rkey = data_mr_->rkey();
+    }
     ++b->outstanding[ch.op];
     ++b->inflight;
     b->next_at += ch.n;
@@ -1642,6 +1706,10 @@ void ClientConn::CompleteLocked(const FetchResult& r) {
     FailOpLocked(*b, ch.op, r.status);
     EndLocked(*b, absl::CancelledError(absl::StrCat("not fetched: an earlier fetch of the batch failed: ",
                                                     r.status.message())));
+  } else if (!b->failed[ch.op] && ch.direct) {
+    // The exporter's WRITE placed the pages in dst before the response
+    // that completed the chunk (RC order on one QP): nothing to copy.
+    b->min_seq[ch.op] = std::min(b->min_seq[ch.op], r.seq);
   } else if (!b->failed[ch.op]) {
     // The data landed before the response that completed the chunk.
     c.slots[ch.slot] = SlotState::kDone;
@@ -1654,6 +1722,7 @@ void ClientConn::CompleteLocked(const FetchResult& r) {
     mu_.Lock();
     it = c.fetches.find(r.id);
     b->min_seq[copy.op] = std::min(b->min_seq[copy.op], r.seq);
+    b->ops[copy.op].transport_copied += static_cast<uint64_t>(copy.n) * kPage;
   }
   const uint32_t slot = it->second.slot;
   const size_t op = it->second.op;
@@ -1702,10 +1771,12 @@ absl::Status ClientConn::Tick(absl::Time now) {
     }
     if (!overdue) return absl::OkStatus();
     // Closed before any caller hears of the timeout (it may look at alive()).
-    CloseLocked(absl::UnavailableError("fetch timed out"));
-    AbandonLocked(absl::UnavailableError(absl::StrCat("peer ", peer_name_, " did not answer within ",
-                                                      absl::FormatDuration(timeout))),
-                  now);
+    // The fetches fail only in OnClosed, once the QP is in ERR: a fetch's
+    // pages may be landing in its dst itself (a landing area), and a WRITE
+    // the exporter sends late must not land after the caller punched or
+    // published those pages (invalidate, drain, then retire).
+    CloseLocked(absl::UnavailableError(absl::StrCat("peer ", peer_name_, " did not answer within ",
+                                                    absl::FormatDuration(timeout))));
   }
   spdlog::warn("peer {} did not answer a fetch within {}; closing the rdma data connection", peer_name_,
                absl::FormatDuration(timeout));
@@ -1716,6 +1787,18 @@ absl::Status ClientConn::OnMessage(const FrameHeader& h, absl::Span<const uint8_
   switch (static_cast<FrameType>(h.type)) {
     case FrameType::kHello: {
       absl::MutexLock l(&mu_);
+      if (!clocked_.established) {
+        // The exporter's answer names its protocol version (a version-1
+        // exporter answers with nothing; it refuses our HELLO anyway).
+        RdmaHelloAnswerPayload a{};
+        if (payload.size() == sizeof(a)) std::memcpy(&a, payload.data(), sizeof(a));
+        if (a.version != kRdmaProtocolVersion) {
+          return absl::FailedPreconditionError(absl::StrFormat(
+              "the exporter speaks rdma protocol version %u; this daemon speaks version %u "
+              "(run the same svm release on both nodes)",
+              a.version == 0 ? 1 : a.version, kRdmaProtocolVersion));
+        }
+      }
       clocked_.established = true;  // the exporter's answer, later keepalives
       hello_seen_ = true;
       return absl::OkStatus();
@@ -1823,12 +1906,14 @@ bool ClientConn::SetRegion(uint64_t export_id, const RemoteRegion& r, uint64_t s
 
 // Zero-copy read: the whole pages covering the range are split into
 // slot-sized READs, up to one per free slot in flight at once; each is
-// copied out in order as it completes. Only page-aligned READs are issued:
-// rxe in Linux 7.2 serves a READ from an ODP region that does not start at
-// a page boundary from the start of the page (tests/vm/rdma/README.md).
+// copied out in order as it completes (and counted in copied). Only
+// page-aligned READs are issued: rxe in Linux 7.2 serves a READ from an
+// ODP region that does not start at a page boundary from the start of the
+// page (tests/vm/rdma/README.md).
 absl::Status ClientConn::ReadRegion(uint64_t export_id, uint64_t offset, absl::Span<uint8_t> dst,
-                                    absl::Duration timeout) {
+                                    absl::Duration timeout, uint64_t* copied) {
   const absl::Time deadline = absl::Now() + timeout;
+  if (copied != nullptr) *copied = 0;
   struct Chunk {
     Pending p;
     uint64_t at = 0, len = 0;  // aligned bytes [at, at + len) of the region
@@ -1915,6 +2000,7 @@ absl::Status ClientConn::ReadRegion(uint64_t export_id, uint64_t offset, absl::S
     std::memcpy(dst.data() + (from - offset),
                 data_mem_.get() + static_cast<size_t>(ch.p.slot) * kSlotBytes + (from - ch.at), to - from);
     mu_.Lock();
+    if (copied != nullptr) *copied += to - from;
     SetSlot(ch.p.slot, SlotState::kFree);
     inflight.pop_front();
   }
@@ -1933,8 +2019,9 @@ void ClientConn::OnClosed(const absl::Status& why) {
   PeerChannel* channel;
   {
     absl::MutexLock l(&mu_);
-    // The QP is in ERR: nothing lands in a slot any more.
-    AbandonLocked(absl::UnavailableError(absl::StrCat("connection to ", peer_name_, " lost")), std::nullopt);
+    // The QP is in ERR: nothing lands in a slot or a landing area any more.
+    AbandonLocked(absl::UnavailableError(absl::StrCat("connection to ", peer_name_, " lost: ", why.message())),
+                  std::nullopt);
     clocked_.waiting.clear();
     channel = clocked_.channel;
   }

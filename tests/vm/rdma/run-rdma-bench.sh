@@ -5,11 +5,20 @@
 #
 #   flock /tmp/svm-vm.lock tests/vm/rdma/run-rdma-bench.sh \
 #       --kernel stable|unstable --cache DIR --build DIR [--quick] [--log DIR]
+#       [--before DIR] [--only-read] [--client]
 #
 # --build is the CMake build directory holding svmd, svm-exporter,
 # tests/bench/svm-read-bench and tests/bench/svm-rdma-reg-bench
 # (`ninja -C DIR svm-read-bench svm-rdma-reg-bench`). --quick: fewer
 # iterations and smaller sizes (a few minutes instead of a quarter hour).
+# --before DIR: another build (e.g. main's, before a change) whose
+# svm-read-bench runs rows 1 and 2 again in the same boot, right after this
+# build's, so a change is compared with what it replaced under the same
+# emulation and load (its svmd is the one its bench was built against).
+# --only-read: rows 1 and 2 only (and --before's).
+# --client: row 1 (and --before's) also runs svm-read-bench's client tests
+# (cached read, prefetch of the import into the shared cache: fills that
+# land in the cache file, first-touch faults of a mapping).
 #
 # In the guest (rxe0 on v0 = 10.77.0.1, MTU 4096; svm_shim loaded):
 #   1. svm-read-bench, rdma transport, shim source, private memory (staged
@@ -30,7 +39,9 @@ here=$(cd "$(dirname "$0")" && pwd)
 
 if [[ ${1:-} == --in-guest ]]; then
 	shift
-	build=$1 quick=$2
+	build=$1 quick=$2 before=${3:-} only_read=${4:-0} client=${5:-0}
+	row1=lat,bw
+	((client)) && row1=lat,bw,client
 	export SVM_TEST_SLOW=1 TMPDIR=$SVM_VM_SCRATCH
 	bench=$build/tests/bench
 	if ((quick)); then
@@ -54,9 +65,18 @@ if [[ ${1:-} == --in-guest ]]; then
 		"$@" || { echo "== FAILED (exit $?): $1"; rc=1; }
 		echo "== $((SECONDS - t0)) s"
 	}
-	run "$bench/svm-read-bench" "${common[@]}" --source shim --memory private --tests lat,bw \
-		--ucx --ucx-api uct --ucx-tls rc_verbs "${lat[@]}"
+	ucx=(--ucx --ucx-api uct --ucx-tls rc_verbs)
+	((only_read)) && ucx=()
+	run "$bench/svm-read-bench" "${common[@]}" --source shim --memory private --tests "$row1" \
+		"${ucx[@]}" "${lat[@]}"
 	run "$bench/svm-read-bench" "${common[@]}" --source shim --memory memfd --tests lat,bw "${lat[@]}"
+	if [[ -n $before ]]; then
+		echo
+		echo "== the same rows with the --before build ($before)"
+		run "$before/tests/bench/svm-read-bench" "${common[@]}" --source shim --memory private --tests "$row1" "${lat[@]}"
+		run "$before/tests/bench/svm-read-bench" "${common[@]}" --source shim --memory memfd --tests lat,bw "${lat[@]}"
+	fi
+	((only_read)) && exit $rc
 	run "$bench/svm-read-bench" "${common[@]}" --source shim --tests inval "${inval[@]}"
 	run "$bench/svm-read-bench" "${common[@]}" --source procfs --tests inval "${inval[@]}"
 	run "$bench/svm-rdma-reg-bench" --device rxe0 "${reg[@]}"
@@ -78,6 +98,9 @@ cache=
 build=
 logs=
 quick=0
+before=
+only_read=0
+client=0
 while (($#)); do
 	case "$1" in
 	--kernel) kernel=$2; shift 2 ;;
@@ -85,6 +108,9 @@ while (($#)); do
 	--build) build=$2; shift 2 ;;
 	--log) logs=$2; shift 2 ;;
 	--quick) quick=1; shift ;;
+	--before) before=$(cd "$2" && pwd); shift 2 ;;
+	--only-read) only_read=1; shift ;;
+	--client) client=1; shift ;;
 	*) echo "run-rdma-bench: unknown argument $1" >&2; exit 2 ;;
 	esac
 done
@@ -111,6 +137,6 @@ start=$(date +%s)
 rc=0
 # 3 GiB guest: 1 GiB pinned plus the daemons and the page cache of the 9p root.
 "$here/../run-vm.sh" --kernel "$kernel" --cache "$cache" --log "$logs" --timeout 3000 --mem 3072 -- \
-	"$here/run-rdma-bench.sh" --in-guest "$build" "$quick" || rc=$?
+	"$here/run-rdma-bench.sh" --in-guest "$build" "$quick" "$before" "$only_read" "$client" || rc=$?
 echo "rdma_bench_$kernel: exit $rc after $(($(date +%s) - start)) s (logs: $logs)"
 exit "$rc"
