@@ -53,6 +53,21 @@ uint64_t AnonHugeKb(const void* addr) {
   return 0;
 }
 
+// A hugetlb memfd of two 2 MiB pages mapped shared and populated, in *fd
+// and *p; false with why when the kernel has no huge pages to give.
+bool MapHugetlbMemfd(const char* name, int* fd, char** p, std::string* why) {
+  *fd = memfd_create(name, MFD_HUGETLB | MFD_CLOEXEC);
+  *p = static_cast<char*>(MAP_FAILED);
+  if (*fd >= 0 && ftruncate(*fd, 2 * kHuge) == 0) {
+    *p = static_cast<char*>(mmap(nullptr, 2 * kHuge, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, *fd, 0));
+  }
+  if (*p != MAP_FAILED) return true;
+  *why = absl::StrCat("no hugetlb memfd of 2 x 2 MiB: ", std::strerror(errno),
+                      " (reserve pages: /proc/sys/vm/nr_hugepages)");
+  if (*fd >= 0) close(*fd);
+  return false;
+}
+
 class HugePages : public ::testing::TestWithParam<std::string> {
  protected:
   void SetUp() override {
@@ -129,16 +144,11 @@ TEST_P(HugePages, TransparentHugePagesAreReadAndInvalidatedWhenSplit) {
 }
 
 TEST_P(HugePages, HugetlbMemfdIsReadAndInvalidatedOnZapAndUnmap) {
-  const int fd = memfd_create("svm-hugetlb", MFD_HUGETLB | MFD_CLOEXEC);
-  char* p = static_cast<char*>(MAP_FAILED);
-  if (fd >= 0 && ftruncate(fd, 2 * kHuge) == 0) {
-    p = static_cast<char*>(mmap(nullptr, 2 * kHuge, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd, 0));
-  }
-  if (p == MAP_FAILED) {
-    const std::string why = absl::StrCat("no hugetlb memfd of 2 x 2 MiB: ", std::strerror(errno));
-    if (fd >= 0) close(fd);
+  int fd;
+  char* p;
+  if (std::string why; !MapHugetlbMemfd("svm-hugetlb", &fd, &p, &why)) {
     if (ExpectHuge()) FAIL() << why;
-    GTEST_SKIP() << why << " (reserve pages: /proc/sys/vm/nr_hugepages)";
+    GTEST_SKIP() << why;
   }
   std::memset(p, 'U', 2 * kHuge);
   ASSERT_TRUE(ca_->Export("tlb", p, 2 * kHuge).ok());
@@ -169,16 +179,11 @@ TEST_P(HugePages, HugetlbMemfdIsReadAndInvalidatedOnZapAndUnmap) {
 // around them: a peer reads the export, nothing beside it), and reports
 // the registration's 2 MiB pages; every page reads its own bytes.
 TEST_P(HugePages, HugetlbRangeStartingInsideAHugePageIsServedZeroCopy) {
-  const int fd = memfd_create("svm-hugetlb-mid", MFD_HUGETLB | MFD_CLOEXEC);
-  char* p = static_cast<char*>(MAP_FAILED);
-  if (fd >= 0 && ftruncate(fd, 2 * kHuge) == 0) {
-    p = static_cast<char*>(mmap(nullptr, 2 * kHuge, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd, 0));
-  }
-  if (p == MAP_FAILED) {
-    const std::string why = absl::StrCat("no hugetlb memfd of 2 x 2 MiB: ", std::strerror(errno));
-    if (fd >= 0) close(fd);
+  int fd;
+  char* p;
+  if (std::string why; !MapHugetlbMemfd("svm-hugetlb-mid", &fd, &p, &why)) {
     if (ExpectHuge()) FAIL() << why;
-    GTEST_SKIP() << why << " (reserve pages: /proc/sys/vm/nr_hugepages)";
+    GTEST_SKIP() << why;
   }
   // Each 4 KiB page holds its own index, so bytes from the wrong offset show.
   for (uint64_t i = 0; i < 2 * kHuge / kPage; ++i) std::memset(p + i * kPage, static_cast<int>(i % 251), kPage);

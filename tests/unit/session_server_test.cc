@@ -171,6 +171,28 @@ class SessionServerTest : public ::testing::Test {
     }
     return pred();
   }
+  // Opens import "imp", has the backend answer reads in the cache (with
+  // the pages installed, or not), reads len bytes at offset through the
+  // session into a buffer pre-filled with 0xee and checks that byte i is
+  // (offset + i) % 251, the fake backend's pattern.
+  void ReadInCacheAndCheck(bool install, uint64_t offset, size_t len) {
+    auto imp = client_->Open("imp");
+    ASSERT_TRUE(imp.ok()) << imp.status();
+    backend_.AnswerInCache(install);
+    std::vector<uint8_t> buf(len, 0xee);
+    Session::Op op;
+    op.handle = (*imp)->handle;
+    op.offset = offset;
+    op.len = buf.size();
+    op.dst = buf.data();
+    op.view = imp->get();
+    auto r = client_->Run(absl::MakeConstSpan(&op, 1));
+    ASSERT_EQ(r.size(), 1u);
+    ASSERT_TRUE(r[0].status.ok()) << r[0].status;
+    for (size_t i = 0; i < buf.size(); ++i) {
+      ASSERT_EQ(buf[i], static_cast<uint8_t>((offset + i) % 251)) << "byte " << i;
+    }
+  }
 
   FakeBackend backend_;
   std::unique_ptr<Server> server_;
@@ -323,22 +345,7 @@ TEST_F(SessionServerTest, ClientCacheHitsAreHarvestedNeverBackwardsAndKeptWhenTh
 // its version word, with nothing in the data area.
 TEST_F(SessionServerTest, AReadCompletedInTheCacheIsCopiedFromTheCache) {
   StartServer({});
-  auto imp = client_->Open("imp");
-  ASSERT_TRUE(imp.ok()) << imp.status();
-  backend_.AnswerInCache(/*install=*/true);
-  std::vector<uint8_t> buf(3 * abi::kPageSize - 100, 0xee);
-  Session::Op op;
-  op.handle = (*imp)->handle;
-  op.offset = 50;
-  op.len = buf.size();
-  op.dst = buf.data();
-  op.view = imp->get();
-  auto r = client_->Run(absl::MakeConstSpan(&op, 1));
-  ASSERT_EQ(r.size(), 1u);
-  ASSERT_TRUE(r[0].status.ok()) << r[0].status;
-  for (size_t i = 0; i < buf.size(); ++i) {
-    ASSERT_EQ(buf[i], static_cast<uint8_t>((50 + i) % 251)) << "byte " << i;
-  }
+  ReadInCacheAndCheck(/*install=*/true, 50, 3 * abi::kPageSize - 100);
   EXPECT_EQ(backend_.imp_reads(), std::vector<bool>{true});
   EXPECT_EQ(client_->in_cache_retries(), 0u);
 }
@@ -349,22 +356,7 @@ TEST_F(SessionServerTest, AReadCompletedInTheCacheIsCopiedFromTheCache) {
 // without kInCache, and gets the bytes in the data area.
 TEST_F(SessionServerTest, AReadCompletedInTheCacheWhosePagesAreGoneIsReadAgain) {
   StartServer({});
-  auto imp = client_->Open("imp");
-  ASSERT_TRUE(imp.ok()) << imp.status();
-  backend_.AnswerInCache(/*install=*/false);
-  std::vector<uint8_t> buf(2 * abi::kPageSize, 0xee);
-  Session::Op op;
-  op.handle = (*imp)->handle;
-  op.offset = abi::kPageSize;
-  op.len = buf.size();
-  op.dst = buf.data();
-  op.view = imp->get();
-  auto r = client_->Run(absl::MakeConstSpan(&op, 1));
-  ASSERT_EQ(r.size(), 1u);
-  ASSERT_TRUE(r[0].status.ok()) << r[0].status;
-  for (size_t i = 0; i < buf.size(); ++i) {
-    ASSERT_EQ(buf[i], static_cast<uint8_t>((abi::kPageSize + i) % 251)) << "byte " << i;
-  }
+  ReadInCacheAndCheck(/*install=*/false, abi::kPageSize, 2 * abi::kPageSize);
   EXPECT_EQ(backend_.imp_reads(), (std::vector<bool>{true, false}));
   EXPECT_EQ(client_->in_cache_retries(), 1u);
 }
