@@ -47,8 +47,23 @@ bool Listening(uint16_t port) {
 }
 
 // fork + exec with extra environment, stdout and stderr into `out_path`.
+// Everything the child needs is built before the fork: the child of a
+// multi-threaded process must not allocate (harness.cc, RunCommand).
 pid_t Spawn(const std::vector<std::string>& argv, const std::vector<std::string>& env,
             const std::string& out_path) {
+  std::vector<char*> av;
+  for (const std::string& a : argv) av.push_back(const_cast<char*>(a.c_str()));
+  av.push_back(nullptr);
+  std::vector<char*> envp;
+  for (const std::string& e : env) envp.push_back(const_cast<char*>(e.c_str()));
+  for (char** e = environ; *e != nullptr; ++e) {
+    const char* eq = std::strchr(*e, '=');
+    const size_t key = eq == nullptr ? std::strlen(*e) : static_cast<size_t>(eq - *e) + 1;
+    bool overridden = false;
+    for (const std::string& x : env) overridden |= x.compare(0, key, *e, key) == 0;
+    if (!overridden) envp.push_back(*e);
+  }
+  envp.push_back(nullptr);
   pid_t pid = fork();
   if (pid != 0) return pid;
   int fd = open(out_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
@@ -59,11 +74,7 @@ pid_t Spawn(const std::vector<std::string>& argv, const std::vector<std::string>
   int null = open("/dev/null", O_RDONLY);
   if (null >= 0) dup2(null, 0);
   setpgid(0, 0);
-  for (const std::string& e : env) putenv(const_cast<char*>(e.c_str()));
-  std::vector<char*> av;
-  for (const std::string& a : argv) av.push_back(const_cast<char*>(a.c_str()));
-  av.push_back(nullptr);
-  execvp(av[0], av.data());
+  execvpe(av[0], av.data(), envp.data());
   _exit(127);
 }
 
