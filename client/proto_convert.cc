@@ -16,6 +16,7 @@ ExportInfo FromProto(const v1::ExportInfo& m) {
   x.gone = m.gone();
   x.allow.assign(m.allow().begin(), m.allow().end());
   x.zero_copy_page_size = m.zero_copy_page_size();
+  for (const v1::PageSizeBytes& p : m.mapped()) x.mapped.push_back({p.page_size(), p.bytes()});
   return x;
 }
 
@@ -33,6 +34,11 @@ v1::ExportInfo ToProto(const ExportInfo& x) {
   m.set_gone(x.gone);
   for (const std::string& id : x.allow) m.add_allow(id);
   m.set_zero_copy_page_size(x.zero_copy_page_size);
+  for (const ExportInfo::PageSizeBytes& p : x.mapped) {
+    v1::PageSizeBytes* out = m.add_mapped();
+    out->set_page_size(p.page_size);
+    out->set_bytes(p.bytes);
+  }
   return m;
 }
 

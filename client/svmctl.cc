@@ -161,6 +161,17 @@ int Fail(const absl::Status& st) {
   return 1;
 }
 
+// A byte count in the largest binary unit that divides it: 4K, 2M, 1G, 12K.
+std::string Size(uint64_t bytes) {
+  static constexpr const char* kUnits[] = {"", "K", "M", "G", "T"};
+  int u = 0;
+  while (u < 4 && bytes != 0 && bytes % 1024 == 0) {
+    bytes /= 1024;
+    ++u;
+  }
+  return absl::StrCat(bytes, kUnits[u]);
+}
+
 // The --json output is the control API's messages in protobuf's JSON
 // mapping (converted back from libsvm's result types).
 template <typename M>
@@ -373,14 +384,19 @@ int Run(const svm::Args& a) {
       std::printf("%s", Json(r).c_str());
       return 0;
     }
-    std::printf("%-20s %8s %18s %12s %-7s %-18s %8s %5s %-5s %s\n", "NAME", "PID", "ADDR", "LEN",
-                "SOURCE", "PATHS", "SEQ", "SUBS", "STATE", "ALLOW");
+    std::printf("%-20s %8s %18s %12s %-7s %-18s %8s %5s %-5s %-16s %s\n", "NAME", "PID", "ADDR",
+                "LEN", "SOURCE", "PATHS", "SEQ", "SUBS", "STATE", "MAPPED", "ALLOW");
     for (auto& e : *l) {
       const std::string allow = e.allow.empty() ? "*" : absl::StrJoin(e.allow, ",");
-      std::printf("%-20s %8d %#18llx %12llu %-7s %-18s %8llu %5u %-5s %s\n", e.name.c_str(), e.pid,
-                  (unsigned long long)e.addr, (unsigned long long)e.len, e.source.c_str(),
+      // Bytes mapped by page size, e.g. "4K:8K,2M:4M"; "-" when the source
+      // cannot tell (procfs).
+      std::vector<std::string> mapped;
+      for (const auto& m : e.mapped) mapped.push_back(absl::StrCat(Size(m.page_size), ":", Size(m.bytes)));
+      std::printf("%-20s %8d %#18llx %12llu %-7s %-18s %8llu %5u %-5s %-16s %s\n", e.name.c_str(),
+                  e.pid, (unsigned long long)e.addr, (unsigned long long)e.len, e.source.c_str(),
                   e.path.c_str(), (unsigned long long)e.seq, e.subscribers,
-                  e.gone ? "gone" : "live", allow.c_str());
+                  e.gone ? "gone" : "live", mapped.empty() ? "-" : absl::StrJoin(mapped, ",").c_str(),
+                  allow.c_str());
     }
     return 0;
   }

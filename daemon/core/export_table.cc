@@ -173,8 +173,25 @@ std::shared_ptr<ExportTable::ExportEntry> ExportTable::FindDraining(uint64_t id)
 
 bool ExportTable::Has(const std::string& name) const { return Find(name) != nullptr; }
 
-v1::ExportInfo ExportTable::InfoOf(ExportEntry& e) const {
+v1::ExportInfo ExportTable::InfoOf(ExportEntry& e, bool with_mapped) const {
   v1::ExportInfo i;
+  if (with_mapped) {
+    std::shared_ptr<source::MirrorRange> range;
+    {
+      absl::MutexLock l(&e.mu);
+      range = e.range;
+    }
+    // Outside e.mu: a SNAPSHOT walks the process's page tables.
+    if (range != nullptr) {
+      if (auto m = range->MappedPageSizes(); m.ok()) {
+        for (const auto& [size, bytes] : *m) {
+          v1::PageSizeBytes* p = i.add_mapped();
+          p->set_page_size(size);
+          p->set_bytes(bytes);
+        }
+      }
+    }
+  }
   i.set_name(e.name);
   i.set_pid(e.pid);
   i.set_addr(e.addr);
@@ -322,7 +339,7 @@ std::vector<v1::ExportInfo> ExportTable::List() const {
     for (auto& [n, e] : by_name_) all.push_back(e);
   }
   std::vector<v1::ExportInfo> out;
-  for (auto& e : all) out.push_back(InfoOf(*e));
+  for (auto& e : all) out.push_back(InfoOf(*e, /*with_mapped=*/true));
   return out;
 }
 

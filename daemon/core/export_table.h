@@ -162,7 +162,9 @@ class ExportTable final : public transport::ExportBackend {
   // Returns how many.
   uint64_t CompareServed(ExportEntry& e, const std::vector<std::pair<uint64_t, uint64_t>>& pages,
                          bool unreadable_changed);
-  v1::ExportInfo InfoOf(ExportEntry& e) const;
+  // with_mapped: also the bytes mapped by page size (a SNAPSHOT of the
+  // whole range: ListExports only).
+  v1::ExportInfo InfoOf(ExportEntry& e, bool with_mapped = false) const;
   // Maps and registers the export's object when it is shareable; installs
   // it unless the export changed meanwhile.
   void TryZeroCopy(ExportEntry& e);

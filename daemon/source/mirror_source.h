@@ -9,6 +9,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <map>
 #include <memory>
 #include <string>
 #include <string_view>
@@ -70,6 +71,13 @@ class MirrorRange {
   // Reports pending mapping changes now rather than at the next poll, so a
   // content comparison that follows sees them classified by their cause.
   virtual void Refresh() {}
+
+  // Bytes of the range mapped now, by the size of the page that maps them
+  // (page size -> bytes); unmapped pages are not counted. UNIMPLEMENTED
+  // when the source cannot see page sizes (procfs).
+  virtual absl::StatusOr<std::map<uint64_t, uint64_t>> MappedPageSizes() {
+    return absl::UnimplementedError("this source cannot see page sizes");
+  }
 };
 
 struct SourceOptions {

@@ -52,6 +52,7 @@ class ShimRange final : public MirrorRange {
 
   absl::Status Read(uint64_t offset, absl::Span<uint8_t> dst) override;
   bool NeedsScrub() const override { return false; }
+  absl::StatusOr<std::map<uint64_t, uint64_t>> MappedPageSizes() override;
 
   int fd() const { return fd_.get(); }
   // Called by the event thread (under the source's lock) when fd is ready.
@@ -242,6 +243,35 @@ absl::Status ShimRange::Read(uint64_t offset, absl::Span<uint8_t> dst) {
     done += r.length;
   }
   return absl::OkStatus();
+}
+
+// A SNAPSHOT without faulting, in chunks: each valid entry carries the order
+// of the page that maps it (the shim reports a huge page's order in every
+// one of its base pages).
+absl::StatusOr<std::map<uint64_t, uint64_t>> ShimRange::MappedPageSizes() {
+  std::map<uint64_t, uint64_t> out;
+  const uint64_t pages = len_ / kPageSize;
+  std::vector<uint64_t> entries(std::min<uint64_t>(pages, SVM_SHIM_MAX_SNAPSHOT_PAGES));
+  int busy = 0;
+  for (uint64_t first = 0; first < pages;) {
+    svm_shim_snapshot s{};
+    s.addr = addr_ + first * kPageSize;
+    s.npages = std::min<uint64_t>(pages - first, entries.size());
+    s.entries = reinterpret_cast<uint64_t>(entries.data());
+    if (::ioctl(fd_.get(), SVM_SHIM_IOC_SNAPSHOT, &s) != 0) {
+      if (errno == EINTR || (errno == EBUSY && ++busy < 5)) continue;
+      if (errno == ESRCH) return absl::NotFoundError(absl::StrCat("process ", pid_, " exited"));
+      return ErrnoStatus(errno, "SVM_SHIM_IOC_SNAPSHOT");
+    }
+    for (uint64_t i = 0; i < s.npages; ++i) {
+      if (!(entries[i] & SVM_SHIM_PAGE_VALID)) continue;
+      const uint64_t order = (entries[i] & SVM_SHIM_PAGE_ORDER_MASK) >> SVM_SHIM_PAGE_ORDER_SHIFT;
+      if (order >= 64 - 12) continue;  // no such page; never counted as one
+      out[kPageSize << order] += kPageSize;
+    }
+    first += s.npages;
+  }
+  return out;
 }
 
 

@@ -3,7 +3,10 @@
 // (MFD_HUGETLB, 2 MiB pages); node B imports and reads them (staged, or
 // zero-copy where svmd registers the export), and invalidations arrive when
 // a THP is split (MADV_DONTNEED of one 4 KiB page inside it) and when huge
-// pages are zapped or unmapped. The hugetlb case needs reserved pages
+// pages are zapped or unmapped. With the shim source, svmd reports the
+// size of the pages that map each export (`svmctl exports`, from the page
+// orders of the shim's SNAPSHOT): 2 MiB, and 4 KiB after a split. The
+// hugetlb case needs reserved pages
 // (/proc/sys/vm/nr_hugepages; the VM tier reserves them): without, it skips,
 // or fails when $SVM_EXPECT_HUGE=1.
 #include <sys/mman.h>
@@ -11,6 +14,7 @@
 
 #include <cstring>
 #include <fstream>
+#include <map>
 #include <string>
 
 #include "absl/strings/match.h"
@@ -99,6 +103,20 @@ class HugePages : public ::testing::TestWithParam<std::string> {
                 GetParam().c_str(), ex.ok() ? ex->path.c_str() : "?", in.ok() ? in->path.c_str() : "?");
   }
 
+  // The export's bytes mapped by page size, as ListExports reports them
+  // (`svmctl exports`), must be `want` with the shim source, which reads
+  // each page's order from its SNAPSHOT; the procfs source cannot see page
+  // sizes and reports none.
+  void ExpectMapped(const std::string& name, const std::map<uint64_t, uint64_t>& want) {
+    auto ex = ExportOf(*ca_, name);
+    ASSERT_TRUE(ex.ok()) << ex.status();
+    std::map<uint64_t, uint64_t> got;
+    for (const auto& m : ex->mapped) got[m.page_size] += m.bytes;
+    const std::map<uint64_t, uint64_t> none;
+    const auto& expect = TestSource() == "shim" ? want : none;
+    EXPECT_EQ(got, expect) << name << " (source " << TestSource() << ")";
+  }
+
   TempDir dir_;
   std::unique_ptr<Daemon> a_, b_;
   std::unique_ptr<Client> ca_, cb_;
@@ -125,6 +143,7 @@ TEST_P(HugePages, TransparentHugePagesAreReadAndInvalidatedWhenSplit) {
     GTEST_SKIP() << "the kernel gave no transparent huge page (AnonHugePages " << huge_kb << " kB)";
   }
   ASSERT_TRUE(ca_->Export("thp", p, kHuge).ok());
+  ExpectMapped("thp", {{kHuge, kHuge}});
   ImportAndRead("thp", kHuge, 'T');
   auto w = cb_->Watch("thp");
   ASSERT_TRUE(w.ok()) << w.status();
@@ -132,6 +151,8 @@ TEST_P(HugePages, TransparentHugePagesAreReadAndInvalidatedWhenSplit) {
   const uint64_t page = 5;
   ASSERT_EQ(madvise(p + page * kPage, kPage, MADV_DONTNEED), 0);
   EXPECT_LT(AnonHugeKb(p), huge_kb) << "the THP was not split";
+  // Split: the rest is mapped by 4 KiB page table entries now.
+  ExpectMapped("thp", {{kPage, kHuge - kPage}});
   auto ev = WaitForPage(**w, page, Scaled(absl::Seconds(10)));
   ASSERT_TRUE(ev.ok()) << ev.status();
   // Through the cache: the dropped page reads as the zeros it now holds.
@@ -152,6 +173,7 @@ TEST_P(HugePages, HugetlbMemfdIsReadAndInvalidatedOnZapAndUnmap) {
   }
   std::memset(p, 'U', 2 * kHuge);
   ASSERT_TRUE(ca_->Export("tlb", p, 2 * kHuge).ok());
+  ExpectMapped("tlb", {{kHuge, 2 * kHuge}});
   ImportAndRead("tlb", 2 * kHuge, 'U');
   auto w = cb_->Watch("tlb");
   ASSERT_TRUE(w.ok()) << w.status();
@@ -190,6 +212,7 @@ TEST_P(HugePages, HugetlbRangeStartingInsideAHugePageIsServedZeroCopy) {
   const uint64_t skip = 3;  // pages: the export starts 12 KiB into the first huge page
   const uint64_t len = kHuge;  // and ends 12 KiB into the second
   ASSERT_TRUE(ca_->Export("tlbmid", p + skip * kPage, len).ok());
+  ExpectMapped("tlbmid", {{kHuge, len}});
   auto ex = ExportOf(*ca_, "tlbmid");
   ASSERT_TRUE(ex.ok()) << ex.status();
   std::printf("huge pages: tlbmid over %s: export path %s, zero-copy pages of %llu bytes\n",

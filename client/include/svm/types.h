@@ -81,6 +81,15 @@ struct ExportInfo {
   // The size of the pages the zero-copy registration covers (2 MiB for a
   // hugetlbfs memfd); 0 while the export has none.
   uint64_t zero_copy_page_size = 0;
+  // ListExports only: the bytes of the export the process maps now, by the
+  // size of the page that maps them (4096; 2 MiB for a transparent or
+  // hugetlbfs huge page; 1 GiB), ascending; unmapped pages are not counted.
+  // The shim source fills it; the procfs source cannot see page sizes.
+  struct PageSizeBytes {
+    uint64_t page_size = 0;
+    uint64_t bytes = 0;
+  };
+  std::vector<PageSizeBytes> mapped;
 };
 
 // An import of this node (Client::Import, ListImports).
