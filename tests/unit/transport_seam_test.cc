@@ -102,7 +102,7 @@ class FakeExportBackend final : public ExportBackend {
     return seq_;
   }
   // Refuses at max_pending (the daemon's --max-pending-fetches-per-peer).
-  absl::Status AdmitFetch(const std::string& /*node*/, uint64_t pending) override {
+  absl::Status AdmitFetch(const transport::Subscriber& /*from*/, uint64_t pending) override {
     uint64_t seen = max_pending_seen.load();
     while (pending > seen && !max_pending_seen.compare_exchange_weak(seen, pending)) {
     }
