@@ -130,9 +130,13 @@ SVMD_FLAG(uint64_t, max_imports_per_peer, "max-imports-per-peer", 1024,
           "exporter: imports (subscriptions) one peer node may hold over all exports (> 0); "
           "reloadable (SIGHUP)");
 SVMD_FLAG(uint64_t, max_pending_fetches_per_peer, "max-pending-fetches-per-peer", 4096,
-          "exporter: fetch responses queued unsent on one peer's tcp data connections (all of "
-          "them together) before further fetches are answered RESOURCE_EXHAUSTED (> 0); "
-          "reloadable (SIGHUP)");
+          "exporter: fetches waiting on one peer's data connections, all of them together (tcp: "
+          "responses queued unsent; rdma: FETCHes waiting for a staging buffer), before further "
+          "fetches are answered RESOURCE_EXHAUSTED (> 0); reloadable (SIGHUP)");
+SVMD_FLAG(uint64_t, max_data_connections_per_peer, "max-data-connections-per-peer", 16,
+          "exporter: data connections one peer may hold, offered (SetupData) or open, before "
+          "SetupData is answered RESOURCE_EXHAUSTED (> 0; each costs a thread pair on tcp, a "
+          "queue pair with about 2.1 MiB registered on rdma); reloadable (SIGHUP)");
 SVMD_FLAG(uint64_t, max_sessions, "max-sessions", 1024,
           "open sessions (session socket) of all clients together (> 0); reloadable (SIGHUP)");
 // Logs.
@@ -188,6 +192,7 @@ const LimitFlag kLimitFlags[] = {
     {svm::core::Limit::kImportsPerPeer, &FLAGS_max_imports_per_peer},
     {svm::core::Limit::kPendingFetchesPerPeer, &FLAGS_max_pending_fetches_per_peer},
     {svm::core::Limit::kSessions, &FLAGS_max_sessions},
+    {svm::core::Limit::kDataConnectionsPerPeer, &FLAGS_max_data_connections_per_peer},
 };
 
 absl::Status CheckLimit(svm::core::Limit l, uint64_t v) {

@@ -44,6 +44,7 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Create(DaemonOptions opts) {
   if (d->tcp_) d->transport_list_.push_back(d->tcp_.get());
   d->primary_ = d->tcp_ ? d->tcp_.get() : d->rdma_.get();
   d->limits_ = std::make_shared<Limits>(o.limit_values);
+  d->data_connections_ = std::make_unique<DataConnections>(d->limits_);
   ExportLimits el = o.limits;
   el.live = d->limits_;
   d->exports_ = std::make_unique<ExportTable>(d->source_.get(), &d->hub_, &d->counters_, el,

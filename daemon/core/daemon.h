@@ -60,6 +60,9 @@ class Daemon {
   Counters& counters() { return counters_; }
   // The limits in force (SIGHUP replaces their values).
   Limits& limits() { return *limits_; }
+  // Data connections per peer (--max-data-connections-per-peer): SetupData
+  // takes a slot here for each.
+  DataConnections& data_connections() { return *data_connections_; }
   // The peer token in force (SIGHUP replaces it).
   PeerToken& peer_token() { return *peer_token_; }
   Executor& executor() { return *executor_; }
@@ -101,6 +104,7 @@ class Daemon {
   // then the tables, then the transport, the source and the cache.
   Counters counters_;
   std::shared_ptr<Limits> limits_;  // shared with the export table
+  std::unique_ptr<DataConnections> data_connections_;  // its slots may outlive it
   std::shared_ptr<PeerToken> peer_token_;  // shared with the import table
   WatchHub hub_;
   std::unique_ptr<session::SharedCache> cache_;

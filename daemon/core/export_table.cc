@@ -502,8 +502,7 @@ absl::StatusOr<uint64_t> ExportTable::Subscribe(uint64_t export_id,
   if (!e || !CheckAllowed(e->allow, peer).ok()) return SubscribeRefused();
   uint64_t seq;
   // Who the limit counts: the proved identity, else the declared node.
-  const std::string who =
-      peer.empty() ? absl::StrCat("node ", sub->node()) : absl::StrCat("peer ", absl::StrJoin(peer, ","));
+  const std::string who = PeerKey(peer, sub->node());
   {
     // The count and the insertion under mu_ (before ExportEntry::mu), so
     // that concurrent subscriptions cannot overshoot the limit.
@@ -517,7 +516,7 @@ absl::StatusOr<uint64_t> ExportTable::Subscribe(uint64_t export_id,
       if (x->gone) continue;  // holds nothing any more
       for (const auto& [sid, s] : x->subs) {
         auto p = peer_of_.find(sid);
-        if ((p != peer_of_.end() ? p->second : absl::StrCat("node ", s->node())) != who) continue;
+        if ((p != peer_of_.end() ? p->second.key : PeerKey({}, s->node())) != who) continue;
         ++held;
         if (x == e && sid == sub->id()) again = true;
       }
@@ -526,7 +525,7 @@ absl::StatusOr<uint64_t> ExportTable::Subscribe(uint64_t export_id,
       return lim.Refuse(Limit::kImportsPerPeer, who,
                         absl::StrFormat("already holds %u imports of this node's exports", held), max);
     }
-    peer_of_.try_emplace(sub->id(), who);
+    peer_of_.try_emplace(sub->id(), PeerConn{who, sub});
     absl::MutexLock l(&e->mu);
     if (e->gone) return absl::FailedPreconditionError(absl::StrCat("export '", e->name, "' gone"));
     e->subs[sub->id()] = sub;
@@ -667,13 +666,31 @@ absl::StatusOr<uint64_t> ExportTable::ServeFetch(const transport::Subscriber& fr
   return seq;
 }
 
-absl::Status ExportTable::AdmitFetch(const std::string& node, uint64_t pending) {
+absl::Status ExportTable::AdmitFetch(const transport::Subscriber& from, uint64_t pending) {
   Limits& lim = *limits_.live;
   const uint64_t max = lim.Get(Limit::kPendingFetchesPerPeer);
-  if (pending < max) return absl::OkStatus();
-  return lim.Refuse(Limit::kPendingFetchesPerPeer, absl::StrCat("node ", node),
-                    absl::StrFormat("has %u fetch responses waiting to be sent on its data connection",
-                                    pending),
+  // The other connections' last references are dropped after mu_.
+  std::vector<std::shared_ptr<transport::Subscriber>> others;
+  std::string who;
+  uint64_t total = pending;
+  {
+    absl::MutexLock l(&mu_);
+    auto self = peer_of_.find(from.id());
+    who = self != peer_of_.end() ? self->second.key : PeerKey({}, from.node());
+    if (self != peer_of_.end()) {
+      for (const auto& [id, pc] : peer_of_) {
+        if (id == from.id() || pc.key != who) continue;
+        if (auto c = pc.conn.lock()) {
+          total += c->PendingFetches();
+          others.push_back(std::move(c));
+        }
+      }
+    }
+  }
+  if (total < max) return absl::OkStatus();
+  return lim.Refuse(Limit::kPendingFetchesPerPeer, who,
+                    absl::StrFormat("has %u fetches waiting on its %u data connections to this node",
+                                    total, others.size() + 1),
                     max);
 }
 

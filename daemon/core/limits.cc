@@ -1,6 +1,8 @@
 #include "daemon/core/limits.h"
 
+#include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
 #include "common/check.h"
 #include "common/log.h"
 
@@ -20,6 +22,8 @@ uint64_t& LimitValues::Of(Limit l) {
       return pending_fetches_per_peer;
     case Limit::kSessions:
       return sessions;
+    case Limit::kDataConnectionsPerPeer:
+      return data_connections_per_peer;
   }
   SVM_CHECK(false);
   return sessions_per_client;
@@ -28,14 +32,15 @@ uint64_t& LimitValues::Of(Limit l) {
 absl::string_view Limits::Name(Limit l) {
   constexpr absl::string_view kNames[kLimitCount] = {
       "sessions_per_client", "exports_per_client", "export_bytes_per_client", "imports_per_peer",
-      "pending_fetches_per_peer", "sessions"};
+      "pending_fetches_per_peer", "sessions", "data_connections_per_peer"};
   return kNames[Index(l)];
 }
 
 absl::string_view Limits::Flag(Limit l) {
   constexpr absl::string_view kFlags[kLimitCount] = {
       "max-sessions-per-client", "max-exports-per-client", "max-export-bytes-per-client",
-      "max-imports-per-peer", "max-pending-fetches-per-peer", "max-sessions"};
+      "max-imports-per-peer", "max-pending-fetches-per-peer", "max-sessions",
+      "max-data-connections-per-peer"};
   return kFlags[Index(l)];
 }
 
@@ -91,6 +96,80 @@ absl::Status Limits::Refuse(Limit l, absl::string_view who, absl::string_view de
     }
   }
   return absl::ResourceExhaustedError(std::move(text));
+}
+
+std::string PeerKey(absl::Span<const std::string> names, absl::string_view node) {
+  return names.empty() ? absl::StrCat("node ", node) : absl::StrCat("peer ", absl::StrJoin(names, ","));
+}
+
+struct DataConnections::State {
+  explicit State(std::function<absl::Time()> n) : now(std::move(n)) {}
+  struct Entry {
+    absl::Time offered_until;
+    bool bound = false;
+  };
+  const std::function<absl::Time()> now;
+  mutable absl::Mutex mu;
+  // who -> slot id -> its state; a who with no slot is erased.
+  std::map<std::string, std::map<uint64_t, Entry>> slots ABSL_GUARDED_BY(mu);
+  uint64_t next_id ABSL_GUARDED_BY(mu) = 1;
+
+  uint64_t CountLocked(const std::string& who) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
+    auto it = slots.find(who);
+    if (it == slots.end()) return 0;
+    const absl::Time t = now();
+    uint64_t n = 0;
+    for (const auto& [id, e] : it->second) {
+      if (e.bound || t < e.offered_until) ++n;
+    }
+    return n;
+  }
+};
+
+class DataConnections::Slot final : public transport::ConnectionSlot {
+ public:
+  Slot(std::shared_ptr<State> s, std::string who, uint64_t id)
+      : state_(std::move(s)), who_(std::move(who)), id_(id) {}
+  ~Slot() override {
+    absl::MutexLock l(&state_->mu);
+    auto it = state_->slots.find(who_);
+    SVM_CHECK(it != state_->slots.end());
+    SVM_CHECK(it->second.erase(id_) == 1);
+    if (it->second.empty()) state_->slots.erase(it);
+  }
+  void Bind() override {
+    absl::MutexLock l(&state_->mu);
+    state_->slots[who_][id_].bound = true;
+  }
+
+ private:
+  const std::shared_ptr<State> state_;
+  const std::string who_;
+  const uint64_t id_;
+};
+
+DataConnections::DataConnections(std::shared_ptr<Limits> limits, std::function<absl::Time()> now)
+    : limits_(std::move(limits)), state_(std::make_shared<State>(std::move(now))) {}
+
+absl::StatusOr<std::unique_ptr<transport::ConnectionSlot>> DataConnections::Admit(const std::string& who) {
+  const uint64_t max = limits_->Get(Limit::kDataConnectionsPerPeer);
+  uint64_t held = 0;
+  {
+    absl::MutexLock l(&state_->mu);
+    held = state_->CountLocked(who);
+    if (held < max) {
+      const uint64_t id = state_->next_id++;
+      state_->slots[who][id] = State::Entry{state_->now() + kOfferLifetime, false};
+      return std::make_unique<Slot>(state_, who, id);
+    }
+  }
+  return limits_->Refuse(Limit::kDataConnectionsPerPeer, who,
+                         absl::StrFormat("already holds %u data connections to this node", held), max);
+}
+
+uint64_t DataConnections::Held(const std::string& who) const {
+  absl::MutexLock l(&state_->mu);
+  return state_->CountLocked(who);
 }
 
 }  // namespace svm::core

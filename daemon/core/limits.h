@@ -19,14 +19,18 @@
 #include <cstdint>
 #include <functional>
 #include <map>
+#include <memory>
 #include <string>
 #include <utility>
 
 #include "absl/base/thread_annotations.h"
 #include "absl/status/status.h"
+#include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
+#include "absl/types/span.h"
+#include "daemon/transport/transport.h"
 
 namespace svm::core {
 
@@ -35,10 +39,11 @@ enum class Limit : int {
   kExportsPerClient,       // exports of one uid (their processes alive)
   kExportBytesPerClient,   // bytes those exports span
   kImportsPerPeer,         // subscriptions of one importing node, over every export
-  kPendingFetchesPerPeer,  // fetch responses queued unsent on one peer's tcp data connections
+  kPendingFetchesPerPeer,  // fetches waiting on all of one peer's data connections together
   kSessions,               // open sessions of all clients together (session socket)
+  kDataConnectionsPerPeer, // data connections of one peer (SetupData), offered or open
 };
-inline constexpr size_t kLimitCount = 6;
+inline constexpr size_t kLimitCount = 7;
 
 struct LimitValues {
   uint64_t sessions_per_client = 256;
@@ -47,6 +52,7 @@ struct LimitValues {
   uint64_t imports_per_peer = 1024;
   uint64_t pending_fetches_per_peer = 4096;
   uint64_t sessions = 1024;
+  uint64_t data_connections_per_peer = 16;
 
   uint64_t& Of(Limit l);
   uint64_t Of(Limit l) const { return const_cast<LimitValues*>(this)->Of(l); }
@@ -95,6 +101,45 @@ class Limits {
   };
   absl::Mutex mu_;  // guards logged_; never held across a log call
   std::map<std::pair<int, std::string>, LogState> logged_ ABSL_GUARDED_BY(mu_);
+};
+
+// Who a per-peer limit counts: "peer <names joined by ,>" when the peer
+// proved identities (TLS), else "node <the name it declared>" (without TLS
+// anyone can claim any name: the limit is then per name, not per machine).
+std::string PeerKey(absl::Span<const std::string> names, absl::string_view node);
+
+// The data connections each peer holds on this exporter
+// (--max-data-connections-per-peer). PeerService::SetupData asks Admit
+// before a transport makes anything; the slot it returns goes to the
+// transport (Transport::PrepareSession), which keeps it as long as the
+// connection's resources exist. A slot counts from Admit until it is
+// destroyed, except an offer the importer never took up: an unbound slot
+// stops counting kOfferLifetime after Admit (the session token expired:
+// SessionRegistry), even while a transport's table still holds it.
+//
+// LOCKING: one mutex (in State, shared with the slots so that a slot may
+// outlive this object); a leaf: nothing is called under it.
+class DataConnections {
+ public:
+  // The session registry's token lifetime (30 s), plus a margin for the
+  // time between Admit and the token's issue.
+  static constexpr absl::Duration kOfferLifetime = absl::Seconds(31);
+
+  explicit DataConnections(std::shared_ptr<Limits> limits,
+                           std::function<absl::Time()> now = absl::Now);
+
+  // A slot for one more data connection of who (PeerKey), or
+  // RESOURCE_EXHAUSTED naming --max-data-connections-per-peer (counted and
+  // logged by Limits::Refuse).
+  absl::StatusOr<std::unique_ptr<transport::ConnectionSlot>> Admit(const std::string& who);
+  // The slots of who that count now.
+  uint64_t Held(const std::string& who) const;
+
+ private:
+  struct State;
+  class Slot;
+  const std::shared_ptr<Limits> limits_;
+  const std::shared_ptr<State> state_;
 };
 
 }  // namespace svm::core

@@ -51,16 +51,29 @@ class PeerService final : public v1::Peer::CallbackService {
 
   // PrepareSession may be slow (rdma: a queue pair brought up to RTS and its
   // buffers registered), so it runs on the executor, never on the reactor,
-  // and the reactor is finished from there.
+  // and the reactor is finished from there. --max-data-connections-per-peer
+  // is checked first, here, before any transport makes anything: the slot
+  // goes to the transport, which gives it back when the connection's
+  // resources are gone.
   grpc::ServerUnaryReactor* SetupData(grpc::CallbackServerContext* ctx,
                                       const v1::SetupDataRequest* req,
                                       v1::SetupDataResponse* resp) override {
     auto* r = ctx->DefaultReactor();
-    if (auto c = Authenticate(ctx); !c.ok()) {
+    auto c = Authenticate(ctx);
+    if (!c.ok()) {
       r->Finish(ToGrpc(c.status()));
       return r;
     }
-    d_->executor().Submit([this, r, req, resp] { r->Finish(ToGrpc(PrepareSession(*req, resp))); });
+    auto slot = d_->data_connections().Admit(core::PeerKey(c->names, req->node()));
+    if (!slot.ok()) {
+      r->Finish(ToGrpc(slot.status()));
+      return r;
+    }
+    // std::function needs a copyable task: the slot travels in a shared_ptr.
+    auto held = std::make_shared<std::unique_ptr<transport::ConnectionSlot>>(*std::move(slot));
+    d_->executor().Submit([this, r, req, resp, held] {
+      r->Finish(ToGrpc(PrepareSession(*req, resp, std::move(*held))));
+    });
     return r;
   }
 
@@ -106,7 +119,8 @@ class PeerService final : public v1::Peer::CallbackService {
  private:
   // SetupData's work: the transport's offer, converted to the wire here (the
   // transport seam knows nothing of protobuf).
-  absl::Status PrepareSession(const v1::SetupDataRequest& req, v1::SetupDataResponse* resp) {
+  absl::Status PrepareSession(const v1::SetupDataRequest& req, v1::SetupDataResponse* resp,
+                              std::unique_ptr<transport::ConnectionSlot> slot) {
     transport::Transport* t = d_->FindTransport(req.transport());
     if (t == nullptr) {
       std::vector<std::string> offered;
@@ -115,7 +129,7 @@ class PeerService final : public v1::Peer::CallbackService {
           absl::StrCat("transport '", req.transport(), "' is not offered; this node offers '",
                        absl::StrJoin(offered, ","), "'"));
     }
-    auto offer = t->PrepareSession(req.node(), req.importer_endpoint());
+    auto offer = t->PrepareSession(req.node(), req.importer_endpoint(), std::move(slot));
     if (!offer.ok()) return offer.status();
     resp->set_session_token(offer->token);
     resp->set_endpoint(offer->endpoint);

@@ -2,6 +2,8 @@
 
 #include <openssl/crypto.h>
 
+#include <vector>
+
 #include "common/random.h"
 
 namespace svm::transport {
@@ -19,7 +21,9 @@ SessionRegistry::Entry* SessionRegistry::Match(const std::string& token) {
   return found;
 }
 
-absl::StatusOr<std::string> SessionRegistry::Issue(const std::string& node) {
+absl::StatusOr<std::string> SessionRegistry::Issue(const std::string& node,
+                                                   std::unique_ptr<ConnectionSlot> slot) {
+  std::vector<std::unique_ptr<ConnectionSlot>> pruned;  // destroyed after the lock
   for (;;) {
     std::string token(kTokenBytes, '\0');
     RandomBytes(token.data(), token.size());
@@ -27,19 +31,21 @@ absl::StatusOr<std::string> SessionRegistry::Issue(const std::string& node) {
     const absl::Time now = now_();
     for (auto it = tokens_.begin(); it != tokens_.end();) {
       if (!it->second.claimed && it->second.expires < now) {
+        if (it->second.slot) pruned.push_back(std::move(it->second.slot));
         it = tokens_.erase(it);
       } else {
         ++it;
       }
     }
     if (tokens_.contains(token)) continue;  // 2^-128: draw again rather than alias a session
-    tokens_.emplace(token, Entry{node, now + lifetime_, false, {}});
+    tokens_.emplace(token, Entry{node, now + lifetime_, false, {}, std::move(slot)});
     return token;
   }
 }
 
 absl::StatusOr<std::string> SessionRegistry::Claim(const std::string& token,
-                                                   std::shared_ptr<Subscriber> conn) {
+                                                   std::shared_ptr<Subscriber> conn,
+                                                   std::unique_ptr<ConnectionSlot>* slot) {
   absl::MutexLock l(&mu_);
   Entry* e = Match(token);
   if (e == nullptr || e->claimed || e->expires < now_()) {
@@ -47,6 +53,7 @@ absl::StatusOr<std::string> SessionRegistry::Claim(const std::string& token,
   }
   e->claimed = true;
   e->conn = std::move(conn);
+  if (slot != nullptr) *slot = std::move(e->slot);
   return e->node;
 }
 
@@ -58,8 +65,12 @@ std::shared_ptr<Subscriber> SessionRegistry::Find(const std::string& token) {
 }
 
 void SessionRegistry::Forget(const std::string& token) {
+  std::unique_ptr<ConnectionSlot> slot;  // destroyed after the lock
   absl::MutexLock l(&mu_);
-  tokens_.erase(token);
+  if (auto it = tokens_.find(token); it != tokens_.end()) {
+    slot = std::move(it->second.slot);
+    tokens_.erase(it);
+  }
 }
 
 size_t SessionRegistry::size() {

@@ -14,7 +14,8 @@
 // same time whatever its content (TokensEqual; lookups compare against every
 // entry instead of searching an ordered map).
 //
-// LOCKING: mu_ guards the table; nothing is called under it.
+// LOCKING: mu_ guards the table; nothing is called under it (slots are
+// destroyed after it is released).
 #ifndef SVM_DAEMON_TRANSPORT_SESSION_REGISTRY_H_
 #define SVM_DAEMON_TRANSPORT_SESSION_REGISTRY_H_
 
@@ -49,12 +50,17 @@ class SessionRegistry {
 
   // A new token for node: kTokenBytes from getrandom(2), distinct from every
   // token in the table. Fails only when the kernel gives no randomness.
-  absl::StatusOr<std::string> Issue(const std::string& node);
+  // slot (may be null) stays with the token until a connection claims it
+  // (Claim hands it over) or the token is pruned or forgotten.
+  absl::StatusOr<std::string> Issue(const std::string& node,
+                                    std::unique_ptr<ConnectionSlot> slot = nullptr);
 
-  // Binds conn to token and returns the node the token was issued for.
+  // Binds conn to token and returns the node the token was issued for; the
+  // token's slot, if any, moves to *slot (when slot is not null).
   // PERMISSION_DENIED, changing nothing, when the token is unknown, expired
   // or was claimed before (by any connection, alive or not).
-  absl::StatusOr<std::string> Claim(const std::string& token, std::shared_ptr<Subscriber> conn);
+  absl::StatusOr<std::string> Claim(const std::string& token, std::shared_ptr<Subscriber> conn,
+                                    std::unique_ptr<ConnectionSlot>* slot = nullptr);
 
   // The live connection that claimed token; nullptr when the token is
   // unknown, unclaimed, or its connection is gone.
@@ -78,6 +84,7 @@ class SessionRegistry {
     absl::Time expires;  // unclaimed only
     bool claimed = false;
     std::weak_ptr<Subscriber> conn;
+    std::unique_ptr<ConnectionSlot> slot;  // until claimed
   };
 
   const absl::Duration lifetime_;

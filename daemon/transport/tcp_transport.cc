@@ -80,6 +80,7 @@ class ServerConn final : public Subscriber, public std::enable_shared_from_this<
     absl::MutexLock l(&mu_);
     CloseLocked();
   }
+  uint64_t PendingFetches() const override { return QueuedFetches(); }
 
   void Run(ThreadCount* threads);
 
@@ -129,7 +130,7 @@ class ServerConn final : public Subscriber, public std::enable_shared_from_this<
     return frame.size() >= sizeof(FrameHeader) &&
            frame[offsetof(FrameHeader, type)] == static_cast<uint8_t>(FrameType::kFetchResp);
   }
-  uint64_t QueuedFetches() {
+  uint64_t QueuedFetches() const {
     absl::MutexLock l(&mu_);
     return queued_fetches_;
   }
@@ -147,8 +148,12 @@ class ServerConn final : public Subscriber, public std::enable_shared_from_this<
   const uint64_t id_;
   ExportBackend* const backend_;
   std::string node_ = "?";  // set once by the reader before serving
+  // This connection's place under --max-data-connections-per-peer, taken
+  // from its token at the HELLO; given back when the connection (its two
+  // threads done) is destroyed.
+  std::unique_ptr<ConnectionSlot> slot_;
 
-  absl::Mutex mu_;  // guards the outbound queue and closed_
+  mutable absl::Mutex mu_;  // guards the outbound queue and closed_
   std::deque<std::vector<uint8_t>> out_ ABSL_GUARDED_BY(mu_);
   size_t queued_bytes_ ABSL_GUARDED_BY(mu_) = 0;
   uint64_t queued_fetches_ ABSL_GUARDED_BY(mu_) = 0;  // FETCH_RESP frames in out_
@@ -266,10 +271,12 @@ class TcpTransport final : public Transport {
 
   std::string listen_address() const override { return listener_ ? listener_->address() : ""; }
 
-  absl::StatusOr<SessionOffer> PrepareSession(const std::string& node,
-                                              const std::string& /*importer*/) override {
+  absl::StatusOr<SessionOffer> PrepareSession(const std::string& node, const std::string& /*importer*/,
+                                              std::unique_ptr<ConnectionSlot> slot) override {
     if (!listener_) return absl::FailedPreconditionError("tcp transport not started");
-    auto token = sessions_.Issue(node);
+    // The slot waits with the token: an offer nobody takes up costs only
+    // the registry's entry, and counts until it expires.
+    auto token = sessions_.Issue(node, std::move(slot));
     if (!token.ok()) return token.status();
     return SessionOffer{*std::move(token), endpoint_};
   }
@@ -362,10 +369,11 @@ absl::Status ServerConn::HandleHello(const FrameHeader& h, const std::vector<uin
     return absl::PermissionDeniedError("first frame is not HELLO");
   }
   std::string token(payload.begin(), payload.end());
-  auto node = transport_->sessions().Claim(token, shared_from_this());
+  auto node = transport_->sessions().Claim(token, shared_from_this(), &slot_);
   if (!node.ok()) {
     return absl::PermissionDeniedError("HELLO with an unknown or used session token");
   }
+  if (slot_) slot_->Bind();
   node_ = *std::move(node);
   Enqueue(MakeFrame(FrameType::kHello, 0, nullptr, 0));
   return absl::OkStatus();
@@ -401,7 +409,7 @@ void ServerConn::ReaderLoop() {
         std::vector<uint8_t> frame;
         if (auto bad = CheckFetchPages(f.npages, kMaxFetchPages); !bad.ok()) {
           frame = MakeFetchError(h.id, bad);
-        } else if (auto full = backend_->AdmitFetch(node_, QueuedFetches()); !full.ok()) {
+        } else if (auto full = backend_->AdmitFetch(*this, QueuedFetches()); !full.ok()) {
           frame = MakeFetchError(h.id, full);  // --max-pending-fetches-per-peer
         } else {
           // The pages are copied once, into the frame that is sent.

@@ -48,6 +48,26 @@ class Subscriber {
   virtual bool PushInvalidation(const InvalRecord& r) = 0;
   // Ends the connection (an importer that stopped acknowledging).
   virtual void Close() = 0;
+  // Fetches of this connection that wait, counted by
+  // --max-pending-fetches-per-peer (tcp: responses queued and not yet
+  // sent; rdma: FETCHes waiting for one of its staging buffers). Never
+  // calls the backend; may take the connection's own lock.
+  virtual uint64_t PendingFetches() const { return 0; }
+};
+
+// Exporter side: one data connection's place under the daemon's
+// --max-data-connections-per-peer, from SetupData on. The transport keeps
+// it as long as the connection's resources exist (tcp: the offered token
+// in its session registry, then the connection until it is destroyed;
+// rdma: the queue pair and its registered buffers) and destroys it then:
+// that is how the daemon learns that a data connection is gone.
+class ConnectionSlot {
+ public:
+  virtual ~ConnectionSlot() = default;
+  // The connection's resources exist beyond the offer: the slot counts
+  // until it is destroyed even once the offer would have expired (tcp: at
+  // the HELLO that claims the token; rdma: when the queue pair is made).
+  virtual void Bind() = 0;
 };
 
 // Exporter side: what the transport asks of the daemon.
@@ -64,10 +84,12 @@ class ExportBackend {
   virtual absl::StatusOr<uint64_t> ServeFetch(const Subscriber& from, uint64_t export_id,
                                               uint64_t first_page, uint32_t npages, bool track,
                                               absl::Span<uint8_t> dst) = 0;
-  // Whether a connection of node with `pending` fetch responses queued and
-  // not yet sent may have one more served; an error (RESOURCE_EXHAUSTED) is
-  // the fetch's answer instead, and nothing is copied.
-  virtual absl::Status AdmitFetch(const std::string& /*node*/, uint64_t /*pending*/) {
+  // Whether from, with `pending` fetches waiting (its PendingFetches()),
+  // may have one more served; an error (RESOURCE_EXHAUSTED) is the fetch's
+  // answer instead, and nothing is copied. Called with no lock of from
+  // held: the backend may call PendingFetches() of from's other
+  // connections (lock order: the backend's lock before a connection's).
+  virtual absl::Status AdmitFetch(const Subscriber& /*from*/, uint64_t /*pending*/) {
     return absl::OkStatus();
   }
   virtual void OnAck(uint64_t subscriber_id, uint64_t export_id, uint64_t seq) = 0;
@@ -264,8 +286,12 @@ class Transport {
   virtual void AbortConnect(const std::string& /*begin*/) {}
   // Exporter: SetupData. Returns the endpoint and a one-time token for a
   // data connection from node. importer: the importer's BeginConnect() bytes.
+  // slot (may be null): the connection's place under the per-peer bound,
+  // kept as long as the connection's resources exist (ConnectionSlot);
+  // dropped at once when this fails.
   virtual absl::StatusOr<SessionOffer> PrepareSession(const std::string& node,
-                                                      const std::string& importer = "") = 0;
+                                                      const std::string& importer = "",
+                                                      std::unique_ptr<ConnectionSlot> slot = nullptr) = 0;
   // Exporter: the connected importer that presented token, if any.
   virtual std::shared_ptr<Subscriber> FindSubscriber(const std::string& token) = 0;
   // Importer: opens the data connection the exporter on peer_host offered;

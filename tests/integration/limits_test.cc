@@ -4,11 +4,18 @@
 // refusal is counted in svm_limit_refusals_total and logged once per
 // (who, limit), not per request; freeing use admits again; SIGHUP raises
 // or lowers a limit from the flagfile without dropping anything held; and
-// a flood leaves svmd's resident memory within a bound.
+// a flood leaves svmd's resident memory within a bound. Per peer, over
+// its data connections: how many it holds, and the fetches waiting on
+// them all together.
+#include <arpa/inet.h>
+#include <grpcpp/grpcpp.h>
+#include <netinet/in.h>
 #include <signal.h>
 #include <sys/mman.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
+#include <cstring>
 #include <fstream>
 #include <sstream>
 #include <thread>
@@ -18,7 +25,12 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
+#include "common/fd.h"
+#include "daemon/transport/endpoint_codec.h"
+#include "daemon/transport/frame.h"
 #include "gtest/gtest.h"
+#include "svm/v1/peer.grpc.pb.h"
+#include "svm/v1/transport.pb.h"
 #include "tests/integration/harness.h"
 
 namespace svm::testing {
@@ -326,6 +338,302 @@ TEST_F(Limits, AFloodIsRefusedAndMemoryStaysBounded) {
   // before, plus allocator slack (16 MiB).
   EXPECT_LT(after.rss_kib, base.rss_kib + 16 * 1024) << base.ToString() << " -> " << after.ToString();
 #endif
+}
+
+// The peer API of daemon d, as any peer may call it (no TLS, no token).
+std::unique_ptr<v1::Peer::Stub> PeerOf(const Daemon& d) {
+  return v1::Peer::NewStub(grpc::CreateChannel(d.peer(), grpc::InsecureChannelCredentials()));
+}
+
+grpc::Status SetupData(v1::Peer::Stub& peer, const std::string& node, v1::SetupDataResponse* resp) {
+  grpc::ClientContext ctx;
+  ctx.set_deadline(absl::ToChronoTime(absl::Now() + Scaled(absl::Seconds(5))));
+  v1::SetupDataRequest req;
+  req.set_node(node);
+  req.set_transport("tcp");
+  return peer.SetupData(&ctx, req, resp);
+}
+
+// A tcp data connection of the test's own, driven by hand as a flooding
+// peer would (the frames of daemon/transport/frame.h): SetupData, HELLO
+// with the token, Subscribe, FETCHes sent without reading the answers.
+class RawData {
+ public:
+  struct Reply {
+    uint32_t code = ~0u;
+    std::string msg;
+    size_t page_bytes = 0;
+  };
+
+  static std::unique_ptr<RawData> Open(v1::Peer::Stub& peer, const std::string& node) {
+    v1::SetupDataResponse resp;
+    grpc::Status st = SetupData(peer, node, &resp);
+    v1::TcpEndpoint ep;
+    if (!st.ok() || !transport::UnpackEndpoint(resp.endpoint(), &ep)) {
+      ADD_FAILURE() << "SetupData as " << node << ": " << st.error_message();
+      return nullptr;
+    }
+    auto c = std::unique_ptr<RawData>(new RawData());
+    c->peer_ = &peer;
+    c->token_ = resp.session_token();
+    c->fd_ = UniqueFd(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
+    sockaddr_in sin{};
+    sin.sin_family = AF_INET;
+    sin.sin_port = htons(static_cast<uint16_t>(ep.port()));
+    ::inet_pton(AF_INET, "127.0.0.1", &sin.sin_addr);
+    if (::connect(c->fd_.get(), reinterpret_cast<sockaddr*>(&sin), sizeof(sin)) != 0) {
+      ADD_FAILURE() << "connect: " << std::strerror(errno);
+      return nullptr;
+    }
+    timeval tv{static_cast<time_t>(absl::ToInt64Seconds(Scaled(absl::Seconds(10)))), 0};
+    ::setsockopt(c->fd_.get(), SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+    transport::FrameHeader h;
+    std::string payload;
+    if (!c->Send(transport::FrameType::kHello, 0, c->token_.data(), c->token_.size()) ||
+        !c->Receive(&h, &payload) || h.type != static_cast<uint8_t>(transport::FrameType::kHello)) {
+      ADD_FAILURE() << "the exporter did not answer the HELLO";
+      return nullptr;
+    }
+    return c;
+  }
+
+  grpc::Status Subscribe(uint64_t export_id) {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(absl::ToChronoTime(absl::Now() + Scaled(absl::Seconds(5))));
+    v1::SubscribeRequest req;
+    req.set_session_token(token_);
+    req.set_export_id(export_id);
+    v1::SubscribeResponse resp;
+    return peer_->Subscribe(&ctx, req, &resp);
+  }
+  bool SendFetch(uint64_t export_id, uint64_t first_page, uint32_t npages) {
+    transport::FetchPayload f{export_id, first_page, npages, 0};
+    return Send(transport::FrameType::kFetch, ++next_id_, &f, sizeof(f));
+  }
+  // The next fetch answer (INVALs skipped).
+  Reply NextReply() {
+    Reply r;
+    transport::FrameHeader h;
+    std::string payload;
+    do {
+      if (!Receive(&h, &payload)) return r;
+    } while (h.type == static_cast<uint8_t>(transport::FrameType::kInval));
+    transport::FetchRespPayload p{};
+    if (h.type != static_cast<uint8_t>(transport::FrameType::kFetchResp) || payload.size() < sizeof(p)) {
+      return r;
+    }
+    std::memcpy(&p, payload.data(), sizeof(p));
+    r.code = p.code;
+    if (p.code != 0) {
+      r.msg = payload.substr(sizeof(p));
+    } else {
+      r.page_bytes = payload.size() - sizeof(p);
+    }
+    return r;
+  }
+  Reply Fetch(uint64_t export_id, uint64_t first_page, uint32_t npages) {
+    if (!SendFetch(export_id, first_page, npages)) return {};
+    return NextReply();
+  }
+
+ private:
+  RawData() = default;
+  bool Send(transport::FrameType type, uint64_t id, const void* payload, size_t len) {
+    transport::FrameHeader h;
+    h.type = static_cast<uint8_t>(type);
+    h.payload_len = static_cast<uint32_t>(len);
+    h.id = id;
+    std::string frame(reinterpret_cast<const char*>(&h), sizeof(h));
+    frame.append(static_cast<const char*>(payload), len);
+    return ::send(fd_.get(), frame.data(), frame.size(), MSG_NOSIGNAL) == static_cast<ssize_t>(frame.size());
+  }
+  bool ReadAll(void* dst, size_t len) {
+    auto* p = static_cast<char*>(dst);
+    while (len > 0) {
+      const ssize_t n = ::recv(fd_.get(), p, len, 0);
+      if (n <= 0) return false;
+      p += n;
+      len -= static_cast<size_t>(n);
+    }
+    return true;
+  }
+  bool Receive(transport::FrameHeader* h, std::string* payload) {
+    if (!ReadAll(h, sizeof(*h)) || h->magic != transport::kFrameMagic ||
+        h->payload_len > transport::kMaxPayload) {
+      return false;
+    }
+    payload->resize(h->payload_len);
+    return ReadAll(payload->data(), payload->size());
+  }
+
+  v1::Peer::Stub* peer_ = nullptr;
+  std::string token_;
+  UniqueFd fd_;
+  uint64_t next_id_ = 0;
+};
+
+// SetupData as node until it is admitted (a closed connection is seen by
+// the exporter asynchronously) or the deadline passes.
+grpc::Status SetupDataEventually(v1::Peer::Stub& peer, const std::string& node) {
+  const absl::Time deadline = absl::Now() + Scaled(absl::Seconds(10));
+  for (;;) {
+    v1::SetupDataResponse resp;
+    grpc::Status st = SetupData(peer, node, &resp);
+    if (st.ok() || absl::Now() > deadline) return st;
+    absl::SleepFor(absl::Milliseconds(50));
+  }
+}
+
+// --max-data-connections-per-peer: SetupData past it is refused naming the
+// flag (counted, logged once); another peer and the held connections are
+// unaffected; a connection that closes gives its slot back, and so does a
+// SIGKILLed importer daemon (its restart imports again); SIGHUP raises it.
+TEST_F(Limits, DataConnectionsPerPeer) {
+  auto a = Start("a", "--max-data-connections-per-peer=2\n");
+  ASSERT_NE(a, nullptr);
+  EXPECT_EQ(Metric(Log("a"), "svm_limit{limit=\"data_connections_per_peer\"}"), 2);
+  auto bd = Daemon::Start({.node = "b", .dir = dir_.path(), .transport = "tcp"});
+  ASSERT_TRUE(bd.ok()) << bd.status();
+  auto& b = *bd;
+  auto ca = a->Connect();
+  auto cb = b->Connect();
+  ASSERT_TRUE(ca && cb);
+  Region mem(4);
+  ASSERT_TRUE(ca->Export("x", mem.p, mem.len).ok());
+  ASSERT_TRUE(cb->Import(a->peer(), "x").ok());  // svmd b: one data connection
+  ASSERT_TRUE(ReadBytes(*cb, "x", 0, 4096, /*fresh=*/true).ok());
+
+  auto peer = PeerOf(*a);
+  auto raw = RawData::Open(*peer, "b");  // b's second: connected
+  ASSERT_NE(raw, nullptr);
+  for (int i = 0; i < 20; ++i) {
+    v1::SetupDataResponse resp;
+    grpc::Status st = SetupData(*peer, "b", &resp);
+    ASSERT_EQ(st.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED) << i << ": " << st.error_message();
+    ASSERT_TRUE(absl::StrContains(st.error_message(), "node b already holds 2 data connections"))
+        << st.error_message();
+    ASSERT_TRUE(absl::StrContains(st.error_message(), "--max-data-connections-per-peer=2"))
+        << st.error_message();
+  }
+  EXPECT_EQ(LinesContaining(Log("a"), "refused: node b already holds"), 1) << FileText(Log("a"));
+  EXPECT_EQ(Metric(Log("a"), "svm_limit_refusals_total{limit=\"data_connections_per_peer\"}"), 20);
+  v1::SetupDataResponse other;
+  EXPECT_TRUE(SetupData(*peer, "c", &other).ok()) << "another peer has its own slots";
+  // The held connections work: svmd b's import reads, the raw one is served.
+  EXPECT_TRUE(ReadBytes(*cb, "x", 0, 4096, /*fresh=*/true).ok());
+
+  // A closed connection gives its slot back; the offer that takes it is
+  // not taken up, but holds it meanwhile.
+  raw.reset();
+  ASSERT_TRUE(SetupDataEventually(*peer, "b").ok()) << "the closed connection's slot";
+  v1::SetupDataResponse resp;
+  EXPECT_EQ(SetupData(*peer, "b", &resp).error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED);
+
+  // svmd b killed: its connection's slot comes back, and b restarted
+  // under the same name imports again.
+  b->Kill();
+  ASSERT_TRUE(b->Restart().ok());
+  cb = b->Connect();
+  ASSERT_NE(cb, nullptr);
+  const absl::Time deadline = absl::Now() + Scaled(absl::Seconds(15));
+  absl::Status read = absl::UnknownError("not read");
+  while (!read.ok() && absl::Now() < deadline) {
+    if (cb->Import(a->peer(), "x").ok()) read = ReadBytes(*cb, "x", 0, 4096, /*fresh=*/true).status();
+    if (!read.ok()) absl::SleepFor(absl::Milliseconds(200));
+  }
+  EXPECT_TRUE(read.ok()) << read << "\n" << FileText(Log("a"));
+  EXPECT_EQ(SetupData(*peer, "b", &resp).error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED)
+      << "restarted b's connection and the open offer hold both slots";
+
+  // SIGHUP raises it: one more.
+  Reload(*a, "a", "--max-data-connections-per-peer=3\n");
+  EXPECT_TRUE(SetupData(*peer, "b", &resp).ok());
+  EXPECT_EQ(SetupData(*peer, "b", &resp).error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED);
+}
+
+// A killed importer daemon gives its data connection's slot back, on the
+// transport under test (tcp, or rdma in the VM tier: there the slot goes
+// with the queue pair and its registered buffers): with a bound of one,
+// every restart of the importer under the same name connects and reads.
+TEST_F(Limits, AKilledImportersDataConnectionSlotComesBack) {
+  auto a = Start("a", "--max-data-connections-per-peer=1\n");
+  ASSERT_NE(a, nullptr);
+  auto bd = Daemon::Start({.node = "b", .dir = dir_.path()});
+  ASSERT_TRUE(bd.ok()) << bd.status();
+  auto& b = *bd;
+  auto ca = a->Connect();
+  ASSERT_NE(ca, nullptr);
+  Region mem(4);
+  ASSERT_TRUE(ca->Export("x", mem.p, mem.len).ok());
+  for (int round = 0; round < 3; ++round) {
+    if (round > 0) {
+      b->Kill();
+      ASSERT_TRUE(b->Restart().ok());
+    }
+    auto cb = b->Connect();
+    ASSERT_NE(cb, nullptr);
+    const absl::Time deadline = absl::Now() + Scaled(absl::Seconds(15));
+    absl::Status read = absl::UnknownError("not read");
+    while (!read.ok() && absl::Now() < deadline) {
+      if (cb->Import(a->peer(), "x").ok()) read = ReadBytes(*cb, "x", 0, 4096, /*fresh=*/true).status();
+      if (!read.ok()) absl::SleepFor(absl::Milliseconds(200));
+    }
+    ASSERT_TRUE(read.ok()) << "round " << round << ": " << read << "\n" << FileText(Log("a"));
+  }
+}
+
+// --max-pending-fetches-per-peer counts the fetches waiting on all of a
+// peer's data connections together: one connection that does not read its
+// answers fills the peer's share, and the peer's other connection is
+// refused though nothing waits on it; another peer is served; when the
+// flooding connection closes, its waiting fetches stop counting.
+TEST_F(Limits, PendingFetchesPerPeerAcrossItsDataConnections) {
+  auto a = Start("a", "--max-pending-fetches-per-peer=8\n");
+  ASSERT_NE(a, nullptr);
+  auto ca = a->Connect();
+  ASSERT_NE(ca, nullptr);
+  Region mem(256);  // 1 MiB: one fetch's largest answer
+  ASSERT_TRUE(ca->Export("p", mem.p, mem.len).ok());
+  auto peer = PeerOf(*a);
+  v1::ExportDescriptor desc;
+  {
+    grpc::ClientContext ctx;
+    v1::DescribeExportRequest req;
+    req.set_name("p");
+    ASSERT_TRUE(peer->DescribeExport(&ctx, req, &desc).ok());
+  }
+  auto flood = RawData::Open(*peer, "b");
+  auto second = RawData::Open(*peer, "b");
+  auto c = RawData::Open(*peer, "c");
+  ASSERT_TRUE(flood && second && c);
+  for (RawData* r : {flood.get(), second.get(), c.get()}) ASSERT_TRUE(r->Subscribe(desc.export_id()).ok());
+  EXPECT_EQ(second->Fetch(desc.export_id(), 0, 1).code, 0u);
+
+  // 1 MiB answers that nobody reads: a few fill the socket, the rest wait.
+  for (int i = 0; i < 200; ++i) ASSERT_TRUE(flood->SendFetch(desc.export_id(), 0, 256));
+  const std::string refusals = "svm_limit_refusals_total{limit=\"pending_fetches_per_peer\"}";
+  const absl::Time deadline = absl::Now() + Scaled(absl::Seconds(10));
+  while (Metric(Log("a"), refusals) < 1 && absl::Now() < deadline) absl::SleepFor(absl::Milliseconds(50));
+  ASSERT_GE(Metric(Log("a"), refusals), 1) << FileText(Log("a"));
+
+  const auto refused = second->Fetch(desc.export_id(), 0, 1);
+  EXPECT_EQ(refused.code, static_cast<uint32_t>(absl::StatusCode::kResourceExhausted)) << refused.msg;
+  EXPECT_TRUE(absl::StrContains(refused.msg, "node b has")) << refused.msg;
+  EXPECT_TRUE(absl::StrContains(refused.msg, "waiting on its 2 data connections")) << refused.msg;
+  EXPECT_TRUE(absl::StrContains(refused.msg, "--max-pending-fetches-per-peer=8")) << refused.msg;
+  const auto served = c->Fetch(desc.export_id(), 1, 1);
+  EXPECT_EQ(served.code, 0u) << "another peer: " << served.msg;
+  EXPECT_EQ(served.page_bytes, 4096u);
+  EXPECT_EQ(LinesContaining(Log("a"), "refused: node b has"), 1) << FileText(Log("a"));
+
+  flood.reset();  // closed: its waiting answers go with it
+  const absl::Time after = absl::Now() + Scaled(absl::Seconds(10));
+  RawData::Reply r = second->Fetch(desc.export_id(), 0, 1);
+  while (r.code != 0 && absl::Now() < after) {
+    absl::SleepFor(absl::Milliseconds(50));
+    r = second->Fetch(desc.export_id(), 0, 1);
+  }
+  EXPECT_EQ(r.code, 0u) << r.msg;
 }
 
 }  // namespace

@@ -203,6 +203,8 @@ class FakeSubscriber final : public transport::Subscriber {
     closed_ = true;
     ++close_calls_;
   }
+  uint64_t PendingFetches() const override { return pending.load(); }
+  std::atomic<uint64_t> pending{0};  // what the connection reports waiting
 
   std::vector<InvalRecord> records() {
     absl::MutexLock l(&mu_);
@@ -590,12 +592,51 @@ TEST_F(ExportTableTest, AdmitFetchRefusesAtThePendingLimit) {
   ExportLimits l = Limits();
   l.live->Set({.pending_fetches_per_peer = 4});
   MakeTable(l);
-  EXPECT_TRUE(table_->AdmitFetch("b", 0).ok());
-  EXPECT_TRUE(table_->AdmitFetch("b", 3).ok());
-  absl::Status st = table_->AdmitFetch("b", 4);
+  const FakeSubscriber b(1, "b");  // subscribed to nothing: counts alone
+  EXPECT_TRUE(table_->AdmitFetch(b, 0).ok());
+  EXPECT_TRUE(table_->AdmitFetch(b, 3).ok());
+  absl::Status st = table_->AdmitFetch(b, 4);
   EXPECT_EQ(st.code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_TRUE(absl::StrContains(st.message(), "node b has 4 fetches waiting on its 1 data connections"))
+      << st;
   EXPECT_TRUE(absl::StrContains(st.message(), "--max-pending-fetches-per-peer=4")) << st;
   EXPECT_EQ(l.live->refusals(Limit::kPendingFetchesPerPeer), 1u);
+}
+
+// One peer's data connections share --max-pending-fetches-per-peer: the
+// sum over the connections of its key (its TLS identity, or its declared
+// node), never another peer's; a closed connection's waiting fetches stop
+// counting, and so do drained ones.
+TEST_F(ExportTableTest, PendingFetchesAreSummedOverThePeersConnections) {
+  ExportLimits l = Limits();
+  l.live->Set({.pending_fetches_per_peer = 10});
+  MakeTable(l);
+  ASSERT_TRUE(Export("a", 0, 1).ok());
+  const std::vector<std::string> b = {"b.example"};
+  auto b1 = std::make_shared<FakeSubscriber>(1, "x1");
+  auto b2 = std::make_shared<FakeSubscriber>(2, "x2");  // same identity, another name
+  auto b3 = std::make_shared<FakeSubscriber>(3, "x3");
+  auto other = std::make_shared<FakeSubscriber>(4, "x1");  // b1's name, no identity
+  for (auto& s : {b1, b2, b3}) ASSERT_TRUE(table_->Subscribe(IdOf("a"), s, b).ok());
+  ASSERT_TRUE(table_->Subscribe(IdOf("a"), other).ok());
+  b2->pending = 4;
+  b3->pending = 3;
+  other->pending = 9;
+  EXPECT_TRUE(table_->AdmitFetch(*b1, 2).ok()) << "2 + 4 + 3 = 9 < 10";
+  absl::Status st = table_->AdmitFetch(*b1, 3);
+  EXPECT_EQ(st.code(), absl::StatusCode::kResourceExhausted) << "3 + 4 + 3 = 10";
+  EXPECT_TRUE(absl::StrContains(st.message(), "peer b.example has 10 fetches waiting on its 3 data "
+                                              "connections"))
+      << st;
+  EXPECT_TRUE(table_->AdmitFetch(*other, 0).ok()) << "another peer: its own 9 only";
+  EXPECT_FALSE(table_->AdmitFetch(*other, 10).ok());
+  b2->pending = 0;  // drained
+  EXPECT_TRUE(table_->AdmitFetch(*b1, 3).ok());
+  b2->pending = 4;
+  EXPECT_FALSE(table_->AdmitFetch(*b1, 3).ok());
+  table_->OnSubscriberClosed(b2->id());  // closed: its queue is gone with it
+  EXPECT_TRUE(table_->AdmitFetch(*b1, 6).ok()) << "6 + 3 = 9";
+  EXPECT_EQ(l.live->refusals(Limit::kPendingFetchesPerPeer), 3u);
 }
 
 // ---------------------------------------------------- seq and invalidation
@@ -1277,7 +1318,8 @@ class FakeZeroCopyTransport final : public transport::Transport {
   const char* name() const override { return "fake-rdma"; }
   absl::Status Start(const HostPort&, transport::ExportBackend*) override { return absl::OkStatus(); }
   std::string listen_address() const override { return ""; }
-  absl::StatusOr<transport::SessionOffer> PrepareSession(const std::string&, const std::string&) override {
+  absl::StatusOr<transport::SessionOffer> PrepareSession(
+      const std::string&, const std::string&, std::unique_ptr<transport::ConnectionSlot>) override {
     return absl::UnimplementedError("fake");
   }
   std::shared_ptr<transport::Subscriber> FindSubscriber(const std::string&) override { return nullptr; }

@@ -23,6 +23,7 @@ TEST_F(LimitsTest, DefaultsAreTheDocumentedOnes) {
   EXPECT_EQ(v.imports_per_peer, 1024u);
   EXPECT_EQ(v.pending_fetches_per_peer, 4096u);
   EXPECT_EQ(v.sessions, 1024u);
+  EXPECT_EQ(v.data_connections_per_peer, 16u);
 }
 
 TEST_F(LimitsTest, EveryLimitHasItsOwnNameFlagAndValue) {
@@ -78,6 +79,61 @@ TEST_F(LimitsTest, TheLogForgetsTheOldestWhoBeyondItsBound) {
   EXPECT_EQ(limits_.log_lines(), n + 1);
   (void)limits_.Refuse(Limit::kSessionsPerClient, who(n - 1), "x", 1);
   EXPECT_EQ(limits_.log_lines(), n + 1);
+}
+
+// --max-data-connections-per-peer: a slot counts from Admit until it is
+// destroyed (the transport gives it back when the connection's resources
+// are gone), per peer key; an offer never bound stops counting when it
+// would have expired; a lowered limit refuses new slots only.
+TEST(DataConnectionsTest, SlotsCountPerPeerUntilDestroyedOrTheirOfferExpires) {
+  absl::Time now = absl::FromUnixSeconds(1000);
+  auto limits = std::make_shared<Limits>(LimitValues{.data_connections_per_peer = 2},
+                                         [&] { return now; });
+  DataConnections conns(limits, [&] { return now; });
+  auto a1 = conns.Admit("peer a");
+  auto a2 = conns.Admit("peer a");
+  ASSERT_TRUE(a1.ok() && a2.ok());
+  (*a1)->Bind();
+  auto a3 = conns.Admit("peer a");
+  EXPECT_EQ(a3.status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_EQ(a3.status().message(),
+            "peer a already holds 2 data connections to this node (limit --max-data-connections-per-peer=2)");
+  EXPECT_EQ(limits->refusals(Limit::kDataConnectionsPerPeer), 1u);
+  auto b = conns.Admit("node a");  // another key: its own count
+  ASSERT_TRUE(b.ok());
+  EXPECT_EQ(conns.Held("node a"), 1u);
+
+  a2->reset();  // closed (or its setup failed): the slot comes back, once
+  EXPECT_EQ(conns.Held("peer a"), 1u);
+  auto a4 = conns.Admit("peer a");
+  ASSERT_TRUE(a4.ok());
+  EXPECT_FALSE(conns.Admit("peer a").ok());
+
+  // a4 never bound: past the offer's lifetime it stops counting though a
+  // transport still holds it; the bound a1 counts on.
+  now += DataConnections::kOfferLifetime;
+  EXPECT_EQ(conns.Held("peer a"), 1u);
+  auto a5 = conns.Admit("peer a");
+  ASSERT_TRUE(a5.ok());
+  a4->reset();  // pruned later: nothing counted twice, nothing left behind
+  EXPECT_EQ(conns.Held("peer a"), 2u);
+
+  limits->Set({.data_connections_per_peer = 1});  // a reload: held slots stay
+  EXPECT_EQ(conns.Held("peer a"), 2u);
+  EXPECT_FALSE(conns.Admit("peer a").ok());
+  a1->reset();
+  a5->reset();
+  EXPECT_EQ(conns.Held("peer a"), 0u);
+  EXPECT_TRUE(conns.Admit("peer a").ok());
+}
+
+TEST(DataConnectionsTest, ASlotMayOutliveItsTable) {
+  auto limits = std::make_shared<Limits>();
+  auto table = std::make_unique<DataConnections>(limits);
+  auto slot = table->Admit("node a");
+  ASSERT_TRUE(slot.ok());
+  table.reset();
+  slot->reset();  // no use after free (ASan tier)
 }
 
 }  // namespace

@@ -102,7 +102,7 @@ class FakeExportBackend final : public ExportBackend {
     return seq_;
   }
   // Refuses at max_pending (the daemon's --max-pending-fetches-per-peer).
-  absl::Status AdmitFetch(const std::string& /*node*/, uint64_t pending) override {
+  absl::Status AdmitFetch(const transport::Subscriber& /*from*/, uint64_t pending) override {
     uint64_t seen = max_pending_seen.load();
     while (pending > seen && !max_pending_seen.compare_exchange_weak(seen, pending)) {
     }
@@ -1678,6 +1678,49 @@ TEST_P(RdmaOnlyTest, ASlowCopyDoesNotStallTheConnection) {
   auto r = slow.get();
   ASSERT_TRUE(r.ok()) << r.status();
   EXPECT_TRUE(PagesAre(slow_pages, 1, 0));
+  EXPECT_TRUE(ch->alive());
+}
+
+// The rdma exporter serves 2 FETCHes at a time per connection (its staging
+// buffers); the others wait in the connection, and those are what
+// --max-pending-fetches-per-peer counts (AdmitFetch sees how many wait).
+// Past the limit a FETCH is answered RESOURCE_EXHAUSTED at once instead of
+// waiting; the admitted ones are served when the copies go on, and the
+// connection stays up.
+TEST_P(RdmaOnlyTest, FetchesWaitingForAStagingBufferArePendingFetches) {
+  PeerChannel* ch = Open("n");
+  ASSERT_NE(ch, nullptr);
+  exp_.max_pending = 2;
+  exp_.Block();
+  absl::Cleanup unblock = [&] { exp_.Release(); };
+  constexpr int kOps = 8;  // the importer's receive slots: all on the wire at once
+  std::vector<std::vector<uint8_t>> bufs(kOps, std::vector<uint8_t>(kPageSize));
+  std::vector<FetchOp> ops(kOps);
+  for (int i = 0; i < kOps; ++i) {
+    ops[i].export_id = 1;
+    ops[i].first_page = i;
+    ops[i].npages = 1;
+    ops[i].dst = absl::MakeSpan(bufs[i]);
+  }
+  auto pending = std::async(std::launch::async,
+                            [&] { ch->FetchV(absl::MakeSpan(ops), Scaled(absl::Seconds(20))); });
+  ASSERT_TRUE(exp_.WaitBlocked(2)) << "both staging buffers copying";
+  const absl::Time deadline = absl::Now() + Scaled(absl::Seconds(10));
+  while (exp_.max_pending_seen.load() < 2 && absl::Now() < deadline) absl::SleepFor(absl::Milliseconds(5));
+  EXPECT_EQ(exp_.max_pending_seen.load(), 2u) << "admission saw the FETCHes waiting";
+  exp_.Release();
+  pending.get();
+  // 2 copying, 2 waiting (admitted at 0 and 1 waiting), 4 refused at 2.
+  for (int i = 0; i < kOps; ++i) {
+    if (i < 4) {
+      ASSERT_TRUE(ops[i].result.ok()) << i << ": " << ops[i].result.status();
+      EXPECT_TRUE(PagesAre(bufs[i], 1, i)) << i;
+    } else {
+      EXPECT_EQ(ops[i].result.status().code(), absl::StatusCode::kResourceExhausted)
+          << i << ": " << ops[i].result.status();
+    }
+  }
+  EXPECT_EQ(exp_.calls().size(), 4u) << "a refused fetch is not served";
   EXPECT_TRUE(ch->alive());
 }
 

@@ -798,20 +798,25 @@ enum class RequestState {
 class ServerConn final : public Conn, public Subscriber {
  public:
   ServerConn(std::shared_ptr<Nic> nic, RdmaTransport* t, uint64_t id, ExportBackend* backend,
-             Executor* copiers, ThreadCount* threads, std::string node, std::string token)
+             Executor* copiers, ThreadCount* threads, std::string node, std::string token,
+             std::unique_ptr<ConnectionSlot> slot)
       : Conn(std::move(nic), id),
         transport_(t),
         backend_(backend),
         copiers_(copiers),
         threads_(threads),
         node_(std::move(node)),
-        session_token_(std::move(token)) {
+        session_token_(std::move(token)),
+        slot_(std::move(slot)) {
     peer_name_ = node_;
   }
 
   absl::Status Setup(const Endpoint& importer) {
     if (auto st = Init(kStaging * kSlotBytes, Access::kLocal); !st.ok()) return st;
-    return ConnectQp(importer);
+    if (auto st = ConnectQp(importer); !st.ok()) return st;
+    // The queue pair and its buffers exist until this is destroyed.
+    if (slot_) slot_->Bind();
+    return absl::OkStatus();
   }
   // The context serves it from now on; counted in threads until finished.
   void Run() {
@@ -844,6 +849,9 @@ class ServerConn final : public Conn, public Subscriber {
     has_liveness_ = true;
     return true;
   }
+  // FETCHes waiting for a staging buffer (the kStaging being served are
+  // not counted: a fixed window per connection).
+  uint64_t PendingFetches() const override { return waiting_fetches_.load(std::memory_order_relaxed); }
 
  private:
   absl::Status OnMessage(const FrameHeader& h, absl::Span<const uint8_t> payload) override;
@@ -871,6 +879,11 @@ class ServerConn final : public Conn, public Subscriber {
   const std::string session_token_;
   const absl::Time hello_deadline_ = absl::Now() + kHelloTimeout;
   std::atomic<bool> has_liveness_{false};
+  // Owned_::fetches.size(), readable by the backend from other threads.
+  std::atomic<uint64_t> waiting_fetches_{0};
+  // This connection's place under --max-data-connections-per-peer: given
+  // back when it is destroyed (its queue pair and buffers with it).
+  const std::unique_ptr<ConnectionSlot> slot_;
 
   // The context's thread only.
   struct Owned {
@@ -1210,8 +1223,8 @@ class RdmaTransport final : public Transport {
     }
   }
 
-  absl::StatusOr<SessionOffer> PrepareSession(const std::string& node,
-                                              const std::string& importer) override {
+  absl::StatusOr<SessionOffer> PrepareSession(const std::string& node, const std::string& importer,
+                                              std::unique_ptr<ConnectionSlot> slot) override {
     if (importer.empty()) {
       return absl::FailedPreconditionError("rdma setup without the importer's queue pair endpoint");
     }
@@ -1222,7 +1235,7 @@ class RdmaTransport final : public Transport {
     auto token = sessions_.Issue(node);
     if (!token.ok()) return token.status();
     auto conn = std::make_shared<ServerConn>(nic_, this, NextConnId(), backend_, &copiers_, &threads_,
-                                             node, *token);
+                                             node, *token, std::move(slot));
     if (auto st = conn->Setup(*remote); !st.ok()) {
       spdlog::warn("rdma data connection for {}: {}", node, st.message());
       sessions_.Forget(*token);
@@ -1379,7 +1392,12 @@ absl::Status ServerConn::OnMessage(const FrameHeader& h, absl::Span<const uint8_
     case FrameType::kFetch: {
       auto f = ParseRdmaFetch(payload);
       if (!f.ok()) return f.status();
+      if (auto full = backend_->AdmitFetch(*this, o.fetches.size()); !full.ok()) {
+        Enqueue(SendMsg{MakeFetchError(h.id, full, kMsgSize)});  // --max-pending-fetches-per-peer
+        return absl::OkStatus();
+      }
       o.fetches.emplace_back(h.id, *f);
+      waiting_fetches_.store(o.fetches.size(), std::memory_order_relaxed);
       return StartFetches();
     }
     case FrameType::kInvalAck: {
@@ -1406,6 +1424,7 @@ absl::Status ServerConn::StartFetches() {
     }
     auto [id, f] = o.fetches.front();
     o.fetches.pop_front();
+    waiting_fetches_.store(o.fetches.size(), std::memory_order_relaxed);
     if (auto bad = CheckFetchPages(f.f.npages, kSlotPages); !bad.ok()) {
       Enqueue(SendMsg{MakeFetchError(id, bad, kMsgSize)});
       continue;
