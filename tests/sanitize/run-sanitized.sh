@@ -49,6 +49,11 @@ tsan)
 	options=(-DSVM_TSAN_ABSL=ON)
 	;;
 esac
+link_flags=$flags
+if [[ $san == asan ]]; then
+	# ubsan_log.c: UBSan's reports to a file too (see there).
+	link_flags="$flags $build/ubsan_log.o"
+fi
 launcher=()
 if command -v ccache >/dev/null; then
 	launcher=(-DCMAKE_CXX_COMPILER_LAUNCHER=ccache -DCMAKE_C_COMPILER_LAUNCHER=ccache)
@@ -57,21 +62,34 @@ mkdir -p "$build"
 build=$(cd "$build" && pwd)
 (
 	flock 9
-	if [[ ! -f $build/build.ninja ]]; then
+	configure=
+	[[ -f $build/build.ninja ]] || configure=1
+	if [[ $san == asan && $here/ubsan_log.c -nt $build/ubsan_log.o ]]; then
+		cc -O2 -Wall -Wextra -Werror -c "$here/ubsan_log.c" -o "$build/ubsan_log.o"
+		configure=1 # a tree configured before it existed links it from now on
+	fi
+	if [[ -n $configure ]]; then
 		cmake -S "$root" -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo "${launcher[@]}" \
 			-DSVM_VM_TESTS=OFF -DSVM_SANITIZE_TIER=OFF -DSVM_FUZZ_SECONDS=0 "${options[@]}" \
-			-DCMAKE_CXX_FLAGS="$flags" -DCMAKE_C_FLAGS="$flags" -DCMAKE_EXE_LINKER_FLAGS="$flags" \
+			-DCMAKE_CXX_FLAGS="$flags" -DCMAKE_C_FLAGS="$flags" -DCMAKE_EXE_LINKER_FLAGS="$link_flags" \
 			>"$build/configure.log" 2>&1 || { cat "$build/configure.log" >&2; exit 1; }
 	fi
 	# shellcheck disable=SC2086 # a list of targets
 	ninja -C "$build" -j "${SVM_JOBS:-2}" ${SVM_SANITIZE_TARGETS:-} >"$build/build.log" 2>&1 ||
 		{ tail -50 "$build/build.log" >&2; exit 1; }
 ) 9>"$build/.lock"
-export ASAN_OPTIONS=${ASAN_OPTIONS:-halt_on_error=1:detect_leaks=1:abort_on_error=0}
-export UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1}
-# TSan writes every report to $reports/tsan.PID as well as failing the
-# process: the integration tests SIGKILL their daemons and do not look at how
-# they exited, so a report inside svmd is caught here, after the run.
+# Every sanitizer writes its reports to $reports/NAME.PID (log_path) instead
+# of stderr, and the run fails when any such file exists afterwards, whatever
+# the tests said: the integration tests SIGKILL their daemons and do not look
+# at how they exited, so a report inside svmd (which halts it) would be lost
+# otherwise. The files are printed at the end. ASan's LeakSanitizer writes to
+# ASan's file; a SIGKILLed process runs no leak check. lsan.supp: leaks in
+# Debian's libraries, each with its reason.
+reports=$build/$san-reports
+export ASAN_OPTIONS=${ASAN_OPTIONS:-halt_on_error=1:detect_leaks=1:abort_on_error=0:log_path=$reports/asan}
+export UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1:log_path=$reports/ubsan}
+export SVM_UBSAN_LOG_PATH=$reports/ubsan
+export LSAN_OPTIONS=${LSAN_OPTIONS:-suppressions=$here/lsan.supp}
 # ignore_noninstrumented_modules: the memory accesses TSan's interceptors
 # (memcpy, memmove, memset, ...) make on behalf of a library built without
 # TSan (Debian's gRPC, protobuf, abseil) are not checked, as that library's
@@ -80,22 +98,21 @@ export UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1}
 # memmove inside abseil's deadlock graph, GraphCycles::InsertEdge, which an
 # abseil-internal spinlock guards). Synchronisation those interceptors do
 # (pthread_*) still counts, and svm's own calls are checked as before.
-reports=$build/tsan-reports
 export TSAN_OPTIONS=${TSAN_OPTIONS:-halt_on_error=1:second_deadlock_stack=1:ignore_noninstrumented_modules=1:suppressions=$here/tsan.supp:log_path=$reports/tsan}
 export SVM_TEST_SLOW=${SVM_TEST_SLOW:-1}
 cd "$build"
-if [[ $san == asan ]]; then
-	exec ctest -L "^(${labels//,/|})\$" -j "${SVM_TEST_JOBS:-2}" --output-on-failure --timeout 600 "$@"
-fi
 rm -rf "$reports"
 mkdir -p "$reports"
 rc=0
 ctest -L "^(${labels//,/|})\$" -j "${SVM_TEST_JOBS:-2}" --output-on-failure --timeout 600 "$@" || rc=$?
 shopt -s nullglob
-found=("$reports"/tsan.*)
+found=("$reports"/*)
 if ((${#found[@]})); then
-	echo "ThreadSanitizer reports (${#found[@]} processes):" >&2
-	cat "${found[@]}" >&2
+	echo "Sanitizer reports (${#found[@]} processes, $reports):" >&2
+	for f in "${found[@]}"; do
+		echo "=== $f" >&2
+		cat "$f" >&2
+	done
 	exit 1
 fi
 exit $rc

@@ -314,15 +314,44 @@ TEST_F(ProcfsSourceTest, DetachStopsChanges) {
   EXPECT_TRUE(c.changes().empty()) << "a detached range's sink was called: " << Describe(c.changes());
 }
 
+// The range is unmapped in a forked child that then only waits: in this
+// process any other thread's mmap (the source's poller, the test runner, a
+// sanitizer's runtime) may take the freed addresses before Attach reads the
+// maps, and it did.
 TEST_F(ProcfsSourceTest, AttachToAnUnmappedRangeIsInvalid) {
-  uint64_t addr;
-  {
-    Mapping m(4);
-    addr = m.addr();
-  }  // unmapped again
+  Mapping m(4);  // inherited by the child at the same address
+  int go[2], ready[2];
+  ASSERT_EQ(::pipe2(go, O_CLOEXEC), 0);
+  ASSERT_EQ(::pipe2(ready, O_CLOEXEC), 0);
+  pid_t child = ::fork();
+  ASSERT_GE(child, 0) << std::strerror(errno);
+  if (child == 0) {
+    // Only async-signal-safe calls; nothing maps anything after the munmap.
+    ::close(go[1]);
+    ::close(ready[0]);
+    char b = ::munmap(m.page(0), m.len()) == 0 ? 1 : 0;
+    (void)!::write(ready[1], &b, 1);
+    while (::read(go[0], &b, 1) < 0) {
+    }
+    ::_exit(0);
+  }
+  ::close(go[0]);
+  ::close(ready[1]);
+  char b = 0;
+  const bool unmapped = ::read(ready[0], &b, 1) == 1 && b == 1;
+  ::close(ready[0]);
   Collector c;
-  auto r = src_->Attach(::getpid(), addr, 4 * kPageSize, c.sink());
+  absl::StatusOr<std::unique_ptr<MirrorRange>> r = absl::InternalError("the child's munmap failed");
+  if (unmapped) r = src_->Attach(child, m.addr(), m.len(), c.sink());
+  const absl::Status mapped_in_child = CheckMapped(child, m.addr(), m.len());
+  ::close(go[1]);  // the child exits
+  int status = 0;
+  ASSERT_EQ(::waitpid(child, &status, 0), child);
+  ASSERT_TRUE(unmapped);
   EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument) << r.status();
+  EXPECT_EQ(mapped_in_child.code(), absl::StatusCode::kInvalidArgument) << mapped_in_child;
+  // The same addresses are mapped here: what Attach looked at was the child.
+  EXPECT_TRUE(CheckMapped(::getpid(), m.addr(), m.len()).ok());
 }
 
 TEST_F(ProcfsSourceTest, AttachAcrossAHoleIsInvalid) {
