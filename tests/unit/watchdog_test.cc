@@ -69,14 +69,25 @@ std::unique_ptr<Watchdog> StartWatchdog(FakeDaemon& d, Recorder& r, absl::Durati
                          [&r](const std::string& m) { r.Send(m); });
 }
 
+// Waits until r has seen `what` n times (or 30 s passed: the check after
+// it fails). The tests wait for what must happen rather than sleep a fixed
+// time: a loaded machine (or a sanitizer build) may run the watchdog's
+// thread late, never early.
+void WaitForCount(Recorder& r, absl::string_view what, int n) {
+  const absl::Time deadline = absl::Now() + absl::Seconds(30);
+  while (r.Count(what) < n && absl::Now() < deadline) absl::SleepFor(absl::Milliseconds(5));
+}
+
 TEST(Watchdog, PingsWithTheStatusWhileProbesRun) {
   FakeDaemon d;
   Recorder r;
+  const absl::Time t0 = absl::Now();
   auto w = StartWatchdog(d, r, absl::Milliseconds(100));  // a ping every 50 ms
-  absl::SleepFor(absl::Milliseconds(320));
+  WaitForCount(r, "WATCHDOG=1\nSTATUS=1 export", 3);
   w.reset();
-  EXPECT_GE(r.Count("WATCHDOG=1\nSTATUS=1 export"), 3);  // about 6
-  EXPECT_LE(r.Count("WATCHDOG=1"), 8);  // one per tick, not a busy loop
+  const int64_t ticks = (absl::Now() - t0) / absl::Milliseconds(50);
+  EXPECT_GE(r.Count("WATCHDOG=1\nSTATUS=1 export"), 3);
+  EXPECT_LE(r.Count("WATCHDOG=1"), ticks + 2);  // one per tick, not a busy loop
 }
 
 TEST(Watchdog, AStalledDaemonGetsNoPingsUntilItMakesProgress) {
@@ -89,7 +100,7 @@ TEST(Watchdog, AStalledDaemonGetsNoPingsUntilItMakesProgress) {
   EXPECT_EQ(r.Count("STATUS=stalled"), 1);  // said once, not per tick
   EXPECT_EQ(d.held(), 1u) << "probes must not pile up on a stalled daemon";
   d.Stall(false);
-  absl::SleepFor(absl::Milliseconds(200));
+  WaitForCount(r, "WATCHDOG=1", 2);
   w.reset();
   EXPECT_GE(r.Count("WATCHDOG=1"), 2);
 }
@@ -101,7 +112,7 @@ TEST(Watchdog, WithoutWatchdogSecOnlyTheStatusIsSent) {
                            [&d](std::function<void()> done) { d.Post(std::move(done)); },
                            [] { return std::string("idle"); },
                            [&r](const std::string& m) { r.Send(m); });
-  absl::SleepFor(absl::Milliseconds(100));
+  WaitForCount(r, "STATUS=idle", 2);
   w.reset();
   EXPECT_GE(r.Count("STATUS=idle"), 2);
   EXPECT_EQ(r.Count("WATCHDOG"), 0);
