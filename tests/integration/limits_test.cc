@@ -32,6 +32,7 @@
 #include "svm/v1/peer.grpc.pb.h"
 #include "svm/v1/transport.pb.h"
 #include "tests/integration/harness.h"
+#include "tests/integration/raw_frames.h"
 
 namespace svm::testing {
 namespace {
@@ -357,7 +358,7 @@ grpc::Status SetupData(v1::Peer::Stub& peer, const std::string& node, v1::SetupD
 // A tcp data connection of the test's own, driven by hand as a flooding
 // peer would (the frames of daemon/transport/frame.h): SetupData, HELLO
 // with the token, Subscribe, FETCHes sent without reading the answers.
-class RawData {
+class RawData : RawFrames {
  public:
   struct Reply {
     uint32_t code = ~0u;
@@ -438,37 +439,9 @@ class RawData {
 
  private:
   RawData() = default;
-  bool Send(transport::FrameType type, uint64_t id, const void* payload, size_t len) {
-    transport::FrameHeader h;
-    h.type = static_cast<uint8_t>(type);
-    h.payload_len = static_cast<uint32_t>(len);
-    h.id = id;
-    std::string frame(reinterpret_cast<const char*>(&h), sizeof(h));
-    frame.append(static_cast<const char*>(payload), len);
-    return ::send(fd_.get(), frame.data(), frame.size(), MSG_NOSIGNAL) == static_cast<ssize_t>(frame.size());
-  }
-  bool ReadAll(void* dst, size_t len) {
-    auto* p = static_cast<char*>(dst);
-    while (len > 0) {
-      const ssize_t n = ::recv(fd_.get(), p, len, 0);
-      if (n <= 0) return false;
-      p += n;
-      len -= static_cast<size_t>(n);
-    }
-    return true;
-  }
-  bool Receive(transport::FrameHeader* h, std::string* payload) {
-    if (!ReadAll(h, sizeof(*h)) || h->magic != transport::kFrameMagic ||
-        h->payload_len > transport::kMaxPayload) {
-      return false;
-    }
-    payload->resize(h->payload_len);
-    return ReadAll(payload->data(), payload->size());
-  }
 
   v1::Peer::Stub* peer_ = nullptr;
   std::string token_;
-  UniqueFd fd_;
   uint64_t next_id_ = 0;
 };
 

@@ -31,6 +31,7 @@
 #include "svm/v1/peer.grpc.pb.h"
 #include "svm/v1/transport.pb.h"
 #include "tests/integration/harness.h"
+#include "tests/integration/raw_frames.h"
 
 namespace svm::testing {
 namespace {
@@ -325,7 +326,7 @@ TEST_F(Tls, PeerNotOnTheAccessListLearnsNothing) {
 // A data connection of the test's own, driven by hand as a hostile peer
 // would: SetupData over mutual TLS, then the tcp frames of
 // daemon/transport/frame.h (HELLO with the session token, FETCH).
-class RawDataConnection {
+class RawDataConnection : RawFrames {
  public:
   // Answer to one FETCH: the status code, its message, and the page bytes.
   struct Reply {
@@ -398,35 +399,7 @@ class RawDataConnection {
 
  private:
   RawDataConnection() = default;
-  bool Send(transport::FrameType type, uint64_t id, const void* payload, size_t len) {
-    transport::FrameHeader h;
-    h.type = static_cast<uint8_t>(type);
-    h.payload_len = static_cast<uint32_t>(len);
-    h.id = id;
-    std::string frame(reinterpret_cast<const char*>(&h), sizeof(h));
-    frame.append(static_cast<const char*>(payload), len);
-    return ::send(fd_.get(), frame.data(), frame.size(), MSG_NOSIGNAL) == static_cast<ssize_t>(frame.size());
-  }
-  bool ReadAll(void* dst, size_t len) {
-    auto* p = static_cast<char*>(dst);
-    while (len > 0) {
-      const ssize_t n = ::recv(fd_.get(), p, len, 0);
-      if (n <= 0) return false;
-      p += n;
-      len -= static_cast<size_t>(n);
-    }
-    return true;
-  }
-  bool Receive(transport::FrameHeader* h, std::string* payload) {
-    if (!ReadAll(h, sizeof(*h)) || h->magic != transport::kFrameMagic ||
-        h->payload_len > transport::kMaxPayload) {
-      return false;
-    }
-    payload->resize(h->payload_len);
-    return ReadAll(payload->data(), payload->size());
-  }
 
-  UniqueFd fd_;
   uint64_t next_id_ = 0;
 };
 
