@@ -388,10 +388,7 @@ class RawData : RawFrames {
     }
     timeval tv{static_cast<time_t>(absl::ToInt64Seconds(Scaled(absl::Seconds(10)))), 0};
     ::setsockopt(c->fd_.get(), SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
-    transport::FrameHeader h;
-    std::string payload;
-    if (!c->Send(transport::FrameType::kHello, 0, c->token_.data(), c->token_.size()) ||
-        !c->Receive(&h, &payload) || h.type != static_cast<uint8_t>(transport::FrameType::kHello)) {
+    if (!c->Hello(c->token_)) {
       ADD_FAILURE() << "the exporter did not answer the HELLO";
       return nullptr;
     }
@@ -415,15 +412,9 @@ class RawData : RawFrames {
   Reply NextReply() {
     Reply r;
     transport::FrameHeader h;
-    std::string payload;
-    do {
-      if (!Receive(&h, &payload)) return r;
-    } while (h.type == static_cast<uint8_t>(transport::FrameType::kInval));
     transport::FetchRespPayload p{};
-    if (h.type != static_cast<uint8_t>(transport::FrameType::kFetchResp) || payload.size() < sizeof(p)) {
-      return r;
-    }
-    std::memcpy(&p, payload.data(), sizeof(p));
+    std::string payload;
+    if (!NextFetchResp(&h, &p, &payload)) return r;
     r.code = p.code;
     if (p.code != 0) {
       r.msg = payload.substr(sizeof(p));

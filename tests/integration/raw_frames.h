@@ -7,6 +7,7 @@
 
 #include <sys/socket.h>
 
+#include <cstring>
 #include <string>
 
 #include "common/fd.h"
@@ -35,6 +36,27 @@ class RawFrames {
     }
     payload->resize(h->payload_len);
     return ReadAll(payload->data(), payload->size());
+  }
+
+  // HELLO with the session token; true when the exporter answered HELLO.
+  bool Hello(const std::string& token) {
+    transport::FrameHeader h;
+    std::string payload;
+    return Send(transport::FrameType::kHello, 0, token.data(), token.size()) && Receive(&h, &payload) &&
+           h.type == static_cast<uint8_t>(transport::FrameType::kHello);
+  }
+  // The next FETCH answer, skipping the exporter's INVALs (which come in
+  // between): its header in *h, its status in *p, the whole payload (status
+  // first) in *payload. False on a closed socket or any other frame.
+  bool NextFetchResp(transport::FrameHeader* h, transport::FetchRespPayload* p, std::string* payload) {
+    do {
+      if (!Receive(h, payload)) return false;
+    } while (h->type == static_cast<uint8_t>(transport::FrameType::kInval));
+    if (h->type != static_cast<uint8_t>(transport::FrameType::kFetchResp) || payload->size() < sizeof(*p)) {
+      return false;
+    }
+    std::memcpy(p, payload->data(), sizeof(*p));
+    return true;
   }
 
   UniqueFd fd_;

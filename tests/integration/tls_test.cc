@@ -361,10 +361,7 @@ class RawDataConnection : RawFrames {
     }
     timeval tv{static_cast<time_t>(absl::ToInt64Seconds(Scaled(absl::Seconds(10)))), 0};
     ::setsockopt(c->fd_.get(), SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
-    if (!c->Send(transport::FrameType::kHello, 0, token->data(), token->size())) return nullptr;
-    transport::FrameHeader h;
-    std::string payload;
-    if (!c->Receive(&h, &payload) || h.type != static_cast<uint8_t>(transport::FrameType::kHello)) {
+    if (!c->Hello(*token)) {
       ADD_FAILURE() << "the exporter did not answer the HELLO";
       return nullptr;
     }
@@ -376,17 +373,12 @@ class RawDataConnection : RawFrames {
     Reply r;
     if (!Send(transport::FrameType::kFetch, ++next_id_, &f, sizeof(f))) return r;
     transport::FrameHeader h;
-    std::string payload;
-    do {  // the exporter's INVALs (heartbeats of a subscription) come in between
-      if (!Receive(&h, &payload)) return r;
-    } while (h.type == static_cast<uint8_t>(transport::FrameType::kInval));
     transport::FetchRespPayload p{};
-    if (h.type != static_cast<uint8_t>(transport::FrameType::kFetchResp) || h.id != next_id_ ||
-        payload.size() < sizeof(p)) {
-      ADD_FAILURE() << "unexpected frame type " << int{h.type};
+    std::string payload;
+    if (!NextFetchResp(&h, &p, &payload) || h.id != next_id_) {
+      ADD_FAILURE() << "no answer to FETCH " << next_id_ << " (last frame type " << int{h.type} << ")";
       return r;
     }
-    std::memcpy(&p, payload.data(), sizeof(p));
     r.code = p.code;
     if (p.code != 0) {
       r.msg = payload.substr(sizeof(p));
