@@ -82,7 +82,9 @@ enum class ExportTable::ZcState {
 
 struct ExportTable::ZeroCopy {
   std::shared_ptr<source::SharedMapping> mapping;  // outlives the registration
-  std::unique_ptr<transport::RegisteredRegion> region;
+  // Shared: Describe registers a peer's view of it (RemoteFor) outside the
+  // entry's lock.
+  std::shared_ptr<transport::RegisteredRegion> region;
 };
 
 struct ExportTable::ExportEntry {
@@ -367,14 +369,33 @@ absl::StatusOr<v1::ExportDescriptor> ExportTable::Describe(const std::string& na
   d.set_len(e->len);
   d.set_page_size(kPageSize);
   d.set_path(path_);
-  absl::MutexLock l(&e->mu);
-  if (e->gone) return absl::FailedPreconditionError(absl::StrCat("export '", name, "' gone: the exporting process exited"));
-  d.set_seq(e->coh.seq());
-  if (e->zc && e->zc_state == ZcState::kUsable) {
-    const transport::RemoteRegion r = e->zc->region->remote();
-    d.mutable_zero_copy()->set_addr(r.addr);
-    d.mutable_zero_copy()->set_rkey(r.rkey);
-    d.mutable_zero_copy()->set_registration(r.odp ? "odp" : "pinned");
+  // The region and the mapping it covers, kept while the peer's
+  // registration is made (it may pin pages: not under the entry's lock).
+  // A region retired meanwhile is harmless: the descriptor's seq is older
+  // than the invalidation that retired it, so the importer drops it.
+  std::shared_ptr<transport::RegisteredRegion> region;
+  std::shared_ptr<source::SharedMapping> mapping;
+  {
+    absl::MutexLock l(&e->mu);
+    if (e->gone) return absl::FailedPreconditionError(absl::StrCat("export '", name, "' gone: the exporting process exited"));
+    d.set_seq(e->coh.seq());
+    if (e->zc && e->zc_state == ZcState::kUsable) {
+      region = e->zc->region;
+      mapping = e->zc->mapping;
+    }
+  }
+  if (region) {
+    // Only this peer's queue pairs can READ through the rkey it gets.
+    auto r = region->RemoteFor(transport::ProtectionKey(peer));
+    if (r.ok()) {
+      d.mutable_zero_copy()->set_addr(r->addr);
+      d.mutable_zero_copy()->set_rkey(r->rkey);
+      d.mutable_zero_copy()->set_registration(r->odp ? "odp" : "pinned");
+    } else {
+      counters_->Add("zero_copy_peer_registration_failures");
+      spdlog::warn("export '{}': no zero-copy path for peer '{}' (it uses the staged path): {}", name,
+                   absl::StrJoin(peer, ","), r.status().message());
+    }
   }
   return d;
 }
@@ -466,9 +487,9 @@ void ExportTable::TryZeroCopy(ExportEntry& e) {
     return;
   }
   const transport::RemoteRegion r = z->region->remote();
-  spdlog::info("export '{}': zero-copy path, {} ({} bytes in pages of {}) registered {}, rkey 0x{:x}",
-               e.name, z->mapping->object(), e.len, z->mapping->page_size(),
-               r.odp ? "odp" : "pinned", r.rkey);
+  spdlog::info("export '{}': zero-copy path, {} ({} bytes in pages of {}) registered {} (each peer "
+               "identity reads a registration of its own)",
+               e.name, z->mapping->object(), e.len, z->mapping->page_size(), r.odp ? "odp" : "pinned");
   counters_->Add("zero_copy_registrations");
   e.zc = std::move(z);
   e.zc_state = ZcState::kUsable;

@@ -381,7 +381,7 @@ void ImportTable::OnHello(const std::shared_ptr<Link>& link, absl::StatusOr<v1::
 
 void ImportTable::SetupNext(const std::shared_ptr<Link>& link, std::shared_ptr<ConnectAttempt> attempt) {
   transport::Transport& t = *attempt->candidates[attempt->next];
-  auto begin = t.BeginConnect();
+  auto begin = t.BeginConnect(link->peer);
   if (!begin.ok()) return NextOrFail(link, std::move(attempt), begin.status());
   v1::SetupDataRequest req;
   req.set_node(opts_.node);

@@ -38,15 +38,24 @@ class PeerService final : public v1::Peer::CallbackService {
     });
   }
 
+  // On the executor: a zero-copy export registers its memory for this
+  // peer's protection key on the first describe (pinned: that pins the
+  // pages once more), which must not hold a reactor.
   grpc::ServerUnaryReactor* DescribeExport(grpc::CallbackServerContext* ctx,
                                            const v1::DescribeExportRequest* req,
                                            v1::ExportDescriptor* resp) override {
-    return Now(ctx, [&](const Caller& c) -> absl::Status {
+    auto* r = ctx->DefaultReactor();
+    auto c = Authenticate(ctx);
+    if (!c.ok()) {
+      r->Finish(ToGrpc(c.status()));
+      return r;
+    }
+    d_->executor().Submit([this, r, req, resp, c = *std::move(c)] {
       auto d = d_->exports().Describe(req->name(), c.names);
-      if (!d.ok()) return Refused(c, req->name(), d.status());
-      *resp = *d;
-      return absl::OkStatus();
+      if (d.ok()) *resp = *std::move(d);
+      r->Finish(ToGrpc(d.ok() ? absl::OkStatus() : Refused(c, req->name(), d.status())));
     });
+    return r;
   }
 
   // PrepareSession may be slow (rdma: a queue pair brought up to RTS and its
@@ -71,8 +80,8 @@ class PeerService final : public v1::Peer::CallbackService {
     }
     // std::function needs a copyable task: the slot travels in a shared_ptr.
     auto held = std::make_shared<std::unique_ptr<transport::ConnectionSlot>>(*std::move(slot));
-    d_->executor().Submit([this, r, req, resp, held] {
-      r->Finish(ToGrpc(PrepareSession(*req, resp, std::move(*held))));
+    d_->executor().Submit([this, r, req, resp, held, key = transport::ProtectionKey(c->names)] {
+      r->Finish(ToGrpc(PrepareSession(*req, resp, std::move(*held), key)));
     });
     return r;
   }
@@ -120,7 +129,7 @@ class PeerService final : public v1::Peer::CallbackService {
   // SetupData's work: the transport's offer, converted to the wire here (the
   // transport seam knows nothing of protobuf).
   absl::Status PrepareSession(const v1::SetupDataRequest& req, v1::SetupDataResponse* resp,
-                              std::unique_ptr<transport::ConnectionSlot> slot) {
+                              std::unique_ptr<transport::ConnectionSlot> slot, const std::string& protection) {
     transport::Transport* t = d_->FindTransport(req.transport());
     if (t == nullptr) {
       std::vector<std::string> offered;
@@ -129,7 +138,7 @@ class PeerService final : public v1::Peer::CallbackService {
           absl::StrCat("transport '", req.transport(), "' is not offered; this node offers '",
                        absl::StrJoin(offered, ","), "'"));
     }
-    auto offer = t->PrepareSession(req.node(), req.importer_endpoint(), std::move(slot));
+    auto offer = t->PrepareSession(req.node(), req.importer_endpoint(), std::move(slot), protection);
     if (!offer.ok()) return offer.status();
     resp->set_session_token(offer->token);
     resp->set_endpoint(offer->endpoint);

@@ -271,8 +271,11 @@ class TcpTransport final : public Transport {
 
   std::string listen_address() const override { return listener_ ? listener_->address() : ""; }
 
+  // tcp reads nothing one-sided: protection keys do not apply (every fetch
+  // is checked against the connection's subscriptions).
   absl::StatusOr<SessionOffer> PrepareSession(const std::string& node, const std::string& /*importer*/,
-                                              std::unique_ptr<ConnectionSlot> slot) override {
+                                              std::unique_ptr<ConnectionSlot> slot,
+                                              const std::string& /*protection*/) override {
     if (!listener_) return absl::FailedPreconditionError("tcp transport not started");
     // The slot waits with the token: an offer nobody takes up costs only
     // the registry's entry, and counts until it expires.

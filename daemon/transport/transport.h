@@ -14,6 +14,7 @@
 
 #include "absl/functional/any_invocable.h"
 #include "absl/status/statusor.h"
+#include "absl/strings/str_join.h"
 #include "absl/synchronization/notification.h"
 #include "absl/time/time.h"
 #include "absl/types/span.h"
@@ -125,6 +126,14 @@ struct SessionOffer {
 
 // Zero-copy path, exporter side: memory of an export registered with the
 // device for one-sided remote READs (RDMA only). Destroying it deregisters.
+//
+// Protection: a peer's data connections reach only what was opened for its
+// protection key (ProtectionKey: the identities it proved). rdma keeps one
+// protection domain per key: the connections PrepareSession makes for a key
+// and the region's registration for that key (RemoteFor) live in it, so a
+// peer that learned, or guessed, another peer's rkey and address still
+// cannot READ through its own queue pairs. Peers that proved nothing (no
+// TLS) share the key "".
 struct RemoteRegion {
   uint64_t addr = 0;
   uint64_t len = 0;
@@ -134,8 +143,21 @@ struct RemoteRegion {
 class RegisteredRegion {
  public:
   virtual ~RegisteredRegion() = default;
+  // The registration as made by RegisterRegion (its mode and extent); its
+  // rkey is readable by no peer.
   virtual RemoteRegion remote() const = 0;
+  // What the peers of protection key read: registered for that key on
+  // first use (pinned: the pages are pinned once more; may take a while for
+  // a large region) and kept until this is destroyed. Thread-safe.
+  virtual absl::StatusOr<RemoteRegion> RemoteFor(const std::string& protection_key) = 0;
 };
+
+// The protection key of a peer that proved names (its certificate's
+// identities, in the order its certificate lists them); "" when it proved
+// none.
+inline std::string ProtectionKey(absl::Span<const std::string> names) {
+  return absl::StrJoin(names, ",");
+}
 
 // Importer side: what the transport delivers to the daemon.
 class ImportBackend {
@@ -281,17 +303,25 @@ class Transport {
   // opaque bytes for SetupDataRequest.importer_endpoint (rdma: the endpoint
   // of a queue pair created for this connection; tcp: empty). Each call must
   // be followed by Connect() with the same bytes; abandoned ones expire.
-  virtual absl::StatusOr<std::string> BeginConnect() { return std::string(); }
+  // peer: the exporter it is for (its address); rdma puts every connection
+  // to one exporter, and the landing areas registered on them, in a
+  // protection domain of their own, which no other exporter reaches.
+  virtual absl::StatusOr<std::string> BeginConnect(const std::string& /*peer*/ = "") {
+    return std::string();
+  }
   // Importer: gives up a BeginConnect() whose SetupData failed.
   virtual void AbortConnect(const std::string& /*begin*/) {}
   // Exporter: SetupData. Returns the endpoint and a one-time token for a
   // data connection from node. importer: the importer's BeginConnect() bytes.
   // slot (may be null): the connection's place under the per-peer bound,
   // kept as long as the connection's resources exist (ConnectionSlot);
-  // dropped at once when this fails.
+  // dropped at once when this fails. protection: the peer's protection key
+  // (see RemoteRegion): the connection reaches only the regions opened for
+  // it.
   virtual absl::StatusOr<SessionOffer> PrepareSession(const std::string& node,
                                                       const std::string& importer = "",
-                                                      std::unique_ptr<ConnectionSlot> slot = nullptr) = 0;
+                                                      std::unique_ptr<ConnectionSlot> slot = nullptr,
+                                                      const std::string& protection = "") = 0;
   // Exporter: the connected importer that presented token, if any.
   virtual std::shared_ptr<Subscriber> FindSubscriber(const std::string& token) = 0;
   // Importer: opens the data connection the exporter on peer_host offered;

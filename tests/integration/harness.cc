@@ -834,6 +834,31 @@ std::string FileText(const std::string& path) {
   return ss.str();
 }
 
+int MakeTestCa(const std::string& dir, const std::vector<std::string>& args) {
+  std::vector<std::string> argv = {MAKE_TEST_CA_PATH};
+  std::vector<std::string> nodes;
+  for (size_t i = 0; i < args.size(); ++i) {
+    if (args[i] == "--ca" && i + 1 < args.size()) {
+      argv.push_back(args[i]);
+      argv.push_back(args[++i]);
+    } else if (args[i] == "--expired") {
+      argv.push_back(args[i]);
+    } else {
+      nodes.push_back(args[i]);
+    }
+  }
+  argv.push_back(dir);
+  argv.insert(argv.end(), nodes.begin(), nodes.end());
+  RunResult r = RunCommand(argv, absl::Seconds(60));
+  EXPECT_EQ(r.exit_code, 0) << r.err;
+  return r.exit_code;
+}
+
+std::vector<std::string> TlsFlagsFor(const std::string& dir, const std::string& node, const std::string& ca) {
+  return {"--tls-cert", absl::StrCat(dir, "/", node, ".pem"), "--tls-key", absl::StrCat(dir, "/", node, ".key"),
+          "--tls-ca", absl::StrCat(dir, "/", ca, ".pem")};
+}
+
 int LinesContaining(const std::string& path, const std::string& needle) {
   int n = 0;
   for (absl::string_view line : absl::StrSplit(FileText(path), '\n')) {

@@ -211,6 +211,15 @@ Footprint FootprintOf(pid_t pid);
 std::string FileText(const std::string& path);
 int LinesContaining(const std::string& path, const std::string& needle);
 
+// A test CA and node certificates under dir, made by the script users run
+// (scripts/make-test-ca.sh): args are its options and node names
+// ("--ca NAME", "--expired", "node-a", ...). Returns its exit code.
+int MakeTestCa(const std::string& dir, const std::vector<std::string>& args);
+// svmd's TLS flags for node's certificate from MakeTestCa(dir), trusting
+// the CA named ca.
+std::vector<std::string> TlsFlagsFor(const std::string& dir, const std::string& node,
+                                     const std::string& ca = "ca");
+
 // The listing of export / import `name` on c's daemon; NOT_FOUND without one.
 absl::StatusOr<ExportInfo> ExportOf(Client& c, const std::string& name);
 absl::StatusOr<ImportInfo> ImportOf(Client& c, const std::string& name);

@@ -69,30 +69,9 @@ class Tls : public ::testing::Test {
     ASSERT_EQ(r.exit_code, 0) << r.err;
   }
 
-  // scripts/make-test-ca.sh [--ca NAME] [--expired] ca_ NODE...
-  int MakeCa(const std::vector<std::string>& args) {
-    std::vector<std::string> argv = {MAKE_TEST_CA_PATH};
-    std::vector<std::string> nodes;
-    for (size_t i = 0; i < args.size(); ++i) {
-      if (args[i] == "--ca") {
-        argv.push_back(args[i]);
-        argv.push_back(args[++i]);
-      } else if (args[i] == "--expired") {
-        argv.push_back(args[i]);
-      } else {
-        nodes.push_back(args[i]);
-      }
-    }
-    argv.push_back(ca_);
-    argv.insert(argv.end(), nodes.begin(), nodes.end());
-    RunResult r = RunCommand(argv, absl::Seconds(60));
-    EXPECT_EQ(r.exit_code, 0) << r.err;
-    return r.exit_code;
-  }
-
+  int MakeCa(const std::vector<std::string>& args) { return MakeTestCa(ca_, args); }
   std::vector<std::string> TlsFlags(const std::string& node, const std::string& ca = "ca") const {
-    return {"--tls-cert", absl::StrCat(ca_, "/", node, ".pem"), "--tls-key",
-            absl::StrCat(ca_, "/", node, ".key"), "--tls-ca", absl::StrCat(ca_, "/", ca, ".pem")};
+    return TlsFlagsFor(ca_, node, ca);
   }
 
   std::string Log(const std::string& node) const {

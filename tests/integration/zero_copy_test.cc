@@ -12,6 +12,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
+#include <map>
 #include <string>
 #include <thread>
 
@@ -207,6 +208,57 @@ uint64_t CapField(pid_t pid, const std::string& field) {
     }
   }
   return ~0ull;
+}
+
+// Protection, end to end: with TLS, each peer identity is handed the rkey
+// of a registration of its own, made in the protection domain its data
+// connections live in. Two importers with different certificates both read
+// the export zero-copy, byte-exact, without the exporter's CPU: the key the
+// exporter registers for at DescribeExport is the one its queue pairs for
+// that peer were made under at SetupData.
+TEST(ZeroCopyTls, EachPeerIdentityReadsThroughARegistrationOfItsOwn) {
+  SVM_GATE_TRANSPORT("rdma");
+  TempDir dir;
+  const std::string pki = absl::StrCat(dir.path(), "/pki");
+  ASSERT_EQ(MakeTestCa(pki, {"node-a", "node-b", "node-c"}), 0);
+  std::map<std::string, std::unique_ptr<Daemon>> d;
+  for (const char* node : {"node-a", "node-b", "node-c"}) {
+    Daemon::Options o;
+    o.node = node;
+    o.dir = dir.path();
+    o.transport = "rdma";
+    o.extra = TlsFlagsFor(pki, node);
+    auto s = Daemon::Start(o);
+    ASSERT_TRUE(s.ok()) << s.status();
+    d[node] = std::move(*s);
+  }
+  Exporter::Options eo;
+  eo.daemon = d["node-a"].get();
+  eo.name = "shared";
+  eo.pages = 32;
+  eo.backing = "memfd";
+  auto ex = Exporter::Start(eo);
+  ASSERT_TRUE(ex.ok()) << ex.status();
+  ASSERT_EQ((*ex)->Command("stamp 5").value_or("?"), "ok");
+  auto ca = d["node-a"]->Connect();
+  ASSERT_NE(ca, nullptr);
+  const uint64_t served_before = Counter(*ca, "fetches_served");
+  for (const char* node : {"node-b", "node-c"}) {
+    SCOPED_TRACE(node);
+    auto c = d[node]->Connect();
+    ASSERT_NE(c, nullptr);
+    ASSERT_TRUE(c->Import(d["node-a"]->peer(), "shared").ok());
+    auto imp = ImportOf(*c, "shared");
+    ASSERT_TRUE(imp.ok()) << imp.status();
+    EXPECT_TRUE(absl::StartsWith(imp->path, "zero-copy/")) << imp->path;
+    const uint64_t zc_before = Counter(*c, "zero_copy_reads");
+    auto whole = ReadBytes(*c, "shared", 0, 32 * kPage);
+    ASSERT_TRUE(whole.ok()) << whole.status();
+    for (uint64_t p = 0; p < 32; ++p) ASSERT_EQ(VersionOf(whole->data() + p * kPage, p), 5) << p;
+    EXPECT_EQ(Counter(*c, "zero_copy_reads"), zc_before + 1);
+  }
+  EXPECT_EQ(Counter(*ca, "fetches_served"), served_before) << "a read reached the exporter's CPU";
+  EXPECT_EQ(Counter(*ca, "zero_copy_peer_registration_failures"), 0u);
 }
 
 // Capabilities, not inspection: a svmd without CAP_SYS_ADMIN and

@@ -1305,8 +1305,19 @@ class FakeRegion final : public transport::RegisteredRegion {
   }
   ~FakeRegion() override { --*live_; }
   transport::RemoteRegion remote() const override { return {0x1000, 0, rkey_, odp_}; }
+  // A key's view: rkey_ in the low 16 bits, the key's order of first use
+  // (from 1) above them; the probe's own rkey is never handed out.
+  absl::StatusOr<transport::RemoteRegion> RemoteFor(const std::string& key) override {
+    absl::MutexLock l(&mu_);
+    auto it = std::find(keys_.begin(), keys_.end(), key);
+    if (it == keys_.end()) it = keys_.insert(keys_.end(), key);
+    const uint32_t order = static_cast<uint32_t>(it - keys_.begin()) + 1;
+    return transport::RemoteRegion{0x1000, 0, (order << 16) | rkey_, odp_};
+  }
 
  private:
+  absl::Mutex mu_;
+  std::vector<std::string> keys_ ABSL_GUARDED_BY(mu_);
   const uint32_t rkey_;
   const bool odp_;
   std::atomic<int>* const live_;
@@ -1319,7 +1330,8 @@ class FakeZeroCopyTransport final : public transport::Transport {
   absl::Status Start(const HostPort&, transport::ExportBackend*) override { return absl::OkStatus(); }
   std::string listen_address() const override { return ""; }
   absl::StatusOr<transport::SessionOffer> PrepareSession(
-      const std::string&, const std::string&, std::unique_ptr<transport::ConnectionSlot>) override {
+      const std::string&, const std::string&, std::unique_ptr<transport::ConnectionSlot>,
+      const std::string&) override {
     return absl::UnimplementedError("fake");
   }
   std::shared_ptr<transport::Subscriber> FindSubscriber(const std::string&) override { return nullptr; }
@@ -1361,10 +1373,10 @@ class ZeroCopyTableTest : public ::testing::TestWithParam<bool> {  // odp?
   }
   // The rkey the descriptor offers, waiting up to 2 s for one to be
   // offered (0: none offered).
-  uint32_t OfferedRkey(absl::Duration wait = absl::Seconds(2)) {
+  uint32_t OfferedRkey(absl::Duration wait = absl::Seconds(2), std::vector<std::string> peer = {}) {
     const absl::Time until = absl::Now() + wait;
     for (;;) {
-      auto d = table_->Describe("zc");
+      auto d = table_->Describe("zc", peer);
       if (d.ok() && d->has_zero_copy()) return d->zero_copy().rkey();
       if (absl::Now() >= until) return 0;
       absl::SleepFor(absl::Milliseconds(1));
@@ -1380,6 +1392,25 @@ class ZeroCopyTableTest : public ::testing::TestWithParam<bool> {  // odp?
   int fd_ = -1;
   void* mem_ = nullptr;
 };
+
+// Protection: each peer identity is handed the rkey of its own
+// registration of the region (rdma: in its own protection domain), never
+// the probe's and never another identity's; asking again gives the same.
+TEST_P(ZeroCopyTableTest, EachPeerIdentityGetsItsOwnRegistration) {
+  ASSERT_TRUE(Export().ok());
+  const uint32_t anonymous = OfferedRkey();
+  const uint32_t a = OfferedRkey(absl::Seconds(2), {"node-a"});
+  const uint32_t b = OfferedRkey(absl::Seconds(2), {"node-b"});
+  const uint32_t ab = OfferedRkey(absl::Seconds(2), {"node-a", "alias-a"});
+  ASSERT_NE(anonymous, 0u);
+  ASSERT_NE(a, 0u);
+  ASSERT_NE(b, 0u);
+  ASSERT_NE(ab, 0u);
+  EXPECT_EQ(std::set<uint32_t>({anonymous, a, b, ab}).size(), 4u) << "one registration per identity";
+  EXPECT_EQ(OfferedRkey(absl::Seconds(2), {"node-a"}), a) << "made once per identity";
+  for (uint32_t k : {anonymous, a, b, ab}) EXPECT_NE(k >> 16, 0u) << "the probe's rkey is never offered";
+  EXPECT_EQ(transport_.live.load(), 1) << "one region, whatever the number of identities";
+}
 
 // Rule 5 at the exporter: a registration replaced by an invalidation is
 // released only when every subscriber acknowledged that invalidation (the

@@ -350,10 +350,10 @@ class TransportTest : public ::testing::TestWithParam<TransportKind> {
     std::string begin;
     SessionOffer offer;
   };
-  absl::StatusOr<Setup> Prepare(const std::string& node) {
+  absl::StatusOr<Setup> Prepare(const std::string& node, const std::string& protection = "") {
     auto begin = importer_->BeginConnect();
     if (!begin.ok()) return begin.status();
-    auto offer = exporter_->PrepareSession(node, *begin);
+    auto offer = exporter_->PrepareSession(node, *begin, nullptr, protection);
     if (!offer.ok()) {
       importer_->AbortConnect(*begin);
       return offer.status();
@@ -367,8 +367,8 @@ class TransportTest : public ::testing::TestWithParam<TransportKind> {
   // Opens a data connection; returns the channel (owned by the fixture)
   // and the exporter's view of it.
   PeerChannel* Open(const std::string& node, std::shared_ptr<Subscriber>* sub = nullptr,
-                    std::string* token = nullptr) {
-    auto setup = Prepare(node);
+                    std::string* token = nullptr, const std::string& protection = "") {
+    auto setup = Prepare(node, protection);
     EXPECT_TRUE(setup.ok()) << setup.status();
     if (!setup.ok()) return nullptr;
     auto ch = Connect(setup->offer, setup->begin);
@@ -1535,7 +1535,9 @@ TEST_P(RdmaOnlyTest, RegisteredRegionIsReadOneSidedAndDroppedByInvalidations) {
   for (size_t i = 0; i < kLen; ++i) bytes[i] = static_cast<uint8_t>(i * 31 + i / 4093);
   auto region = exporter_->RegisterRegion(mem, kLen);
   ASSERT_TRUE(region.ok()) << region.status();
-  RemoteRegion r = (*region)->remote();
+  auto mine = (*region)->RemoteFor("");  // the channel's protection key
+  ASSERT_TRUE(mine.ok()) << mine.status();
+  RemoteRegion r = *mine;
   r.len = kLen;
   std::vector<uint8_t> buf(kLen);
   EXPECT_TRUE(absl::IsFailedPrecondition(ch->ReadRegion(7, 0, absl::MakeSpan(buf), absl::Seconds(5))));
@@ -1566,6 +1568,63 @@ TEST_P(RdmaOnlyTest, RegisteredRegionIsReadOneSidedAndDroppedByInvalidations) {
   EXPECT_TRUE(ch->ReadRegion(7, 0, absl::MakeSpan(past), absl::Seconds(5)).ok());
   region->reset();
   munmap(mem, kLen);
+}
+
+// Protection: a region is readable only through the connections of the
+// protection key it was opened for. A peer that presents another key's
+// rkey and address (learned or guessed), or the probe registration's, has
+// its READ refused by the device (its queue pair is in another protection
+// domain), loses that connection, and reads nothing; the rightful peer's
+// connection is untouched.
+TEST_P(RdmaOnlyTest, ARegionIsReadableOnlyByThePeerItWasOpenedFor) {
+  PeerChannel* a = Open("node-a", nullptr, nullptr, "peer-a");
+  ASSERT_NE(a, nullptr);
+  constexpr size_t kLen = 64 * kPageSize;
+  void* mem = mmap(nullptr, kLen, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+  ASSERT_NE(mem, MAP_FAILED);
+  absl::Cleanup unmap = [&] { munmap(mem, kLen); };
+  auto* bytes = static_cast<uint8_t*>(mem);
+  for (size_t i = 0; i < kLen; ++i) bytes[i] = static_cast<uint8_t>(i * 7 + 1);
+  auto region = exporter_->RegisterRegion(mem, kLen);
+  ASSERT_TRUE(region.ok()) << region.status();
+  auto for_a = (*region)->RemoteFor("peer-a");
+  ASSERT_TRUE(for_a.ok()) << for_a.status();
+  auto again = (*region)->RemoteFor("peer-a");
+  ASSERT_TRUE(again.ok());
+  EXPECT_EQ(again->rkey, for_a->rkey) << "registered once per key";
+  auto for_b = (*region)->RemoteFor("peer-b");
+  ASSERT_TRUE(for_b.ok()) << for_b.status();
+  EXPECT_NE(for_b->rkey, for_a->rkey);
+
+  std::vector<uint8_t> got(kLen);
+  ASSERT_TRUE(a->SetRegion(7, *for_a, 1));
+  ASSERT_TRUE(a->ReadRegion(7, 0, absl::MakeSpan(got), Scaled(absl::Seconds(10))).ok());
+  ASSERT_EQ(std::memcmp(got.data(), bytes, kLen), 0);
+
+  // Each intruder uses a connection of its own: a refused READ ends it.
+  struct Intruder {
+    const char* what;
+    std::string key;
+    RemoteRegion presents;
+  };
+  for (const Intruder& in : {Intruder{"peer-b presenting peer-a's rkey", "peer-b", *for_a},
+                             Intruder{"an anonymous peer presenting peer-a's rkey", "", *for_a},
+                             Intruder{"peer-b presenting the probe's rkey", "peer-b", (*region)->remote()},
+                             Intruder{"peer-a presenting peer-b's rkey", "peer-a", *for_b}}) {
+    SCOPED_TRACE(in.what);
+    PeerChannel* x = Open("intruder", nullptr, nullptr, in.key);
+    ASSERT_NE(x, nullptr);
+    ASSERT_TRUE(x->SetRegion(7, in.presents, 1));
+    std::vector<uint8_t> stolen(kLen, 0);
+    absl::Status st = x->ReadRegion(7, 0, absl::MakeSpan(stolen), Scaled(absl::Seconds(10)));
+    EXPECT_FALSE(st.ok()) << "the READ crossed protection domains";
+    EXPECT_NE(std::memcmp(stolen.data(), bytes, kLen), 0) << "the intruder read the region";
+  }
+  // peer-a's connection is untouched and still reads.
+  std::fill(got.begin(), got.end(), 0);
+  ASSERT_TRUE(a->ReadRegion(7, 0, absl::MakeSpan(got), Scaled(absl::Seconds(10))).ok());
+  EXPECT_EQ(std::memcmp(got.data(), bytes, kLen), 0);
+  region->reset();
 }
 
 // Fetches into the importer's shared cache file (a memfd that svmd maps

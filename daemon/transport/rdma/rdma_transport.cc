@@ -162,26 +162,49 @@ Executor& DeliveryWorkers() {
   return *workers;
 }
 
-// The device and protection domain every connection uses, and the
-// completion contexts serving its connections; shared so a connection
-// outliving the transport keeps them alive. Declaration order is teardown
-// order reversed: contexts (their CQs) go first, then the PD, then the
-// device. Every registered connection holds a reference, so the contexts
-// are empty by then.
+// A protection domain: what the queue pairs in it can reach. Exporter: one
+// per peer protection key ("peer KEY", Nic::DomainFor), holding every data
+// connection of that peer and the registrations of the regions opened for
+// it (Region::RemoteFor); importer: one per exporter ("link ADDRESS"),
+// holding the connections to it, their buffers and the landing areas
+// registered on them (a reconnection to the same exporter finds the
+// areas it registered before usable). So no peer's queue pair can touch
+// memory registered for another peer, whatever rkey it presents. Holders
+// keep the Nic (and so the device) alive longer than the domain, and their
+// registrations and queue pairs shorter.
+struct Domain {
+  PdPtr pd;
+  std::string key;  // "" for a domain of its own (Nic::NewDomain)
+};
+
+// The device, the protection domains in use, and the completion contexts
+// serving its connections; shared so a connection outliving the transport
+// keeps them alive. Declaration order is teardown order reversed: contexts
+// (their CQs) go first, then the PD, then the device. Every registered
+// connection holds a reference, so the contexts are empty by then.
 struct Nic {
   ~Nic();
   // A context with room for a connection that can have cqe completions
   // outstanding (reserved until Release); a new one when all are full.
   absl::StatusOr<CompletionContext*> AcquireContext(int cqe);
+  // The domain of a peer protection key: made on first use, freed with its
+  // last holder (connections, registrations).
+  absl::StatusOr<std::shared_ptr<Domain>> DomainFor(const std::string& key);
+  // A domain of its own (an importer's data connection).
+  absl::StatusOr<std::shared_ptr<Domain>> NewDomain() const;
 
   std::unique_ptr<Device> device;
-  PdPtr pd;  // released before the device is closed
+  // Holds only the probe registrations RegisterRegion makes: no queue pair
+  // is ever created in it. Released before the device is closed.
+  PdPtr pd;
   // Data buffers: kAuto (ODP when the device passed the data check), kOdp
   // (checked usable at start-up) or kPinned (--rdma-registration pinned).
   Mode data_mode = Mode::kAuto;
   uint8_t ack_timeout = 14;  // every QP's (verbs exponent; RdmaOptions::ack_timeout)
   absl::Mutex contexts_mu;  // guards contexts (not what they serve)
   std::vector<std::unique_ptr<CompletionContext>> contexts ABSL_GUARDED_BY(contexts_mu);
+  absl::Mutex domains_mu;
+  std::map<std::string, std::weak_ptr<Domain>> domains ABSL_GUARDED_BY(domains_mu);
 };
 
 // ------------------------------------------------------ completion context
@@ -319,6 +342,30 @@ absl::StatusOr<CompletionContext*> Nic::AcquireContext(int cqe) {
   return contexts.back().get();
 }
 
+absl::StatusOr<std::shared_ptr<Domain>> Nic::NewDomain() const {
+  auto pd = device->AllocPd();
+  if (!pd.ok()) return pd.status();
+  auto d = std::make_shared<Domain>();
+  d->pd = std::move(*pd);
+  return d;
+}
+
+absl::StatusOr<std::shared_ptr<Domain>> Nic::DomainFor(const std::string& key) {
+  absl::MutexLock l(&domains_mu);
+  for (auto it = domains.begin(); it != domains.end();) {
+    if (it->second.expired()) it = domains.erase(it);
+    else ++it;
+  }
+  if (auto it = domains.find(key); it != domains.end()) {
+    if (auto d = it->second.lock()) return d;
+  }
+  auto d = NewDomain();
+  if (!d.ok()) return d.status();
+  (*d)->key = key;
+  domains[key] = *d;
+  return *d;
+}
+
 Nic::~Nic() {
   std::vector<std::unique_ptr<CompletionContext>> c;
   {
@@ -385,7 +432,8 @@ class Conn : public std::enable_shared_from_this<Conn> {
   }
 
  protected:
-  Conn(std::shared_ptr<Nic> nic, uint64_t conn_id) : nic_(std::move(nic)), conn_id_(conn_id) {}
+  Conn(std::shared_ptr<Nic> nic, std::shared_ptr<Domain> domain, uint64_t conn_id)
+      : nic_(std::move(nic)), domain_(std::move(domain)), conn_id_(conn_id) {}
 
   // Buffers, registrations, a completion context and the QP (RESET).
   // data_len: the importer's receive area or the exporter's staging buffers.
@@ -422,6 +470,9 @@ class Conn : public std::enable_shared_from_this<Conn> {
   virtual void OnClosed(const absl::Status& why) = 0;
 
   const std::shared_ptr<Nic> nic_;  // first: released last
+  // Where the QP and every registration of this connection live; released
+  // after them, before the Nic.
+  const std::shared_ptr<Domain> domain_;
   const uint64_t conn_id_;
   std::string peer_name_ = "?";
   CompletionContext* ctx_ = nullptr;  // owned by nic_
@@ -566,21 +617,21 @@ absl::Status Conn::Init(size_t data_len, Access data_access) {
   data_mem_ = std::move(*data);
   // Message buffers are small and always touched: pinned. The data buffer is
   // ODP when the device passed the data check (kAuto), else pinned.
-  auto rmr = rdma::Register(dev, nic_->pd.get(), recv_mem_.get(), kRecvDepth * kMsgSize,
+  auto rmr = rdma::Register(dev, domain_->pd.get(), recv_mem_.get(), kRecvDepth * kMsgSize,
                             Access::kLocal, Mode::kPinned);
   if (!rmr.ok()) return rmr.status();
   recv_mr_.emplace(std::move(*rmr));
-  auto smr = rdma::Register(dev, nic_->pd.get(), send_mem_.get(), kSendWindow * kMsgSize,
+  auto smr = rdma::Register(dev, domain_->pd.get(), send_mem_.get(), kSendWindow * kMsgSize,
                             Access::kLocal, Mode::kPinned);
   if (!smr.ok()) return smr.status();
   send_mr_.emplace(std::move(*smr));
-  auto dmr = rdma::Register(dev, nic_->pd.get(), data_mem_.get(), data_len, data_access, nic_->data_mode);
+  auto dmr = rdma::Register(dev, domain_->pd.get(), data_mem_.get(), data_len, data_access, nic_->data_mode);
   if (!dmr.ok()) return dmr.status();
   data_mr_.emplace(std::move(*dmr));
   if (data_mr_->mode() == Mode::kOdp && dev.caps().advise_mr == rdma::Capabilities::AdviseMr::kSupported) {
     // The buffer is written by the peer (receive area) or read by the NIC
     // (staging): map it now, not on the first fetch.
-    if (auto st = rdma::Prefetch(nic_->pd.get(), *data_mr_, /*write=*/true, /*flush=*/true); !st.ok()) {
+    if (auto st = rdma::Prefetch(domain_->pd.get(), *data_mr_, /*write=*/true, /*flush=*/true); !st.ok()) {
       spdlog::debug("prefetch of a data buffer: {}", st.message());
     }
   }
@@ -593,7 +644,7 @@ absl::Status Conn::Init(size_t data_len, Access data_access) {
   if (!ctx.ok()) return ctx.status();
   ctx_ = *ctx;
   cqe_ = cqe;
-  auto qp = Qp::Create(dev, nic_->pd.get(), ctx_->poller(), caps);
+  auto qp = Qp::Create(dev, domain_->pd.get(), ctx_->poller(), caps);
   if (!qp.ok()) return qp.status();
   qp_ = std::move(*qp);
   return absl::OkStatus();
@@ -797,10 +848,10 @@ enum class RequestState {
 
 class ServerConn final : public Conn, public Subscriber {
  public:
-  ServerConn(std::shared_ptr<Nic> nic, RdmaTransport* t, uint64_t id, ExportBackend* backend,
-             Executor* copiers, ThreadCount* threads, std::string node, std::string token,
-             std::unique_ptr<ConnectionSlot> slot)
-      : Conn(std::move(nic), id),
+  ServerConn(std::shared_ptr<Nic> nic, std::shared_ptr<Domain> domain, RdmaTransport* t, uint64_t id,
+             ExportBackend* backend, Executor* copiers, ThreadCount* threads, std::string node,
+             std::string token, std::unique_ptr<ConnectionSlot> slot)
+      : Conn(std::move(nic), std::move(domain), id),
         transport_(t),
         backend_(backend),
         copiers_(copiers),
@@ -920,18 +971,21 @@ enum class SlotState {
 // into it faults a fresh page of the file in, which clients then see.
 class LandingRegistration final : public LandingArea {
  public:
-  LandingRegistration(std::shared_ptr<Nic> nic, Registration reg) : nic_(std::move(nic)), reg_(std::move(reg)) {}
-  const Nic* nic() const { return nic_.get(); }
+  LandingRegistration(std::shared_ptr<Nic> nic, std::shared_ptr<Domain> domain, Registration reg)
+      : nic_(std::move(nic)), domain_(std::move(domain)), reg_(std::move(reg)) {}
+  const Domain* domain() const { return domain_.get(); }
   const Registration& reg() const { return reg_; }
 
  private:
-  std::shared_ptr<Nic> nic_;  // the PD outlives the registration
+  std::shared_ptr<Nic> nic_;        // the device outlives the PD
+  std::shared_ptr<Domain> domain_;  // the PD outlives the registration
   Registration reg_;
 };
 
 class ClientConn final : public Conn {
  public:
-  ClientConn(std::shared_ptr<Nic> nic, uint64_t id) : Conn(std::move(nic), id) {}
+  ClientConn(std::shared_ptr<Nic> nic, std::shared_ptr<Domain> domain, uint64_t id)
+      : Conn(std::move(nic), std::move(domain), id) {}
 
   absl::Status Prepare() {
     absl::Status st = Init(kSlots * kSlotBytes, Access::kRemoteReadWrite);
@@ -1144,17 +1198,47 @@ class RdmaChannel final : public PeerChannel {
 };
 
 // A zero-copy region: the export's object as mapped by this daemon,
-// registered read-only for remote READs.
+// registered read-only for remote READs: once in the Nic's own PD (the
+// probe, which no queue pair reaches) and once per protection key that
+// asked for it, in that key's domain.
 class Region final : public RegisteredRegion {
  public:
   Region(std::shared_ptr<Nic> nic, Registration reg) : nic_(std::move(nic)), reg_(std::move(reg)) {}
-  RemoteRegion remote() const override {
-    return RemoteRegion{reg_.addr(), reg_.length(), reg_.rkey(), reg_.mode() == Mode::kOdp};
+  RemoteRegion remote() const override { return Describe(reg_); }
+  absl::StatusOr<RemoteRegion> RemoteFor(const std::string& key) override {
+    absl::MutexLock l(&mu_);
+    if (auto it = peers_.find(key); it != peers_.end()) return Describe(it->second.reg);
+    auto domain = nic_->DomainFor(absl::StrCat("peer ", key));
+    if (!domain.ok()) return domain.status();
+    // The same memory, access and mode as the probe registration, which
+    // succeeded.
+    auto reg = rdma::Register(*nic_->device, (*domain)->pd.get(), reinterpret_cast<void*>(reg_.addr()),
+                              reg_.length(), Access::kRemoteReadOnly, reg_.mode());
+    if (!reg.ok()) return reg.status();
+    if (reg->mode() == Mode::kOdp &&
+        nic_->device->caps().advise_mr == rdma::Capabilities::AdviseMr::kSupported) {
+      if (auto st = rdma::Prefetch((*domain)->pd.get(), *reg, /*write=*/false, /*flush=*/false); !st.ok()) {
+        spdlog::debug("prefetch of a zero-copy region: {}", st.message());
+      }
+    }
+    const RemoteRegion r = Describe(*reg);
+    peers_.emplace(key, PerPeer{std::move(*domain), std::move(*reg)});
+    return r;
   }
 
  private:
-  std::shared_ptr<Nic> nic_;  // the PD outlives the registration
-  Registration reg_;
+  static RemoteRegion Describe(const Registration& r) {
+    return RemoteRegion{r.addr(), r.length(), r.rkey(), r.mode() == Mode::kOdp};
+  }
+  struct PerPeer {
+    std::shared_ptr<Domain> domain;  // outlives the registration
+    Registration reg;
+  };
+
+  std::shared_ptr<Nic> nic_;  // the PDs outlive the registrations
+  Registration reg_;          // the probe, in nic_->pd: no queue pair reaches it
+  absl::Mutex mu_;
+  std::map<std::string, PerPeer> peers_ ABSL_GUARDED_BY(mu_);  // by protection key
 };
 
 class RdmaTransport final : public Transport {
@@ -1183,25 +1267,23 @@ class RdmaTransport final : public Transport {
   }
   std::string listen_address() const override { return listener_ ? listener_->address() : ""; }
 
+  // The probe registration: proves the memory can be registered (and how)
+  // before the export offers the zero-copy path; peers read their own
+  // registrations of it (Region::RemoteFor), made and prefetched when they
+  // describe the export.
   absl::StatusOr<std::unique_ptr<RegisteredRegion>> RegisterRegion(void* addr, size_t len) override {
     auto reg = rdma::Register(*nic_->device, nic_->pd.get(), addr, len, Access::kRemoteReadOnly,
                               nic_->data_mode);
     if (!reg.ok()) return reg.status();
-    if (reg->mode() == Mode::kOdp &&
-        nic_->device->caps().advise_mr == rdma::Capabilities::AdviseMr::kSupported) {
-      // Importers' first READs need not fault the pages into the NIC's
-      // tables; in the background (a large export is not waited for).
-      if (auto st = rdma::Prefetch(nic_->pd.get(), *reg, /*write=*/false, /*flush=*/false); !st.ok()) {
-        spdlog::debug("prefetch of a zero-copy region: {}", st.message());
-      }
-    }
     return std::unique_ptr<RegisteredRegion>(new Region(nic_, std::move(*reg)));
   }
 
   std::optional<DeviceStatus> device_status() const override;
 
-  absl::StatusOr<std::string> BeginConnect() override {
-    auto conn = std::make_shared<ClientConn>(nic_, NextConnId());
+  absl::StatusOr<std::string> BeginConnect(const std::string& peer) override {
+    auto domain = peer.empty() ? nic_->NewDomain() : nic_->DomainFor(absl::StrCat("link ", peer));
+    if (!domain.ok()) return domain.status();
+    auto conn = std::make_shared<ClientConn>(nic_, std::move(*domain), NextConnId());
     if (auto st = conn->Prepare(); !st.ok()) return st;
     std::string bytes = EncodeEndpoint(conn->local(), 0);
     absl::MutexLock l(&mu_);
@@ -1224,7 +1306,8 @@ class RdmaTransport final : public Transport {
   }
 
   absl::StatusOr<SessionOffer> PrepareSession(const std::string& node, const std::string& importer,
-                                              std::unique_ptr<ConnectionSlot> slot) override {
+                                              std::unique_ptr<ConnectionSlot> slot,
+                                              const std::string& protection) override {
     if (importer.empty()) {
       return absl::FailedPreconditionError("rdma setup without the importer's queue pair endpoint");
     }
@@ -1234,8 +1317,13 @@ class RdmaTransport final : public Transport {
     if (stopped_ || !listener_) return absl::UnavailableError("not serving");
     auto token = sessions_.Issue(node);
     if (!token.ok()) return token.status();
-    auto conn = std::make_shared<ServerConn>(nic_, this, NextConnId(), backend_, &copiers_, &threads_,
-                                             node, *token, std::move(slot));
+    auto domain = nic_->DomainFor(absl::StrCat("peer ", protection));
+    if (!domain.ok()) {
+      sessions_.Forget(*token);
+      return domain.status();
+    }
+    auto conn = std::make_shared<ServerConn>(nic_, std::move(*domain), this, NextConnId(), backend_,
+                                             &copiers_, &threads_, node, *token, std::move(slot));
     if (auto st = conn->Setup(*remote); !st.ok()) {
       spdlog::warn("rdma data connection for {}: {}", node, st.message());
       sessions_.Forget(*token);
@@ -1579,7 +1667,9 @@ absl::StatusOr<std::unique_ptr<LandingArea>> ClientConn::RegisterLanding(void* a
   if (reinterpret_cast<uintptr_t>(addr) % kPage != 0 || len % kPage != 0 || len == 0) {
     return absl::InvalidArgumentError("a landing area is whole pages");
   }
-  auto reg = rdma::Register(*nic_->device, nic_->pd.get(), addr, len, Access::kRemoteReadWrite, Mode::kOdp);
+  // In the domain of this exporter's connections: no other exporter's queue
+  // pair can WRITE into it.
+  auto reg = rdma::Register(*nic_->device, domain_->pd.get(), addr, len, Access::kRemoteReadWrite, Mode::kOdp);
   if (!reg.ok()) {
     if (!reg_failed_logged_.exchange(true)) {
       spdlog::warn("rdma: fetched pages land in receive slots and are copied: registering the shared "
@@ -1587,12 +1677,12 @@ absl::StatusOr<std::unique_ptr<LandingArea>> ClientConn::RegisterLanding(void* a
     }
     return reg.status();
   }
-  return std::make_unique<LandingRegistration>(nic_, std::move(*reg));
+  return std::make_unique<LandingRegistration>(nic_, domain_, std::move(*reg));
 }
 
 const Registration* ClientConn::AreaCovering(const FetchOp& op) const {
   const auto* area = dynamic_cast<const LandingRegistration*>(op.area);
-  if (area == nullptr || area->nic() != nic_.get() || op.dst.empty()) return nullptr;
+  if (area == nullptr || area->domain() != domain_.get() || op.dst.empty()) return nullptr;
   const uint64_t at = reinterpret_cast<uint64_t>(op.dst.data());
   const Registration& r = area->reg();
   if (at % kPage != 0 || at < r.addr() || at - r.addr() > r.length() || op.dst.size() > r.length() - (at - r.addr())) {
