@@ -532,12 +532,13 @@ absl::StatusOr<uint64_t> ExportTable::Subscribe(uint64_t export_id,
     const uint64_t max = lim.Get(Limit::kImportsPerPeer);
     uint64_t held = 0;
     bool again = false;  // this connection re-subscribes: it holds the slot already
+    absl::MutexLock pl(&peers_mu_);
     for (const auto& [id, x] : by_id_) {
       absl::MutexLock xl(&x->mu);
       if (x->gone) continue;  // holds nothing any more
       for (const auto& [sid, s] : x->subs) {
         auto p = peer_of_.find(sid);
-        if ((p != peer_of_.end() ? p->second.key : PeerKey({}, s->node())) != who) continue;
+        if ((p != peer_of_.end() ? p->second : PeerKey({}, s->node())) != who) continue;
         ++held;
         if (x == e && sid == sub->id()) again = true;
       }
@@ -546,7 +547,7 @@ absl::StatusOr<uint64_t> ExportTable::Subscribe(uint64_t export_id,
       return lim.Refuse(Limit::kImportsPerPeer, who,
                         absl::StrFormat("already holds %u imports of this node's exports", held), max);
     }
-    peer_of_.try_emplace(sub->id(), PeerConn{who, sub});
+    if (peer_of_.try_emplace(sub->id(), who).second) by_peer_[who][sub->id()] = sub;
     absl::MutexLock l(&e->mu);
     if (e->gone) return absl::FailedPreconditionError(absl::StrCat("export '", e->name, "' gone"));
     e->subs[sub->id()] = sub;
@@ -695,13 +696,13 @@ absl::Status ExportTable::AdmitFetch(const transport::Subscriber& from, uint64_t
   std::string who;
   uint64_t total = pending;
   {
-    absl::MutexLock l(&mu_);
+    absl::MutexLock l(&peers_mu_);
     auto self = peer_of_.find(from.id());
-    who = self != peer_of_.end() ? self->second.key : PeerKey({}, from.node());
+    who = self != peer_of_.end() ? self->second : PeerKey({}, from.node());
     if (self != peer_of_.end()) {
-      for (const auto& [id, pc] : peer_of_) {
-        if (id == from.id() || pc.key != who) continue;
-        if (auto c = pc.conn.lock()) {
+      for (const auto& [id, conn] : by_peer_[who]) {
+        if (id == from.id()) continue;
+        if (auto c = conn.lock()) {
           total += c->PendingFetches();
           others.push_back(std::move(c));
         }
@@ -751,7 +752,16 @@ void ExportTable::OnSubscriberClosed(uint64_t subscriber_id) {
     grants_.erase(grants_.lower_bound({subscriber_id, 0}),
                   grants_.upper_bound({subscriber_id, UINT64_MAX}));
     refusals_logged_.erase(subscriber_id);
-    peer_of_.erase(subscriber_id);
+    {
+      absl::MutexLock pl(&peers_mu_);
+      if (auto p = peer_of_.find(subscriber_id); p != peer_of_.end()) {
+        if (auto b = by_peer_.find(p->second); b != by_peer_.end()) {
+          b->second.erase(subscriber_id);
+          if (b->second.empty()) by_peer_.erase(b);
+        }
+        peer_of_.erase(p);
+      }
+    }
     for (auto& [id, e] : by_id_) all.push_back(e);
     for (auto& [id, e] : draining_) all.push_back(e);
   }

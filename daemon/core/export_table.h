@@ -25,9 +25,11 @@
 //
 // LOCKING: mu_ guards the maps; ExportEntry::mu guards one export's state.
 // Order: mu_ before ExportEntry::mu (Export's limit count, Scrub); never
-// the reverse. mu_ before a data connection's own lock (AdmitFetch reads
-// PendingFetches() of the caller's peer's connections under mu_; no
-// transport calls the backend under a connection's lock). Neither is held across a mirror-source read, a registration
+// the reverse. peers_mu_ (the peers' data connections) after mu_ and
+// before ExportEntry::mu (Subscribe's count), and before a data
+// connection's own lock (AdmitFetch reads PendingFetches() of the caller's
+// peer's connections under peers_mu_ alone, so a fetch never waits for the
+// table; no transport calls the backend under a connection's lock). Neither is held across a mirror-source read, a registration
 // or a deregistration; ExportEntry::mu is held while invalidations are
 // pushed to subscribers (PushInvalidation never blocks).
 #ifndef SVM_DAEMON_CORE_EXPORT_TABLE_H_
@@ -148,8 +150,10 @@ class ExportTable final : public transport::ExportBackend {
                                       absl::Span<uint8_t> dst) override;
   // --max-pending-fetches-per-peer: pending (from's own) plus the
   // PendingFetches() of every other data connection of from's peer (the
-  // key its first Subscribe recorded), summed under mu_. A connection that
-  // subscribed to nothing counts alone (its fetches are refused anyway).
+  // key its first Subscribe recorded), summed under peers_mu_ over that
+  // peer's connections only (at most --max-data-connections-per-peer). A
+  // connection that subscribed to nothing counts alone (its fetches are
+  // refused anyway).
   absl::Status AdmitFetch(const transport::Subscriber& from, uint64_t pending) override;
   void OnAck(uint64_t subscriber_id, uint64_t export_id, uint64_t seq) override;
   void OnSubscriberClosed(uint64_t subscriber_id) override;
@@ -219,12 +223,12 @@ class ExportTable final : public transport::ExportBackend {
   std::set<std::pair<uint64_t, uint64_t>> grants_ ABSL_GUARDED_BY(mu_);
   // The peer each subscribed data connection counts under (PeerKey: "peer
   // ID" or "node NAME"), set by its first Subscribe, until it closes; and
-  // the connection, for the per-peer sum of pending fetches (AdmitFetch).
-  struct PeerConn {
-    std::string key;
-    std::weak_ptr<transport::Subscriber> conn;
-  };
-  std::map<uint64_t, PeerConn> peer_of_ ABSL_GUARDED_BY(mu_);
+  // by key, the connections, for the per-peer sum of pending fetches
+  // (AdmitFetch walks one peer's connections).
+  absl::Mutex peers_mu_ ABSL_ACQUIRED_AFTER(mu_);
+  std::map<uint64_t, std::string> peer_of_ ABSL_GUARDED_BY(peers_mu_);
+  std::map<std::string, std::map<uint64_t, std::weak_ptr<transport::Subscriber>>> by_peer_
+      ABSL_GUARDED_BY(peers_mu_);
   // Connections whose refused fetch was logged (once each, until they close).
   std::set<uint64_t> refusals_logged_ ABSL_GUARDED_BY(mu_);
 };
