@@ -190,7 +190,8 @@ struct Nic {
   // The domain of a peer protection key: made on first use, freed with its
   // last holder (connections, registrations).
   absl::StatusOr<std::shared_ptr<Domain>> DomainFor(const std::string& key);
-  // A domain of its own (an importer's data connection).
+  // A domain of its own (an importer's connection to an exporter it was
+  // not told the address of: BeginConnect without one).
   absl::StatusOr<std::shared_ptr<Domain>> NewDomain() const;
 
   std::unique_ptr<Device> device;
