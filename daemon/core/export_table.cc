@@ -102,6 +102,11 @@ struct ExportTable::ExportEntry {
   bool scrub = false;
   ExportStats stats;  // relaxed atomics, no lock
 
+  // Held by Invalidate from before it takes mu (where the sequence number
+  // is assigned and pushed to subscribers) until the local watchers have
+  // the event: they see the export's invalidations in sequence order, as
+  // the subscribers' connections do, whatever threads raise them.
+  absl::Mutex publish_mu ABSL_ACQUIRED_BEFORE(mu);
   absl::Mutex mu;  // guards everything below
   std::shared_ptr<source::MirrorRange> range ABSL_GUARDED_BY(mu);
   // Sequence, served versions, acknowledgements, retirement: the rules.
@@ -567,6 +572,7 @@ absl::StatusOr<uint64_t> ExportTable::Subscribe(uint64_t export_id,
 }
 
 void ExportTable::Invalidate(ExportEntry& e, const Change& c) {
+  absl::MutexLock publishing(&e.publish_mu);
   v1::Invalidation ev;
   {
     absl::MutexLock l(&e.mu);

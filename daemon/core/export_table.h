@@ -25,7 +25,9 @@
 //
 // LOCKING: mu_ guards the maps; ExportEntry::mu guards one export's state.
 // Order: mu_ before ExportEntry::mu (Export's limit count, Scrub); never
-// the reverse. peers_mu_ (the peers' data connections) after mu_ and
+// the reverse. ExportEntry::publish_mu (Invalidate: the local watchers get
+// an export's events in sequence order) before ExportEntry::mu and the
+// WatchHub's lock. peers_mu_ (the peers' data connections) after mu_ and
 // before ExportEntry::mu (Subscribe's count), and before a data
 // connection's own lock (AdmitFetch reads PendingFetches() of the caller's
 // peer's connections under peers_mu_ alone, so a fetch never waits for the

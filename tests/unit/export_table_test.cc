@@ -802,6 +802,34 @@ TEST_F(ExportTableTest, OnSubscriberClosedRemovesIt) {
   table_->OnSubscriberClosed(999);  // unknown: harmless
 }
 
+// Local watchers (a session's events, svmctl watch on the exporting node)
+// see an export's invalidations in sequence order whatever threads raise
+// them (the mirror source's thread, a Sync's scrub, Unexport), as every
+// subscriber's connection does.
+TEST_F(ExportTableTest, LocalWatchersSeeAnExportsInvalidationsInSeqOrder) {
+  ASSERT_TRUE(Export("a", 0, 4).ok());
+  absl::Mutex mu;
+  std::vector<uint64_t> seqs;
+  hub_.Add("a", [&](const v1::Invalidation& ev) {
+    absl::MutexLock l(&mu);
+    seqs.push_back(ev.seq());
+  });
+  constexpr int kThreads = 4;
+  constexpr int kEach = 20000;
+  std::vector<std::thread> threads;
+  for (int t = 0; t < kThreads; ++t) {
+    threads.emplace_back([&, t] {
+      for (int i = 0; i < kEach; ++i) source_.Fire(0, Ch(t, 1, ChangeKind::kWrite, i + 1));
+    });
+  }
+  for (auto& t : threads) t.join();
+  absl::MutexLock l(&mu);
+  ASSERT_EQ(seqs.size(), size_t{kThreads} * kEach);
+  size_t out_of_order = 0;
+  for (size_t i = 1; i < seqs.size(); ++i) out_of_order += seqs[i] <= seqs[i - 1];
+  EXPECT_EQ(out_of_order, 0u);
+}
+
 TEST_F(ExportTableTest, WatchHubGetsEveryInvalidationByName) {
   ASSERT_TRUE(Export("a", 0, 4).ok());
   ASSERT_TRUE(Export("b", 4, 4).ok());
