@@ -1,5 +1,7 @@
 #include "daemon/transport/frame.h"
 
+#include <sched.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -7,6 +9,7 @@
 #include <cstring>
 
 #include "absl/strings/str_format.h"
+#include "absl/time/clock.h"
 #include "common/fd.h"
 #include "daemon/source/mirror_source.h"
 
@@ -202,7 +205,20 @@ absl::Status FrameReader::Fill() {
     begin_ = 0;
   }
   for (;;) {
-    const ssize_t n = ::read(fd_, buf_.data() + end_, buf_.size() - end_);
+    ssize_t n;
+    if (spin_until_ > absl::InfinitePast()) {
+      n = ::recv(fd_, buf_.data() + end_, buf_.size() - end_, MSG_DONTWAIT);
+      if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+        if (absl::Now() < spin_until_) {
+          ::sched_yield();
+          continue;
+        }
+        spin_until_ = absl::InfinitePast();
+        continue;
+      }
+    } else {
+      n = ::read(fd_, buf_.data() + end_, buf_.size() - end_);
+    }
     if (n > 0) {
       end_ += static_cast<size_t>(n);
       return absl::OkStatus();

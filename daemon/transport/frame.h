@@ -21,6 +21,7 @@
 
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
+#include "absl/time/time.h"
 #include "absl/types/span.h"
 #include "daemon/transport/transport.h"
 
@@ -222,6 +223,10 @@ class FrameReader {
   // Bytes received and not yet returned: another frame (or part of one)
   // is waiting.
   size_t buffered() const { return end_ - begin_; }
+  // Until then, a read finding nothing yields the CPU and tries again
+  // instead of sleeping (a thread that expects the next frame soon saves
+  // its wakeup).
+  void SpinUntil(absl::Time t) { spin_until_ = t; }
 
  private:
   // Reads once more (at least one byte, or an error); compacts first.
@@ -230,6 +235,7 @@ class FrameReader {
   const int fd_;
   std::vector<uint8_t> buf_;
   size_t begin_ = 0, end_ = 0;  // buf_[begin_, end_) is received, not returned
+  absl::Time spin_until_ = absl::InfinitePast();
 };
 
 // ReadFrame's first half: the header alone, checked the same way; the

@@ -5,6 +5,7 @@
 #include <netinet/in.h>
 #include <sys/ioctl.h>
 #include <poll.h>
+#include <sched.h>
 #include <sys/eventfd.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
@@ -63,6 +64,7 @@ struct OutFrame {
   std::vector<uint8_t> small;
   std::unique_ptr<uint8_t[]> big;
   size_t big_len = 0;
+  size_t big_cap = 0;
   bool fetch_resp = false;
 
   const uint8_t* data() const { return big ? big.get() : small.data(); }
@@ -148,6 +150,7 @@ class ServerConn final : public Subscriber, public std::enable_shared_from_this<
     absl::Status st = WriteFull(fd_.get(), frame.data(), frame.size());
     absl::MutexLock l(&mu_);
     writing_ = false;
+    RecycleLocked(frame);
     if (!st.ok()) {
       spdlog::warn("data connection to {}: {}", node_, st.message());
       CloseLocked();
@@ -156,6 +159,36 @@ class ServerConn final : public Subscriber, public std::enable_shared_from_this<
   // Responses up to this size are written by the reader without asking
   // the socket whether another request waits.
   static constexpr size_t kInlineCheckBytes = 64 << 10;
+  // Answer buffers are reused, up to kSpares of at most kSpareMax bytes: a
+  // new buffer of a piece's size is a fresh mapping to malloc (or memory it
+  // trimmed), whose pages fault in again on every answer.
+  static constexpr size_t kSpares = 4;
+  static constexpr size_t kSpareMax = (256 << 10) + 64;
+  OutFrame AnswerFrame(size_t n) {
+    OutFrame f;
+    {
+      absl::MutexLock l(&mu_);
+      for (auto it = spares_.begin(); it != spares_.end(); ++it) {
+        if (it->second >= n) {
+          f.big = std::move(it->first);
+          f.big_cap = it->second;
+          spares_.erase(it);
+          break;
+        }
+      }
+    }
+    if (!f.big) {
+      f.big.reset(new uint8_t[n]);  // not zeroed: the copy fills it
+      f.big_cap = n;
+    }
+    f.big_len = n;
+    f.fetch_resp = true;
+    return f;
+  }
+  void RecycleLocked(OutFrame& f) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (!f.big || f.big_cap > kSpareMax || spares_.size() >= kSpares) return;
+    spares_.emplace_back(std::move(f.big), f.big_cap);
+  }
   uint64_t QueuedFetches() const {
     absl::MutexLock l(&mu_);
     return queued_fetches_;
@@ -181,6 +214,7 @@ class ServerConn final : public Subscriber, public std::enable_shared_from_this<
 
   mutable absl::Mutex mu_;  // guards the outbound queue and closed_
   std::deque<OutFrame> out_ ABSL_GUARDED_BY(mu_);
+  std::vector<std::pair<std::unique_ptr<uint8_t[]>, size_t>> spares_ ABSL_GUARDED_BY(mu_);
   size_t queued_bytes_ ABSL_GUARDED_BY(mu_) = 0;
   uint64_t queued_fetches_ ABSL_GUARDED_BY(mu_) = 0;  // FETCH_RESP frames in out_
   bool closed_ ABSL_GUARDED_BY(mu_) = false;
@@ -295,6 +329,8 @@ class ClientConn final : public PeerChannel {
   std::vector<uint8_t> stash_;
   size_t stash_at_ = 0;
   bool drained_ = true;
+  absl::Time spin_until_ = absl::InfinitePast();
+  static constexpr absl::Duration kSpinAfterAnswer = absl::Microseconds(50);
   // The timeout of the newest batch. With no fetch outstanding the reader
   // sleeps at most this long, so a batch with the same timeout issued while
   // it sleeps has a deadline after the reader's wakeup, and needs no
@@ -469,9 +505,7 @@ void ServerConn::ReaderLoop() {
           // The pages are copied once, into the frame that is sent.
           const size_t at = sizeof(FrameHeader) + sizeof(FetchRespPayload);
           const size_t bytes = static_cast<size_t>(f.npages) * kPage;
-          frame.big.reset(new uint8_t[at + bytes]);  // not zeroed: the copy fills it
-          frame.big_len = at + bytes;
-          frame.fetch_resp = true;
+          frame = AnswerFrame(at + bytes);
           auto seq = backend_->ServeFetch(*this, f.export_id, f.first_page, f.npages,
                                           (f.flags & kFetchNoCache) == 0,
                                           absl::MakeSpan(frame.big.get() + at, bytes));
@@ -489,6 +523,7 @@ void ServerConn::ReaderLoop() {
           }
         }
         SendOrEnqueue(std::move(frame), reader.buffered() > 0);
+        reader.SpinUntil(absl::Now() + absl::Microseconds(50));
         break;
       }
       case FrameType::kInvalAck: {
@@ -537,6 +572,7 @@ void ServerConn::WriterLoop() {
     absl::Status st = WriteFull(fd_.get(), frame.data(), frame.size());
     absl::MutexLock l(&mu_);
     writing_ = false;
+    RecycleLocked(frame);
     if (!st.ok()) {
       spdlog::warn("data connection to {}: {}", node_, st.message());
       CloseLocked();
@@ -710,6 +746,11 @@ absl::Status ClientConn::RecvFrameStart(FrameHeader* h, bool* done, std::vector<
   ssize_t r;
   for (;;) {
     while (drained_) {
+      if (absl::Now() < spin_until_) {
+        ::sched_yield();
+        drained_ = false;
+        break;
+      }
       if (auto st = WaitReadable(); !st.ok()) return st;
     }
     {
@@ -759,6 +800,7 @@ absl::Status ClientConn::RecvFrameStart(FrameHeader* h, bool* done, std::vector<
       // first rather than trying the socket (answers still due are
       // usually there already, and are read at once).
       if (pending_.empty()) drained_ = true;
+      spin_until_ = absl::Now() + kSpinAfterAnswer;
       return absl::OkStatus();
     }
   }
