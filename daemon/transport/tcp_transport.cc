@@ -42,6 +42,12 @@ constexpr size_t kPage = source::kPageSize;
 // reconnecting and invalidating everything).
 constexpr size_t kMaxQueuedBytes = 256u << 20;
 constexpr absl::Duration kHelloTimeout = absl::Seconds(5);
+// A read's pieces (Capabilities::fetch_piece_pages): 256 KiB, a session
+// request's whole slot, so a session read is one FETCH and one answer
+// frame (128 KiB pieces cost a frame, a copy setup and often a wakeup
+// more per slot, measured slower in tests/bench/README.md, "The native
+// fresh-read path").
+constexpr uint32_t kPiecePages = 64;
 
 void SetTimeouts(int fd, absl::Duration send, absl::Duration recv) {
   auto tv = [](absl::Duration d) {
@@ -227,7 +233,7 @@ class ServerConn final : public Subscriber, public std::enable_shared_from_this<
 class ClientConn final : public PeerChannel {
  public:
   ClientConn(UniqueFd fd, ImportBackend* backend, std::string peer)
-      : PeerChannel(Capabilities{}),
+      : PeerChannel(Capabilities{.fetch_piece_pages = kPiecePages}),
         fd_(std::move(fd)),
         wake_(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)),
         backend_(backend),
