@@ -9,7 +9,6 @@
 #include <cstring>
 
 #include "absl/strings/str_format.h"
-#include "absl/time/clock.h"
 #include "common/fd.h"
 #include "daemon/source/mirror_source.h"
 
@@ -206,14 +205,14 @@ absl::Status FrameReader::Fill() {
   }
   for (;;) {
     ssize_t n;
-    if (spin_until_ > absl::InfinitePast()) {
+    if (spin_until_ != std::chrono::steady_clock::time_point{}) {
       n = ::recv(fd_, buf_.data() + end_, buf_.size() - end_, MSG_DONTWAIT);
       if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
-        if (absl::Now() < spin_until_) {
+        if (std::chrono::steady_clock::now() < spin_until_) {
           ::sched_yield();
-          continue;
+        } else {
+          spin_until_ = {};
         }
-        spin_until_ = absl::InfinitePast();
         continue;
       }
     } else {

@@ -15,13 +15,13 @@
 #ifndef SVM_DAEMON_TRANSPORT_FRAME_H_
 #define SVM_DAEMON_TRANSPORT_FRAME_H_
 
+#include <chrono>
 #include <cstdint>
 #include <string>
 #include <vector>
 
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
-#include "absl/time/time.h"
 #include "absl/types/span.h"
 #include "daemon/transport/transport.h"
 
@@ -223,10 +223,10 @@ class FrameReader {
   // Bytes received and not yet returned: another frame (or part of one)
   // is waiting.
   size_t buffered() const { return end_ - begin_; }
-  // Until then, a read finding nothing yields the CPU and tries again
-  // instead of sleeping (a thread that expects the next frame soon saves
-  // its wakeup).
-  void SpinUntil(absl::Time t) { spin_until_ = t; }
+  // For this long from now, a read finding nothing yields the CPU and
+  // tries again instead of sleeping (a thread that expects the next frame
+  // soon saves its wakeup); then it sleeps in read(2) again.
+  void SpinFor(std::chrono::microseconds d) { spin_until_ = std::chrono::steady_clock::now() + d; }
 
  private:
   // Reads once more (at least one byte, or an error); compacts first.
@@ -235,7 +235,7 @@ class FrameReader {
   const int fd_;
   std::vector<uint8_t> buf_;
   size_t begin_ = 0, end_ = 0;  // buf_[begin_, end_) is received, not returned
-  absl::Time spin_until_ = absl::InfinitePast();
+  std::chrono::steady_clock::time_point spin_until_{};  // epoch: not spinning
 };
 
 // ReadFrame's first half: the header alone, checked the same way; the

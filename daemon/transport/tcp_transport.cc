@@ -12,6 +12,7 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <chrono>
 #include <cstring>
 #include <deque>
 #include <map>
@@ -48,6 +49,12 @@ constexpr absl::Duration kHelloTimeout = absl::Seconds(5);
 // more per slot, measured slower in tests/bench/README.md, "The native
 // fresh-read path").
 constexpr uint32_t kPiecePages = 64;
+// After an answer, both ends of a connection poll their socket this long
+// (yielding the CPU between tries) before they sleep: the next request, or
+// the answer to one already sent, usually comes sooner, and a sleeping
+// thread's wakeup costs more than the answer itself. Idle connections cost
+// nothing: the poll ends 50 µs after the last answer.
+constexpr std::chrono::microseconds kSpinAfterAnswer{50};
 
 void SetTimeouts(int fd, absl::Duration send, absl::Duration recv) {
   auto tv = [](absl::Duration d) {
@@ -335,8 +342,9 @@ class ClientConn final : public PeerChannel {
   std::vector<uint8_t> stash_;
   size_t stash_at_ = 0;
   bool drained_ = true;
+  // Until then, the reader polls the socket instead of sleeping
+  // (kSpinAfterAnswer).
   absl::Time spin_until_ = absl::InfinitePast();
-  static constexpr absl::Duration kSpinAfterAnswer = absl::Microseconds(50);
   // The timeout of the newest batch. With no fetch outstanding the reader
   // sleeps at most this long, so a batch with the same timeout issued while
   // it sleeps has a deadline after the reader's wakeup, and needs no
@@ -529,7 +537,9 @@ void ServerConn::ReaderLoop() {
           }
         }
         SendOrEnqueue(std::move(frame), reader.buffered() > 0);
-        reader.SpinUntil(absl::Now() + absl::Microseconds(50));
+        // The importer's next request often follows at once (a client
+        // reading one piece after another): poll briefly before sleeping.
+        reader.SpinFor(kSpinAfterAnswer);
         break;
       }
       case FrameType::kInvalAck: {
@@ -806,7 +816,7 @@ absl::Status ClientConn::RecvFrameStart(FrameHeader* h, bool* done, std::vector<
       // first rather than trying the socket (answers still due are
       // usually there already, and are read at once).
       if (pending_.empty()) drained_ = true;
-      spin_until_ = absl::Now() + kSpinAfterAnswer;
+      spin_until_ = absl::Now() + absl::FromChrono(kSpinAfterAnswer);
       return absl::OkStatus();
     }
   }
