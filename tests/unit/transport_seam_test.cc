@@ -856,26 +856,6 @@ TEST_P(TransportTest, FetchTimesOutWhenTheExporterDoesNotAnswer) {
   EXPECT_TRUE(exp_.WaitClosed(sub->id())) << "the exporter learns that the importer gave up";
 }
 
-// A fetch issued while the importer's reader sleeps with nothing
-// outstanding still fails at its own deadline: the reader sleeps at most
-// the previous batch's timeout (here 10 s) and is woken for a batch due
-// earlier.
-TEST_P(TransportTest, AFetchIssuedWhileTheReaderIsIdleFailsAtItsOwnDeadline) {
-  std::shared_ptr<Subscriber> sub;
-  PeerChannel* ch = Open("n", &sub);
-  ASSERT_NE(ch, nullptr);
-  ASSERT_TRUE(Fetch(ch, 1, 0, 1, nullptr, true, Scaled(absl::Seconds(10))).ok());
-  absl::SleepFor(absl::Milliseconds(50));  // the reader is asleep again
-  exp_.Block();
-  const absl::Duration timeout = absl::Milliseconds(300);
-  const absl::Time start = absl::Now();
-  auto r = Fetch(ch, 1, 0, 1, nullptr, true, timeout);
-  const absl::Duration took = absl::Now() - start;
-  EXPECT_EQ(r.status().code(), absl::StatusCode::kUnavailable) << r.status();
-  EXPECT_LT(took, timeout + Scaled(absl::Milliseconds(500))) << "took " << took;
-  exp_.Release();
-}
-
 TEST_P(TransportTest, ConnectWithoutAnEndpointOfThisTransport) {
   for (const std::string& endpoint : {std::string(), std::string("garbage"),
                                       GetParam().foreign_endpoint()}) {
@@ -1512,6 +1492,26 @@ TEST_P(TcpWireTest, AnswersAmongInvalidationsErrorsAndSplitWritesLandInTheirOwnB
     EXPECT_EQ(a.seq, seq);
   }
   EXPECT_TRUE((*ch)->alive());
+}
+
+// tcp: a fetch issued while the importer's reader sleeps with nothing
+// outstanding still fails at its own deadline: the reader sleeps at most
+// the previous batch's timeout (here 10 s) and is woken for a batch due
+// earlier.
+TEST_P(TcpWireTest, AFetchIssuedWhileTheReaderIsIdleFailsAtItsOwnDeadline) {
+  std::shared_ptr<Subscriber> sub;
+  PeerChannel* ch = Open("n", &sub);
+  ASSERT_NE(ch, nullptr);
+  ASSERT_TRUE(Fetch(ch, 1, 0, 1, nullptr, true, Scaled(absl::Seconds(10))).ok());
+  absl::SleepFor(absl::Milliseconds(50));  // the reader is asleep again
+  exp_.Block();
+  const absl::Duration timeout = absl::Milliseconds(300);
+  const absl::Time start = absl::Now();
+  auto r = Fetch(ch, 1, 0, 1, nullptr, true, timeout);
+  const absl::Duration took = absl::Now() - start;
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kUnavailable) << r.status();
+  EXPECT_LT(took, timeout + Scaled(absl::Milliseconds(500))) << "took " << took;
+  exp_.Release();
 }
 
 INSTANTIATE_TEST_SUITE_P(Tcp, TcpWireTest, ::testing::Values(kTcp), KindName);
