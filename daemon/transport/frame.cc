@@ -1,6 +1,11 @@
 #include "daemon/transport/frame.h"
 
+#include <sched.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
 #include <algorithm>
+#include <cerrno>
 #include <cstring>
 
 #include "absl/strings/str_format.h"
@@ -186,6 +191,75 @@ absl::Status ReadFrame(int fd, FrameHeader* h, std::vector<uint8_t>* payload, ui
   payload->resize(h->payload_len);
   if (h->payload_len == 0) return absl::OkStatus();
   auto st = ReadFull(fd, payload->data(), h->payload_len);
+  if (absl::IsOutOfRange(st)) return absl::DataLossError("connection closed mid-frame");
+  return st;
+}
+
+absl::Status FrameReader::Fill() {
+  if (begin_ == end_) {
+    begin_ = end_ = 0;
+  } else if (end_ == buf_.size()) {
+    std::memmove(buf_.data(), buf_.data() + begin_, end_ - begin_);
+    end_ -= begin_;
+    begin_ = 0;
+  }
+  for (;;) {
+    ssize_t n;
+    if (spin_until_ != std::chrono::steady_clock::time_point{}) {
+      n = ::recv(fd_, buf_.data() + end_, buf_.size() - end_, MSG_DONTWAIT);
+      if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+        if (std::chrono::steady_clock::now() < spin_until_) {
+          ::sched_yield();
+        } else {
+          spin_until_ = {};
+        }
+        continue;
+      }
+    } else {
+      n = ::read(fd_, buf_.data() + end_, buf_.size() - end_);
+    }
+    if (n > 0) {
+      end_ += static_cast<size_t>(n);
+      return absl::OkStatus();
+    }
+    if (n == 0) return absl::OutOfRangeError("end of stream");
+    if (errno == EINTR) continue;
+    return ErrnoStatus(errno, "read");
+  }
+}
+
+absl::Status FrameReader::Next(FrameHeader* h, std::vector<uint8_t>* payload, uint32_t max_payload) {
+  const bool started = buffered() > 0;
+  while (buffered() < sizeof(*h)) {
+    if (auto st = Fill(); !st.ok()) {
+      if (absl::IsOutOfRange(st) && (started || buffered() > 0)) {
+        return absl::DataLossError("connection closed mid-message");
+      }
+      return st;
+    }
+  }
+  std::memcpy(h, buf_.data() + begin_, sizeof(*h));
+  if (auto st = CheckFrameHeader(*h, max_payload); !st.ok()) return st;
+  begin_ += sizeof(*h);
+  payload->resize(h->payload_len);
+  // What is buffered first; a payload larger than the buffer is read
+  // straight into place.
+  const size_t take = std::min<size_t>(buffered(), h->payload_len);
+  if (take > 0) std::memcpy(payload->data(), buf_.data() + begin_, take);
+  begin_ += take;
+  if (take == h->payload_len) return absl::OkStatus();
+  const size_t rest = h->payload_len - take;
+  if (rest < buf_.size() / 2) {
+    while (buffered() < rest) {
+      if (auto st = Fill(); !st.ok()) {
+        return absl::IsOutOfRange(st) ? absl::DataLossError("connection closed mid-frame") : st;
+      }
+    }
+    std::memcpy(payload->data() + take, buf_.data() + begin_, rest);
+    begin_ += rest;
+    return absl::OkStatus();
+  }
+  auto st = ReadFull(fd_, payload->data() + take, rest);
   if (absl::IsOutOfRange(st)) return absl::DataLossError("connection closed mid-frame");
   return st;
 }

@@ -15,6 +15,7 @@
 #ifndef SVM_DAEMON_TRANSPORT_FRAME_H_
 #define SVM_DAEMON_TRANSPORT_FRAME_H_
 
+#include <chrono>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -208,6 +209,35 @@ InvalRecord FromInvalPayload(const InvalPayload& p);
 // on a clean EOF before the header, DATA_LOSS on one inside the frame.
 absl::Status ReadFrame(int fd, FrameHeader* h, std::vector<uint8_t>* payload,
                        uint32_t max_payload = kMaxPayload);
+// A stream socket's frames, read with as few system calls as the stream
+// allows: each read takes whatever has arrived, up to the buffer's size, so
+// the FETCHes an importer wrote at once cost the exporter one read between
+// them, and a frame's header and payload one read. Checks as ReadFrame.
+// Blocking reads (the socket's SO_RCVTIMEO applies); one thread at a time.
+class FrameReader {
+ public:
+  explicit FrameReader(int fd, size_t capacity = 16 << 10) : fd_(fd), buf_(capacity) {}
+  // As ReadFrame: OUT_OF_RANGE on a clean EOF before a frame, DATA_LOSS on
+  // one inside it or a header that fails CheckFrameHeader(max_payload).
+  absl::Status Next(FrameHeader* h, std::vector<uint8_t>* payload, uint32_t max_payload = kMaxPayload);
+  // Bytes received and not yet returned: another frame (or part of one)
+  // is waiting.
+  size_t buffered() const { return end_ - begin_; }
+  // For this long from now, a read finding nothing yields the CPU and
+  // tries again instead of sleeping (a thread that expects the next frame
+  // soon saves its wakeup); then it sleeps in read(2) again.
+  void SpinFor(std::chrono::microseconds d) { spin_until_ = std::chrono::steady_clock::now() + d; }
+
+ private:
+  // Reads once more (at least one byte, or an error); compacts first.
+  absl::Status Fill();
+
+  const int fd_;
+  std::vector<uint8_t> buf_;
+  size_t begin_ = 0, end_ = 0;  // buf_[begin_, end_) is received, not returned
+  std::chrono::steady_clock::time_point spin_until_{};  // epoch: not spinning
+};
+
 // ReadFrame's first half: the header alone, checked the same way; the
 // caller reads exactly h->payload_len bytes next (the tcp importer receives
 // a FETCH_RESP's pages straight into the fetch's buffer).

@@ -5,11 +5,14 @@
 #include <netinet/in.h>
 #include <sys/ioctl.h>
 #include <poll.h>
+#include <sched.h>
 #include <sys/eventfd.h>
 #include <sys/socket.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 #include <atomic>
+#include <chrono>
 #include <cstring>
 #include <deque>
 #include <map>
@@ -40,6 +43,18 @@ constexpr size_t kPage = source::kPageSize;
 // reconnecting and invalidating everything).
 constexpr size_t kMaxQueuedBytes = 256u << 20;
 constexpr absl::Duration kHelloTimeout = absl::Seconds(5);
+// A read's pieces (Capabilities::fetch_piece_pages): 256 KiB, a session
+// request's whole slot, so a session read is one FETCH and one answer
+// frame (128 KiB pieces cost a frame, a copy setup and often a wakeup
+// more per slot, measured slower in tests/bench/README.md, "The native
+// fresh-read path").
+constexpr uint32_t kPiecePages = 64;
+// After an answer, both ends of a connection poll their socket this long
+// (yielding the CPU between tries) before they sleep: the next request, or
+// the answer to one already sent, usually comes sooner, and a sleeping
+// thread's wakeup costs more than the answer itself. Idle connections cost
+// nothing: the poll ends 50 µs after the last answer.
+constexpr std::chrono::microseconds kSpinAfterAnswer{50};
 
 void SetTimeouts(int fd, absl::Duration send, absl::Duration recv) {
   auto tv = [](absl::Duration d) {
@@ -54,6 +69,28 @@ void SetTimeouts(int fd, absl::Duration send, absl::Duration recv) {
 }
 
 class TcpTransport;
+
+// A frame queued to be sent. A FETCH_RESP with pages is one buffer that is
+// not zeroed first (the copy out of the exporting process fills it); the
+// other frames are small vectors (MergeInvalFrame rewrites a queued INVAL).
+struct OutFrame {
+  std::vector<uint8_t> small;
+  std::unique_ptr<uint8_t[]> big;
+  size_t big_len = 0;
+  size_t big_cap = 0;
+  bool fetch_resp = false;
+
+  const uint8_t* data() const { return big ? big.get() : small.data(); }
+  size_t size() const { return big ? big_len : small.size(); }
+};
+
+OutFrame Small(std::vector<uint8_t> bytes) {
+  OutFrame f;
+  f.fetch_resp = bytes.size() >= sizeof(FrameHeader) &&
+                 bytes[offsetof(FrameHeader, type)] == static_cast<uint8_t>(FrameType::kFetchResp);
+  f.small = std::move(bytes);
+  return f;
+}
 
 // ---------------------------------------------------------------- exporter
 // States: kAwaitHello (only a HELLO with a live token is accepted) ->
@@ -71,9 +108,9 @@ class ServerConn final : public Subscriber, public std::enable_shared_from_this<
     {
       absl::MutexLock l(&mu_);
       if (closed_) return false;
-      if (!out_.empty() && MergeInvalFrame(out_.back(), p)) return true;
+      if (!out_.empty() && !out_.back().big && MergeInvalFrame(out_.back().small, p)) return true;
     }
-    return Enqueue(MakeFrame(FrameType::kInval, 0, &p, sizeof(p)));
+    return Enqueue(Small(MakeFrame(FrameType::kInval, 0, &p, sizeof(p))));
   }
 
   void Close() override {
@@ -85,14 +122,14 @@ class ServerConn final : public Subscriber, public std::enable_shared_from_this<
   void Run(ThreadCount* threads);
 
  private:
-  bool Enqueue(std::vector<uint8_t> frame) {
+  bool Enqueue(OutFrame frame) {
     absl::MutexLock l(&mu_);
     return EnqueueLocked(std::move(frame));
   }
-  bool EnqueueLocked(std::vector<uint8_t> frame) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+  bool EnqueueLocked(OutFrame frame) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     if (closed_) return false;
     queued_bytes_ += frame.size();
-    if (IsFetchResp(frame)) ++queued_fetches_;
+    if (frame.fetch_resp) ++queued_fetches_;
     out_.push_back(std::move(frame));
     if (queued_bytes_ > kMaxQueuedBytes) {
       spdlog::warn("data connection to {} has {} MiB unsent; dropping it", node_, queued_bytes_ >> 20);
@@ -105,10 +142,15 @@ class ServerConn final : public Subscriber, public std::enable_shared_from_this<
   // queued or being written and no further request is waiting to be read,
   // saving the hop to the writer thread; queued otherwise (the writer sends
   // it while the reader copies the next one), so the order on the
-  // connection stays the order of calls.
-  void SendOrEnqueue(std::vector<uint8_t> frame) {
-    int waiting = 0;
-    if (::ioctl(fd_.get(), FIONREAD, &waiting) != 0) waiting = 1;
+  // connection stays the order of calls. more: the reader holds another
+  // request already. A small response is written at once otherwise (a
+  // request that arrives meanwhile waits no longer than the write); a
+  // large one only when the socket holds no request either.
+  void SendOrEnqueue(OutFrame frame, bool more) {
+    int waiting = more ? 1 : 0;
+    if (!more && frame.size() > kInlineCheckBytes && ::ioctl(fd_.get(), FIONREAD, &waiting) != 0) {
+      waiting = 1;
+    }
     {
       absl::MutexLock l(&mu_);
       if (closed_) return;
@@ -121,14 +163,44 @@ class ServerConn final : public Subscriber, public std::enable_shared_from_this<
     absl::Status st = WriteFull(fd_.get(), frame.data(), frame.size());
     absl::MutexLock l(&mu_);
     writing_ = false;
+    RecycleLocked(frame);
     if (!st.ok()) {
       spdlog::warn("data connection to {}: {}", node_, st.message());
       CloseLocked();
     }
   }
-  static bool IsFetchResp(const std::vector<uint8_t>& frame) {
-    return frame.size() >= sizeof(FrameHeader) &&
-           frame[offsetof(FrameHeader, type)] == static_cast<uint8_t>(FrameType::kFetchResp);
+  // Responses up to this size are written by the reader without asking
+  // the socket whether another request waits.
+  static constexpr size_t kInlineCheckBytes = 64 << 10;
+  // Answer buffers are reused, up to kSpares of at most kSpareMax bytes: a
+  // new buffer of a piece's size is a fresh mapping to malloc (or memory it
+  // trimmed), whose pages fault in again on every answer.
+  static constexpr size_t kSpares = 4;
+  static constexpr size_t kSpareMax = (256 << 10) + 64;
+  OutFrame AnswerFrame(size_t n) {
+    OutFrame f;
+    {
+      absl::MutexLock l(&mu_);
+      for (auto it = spares_.begin(); it != spares_.end(); ++it) {
+        if (it->second >= n) {
+          f.big = std::move(it->first);
+          f.big_cap = it->second;
+          spares_.erase(it);
+          break;
+        }
+      }
+    }
+    if (!f.big) {
+      f.big.reset(new uint8_t[n]);  // not zeroed: the copy fills it
+      f.big_cap = n;
+    }
+    f.big_len = n;
+    f.fetch_resp = true;
+    return f;
+  }
+  void RecycleLocked(OutFrame& f) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (!f.big || f.big_cap > kSpareMax || spares_.size() >= kSpares) return;
+    spares_.emplace_back(std::move(f.big), f.big_cap);
   }
   uint64_t QueuedFetches() const {
     absl::MutexLock l(&mu_);
@@ -154,7 +226,8 @@ class ServerConn final : public Subscriber, public std::enable_shared_from_this<
   std::unique_ptr<ConnectionSlot> slot_;
 
   mutable absl::Mutex mu_;  // guards the outbound queue and closed_
-  std::deque<std::vector<uint8_t>> out_ ABSL_GUARDED_BY(mu_);
+  std::deque<OutFrame> out_ ABSL_GUARDED_BY(mu_);
+  std::vector<std::pair<std::unique_ptr<uint8_t[]>, size_t>> spares_ ABSL_GUARDED_BY(mu_);
   size_t queued_bytes_ ABSL_GUARDED_BY(mu_) = 0;
   uint64_t queued_fetches_ ABSL_GUARDED_BY(mu_) = 0;  // FETCH_RESP frames in out_
   bool closed_ ABSL_GUARDED_BY(mu_) = false;
@@ -167,7 +240,7 @@ class ServerConn final : public Subscriber, public std::enable_shared_from_this<
 class ClientConn final : public PeerChannel {
  public:
   ClientConn(UniqueFd fd, ImportBackend* backend, std::string peer)
-      : PeerChannel(Capabilities{}),
+      : PeerChannel(Capabilities{.fetch_piece_pages = kPiecePages}),
         fd_(std::move(fd)),
         wake_(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)),
         backend_(backend),
@@ -222,14 +295,29 @@ class ClientConn final : public PeerChannel {
   // when it was the last (run by the caller without mu_).
   void CompleteLocked(std::map<uint64_t, Pending>::iterator it, absl::StatusOr<uint64_t> result,
                       std::vector<FetchDone>* finished) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  // The reader's reads: n bytes, waiting for them at most until the oldest
-  // outstanding fetch is overdue (DEADLINE_EXCEEDED then; OUT_OF_RANGE on a
-  // clean EOF before any byte). A fetch is overdue once its timeout has
-  // passed both since it was issued and since the peer last sent a byte:
-  // answers arrive in order on one stream, so a peer that is still sending
-  // (a large read on a slow link, or the fetches queued before this one) is
-  // alive and answering, and only a peer silent for a whole timeout is not.
+  // The reader's reads: n bytes (what RecvFrameStart received and did not
+  // use first), waiting for them at most until the oldest outstanding fetch
+  // is overdue (DEADLINE_EXCEEDED then; OUT_OF_RANGE on a clean EOF before
+  // any byte). A fetch is overdue once its timeout has passed both since it
+  // was issued and since the peer last sent a byte: answers arrive in order
+  // on one stream, so a peer that is still sending (a large read on a slow
+  // link, or the fetches queued before this one) is alive and answering,
+  // and only a peer silent for a whole timeout is not.
   absl::Status Recv(void* buf, size_t n);
+  // Sleeps until the socket is readable, a fetch with an earlier deadline
+  // is added, or the time Recv may wait is up (DEADLINE_EXCEEDED when a
+  // fetch is overdue already).
+  absl::Status WaitReadable();
+  // The next frame's header. When the frame is the answer to the oldest
+  // outstanding fetch (answers come in the order of the FETCHes: the
+  // exporter serves one connection's requests in order), its pages are
+  // received with the header in one system call, straight into that
+  // fetch's buffer, and the fetch is completed (*done true: the frame was
+  // that answer, completed when the status is OK). Any other
+  // frame's bytes received that way are kept for Recv, which returns them
+  // first; a fetch's buffer they passed through is written again by its own
+  // answer before that fetch completes.
+  absl::Status RecvFrameStart(FrameHeader* h, bool* done, std::vector<FetchDone>* finished);
   absl::Status Send(const std::vector<uint8_t>& frame) {
     absl::MutexLock l(&send_mu_);
     return WriteFull(fd_.get(), frame.data(), frame.size());
@@ -248,6 +336,21 @@ class ClientConn final : public PeerChannel {
   absl::Time last_byte_ = absl::InfinitePast();  // the reader's: when the peer last sent a byte
   absl::Time reader_waits_until_ ABSL_GUARDED_BY(mu_) = absl::InfiniteFuture();
   std::vector<uint8_t> discard_;  // the reader's: bytes nobody waits for
+  // The reader's: bytes received and not yet consumed (stash_[stash_at_,
+  // end)), and whether the socket was found empty since it last polled (the
+  // next read waits first, instead of a recv that fails with EAGAIN).
+  std::vector<uint8_t> stash_;
+  size_t stash_at_ = 0;
+  bool drained_ = true;
+  // Until then, the reader polls the socket instead of sleeping
+  // (kSpinAfterAnswer).
+  absl::Time spin_until_ = absl::InfinitePast();
+  // The timeout of the newest batch. With no fetch outstanding the reader
+  // sleeps at most this long, so a batch with the same timeout issued while
+  // it sleeps has a deadline after the reader's wakeup, and needs no
+  // eventfd write (zero before the first batch: the reader sleeps until
+  // woken).
+  absl::Duration idle_timeout_ ABSL_GUARDED_BY(mu_) = absl::ZeroDuration();
   uint64_t next_id_ ABSL_GUARDED_BY(mu_) = 1;
   bool closed_ ABSL_GUARDED_BY(mu_) = false;
 };
@@ -378,7 +481,7 @@ absl::Status ServerConn::HandleHello(const FrameHeader& h, const std::vector<uin
   }
   if (slot_) slot_->Bind();
   node_ = *std::move(node);
-  Enqueue(MakeFrame(FrameType::kHello, 0, nullptr, 0));
+  Enqueue(Small(MakeFrame(FrameType::kHello, 0, nullptr, 0)));
   return absl::OkStatus();
 }
 
@@ -387,8 +490,9 @@ void ServerConn::ReaderLoop() {
   FrameHeader h;
   std::vector<uint8_t> payload;
   std::string token;
+  FrameReader reader(fd);
   SetTimeouts(fd, absl::Seconds(5), kHelloTimeout);
-  absl::Status st = ReadFrame(fd, &h, &payload);
+  absl::Status st = reader.Next(&h, &payload);
   if (st.ok()) {
     st = HandleHello(h, payload);
     // Only the connection that claimed the token may Forget() it below.
@@ -399,7 +503,7 @@ void ServerConn::ReaderLoop() {
     spdlog::info("data connection from {} established", node_);
   }
   while (st.ok()) {
-    st = ReadFrame(fd, &h, &payload);
+    st = reader.Next(&h, &payload);
     if (!st.ok()) break;
     switch (static_cast<FrameType>(h.type)) {
       case FrameType::kFetch: {
@@ -409,32 +513,36 @@ void ServerConn::ReaderLoop() {
         }
         FetchPayload f;
         std::memcpy(&f, payload.data(), sizeof(f));
-        std::vector<uint8_t> frame;
+        OutFrame frame;
         if (auto bad = CheckFetchPages(f.npages, kMaxFetchPages); !bad.ok()) {
-          frame = MakeFetchError(h.id, bad);
+          frame = Small(MakeFetchError(h.id, bad));
         } else if (auto full = backend_->AdmitFetch(*this, QueuedFetches()); !full.ok()) {
-          frame = MakeFetchError(h.id, full);  // --max-pending-fetches-per-peer
+          frame = Small(MakeFetchError(h.id, full));  // --max-pending-fetches-per-peer
         } else {
           // The pages are copied once, into the frame that is sent.
-          FetchRespPayload r{};
-          frame = MakeFrame(FrameType::kFetchResp, h.id, &r, sizeof(r));
-          const size_t at = frame.size();
+          const size_t at = sizeof(FrameHeader) + sizeof(FetchRespPayload);
           const size_t bytes = static_cast<size_t>(f.npages) * kPage;
-          frame.resize(at + bytes);
+          frame = AnswerFrame(at + bytes);
           auto seq = backend_->ServeFetch(*this, f.export_id, f.first_page, f.npages,
-                                          (f.flags & kFetchNoCache) == 0, absl::MakeSpan(frame).subspan(at));
+                                          (f.flags & kFetchNoCache) == 0,
+                                          absl::MakeSpan(frame.big.get() + at, bytes));
           if (seq.ok()) {
             FrameHeader fh;
-            std::memcpy(&fh, frame.data(), sizeof(fh));
-            fh.payload_len = static_cast<uint32_t>(sizeof(r) + bytes);
-            std::memcpy(frame.data(), &fh, sizeof(fh));
+            fh.type = static_cast<uint8_t>(FrameType::kFetchResp);
+            fh.id = h.id;
+            fh.payload_len = static_cast<uint32_t>(sizeof(FetchRespPayload) + bytes);
+            FetchRespPayload r{};
             r.seq = *seq;
-            std::memcpy(frame.data() + sizeof(fh), &r, sizeof(r));
+            std::memcpy(frame.big.get(), &fh, sizeof(fh));
+            std::memcpy(frame.big.get() + sizeof(fh), &r, sizeof(r));
           } else {
-            frame = MakeFetchError(h.id, seq.status());
+            frame = Small(MakeFetchError(h.id, seq.status()));
           }
         }
-        SendOrEnqueue(std::move(frame));
+        SendOrEnqueue(std::move(frame), reader.buffered() > 0);
+        // The importer's next request often follows at once (a client
+        // reading one piece after another): poll briefly before sleeping.
+        reader.SpinFor(kSpinAfterAnswer);
         break;
       }
       case FrameType::kInvalAck: {
@@ -465,7 +573,7 @@ void ServerConn::ReaderLoop() {
 
 void ServerConn::WriterLoop() {
   for (;;) {
-    std::vector<uint8_t> frame;
+    OutFrame frame;
     {
       absl::MutexLock l(&mu_);
       mu_.Await(absl::Condition(
@@ -477,12 +585,13 @@ void ServerConn::WriterLoop() {
       frame = std::move(out_.front());
       out_.pop_front();
       queued_bytes_ -= frame.size();
-      if (IsFetchResp(frame)) --queued_fetches_;
+      if (frame.fetch_resp) --queued_fetches_;
       writing_ = true;
     }
     absl::Status st = WriteFull(fd_.get(), frame.data(), frame.size());
     absl::MutexLock l(&mu_);
     writing_ = false;
+    RecycleLocked(frame);
     if (!st.ok()) {
       spdlog::warn("data connection to {}: {}", node_, st.message());
       CloseLocked();
@@ -516,22 +625,33 @@ void ClientConn::FetchVAsync(absl::Span<FetchOp> ops, absl::Duration timeout, Fe
   std::vector<uint8_t> frames;  // every FETCH, sent with one write
   bool wake = false;
   bool closed;
+  // Held from the ids to the write: the FETCHes are on the wire in the
+  // order of their ids, which is the order the reader expects answers in.
+  absl::MutexLock s(&send_mu_);
   {
     absl::MutexLock l(&mu_);
     closed = closed_;
     if (!closed) {
       // The reader fails whatever is pending once closed, these included.
       b->done = std::move(done);
+      frames.reserve(ops.size() * (sizeof(FrameHeader) + sizeof(FetchPayload)));
       for (size_t i = 0; i < ops.size(); ++i) {
         SVM_CHECK(ops[i].dst.size() == static_cast<size_t>(ops[i].npages) * kPage);
         const uint64_t id = next_id_++;
         pending_[id] = Pending{b, i};
         FetchPayload f{ops[i].export_id, ops[i].first_page, ops[i].npages,
                        ops[i].track ? 0u : kFetchNoCache};
-        auto frame = MakeFrame(FrameType::kFetch, id, &f, sizeof(f));
-        frames.insert(frames.end(), frame.begin(), frame.end());
+        FrameHeader h;
+        h.type = static_cast<uint8_t>(FrameType::kFetch);
+        h.id = id;
+        h.payload_len = sizeof(f);
+        const auto* hp = reinterpret_cast<const uint8_t*>(&h);
+        const auto* fp = reinterpret_cast<const uint8_t*>(&f);
+        frames.insert(frames.end(), hp, hp + sizeof(h));
+        frames.insert(frames.end(), fp, fp + sizeof(f));
       }
       deadlines_.emplace(b->deadline, b->timeout);
+      idle_timeout_ = b->timeout;
       // The reader sleeps until a later deadline (or none): it must look again.
       wake = b->deadline < reader_waits_until_;
     }
@@ -549,7 +669,7 @@ void ClientConn::FetchVAsync(absl::Span<FetchOp> ops, absl::Duration timeout, Fe
   }
   // A failed send closes the connection: the reader then fails every
   // pending fetch, these included.
-  if (absl::Status sent = Send(frames); !sent.ok()) {
+  if (absl::Status sent = WriteFull(fd_.get(), frames.data(), frames.size()); !sent.ok()) {
     spdlog::warn("send to {}: {}; closing the data connection", peer_, sent.message());
     Close();
   }
@@ -569,9 +689,24 @@ void ClientConn::CompleteLocked(std::map<uint64_t, Pending>::iterator it, absl::
 absl::Status ClientConn::Recv(void* buf, size_t n) {
   auto* p = static_cast<uint8_t*>(buf);
   size_t got = 0;
+  if (stash_at_ < stash_.size()) {
+    got = std::min(n, stash_.size() - stash_at_);
+    std::memcpy(p, stash_.data() + stash_at_, got);
+    stash_at_ += got;
+    if (stash_at_ == stash_.size()) {
+      stash_.clear();
+      stash_at_ = 0;
+    }
+  }
   while (got < n) {
+    if (drained_) {
+      if (auto st = WaitReadable(); !st.ok()) return st;
+      continue;
+    }
     const ssize_t r = ::recv(fd_.get(), p + got, n - got, MSG_DONTWAIT);
     if (r > 0) {
+      // Less than asked for: the socket is empty now.
+      if (static_cast<size_t>(r) < n - got) drained_ = true;
       got += static_cast<size_t>(r);
       last_byte_ = absl::Now();
       continue;
@@ -581,34 +716,118 @@ absl::Status ClientConn::Recv(void* buf, size_t n) {
     }
     if (errno == EINTR) continue;
     if (errno != EAGAIN && errno != EWOULDBLOCK) return ErrnoStatus(errno, "recv");
-    // Nothing to read: sleep until there is, a fetch is added or the
-    // oldest outstanding one is overdue.
-    absl::Time until = absl::InfiniteFuture();
-    {
-      absl::MutexLock l(&mu_);
-      if (!deadlines_.empty()) {
-        const auto& [deadline, timeout] = *deadlines_.begin();
-        until = std::max(deadline, last_byte_ + timeout);
-      }
-      reader_waits_until_ = until;
-    }
-    const absl::Time now = absl::Now();
-    if (now >= until) {
-      return absl::DeadlineExceededError("a fetch is overdue");
-    }
-    int ms = -1;
-    if (until != absl::InfiniteFuture()) {
-      ms = static_cast<int>(std::min<int64_t>(absl::ToInt64Milliseconds(absl::Ceil(until - now, absl::Milliseconds(1))),
-                                              INT32_MAX));
-    }
-    pollfd fds[2] = {{fd_.get(), POLLIN, 0}, {wake_.get(), POLLIN, 0}};
-    if (::poll(fds, 2, ms) < 0 && errno != EINTR) return ErrnoStatus(errno, "poll");
-    if (fds[1].revents != 0) {
-      uint64_t drained;
-      (void)!::read(wake_.get(), &drained, sizeof(drained));
-    }
+    drained_ = true;
   }
   return absl::OkStatus();
+}
+
+absl::Status ClientConn::WaitReadable() {
+  const absl::Time now = absl::Now();
+  absl::Time until = absl::InfiniteFuture();
+  bool idle = false;
+  {
+    absl::MutexLock l(&mu_);
+    if (!deadlines_.empty()) {
+      const auto& [deadline, timeout] = *deadlines_.begin();
+      until = std::max(deadline, last_byte_ + timeout);
+    } else if (idle_timeout_ > absl::ZeroDuration()) {
+      // Nothing outstanding: a bounded sleep, so that the next batch (whose
+      // deadline is at least this far away) need not wake this thread.
+      until = now + idle_timeout_;
+      idle = true;
+    }
+    reader_waits_until_ = until;
+  }
+  if (!idle && now >= until) {
+    return absl::DeadlineExceededError("a fetch is overdue");
+  }
+  int ms = -1;
+  if (until != absl::InfiniteFuture()) {
+    ms = static_cast<int>(std::min<int64_t>(absl::ToInt64Milliseconds(absl::Ceil(until - now, absl::Milliseconds(1))),
+                                            INT32_MAX));
+  }
+  pollfd fds[2] = {{fd_.get(), POLLIN, 0}, {wake_.get(), POLLIN, 0}};
+  if (::poll(fds, 2, ms) < 0 && errno != EINTR) return ErrnoStatus(errno, "poll");
+  if (fds[1].revents != 0) {
+    uint64_t drained;
+    (void)!::read(wake_.get(), &drained, sizeof(drained));
+  }
+  if (fds[0].revents != 0) drained_ = false;
+  return absl::OkStatus();
+}
+
+absl::Status ClientConn::RecvFrameStart(FrameHeader* h, bool* done, std::vector<FetchDone>* finished) {
+  *done = false;
+  if (stash_at_ < stash_.size()) return Recv(h, sizeof(*h));
+  uint64_t id = 0;
+  absl::Span<uint8_t> dst;
+  alignas(8) uint8_t head[sizeof(FrameHeader) + sizeof(FetchRespPayload)];
+  ssize_t r;
+  for (;;) {
+    while (drained_) {
+      if (absl::Now() < spin_until_) {
+        ::sched_yield();
+        drained_ = false;
+        break;
+      }
+      if (auto st = WaitReadable(); !st.ok()) return st;
+    }
+    {
+      absl::MutexLock l(&mu_);
+      id = 0;
+      dst = {};
+      if (!pending_.empty()) {
+        id = pending_.begin()->first;
+        const Pending& p = pending_.begin()->second;
+        dst = p.batch->ops[p.op].dst;
+      }
+    }
+    iovec iov[2] = {{head, sizeof(head)}, {dst.data(), dst.size()}};
+    msghdr m{};
+    m.msg_iov = iov;
+    m.msg_iovlen = dst.empty() ? 1 : 2;
+    do {
+      r = ::recvmsg(fd_.get(), &m, MSG_DONTWAIT);
+    } while (r < 0 && errno == EINTR);
+    if (r >= 0) break;
+    if (errno != EAGAIN && errno != EWOULDBLOCK) return ErrnoStatus(errno, "recv");
+    drained_ = true;
+  }
+  if (r == 0) return absl::OutOfRangeError("end of stream");
+  last_byte_ = absl::Now();
+  const size_t got = static_cast<size_t>(r);
+  if (got < sizeof(head) + dst.size()) drained_ = true;
+  const size_t in_head = std::min(got, sizeof(head));
+  const size_t in_dst = got - in_head;
+  if (in_head == sizeof(head) && !dst.empty()) {
+    std::memcpy(h, head, sizeof(*h));
+    FetchRespPayload resp;
+    std::memcpy(&resp, head + sizeof(*h), sizeof(resp));
+    if (CheckFrameHeader(*h).ok() && h->type == static_cast<uint8_t>(FrameType::kFetchResp) && h->id == id &&
+        resp.code == 0 && h->payload_len == sizeof(resp) + dst.size()) {
+      // Only this thread completes fetches while the connection is open:
+      // the fetch is still pending and its buffer valid.
+      *done = true;
+      if (in_dst < dst.size()) {
+        absl::Status st = Recv(dst.data() + in_dst, dst.size() - in_dst);
+        if (absl::IsOutOfRange(st)) st = absl::DataLossError("connection closed mid-frame");
+        if (!st.ok()) return st;
+      }
+      absl::MutexLock l(&mu_);
+      CompleteLocked(pending_.find(id), resp.seq, finished);
+      // Nothing more is expected but invalidations: the next read waits
+      // first rather than trying the socket (answers still due are
+      // usually there already, and are read at once).
+      if (pending_.empty()) drained_ = true;
+      spin_until_ = absl::Now() + absl::FromChrono(kSpinAfterAnswer);
+      return absl::OkStatus();
+    }
+  }
+  // Another frame: what was received is read again from the stash.
+  stash_.assign(head, head + in_head);
+  stash_.insert(stash_.end(), dst.data(), dst.data() + in_dst);
+  stash_at_ = 0;
+  return Recv(h, sizeof(*h));
 }
 
 absl::Status ClientConn::ReceiveFetchResp(const FrameHeader& h, std::vector<FetchDone>* finished) {
@@ -664,9 +883,11 @@ void ClientConn::ReaderLoop() {
     finished.clear();
     // The header first: a FETCH_RESP's pages are received into the
     // fetch's buffer, everything else is read whole.
-    st = Recv(&h, sizeof(h));
-    if (absl::IsDataLoss(st)) st = absl::DataLossError("connection closed mid-header");
-    if (st.ok()) st = CheckFrameHeader(h);
+    bool done = false;
+    st = RecvFrameStart(&h, &done, &finished);
+    if (!done && absl::IsDataLoss(st)) st = absl::DataLossError("connection closed mid-header");
+    if (done || !st.ok()) continue;
+    st = CheckFrameHeader(h);
     if (!st.ok()) break;
     if (static_cast<FrameType>(h.type) == FrameType::kFetchResp) {
       st = ReceiveFetchResp(h, &finished);

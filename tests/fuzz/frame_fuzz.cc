@@ -1,6 +1,6 @@
-// libFuzzer target: the data connection's stream decoder (ReadFrame), frame
-// header validation, error replies and the merging of queued INVAL frames,
-// on bytes as a peer would send them.
+// libFuzzer target: the data connection's stream decoders (ReadFrame, and
+// FrameReader against it), frame header validation, error replies and the
+// merging of queued INVAL frames, on bytes as a peer would send them.
 #include <cstddef>
 #include <cstdint>
 #include <cstdlib>
@@ -29,8 +29,38 @@ static void DecodeStream(const uint8_t* data, size_t size) {
   ::close(p[0]);
 }
 
+// The buffered decoder (FrameReader, the tcp exporter's) returns exactly
+// the frames ReadFrame returns from the same bytes, and ends with the same
+// status code, whatever its buffer's size (the first byte picks one).
+static void DecodeBuffered(const uint8_t* data, size_t size) {
+  if (size == 0 || size > 60000) return;
+  const size_t capacity = 32 + data[0] * 4;
+  auto decode = [&](bool buffered, std::vector<std::vector<uint8_t>>* frames) {
+    int p[2];
+    if (::pipe(p) != 0) std::abort();
+    if (::write(p[1], data + 1, size - 1) != static_cast<ssize_t>(size - 1)) std::abort();
+    ::close(p[1]);
+    svm::transport::FrameReader reader(p[0], capacity);
+    FrameHeader h;
+    std::vector<uint8_t> payload;
+    absl::Status st;
+    for (;;) {
+      st = buffered ? reader.Next(&h, &payload, 8192) : svm::transport::ReadFrame(p[0], &h, &payload, 8192);
+      if (!st.ok()) break;
+      std::vector<uint8_t> f(reinterpret_cast<const uint8_t*>(&h), reinterpret_cast<const uint8_t*>(&h) + sizeof(h));
+      f.insert(f.end(), payload.begin(), payload.end());
+      frames->push_back(std::move(f));
+    }
+    ::close(p[0]);
+    return st.code();
+  };
+  std::vector<std::vector<uint8_t>> plain, buffered;
+  if (decode(false, &plain) != decode(true, &buffered) || plain != buffered) std::abort();
+}
+
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   DecodeStream(data, size);
+  DecodeBuffered(data, size);
   if (size < sizeof(FrameHeader)) return 0;
   FrameHeader h;
   std::memcpy(&h, data, sizeof(h));

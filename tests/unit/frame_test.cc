@@ -2,11 +2,16 @@
 // before its payload is read. Anything it lets through is trusted.
 #include "daemon/transport/frame.h"
 
+#include <sys/socket.h>
+#include <unistd.h>
+
 #include <algorithm>
 #include <cstddef>
 #include <cstring>
 #include <string>
 #include <vector>
+
+#include "common/fd.h"
 
 #include "daemon/source/mirror_source.h"
 
@@ -208,6 +213,101 @@ TEST(InvalPayload, RoundTripsAnInvalRecord) {
   EXPECT_EQ(back.kind, source::ChangeKind::kRemap);
   EXPECT_EQ(back.detected_ns, 7u);
   EXPECT_EQ(ToInvalPayload(r).pad, 0u);
+}
+
+// FrameReader: the exporter's reader of a tcp data connection. Frames
+// written back to back come out whole and in order, several per read; a
+// payload larger than its buffer is read straight into place; the ends of
+// the stream are reported as ReadFrame reports them.
+std::vector<uint8_t> Stream(const std::vector<std::vector<uint8_t>>& frames) {
+  std::vector<uint8_t> out;
+  for (const auto& f : frames) out.insert(out.end(), f.begin(), f.end());
+  return out;
+}
+
+std::vector<uint8_t> Bytes(size_t n, uint8_t seed) {
+  std::vector<uint8_t> b(n);
+  for (size_t i = 0; i < n; ++i) b[i] = static_cast<uint8_t>(seed + i * 7);
+  return b;
+}
+
+TEST(FrameReader, SplitsAStreamIntoItsFramesWithFewReads) {
+  int sv[2];
+  ASSERT_EQ(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv), 0);
+  UniqueFd a(sv[0]), b(sv[1]);
+  const FetchPayload f{3, 4, 5, 0};
+  std::vector<std::vector<uint8_t>> frames;
+  std::vector<std::vector<uint8_t>> payloads;
+  for (int i = 0; i < 5; ++i) {
+    frames.push_back(MakeFrame(FrameType::kFetch, 100 + i, &f, sizeof(f)));
+    payloads.emplace_back(reinterpret_cast<const uint8_t*>(&f), reinterpret_cast<const uint8_t*>(&f) + sizeof(f));
+  }
+  // Payloads around the reader's buffer (256 bytes here): inside it,
+  // across its end, larger than it, and empty.
+  for (size_t n : {100u, 200u, 1000u, 0u, 255u}) {
+    payloads.push_back(Bytes(n, static_cast<uint8_t>(n)));
+    frames.push_back(MakeFrame(FrameType::kFetchResp, 200 + n, payloads.back().data(), n));
+  }
+  const auto all = Stream(frames);
+  ASSERT_TRUE(WriteFull(a.get(), all.data(), all.size()).ok());
+  a.Reset();  // then a clean end of stream
+  FrameReader reader(b.get(), 256);
+  for (size_t i = 0; i < frames.size(); ++i) {
+    FrameHeader h;
+    std::vector<uint8_t> payload;
+    ASSERT_TRUE(reader.Next(&h, &payload).ok()) << "frame " << i;
+    FrameHeader want;
+    std::memcpy(&want, frames[i].data(), sizeof(want));
+    EXPECT_EQ(h.id, want.id) << "frame " << i;
+    EXPECT_EQ(h.type, want.type) << "frame " << i;
+    EXPECT_EQ(payload, payloads[i]) << "frame " << i;
+    // The five FETCHes came with one read: while one is returned, the next
+    // is already in.
+    if (i < 4) {
+      EXPECT_GT(reader.buffered(), 0u) << "frame " << i;
+    }
+  }
+  FrameHeader h;
+  std::vector<uint8_t> payload;
+  EXPECT_EQ(reader.Next(&h, &payload).code(), absl::StatusCode::kOutOfRange);
+}
+
+TEST(FrameReader, EndsOfTheStreamInsideAFrameAreDataLoss) {
+  const FetchPayload f{3, 4, 5, 0};
+  const auto frame = MakeFrame(FrameType::kFetch, 1, &f, sizeof(f));
+  for (size_t cut : {size_t{1}, sizeof(FrameHeader) - 1, sizeof(FrameHeader), frame.size() - 1}) {
+    int sv[2];
+    ASSERT_EQ(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv), 0);
+    UniqueFd a(sv[0]), b(sv[1]);
+    ASSERT_TRUE(WriteFull(a.get(), frame.data(), frame.size()).ok());
+    ASSERT_TRUE(WriteFull(a.get(), frame.data(), cut).ok());
+    a.Reset();
+    FrameReader reader(b.get(), 64);
+    FrameHeader h;
+    std::vector<uint8_t> payload;
+    ASSERT_TRUE(reader.Next(&h, &payload).ok());
+    EXPECT_EQ(reader.Next(&h, &payload).code(), absl::StatusCode::kDataLoss) << "cut after " << cut;
+  }
+}
+
+TEST(FrameReader, RefusesABadHeaderAndAPayloadOverItsLimit) {
+  int sv[2];
+  ASSERT_EQ(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv), 0);
+  UniqueFd a(sv[0]), b(sv[1]);
+  const auto big = Bytes(100, 1);
+  const auto frame = MakeFrame(FrameType::kHello, 1, big.data(), big.size());
+  ASSERT_TRUE(WriteFull(a.get(), frame.data(), frame.size()).ok());
+  FrameReader reader(b.get());
+  FrameHeader h;
+  std::vector<uint8_t> payload;
+  EXPECT_EQ(reader.Next(&h, &payload, /*max_payload=*/64).code(), absl::StatusCode::kDataLoss);
+  ASSERT_EQ(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv), 0);
+  UniqueFd c(sv[0]), d(sv[1]);
+  FrameHeader bad = Good();
+  bad.magic = 0;
+  ASSERT_TRUE(WriteFull(c.get(), &bad, sizeof(bad)).ok());
+  FrameReader reader2(d.get());
+  EXPECT_EQ(reader2.Next(&h, &payload).code(), absl::StatusCode::kDataLoss);
 }
 
 }  // namespace

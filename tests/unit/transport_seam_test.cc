@@ -14,6 +14,7 @@
 #include <fcntl.h>
 #include <linux/falloc.h>
 #include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <sys/mman.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
@@ -1388,6 +1389,129 @@ TEST_P(TcpWireTest, FetchVPutsEveryFetchOnTheWireBeforeAnyAnswer) {
     EXPECT_EQ(ops[i].result.status().code(), absl::StatusCode::kUnavailable) << ops[i].result.status();
   }
   EXPECT_TRUE(imp_.WaitClosed(ch->get()).ok());
+}
+
+// The importer expects answers in the order of its FETCHes and receives
+// the oldest one's pages with its header in one system call, into that
+// fetch's buffer. Whatever else comes first (an invalidation, an error
+// answer, several frames in one write, a header split across writes) is
+// read again from what was received: every fetch ends with its own bytes or
+// its own error, and every invalidation is delivered and acknowledged.
+TEST_P(TcpWireTest, AnswersAmongInvalidationsErrorsAndSplitWritesLandInTheirOwnBuffers) {
+  RawExporter raw;
+  auto connecting = std::async(std::launch::async,
+                               [&] { return importer_->Connect("127.0.0.1", raw.Offer(), &imp_, ""); });
+  ASSERT_TRUE(raw.Accept());
+  auto ch = connecting.get();
+  ASSERT_TRUE(ch.ok()) << ch.status();
+  // Each write below leaves at once (no Nagle delay merging them).
+  int one = 1;
+  ASSERT_EQ(::setsockopt(raw.fd(), IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one)), 0);
+  constexpr int kOps = 4;
+  const uint32_t npages[kOps] = {1, 2, 1, 3};
+  std::vector<std::vector<uint8_t>> bufs(kOps);
+  std::vector<FetchOp> ops(kOps);
+  for (int i = 0; i < kOps; ++i) {
+    bufs[i].assign(npages[i] * kPageSize, 0xee);
+    ops[i].export_id = 3;
+    ops[i].first_page = 10 * i;
+    ops[i].npages = npages[i];
+    ops[i].dst = absl::MakeSpan(bufs[i]);
+  }
+  auto batch = std::async(std::launch::async, [&] { (*ch)->FetchV(absl::MakeSpan(ops), Scaled(absl::Seconds(10))); });
+  std::vector<uint64_t> ids;
+  for (int i = 0; i < kOps; ++i) {
+    FrameHeader h;
+    std::vector<uint8_t> payload;
+    ASSERT_TRUE(ReadFrame(raw.fd(), &h, &payload).ok());
+    ASSERT_EQ(h.type, static_cast<uint8_t>(FrameType::kFetch));
+    ids.push_back(h.id);
+  }
+  auto answer = [&](int i) {
+    std::vector<uint8_t> pages(npages[i] * kPageSize);
+    for (uint32_t k = 0; k < npages[i]; ++k) {
+      std::memset(pages.data() + k * kPageSize, FillOf(3, ops[i].first_page + k), kPageSize);
+    }
+    FetchRespPayload r{};
+    r.seq = 100 + i;
+    return MakeFrame(FrameType::kFetchResp, ids[i], &r, sizeof(r), pages.data(), pages.size());
+  };
+  auto inval = [](uint64_t page, uint64_t seq) {
+    const InvalPayload p{3, page, 1, seq, static_cast<uint32_t>(source::ChangeKind::kWrite), 0, 0};
+    return MakeFrame(FrameType::kInval, 0, &p, sizeof(p));
+  };
+  auto write = [&](std::vector<uint8_t> a, const std::vector<uint8_t>& b = {}) {
+    a.insert(a.end(), b.begin(), b.end());
+    return WriteFull(raw.fd(), a.data(), a.size()).ok();
+  };
+  // An invalidation alone, while the reader waits for the first answer.
+  ASSERT_TRUE(write(inval(0, 5)));
+  ASSERT_TRUE(imp_.WaitInvals(1));
+  // The first answer and an invalidation in one write.
+  ASSERT_TRUE(write(answer(0), inval(1, 6)));
+  // An error for the second fetch, its header cut in two writes, the
+  // second with the third answer.
+  const std::string msg = "gone away";
+  FetchRespPayload e{};
+  e.code = static_cast<uint32_t>(absl::StatusCode::kNotFound);
+  e.msg_len = static_cast<uint32_t>(msg.size());
+  auto error = MakeFrame(FrameType::kFetchResp, ids[1], &e, sizeof(e), msg.data(), msg.size());
+  ASSERT_TRUE(WriteFull(raw.fd(), error.data(), 20).ok());
+  absl::SleepFor(absl::Milliseconds(20));
+  ASSERT_TRUE(write(std::vector<uint8_t>(error.begin() + 20, error.end()), answer(2)));
+  // The last answer in two writes: its header with part of the pages, then
+  // the remaining pages.
+  const auto last = answer(3);
+  const size_t cut = sizeof(FrameHeader) + sizeof(FetchRespPayload) + 100;
+  ASSERT_TRUE(WriteFull(raw.fd(), last.data(), cut).ok());
+  absl::SleepFor(absl::Milliseconds(20));
+  ASSERT_TRUE(WriteFull(raw.fd(), last.data() + cut, last.size() - cut).ok());
+  batch.get();
+  for (int i : {0, 2, 3}) {
+    ASSERT_TRUE(ops[i].result.ok()) << i << ": " << ops[i].result.status();
+    EXPECT_EQ(*ops[i].result, 100u + i);
+    EXPECT_TRUE(PagesAre(bufs[i], 3, ops[i].first_page)) << "op " << i;
+  }
+  EXPECT_EQ(ops[1].result.status().code(), absl::StatusCode::kNotFound) << ops[1].result.status();
+  EXPECT_EQ(ops[1].result.status().message(), msg);
+  ASSERT_TRUE(imp_.WaitInvals(2));
+  const auto invals = imp_.invals();
+  ASSERT_EQ(invals.size(), 2u);
+  EXPECT_EQ(invals[0].first_page, 0u);
+  EXPECT_EQ(invals[0].seq, 5u);
+  EXPECT_EQ(invals[1].first_page, 1u);
+  EXPECT_EQ(invals[1].seq, 6u);
+  for (uint64_t seq : {5u, 6u}) {
+    FrameHeader h;
+    std::vector<uint8_t> payload;
+    ASSERT_TRUE(ReadFrame(raw.fd(), &h, &payload).ok());
+    ASSERT_EQ(h.type, static_cast<uint8_t>(FrameType::kInvalAck));
+    InvalAckPayload a;
+    ASSERT_EQ(payload.size(), sizeof(a));
+    std::memcpy(&a, payload.data(), sizeof(a));
+    EXPECT_EQ(a.seq, seq);
+  }
+  EXPECT_TRUE((*ch)->alive());
+}
+
+// tcp: a fetch issued while the importer's reader sleeps with nothing
+// outstanding still fails at its own deadline: the reader sleeps at most
+// the previous batch's timeout (here 10 s) and is woken for a batch due
+// earlier.
+TEST_P(TcpWireTest, AFetchIssuedWhileTheReaderIsIdleFailsAtItsOwnDeadline) {
+  std::shared_ptr<Subscriber> sub;
+  PeerChannel* ch = Open("n", &sub);
+  ASSERT_NE(ch, nullptr);
+  ASSERT_TRUE(Fetch(ch, 1, 0, 1, nullptr, true, Scaled(absl::Seconds(10))).ok());
+  absl::SleepFor(absl::Milliseconds(50));  // the reader is asleep again
+  exp_.Block();
+  const absl::Duration timeout = absl::Milliseconds(300);
+  const absl::Time start = absl::Now();
+  auto r = Fetch(ch, 1, 0, 1, nullptr, true, timeout);
+  const absl::Duration took = absl::Now() - start;
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kUnavailable) << r.status();
+  EXPECT_LT(took, timeout + Scaled(absl::Milliseconds(500))) << "took " << took;
+  exp_.Release();
 }
 
 INSTANTIATE_TEST_SUITE_P(Tcp, TcpWireTest, ::testing::Values(kTcp), KindName);
