@@ -108,7 +108,7 @@ struct Capabilities {
   // The pieces a read's missing pages are cut into, all in flight at once
   // (PeerChannel::FetchV): small enough that the exporter copies one while
   // another travels, large enough that per-request costs stay small. tcp:
-  // 128 KiB; rdma: one receive slot (1 MiB, its own unit of pipelining).
+  // 256 KiB (the session's largest request: one piece each); rdma: one receive slot (1 MiB, its own unit of pipelining).
   uint32_t fetch_piece_pages = 32;
 };
 
