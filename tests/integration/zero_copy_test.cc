@@ -59,6 +59,22 @@ int64_t VersionOf(const char* page, uint64_t index) {
   return static_cast<int64_t>(first >> 32);
 }
 
+// Imports name from the daemon at host on c, expects the zero-copy path,
+// reads its first pages once and checks each carries version (one
+// zero-copy read, counted).
+void ExpectZeroCopyImportReads(Client& c, const std::string& host, const std::string& name,
+                               uint64_t pages, int64_t version) {
+  ASSERT_TRUE(c.Import(host, name).ok());
+  auto imp = ImportOf(c, name);
+  ASSERT_TRUE(imp.ok()) << imp.status();
+  EXPECT_TRUE(absl::StartsWith(imp->path, "zero-copy/")) << imp->path;
+  const uint64_t zc_before = Counter(c, "zero_copy_reads");
+  auto got = ReadBytes(c, name, 0, pages * kPage);
+  ASSERT_TRUE(got.ok()) << got.status();
+  for (uint64_t p = 0; p < pages; ++p) ASSERT_EQ(VersionOf(got->data() + p * kPage, p), version) << p;
+  EXPECT_EQ(Counter(c, "zero_copy_reads"), zc_before + 1);
+}
+
 class ZeroCopy : public ::testing::Test {
  protected:
   void SetUp() override {
@@ -247,15 +263,7 @@ TEST(ZeroCopyTls, EachPeerIdentityReadsThroughARegistrationOfItsOwn) {
     SCOPED_TRACE(node);
     auto c = d[node]->Connect();
     ASSERT_NE(c, nullptr);
-    ASSERT_TRUE(c->Import(d["node-a"]->peer(), "shared").ok());
-    auto imp = ImportOf(*c, "shared");
-    ASSERT_TRUE(imp.ok()) << imp.status();
-    EXPECT_TRUE(absl::StartsWith(imp->path, "zero-copy/")) << imp->path;
-    const uint64_t zc_before = Counter(*c, "zero_copy_reads");
-    auto whole = ReadBytes(*c, "shared", 0, 32 * kPage);
-    ASSERT_TRUE(whole.ok()) << whole.status();
-    for (uint64_t p = 0; p < 32; ++p) ASSERT_EQ(VersionOf(whole->data() + p * kPage, p), 5) << p;
-    EXPECT_EQ(Counter(*c, "zero_copy_reads"), zc_before + 1);
+    ExpectZeroCopyImportReads(*c, d["node-a"]->peer(), "shared", 32, 5);
   }
   EXPECT_EQ(Counter(*ca, "fetches_served"), served_before) << "a read reached the exporter's CPU";
   EXPECT_EQ(Counter(*ca, "zero_copy_peer_registration_failures"), 0u);
@@ -309,15 +317,7 @@ TEST_F(ZeroCopy, ClientMemfdIsServedZeroCopyBySvmdWithoutCapSysAdmin) {
   ASSERT_TRUE(ex.ok()) << ex.status();
   EXPECT_EQ(ex->source, "shim");
   EXPECT_TRUE(absl::StartsWith(ex->path, "zero-copy/")) << ex->path;
-  ASSERT_TRUE(cb_->Import((*c)->peer(), "mine").ok());
-  auto imp = ImportOf(*cb_, "mine");
-  ASSERT_TRUE(imp.ok()) << imp.status();
-  EXPECT_TRUE(absl::StartsWith(imp->path, "zero-copy/")) << imp->path;
-  const uint64_t zc_before = Counter(*cb_, "zero_copy_reads");
-  auto got = ReadBytes(*cb_, "mine", 0, 16 * kPage);
-  ASSERT_TRUE(got.ok()) << got.status();
-  for (uint64_t p = 0; p < 16; ++p) ASSERT_EQ(VersionOf(got->data() + p * kPage, p), 5) << p;
-  EXPECT_EQ(Counter(*cb_, "zero_copy_reads"), zc_before + 1);
+  ExpectZeroCopyImportReads(*cb_, (*c)->peer(), "mine", 16, 5);
 }
 
 // The exporter rewrites, truncates and re-populates its memfd while the

@@ -1322,15 +1322,23 @@ class RawExporter {
   uint16_t port_ = 0;
 };
 
+// importer's channel to raw (Connect and raw's accept run together).
+absl::StatusOr<std::unique_ptr<PeerChannel>> ConnectToRaw(RawExporter& raw, Transport& importer,
+                                                          ImportBackend* backend) {
+  auto connecting = std::async(std::launch::async,
+                               [&] { return importer.Connect("127.0.0.1", raw.Offer(), backend, ""); });
+  const bool accepted = raw.Accept();
+  auto ch = connecting.get();
+  if (!accepted) return absl::UnavailableError("the raw exporter accepted no connection");
+  return ch;
+}
+
 // Every FETCH of a batch is on the wire before the first answer (the
 // exporter reads them all without answering one), and answers that come
 // back in another order still land in their own buffers.
 TEST_P(TcpWireTest, FetchVPutsEveryFetchOnTheWireBeforeAnyAnswer) {
   RawExporter raw;
-  auto connecting = std::async(std::launch::async,
-                               [&] { return importer_->Connect("127.0.0.1", raw.Offer(), &imp_, ""); });
-  ASSERT_TRUE(raw.Accept());
-  auto ch = connecting.get();
+  auto ch = ConnectToRaw(raw, *importer_, &imp_);
   ASSERT_TRUE(ch.ok()) << ch.status();
   constexpr int kOps = 5;
   std::vector<std::vector<uint8_t>> bufs(kOps);
@@ -1399,10 +1407,7 @@ TEST_P(TcpWireTest, FetchVPutsEveryFetchOnTheWireBeforeAnyAnswer) {
 // its own error, and every invalidation is delivered and acknowledged.
 TEST_P(TcpWireTest, AnswersAmongInvalidationsErrorsAndSplitWritesLandInTheirOwnBuffers) {
   RawExporter raw;
-  auto connecting = std::async(std::launch::async,
-                               [&] { return importer_->Connect("127.0.0.1", raw.Offer(), &imp_, ""); });
-  ASSERT_TRUE(raw.Accept());
-  auto ch = connecting.get();
+  auto ch = ConnectToRaw(raw, *importer_, &imp_);
   ASSERT_TRUE(ch.ok()) << ch.status();
   // Each write below leaves at once (no Nagle delay merging them).
   int one = 1;
