@@ -705,8 +705,8 @@ absl::Status ExportTable::AdmitFetch(const transport::Subscriber& from, uint64_t
     absl::MutexLock l(&peers_mu_);
     auto self = peer_of_.find(from.id());
     who = self != peer_of_.end() ? self->second : PeerKey({}, from.node());
-    if (self != peer_of_.end()) {
-      for (const auto& [id, conn] : by_peer_[who]) {
+    if (auto b = self != peer_of_.end() ? by_peer_.find(who) : by_peer_.end(); b != by_peer_.end()) {
+      for (const auto& [id, conn] : b->second) {
         if (id == from.id()) continue;
         if (auto c = conn.lock()) {
           total += c->PendingFetches();

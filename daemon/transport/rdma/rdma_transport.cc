@@ -174,7 +174,6 @@ Executor& DeliveryWorkers() {
 // registrations and queue pairs shorter.
 struct Domain {
   PdPtr pd;
-  std::string key;  // "" for a domain of its own (Nic::NewDomain)
 };
 
 // The device, the protection domains in use, and the completion contexts
@@ -362,7 +361,6 @@ absl::StatusOr<std::shared_ptr<Domain>> Nic::DomainFor(const std::string& key) {
   }
   auto d = NewDomain();
   if (!d.ok()) return d.status();
-  (*d)->key = key;
   domains[key] = *d;
   return *d;
 }
