@@ -53,6 +53,16 @@ std::vector<std::pair<uint64_t, uint64_t>> ExportCoherence::ServedBatch(uint64_t
   return out;
 }
 
+std::vector<uint64_t> ExportCoherence::StillServed(
+    absl::Span<const std::pair<uint64_t, uint64_t>> sampled) const {
+  std::vector<uint64_t> out;
+  for (const auto& [page, version] : sampled) {
+    auto it = served_.find(page);
+    if (it != served_.end() && it->second == version) out.push_back(page);
+  }
+  return out;
+}
+
 uint64_t ExportCoherence::Subscribe(uint64_t sub) {
   // A resubscription on the same connection keeps what it acknowledged;
   // it holds whatever it held.

@@ -72,6 +72,13 @@ class ExportCoherence {
   std::vector<std::pair<uint64_t, uint64_t>> AllServed() const {
     return {served_.begin(), served_.end()};
   }
+  // Of (page, version) pairs a comparison pass sampled (ServedBatch,
+  // AllServed) and found changed, the pages still served at that version:
+  // those the pass must invalidate. The others were invalidated since the
+  // sample (by another pass, a notifier), or served again at a version of
+  // their own, which the next pass compares: two passes at once (Sync and
+  // the scrubber) thus invalidate one change once.
+  std::vector<uint64_t> StillServed(absl::Span<const std::pair<uint64_t, uint64_t>> sampled) const;
   size_t served_pages() const { return served_.size(); }
 
   // --- subscribers --------------------------------------------------------

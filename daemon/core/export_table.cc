@@ -573,6 +573,10 @@ absl::StatusOr<uint64_t> ExportTable::Subscribe(uint64_t export_id,
 
 void ExportTable::Invalidate(ExportEntry& e, const Change& c) {
   absl::MutexLock publishing(&e.publish_mu);
+  InvalidatePublishing(e, c);
+}
+
+void ExportTable::InvalidatePublishing(ExportEntry& e, const Change& c) {
   v1::Invalidation ev;
   {
     absl::MutexLock l(&e.mu);
@@ -684,6 +688,7 @@ absl::StatusOr<uint64_t> ExportTable::ServeFetch(const transport::Subscriber& fr
     // requester (which receives the invalidation first) does not install it.
     if (!changed.empty()) {
       counters_->Add("served_version_invalidations", changed.size());
+      absl::MutexLock publishing(&e->publish_mu);
       InvalidateRuns(*e, changed, ChangeKind::kWrite, source::MonotonicNs());
     }
   }
@@ -793,14 +798,24 @@ uint64_t ExportTable::CompareServed(ExportEntry& e,
   if (!range) return 0;
   range->Refresh();
   std::vector<uint8_t> buf(kPageSize);
-  std::vector<uint64_t> changed;
+  std::vector<std::pair<uint64_t, uint64_t>> changed;
   const uint64_t started = source::MonotonicNs();
   for (auto [page, hash] : pages) {
     auto st = range->Read(page * kPageSize, absl::MakeSpan(buf));
-    if (st.ok() ? HashPage(buf.data()) != hash : unreadable_changed) changed.push_back(page);
+    if (st.ok() ? HashPage(buf.data()) != hash : unreadable_changed) changed.emplace_back(page, hash);
   }
-  InvalidateRuns(e, changed, ChangeKind::kWrite, started);
-  return changed.size();
+  if (changed.empty()) return 0;
+  // Decided and published under publish_mu: of two passes that found one
+  // change (Sync and the scrubber, each from its own sample), the second
+  // finds the page no longer served as it sampled it.
+  absl::MutexLock publishing(&e.publish_mu);
+  std::vector<uint64_t> still;
+  {
+    absl::MutexLock l(&e.mu);
+    still = e.coh.StillServed(changed);
+  }
+  InvalidateRuns(e, still, ChangeKind::kWrite, started);
+  return still.size();
 }
 
 void ExportTable::InvalidateRuns(ExportEntry& e, const std::vector<uint64_t>& pages, ChangeKind kind,
@@ -809,7 +824,7 @@ void ExportTable::InvalidateRuns(ExportEntry& e, const std::vector<uint64_t>& pa
   while (i < pages.size()) {
     size_t j = i + 1;
     while (j < pages.size() && pages[j] == pages[j - 1] + 1) ++j;
-    Invalidate(e, Change{pages[i], j - i, kind, detected_ns});
+    InvalidatePublishing(e, Change{pages[i], j - i, kind, detected_ns});
     i = j;
   }
 }

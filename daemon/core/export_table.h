@@ -26,7 +26,8 @@
 // LOCKING: mu_ guards the maps; ExportEntry::mu guards one export's state.
 // Order: mu_ before ExportEntry::mu (Export's limit count, Scrub); never
 // the reverse. ExportEntry::publish_mu (Invalidate: the local watchers get
-// an export's events in sequence order) before ExportEntry::mu and the
+// an export's events in sequence order; a comparison pass decides which
+// pages to invalidate under it, CompareServed) before ExportEntry::mu and the
 // WatchHub's lock. peers_mu_ (the peers' data connections) after mu_ and
 // before ExportEntry::mu (Subscribe's count), and before a data
 // connection's own lock (AdmitFetch reads PendingFetches() of the caller's
@@ -169,9 +170,13 @@ class ExportTable final : public transport::ExportBackend {
   std::shared_ptr<ExportEntry> FindId(uint64_t id) const;
   // Invalidates pages at every subscriber and local watcher.
   void Invalidate(ExportEntry& e, const source::Change& c);
+  // The same, for a caller that holds e.publish_mu.
+  void InvalidatePublishing(ExportEntry& e, const source::Change& c)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(e.publish_mu);
   // Compares the live content of served pages with what was handed out;
-  // invalidates the changed ones (and the unreadable ones if asked).
-  // Returns how many.
+  // invalidates the changed ones (and the unreadable ones if asked) that
+  // are still served as sampled: a change another pass invalidated
+  // meanwhile is not invalidated again. Returns how many it invalidated.
   uint64_t CompareServed(ExportEntry& e, const std::vector<std::pair<uint64_t, uint64_t>>& pages,
                          bool unreadable_changed);
   // with_mapped: also the bytes mapped by page size (a SNAPSHOT of the
@@ -198,7 +203,7 @@ class ExportTable final : public transport::ExportBackend {
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(e.mu);
   // Invalidates pages (sorted) in runs of consecutive pages.
   void InvalidateRuns(ExportEntry& e, const std::vector<uint64_t>& pages, source::ChangeKind kind,
-                      uint64_t detected_ns);
+                      uint64_t detected_ns) ABSL_EXCLUSIVE_LOCKS_REQUIRED(e.publish_mu);
   // By id, also exports withdrawn but still draining retired registrations.
   std::shared_ptr<ExportEntry> FindDraining(uint64_t id) const;
 

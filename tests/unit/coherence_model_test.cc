@@ -525,6 +525,18 @@ TEST(ExportCoherence, ServingAnotherVersionIsAChange) {
   EXPECT_EQ(e.served_pages(), 1u);
 }
 
+TEST(ExportCoherence, AComparisonPassInvalidatesOnlyPagesStillServedAsItSampledThem) {
+  ExportCoherence e;
+  ASSERT_TRUE(e.RecordServed(0, {10, 11, 12, 13}, e.BeginServe()).empty());
+  const auto sampled = e.AllServed();  // a pass's sample
+  e.Invalidate(1, 1);                  // another pass invalidated page 1 meanwhile
+  e.Invalidate(2, 1);                  // and page 2, which was then served again
+  ASSERT_TRUE(e.RecordServed(2, {22}, e.BeginServe()).empty());
+  // The pass found every page changed: only 0 and 3 are still its to invalidate.
+  EXPECT_EQ(e.StillServed(sampled), (std::vector<uint64_t>{0, 3}));
+  EXPECT_TRUE(e.StillServed({{7, 70}}).empty()) << "never served";
+}
+
 TEST(ExportCoherence, RetiredIsReleasedAfterEveryHolderAcknowledgedOrLeft) {
   ExportCoherence e;
   e.Subscribe(1);

@@ -1014,6 +1014,33 @@ TEST_F(ExportTableTest, SyncReportsServedPagesThatChangedAndWaitsForAck) {
   EXPECT_EQ(sub->records().size(), 2u);
 }
 
+// Sync and the scrubber compare at once (each from its own sample of the
+// served pages): one store is invalidated once, by whichever decides first.
+TEST_F(ExportTableTest, TwoComparisonPassesAtOnceInvalidateOneChangeOnce) {
+  ASSERT_TRUE(Export("a", 0, 4).ok());
+  const uint64_t id = IdOf("a");
+  auto sub = Subscribe("a", 1);
+  AutoAcker ack(sub.get(), table_.get());
+  ASSERT_TRUE(Fetch(id, 0, 4, true).ok());
+  source_.StoreByte(2, 0, 0x99);
+  // The outer Sync has sampled the served pages when it reads the first;
+  // the inner one runs to its end there.
+  absl::StatusOr<v1::SyncResponse> inner;
+  source_.OnNextRead([&] { inner = table_->Sync("a"); });
+  auto outer = table_->Sync("a");
+  ASSERT_TRUE(outer.ok()) << outer.status();
+  ASSERT_TRUE(inner.ok()) << inner.status();
+  EXPECT_EQ(inner->pages_invalidated(), 1u);
+  EXPECT_EQ(outer->pages_invalidated(), 0u) << "invalidated again by the pass that sampled first";
+  auto recs = sub->records();
+  ASSERT_EQ(recs.size(), 1u) << KindsOf(recs);
+  EXPECT_EQ(recs[0].first_page, 2u);
+  EXPECT_EQ(recs[0].npages, 1u);
+  // A store after both passes is still found by the next one.
+  source_.StoreByte(3, 0, 0x99);
+  EXPECT_EQ(table_->Sync("a")->pages_invalidated(), 1u);
+}
+
 TEST_F(ExportTableTest, InvalidatedPagesAreNoLongerServed) {
   ASSERT_TRUE(Export("a", 0, 4).ok());
   const uint64_t id = IdOf("a");
