@@ -67,7 +67,6 @@ constexpr absl::Duration kLinkBackoff = absl::Milliseconds(500);
 // blocking steps (apart, so reads stuck on some peers never delay another
 // peer's link setup).
 constexpr int kWorkers = 16;
-constexpr int kLinkWorkers = 4;
 constexpr int kConnectors = 4;
 
 // What a connected link hands its callers.
@@ -98,6 +97,8 @@ struct ImportTable::ReadOp {
   bool fresh = false, fill = false;
   bool in_cache = false;  // the bytes may stay in the shared cache (ReadInCache)
   SessionReadDone done;
+  transport::LandingAreas* dst_areas = nullptr;  // dst registered for landing, or null
+  bool staged_only = false;  // the zero-copy region failed it: the staged path
   void Finish(absl::StatusOr<v1::ReadResponse> r, bool left_in_cache = false) {
     done(std::move(r), left_in_cache);
   }
@@ -124,10 +125,6 @@ struct ImportTable::Link {
   std::string fallback_reason ABSL_GUARDED_BY(mu);  // why rdma was not used, if it failed
   // kConnecting: the callers waiting for the attempt's outcome.
   std::vector<ConnectDone> waiters ABSL_GUARDED_BY(mu);
-  // Reads of this link's imports running on the worker pool (at most
-  // kLinkWorkers), and those waiting for one of them to finish.
-  int running ABSL_GUARDED_BY(mu) = 0;
-  std::deque<std::function<void()>> queued ABSL_GUARDED_BY(mu);
 };
 
 // The import's state machine is coherence::ImportCoherence (kDetached ->
@@ -579,34 +576,6 @@ void ImportTable::FinishAttach(ImportEntry& imp, const absl::Status& st) {
   for (auto& w : waiters) w(st);
 }
 
-void ImportTable::RunOnLink(const std::shared_ptr<Link>& link, std::function<void()> task) {
-  {
-    absl::MutexLock l(&link->mu);
-    if (link->running >= kLinkWorkers) {
-      link->queued.push_back(std::move(task));
-      return;
-    }
-    ++link->running;
-  }
-  workers_.Submit([this, link, task = std::move(task)] { RunLinkTask(link, task); });
-}
-
-void ImportTable::RunLinkTask(const std::shared_ptr<Link>& link, std::function<void()> task) {
-  task();
-  std::function<void()> next;
-  {
-    absl::MutexLock l(&link->mu);
-    if (link->queued.empty()) {
-      --link->running;
-      return;
-    }
-    next = std::move(link->queued.front());
-    link->queued.pop_front();
-  }
-  // Behind whatever other links queued meanwhile.
-  workers_.Submit([this, link, next = std::move(next)] { RunLinkTask(link, next); });
-}
-
 void ImportTable::RefreshRegion(const std::shared_ptr<ImportEntry>& imp, std::function<void()> then) {
   std::shared_ptr<transport::PeerChannel> ch;
   uint64_t export_id;
@@ -778,14 +747,15 @@ void ImportTable::Read(const std::string& name, uint64_t offset, absl::Span<uint
 }
 
 void ImportTable::ReadInCache(const std::string& name, uint64_t offset, absl::Span<uint8_t> dst, bool fresh,
-                              bool fill, bool in_cache, SessionReadDone done) {
+                              bool fill, bool in_cache, SessionReadDone done,
+                              transport::LandingAreas* dst_areas) {
   auto imp = Find(name);
   if (!imp) {
     done(absl::NotFoundError(absl::StrCat("no export or import named '", name, "'")), false);
     return;
   }
   auto op = std::make_shared<ReadOp>(ReadOp{imp, offset, dst, fresh, fill, in_cache && !fresh && !fill,
-                                            std::move(done)});
+                                            std::move(done), dst_areas});
   bool attached;
   {
     absl::MutexLock l(&imp->mu);
@@ -807,18 +777,46 @@ void ImportTable::ReadInCache(const std::string& name, uint64_t offset, absl::Sp
   });
 }
 
-void ImportTable::RunRead(std::shared_ptr<ReadOp> op, bool may_refresh) {
-  bool zc;
-  {
-    absl::MutexLock l(&op->imp->mu);
-    zc = op->imp->zc_offered;
+void ImportTable::RunRead(std::shared_ptr<ReadOp> op, bool may_refresh) { ReadAttached(op, may_refresh); }
+
+void ImportTable::ReleaseChannel(std::shared_ptr<transport::PeerChannel> ch) {
+  // (Nearly) the last reference: destroyed on a worker.
+  if (ch.use_count() <= 2) workers_.Submit([c = std::move(ch)] {});
+}
+
+void ImportTable::FinishZeroCopyRead(const std::shared_ptr<ReadOp>& op, std::shared_ptr<transport::PeerChannel> ch,
+                                     bool may_refresh, absl::Time zc_refresh_at, uint64_t seq_before, uint64_t n,
+                                     absl::Time read_start, absl::Status st, uint64_t transport_copied) {
+  ImportEntry* imp = op->imp.get();
+  auto release = [&] { ReleaseChannel(std::move(ch)); };
+  if (transport_copied > 0) counters_->Add("transport_bytes_copied", transport_copied);
+  if (absl::IsFailedPrecondition(st) && may_refresh && absl::Now() >= zc_refresh_at) {
+    release();
+    // The read starts over when the answer is in.
+    return RefreshRegion(op->imp, [this, op] { RunRead(op, /*may_refresh=*/false); });
   }
-  if (zc && !op->dst.empty() && !op->fill) {
-    // The zero-copy path's READs block: on a worker.
-    auto link = op->imp->link;
-    RunOnLink(link, [this, op = std::move(op), may_refresh] { ReadAttached(op, may_refresh); });
-    return;
+  if (st.ok()) {
+    release();
+    v1::ReadResponse resp;
+    resp.set_len(op->dst.size());
+    resp.set_seq(seq_before);
+    resp.set_pages_fetched(n);
+    counters_->Add("reads");
+    counters_->Add("zero_copy_reads");
+    counters_->Add("read_pages_fetched", n);
+    imp->stats.fetch_latency.Observe(absl::Now() - read_start);
+    imp->stats.reads.fetch_add(1, std::memory_order_relaxed);
+    imp->stats.pages_fetched.fetch_add(n, std::memory_order_relaxed);
+    return op->Finish(std::move(resp));
   }
+  if (!absl::IsFailedPrecondition(st)) {
+    if (!ch->alive()) OnChannelClosed(ch.get(), st);  // as FinishFetch does
+    release();
+    return op->Finish(std::move(st));
+  }
+  release();
+  // No region right now (withdrawn or being replaced): the staged path.
+  op->staged_only = true;
   ReadAttached(op, may_refresh);
 }
 
@@ -883,37 +881,29 @@ void ImportTable::ReadAttached(const std::shared_ptr<ReadOp>& op, bool may_refre
   const uint64_t first = offset / kPageSize;
   const uint64_t last = (offset + dst.size() - 1) / kPageSize;
   const uint64_t n = last - first + 1;
-  if (zc && !dst.empty() && !fill) {
+  if (zc && !dst.empty() && !fill && !op->staged_only) {
     // Zero-copy: one-sided READs of the exporter's live pages, straight into
     // dst. Never cached: a cached copy could not follow the exporter's
     // stores without its CPU hashing what was read (the staged path's Sync
-    // bookkeeping), and the read is as cheap as a fetch.
+    // bookkeeping), and the read is as cheap as a fetch. Completed on the
+    // transport's thread: no thread waits for the READs.
     const absl::Time read_start = absl::Now();
-    uint64_t transport_copied = 0;
-    absl::Status st = ch->ReadRegion(export_id, offset, dst, opts_.fetch_timeout, &transport_copied);
-    if (transport_copied > 0) counters_->Add("transport_bytes_copied", transport_copied);
-    if (absl::IsFailedPrecondition(st) && may_refresh && absl::Now() >= zc_refresh_at) {
-      // The read starts over when the answer is in, on a worker again.
-      return RefreshRegion(op->imp, [this, op] { RunRead(op, /*may_refresh=*/false); });
+    const transport::LandingArea* area = op->dst_areas != nullptr ? op->dst_areas->For(ch) : nullptr;
+    {
+      // Counted as a fetch: the table is not destroyed under its completion.
+      absl::MutexLock l(&fetching_mu_);
+      ++fetching_;
     }
-    if (st.ok()) {
-      v1::ReadResponse resp;
-      resp.set_len(dst.size());
-      resp.set_seq(seq_before);
-      resp.set_pages_fetched(n);
-      counters_->Add("reads");
-      counters_->Add("zero_copy_reads");
-      counters_->Add("read_pages_fetched", n);
-      imp->stats.fetch_latency.Observe(absl::Now() - read_start);
-      imp->stats.reads.fetch_add(1, std::memory_order_relaxed);
-      imp->stats.pages_fetched.fetch_add(n, std::memory_order_relaxed);
-      return op->Finish(std::move(resp));
-    }
-    if (!absl::IsFailedPrecondition(st)) {
-      if (!ch->alive()) OnChannelClosed(ch.get(), st);  // as for a fetch below
-      return op->Finish(std::move(st));
-    }
-    // No region right now (withdrawn or being replaced): the staged path.
+    ch->ReadRegionAsync(
+        export_id, offset, dst, opts_.fetch_timeout, area,
+        [this, op, ch, may_refresh, zc_refresh_at, seq_before, n, read_start](absl::Status st,
+                                                                              uint64_t transport_copied) mutable {
+          FinishZeroCopyRead(op, std::move(ch), may_refresh, zc_refresh_at, seq_before, n, read_start,
+                             std::move(st), transport_copied);
+          absl::MutexLock l(&fetching_mu_);
+          --fetching_;
+        });
+    return;
   }
   auto f = std::make_shared<Fetching>();
   f->op = op;
@@ -1013,8 +1003,7 @@ void ImportTable::FinishFetch(Fetching& f) {
   std::shared_ptr<transport::PeerChannel> ch = std::move(f.ch);
   auto release = [&] {
     f.landings.clear();  // what is not published yet is abandoned
-    if (ch.use_count() <= 2) workers_.Submit([c = std::move(ch)] {});
-    ch.reset();
+    ReleaseChannel(std::move(ch));
   };
   const absl::Span<uint8_t> dst = f.op->dst;
   const uint64_t offset = f.op->offset;

@@ -18,17 +18,14 @@
 // instead of waiting for its Hello. An import's attachment (DescribeExport,
 // Subscribe) is a chain of completions too; readers of a detached import
 // wait for the one attachment in flight as continuations, not as threads.
-// What still blocks a thread is the data plane: a transport's Fetch and
-// ReadRegion run on the table's worker pool (at most kWorkers threads),
-// each link's reads at most kLinkWorkers at a time, the rest of a link's
-// reads queued behind them, so a peer that does not answer holds up a
-// bounded share of the pool for at most the fetch timeout; a transport's
+// Reads hold no thread while their data travels: a transport's
+// FetchVAsync and ReadRegionAsync complete them on its own threads, and a
+// peer that does not answer fails them at the fetch timeout; a transport's
 // BeginConnect and Connect run on a few connector threads of their own.
 //
 // LOCKING: mu_ guards the maps; calls_mu_ the calls in flight. Per import:
 // mu guards the import's state, the attachment in flight and its waiters.
-// Per link: Link::mu guards the link's state, its data channel and its
-// queue of reads. None of them is held across a peer call, a fetch or a
+// Per link: Link::mu guards the link's state and its data channel. None of them is held across a peer call, a fetch or a
 // completion callback (waiters run after the lock is released), and none
 // is held while another is taken, except ImportEntry::mu before
 // SharedCache's own lock and, in the destructor only, mu_ before Link::mu
@@ -132,9 +129,15 @@ class ImportTable final : public transport::ImportBackend {
   // that raced an invalidation was never published: its word fails the
   // check and the client reads it again without in_cache). Otherwise (or
   // with in_cache false) as Read, and done's second argument is false.
+  // dst_areas (may be null): dst's memory, registered on the import's
+  // channel for READs (transport::LandingUse::kReads), so that zero-copy
+  // READs of whole pages land in dst itself with no copy by svmd. (The
+  // staged path's WRITEs do not: the exporter would need remote write
+  // access to memory that other exporters' reads use too.)
   using SessionReadDone = std::function<void(absl::StatusOr<v1::ReadResponse>, bool in_cache)>;
   void ReadInCache(const std::string& name, uint64_t offset, absl::Span<uint8_t> dst, bool fresh,
-                   bool fill, bool in_cache, SessionReadDone done);
+                   bool fill, bool in_cache, SessionReadDone done,
+                   transport::LandingAreas* dst_areas = nullptr);
   // The shared cache of import `name`, read-only, for a local client.
   absl::StatusOr<session::CacheFiles> OpenCache(const std::string& name) const;
   // Forwards Sync to the exporting daemon.
@@ -190,19 +193,22 @@ class ImportTable final : public transport::ImportBackend {
   void Subscribe(const std::shared_ptr<ImportEntry>& imp, const Connected& c,
                  const v1::ExportDescriptor& desc);
   void FinishAttach(ImportEntry& imp, const absl::Status& st);
-  // Runs a read's data-plane part on the worker pool, at most kLinkWorkers
-  // of the link's at a time (the rest wait in the link's queue).
-  void RunOnLink(const std::shared_ptr<Link>& link, std::function<void()> task);
-  void RunLinkTask(const std::shared_ptr<Link>& link, std::function<void()> task);
-  // A read of an attached import: ReadAttached, on a worker (RunOnLink)
-  // when it takes the zero-copy path (its READs block), on the caller's
-  // thread otherwise (its fetches complete on the transport's thread).
+  // A read of an attached import: ReadAttached on the caller's thread (its
+  // fetches and READs complete on the transport's thread).
   void RunRead(std::shared_ptr<ReadOp> op, bool may_refresh);
   // The part of a read after the import is attached: completes op, or asks
   // for the zero-copy region first (RefreshRegion, then RunRead again with
   // may_refresh false), or issues the staged fetches (FetchVAsync), whose
   // completion (FinishFetch) installs what may be and completes op.
   void ReadAttached(const std::shared_ptr<ReadOp>& op, bool may_refresh);
+  // Drops a reference to a channel on the transport's thread: destroying a
+  // channel joins that thread, so a (nearly) last reference goes to a worker.
+  void ReleaseChannel(std::shared_ptr<transport::PeerChannel> ch);
+  // A zero-copy read's completion (on the transport's thread): completes
+  // op, or refreshes the region, or takes the staged path.
+  void FinishZeroCopyRead(const std::shared_ptr<ReadOp>& op, std::shared_ptr<transport::PeerChannel> ch,
+                          bool may_refresh, absl::Time zc_refresh_at, uint64_t seq_before, uint64_t n,
+                          absl::Time read_start, absl::Status st, uint64_t transport_copied);
   struct Fetching;
   void FinishFetch(Fetching& f);
   // Zero-copy: asks the exporter for the export's current region, hands it
@@ -235,8 +241,8 @@ class ImportTable final : public transport::ImportBackend {
   std::vector<std::shared_ptr<PendingCall>> calls_ ABSL_GUARDED_BY(calls_mu_);
   bool stopping_ ABSL_GUARDED_BY(calls_mu_) = false;
 
-  // The data plane's blocking work: reads' fetches and READs (workers_,
-  // RunOnLink), data connections' BeginConnect and Connect and the release
+  // The data plane's blocking work: the release of channels off their own
+  // threads (workers_), data connections' BeginConnect and Connect and the release
   // of replaced ones (connectors_). Declared last: destroyed first, while
   // everything their tasks use exists; connectors_ before workers_, which
   // its tasks may queue reads on.

@@ -88,7 +88,8 @@ class DaemonBackend final : public session::Backend {
   }
 
   void Read(const std::string& name, uint64_t offset, absl::Span<uint8_t> dst, bool fresh, bool fill,
-            bool in_cache, std::function<void(absl::StatusOr<session::ReadDone>)> done) override {
+            bool in_cache, transport::LandingAreas* dst_areas,
+            std::function<void(absl::StatusOr<session::ReadDone>)> done) override {
     if (d_->imports().Has(name)) {
       // Asynchronous: the import's peer link runs it.
       d_->imports().ReadInCache(
@@ -96,7 +97,8 @@ class DaemonBackend final : public session::Backend {
           [done = std::move(done)](absl::StatusOr<v1::ReadResponse> r, bool left_in_cache) {
             if (!r.ok()) return done(r.status());
             done(session::ReadDone{r->seq(), r->pages_from_cache(), r->pages_fetched(), left_in_cache});
-          });
+          },
+          dst_areas);
       return;
     }
     // A local export has no cache: its bytes are always copied into dst

@@ -18,6 +18,7 @@
 #include "absl/time/clock.h"
 #include "common/log.h"
 #include "daemon/session/validate.h"
+#include "daemon/transport/transport.h"
 #include "daemon/source/mirror_source.h"
 
 namespace svm::session {
@@ -133,7 +134,12 @@ struct Server::Session {
   std::deque<abi::Cqe> waiting ABSL_GUARDED_BY(cq_mu);
   bool closed ABSL_GUARDED_BY(cq_mu) = false;
 
+  // The data area registered on the channels reads land through; goes
+  // before the mapping (after every read's completion: they hold this).
+  std::unique_ptr<transport::LandingAreas> areas;
+
   ~Session() {
+    areas.reset();
     if (mem != nullptr) ::munmap(mem, mem_size);
   }
 
@@ -478,6 +484,8 @@ bool Server::OnHello(Session& s) {
   s.cq = reinterpret_cast<abi::Cqe*>(s.mem + cq_off);
   s.ev = reinterpret_cast<abi::Event*>(s.mem + ev_off);
   s.data = s.mem + data_off;
+  s.areas = std::make_unique<transport::LandingAreas>(s.data, opts_.data_size / 4096 * 4096,
+                                                      transport::LandingUse::kReads);
   s.ctr = reinterpret_cast<abi::ClientCounters*>(s.mem + ctr_off);
   s.limits.data_size = opts_.data_size;
   s.sq_bell = UniqueFd(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
@@ -615,7 +623,8 @@ bool Server::Drain(Session& s, bool* ok) {
     uint8_t* dst = s.data + r->data_offset;
     const uint64_t len = r->len;
     backend_->Read(s.handles[r->handle].name, r->offset, absl::MakeSpan(dst, len), r->fresh, r->fill,
-                   r->in_cache, [self, dst, len, user_data = e.user_data](absl::StatusOr<ReadDone> done) {
+                   r->in_cache, s.areas.get(),
+                   [self, dst, len, user_data = e.user_data](absl::StatusOr<ReadDone> done) {
                      abi::Cqe c{};
                      c.user_data = user_data;
                      if (done.ok()) {

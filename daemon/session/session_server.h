@@ -42,6 +42,10 @@
 #include "common/net.h"
 #include "daemon/session/abi.h"
 
+namespace svm::transport {
+class LandingAreas;
+}  // namespace svm::transport
+
 namespace svm::session {
 
 struct ReadDone {
@@ -72,9 +76,12 @@ class Backend {
   // fill: the pages must end up in the import's shared cache (no zero-copy).
   // in_cache: the client copies from the shared cache itself, so a read of
   // an import that installs its pages there may leave dst untouched
-  // (ReadDone::in_cache).
+  // (ReadDone::in_cache). dst_areas: dst's memory (the session's data
+  // area) for the transport to register, so that zero-copy READs land in
+  // dst itself (transport::LandingAreas).
   virtual void Read(const std::string& name, uint64_t offset, absl::Span<uint8_t> dst, bool fresh,
-                    bool fill, bool in_cache, std::function<void(absl::StatusOr<ReadDone>)> done) = 0;
+                    bool fill, bool in_cache, transport::LandingAreas* dst_areas,
+                    std::function<void(absl::StatusOr<ReadDone>)> done) = 0;
   // Calls cb (which must not block) with every invalidation of name from
   // now until Unwatch(returned id) returns.
   virtual absl::StatusOr<uint64_t> Watch(const std::string& name,

@@ -11,10 +11,12 @@
 #include <optional>
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include "absl/functional/any_invocable.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/str_join.h"
+#include "absl/synchronization/mutex.h"
 #include "absl/synchronization/notification.h"
 #include "absl/time/time.h"
 #include "absl/types/span.h"
@@ -180,6 +182,12 @@ class LandingArea {
   virtual ~LandingArea() = default;
 };
 
+// What a landing area is for (PeerChannel::RegisterLanding).
+enum class LandingUse {
+  kFetches,  // the exporter's WRITEs land in it: writable by this channel's peer (a cache file)
+  kReads,    // only this node's own READs land in it: no remote access (a session's data area)
+};
+
 // One fetch of a batch (PeerChannel::FetchV).
 struct FetchOp {
   uint64_t export_id = 0;
@@ -201,6 +209,9 @@ struct FetchOp {
 
 // Runs once when a FetchVAsync completed.
 using FetchDone = absl::AnyInvocable<void() &&>;
+// Runs once when a ReadRegionAsync completed: its status, and the bytes the
+// transport copied into dst.
+using ReadRegionDone = absl::AnyInvocable<void(absl::Status, uint64_t copied) &&>;
 
 // Importer side: one data connection to an exporter daemon.
 class PeerChannel {
@@ -244,7 +255,8 @@ class PeerChannel {
   // anyway (tcp); FAILED_PRECONDITION where landing would not be safe (rdma
   // with pinned data buffers: a pinned registration keeps the pages a
   // punch removes from the cache file, docs/design.md).
-  virtual absl::StatusOr<std::unique_ptr<LandingArea>> RegisterLanding(void* /*addr*/, size_t /*len*/) {
+  virtual absl::StatusOr<std::unique_ptr<LandingArea>> RegisterLanding(void* /*addr*/, size_t /*len*/,
+                                                                       LandingUse /*use*/ = LandingUse::kFetches) {
     return absl::UnimplementedError("this transport receives in place");
   }
   virtual bool alive() const = 0;
@@ -261,15 +273,40 @@ class PeerChannel {
     return false;
   }
   // Reads dst.size() bytes at byte offset of the export with one-sided
-  // READs. FAILED_PRECONDITION when the channel holds no region for it (none
-  // set, or dropped by an invalidation: any kind but a write drops it before
-  // the invalidation is delivered); UNAVAILABLE as Fetch. copied (if set)
-  // gets the bytes the transport itself copied into dst (rdma: all of
-  // them; the READs land in its receive slots).
-  virtual absl::Status ReadRegion(uint64_t /*export_id*/, uint64_t /*offset*/,
-                                  absl::Span<uint8_t> /*dst*/, absl::Duration /*timeout*/,
-                                  uint64_t* /*copied*/ = nullptr) {
-    return absl::FailedPreconditionError("no zero-copy path on this channel");
+  // READs, completed asynchronously: done runs exactly once, on the
+  // transport's own thread (rdma: its completion thread) or on the
+  // caller's when the read is refused at once, with no lock of the channel
+  // held, and must not block. FAILED_PRECONDITION when the channel holds no
+  // region for it (none set, or dropped by an invalidation: any kind but a
+  // write drops it before the invalidation is delivered, and a read it
+  // dropped midway fails with it); UNAVAILABLE as Fetch (the connection is
+  // then closed). copied: the bytes the transport itself copied into dst
+  // (rdma: what the READs landed in its receive slots). area: a
+  // registration of this channel (RegisterLanding) that covers dst, or
+  // null; when dst is whole pages inside it the READs land in dst itself
+  // and nothing is copied. dst must stay valid until done runs; nothing
+  // writes it after.
+  virtual void ReadRegionAsync(uint64_t /*export_id*/, uint64_t /*offset*/, absl::Span<uint8_t> /*dst*/,
+                               absl::Duration /*timeout*/, const LandingArea* /*area*/, ReadRegionDone done) {
+    std::move(done)(absl::FailedPreconditionError("no zero-copy path on this channel"), 0);
+  }
+  // ReadRegionAsync, waiting for done.
+  absl::Status ReadRegion(uint64_t export_id, uint64_t offset, absl::Span<uint8_t> dst, absl::Duration timeout,
+                          uint64_t* copied = nullptr, const LandingArea* area = nullptr) {
+    struct Result {
+      absl::Notification n;
+      absl::Status st;
+      uint64_t copied = 0;
+    };
+    auto r = std::make_shared<Result>();
+    ReadRegionAsync(export_id, offset, dst, timeout, area, [r](absl::Status st, uint64_t c) {
+      r->st = std::move(st);
+      r->copied = c;
+      r->n.Notify();
+    });
+    r->n.WaitForNotification();
+    if (copied != nullptr) *copied = r->copied;
+    return r->st;
   }
 
  protected:
@@ -277,6 +314,36 @@ class PeerChannel {
 
  private:
   const Capabilities caps_;
+};
+
+// Importer side: one piece of svmd's memory that reads land in (a client
+// session's data area), registered for use on each channel it is read over
+// (PeerChannel::RegisterLanding), so that the NIC writes into it and svmd
+// copies nothing. Thread-safe. Destroy it only once nothing can land in the
+// memory any more.
+class LandingAreas {
+ public:
+  LandingAreas(void* base, size_t len, LandingUse use) : base_(base), len_(len), use_(use) {}
+  LandingAreas(const LandingAreas&) = delete;
+  LandingAreas& operator=(const LandingAreas&) = delete;
+  // The memory's registration on ch, made on first use; null where ch
+  // cannot land in it (tcp receives in place anyway; rdma refuses pinned
+  // landing areas, or the device refused the registration). A refusal is
+  // remembered for the channel: it is not asked again on every read. The
+  // entries of channels that are gone are dropped here.
+  const LandingArea* For(const std::shared_ptr<PeerChannel>& ch);
+
+ private:
+  struct Entry {
+    std::weak_ptr<PeerChannel> ch;
+    const PeerChannel* key = nullptr;
+    std::unique_ptr<LandingArea> area;  // null: refused
+  };
+  void* const base_;
+  const size_t len_;
+  const LandingUse use_;
+  absl::Mutex mu_;
+  std::vector<Entry> entries_ ABSL_GUARDED_BY(mu_);
 };
 
 // What `svmctl status` shows about an RDMA transport's device.

@@ -232,36 +232,62 @@ TEST_F(Sessions, ACachedReadSendsNothingToSvmd) {
   EXPECT_EQ(Counter(*cb_, "reads"), reads);
 }
 
+// Runs `read` until node B received no invalidation while it ran (at most
+// five times) and returns how many bytes svmd copied into the data area in
+// that run. An invalidation that arrives while a cached read's pages land
+// keeps them out of the cache, and svmd then copies them into the data area
+// instead: correct, but not what these tests measure. One can arrive after
+// Sync returned (seen under TSan, before Sync and the scrubber decided under
+// one lock: both invalidated one `stamp`, 1 ms apart, the second during the
+// read; ExportTableTest.TwoComparisonPassesAtOnceInvalidateOneChangeOnce
+// covers that). A notifier's late report of a change a comparison already
+// invalidated still can.
+template <typename Read>
+uint64_t CopiedByAQuietRead(Client& c, const Read& read) {
+  uint64_t copied = 0;
+  for (int attempt = 0; attempt < 5; ++attempt) {
+    const uint64_t inval = Counter(c, "invalidations_received");
+    const uint64_t before = Counter(c, "read_bytes_copied");
+    read();
+    copied = Counter(c, "read_bytes_copied") - before;
+    if (::testing::Test::HasFatalFailure() || Counter(c, "invalidations_received") == inval) break;
+  }
+  return copied;
+}
+
 // A cached Read that misses: svmd lands the pages in the shared cache and
 // completes the read "in the cache"; the client copies them from there.
 // svmd copies nothing into the session's data area (read_bytes_copied).
 TEST_F(Sessions, ACachedReadThatMissesIsCopiedFromTheCacheNotBySvmd) {
-  const uint64_t copied = Counter(*cb_, "read_bytes_copied");
   const uint64_t landed = Counter(*cb_, "cache_pages_landed");
   // Whole pages, and a read that starts and ends inside pages.
-  ExpectWhole(*cb_, false);
-  ASSERT_TRUE(cb_->Status().ok());
-  EXPECT_EQ(Counter(*cb_, "cache_pages_landed") - landed, kPages);
-  EXPECT_EQ(Counter(*cb_, "read_bytes_copied"), copied) << "svmd copied a cached read's bytes";
+  EXPECT_EQ(CopiedByAQuietRead(*cb_, [&] { ExpectWhole(*cb_, false); }), 0u)
+      << "svmd copied a cached read's bytes";
+  ASSERT_FALSE(HasFatalFailure());
+  EXPECT_GE(Counter(*cb_, "cache_pages_landed") - landed, kPages);
   auto rep = exporter_->Command("stamp 5");  // every page changes: dropped from the cache
   ASSERT_TRUE(rep.ok() && absl::StartsWith(*rep, "ok")) << (rep.ok() ? *rep : rep.status().ToString());
   ASSERT_TRUE(cb_->Sync("m").ok());
   std::vector<uint8_t> odd(3 * kPage + 100);
-  auto r = cb_->Read("m", kPage / 2, absl::MakeSpan(odd));
-  ASSERT_TRUE(r.ok()) << r.status();
-  EXPECT_EQ(r->pages_fetched, 4u);
-  const auto* w = reinterpret_cast<const uint64_t*>(odd.data() + kPage / 2);  // page 1
-  EXPECT_EQ(*w, (5ull << 32) | 1) << "page 1 of the new stamp";
-  EXPECT_EQ(Counter(*cb_, "read_bytes_copied"), copied) << "svmd copied a cached read's bytes";
+  const uint64_t copied = CopiedByAQuietRead(*cb_, [&] {
+    auto r = cb_->Read("m", kPage / 2, absl::MakeSpan(odd));
+    ASSERT_TRUE(r.ok()) << r.status();
+    EXPECT_EQ(r->pages_fetched, 4u);
+    const auto* w = reinterpret_cast<const uint64_t*>(odd.data() + kPage / 2);  // page 1
+    EXPECT_EQ(*w, (5ull << 32) | 1) << "page 1 of the new stamp";
+  });
+  EXPECT_EQ(copied, 0u) << "svmd copied a cached read's bytes";
   // A fresh read comes through the data area (page-aligned: tcp receives
   // into it, still no copy).
   ReadOptions fresh;
   fresh.fresh = true;
   std::vector<uint8_t> page(kPage);
-  r = cb_->Read("m", 2 * kPage, absl::MakeSpan(page), fresh);
-  ASSERT_TRUE(r.ok()) << r.status();
-  EXPECT_TRUE(PageHasVersion(page.data(), (5ull << 32) | 2));
-  EXPECT_EQ(Counter(*cb_, "read_bytes_copied"), copied);
+  const uint64_t copied_fresh = CopiedByAQuietRead(*cb_, [&] {
+    auto r = cb_->Read("m", 2 * kPage, absl::MakeSpan(page), fresh);
+    ASSERT_TRUE(r.ok()) << r.status();
+    EXPECT_TRUE(PageHasVersion(page.data(), (5ull << 32) | 2));
+  });
+  EXPECT_EQ(copied_fresh, 0u);
 }
 
 TEST_F(Sessions, ReadVBatchesAndReportsEachOpAlone) {

@@ -57,7 +57,7 @@ class FakeBackend : public Backend {
   // is) when the test said so (AnswerInCache), installing the pages with
   // their bytes or not at all (a fetch that raced an invalidation).
   void Read(const std::string& name, uint64_t offset, absl::Span<uint8_t> dst, bool, bool,
-            bool in_cache, std::function<void(absl::StatusOr<ReadDone>)> done) override {
+            bool in_cache, transport::LandingAreas*, std::function<void(absl::StatusOr<ReadDone>)> done) override {
     bool in_cache_answer = false, install = false;
     int data = -1, words = -1;
     {

@@ -1532,6 +1532,60 @@ std::vector<uint8_t> HelloPayload(uint64_t addr, uint64_t len, uint32_t rkey, ui
   return out;
 }
 
+// A channel that only counts landing registrations; refuse: they fail.
+class CountingChannel final : public PeerChannel {
+ public:
+  explicit CountingChannel(bool refuse) : PeerChannel(Capabilities{}), refuse_(refuse) {}
+  void FetchVAsync(absl::Span<FetchOp>, absl::Duration, FetchDone done) override { std::move(done)(); }
+  absl::StatusOr<std::unique_ptr<LandingArea>> RegisterLanding(void* addr, size_t len, LandingUse use) override {
+    ++registrations;
+    last_addr = addr;
+    last_len = len;
+    last_use = use;
+    if (refuse_) return absl::FailedPreconditionError("refused");
+    return std::make_unique<LandingArea>();
+  }
+  bool alive() const override { return true; }
+  void Close() override {}
+  const char* path() const override { return "counting"; }
+  int registrations = 0;
+  void* last_addr = nullptr;
+  size_t last_len = 0;
+  LandingUse last_use = LandingUse::kFetches;
+
+ private:
+  const bool refuse_;
+};
+
+// A session's data area is registered once per channel it is read over,
+// with its own extent and use; a refusal is remembered (not asked again on
+// every read); a channel that is gone loses its entry, and a new channel
+// gets a registration of its own.
+TEST(LandingAreasTest, OneRegistrationPerChannelAndRefusalsAreRemembered) {
+  alignas(4096) static uint8_t mem[4 * 4096];
+  LandingAreas areas(mem, sizeof(mem), LandingUse::kReads);
+  EXPECT_EQ(areas.For(nullptr), nullptr);
+  auto a = std::make_shared<CountingChannel>(/*refuse=*/false);
+  const LandingArea* first = areas.For(a);
+  ASSERT_NE(first, nullptr);
+  EXPECT_EQ(areas.For(a), first);
+  EXPECT_EQ(a->registrations, 1);
+  EXPECT_EQ(a->last_addr, mem);
+  EXPECT_EQ(a->last_len, sizeof(mem));
+  EXPECT_EQ(a->last_use, LandingUse::kReads);
+  auto refusing = std::make_shared<CountingChannel>(/*refuse=*/true);
+  EXPECT_EQ(areas.For(refusing), nullptr);
+  EXPECT_EQ(areas.For(refusing), nullptr);
+  EXPECT_EQ(refusing->registrations, 1) << "a refusal was asked for again";
+  // The channel goes; its successor registers anew.
+  a.reset();
+  auto b = std::make_shared<CountingChannel>(/*refuse=*/false);
+  EXPECT_NE(areas.For(b), nullptr);
+  EXPECT_EQ(b->registrations, 1);
+  EXPECT_EQ(areas.For(b), areas.For(b));
+  EXPECT_EQ(b->registrations, 1);
+}
+
 TEST(RdmaHelloTest, RoundTripsThroughTheFrameBuilder) {
   const RdmaHello in{0x7f0012340000, 8 << 20, 0xabcd, std::string(16, '\x5a')};
   auto frame = MakeRdmaHello(in, 512);
@@ -1647,6 +1701,40 @@ TEST_P(RdmaOnlyTest, TokensAndEndpointsAreCheckedAndOneTime) {
   EXPECT_TRUE(absl::IsFailedPrecondition(unknown.status())) << unknown.status();
 }
 
+// Shared anonymous memory of len bytes filled with a pattern of seed,
+// registered by the exporter (the zero-copy path) and described for the
+// channel's protection key ("": no TLS), as export 7's region.
+struct TestRegion {
+  uint8_t* bytes = nullptr;
+  size_t len = 0;
+  std::unique_ptr<RegisteredRegion> region;
+  RemoteRegion remote;
+  TestRegion() = default;
+  TestRegion(const TestRegion&) = delete;
+  TestRegion& operator=(const TestRegion&) = delete;
+  ~TestRegion() {
+    region.reset();  // deregistered before the memory goes
+    if (bytes != nullptr) ::munmap(bytes, len);
+  }
+};
+
+absl::StatusOr<std::unique_ptr<TestRegion>> MakeTestRegion(Transport& exporter, size_t len, unsigned seed) {
+  auto t = std::make_unique<TestRegion>();
+  void* mem = ::mmap(nullptr, len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+  if (mem == MAP_FAILED) return absl::InternalError("mmap");
+  t->bytes = static_cast<uint8_t*>(mem);
+  t->len = len;
+  for (size_t i = 0; i < len; ++i) t->bytes[i] = static_cast<uint8_t>(i * seed + i / 4093);
+  auto region = exporter.RegisterRegion(mem, len);
+  if (!region.ok()) return region.status();
+  t->region = std::move(*region);
+  auto mine = t->region->RemoteFor("");  // the channel's protection key
+  if (!mine.ok()) return mine.status();
+  t->remote = *mine;
+  t->remote.len = len;
+  return t;
+}
+
 // Zero-copy: a region registered by the exporter is read by the importer
 // with one-sided READs (no exporter backend call), byte-exact at unaligned
 // offsets and across several slots; a non-write invalidation drops it
@@ -1658,16 +1746,10 @@ TEST_P(RdmaOnlyTest, RegisteredRegionIsReadOneSidedAndDroppedByInvalidations) {
   ASSERT_NE(ch, nullptr);
   ASSERT_NE(sub, nullptr);
   constexpr size_t kLen = 3 * 1024 * 1024 + 5 * kPageSize;  // > 3 slots
-  void* mem = mmap(nullptr, kLen, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
-  ASSERT_NE(mem, MAP_FAILED);
-  auto* bytes = static_cast<uint8_t*>(mem);
-  for (size_t i = 0; i < kLen; ++i) bytes[i] = static_cast<uint8_t>(i * 31 + i / 4093);
-  auto region = exporter_->RegisterRegion(mem, kLen);
-  ASSERT_TRUE(region.ok()) << region.status();
-  auto mine = (*region)->RemoteFor("");  // the channel's protection key
-  ASSERT_TRUE(mine.ok()) << mine.status();
-  RemoteRegion r = *mine;
-  r.len = kLen;
+  auto t = MakeTestRegion(*exporter_, kLen, 31);
+  ASSERT_TRUE(t.ok()) << t.status();
+  const uint8_t* bytes = (*t)->bytes;
+  const RemoteRegion r = (*t)->remote;
   std::vector<uint8_t> buf(kLen);
   EXPECT_TRUE(absl::IsFailedPrecondition(ch->ReadRegion(7, 0, absl::MakeSpan(buf), absl::Seconds(5))));
   ASSERT_TRUE(ch->SetRegion(7, r, /*seq=*/3));
@@ -1695,8 +1777,6 @@ TEST_P(RdmaOnlyTest, RegisteredRegionIsReadOneSidedAndDroppedByInvalidations) {
   EXPECT_FALSE(ch->SetRegion(7, r, /*seq=*/4)) << "a region older than the drop was accepted";
   EXPECT_TRUE(ch->SetRegion(7, r, /*seq=*/5));
   EXPECT_TRUE(ch->ReadRegion(7, 0, absl::MakeSpan(past), absl::Seconds(5)).ok());
-  region->reset();
-  munmap(mem, kLen);
 }
 
 // Protection: a region is readable only through the connections of the
@@ -1754,6 +1834,111 @@ TEST_P(RdmaOnlyTest, ARegionIsReadableOnlyByThePeerItWasOpenedFor) {
   ASSERT_TRUE(a->ReadRegion(7, 0, absl::MakeSpan(got), Scaled(absl::Seconds(10))).ok());
   EXPECT_EQ(std::memcmp(got.data(), bytes, kLen), 0);
   region->reset();
+}
+
+// Zero-copy reads are asynchronous: one thread puts more reads in flight
+// than the connection has receive slots (each read spans several), none
+// waits for another, and every one completes byte-exact, the later ones
+// issued as the earlier ones free their slots.
+TEST_P(RdmaOnlyTest, ManyZeroCopyReadsFromOneThreadQueueForSlots) {
+  std::shared_ptr<Subscriber> sub;
+  PeerChannel* ch = Open("zc", &sub);
+  ASSERT_NE(ch, nullptr);
+  constexpr size_t kLen = 4 * 1024 * 1024;
+  auto t = MakeTestRegion(*exporter_, kLen, 13);
+  ASSERT_TRUE(t.ok()) << t.status();
+  const uint8_t* bytes = (*t)->bytes;
+  ASSERT_TRUE(ch->SetRegion(7, (*t)->remote, /*seq=*/3));
+  constexpr int kReads = 24;  // x 2 slots each, against 8 slots
+  struct Result {
+    absl::Notification done;
+    absl::Status st;
+    std::vector<uint8_t> got;
+  };
+  // Shared with the callbacks: a read still in flight when an assertion
+  // ends the test writes into memory that still exists.
+  auto res = std::make_shared<std::vector<Result>>(kReads);
+  auto off_of = [](int i) { return static_cast<uint64_t>(i) * 131072 + 77; };  // unaligned: the slots
+  for (int i = 0; i < kReads; ++i) {
+    (*res)[i].got.resize(1024 * 1024 + 5);
+    ch->ReadRegionAsync(7, off_of(i), absl::MakeSpan((*res)[i].got), Scaled(absl::Seconds(20)), nullptr,
+                        [res, i](absl::Status st, uint64_t) {
+                          (*res)[i].st = std::move(st);
+                          (*res)[i].done.Notify();
+                        });
+  }
+  for (int i = 0; i < kReads; ++i) {
+    Result& r = (*res)[i];
+    ASSERT_TRUE(r.done.WaitForNotificationWithTimeout(Scaled(absl::Seconds(30)))) << "read " << i;
+    ASSERT_TRUE(r.st.ok()) << i << ": " << r.st;
+    ASSERT_EQ(std::memcmp(r.got.data(), bytes + off_of(i), r.got.size()), 0) << "read " << i;
+  }
+  EXPECT_TRUE(ch->alive());
+}
+
+// Zero-copy READs into memory registered for reads (a session's data area,
+// LandingUse::kReads): on an ODP device a READ of whole pages lands in dst
+// itself (nothing copied), byte-exact across several slots; a read that
+// starts or ends inside a page still goes through the slots. The area
+// grants no remote access, so a fetch handed it lands in a slot as before
+// (never a WRITE the device would refuse). A pinned device refuses the area.
+TEST_P(RdmaOnlyTest, ReadsLandInAnAreaRegisteredForReads) {
+  std::shared_ptr<Subscriber> sub;
+  PeerChannel* ch = Open("zc", &sub);
+  ASSERT_NE(ch, nullptr);
+  constexpr size_t kLen = 2 * 1024 * 1024 + 3 * kPageSize;  // > 2 slots
+  auto t = MakeTestRegion(*exporter_, kLen, 17);
+  ASSERT_TRUE(t.ok()) << t.status();
+  const uint8_t* bytes = (*t)->bytes;
+  ASSERT_TRUE(ch->SetRegion(7, (*t)->remote, /*seq=*/3));
+
+  UniqueFd fd(::memfd_create("svm-read-area-test", MFD_CLOEXEC));
+  ASSERT_TRUE(fd.valid());
+  ASSERT_EQ(::ftruncate(fd.get(), static_cast<off_t>(kLen)), 0);
+  void* m = ::mmap(nullptr, kLen, PROT_READ | PROT_WRITE, MAP_SHARED, fd.get(), 0);
+  ASSERT_NE(m, MAP_FAILED);
+  absl::Cleanup unmap = [&] { ::munmap(m, kLen); };
+  auto* area_mem = static_cast<uint8_t*>(m);
+  const bool odp = absl::EndsWith(ch->path(), "/odp");
+  if (const char* e = std::getenv("SVM_EXPECT_ODP"); e != nullptr && *e != '\0') {
+    ASSERT_EQ(odp, std::string(e) == "1") << ch->path();
+  }
+  auto area = ch->RegisterLanding(area_mem, kLen, LandingUse::kReads);
+  if (!odp) {
+    EXPECT_TRUE(absl::IsFailedPrecondition(area.status())) << area.status();
+    return;
+  }
+  ASSERT_TRUE(area.ok()) << area.status();
+  // Whole pages: the READs write the area itself.
+  for (auto [off, len] : std::vector<std::pair<size_t, size_t>>{{0, kLen}, {kPageSize, kPageSize}, {5 * kPageSize, 1024 * 1024}}) {
+    std::memset(area_mem, 0, kLen);
+    uint64_t copied = 1;
+    ASSERT_TRUE(ch->ReadRegion(7, off, absl::MakeSpan(area_mem + off, len), Scaled(absl::Seconds(10)), &copied,
+                               area->get())
+                    .ok())
+        << off;
+    ASSERT_EQ(std::memcmp(area_mem + off, bytes + off, len), 0) << "offset " << off << " length " << len;
+    EXPECT_EQ(copied, 0u) << "offset " << off << ": a READ of whole pages into the area was copied";
+  }
+  // Inside a page: the slots, copied out.
+  uint64_t copied = 0;
+  ASSERT_TRUE(ch->ReadRegion(7, 100, absl::MakeSpan(area_mem + 100, 3 * kPageSize), Scaled(absl::Seconds(10)),
+                             &copied, area->get())
+                  .ok());
+  EXPECT_EQ(std::memcmp(area_mem + 100, bytes + 100, 3 * kPageSize), 0);
+  EXPECT_EQ(copied, 3 * kPageSize);
+  // A fetch is not written into an area the exporter has no access to.
+  FetchOp op;
+  op.export_id = 1;
+  op.first_page = 0;
+  op.npages = 4;
+  op.dst = absl::MakeSpan(area_mem, 4 * kPageSize);
+  op.area = area->get();
+  ch->FetchV(absl::MakeSpan(&op, 1), Scaled(absl::Seconds(20)));
+  ASSERT_TRUE(op.result.ok()) << op.result.status();
+  EXPECT_TRUE(PagesAre(std::vector<uint8_t>(area_mem, area_mem + 4 * kPageSize), 1, 0));
+  EXPECT_EQ(op.transport_copied, 4 * kPageSize);
+  EXPECT_TRUE(ch->alive());
 }
 
 // Fetches into the importer's shared cache file (a memfd that svmd maps

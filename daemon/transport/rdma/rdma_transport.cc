@@ -390,6 +390,10 @@ struct ReadData {  // importer: an RDMA READ of the exporter's region into a slo
   size_t len = 0;
   uint64_t remote_addr = 0;
   uint32_t rkey = 0;
+  // Set: the READ lands at this offset of a landing area instead (the
+  // caller's memory itself); the slot only tracks the READ.
+  const Registration* local = nullptr;
+  uint64_t local_offset = 0;
 };
 using WorkItem = std::variant<SendMsg, WriteData, ReadData>;
 
@@ -743,8 +747,11 @@ absl::Status Conn::FlushLocked() {
       return true;
     }
     auto& r = std::get<ReadData>(item);
-    absl::Status st = qp_->PostRead(WrId(kWrRead, conn_id_, r.slot), *data_mr_, r.slot * kSlotBytes,
-                                    r.len, r.remote_addr, r.rkey);
+    absl::Status st =
+        r.local != nullptr
+            ? qp_->PostRead(WrId(kWrRead, conn_id_, r.slot), *r.local, r.local_offset, r.len, r.remote_addr, r.rkey)
+            : qp_->PostRead(WrId(kWrRead, conn_id_, r.slot), *data_mr_, r.slot * kSlotBytes, r.len, r.remote_addr,
+                            r.rkey);
     if (!st.ok()) return st;
     return true;
   };
@@ -970,15 +977,17 @@ enum class SlotState {
 // into it faults a fresh page of the file in, which clients then see.
 class LandingRegistration final : public LandingArea {
  public:
-  LandingRegistration(std::shared_ptr<Nic> nic, std::shared_ptr<Domain> domain, Registration reg)
-      : nic_(std::move(nic)), domain_(std::move(domain)), reg_(std::move(reg)) {}
+  LandingRegistration(std::shared_ptr<Nic> nic, std::shared_ptr<Domain> domain, Registration reg, LandingUse use)
+      : nic_(std::move(nic)), domain_(std::move(domain)), reg_(std::move(reg)), use_(use) {}
   const Domain* domain() const { return domain_.get(); }
   const Registration& reg() const { return reg_; }
+  LandingUse use() const { return use_; }
 
  private:
   std::shared_ptr<Nic> nic_;        // the device outlives the PD
   std::shared_ptr<Domain> domain_;  // the PD outlives the registration
   Registration reg_;
+  LandingUse use_;
 };
 
 class ClientConn final : public Conn {
@@ -1022,18 +1031,49 @@ class ClientConn final : public Conn {
   void CloseAndWait();
   // data_mr_ is set before the connection is handed out and never changes.
   const char* path() const { return data_mr_->mode() == Mode::kOdp ? "staged/odp" : "staged/pinned"; }
-  absl::StatusOr<std::unique_ptr<LandingArea>> RegisterLanding(void* addr, size_t len);
+  absl::StatusOr<std::unique_ptr<LandingArea>> RegisterLanding(void* addr, size_t len, LandingUse use);
   bool SetRegion(uint64_t export_id, const RemoteRegion& r, uint64_t seq);
-  absl::Status ReadRegion(uint64_t export_id, uint64_t offset, absl::Span<uint8_t> dst,
-                          absl::Duration timeout, uint64_t* copied);
+  void ReadRegionAsync(uint64_t export_id, uint64_t offset, absl::Span<uint8_t> dst, absl::Duration timeout,
+                       const LandingArea* area, ReadRegionDone done);
 
  private:
-  struct Pending {
-    uint32_t slot = 0;
-    bool done = false;
-    absl::Status status;
-    uint64_t seq = 0;
+  // One ReadRegionAsync: its READs issued in slot-sized chunks as slots are
+  // free, completed in order on the context's thread (copied out of the
+  // slot, or landed in dst itself), done called once, without mu_.
+  struct ZcRead {
+    uint64_t export_id = 0;
+    uint64_t offset = 0;
+    absl::Span<uint8_t> dst;
+    const Registration* land = nullptr;  // READs land in dst itself
+    absl::Time deadline;
+    absl::Duration timeout;
+    uint64_t epoch = 0;                  // of the region every READ targets
+    RemoteRegion r;
+    uint64_t begin = 0, total = 0, issued = 0;  // aligned bytes of the region
+    struct Piece {
+      uint32_t slot = 0;
+      uint64_t at = 0, len = 0;
+      bool done = false;
+    };
+    std::deque<Piece> inflight;
+    bool replaced = false;  // the region was dropped: nothing more is issued
+    bool finished = false;
+    uint64_t copied = 0;
+    ReadRegionDone done;
+    // How a read that ended without a lost connection went.
+    absl::Status Outcome() const {
+      return replaced && issued < total
+                 ? absl::FailedPreconditionError("the zero-copy region was replaced during the read")
+                 : absl::OkStatus();
+    }
   };
+  // Issues z's next pieces into free slots; false once it issues no more
+  // (all issued, or its region was dropped).
+  bool IssueZcLocked(const std::shared_ptr<ZcRead>& z) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Ends z's read of its region epoch; the caller runs done unlocked.
+  void EndZcLocked(const std::shared_ptr<ZcRead>& z) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Runs what finished (done of reads completed off the context's thread).
+  void RunFinishedZc();
   absl::Status OnMessage(const FrameHeader& h, absl::Span<const uint8_t> payload) override;
   void OnReadDone(uint32_t slot) override;
   bool established() const override { return hello_seen_; }
@@ -1079,6 +1119,7 @@ class ClientConn final : public Conn {
   };
   // The op's area when it is this device's and covers dst page-aligned.
   const Registration* AreaCovering(const FetchOp& op) const;
+  const Registration* AreaCovering(const LandingArea* area, absl::Span<const uint8_t> dst) const;
   // Issues chunks of the waiting batches while slots are free.
   void IssueLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // A chunk's answer (the context's thread or a delivery worker): copies
@@ -1156,7 +1197,10 @@ class ClientConn final : public Conn {
     // a slow link, or one queued behind others for slots) is not failed by
     // a deadline meant to detect a peer that stopped answering.
     absl::Time last_answer = absl::InfinitePast();
-    std::map<uint32_t, Pending*> reads;    // READs by slot
+    std::map<uint32_t, std::shared_ptr<ZcRead>> reads;  // READs in flight by slot
+    std::set<std::shared_ptr<ZcRead>> zc_reads;         // not finished
+    std::deque<std::shared_ptr<ZcRead>> zc_waiting;     // with pieces to issue, waiting for slots
+    std::vector<std::shared_ptr<ZcRead>> zc_finished;   // ended where done could not run: Tick runs it
     uint64_t next_id = 1;
     std::map<uint64_t, ZcRegion> zc;
     std::deque<HeldAck> held_acks;
@@ -1184,12 +1228,13 @@ class RdmaChannel final : public PeerChannel {
   bool SetRegion(uint64_t export_id, const RemoteRegion& r, uint64_t seq) override {
     return conn_->SetRegion(export_id, r, seq);
   }
-  absl::Status ReadRegion(uint64_t export_id, uint64_t offset, absl::Span<uint8_t> dst,
-                          absl::Duration timeout, uint64_t* copied = nullptr) override {
-    return conn_->ReadRegion(export_id, offset, dst, timeout, copied);
+  void ReadRegionAsync(uint64_t export_id, uint64_t offset, absl::Span<uint8_t> dst, absl::Duration timeout,
+                       const LandingArea* area, ReadRegionDone done) override {
+    conn_->ReadRegionAsync(export_id, offset, dst, timeout, area, std::move(done));
   }
-  absl::StatusOr<std::unique_ptr<LandingArea>> RegisterLanding(void* addr, size_t len) override {
-    return conn_->RegisterLanding(addr, len);
+  absl::StatusOr<std::unique_ptr<LandingArea>> RegisterLanding(void* addr, size_t len,
+                                                               LandingUse use = LandingUse::kFetches) override {
+    return conn_->RegisterLanding(addr, len, use);
   }
 
  private:
@@ -1657,34 +1702,48 @@ void ClientConn::CloseAndWait() {
 // invalidation would land in a page the file no longer holds; and
 // registering a sparse file pinned would first fault in (allocate) all of
 // it. Pinned devices keep the receive slots and the copy.
-absl::StatusOr<std::unique_ptr<LandingArea>> ClientConn::RegisterLanding(void* addr, size_t len) {
+absl::StatusOr<std::unique_ptr<LandingArea>> ClientConn::RegisterLanding(void* addr, size_t len, LandingUse use) {
   if (data_mr_->mode() != Mode::kOdp) {
+    // (A session's data area is never punched, but pinning it whole once
+    // per session and exporter would cost its size in locked memory each.)
     return absl::FailedPreconditionError(
-        "pinned registration: fetched pages land in the receive slots and are copied (a pinned "
-        "registration keeps the pages a punch removes from the cache file)");
+        use == LandingUse::kFetches
+            ? "pinned registration: fetched pages land in the receive slots and are copied (a pinned "
+              "registration keeps the pages a punch removes from the cache file)"
+            : "pinned registration: zero-copy READs land in the receive slots and are copied");
   }
   if (reinterpret_cast<uintptr_t>(addr) % kPage != 0 || len % kPage != 0 || len == 0) {
     return absl::InvalidArgumentError("a landing area is whole pages");
   }
   // In the domain of this exporter's connections: no other exporter's queue
-  // pair can WRITE into it.
-  auto reg = rdma::Register(*nic_->device, domain_->pd.get(), addr, len, Access::kRemoteReadWrite, Mode::kOdp);
+  // pair can WRITE into it. Memory only READs land in grants no remote
+  // access at all.
+  auto reg = rdma::Register(*nic_->device, domain_->pd.get(), addr, len,
+                            use == LandingUse::kReads ? Access::kLocal : Access::kRemoteReadWrite, Mode::kOdp);
   if (!reg.ok()) {
     if (!reg_failed_logged_.exchange(true)) {
-      spdlog::warn("rdma: fetched pages land in receive slots and are copied: registering the shared "
-                   "cache failed: {}", reg.status().message());
+      spdlog::warn("rdma: {} land in receive slots and are copied: registering {} failed: {}",
+                   use == LandingUse::kReads ? "zero-copy READs" : "fetched pages",
+                   use == LandingUse::kReads ? "a session's data area" : "the shared cache", reg.status().message());
     }
     return reg.status();
   }
-  return std::make_unique<LandingRegistration>(nic_, domain_, std::move(*reg));
+  return std::make_unique<LandingRegistration>(nic_, domain_, std::move(*reg), use);
 }
 
 const Registration* ClientConn::AreaCovering(const FetchOp& op) const {
+  // The exporter WRITEs into it: only an area registered for that.
   const auto* area = dynamic_cast<const LandingRegistration*>(op.area);
-  if (area == nullptr || area->domain() != domain_.get() || op.dst.empty()) return nullptr;
-  const uint64_t at = reinterpret_cast<uint64_t>(op.dst.data());
+  if (area == nullptr || area->use() != LandingUse::kFetches) return nullptr;
+  return AreaCovering(op.area, op.dst);
+}
+
+const Registration* ClientConn::AreaCovering(const LandingArea* a, absl::Span<const uint8_t> dst) const {
+  const auto* area = dynamic_cast<const LandingRegistration*>(a);
+  if (area == nullptr || area->domain() != domain_.get() || dst.empty()) return nullptr;
+  const uint64_t at = reinterpret_cast<uint64_t>(dst.data());
   const Registration& r = area->reg();
-  if (at % kPage != 0 || at < r.addr() || at - r.addr() > r.length() || op.dst.size() > r.length() - (at - r.addr())) {
+  if (at % kPage != 0 || at < r.addr() || at - r.addr() > r.length() || dst.size() > r.length() - (at - r.addr())) {
     return nullptr;
   }
   return &r;
@@ -1770,6 +1829,19 @@ void ClientConn::IssueLocked() {
     }
     c.fetches.emplace(id, std::move(ch));
     EnqueueLocked(SendMsg{MakeMsg(FrameType::kFetch, id, &f, sizeof(f))});
+  }
+  // Zero-copy reads waiting for slots, oldest first.
+  while (!c.zc_waiting.empty() && !c.free_slots.empty() && !locked_.closed) {
+    std::shared_ptr<ZcRead> z = c.zc_waiting.front();
+    if (IssueZcLocked(z)) break;  // took every free slot and wants more
+    c.zc_waiting.pop_front();
+    if (z->inflight.empty() && !z->finished) {
+      // Its region was dropped before anything more was issued: done runs
+      // on the context's thread (Tick), never under a caller's lock.
+      EndZcLocked(z);
+      c.zc_finished.push_back(std::move(z));
+      Wake();
+    }
   }
 }
 
@@ -1867,7 +1939,8 @@ void ClientConn::AbandonLocked(const absl::Status& st, std::optional<absl::Time>
 }
 
 absl::Status ClientConn::Tick(absl::Time now) {
-  bool overdue = false;
+  RunFinishedZc();
+  bool overdue = false, zc_overdue = false;
   absl::Duration timeout;
   {
     absl::MutexLock l(&mu_);
@@ -1877,6 +1950,25 @@ absl::Status ClientConn::Tick(absl::Time now) {
         timeout = b->timeout;
       }
     }
+    for (const auto& z : clocked_.zc_reads) {
+      if (z->deadline <= now && !z->finished) {
+        zc_overdue = true;
+        timeout = z->timeout;
+      }
+    }
+    if (zc_overdue) {
+      // As for a fetch: the reads fail in OnClosed, once the QP is in ERR
+      // (a READ into dst itself must not land after its caller moved on).
+      CloseLocked(absl::UnavailableError("zero-copy read timed out"));
+    }
+  }
+  if (zc_overdue) {
+    spdlog::warn("peer {} did not complete a zero-copy read within {}; closing the rdma data connection",
+                 peer_name_, absl::FormatDuration(timeout));
+    return absl::UnavailableError("zero-copy read timed out");
+  }
+  {
+    absl::MutexLock l(&mu_);
     if (!overdue) return absl::OkStatus();
     // Closed before any caller hears of the timeout (it may look at alive()).
     // The fetches fail only in OnClosed, once the QP is in ERR: a fetch's
@@ -2018,109 +2110,141 @@ bool ClientConn::SetRegion(uint64_t export_id, const RemoteRegion& r, uint64_t s
 // page-aligned READs are issued: rxe in Linux 7.2 serves a READ from an
 // ODP region that does not start at a page boundary from the start of the
 // page (tests/vm/rdma/README.md).
-absl::Status ClientConn::ReadRegion(uint64_t export_id, uint64_t offset, absl::Span<uint8_t> dst,
-                                    absl::Duration timeout, uint64_t* copied) {
-  const absl::Time deadline = absl::Now() + timeout;
-  if (copied != nullptr) *copied = 0;
-  struct Chunk {
-    Pending p;
-    uint64_t at = 0, len = 0;  // aligned bytes [at, at + len) of the region
-  };
-  std::deque<Chunk> inflight;
-  size_t issued = 0;
-  absl::MutexLock l(&mu_);
-  Locked& c = clocked_;
-  auto it = c.zc.find(export_id);
-  if (it == c.zc.end() || it->second.state.state() != coherence::RegionState::kUsable) {
-    return absl::FailedPreconditionError("no zero-copy region for this export");
-  }
-  ZcRegion& z = it->second;
-  const RemoteRegion r = z.remote;
-  if (offset > r.len || dst.size() > r.len - offset) {
-    return absl::OutOfRangeError(absl::StrFormat(
-        "read of %u bytes at %u outside the %u-byte region", dst.size(), offset, r.len));
-  }
-  // Every READ below targets this epoch of the region; an invalidation that
-  // drops it holds its acknowledgement until they have all completed.
-  const uint64_t epoch = z.state.BeginRead();
-  absl::Cleanup end_read = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    z.state.EndRead(epoch);
-    FlushAcksLocked();
-  };
-  auto closed_msg = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    return absl::UnavailableError(absl::StrCat("data connection to ", peer_name_, " is closed: ",
-                                               locked_.close_reason.message()));
-  };
-  // Slots of READs that will never be waited for: abandoned (closed) or
-  // timed out.
-  auto abandon = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    for (auto& ch : inflight) {
-      c.reads.erase(ch.p.slot);
-      c.slots[ch.p.slot] = SlotState::kAbandoned;
-    }
-  };
-  const uint64_t begin = offset / kPage * kPage;
-  const uint64_t end = std::min<uint64_t>(r.len, (offset + dst.size() + kPage - 1) / kPage * kPage);
-  const uint64_t total = dst.empty() ? 0 : end - begin;
-  bool replaced = false;
-  while ((issued < total && !replaced) || !inflight.empty()) {
+void ClientConn::ReadRegionAsync(uint64_t export_id, uint64_t offset, absl::Span<uint8_t> dst,
+                                 absl::Duration timeout, const LandingArea* area, ReadRegionDone done) {
+  auto z = std::make_shared<ZcRead>();
+  z->export_id = export_id;
+  z->offset = offset;
+  z->dst = dst;
+  z->timeout = timeout;
+  z->deadline = absl::Now() + timeout;
+  // Whole pages inside a landing area of this connection's domain: the
+  // READs land in dst itself (the caller's memory), nothing is copied.
+  z->land = offset % kPage == 0 && dst.size() % kPage == 0 ? AreaCovering(area, dst) : nullptr;
+  absl::Status refused;
+  bool finish_now = false;
+  {
+    absl::MutexLock l(&mu_);
+    Locked& c = clocked_;
+    auto it = c.zc.find(export_id);
     if (locked_.closed) {
-      abandon();
-      return closed_msg();
+      refused = absl::UnavailableError(absl::StrCat("data connection to ", peer_name_, " is closed: ",
+                                                    locked_.close_reason.message()));
+    } else if (it == c.zc.end() || it->second.state.state() != coherence::RegionState::kUsable) {
+      refused = absl::FailedPreconditionError("no zero-copy region for this export");
+    } else if (offset > it->second.remote.len || dst.size() > it->second.remote.len - offset) {
+      refused = absl::OutOfRangeError(absl::StrFormat("read of %u bytes at %u outside the %u-byte region",
+                                                      dst.size(), offset, it->second.remote.len));
+    } else {
+      z->r = it->second.remote;
+      // Every READ targets this epoch of the region; an invalidation that
+      // drops it holds its acknowledgement until they have all completed.
+      z->epoch = it->second.state.BeginRead();
+      z->begin = offset / kPage * kPage;
+      const uint64_t end = std::min<uint64_t>(z->r.len, (offset + dst.size() + kPage - 1) / kPage * kPage);
+      z->total = dst.empty() ? 0 : end - z->begin;
+      z->done = std::move(done);
+      c.zc_reads.insert(z);
+      if (IssueZcLocked(z)) {
+        c.zc_waiting.push_back(z);
+      } else if (z->inflight.empty()) {
+        EndZcLocked(z);
+        finish_now = true;
+      }
     }
-    // The region was dropped by an invalidation: nothing more is issued
-    // against it; what is in flight completes (its memory stays registered
-    // until this read acknowledges), then the caller takes another path.
-    replaced = replaced || z.state.state() != coherence::RegionState::kUsable ||
-               z.state.epoch() != epoch;
-    // Issue as many as there are free slots.
-    while (issued < total && !replaced && !c.free_slots.empty()) {
-      Chunk& ch = inflight.emplace_back();
-      ch.p.slot = c.free_slots.back();
-      c.free_slots.pop_back();
-      c.slots[ch.p.slot] = SlotState::kReading;
-      ch.at = begin + issued;
-      ch.len = std::min<uint64_t>(kSlotBytes, total - issued);
-      c.reads[ch.p.slot] = &ch.p;
-      EnqueueLocked(ReadData{ch.p.slot, ch.len, r.addr + ch.at, r.rkey});
-      issued += ch.len;
-    }
-    auto progress = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-      return locked_.closed || (!inflight.empty() && inflight.front().p.done) ||
-             (inflight.empty() && !c.free_slots.empty());
-    };
-    if (!mu_.AwaitWithDeadline(absl::Condition(&progress), deadline)) {
-      abandon();
-      spdlog::warn("peer {} did not complete a zero-copy read within {}; closing the rdma data connection",
-                   peer_name_, absl::FormatDuration(timeout));
-      CloseLocked(absl::UnavailableError("zero-copy read timed out"));
-      return absl::UnavailableError(absl::StrCat("peer ", peer_name_, " did not complete a read within ",
-                                                 absl::FormatDuration(timeout)));
-    }
-    if (locked_.closed || inflight.empty() || !inflight.front().p.done) continue;
-    Chunk& ch = inflight.front();
-    c.reads.erase(ch.p.slot);
-    c.slots[ch.p.slot] = SlotState::kDone;
-    // The part of [ch.at, ch.at + ch.len) the caller asked for.
-    const uint64_t from = std::max(ch.at, offset);
-    const uint64_t to = std::min(ch.at + ch.len, offset + dst.size());
-    mu_.Unlock();
-    std::memcpy(dst.data() + (from - offset),
-                data_mem_.get() + static_cast<size_t>(ch.p.slot) * kSlotBytes + (from - ch.at), to - from);
-    mu_.Lock();
-    if (copied != nullptr) *copied += to - from;
-    SetSlot(ch.p.slot, SlotState::kFree);
-    inflight.pop_front();
   }
-  if (replaced && issued < total) {
-    return absl::FailedPreconditionError("the zero-copy region was replaced during the read");
+  if (!refused.ok()) return std::move(done)(std::move(refused), 0);
+  if (finish_now) {
+    ReadRegionDone d = std::move(z->done);
+    std::move(d)(z->Outcome(), z->copied);
   }
-  return absl::OkStatus();
+}
+
+bool ClientConn::IssueZcLocked(const std::shared_ptr<ZcRead>& z) {
+  Locked& c = clocked_;
+  auto it = c.zc.find(z->export_id);
+  // The region was dropped by an invalidation: nothing more is issued
+  // against it; what is in flight completes (its memory stays registered
+  // until this read acknowledges), then the caller takes another path.
+  z->replaced = z->replaced || it == c.zc.end() || it->second.state.state() != coherence::RegionState::kUsable ||
+                it->second.state.epoch() != z->epoch;
+  while (z->issued < z->total && !z->replaced && !c.free_slots.empty() && !locked_.closed) {
+    ZcRead::Piece& pc = z->inflight.emplace_back();
+    pc.slot = c.free_slots.back();
+    c.free_slots.pop_back();
+    c.slots[pc.slot] = SlotState::kReading;
+    pc.at = z->begin + z->issued;
+    pc.len = std::min<uint64_t>(kSlotBytes, z->total - z->issued);
+    c.reads[pc.slot] = z;
+    ReadData rd{pc.slot, pc.len, z->r.addr + pc.at, z->r.rkey};
+    if (z->land != nullptr) {
+      rd.local = z->land;
+      rd.local_offset = reinterpret_cast<uint64_t>(z->dst.data()) + (pc.at - z->offset) - z->land->addr();
+    }
+    EnqueueLocked(std::move(rd));
+    z->issued += pc.len;
+  }
+  return z->issued < z->total && !z->replaced;
+}
+
+void ClientConn::EndZcLocked(const std::shared_ptr<ZcRead>& z) {
+  Locked& c = clocked_;
+  z->finished = true;
+  if (auto it = c.zc.find(z->export_id); it != c.zc.end()) it->second.state.EndRead(z->epoch);
+  FlushAcksLocked();
+  c.zc_reads.erase(z);
 }
 
 void ClientConn::OnReadDone(uint32_t slot) {
+  std::shared_ptr<ZcRead> z;
   absl::MutexLock l(&mu_);
-  if (auto it = clocked_.reads.find(slot); it != clocked_.reads.end()) it->second->done = true;
+  Locked& c = clocked_;
+  auto it = c.reads.find(slot);
+  if (it == c.reads.end()) return;  // abandoned
+  z = it->second;
+  for (ZcRead::Piece& pc : z->inflight) {
+    if (pc.slot == slot) pc.done = true;
+  }
+  // Pieces complete in order: copied out (or already in dst), their slots
+  // freed for the next pieces.
+  while (!z->inflight.empty() && z->inflight.front().done && !z->finished) {
+    const ZcRead::Piece pc = z->inflight.front();
+    c.reads.erase(pc.slot);
+    c.slots[pc.slot] = SlotState::kDone;
+    if (z->land == nullptr) {
+      // The part of [pc.at, pc.at + pc.len) the caller asked for.
+      const uint64_t from = std::max(pc.at, z->offset);
+      const uint64_t to = std::min(pc.at + pc.len, z->offset + z->dst.size());
+      mu_.Unlock();
+      std::memcpy(z->dst.data() + (from - z->offset),
+                  data_mem_.get() + static_cast<size_t>(pc.slot) * kSlotBytes + (from - pc.at), to - from);
+      mu_.Lock();
+      z->copied += to - from;
+    }
+    z->inflight.pop_front();
+    if (c.slots[pc.slot] == SlotState::kDone) SetSlot(pc.slot, SlotState::kFree);  // not abandoned meanwhile
+  }
+  if (z->finished) return;  // failed meanwhile (the connection closed)
+  if (IssueZcLocked(z) || !z->inflight.empty()) return;
+  // Everything read, or the region dropped and what was issued completed.
+  EndZcLocked(z);
+  c.zc_waiting.erase(std::remove(c.zc_waiting.begin(), c.zc_waiting.end(), z), c.zc_waiting.end());
+  ReadRegionDone done = std::move(z->done);
+  const absl::Status st = z->Outcome();
+  const uint64_t copied = z->copied;
+  mu_.Unlock();
+  std::move(done)(st, copied);
+  done = nullptr;
+  mu_.Lock();
+}
+
+void ClientConn::RunFinishedZc() {
+  std::vector<std::shared_ptr<ZcRead>> finished;
+  {
+    absl::MutexLock l(&mu_);
+    finished.swap(clocked_.zc_finished);
+  }
+  for (auto& z : finished) std::move(z->done)(z->Outcome(), z->copied);
 }
 
 void ClientConn::OnClosed(const absl::Status& why) {
@@ -2132,6 +2256,19 @@ void ClientConn::OnClosed(const absl::Status& why) {
                   std::nullopt);
     clocked_.waiting.clear();
     channel = clocked_.channel;
+    // Zero-copy reads fail now, not before: the caller may reuse dst.
+    for (auto& [slot, z] : clocked_.reads) clocked_.slots[slot] = SlotState::kAbandoned;
+    clocked_.reads.clear();
+    clocked_.zc_waiting.clear();
+    std::vector<std::shared_ptr<ZcRead>> failed(clocked_.zc_reads.begin(), clocked_.zc_reads.end());
+    for (auto& z : failed) EndZcLocked(z);
+    mu_.Unlock();
+    RunFinishedZc();
+    const absl::Status lost = absl::UnavailableError(
+        absl::StrCat("data connection to ", peer_name_, " is closed: ", why.message()));
+    for (auto& z : failed) std::move(z->done)(lost, z->copied);
+    failed.clear();
+    mu_.Lock();
   }
   spdlog::info("rdma data connection to {} closed: {}", peer_name_, why.message());
   // Never handed out, or destroyed from a callback: nobody to tell.
