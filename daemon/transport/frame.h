@@ -123,10 +123,15 @@ struct RdmaHelloPayload {
 static_assert(sizeof(RdmaHelloPayload) == 24);
 
 // rdma: the exporter's answer to the HELLO (later HELLOs are keepalives and
-// carry nothing).
+// carry nothing). A HELLO whose token the exporter did not issue for this
+// queue pair, or that another connection already claimed, is answered with
+// `refused` set before the exporter closes the queue pair, so the importer
+// fails at once instead of at its HELLO timeout (an exporter that predates
+// the field sent 0 and answered nothing to such a HELLO).
+inline constexpr uint32_t kRdmaHelloRefused = 1;
 struct RdmaHelloAnswerPayload {
   uint32_t version;  // kRdmaProtocolVersion
-  uint32_t pad;      // 0
+  uint32_t refused;  // 0, or kRdmaHelloRefused
 };
 static_assert(sizeof(RdmaHelloAnswerPayload) == 8);
 

@@ -113,9 +113,35 @@ cd "$build"
 rm -rf "$reports"
 mkdir -p "$reports"
 rc=0
-ctest -L "^(${labels//,/|})\$" -j "${SVM_TEST_JOBS:-2}" --output-on-failure --timeout 600 "$@" || rc=$?
+# On a terminal the tests' output streams; otherwise (CTest's sanitize.*
+# entries, CI) it is kept in $log and printed after a digest of what
+# failed: the failing tests' assertion messages and the first lines of each
+# sanitizer report come first, so a log that is cut in the middle (CI
+# shows the head and the tail of a long output) still says why.
+log=$build/ctest.log
+args=(-L "^(${labels//,/|})\$" -j "${SVM_TEST_JOBS:-2}" --output-on-failure --timeout 600 "$@")
+if [[ -t 1 ]]; then
+	ctest "${args[@]}" 2>&1 | tee "$log" || rc=${PIPESTATUS[0]}
+else
+	ctest "${args[@]}" >"$log" 2>&1 || rc=$?
+fi
 shopt -s nullglob
 found=("$reports"/*)
+if [[ ! -t 1 ]]; then
+	if ((rc != 0 || ${#found[@]})); then
+		echo "=== $san digest: failing tests (ctest exit $rc), then sanitizer reports; the whole output follows"
+		# CTest's closing list: "  433 - integration.X (Failed)".
+		sed -n '/^The following tests FAILED:/,$p' "$log" | grep -E '^\s+[0-9]+ - ' || true
+		# gtest's assertion messages (FILE:LINE: Failure and what follows).
+		grep -E -A6 ': Failure$' "$log" | head -80 || true
+		for f in "${found[@]}"; do
+			echo "--- $f"
+			grep -E -m8 -A12 '^(WARNING|ERROR): [A-Za-z]+Sanitizer|runtime error' "$f" | head -40 || true
+		done
+		echo "=== end of digest"
+	fi
+	cat "$log"
+fi
 if ((${#found[@]})); then
 	echo "Sanitizer reports (${#found[@]} processes, $reports):" >&2
 	for f in "${found[@]}"; do

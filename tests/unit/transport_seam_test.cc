@@ -706,6 +706,15 @@ TEST_P(TransportTest, FetchesNameTheConnectionTheyArriveOn) {
   EXPECT_EQ(calls[1].from, sub_a->id());
 }
 
+// The rdma exporter answers a HELLO it refuses (frame.h, kRdmaHelloRefused)
+// before it closes the queue pair, so the importer fails at once and says
+// why, instead of at its HELLO timeout with "no HELLO". tcp's exporter
+// closes the socket, which the importer sees at once too.
+void ExpectRefusedByTheExporter(const std::string& transport, const absl::Status& st) {
+  if (transport != "rdma") return;
+  EXPECT_THAT(st.message(), ::testing::HasSubstr("session token is unknown or already used")) << st;
+}
+
 TEST_P(TransportTest, AForgedTokenIsRefused) {
   auto setup = Prepare("n");
   ASSERT_TRUE(setup.ok()) << setup.status();
@@ -713,6 +722,7 @@ TEST_P(TransportTest, AForgedTokenIsRefused) {
   bad.token.back() ^= 1;
   auto ch = Connect(bad, setup->begin);
   EXPECT_EQ(ch.status().code(), absl::StatusCode::kUnavailable) << ch.status();
+  ExpectRefusedByTheExporter(GetParam().name, ch.status());
   EXPECT_EQ(exporter_->FindSubscriber(bad.token), nullptr);
   auto setup2 = Prepare("n");
   ASSERT_TRUE(setup2.ok()) << setup2.status();
@@ -735,6 +745,7 @@ TEST_P(TransportTest, UsedTokenIsRefusedAndTheFirstConnectionKeepsIt) {
   again->offer.token = token;
   auto ch = Connect(again->offer, again->begin);
   EXPECT_EQ(ch.status().code(), absl::StatusCode::kUnavailable) << ch.status();
+  ExpectRefusedByTheExporter(GetParam().name, ch.status());
 
   // The refused connection is torn down on the exporter (its
   // OnSubscriberClosed), and that must not touch the first connection's
@@ -766,6 +777,7 @@ TEST_P(TransportTest, TokenOfAClosedConnectionIsRefused) {
   again->offer.token = token;
   auto ch = Connect(again->offer, again->begin);
   EXPECT_EQ(ch.status().code(), absl::StatusCode::kUnavailable) << ch.status();
+  ExpectRefusedByTheExporter(GetParam().name, ch.status());
 }
 
 TEST_P(TransportTest, ImporterCloseIsSeenByTheExporter) {

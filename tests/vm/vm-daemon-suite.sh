@@ -21,6 +21,7 @@
 # modprobe looks in the host root), so the suite loads the ones the
 # netns fabric needs (veth, bridge, sch_netem, nf_tables) from the kernel's
 # own tree first. It reserves 64 hugetlb pages (huge_pages_test's memfd).
+# Each binary's gtest XML (every test's time) lands in LOGS/xml.
 #
 #   vm-daemon-suite.sh --kernel stable|unstable --cache DIR --build DIR [--transport tcp|rdma] [--expect-odp] -- TEST_BINARY[@FILTER]...
 set -euo pipefail
@@ -55,15 +56,18 @@ rc=0
 # SVM_TEST_SLOW stretches the suite's waits (and the daemons' peer and
 # fetch deadlines) for TCG emulation.
 "$here/run-vm.sh" --kernel "$kernel" --cache "$cache" --log "$logs" --timeout 900 -- \
-	env SVM_TEST_TRANSPORT="${transport:-tcp}" SVM_EXPECT_ODP="${expect_odp:-${transport:+0}}" bash -c 'export SVM_TEST_SOURCE=shim SVM_TEST_SLOW=1 TMPDIR=$SVM_VM_SCRATCH; rc=0
+	env SVM_VM_XML="$logs/xml" SVM_TEST_TRANSPORT="${transport:-tcp}" SVM_EXPECT_ODP="${expect_odp:-${transport:+0}}" bash -c 'export SVM_TEST_SOURCE=shim SVM_TEST_SLOW=1 TMPDIR=$SVM_VM_SCRATCH; rc=0
 		if [[ $SVM_TEST_TRANSPORT == rdma ]]; then export SVM_EXPECT_RDMA=1; fi
 		echo 64 >/proc/sys/vm/nr_hugepages # 128 MiB of 2 MiB pages for huge_pages_test
 		for m in veth bridge sch_netem nf_tables; do modprobe -q -d "$SVM_VM_MODROOT" "$m" || echo "vm-daemon: cannot load $m"; done
+		mkdir -p "$SVM_VM_XML"
 		for t in "$@"; do
 			filter=
 			if [[ $t == *@* ]]; then filter=${t#*@}; t=${t%%@*}; fi
 			echo "== $t${filter:+ ($filter)} (source shim, transport $SVM_TEST_TRANSPORT, kernel $SVM_VM_KVER, rxe: $SVM_VM_RXE)"
-			"$t" --gtest_brief=1 ${filter:+--gtest_filter="$filter"} || rc=1
+			s=$(date +%s)
+			"$t" --gtest_brief=1 --gtest_output="xml:$SVM_VM_XML/$(basename "$t").xml" ${filter:+--gtest_filter="$filter"} || rc=1
+			echo "== $(basename "$t"): $(($(date +%s) - s)) s"
 		done
 		exit $rc' vm-daemon "$@" || rc=$?
 echo "$name: exit $rc after $(($(date +%s) - start)) s (logs: $logs)"

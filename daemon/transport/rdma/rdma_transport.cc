@@ -945,6 +945,9 @@ class ServerConn final : public Conn, public Subscriber {
   // The context's thread only.
   struct Owned {
     bool established = false;
+    // The HELLO was refused: the answer saying so is on its way, then the
+    // connection closes (Tick).
+    bool refusing = false;
     std::string token;  // set by the HELLO that claimed it
     std::deque<std::pair<uint64_t, RdmaFetch>> fetches;  // waiting for a staging buffer
   };
@@ -1500,6 +1503,7 @@ void RdmaTransport::ServeLiveness(UniqueFd fd) {
 absl::Status ServerConn::OnMessage(const FrameHeader& h, absl::Span<const uint8_t> payload) {
   const auto type = static_cast<FrameType>(h.type);
   Owned& o = owned_;
+  if (o.refusing) return absl::OkStatus();  // closing once the refusal is sent
   if (!o.established) {
     if (type != FrameType::kHello) return absl::PermissionDeniedError("first message is not HELLO");
     auto hello = ParseRdmaHello(payload);
@@ -1509,7 +1513,14 @@ absl::Status ServerConn::OnMessage(const FrameHeader& h, absl::Span<const uint8_
     }
     if (!TokensEqual(hello->token, session_token_) ||
         !transport_->sessions().Claim(hello->token, self()).ok()) {
-      return absl::PermissionDeniedError("HELLO with an unknown or used session token");
+      // Answered, then closed once the answer is sent (Tick): the importer
+      // learns why now rather than at its HELLO timeout.
+      spdlog::warn("rdma data connection from {} refused: HELLO with an unknown or used session token",
+                   node_);
+      o.refusing = true;
+      const RdmaHelloAnswerPayload no{kRdmaProtocolVersion, kRdmaHelloRefused};
+      Enqueue(SendMsg{MakeMsg(FrameType::kHello, 0, &no, sizeof(no))});
+      return absl::OkStatus();
     }
     o.token = hello->token;
     o.established = true;
@@ -1613,6 +1624,12 @@ void ServerConn::OnWriteDone(uint32_t staging) {
 }
 
 absl::Status ServerConn::Tick(absl::Time now) {
+  if (owned_.refusing) {
+    absl::MutexLock l(&mu_);
+    if (locked_.out.empty() && locked_.send_inflight == 0) {
+      return absl::PermissionDeniedError("HELLO with an unknown or used session token");
+    }
+  }
   if (!has_liveness_ && now > hello_deadline_ + kHelloTimeout) {
     return absl::DeadlineExceededError(owned_.established ? "no liveness connection from the importer"
                                                           : "no HELLO from the importer");
@@ -1997,6 +2014,10 @@ absl::Status ClientConn::OnMessage(const FrameHeader& h, absl::Span<const uint8_
               "the exporter speaks rdma protocol version %u; this daemon speaks version %u "
               "(run the same svm release on both nodes)",
               a.version == 0 ? 1 : a.version, kRdmaProtocolVersion));
+        }
+        if (a.refused != 0) {
+          return absl::PermissionDeniedError(
+              "the exporter refused the HELLO: its session token is unknown or already used");
         }
       }
       clocked_.established = true;  // the exporter's answer, later keepalives
