@@ -58,6 +58,14 @@ absl::Duration Scaled(absl::Duration d) {
   return s != nullptr && *s != '\0' && *s != '0' ? d * 5 : d;
 }
 
+absl::Duration TestLease() {
+  return Scaled(absl::Seconds(1)) > absl::Seconds(1) ? absl::Seconds(4) : absl::Seconds(2);
+}
+
+// ThreadSanitizer's runtime: defined only in a TSan build.
+extern "C" void __tsan_init() __attribute__((weak));
+bool UnderThreadSanitizer() { return &__tsan_init != nullptr; }
+
 std::string TestSource() {
   const char* s = std::getenv("SVM_TEST_SOURCE");
   return s != nullptr && *s != '\0' ? s : "procfs";
@@ -608,7 +616,10 @@ absl::Status Daemon::Restart() {
   // frequent heartbeats keep caches usable, unless the test chose.
   if (Scaled(absl::Seconds(1)) > absl::Seconds(1) &&
       std::find(opts_.extra.begin(), opts_.extra.end(), "--lease-ms") == opts_.extra.end()) {
-    for (const char* f : {"--lease-ms", "4000", "--heartbeat-ms", "250"}) argv.push_back(f);
+    for (const std::string& f : {std::string("--lease-ms"), std::to_string(absl::ToInt64Milliseconds(TestLease())),
+                                 std::string("--heartbeat-ms"), std::string("250")}) {
+      argv.push_back(f);
+    }
   }
   for (auto& e : opts_.extra) argv.push_back(e);
   Subprocess::Options so;

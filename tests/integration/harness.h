@@ -159,6 +159,13 @@ std::string ExporterPath();
 // Waits stretched for slow machines: x5 when $SVM_TEST_SLOW is set (the VM
 // tier under TCG emulation), otherwise unchanged.
 absl::Duration Scaled(absl::Duration d);
+// The lease a harness Daemon runs with unless its options name one: svmd's
+// default (2 s) natively; under SVM_TEST_SLOW 4 s, with heartbeats every
+// 250 ms (a heartbeat can be seconds late under emulation).
+absl::Duration TestLease();
+// Whether this binary runs under ThreadSanitizer (its runtime is linked; the
+// TSan build's flags undefine __SANITIZE_THREAD__: tests/sanitize/run-sanitized.sh).
+bool UnderThreadSanitizer();
 
 // The mirror source the daemons under test use: $SVM_TEST_SOURCE (the VM
 // tier sets "shim"), procfs by default.

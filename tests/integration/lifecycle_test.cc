@@ -32,10 +32,6 @@
 #include "tests/integration/harness.h"
 #include "tests/integration/two_daemons.h"
 
-// ThreadSanitizer's runtime: defined only in a TSan build, whose flags
-// undefine __SANITIZE_THREAD__ (tests/sanitize/run-sanitized.sh says why).
-extern "C" void __tsan_init() __attribute__((weak));
-
 namespace svm::testing {
 namespace {
 
@@ -222,7 +218,7 @@ int64_t RssSlackKib() {
 #if defined(__SANITIZE_ADDRESS__)
   return int64_t{1} << 40;
 #else
-  return &__tsan_init != nullptr ? int64_t{1} << 40 : 8 * 1024;
+  return UnderThreadSanitizer() ? int64_t{1} << 40 : 8 * 1024;
 #endif
 }
 

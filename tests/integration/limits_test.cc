@@ -34,10 +34,6 @@
 #include "tests/integration/harness.h"
 #include "tests/integration/raw_frames.h"
 
-// ThreadSanitizer's runtime: defined only in a TSan build, whose flags
-// undefine __SANITIZE_THREAD__ (tests/sanitize/run-sanitized.sh says why).
-extern "C" void __tsan_init() __attribute__((weak));
-
 namespace svm::testing {
 namespace {
 
@@ -338,7 +334,7 @@ TEST_F(Limits, AFloodIsRefusedAndMemoryStaysBounded) {
 #if defined(__SANITIZE_ADDRESS__)
   GTEST_SKIP() << "ASan's quarantine holds freed memory: resident memory is not checked";
 #else
-  if (&__tsan_init != nullptr) {
+  if (UnderThreadSanitizer()) {
     // Seen: 92672 -> 160424 KiB over the flood under TSan, whose shadow
     // memory and sync metadata grow with every thread and lock it sees.
     GTEST_SKIP() << "TSan's shadow memory and metadata grow with use: resident memory is not checked";

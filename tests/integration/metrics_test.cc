@@ -141,12 +141,10 @@ TEST_F(Metrics, ScrapesPassPromtoolAndReportExportsImportsReadsAndInvalidations)
   EXPECT_EQ(Sample(b, "svm_import_fetch_duration_seconds_count{name=\"m\"}"), 1);
   EXPECT_GT(Sample(b, "svm_import_fetch_duration_seconds_sum{name=\"m\"}"), 0);
   EXPECT_EQ(Sample(b, "svm_import_fetch_duration_seconds_bucket{name=\"m\",le=\"+Inf\"}"), 1);
-  // Heard from within the lease: 2 s with heartbeats every 0.5 s, or under
-  // SVM_TEST_SLOW (the sanitizer tiers, TCG) the harness's 4 s with
-  // heartbeats every 0.25 s (tests/integration/harness.cc).
-  const double lease_seconds = Scaled(absl::Seconds(1)) > absl::Seconds(1) ? 4 : 2;
+  // Heard from within the lease in effect (TestLease()).
   EXPECT_GE(Sample(b, "svm_import_behind_exporter_seconds{name=\"m\"}"), 0);
-  EXPECT_LT(Sample(b, "svm_import_behind_exporter_seconds{name=\"m\"}"), lease_seconds);
+  EXPECT_LT(Sample(b, "svm_import_behind_exporter_seconds{name=\"m\"}"),
+            absl::ToDoubleSeconds(TestLease()));
 
   // The same read again through the control API's Read: from B's cache,
   // hits move, misses and fetches do not; a read on A itself is served by

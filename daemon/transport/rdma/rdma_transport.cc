@@ -64,6 +64,8 @@ constexpr uint32_t kSendWindow = kRecvDepth;
 constexpr size_t kMsgSize = 512;  // header + the largest payload (error text is truncated)
 constexpr size_t kMaxQueued = 1u << 16;  // messages; an importer this far behind is dropped
 constexpr absl::Duration kHelloTimeout = absl::Seconds(10);
+// Why an exporter refuses a HELLO whose token it cannot accept.
+constexpr char kRefusedToken[] = "HELLO with an unknown or used session token";
 // An idle connection sends a keepalive this often, so a peer whose QP is
 // gone is noticed when transport retries exhaust even when nothing else is
 // sent. (rxe on 6.1 was not seen to exhaust them within 7 s: a peer
@@ -1515,8 +1517,7 @@ absl::Status ServerConn::OnMessage(const FrameHeader& h, absl::Span<const uint8_
         !transport_->sessions().Claim(hello->token, self()).ok()) {
       // Answered, then closed once the answer is sent (Tick): the importer
       // learns why now rather than at its HELLO timeout.
-      spdlog::warn("rdma data connection from {} refused: HELLO with an unknown or used session token",
-                   node_);
+      spdlog::warn("rdma data connection from {} refused: {}", node_, kRefusedToken);
       o.refusing = true;
       const RdmaHelloAnswerPayload no{kRdmaProtocolVersion, kRdmaHelloRefused};
       Enqueue(SendMsg{MakeMsg(FrameType::kHello, 0, &no, sizeof(no))});
@@ -1627,7 +1628,7 @@ absl::Status ServerConn::Tick(absl::Time now) {
   if (owned_.refusing) {
     absl::MutexLock l(&mu_);
     if (locked_.out.empty() && locked_.send_inflight == 0) {
-      return absl::PermissionDeniedError("HELLO with an unknown or used session token");
+      return absl::PermissionDeniedError(kRefusedToken);
     }
   }
   if (!has_liveness_ && now > hello_deadline_ + kHelloTimeout) {
