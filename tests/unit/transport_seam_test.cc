@@ -108,10 +108,12 @@ class FakeExportBackend final : public ExportBackend {
     while (pending > seen && !max_pending_seen.compare_exchange_weak(seen, pending)) {
     }
     if (pending < max_pending.load()) return absl::OkStatus();
+    refused.fetch_add(1);
     return absl::ResourceExhaustedError("too many pending");
   }
   std::atomic<uint64_t> max_pending{UINT64_MAX};
   std::atomic<uint64_t> max_pending_seen{0};
+  std::atomic<int> refused{0};  // FETCHes AdmitFetch refused
   void OnAck(uint64_t subscriber_id, uint64_t export_id, uint64_t seq) override {
     absl::MutexLock l(&mu_);
     acks_.push_back({subscriber_id, export_id, seq});
@@ -2090,9 +2092,14 @@ TEST_P(RdmaOnlyTest, FetchesWaitingForAStagingBufferArePendingFetches) {
   auto pending = std::async(std::launch::async,
                             [&] { ch->FetchV(absl::MakeSpan(ops), Scaled(absl::Seconds(20))); });
   ASSERT_TRUE(exp_.WaitBlocked(2)) << "both staging buffers copying";
+  // Release only once every FETCH has reached the exporter and been
+  // decided: the last 4 refused. Releasing when the first was refused let
+  // the copies drain the queue before the later ones arrived (seen on a
+  // loaded machine: 5 and 6 admitted).
   const absl::Time deadline = absl::Now() + Scaled(absl::Seconds(10));
-  while (exp_.max_pending_seen.load() < 2 && absl::Now() < deadline) absl::SleepFor(absl::Milliseconds(5));
+  while (exp_.refused.load() < kOps - 4 && absl::Now() < deadline) absl::SleepFor(absl::Milliseconds(5));
   EXPECT_EQ(exp_.max_pending_seen.load(), 2u) << "admission saw the FETCHes waiting";
+  EXPECT_EQ(exp_.refused.load(), kOps - 4) << "the FETCHes past the limit were refused while the copies were blocked";
   exp_.Release();
   pending.get();
   // 2 copying, 2 waiting (admitted at 0 and 1 waiting), 4 refused at 2.
