@@ -5,6 +5,8 @@
 #   vm-shim-suite.sh --kernel stable|unstable --cache DIR --build DIR [--fuzz SECONDS]
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
+# shellcheck source=digest.sh
+source "$here/digest.sh"
 kernel=
 cache=
 build=
@@ -28,7 +30,7 @@ logs=$build/vm-logs/$kernel
 rm -rf "$logs"
 start=$(date +%s)
 rc=0
-"$here/run-vm.sh" --kernel "$kernel" --cache "$cache" --log "$logs" --timeout 900 -- \
+run_digested "$logs/output.log" "$here/run-vm.sh" --kernel "$kernel" --cache "$cache" --log "$logs" --timeout 900 -- \
 	bash "$here/guest-suite.sh" "$build/vm-bin" "$fuzz" || rc=$?
 echo "vm_shim_$kernel: exit $rc after $(($(date +%s) - start)) s (logs: $logs)"
 exit "$rc"
