@@ -7,6 +7,9 @@ export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 export SVM_VM_KERNEL SVM_VM_KVER SVM_VM_MODROOT SVM_VM_MODULE
 export SVM_VM_SCRATCH=/run/svm-scratch
 mkdir -p "$SVM_VM_SCRATCH"
+# The kernel booted and reached the host root: a panic from here on is the
+# run's (run-vm.sh boots again only when this file is missing).
+: >"$run/booted"
 mp() { modprobe -d "$SVM_VM_MODROOT" "$@"; }
 
 finish() {
