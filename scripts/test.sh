@@ -22,6 +22,8 @@ if (($# == 0)) && [[ -x $build/sanitize-build.sh ]]; then
   # Its own process group (setsid), so that the kill below reaches ninja too.
   setsid nice -n 19 chrt --idle 0 ionice -c 3 "$build/sanitize-build.sh" >"$build/sanitize-build.log" 2>&1 &
   bg=$!
+  # An entry that has to wait for its tree raises this build's priority.
+  export SVM_SANITIZE_BUILD_PGID=$bg
 fi
 rc=0
 ctest --output-on-failure -j "${SVM_TEST_JOBS:-2}" "$@" || rc=$?
