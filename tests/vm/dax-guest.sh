@@ -23,20 +23,24 @@ rc=0
 fail() { echo "== [$k] FAIL: $*"; rc=1; }
 ln -sf /proc/self/fd /dev/fd 2>/dev/null
 
-# The waits for a device below give up after 30 s (300 x 0.1 s): a loaded
+# Waits until the command succeeds, at most 30 s (300 x 0.1 s): a loaded
 # host slows the emulated guest several times over, and an early give-up
-# fails the suite for the machine's speed. Each returns as soon as the
-# device is there.
+# fails the suite for the machine's speed.
+wait_for() {
+	for _ in $(seq 300); do
+		"$@" && return 0
+		sleep 0.1
+	done
+	return 1
+}
 # -C /dev/null: Debian's modprobe.d runs `ndctl load-keys` and a plain
 # modprobe (without -d) before libnvdimm; there are no keys here.
 for m in nd_e820 nd_pmem dax_pmem device_dax ext4; do
 	mp -C /dev/null "$m" || echo "== [$k] modprobe $m failed"
 done
 udevadm settle >/dev/null 2>&1
-for _ in $(seq 300); do
-	ndctl list -N 2>/dev/null | grep -q namespace0.0 && break
-	sleep 0.1
-done
+has_namespace() { ndctl list -N 2>/dev/null | grep -q namespace0.0; }
+wait_for has_namespace || true
 echo "== [$k] pmem: $(ndctl list -N 2>&1 | tr -d ' \n')"
 
 # Runs the shim tests named, requires "N passed, 0 failed, 0 skipped".
@@ -72,7 +76,7 @@ if ndctl create-namespace -f -e namespace0.0 -m devdax -a 2M >"$SVM_VM_SCRATCH/n
 	dax=$(sed -n 's/.*"chardev":"\{0,1\} *"\(dax[0-9.]*\)".*/\1/p' "$SVM_VM_SCRATCH/ns.json" | head -1)
 	[[ -n $dax ]] || dax=$(ls /sys/bus/dax/devices | head -1)
 	echo "== [$k] device-dax /dev/$dax"
-	for _ in $(seq 300); do [[ -c /dev/$dax ]] && break; sleep 0.1; done
+	wait_for test -c "/dev/$dax" || true
 	export SVM_DAX_DEV=/dev/$dax
 	shim 2 -t devdax_snapshot_order_and_read -t devdax_unbind_invalidates
 	e2e 'DevDax.*'
@@ -88,7 +92,7 @@ mkdir -p "$mnt"
 if ndctl create-namespace -f -e namespace0.0 -m fsdax -a 2M >"$SVM_VM_SCRATCH/ns.json" 2>&1; then
 	pmem=/dev/$(sed -n 's/.*"blockdev":"\(pmem[0-9.]*\)".*/\1/p' "$SVM_VM_SCRATCH/ns.json" | head -1)
 	[[ $pmem != /dev/ ]] || pmem=/dev/pmem0
-	for _ in $(seq 300); do [[ -b $pmem ]] && break; sleep 0.1; done
+	wait_for test -b "$pmem" || true
 	echo "== [$k] fsdax $pmem on $mnt"
 	if mkfs.ext4 -q -F -b 4096 -E stride=512,stripe_width=512 "$pmem" &&
 		mount -o dax "$pmem" "$mnt"; then

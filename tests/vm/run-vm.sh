@@ -125,6 +125,23 @@ if [[ -n $net ]]; then
 	nic=(-netdev "$net,id=n0" -device "virtio-net-pci,netdev=n0,mac=$(printf '52:54:00:00:%02x:%02x' "$o3" "$o4")")
 fi
 half=$((mem / 2))
+# One boot of the guest; its exit status in qrc (124: timed out).
+boot() {
+	log "booting $KVER (TCG, 2 vCPUs, ${mem} MiB over 2 NUMA nodes); log in $logdir"
+	qrc=0
+	timeout --foreground -k 10 "$tmo" qemu-system-x86_64 \
+		-accel tcg -cpu max -smp 2,sockets=2,cores=1,threads=1 -m "$mem" \
+		-object memory-backend-ram,id=m0,size="${half}M" \
+		-object memory-backend-ram,id=m1,size="$((mem - half))M" \
+		-numa node,nodeid=0,cpus=0,memdev=m0 \
+		-numa node,nodeid=1,cpus=1,memdev=m1 \
+		-kernel "$VMLINUZ" -initrd "$initrd" \
+		-append "console=ttyS0 loglevel=4 panic=-1 svm.run=$logdir${append:+ $append}" \
+		-virtfs local,path=/,mount_tag=hostroot,security_model=none,multidevs=remap \
+		-display none -monitor none -serial stdio "${nic[@]}" -no-reboot \
+		</dev/null 2>&1 | tee "$logdir/console.log" || qrc=${PIPESTATUS[0]}
+}
+boot
 # A guest kernel that panics while booting, before guest-run.sh has
 # reached the host root (no $logdir/booted), is booted once more. Seen in a
 # CI run on 2026-12-01: 7.2 under TCG with 2 vCPUs took an int3 oops in the
@@ -132,28 +149,12 @@ half=$((mem / 2))
 # while the other vCPU ran it), before any module or command of the run.
 # The first console is kept as console-boot1.log and the retry is logged.
 # A panic after that point, or a second one, fails the run as before.
-for attempt in 1 2; do
-log "booting $KVER (TCG, 2 vCPUs, ${mem} MiB over 2 NUMA nodes); log in $logdir"
-qrc=0
-timeout --foreground -k 10 "$tmo" qemu-system-x86_64 \
-	-accel tcg -cpu max -smp 2,sockets=2,cores=1,threads=1 -m "$mem" \
-	-object memory-backend-ram,id=m0,size="${half}M" \
-	-object memory-backend-ram,id=m1,size="$((mem - half))M" \
-	-numa node,nodeid=0,cpus=0,memdev=m0 \
-	-numa node,nodeid=1,cpus=1,memdev=m1 \
-	-kernel "$VMLINUZ" -initrd "$initrd" \
-	-append "console=ttyS0 loglevel=4 panic=-1 svm.run=$logdir${append:+ $append}" \
-	-virtfs local,path=/,mount_tag=hostroot,security_model=none,multidevs=remap \
-	-display none -monitor none -serial stdio "${nic[@]}" -no-reboot \
-	</dev/null 2>&1 | tee "$logdir/console.log" || qrc=${PIPESTATUS[0]}
-if ((attempt == 1 && qrc != 124)) && [[ ! -f $logdir/booted && ! -f $logdir/rc ]] &&
+if ((qrc != 124)) && [[ ! -f $logdir/booted && ! -f $logdir/rc ]] &&
 	grep -q 'Kernel panic' "$logdir/console.log"; then
 	mv "$logdir/console.log" "$logdir/console-boot1.log"
 	log "the guest kernel panicked while booting, before the run began (console-boot1.log): booting again"
-	continue
+	boot
 fi
-break
-done
 if ((qrc == 124)); then
 	log "FAIL: guest timed out after ${tmo}s"
 	exit 124
