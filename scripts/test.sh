@@ -10,25 +10,31 @@ build=${SVM_BUILD_DIR:-$root/build}
 if [[ -x $root/tests/vm/install-vm-deps.sh && ${SVM_VM_TESTS:-ON} == ON ]]; then
   "$root/tests/vm/install-vm-deps.sh"
 fi
-"$root/scripts/build.sh" -DSVM_VM_TESTS="${SVM_VM_TESTS:-ON}"
-cd "$build"
-# A whole run (no arguments) builds the sanitizer trees in the background
-# at idle CPU and I/O priority while the other tiers run (see
-# tests/sanitize/CMakeLists.txt): it takes only what they leave idle, and
-# the sanitize.* entries, which run last and alone, wait on each tree's lock
-# for whatever is left of its build.
-bg=
-if (($# == 0)) && [[ -x $build/sanitize-build.sh ]]; then
-  # Its own process group (setsid), so that the kill below reaches ninja too.
-  setsid nice -n 19 chrt --idle 0 ionice -c 3 "$build/sanitize-build.sh" >"$build/sanitize-build.log" 2>&1 &
-  bg=$!
-  # An entry that has to wait for its tree raises this build's priority.
-  export SVM_SANITIZE_BUILD_PGID=$bg
+# A whole run with the VM tier downloads and unpacks its kernels, builds the
+# shim for them and their initramfs (tests/vm/run-vm.sh --prepare-only), and
+# the base of the systemd test's disk image (debootstrap, the kernel, dkms:
+# build-image.sh --base-only) while the host build runs: mostly network and
+# disk, so it costs the build little, and the VM entries, one after another
+# on the run's critical path, find the cache warm (it saves them about 8
+# minutes of a cold run). A failure here is only reported: each entry
+# prepares what it needs itself and fails there with the reason.
+warm=
+if (($# == 0)) && [[ ${SVM_VM_TESTS:-ON} == ON && -x $root/tests/vm/run-vm.sh ]]; then
+  mkdir -p "$build/vm-cache"
+  (set -e
+   for kernel in stable unstable; do
+     "$root/tests/vm/run-vm.sh" --kernel "$kernel" --cache "$build/vm-cache" --prepare-only
+   done
+   env_file=$("$root/tests/vm/prepare-kernel.sh" --kernel stable --cache "$build/vm-cache" | tail -1)
+   "$root/tests/vm/systemd/build-image.sh" --cache "$build/vm-cache" --env "$env_file" --base-only
+  ) >"$build/vm-warm.log" 2>&1 &
+  warm=$!
 fi
+"$root/scripts/build.sh" -DSVM_VM_TESTS="${SVM_VM_TESTS:-ON}"
+if [[ -n $warm ]] && ! wait "$warm"; then
+  echo "test.sh: warming the VM cache failed (see $build/vm-warm.log); the VM entries will say why" >&2
+fi
+cd "$build"
 rc=0
 ctest --output-on-failure -j "${SVM_TEST_JOBS:-2}" "$@" || rc=$?
-if [[ -n $bg ]]; then
-  kill -- "-$bg" 2>/dev/null || true # done unless the sanitize entries did not run
-  wait "$bg" 2>/dev/null || true
-fi
 exit "$rc"

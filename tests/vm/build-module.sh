@@ -4,7 +4,10 @@
 #
 #   build-module.sh ENV_FILE OUT_DIR
 #
-# ENV_FILE comes from prepare-kernel.sh. The module lands in OUT_DIR.
+# ENV_FILE comes from prepare-kernel.sh. The module lands in OUT_DIR. A
+# module built from the same sources (driver-shim/ and this script) for the
+# same kernel and compiler is kept (OUT_DIR/svm_shim.sum): every VM entry
+# calls this, and a rebuild costs about 10 s.
 set -euo pipefail
 env_file=$1
 out=$2
@@ -22,6 +25,13 @@ copy_src() { # DEST
 	cp -a "$src/." "$1/"
 }
 
+sum=$( { cd "$src" && find . -type f -print0 | LC_ALL=C sort -z | xargs -0 sha256sum
+	sha256sum <"$here/build-module.sh"; echo "$KVER $KCC ${BUILD_CHROOT:-host}"; } | sha256sum | cut -c1-16)
+if [[ -f $out/svm_shim.ko && $(cat "$out/svm_shim.sum" 2>/dev/null) == "$sum" ]]; then
+	log "up to date: $out/svm_shim.ko"
+	exit 0
+fi
+rm -f "$out/svm_shim.sum"
 blog=$out/build.log
 if [[ -z $BUILD_CHROOT ]]; then
 	# The host compiler matches. The headers' Makefile includes the common
@@ -64,4 +74,5 @@ if grep -E 'warning:|error:' "$blog" >&2; then
 	exit 1
 fi
 cp "$bdir/svm_shim.ko" "$out/svm_shim.ko"
+echo "$sum" >"$out/svm_shim.sum"
 log "built $out/svm_shim.ko"

@@ -13,6 +13,10 @@
 #     --timeout SEC    kill the guest after SEC seconds (default 1200)
 #     --mem MB         guest memory, split over two NUMA nodes (default 2048)
 #     --append ARGS    more kernel parameters (e.g. memmap=512M!2G: emulated pmem)
+#     --prepare-only   download and unpack the kernel, build the module and
+#                      the initramfs into the cache, and exit without booting
+#                      (scripts/test.sh warms the cache this way while the
+#                      host build runs; no COMMAND needed)
 #     --net SPEC --addr IP
 #                      a virtio-net NIC on the QEMU netdev SPEC (e.g.
 #                      dgram,local.type=inet,...: two guests on one wire,
@@ -36,6 +40,7 @@ mem=2048
 append=
 net=
 addr=
+prepare_only=0
 while (($#)); do
 	case "$1" in
 	--kernel) kernel=$2; shift 2 ;;
@@ -47,11 +52,12 @@ while (($#)); do
 	--append) append=$2; shift 2 ;;
 	--net) net=$2; shift 2 ;;
 	--addr) addr=$2; shift 2 ;;
+	--prepare-only) prepare_only=1; shift ;;
 	--) shift; break ;;
 	*) echo "run-vm: unknown argument $1" >&2; exit 125 ;;
 	esac
 done
-(($#)) || { echo "run-vm: no command given" >&2; exit 125; }
+(($#)) || ((prepare_only)) || { echo "run-vm: no command given" >&2; exit 125; }
 [[ -n $kernel && -n $cache ]] || { echo "run-vm: --kernel and --cache are required" >&2; exit 125; }
 log() { echo "run-vm[$kernel]: $*" >&2; }
 harness_fail() { log "FATAL: $*"; exit 125; }
@@ -95,6 +101,10 @@ if [[ ! -f $initrd || $(cat "$out/initrd.sum" 2>/dev/null) != "$initsum" ]]; the
 	grep -q '^9p.ko$' "$ird/mods/order" || harness_fail "no 9p module for $KVER"
 	(cd "$ird" && find . | cpio -o -H newc --quiet | gzip -1) >"$initrd"
 	echo "$initsum" >"$out/initrd.sum"
+fi
+if ((prepare_only)); then
+	log "prepared $KVER in $cache"
+	exit 0
 fi
 
 # --- the run directory, shared with the guest through the 9p root ----------
