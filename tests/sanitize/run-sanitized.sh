@@ -3,7 +3,7 @@
 # labels there; any sanitizer report fails the test it happens in (the
 # process exits non-zero: halt_on_error, no recovery from UB).
 #
-#   run-sanitized.sh [--build-only] [asan|tsan] LABELS [BUILD_DIR] [CTEST_ARGS...]
+#   run-sanitized.sh [asan|tsan] LABELS [BUILD_DIR] [CTEST_ARGS...]
 #
 #   asan (default): AddressSanitizer + UndefinedBehaviorSanitizer, leak checks
 #   tsan: ThreadSanitizer (suppressions: tests/sanitize/tsan.supp, each with
@@ -11,9 +11,6 @@
 #   LABELS: CTest labels, comma-separated (unit,integration)
 #   BUILD_DIR: default build-asan / build-tsan at the top of the tree
 #   CTEST_ARGS: passed on (e.g. -R to run a subset)
-#   --build-only: build the tree and stop (scripts/test.sh builds both trees
-#         this way in the background while the other tiers run; a run that
-#         starts meanwhile waits for that build on the tree's lock)
 #
 # $SVM_SANITIZE_TARGETS, when set, names the ninja targets to build instead
 # of everything (the subset run must then select only tests of those).
@@ -25,11 +22,6 @@ here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
 san=asan
 options=()
-build_only=
-if [[ ${1:-} == --build-only ]]; then
-	build_only=1
-	shift
-fi
 if [[ ${1:-} == asan || ${1:-} == tsan ]]; then
 	san=$1
 	shift
@@ -96,7 +88,6 @@ build=$(cd "$build" && pwd)
 	ninja -C "$build" -j "${SVM_JOBS:-2}" ${SVM_SANITIZE_TARGETS:-} >"$build/build.log" 2>&1 ||
 		{ tail -50 "$build/build.log" >&2; exit 1; }
 ) 9>"$build/.lock"
-[[ -z $build_only ]] || exit 0
 # Every sanitizer writes its reports to $reports/NAME.PID (log_path) instead
 # of stderr, and the run fails when any such file exists afterwards, whatever
 # the tests said: the integration tests SIGKILL their daemons and do not look
