@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "daemon/source/mirror_source.h"
+#include "daemon/transport/transport.h"
 #include "common/check.h"
 #include "gtest/gtest.h"
 
@@ -538,6 +539,84 @@ TEST(SharedCacheLanding, AReplacedOrRemovedFileOutlivesItsLandings) {
   EXPECT_EQ(CachedFill(c, 3, 0), -1);
   ClientView v(*c.OpenForClient(3));
   EXPECT_EQ(v.resident(), 0u);
+}
+
+// The transport's registration of a cache file (Landing::Area) is
+// destroyed only after the last landing in the file ended (a fetch may
+// still be writing through it until then) and before the file's mapping
+// goes (deregistering memory that is no longer mapped is the order the
+// NIC must never see): invalidate, drain, then retire.
+struct AreaLog {
+  int registered = 0;
+  int destroyed = 0;
+  bool mapped_at_destruction = false;
+};
+
+class RecordingArea : public transport::LandingArea {
+ public:
+  RecordingArea(AreaLog* log, void* addr) : log_(log), addr_(addr) {}
+  ~RecordingArea() override {
+    ++log_->destroyed;
+    unsigned char vec = 0;
+    // mincore fails with ENOMEM on an address that is not mapped.
+    log_->mapped_at_destruction = ::mincore(addr_, kPageSize, &vec) == 0;
+  }
+
+ private:
+  AreaLog* log_;
+  void* addr_;
+};
+
+absl::StatusOr<std::unique_ptr<transport::LandingArea>> Register(AreaLog* log, void* addr, size_t) {
+  ++log->registered;
+  return std::make_unique<RecordingArea>(log, addr);
+}
+
+TEST(SharedCacheLanding, TheFileRegistrationGoesAfterTheLastLandingAndBeforeTheUnmap) {
+  for (const bool remove : {true, false}) {
+    SCOPED_TRACE(remove ? "the import removed" : "the import reset to another length");
+    TestCache c(100);
+    AreaLog log;
+    auto reg = [&log](void* addr, size_t len) { return Register(&log, addr, len); };
+    auto l = c.Claim(1, 0, 2);
+    auto m = c.Claim(1, 8, 2);
+    ASSERT_NE(l, nullptr);
+    ASSERT_NE(m, nullptr);
+    const transport::LandingArea* a = l->Area(reg);
+    ASSERT_NE(a, nullptr);
+    EXPECT_EQ(m->Area(reg), a) << "one registration per file";
+    EXPECT_EQ(log.registered, 1);
+    if (remove) {
+      c.Remove(1);
+    } else {
+      ASSERT_TRUE(c.Reset(1, 2 * kImportPages * kPageSize).ok());
+    }
+    LandInto(*l, 0x61);  // still writing through the registration
+    EXPECT_EQ(log.destroyed, 0) << "deregistered while two fetches could still land";
+    c.Abandon(*l);
+    l.reset();
+    EXPECT_EQ(log.destroyed, 0) << "deregistered while a fetch could still land";
+    LandInto(*m, 0x62);
+    m.reset();  // destroyed unfinished: abandoned, the file's last reference
+    EXPECT_EQ(log.destroyed, 1) << "the registration outlived the file";
+    EXPECT_TRUE(log.mapped_at_destruction) << "the file was unmapped before its registration was destroyed";
+  }
+}
+
+TEST(SharedCacheLanding, AnIdleFileRegistrationGoesWithTheFile) {
+  TestCache c(100);
+  AreaLog log;
+  {
+    auto l = c.Claim(2, 3, 1);
+    ASSERT_NE(l, nullptr);
+    ASSERT_NE(l->Area([&log](void* addr, size_t len) { return Register(&log, addr, len); }), nullptr);
+    LandInto(*l, 0x63);
+    EXPECT_EQ(c.Publish(*l), 1u);
+  }
+  EXPECT_EQ(log.destroyed, 0) << "the registration went while its file is in use";
+  c.Remove(2);
+  EXPECT_EQ(log.destroyed, 1);
+  EXPECT_TRUE(log.mapped_at_destruction);
 }
 
 TEST(SharedCacheClient, ClientFilesAreReadOnly) {
