@@ -12,6 +12,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/time/time.h"
 #include "gtest/gtest.h"
+#include "tests/integration/convergence.h"
 #include "tests/integration/harness.h"
 
 namespace svm::testing {
@@ -69,13 +70,6 @@ absl::Status Sh(const std::string& cmd) {
   return absl::OkStatus();
 }
 
-uint64_t CounterOf(Client& c, const std::string& name) {
-  auto st = c.Status();
-  if (!st.ok()) return 0;
-  auto it = st->counters.find(name);
-  return it == st->counters.end() ? 0 : it->second;
-}
-
 // A zero-copy read whose READ responses the wire drops: node A's egress
 // drops every RoCEv2 packet (UDP port 4791) with a tc filter on clsact,
 // which leaves the peer's TCP control connection and the node agent alone
@@ -117,7 +111,7 @@ TEST_P(TwoGuests, AZeroCopyReadTheWireDropsTimesOutAndALaterReadRecovers) {
   auto first = ReadBytes(*cb, "zc", 0, kZcPages * kPage, /*fresh=*/true);
   ASSERT_TRUE(first.ok()) << first.status();
   ASSERT_EQ(*first, std::string(kZcPages * kPage, 'Z'));
-  const uint64_t zc0 = CounterOf(*cb, "zero_copy_reads");
+  const uint64_t zc0 = Counter(*cb, "zero_copy_reads");
 
   ASSERT_TRUE(Sh(absl::StrCat("modprobe -d '", modroot, "' -a sch_ingress cls_u32 act_gact && tc qdisc add dev ",
                               dev, " clsact && tc filter add dev ", dev,
@@ -155,7 +149,7 @@ TEST_P(TwoGuests, AZeroCopyReadTheWireDropsTimesOutAndALaterReadRecovers) {
   auto after = ImportOf(*cb, "zc");
   ASSERT_TRUE(after.ok()) << after.status();
   EXPECT_TRUE(absl::StartsWith(after->path, "zero-copy/")) << after->path;
-  EXPECT_GT(CounterOf(*cb, "zero_copy_reads"), zc0) << "the recovered read did not take the zero-copy path";
+  EXPECT_GT(Counter(*cb, "zero_copy_reads"), zc0) << "the recovered read did not take the zero-copy path";
 }
 
 INSTANTIATE_TEST_SUITE_P(Tcp, TwoGuests, ::testing::Values("tcp"),

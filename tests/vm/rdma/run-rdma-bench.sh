@@ -16,8 +16,8 @@
 # build's, so a change is compared with what it replaced under the same
 # emulation and load (its svmd is the one its bench was built against).
 # --only-read: rows 1 and 2 only (and --before's).
-# --client: rows 1 and 2 (and --before's) also run svm-read-bench's client
-# tests (cached read, prefetch of the import into the shared cache: fills
+# --client: rows 1 and 2 (and --before's row 1) also run svm-read-bench's
+# client tests (cached read, prefetch of the import into the shared cache: fills
 # that land in the cache file, first-touch faults of a mapping, also against
 # ib_read_lat; row 2's import is on the zero-copy path, whose reads are not
 # cached: no cached row there).
