@@ -1,6 +1,7 @@
 // The session server (daemon/session/session_server.h) against libsvm's own
 // end of the session (client/session.h), with a fake backend: watches that
 // end, the event ring when the client does not drain it, a forked child.
+#include <signal.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/un.h>
@@ -19,6 +20,7 @@
 #include "client/session.h"
 #include "daemon/session/session_server.h"
 #include "daemon/source/mirror_source.h"
+#include "daemon/transport/transport.h"
 #include "gtest/gtest.h"
 
 namespace svm::session {
@@ -26,11 +28,69 @@ namespace {
 
 using internal::Session;
 
+// What became of the registration a session's data area got on a channel
+// (transport::LandingAreas): when it was destroyed, whether the read that
+// used it had completed, and whether the memory it registered was still
+// mapped (mincore).
+struct AreaFate {
+  absl::Mutex mu;
+  bool registered ABSL_GUARDED_BY(mu) = false;
+  bool destroyed ABSL_GUARDED_BY(mu) = false;
+  bool read_done_before ABSL_GUARDED_BY(mu) = false;
+  bool mapped_at_destruction ABSL_GUARDED_BY(mu) = false;
+  bool read_done ABSL_GUARDED_BY(mu) = false;
+};
+
+class ProbeArea : public transport::LandingArea {
+ public:
+  ProbeArea(void* addr, size_t len, std::shared_ptr<AreaFate> fate)
+      : addr_(addr), len_(len), fate_(std::move(fate)) {}
+  ~ProbeArea() override {
+    std::vector<unsigned char> vec((len_ + abi::kPageSize - 1) / abi::kPageSize);
+    const bool mapped = ::mincore(addr_, len_, vec.data()) == 0;
+    absl::MutexLock l(&fate_->mu);
+    fate_->destroyed = true;
+    fate_->read_done_before = fate_->read_done;
+    fate_->mapped_at_destruction = mapped;
+  }
+
+ private:
+  void* const addr_;
+  const size_t len_;
+  const std::shared_ptr<AreaFate> fate_;
+};
+
+// A channel whose only use here is RegisterLanding (kReads): a ProbeArea.
+class ProbeChannel : public transport::PeerChannel {
+ public:
+  explicit ProbeChannel(std::shared_ptr<AreaFate> fate) : PeerChannel(transport::Capabilities{}), fate_(fate) {}
+  void FetchVAsync(absl::Span<transport::FetchOp>, absl::Duration, transport::FetchDone done) override { std::move(done)(); }
+  absl::StatusOr<std::unique_ptr<transport::LandingArea>> RegisterLanding(void* addr, size_t len,
+                                                                          transport::LandingUse use) override {
+    if (use != transport::LandingUse::kReads) return absl::InvalidArgumentError("a data area lands READs");
+    absl::MutexLock l(&fate_->mu);
+    fate_->registered = true;
+    return std::make_unique<ProbeArea>(addr, len, fate_);
+  }
+  bool alive() const override { return true; }
+  void Close() override {}
+  const char* path() const override { return "probe"; }
+
+ private:
+  const std::shared_ptr<AreaFate> fate_;
+};
+
 // An export "exp" of 64 KiB whose bytes are (offset % 251); watches of any
 // name; every watch's callback is kept so the test can send events.
 class FakeBackend : public Backend {
  public:
   absl::StatusOr<Opened> Open(const std::string& name, const PeerCred&) override {
+    if (name == "held") {
+      Opened o;
+      o.kind = abi::kExport;
+      o.len = 64 << 10;
+      return o;
+    }
     if (name == "imp") {
       // An import of 4 pages with an empty cache.
       Opened o;
@@ -57,7 +117,16 @@ class FakeBackend : public Backend {
   // is) when the test said so (AnswerInCache), installing the pages with
   // their bytes or not at all (a fetch that raced an invalidation).
   void Read(const std::string& name, uint64_t offset, absl::Span<uint8_t> dst, bool, bool,
-            bool in_cache, transport::LandingAreas*, std::function<void(absl::StatusOr<ReadDone>)> done) override {
+            bool in_cache, transport::LandingAreas* areas,
+            std::function<void(absl::StatusOr<ReadDone>)> done) override {
+    if (name == "held") {
+      // Registers dst's area on the probe channel (as a zero-copy READ
+      // does) and keeps the read in flight until Release().
+      if (areas == nullptr || areas->For(probe_) == nullptr) return done(absl::InternalError("no landing area"));
+      absl::MutexLock l(&mu_);
+      held_.push_back(std::move(done));
+      return;
+    }
     bool in_cache_answer = false, install = false;
     int data = -1, words = -1;
     {
@@ -131,6 +200,25 @@ class FakeBackend : public Backend {
     absl::MutexLock l(&mu_);
     return hits_[name];
   }
+  // Reads of "held" in flight.
+  size_t held() {
+    absl::MutexLock l(&mu_);
+    return held_.size();
+  }
+  // Completes the reads of "held" (after telling the probe so).
+  void Release() {
+    std::vector<std::function<void(absl::StatusOr<ReadDone>)>> done;
+    {
+      absl::MutexLock l(&mu_);
+      done.swap(held_);
+    }
+    {
+      absl::MutexLock l(&fate_->mu);
+      fate_->read_done = true;
+    }
+    for (auto& d : done) d(ReadDone{1, 0, 1});
+  }
+  AreaFate& fate() { return *fate_; }
   int live() {
     absl::MutexLock l(&mu_);
     return static_cast<int>(cbs_.size());
@@ -150,6 +238,9 @@ class FakeBackend : public Backend {
   bool in_cache_answer_ ABSL_GUARDED_BY(mu_) = false;
   bool install_ ABSL_GUARDED_BY(mu_) = false;
   std::vector<bool> reads_ ABSL_GUARDED_BY(mu_);
+  const std::shared_ptr<AreaFate> fate_ = std::make_shared<AreaFate>();
+  const std::shared_ptr<transport::PeerChannel> probe_ = std::make_shared<ProbeChannel>(fate_);
+  std::vector<std::function<void(absl::StatusOr<ReadDone>)>> held_ ABSL_GUARDED_BY(mu_);
 };
 
 class SessionServerTest : public ::testing::Test {
@@ -359,6 +450,51 @@ TEST_F(SessionServerTest, AReadCompletedInTheCacheWhosePagesAreGoneIsReadAgain) 
   ReadInCacheAndCheck(/*install=*/false, abi::kPageSize, 2 * abi::kPageSize);
   EXPECT_EQ(backend_.imp_reads(), (std::vector<bool>{true, false}));
   EXPECT_EQ(client_->in_cache_retries(), 1u);
+}
+
+// A session whose client is killed while a read that registered the
+// session's data area on a channel is in flight: the registration stays
+// while the read can still land in the area, and goes when the read
+// completes, before svmd unmaps the area (invalidate, drain, then retire).
+TEST_F(SessionServerTest, ADataAreaRegistrationGoesAfterItsLastReadAndBeforeTheUnmap) {
+  StartServer({});
+  const pid_t child = ::fork();
+  ASSERT_GE(child, 0);
+  if (child == 0) {
+    auto c = Session::Connect(absl::StrCat(::testing::TempDir(), "/svm-session-", ::getppid(), ".sock"));
+    if (!c.ok()) ::_exit(10);
+    auto v = (*c)->Open("held");
+    if (!v.ok()) ::_exit(11);
+    std::vector<uint8_t> buf(4096);
+    Session::Op op;
+    op.handle = (*v)->handle;
+    op.len = buf.size();
+    op.dst = buf.data();
+    (*c)->Run({op});  // never answered: the parent kills this process
+    ::_exit(12);
+  }
+  const bool held = Eventually([&] { return backend_.held() == 1; });
+  ::kill(child, SIGKILL);
+  int status = 0;
+  ASSERT_EQ(::waitpid(child, &status, 0), child);
+  ASSERT_TRUE(held) << "the child's read never reached the backend (child status " << status << ")";
+  ASSERT_TRUE(Eventually([&] { return server_->sessions() == 1; })) << server_->sessions();
+  {
+    AreaFate& f = backend_.fate();
+    absl::MutexLock l(&f.mu);
+    ASSERT_TRUE(f.registered);
+    EXPECT_FALSE(f.destroyed) << "deregistered while a read could still land in the data area";
+  }
+  backend_.Release();
+  ASSERT_TRUE(Eventually([&] {
+    AreaFate& f = backend_.fate();
+    absl::MutexLock l(&f.mu);
+    return f.destroyed;
+  })) << "the registration outlived the session";
+  AreaFate& f = backend_.fate();
+  absl::MutexLock l(&f.mu);
+  EXPECT_TRUE(f.read_done_before);
+  EXPECT_TRUE(f.mapped_at_destruction) << "the data area was unmapped before its registration was destroyed";
 }
 
 // A client of another session protocol (an older libsvm) is refused with an
