@@ -95,6 +95,12 @@ fi
 	ninja -C "$build" -j "${SVM_JOBS:-2}" ${SVM_SANITIZE_TARGETS:-} >"$build/build.log" 2>&1 ||
 		{ tail -50 "$build/build.log" >&2; exit 1; }
 ) 9>"$build/.lock"
+# SVM_SANITIZE_BUILD_ONLY=1: the tree is built (the CTest entries
+# sanitize.*.build, beside the VM tier), no test runs.
+if [[ ${SVM_SANITIZE_BUILD_ONLY:-0} == 1 ]]; then
+	echo "run-sanitized: $san tree built in $build"
+	exit 0
+fi
 # Every sanitizer writes its reports to $reports/NAME.PID (log_path) instead
 # of stderr, and the run fails when any such file exists afterwards, whatever
 # the tests said: the integration tests SIGKILL their daemons and do not look

@@ -12,6 +12,12 @@
 #     --no-module      do not load svm_shim (the caller loads it)
 #     --timeout SEC    kill the guest after SEC seconds (default 1200)
 #     --mem MB         guest memory, split over two NUMA nodes (default 2048)
+#     --smp N          vCPUs, 1 or 2 (default 2; $SVM_VM_SMP overrides both):
+#                      with 2, one on each NUMA node; with 1, node 1 has
+#                      memory only. Under TCG a 2-vCPU guest is slowed most
+#                      by anything else on the host (a descheduled vCPU
+#                      holds what the other spins on), so the suites that
+#                      run beside other work boot with 1 (tests/vm/README.md)
 #     --append ARGS    more kernel parameters (e.g. memmap=512M!2G: emulated pmem)
 #     --prepare-only   download and unpack the kernel, build the module and
 #                      the initramfs into the cache, and exit without booting
@@ -37,6 +43,7 @@ logdir=
 load_module=1
 tmo=1200
 mem=2048
+smp=2
 append=
 net=
 addr=
@@ -49,6 +56,7 @@ while (($#)); do
 	--no-module) load_module=0; shift ;;
 	--timeout) tmo=$2; shift 2 ;;
 	--mem) mem=$2; shift 2 ;;
+	--smp) smp=$2; shift 2 ;;
 	--append) append=$2; shift 2 ;;
 	--net) net=$2; shift 2 ;;
 	--addr) addr=$2; shift 2 ;;
@@ -58,6 +66,8 @@ while (($#)); do
 	esac
 done
 (($#)) || ((prepare_only)) || { echo "run-vm: no command given" >&2; exit 125; }
+smp=${SVM_VM_SMP:-$smp}
+[[ $smp == 1 || $smp == 2 ]] || { echo "run-vm: --smp must be 1 or 2, not $smp" >&2; exit 125; }
 [[ -n $kernel && -n $cache ]] || { echo "run-vm: --kernel and --cache are required" >&2; exit 125; }
 log() { echo "run-vm[$kernel]: $*" >&2; }
 harness_fail() { log "FATAL: $*"; exit 125; }
@@ -135,16 +145,23 @@ if [[ -n $net ]]; then
 	nic=(-netdev "$net,id=n0" -device "virtio-net-pci,netdev=n0,mac=$(printf '52:54:00:00:%02x:%02x' "$o3" "$o4")")
 fi
 half=$((mem / 2))
+if ((smp == 2)); then
+	cpus=(-smp 2,sockets=2,cores=1,threads=1)
+	node1=node,nodeid=1,cpus=1,memdev=m1
+else
+	cpus=(-smp 1)
+	node1=node,nodeid=1,memdev=m1
+fi
 # One boot of the guest; its exit status in qrc (124: timed out).
 boot() {
-	log "booting $KVER (TCG, 2 vCPUs, ${mem} MiB over 2 NUMA nodes); log in $logdir"
+	log "booting $KVER (TCG, $smp vCPU$( ((smp > 1)) && echo s), ${mem} MiB over 2 NUMA nodes); log in $logdir"
 	qrc=0
 	timeout --foreground -k 10 "$tmo" qemu-system-x86_64 \
-		-accel tcg -cpu max -smp 2,sockets=2,cores=1,threads=1 -m "$mem" \
+		-accel tcg -cpu max "${cpus[@]}" -m "$mem" \
 		-object memory-backend-ram,id=m0,size="${half}M" \
 		-object memory-backend-ram,id=m1,size="$((mem - half))M" \
 		-numa node,nodeid=0,cpus=0,memdev=m0 \
-		-numa node,nodeid=1,cpus=1,memdev=m1 \
+		-numa "$node1" \
 		-kernel "$VMLINUZ" -initrd "$initrd" \
 		-append "console=ttyS0 loglevel=4 panic=-1 svm.run=$logdir${append:+ $append}" \
 		-virtfs local,path=/,mount_tag=hostroot,security_model=none,multidevs=remap \

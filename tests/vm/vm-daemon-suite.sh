@@ -57,7 +57,7 @@ rc=0
 # Unix sockets live on the guest's tmpfs, not on the 9p-shared host /tmp;
 # SVM_TEST_SLOW stretches the suite's waits (and the daemons' peer and
 # fetch deadlines) for TCG emulation.
-run_digested "$logs/output.log" "$here/run-vm.sh" --kernel "$kernel" --cache "$cache" --log "$logs" --timeout 900 -- \
+run_digested "$logs/output.log" "$here/run-vm.sh" --kernel "$kernel" --cache "$cache" --log "$logs" --timeout 900 --smp 1 -- \
 	env SVM_VM_XML="$logs/xml" SVM_TEST_TRANSPORT="${transport:-tcp}" SVM_EXPECT_ODP="${expect_odp:-${transport:+0}}" bash -c 'export SVM_TEST_SOURCE=shim SVM_TEST_SLOW=1 TMPDIR=$SVM_VM_SCRATCH; rc=0
 		if [[ $SVM_TEST_TRANSPORT == rdma ]]; then export SVM_EXPECT_RDMA=1; fi
 		echo 64 >/proc/sys/vm/nr_hugepages # 128 MiB of 2 MiB pages for huge_pages_test

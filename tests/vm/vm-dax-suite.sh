@@ -40,7 +40,7 @@ logs=$build/vm-logs/dax-$kernel
 rm -rf "$logs"
 start=$(date +%s)
 rc=0
-run_digested "$logs/output.log" "$here/run-vm.sh" --kernel "$kernel" --cache "$cache" --log "$logs" --timeout 900 \
+run_digested "$logs/output.log" "$here/run-vm.sh" --kernel "$kernel" --cache "$cache" --log "$logs" --timeout 900 --smp 1 \
 	--mem 3072 --append 'memmap=512M!2G' -- \
 	env SVM_DAX_TRANSPORTS="$transports" bash "$here/dax-guest.sh" "$build/vm-bin" "$1" $expect_odp || rc=$?
 echo "vm_dax_$kernel: exit $rc after $(($(date +%s) - start)) s (logs: $logs)"

@@ -24,7 +24,7 @@ rm -rf "$logs"
 mkdir -p "$(dirname "$logs")"
 start=$(date +%s)
 rc=0
-"$here/run-vm.sh" --kernel "$kernel" --cache "$cache" --log "$logs" --timeout 900 -- \
+"$here/run-vm.sh" --kernel "$kernel" --cache "$cache" --log "$logs" --timeout 900 --smp 1 -- \
 	bash -c 'echo "== rdma verbs (kernel $SVM_VM_KVER, rxe: $SVM_VM_RXE)"; exec "$@"' vm-rdma "$@" || rc=$?
 echo "vm_rdma_$kernel: exit $rc after $(($(date +%s) - start)) s (logs: $logs)"
 exit "$rc"
