@@ -95,8 +95,8 @@ fi
 	ninja -C "$build" -j "${SVM_JOBS:-2}" ${SVM_SANITIZE_TARGETS:-} >"$build/build.log" 2>&1 ||
 		{ tail -50 "$build/build.log" >&2; exit 1; }
 ) 9>"$build/.lock"
-# SVM_SANITIZE_BUILD_ONLY=1: the tree is built (the CTest entries
-# sanitize.*.build, beside the VM tier), no test runs.
+# SVM_SANITIZE_BUILD_ONLY=1: the tree is built, no test runs (the CTest
+# entry sanitize.asan_ubsan.build, beside the VM tier).
 if [[ ${SVM_SANITIZE_BUILD_ONLY:-0} == 1 ]]; then
 	echo "run-sanitized: $san tree built in $build"
 	exit 0

@@ -148,13 +148,15 @@ half=$((mem / 2))
 if ((smp == 2)); then
 	cpus=(-smp 2,sockets=2,cores=1,threads=1)
 	node1=node,nodeid=1,cpus=1,memdev=m1
+	vcpus="2 vCPUs"
 else
 	cpus=(-smp 1)
 	node1=node,nodeid=1,memdev=m1
+	vcpus="1 vCPU"
 fi
 # One boot of the guest; its exit status in qrc (124: timed out).
 boot() {
-	log "booting $KVER (TCG, $smp vCPU$( ((smp > 1)) && echo s), ${mem} MiB over 2 NUMA nodes); log in $logdir"
+	log "booting $KVER (TCG, $vcpus, ${mem} MiB over 2 NUMA nodes); log in $logdir"
 	qrc=0
 	timeout --foreground -k 10 "$tmo" qemu-system-x86_64 \
 		-accel tcg -cpu max "${cpus[@]}" -m "$mem" \
